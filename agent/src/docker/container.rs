@@ -1,0 +1,361 @@
+//! Containers: one-off release tasks and long-running service containers.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HealthStatusEnum, HostConfig, NetworkingConfig,
+    PortBinding,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use super::{Docker, DockerError};
+
+/// How a container is created. Images are given pinned (`repo@sha256:...`).
+#[derive(Clone, Default)]
+pub struct ContainerSpec {
+    /// Container name; Docker picks one when absent.
+    pub name: Option<String>,
+    /// Image reference, pinned by digest for release containers.
+    pub image: String,
+    /// Replaces the image's CMD; the ENTRYPOINT is kept.
+    pub cmd: Option<Vec<String>>,
+    /// Environment, typically from the app's env file. Holds secrets: only
+    /// the names are ever printed.
+    pub env: Vec<(String, String)>,
+    /// User-defined network to join, where the app's db and redis live.
+    pub network: Option<String>,
+    /// Names other containers on `network` reach this one by.
+    pub network_aliases: Vec<String>,
+    /// Volume mounts in Docker's `source:target[:mode]` form.
+    pub volumes: Vec<String>,
+    /// Labels; deployd finds its containers by them after a restart.
+    pub labels: HashMap<String, String>,
+    /// A container TCP port to publish on an ephemeral 127.0.0.1 port.
+    pub publish: Option<u16>,
+}
+
+impl fmt::Debug for ContainerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("ContainerSpec")
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .field("cmd", &self.cmd)
+            .field("env", &env_names)
+            .field("network", &self.network)
+            .field("network_aliases", &self.network_aliases)
+            .field("volumes", &self.volumes)
+            .field("labels", &self.labels)
+            .field("publish", &self.publish)
+            .finish()
+    }
+}
+
+impl ContainerSpec {
+    fn into_body(self) -> ContainerCreateBody {
+        let port = self.publish.map(|p| format!("{p}/tcp"));
+        let port_bindings = port.clone().map(|port| {
+            let binding = PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(String::new()),
+            };
+            HashMap::from([(port, Some(vec![binding]))])
+        });
+        let networking_config = self.network.clone().map(|network| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network,
+                EndpointSettings {
+                    aliases: Some(self.network_aliases.clone()),
+                    ..Default::default()
+                },
+            )])),
+        });
+        ContainerCreateBody {
+            image: Some(self.image),
+            cmd: self.cmd,
+            env: Some(
+                self.env
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+            ),
+            labels: Some(self.labels),
+            exposed_ports: port.map(|p| vec![p]),
+            host_config: Some(HostConfig {
+                network_mode: self.network,
+                binds: Some(self.volumes),
+                port_bindings,
+                ..Default::default()
+            }),
+            networking_config,
+            ..Default::default()
+        }
+    }
+}
+
+/// What a one-off container did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneOffOutput {
+    /// The process's exit status.
+    pub exit_code: i64,
+    /// stdout and stderr lines in arrival order; the last
+    /// [`OneOffOutput::MAX_LINES`] are kept, where a failure's cause is.
+    pub lines: Vec<String>,
+}
+
+impl OneOffOutput {
+    /// Lines kept per task, so a chatty task cannot exhaust memory.
+    pub const MAX_LINES: usize = 2000;
+}
+
+/// A container's coarse state, as a rollout must see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Running, with the image's HEALTHCHECK verdict if it has one.
+    Running { health: Option<String> },
+    /// Exited (or never started) with this status.
+    Exited { exit_code: i64 },
+}
+
+impl Docker {
+    /// Runs `spec` to completion, like `docker run --rm`, and returns its exit
+    /// code and output. The container is removed whatever happens, a timeout
+    /// included.
+    pub async fn run_oneoff(
+        &self,
+        spec: ContainerSpec,
+        timeout: Duration,
+    ) -> Result<OneOffOutput, DockerError> {
+        let what = spec.cmd.clone().unwrap_or_default().join(" ");
+        let id = self.create(spec).await?;
+        let result = match tokio::time::timeout(timeout, self.run_to_end(&id)).await {
+            Ok(result) => result,
+            Err(_) => Err(DockerError::Timeout { what, timeout }),
+        };
+        let removed = self.remove(&id).await;
+        let output = result?;
+        removed?;
+        Ok(output)
+    }
+
+    async fn run_to_end(&self, id: &str) -> Result<OneOffOutput, DockerError> {
+        self.api
+            .start_container(id, None)
+            .await
+            .map_err(DockerError::engine("start a one-off container"))?;
+        let options = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let mut logs = self.api.logs(id, Some(options));
+        let mut lines = Lines::default();
+        while let Some(chunk) = logs.next().await {
+            let chunk = chunk.map_err(DockerError::engine("read one-off container output"))?;
+            lines.push(chunk.as_ref());
+        }
+        let exit_code = match self.state(id).await? {
+            ContainerState::Exited { exit_code } => exit_code,
+            ContainerState::Running { .. } => {
+                return Err(DockerError::Engine {
+                    action: "follow a one-off container".into(),
+                    reason: "its output ended while it still runs".into(),
+                });
+            }
+        };
+        Ok(OneOffOutput {
+            exit_code,
+            lines: lines.finish(),
+        })
+    }
+
+    /// Creates and starts a long-running container; returns its id.
+    pub async fn start(&self, spec: ContainerSpec) -> Result<String, DockerError> {
+        let id = self.create(spec).await?;
+        if let Err(e) = self.api.start_container(&id, None).await {
+            // Best effort: the start error is the one worth reporting.
+            let _ = self.remove(&id).await;
+            return Err(DockerError::engine("start a container")(e));
+        }
+        Ok(id)
+    }
+
+    async fn create(&self, spec: ContainerSpec) -> Result<String, DockerError> {
+        let options = spec
+            .name
+            .as_deref()
+            .map(|name| CreateContainerOptionsBuilder::default().name(name).build());
+        let image = spec.image.clone();
+        let created = self
+            .api
+            .create_container(options, spec.into_body())
+            .await
+            .map_err(DockerError::engine(format!(
+                "create a container from {image}"
+            )))?;
+        Ok(created.id)
+    }
+
+    /// The host port (on 127.0.0.1) that a published container port got.
+    pub async fn published_port(&self, id: &str, port: u16) -> Result<u16, DockerError> {
+        let inspect = self
+            .api
+            .inspect_container(id, None)
+            .await
+            .map_err(DockerError::engine("inspect a container"))?;
+        inspect
+            .network_settings
+            .and_then(|n| n.ports)
+            .and_then(|mut ports| ports.remove(&format!("{port}/tcp")))
+            .flatten()
+            .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| DockerError::Engine {
+                action: "find a published port".into(),
+                reason: format!("port {port}/tcp of container {id} is not published"),
+            })
+    }
+
+    /// Whether a container runs, and how healthy it is.
+    pub async fn state(&self, id: &str) -> Result<ContainerState, DockerError> {
+        let inspect = self
+            .api
+            .inspect_container(id, None)
+            .await
+            .map_err(DockerError::engine("inspect a container"))?;
+        let state = inspect.state.unwrap_or_default();
+        if state.running == Some(true) {
+            let health = state
+                .health
+                .and_then(|h| h.status)
+                .filter(|s| !matches!(s, HealthStatusEnum::EMPTY | HealthStatusEnum::NONE))
+                .map(|s| s.to_string());
+            Ok(ContainerState::Running { health })
+        } else {
+            Ok(ContainerState::Exited {
+                exit_code: state.exit_code.unwrap_or_default(),
+            })
+        }
+    }
+
+    /// Removes a container and its anonymous volumes, stopping it if needed.
+    /// A container that is already gone counts as removed.
+    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self.api.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(DockerError::engine("remove a container")(e)),
+        }
+    }
+
+    /// Ids of all containers, running or not, carrying `label=value`.
+    pub async fn containers_labelled(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([("label", vec![format!("{label}={value}")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .api
+            .list_containers(Some(options))
+            .await
+            .map_err(DockerError::engine("list containers"))?;
+        Ok(containers.into_iter().filter_map(|c| c.id).collect())
+    }
+}
+
+/// Splits a stream of output chunks into lines. Docker frames carry whatever
+/// one write() produced: several lines, or part of one.
+#[derive(Debug, Default)]
+struct Lines {
+    partial: Vec<u8>,
+    done: VecDeque<String>,
+}
+
+impl Lines {
+    fn push(&mut self, chunk: &[u8]) {
+        self.partial.extend_from_slice(chunk);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            self.keep(&line[..end]);
+        }
+    }
+
+    fn keep(&mut self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        self.done.push_back(line.trim_end_matches('\r').to_owned());
+        if self.done.len() > OneOffOutput::MAX_LINES {
+            self.done.pop_front();
+        }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.keep(&rest);
+        }
+        self.done.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_reassembled_across_chunks() {
+        let mut lines = Lines::default();
+        lines.push(b"Applying shop.0001");
+        lines.push(b"_initial... OK\r\nApplying ");
+        lines.push(b"shop.0002... OK\nlast line without newline");
+        assert_eq!(
+            lines.finish(),
+            [
+                "Applying shop.0001_initial... OK",
+                "Applying shop.0002... OK",
+                "last line without newline"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_last_lines_are_kept() {
+        let mut lines = Lines::default();
+        for i in 0..OneOffOutput::MAX_LINES + 5 {
+            lines.push(format!("line {i}\n").as_bytes());
+        }
+        let kept = lines.finish();
+        assert_eq!(kept.len(), OneOffOutput::MAX_LINES);
+        assert_eq!(kept[0], "line 5");
+    }
+
+    #[test]
+    fn debug_shows_env_names_only() {
+        let spec = ContainerSpec {
+            image: "r/shop@sha256:00".into(),
+            env: vec![("DJANGO_SECRET_KEY".into(), "s3cr3t-value".into())],
+            ..Default::default()
+        };
+        let debug = format!("{spec:?}");
+        assert!(
+            debug.contains("DJANGO_SECRET_KEY") && !debug.contains("s3cr3t"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Pulling a release image from a private registry and pinning its digest.
+
+use std::fmt;
+use std::path::Path;
+
+use bollard::auth::DockerCredentials;
+use bollard::query_parameters::CreateImageOptionsBuilder;
+use deployd_proto::CommitSha;
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+
+use super::{Docker, DockerError, engine_message};
+
+/// `<repository>:<sha>`: a release as CI pushed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// Repository including the registry host, e.g. `registry.internal:5000/shop`.
+    pub repository: String,
+    /// The commit sha the image was built from, used as its tag.
+    pub tag: CommitSha,
+}
+
+impl ImageRef {
+    /// Pairs a repository with the sha that tags the release.
+    pub fn new(repository: impl Into<String>, tag: CommitSha) -> Self {
+        Self {
+            repository: repository.into(),
+            tag,
+        }
+    }
+
+    /// The registry host the repository names, as Docker reads a reference:
+    /// its first path component when that looks like a host. `None` for
+    /// short names, which Docker resolves against its default public registry.
+    pub fn registry(&self) -> Option<&str> {
+        let (first, _) = self.repository.split_once('/')?;
+        (first.contains(['.', ':']) || first == "localhost").then_some(first)
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.repository, self.tag)
+    }
+}
+
+/// A pulled release, pinned by content: containers run `pinned`, so a tag
+/// moved in the registry later cannot change what a release runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledImage {
+    /// The manifest digest, `sha256:<64 hex>`.
+    pub digest: String,
+    /// `<repository>@<digest>`, the reference every container is created from.
+    pub pinned: String,
+}
+
+/// Credentials for one registry, as stored in an app's `registry_auth_file`:
+/// `{"username": "...", "password": "..."}`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAuth {
+    /// Registry user name.
+    pub username: String,
+    /// Password or access token; never printed, logged or returned.
+    pub password: String,
+}
+
+impl fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why a registry credentials file could not be used. Says where, never what:
+/// the file holds a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryAuthError {
+    /// The file could not be read.
+    #[error("cannot read registry credentials {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file is not `{"username": ..., "password": ...}`.
+    #[error(
+        "registry credentials {path} are not valid ({kind} at line {line}, column {column}); \
+         expected {{\"username\": \"...\", \"password\": \"...\"}}"
+    )]
+    Format {
+        path: String,
+        kind: &'static str,
+        line: usize,
+        column: usize,
+    },
+}
+
+impl RegistryAuth {
+    /// Reads credentials from a JSON file.
+    pub fn from_file(path: &Path) -> Result<Self, RegistryAuthError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RegistryAuthError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        // serde_json's messages can quote the offending value: keep only
+        // the position and the category.
+        serde_json::from_str(&text).map_err(|e| RegistryAuthError::Format {
+            path: display,
+            kind: match e.classify() {
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                    "malformed JSON"
+                }
+                _ => "wrong fields",
+            },
+            line: e.line(),
+            column: e.column(),
+        })
+    }
+
+    fn credentials(&self, image: &ImageRef) -> DockerCredentials {
+        DockerCredentials {
+            username: Some(self.username.clone()),
+            password: Some(self.password.clone()),
+            serveraddress: image.registry().map(str::to_owned),
+            ..Default::default()
+        }
+    }
+}
+
+impl Docker {
+    /// Pulls `image` with `auth` and returns its digest.
+    ///
+    /// The engine always asks the registry, even when the tag is already
+    /// present locally, so bad credentials or a deleted tag fail here.
+    pub async fn pull(
+        &self,
+        image: &ImageRef,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<PulledImage, DockerError> {
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(&image.repository)
+            .tag(image.tag.as_str())
+            .build();
+        let credentials = auth.map(|a| a.credentials(image));
+        tracing::debug!(%image, "pulling");
+        self.api
+            .create_image(Some(options), None, credentials)
+            .try_for_each(|_progress| async { Ok(()) })
+            .await
+            .map_err(|e| pull_error(image, &e))?;
+        self.pinned(image).await
+    }
+
+    async fn pinned(&self, image: &ImageRef) -> Result<PulledImage, DockerError> {
+        let inspect = self
+            .api
+            .inspect_image(&image.to_string())
+            .await
+            .map_err(DockerError::engine(format!("inspect {image}")))?;
+        let prefix = format!("{}@", image.repository);
+        let pinned = inspect
+            .repo_digests
+            .unwrap_or_default()
+            .into_iter()
+            .find(|d| d.starts_with(&prefix))
+            .ok_or_else(|| DockerError::Pull {
+                image: image.to_string(),
+                reason: "the engine recorded no registry digest for it".into(),
+            })?;
+        let digest = pinned[prefix.len()..].to_owned();
+        Ok(PulledImage { digest, pinned })
+    }
+}
+
+/// Sorts a failed pull into what the user must fix.
+fn pull_error(image: &ImageRef, e: &bollard::errors::Error) -> DockerError {
+    let image = image.to_string();
+    let status = match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    };
+    let message = engine_message(e);
+    classify_pull_failure(image, status, message)
+}
+
+fn classify_pull_failure(image: String, status: Option<u16>, message: String) -> DockerError {
+    let lower = message.to_lowercase();
+    if status == Some(404) || lower.contains("manifest unknown") || lower.contains("not found") {
+        DockerError::NotFound { image }
+    } else if [
+        "unauthorized",
+        "authentication required",
+        "no basic auth credentials",
+        "denied",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
+    {
+        DockerError::Unauthorized { image }
+    } else {
+        DockerError::Pull {
+            image,
+            reason: message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(repository: &str) -> ImageRef {
+        ImageRef::new(repository, "abc1234".parse().unwrap())
+    }
+
+    #[test]
+    fn registry_is_the_first_component_when_it_looks_like_a_host() {
+        assert_eq!(
+            image("127.0.0.1:5000/shop").registry(),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(
+            image("registry.internal/team/shop").registry(),
+            Some("registry.internal")
+        );
+        assert_eq!(image("localhost/shop").registry(), Some("localhost"));
+        assert_eq!(image("team/shop").registry(), None);
+        assert_eq!(image("shop").registry(), None);
+    }
+
+    // The messages below are the ones Debian's Docker 20.10 engine gives
+    // for a Debian docker-registry; the real-engine test covers the same path.
+    #[test]
+    fn classifies_engine_pull_failures() {
+        let classify =
+            |status, msg: &str| classify_pull_failure("r/shop:abc1234".into(), status, msg.into());
+        assert!(matches!(
+            classify(Some(500), "unauthorized: authentication required"),
+            DockerError::Unauthorized { .. }
+        ));
+        assert!(matches!(
+            classify(
+                Some(500),
+                "Head \"http://r/v2/shop/manifests/abc1234\": no basic auth credentials"
+            ),
+            DockerError::Unauthorized { .. }
+        ));
+        assert!(matches!(
+            classify(
+                Some(404),
+                "manifest for r/shop:abc1234 not found: manifest unknown"
+            ),
+            DockerError::NotFound { .. }
+        ));
+        let other = classify(
+            Some(500),
+            "Get \"http://r/v2/\": dial tcp: connection refused",
+        );
+        assert!(matches!(other, DockerError::Pull { .. }));
+        assert!(other.to_string().contains("connection refused"));
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_or_errors() {
+        let dir = std::env::temp_dir().join(format!("deployd-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("registry.json");
+
+        std::fs::write(&path, r#"{"username": "ci", "password": "hunter2-secret"}"#).unwrap();
+        let auth = RegistryAuth::from_file(&path).unwrap();
+        assert!(!format!("{auth:?}").contains("hunter2"));
+
+        std::fs::write(&path, r#"{"username": "ci", "password": 1234567}"#).unwrap();
+        let err = RegistryAuth::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("wrong fields") && !err.contains("1234567"),
+            "{err}"
+        );
+
+        std::fs::write(&path, r#"{"username": "ci", "password": "hunter2-secret""#).unwrap();
+        let err = RegistryAuth::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("malformed JSON") && !err.contains("hunter2"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

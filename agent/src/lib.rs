@@ -1,0 +1,9 @@
+//! deployd, the deployment agent that runs on every Docker host.
+//!
+//! The binary (`main.rs`) only parses arguments and calls into this library,
+//! so integration tests drive exactly the code that production runs.
+
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod docker;
+pub mod env_file;

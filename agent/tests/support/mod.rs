@@ -1,0 +1,230 @@
+//! Shared helpers for tests against the real test bed (`scripts/testbed.sh up`).
+//!
+//! Every Docker object a test creates carries the label `deployd.test=<scope
+//! id>` and is removed when the test ends, failed or not.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use deployd::docker::{ContainerSpec, ContainerState, Docker, ImageRef, RegistryAuth};
+use deployd::env_file;
+use deployd_proto::CommitSha;
+
+/// The label every test object carries; `scripts/testbed.sh down` sweeps it.
+pub const TEST_LABEL: &str = "deployd.test";
+
+/// What `scripts/testbed.sh up` wrote to `testbed.env`.
+#[derive(Debug, Clone)]
+pub struct Testbed {
+    vars: HashMap<String, String>,
+}
+
+impl Testbed {
+    pub fn load() -> Self {
+        let path = std::env::var_os("DEPLOYD_TESTBED_ENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| state_dir().join("testbed.env"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {} ({e}): bring the test bed up first with `scripts/testbed.sh up`",
+                path.display()
+            )
+        });
+        let vars = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Self { vars }
+    }
+
+    pub fn var(&self, key: &str) -> &str {
+        self.vars
+            .get(&format!("DEPLOYD_TESTBED_{key}"))
+            .unwrap_or_else(|| panic!("testbed.env has no DEPLOYD_TESTBED_{key}"))
+    }
+
+    /// The fake commit sha a release variant is tagged with, e.g. `release-1`.
+    pub fn sha(&self, variant: &str) -> CommitSha {
+        let key = format!("SHA_{}", variant.to_uppercase().replace('-', "_"));
+        self.var(&key).parse().unwrap()
+    }
+
+    pub fn image(&self, variant: &str) -> ImageRef {
+        ImageRef::new(self.var("REPOSITORY"), self.sha(variant))
+    }
+
+    pub fn registry_auth(&self) -> RegistryAuth {
+        RegistryAuth::from_file(self.var("REGISTRY_AUTH").as_ref()).unwrap()
+    }
+
+    pub fn app_env(&self) -> Vec<(String, String)> {
+        env_file::read(self.var("APP_ENV").as_ref()).unwrap()
+    }
+
+    pub fn app_host(&self) -> &str {
+        self.var("APP_HOST")
+    }
+}
+
+fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DEPLOYD_TESTBED_DIR") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
+        });
+    cache.join("deployd-testbed")
+}
+
+/// One test's private corner of the engine: a network and labelled objects.
+#[derive(Debug)]
+pub struct Scope {
+    pub docker: Docker,
+    pub bed: Testbed,
+    pub id: String,
+    pub network: String,
+}
+
+impl Scope {
+    async fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let docker = Docker::connect().await.expect("the Docker engine answers");
+        let network = format!("deployd-test-{id}");
+        let scope = Self {
+            docker,
+            bed: Testbed::load(),
+            id,
+            network,
+        };
+        scope
+            .docker
+            .create_network(&scope.network, scope.labels())
+            .await
+            .unwrap();
+        scope
+    }
+
+    pub fn labels(&self) -> HashMap<String, String> {
+        HashMap::from([(TEST_LABEL.to_owned(), self.id.clone())])
+    }
+
+    /// A container on this scope's network with the app's env file.
+    pub fn app_container(&self, image: &str, cmd: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            image: image.to_owned(),
+            cmd: (!cmd.is_empty()).then(|| cmd.iter().map(|s| s.to_string()).collect()),
+            env: self.bed.app_env(),
+            network: Some(self.network.clone()),
+            labels: self.labels(),
+            ..Default::default()
+        }
+    }
+
+    /// Starts PostgreSQL as `db` on this scope's network; returns once healthy.
+    pub async fn start_db(&self) {
+        let env = env_file::read(self.bed.var("DB_ENV").as_ref()).unwrap();
+        let id = self
+            .docker
+            .start(ContainerSpec {
+                image: self.bed.var("POSTGRES_IMAGE").to_owned(),
+                env,
+                network: Some(self.network.clone()),
+                network_aliases: vec!["db".into()],
+                labels: self.labels(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        poll(
+            "PostgreSQL to be healthy",
+            Duration::from_secs(60),
+            || async {
+                match self.docker.state(&id).await.unwrap() {
+                    ContainerState::Running { health } => {
+                        (health.as_deref() == Some("healthy")).then_some(())
+                    }
+                    exited => panic!("PostgreSQL exited: {exited:?}"),
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Starts Redis as `redis` on this scope's network.
+    pub async fn start_redis(&self) {
+        self.docker
+            .start(ContainerSpec {
+                image: self.bed.var("REDIS_IMAGE").to_owned(),
+                network: Some(self.network.clone()),
+                network_aliases: vec!["redis".into()],
+                labels: self.labels(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn cleanup(&self) {
+        for id in self
+            .docker
+            .containers_labelled(TEST_LABEL, &self.id)
+            .await
+            .unwrap()
+        {
+            self.docker.remove(&id).await.unwrap();
+        }
+        self.docker.remove_network(&self.network).await.unwrap();
+    }
+}
+
+/// Runs a test body in its own scope and cleans the scope up afterwards,
+/// also when the body panics (the panic is then re-raised).
+pub async fn scoped<F, Fut>(body: F)
+where
+    F: FnOnce(Arc<Scope>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let scope = Arc::new(Scope::new().await);
+    let result = tokio::spawn(body(scope.clone())).await;
+    scope.cleanup().await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Polls `check` until it returns `Some`, starting fast and backing off;
+/// panics with `what` once `timeout` has passed.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,47 @@
+"""Which build of the sample shop this process runs.
+
+The test bed bakes `/app/build.json` into every image: the release (1, 2) and
+the variant. Variants other than "good" are deliberately broken so that
+deployd's failure handling can be tested against a real app:
+
+- migrate-fails: a migration raises, so `manage.py migrate` exits non-zero;
+- healthz-500: /healthz/ always answers 500;
+- web-crash: gunicorn exits at start (the WSGI module raises on import);
+- worker-crash: the celery worker exits at start;
+- slow-boot: the WSGI module takes ~20 s to load, so web is healthy late;
+- unhealthy-after-5s: /healthz/ answers 200 for 5 s, then 500.
+"""
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+BUILD_FILE = os.environ.get("SHOP_BUILD_FILE", "/app/build.json")
+
+# When this process loaded the app; the time-based variants count from here.
+STARTED_AT = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Build:
+    release: str
+    variant: str
+
+
+def _load():
+    try:
+        with open(BUILD_FILE, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return Build(release="dev", variant="good")
+    return Build(release=str(data["release"]), variant=str(data["variant"]))
+
+
+BUILD = _load()
+
+
+def identity():
+    """Who this process is: release, variant and container hostname."""
+    return f"{BUILD.release}/{BUILD.variant}@{socket.gethostname()}"

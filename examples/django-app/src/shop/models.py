@@ -1,0 +1,20 @@
+from django.db import models
+
+
+class Heartbeat(models.Model):
+    """One tick of celery beat, recorded by the worker that ran it."""
+
+    scheduled_by = models.CharField(max_length=128)
+    run_by = models.CharField(max_length=128)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def as_dict(self):
+        return {
+            "id": self.id,
+            "scheduled_by": self.scheduled_by,
+            "run_by": self.run_by,
+            "created_at": self.created_at.isoformat(),
+        }

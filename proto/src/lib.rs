@@ -1,0 +1,11 @@
+//! Plain data exchanged between `deployd` and `deployctl`.
+//!
+//! Nothing here does I/O: the crate holds the request, response and error
+//! shapes of the versioned HTTP API, with the validation that both sides must
+//! agree on (what a commit sha looks like, for instance).
+
+mod error;
+mod sha;
+
+pub use error::ErrorBody;
+pub use sha::{CommitSha, InvalidSha};

@@ -1,0 +1,374 @@
+#!/usr/bin/env bash
+# The test bed every deployd test runs against: a Docker engine, images built
+# on this machine (no public registry is reachable), and a private registry
+# with password authentication on loopback.
+#
+#   scripts/testbed.sh up       make everything ready (idempotent, cached)
+#   scripts/testbed.sh status   show what is running and where the state is
+#   scripts/testbed.sh down     stop the registry and remove test containers
+#   scripts/testbed.sh purge    down, then delete images and all state
+#
+# State lives in $DEPLOYD_TESTBED_DIR (default ~/.cache/deployd-testbed); `up`
+# writes testbed.env there, which the integration tests read.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${DEPLOYD_TESTBED_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/deployd-testbed}
+REGISTRY_PORT=${DEPLOYD_TESTBED_REGISTRY_PORT:-5000}
+REGISTRY=127.0.0.1:$REGISTRY_PORT
+REPOSITORY=$REGISTRY/shop
+REGISTRY_USER=deployd
+APP_DIR=$ROOT/examples/django-app
+# Containers, networks and volumes made by tests carry this label.
+TEST_LABEL=deployd.test
+
+# Release variants pushed to the registry: name, release, overlay directory.
+# Broken builds sit on top of release 2, as the commit after it would.
+VARIANTS=(
+    "release-1 1 -"
+    "release-2 2 -"
+    "migrate-fails 2 variants/migrate-fails"
+    "healthz-500 2 -"
+    "web-crash 2 -"
+    "worker-crash 2 -"
+    "slow-boot 2 -"
+    "unhealthy-after-5s 2 -"
+)
+
+log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# A stable fake commit sha per variant: tests and the demo name releases by it.
+variant_sha() { printf 'deployd-testbed/%s' "$1" | sha1sum | cut -c1-40; }
+
+# Hash of files' contents and extra strings: the cache key of an image.
+content_hash() {
+    local extra=$1; shift
+    {
+        printf '%s\n' "$extra"
+        if [ $# -gt 0 ]; then find "$@" -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum; fi
+    } | sha256sum | cut -c1-12
+}
+
+apt_updated=false
+ensure_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    log "installing Debian packages: ${missing[*]}"
+    if ! $apt_updated; then as_root apt-get update -qq; apt_updated=true; fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_docker() {
+    if docker info >/dev/null 2>&1; then return; fi
+    command -v dockerd >/dev/null || ensure_packages docker.io
+    log "no Docker engine answers; starting dockerd (log: $STATE/dockerd.log)"
+    as_root sh -c "setsid nohup dockerd >'$STATE/dockerd.log' 2>&1 </dev/null &"
+    local i
+    for i in $(seq 1 120); do
+        docker info >/dev/null 2>&1 && return
+        sleep 0.5
+    done
+    tail -n 20 "$STATE/dockerd.log" >&2 || true
+    die "dockerd did not answer within 60 s"
+}
+
+# The Debian mirror and suite this host already uses, from its apt sources.
+host_mirror() {
+    local codename
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    [ -n "$codename" ] || die "cannot tell this host's Debian codename from /etc/os-release"
+    local site
+    site=$(apt-get indextargets --format '$(SITE) $(RELEASE) $(TARGET_OF)' 2>/dev/null \
+        | awk -v s="$codename" '$2 == s && $3 == "deb" { print $1; exit }')
+    if [ -z "$site" ] && ! $apt_updated; then
+        as_root apt-get update -qq; apt_updated=true
+        site=$(apt-get indextargets --format '$(SITE) $(RELEASE) $(TARGET_OF)' 2>/dev/null \
+            | awk -v s="$codename" '$2 == s && $3 == "deb" { print $1; exit }')
+    fi
+    [ -n "$site" ] || die "no apt source for suite $codename found on this host"
+    echo "$codename $site"
+}
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# Runs a command inside a rootfs, isolated from the host's environment.
+in_rootfs() {
+    local rootfs=$1; shift
+    as_root env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin LANG=C.UTF-8 chroot "$rootfs" "$@"
+}
+
+# debootstrap a minbase rootfs with extra packages, let a hook adjust it,
+# then `docker import` it. Skipped when the tag already exists.
+build_rootfs_image() {
+    local image=$1 packages=$2 hook=$3
+    shift 3
+    image_exists "$image" && return
+    local suite mirror rootfs=$STATE/rootfs/${image##*/}
+    read -r suite mirror < <(host_mirror)
+    log "building $image: debootstrap $suite ($packages), about a minute"
+    as_root rm -rf "$rootfs"
+    mkdir -p "$STATE/debootstrap-cache" "$(dirname "$rootfs")"
+    as_root debootstrap --variant=minbase --cache-dir="$STATE/debootstrap-cache" \
+        --include="$packages" "$suite" "$rootfs" "$mirror" >"$STATE/debootstrap.log" 2>&1 \
+        || { tail -n 20 "$STATE/debootstrap.log" >&2; die "debootstrap failed"; }
+    "$hook" "$rootfs"
+    # Package caches and lists, docs and translations are not needed at run time.
+    as_root rm -rf "$rootfs"/var/cache/apt/* "$rootfs"/var/lib/apt/lists/* \
+        "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/* "$rootfs"/tmp/*
+    as_root find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
+    as_root tar -C "$rootfs" -c . | docker import "$@" - "$image" >/dev/null
+    as_root rm -rf "$rootfs"
+}
+
+# Python base: a virtualenv holding exactly the pinned wheels.
+python_hook() {
+    local rootfs=$1 pyver wheels
+    pyver=$(in_rootfs "$rootfs" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    wheels=$STATE/wheels/py$pyver
+    log "downloading wheels for Python $pyver on the host"
+    mkdir -p "$wheels"
+    # PIP_* settings of the host (extra find-links, say) must not leak in.
+    env -u PIP_FIND_LINKS python3 -m pip download -q --disable-pip-version-check \
+        --only-binary=:all: --no-deps --python-version "$pyver" --implementation cp \
+        --platform manylinux2014_x86_64 --platform "manylinux_2_28_x86_64" \
+        -d "$wheels" -r "$APP_DIR/requirements.txt"
+    as_root mkdir -p "$rootfs/tmp/wheels"
+    as_root cp "$wheels"/*.whl "$APP_DIR/requirements.txt" "$rootfs/tmp/wheels/"
+    in_rootfs "$rootfs" python3 -m venv /opt/venv
+    in_rootfs "$rootfs" /opt/venv/bin/pip install -q --disable-pip-version-check \
+        --no-index --find-links /tmp/wheels -r /tmp/wheels/requirements.txt
+}
+
+# Services base: Debian's redis-server and postgresql; the cluster that the
+# package creates is dropped, the postgres image initialises its volume.
+services_hook() {
+    local rootfs=$1
+    as_root rm -rf "$rootfs"/var/lib/postgresql/*/main "$rootfs"/etc/postgresql/*/main
+}
+
+smoke_test_python_base() {
+    log "smoke-testing $1 (gunicorn, celery worker and beat)"
+    docker run --rm --network none -v "$ROOT/scripts/testbed/smoke.py:/smoke.py:ro" "$1" \
+        python /smoke.py >"$STATE/smoke.log" 2>&1 \
+        || { tail -n 30 "$STATE/smoke.log" >&2; docker rmi "$1" >/dev/null; die "smoke test of $1 failed"; }
+}
+
+# Bump when the way base images are made changes (hooks, packages, import).
+BASE_REVISION=1
+
+build_base_images() {
+    local key
+    key=$(content_hash "$(host_mirror) $BASE_REVISION" "$APP_DIR/requirements.txt" "$ROOT/scripts/testbed/smoke.py")
+    PYTHON_BASE=deployd-testbed/python:$key
+    if ! image_exists "$PYTHON_BASE"; then
+        build_rootfs_image "$PYTHON_BASE" python3,python3-venv python_hook \
+            --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+            --change 'ENV LANG=C.UTF-8' --change 'ENV PYTHONUNBUFFERED=1'
+        smoke_test_python_base "$PYTHON_BASE"
+    fi
+    key=$(content_hash "$(host_mirror) $BASE_REVISION")
+    SERVICES_BASE=deployd-testbed/services:$key
+    build_rootfs_image "$SERVICES_BASE" redis-server,postgresql services_hook --change 'ENV LANG=C.UTF-8'
+}
+
+docker_build() {
+    local tag=$1 context=$2; shift 2
+    docker build -q "$@" -t "$tag" "$context" >"$STATE/build.log" 2>&1 \
+        || { tail -n 30 "$STATE/build.log" >&2; die "docker build of $tag failed"; }
+}
+
+build_service_images() {
+    REDIS_IMAGE=deployd-testbed/redis:latest
+    POSTGRES_IMAGE=deployd-testbed/postgres:latest
+    docker_build "$REDIS_IMAGE" "$ROOT/examples/services/redis" --build-arg "BASE_IMAGE=$SERVICES_BASE"
+    docker_build "$POSTGRES_IMAGE" "$ROOT/examples/services/postgres" --build-arg "BASE_IMAGE=$SERVICES_BASE"
+}
+
+# One build context per variant: the app, the release 2 overlay for releases
+# >= 2, then the variant's own overlay, like checking out successive commits.
+build_app_images() {
+    local line name release overlay ctx
+    for line in "${VARIANTS[@]}"; do
+        read -r name release overlay <<<"$line"
+        ctx=$STATE/build/$name
+        rm -rf "$ctx"; mkdir -p "$ctx"
+        cp -a "$APP_DIR/Dockerfile" "$APP_DIR/.dockerignore" "$APP_DIR/requirements.txt" \
+            "$APP_DIR/manage.py" "$APP_DIR/gunicorn.conf.py" "$APP_DIR/src" "$ctx/"
+        if [ "$release" -ge 2 ]; then cp -a "$APP_DIR/releases/2/." "$ctx/"; fi
+        if [ "$overlay" != - ]; then cp -a "$APP_DIR/$overlay/." "$ctx/"; fi
+        local variant=$name
+        case $name in release-*) variant=good ;; esac
+        docker_build "$REPOSITORY:$(variant_sha "$name")" "$ctx" --build-arg "BASE_IMAGE=$PYTHON_BASE" \
+            --build-arg "APP_RELEASE=$release" --build-arg "APP_VARIANT=$variant" \
+            --label "org.deployd.testbed.variant=$name"
+    done
+    # Rebuilt releases leave their previous image untagged; drop those.
+    docker image prune -f --filter "label=org.deployd.testbed.variant" >/dev/null
+}
+
+random_secret() { head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-"$1"; }
+
+# Secrets are made once and kept (mode 0600) so tests and reruns agree.
+ensure_secrets() {
+    umask 077
+    [ -s "$STATE/registry/password" ] || random_secret 32 >"$STATE/registry/password"
+    [ -s "$STATE/registry/http-secret" ] || random_secret 32 >"$STATE/registry/http-secret"
+    [ -s "$STATE/db-password" ] || random_secret 24 >"$STATE/db-password"
+    [ -s "$STATE/django-secret-key" ] || random_secret 60 >"$STATE/django-secret-key"
+    REGISTRY_PASSWORD=$(cat "$STATE/registry/password")
+    [ -s "$STATE/registry/htpasswd" ] \
+        || htpasswd -Bbc "$STATE/registry/htpasswd" "$REGISTRY_USER" "$REGISTRY_PASSWORD" 2>/dev/null
+    printf '{"username": "%s", "password": "%s"}\n' "$REGISTRY_USER" "$REGISTRY_PASSWORD" \
+        >"$STATE/registry-auth.json"
+    local db_password
+    db_password=$(cat "$STATE/db-password")
+    printf 'POSTGRES_USER=shop\nPOSTGRES_PASSWORD=%s\nPOSTGRES_DB=shop\n' "$db_password" >"$STATE/db.env"
+    cat >"$STATE/shop.env" <<EOF
+DJANGO_SECRET_KEY=$(cat "$STATE/django-secret-key")
+DJANGO_ALLOWED_HOSTS=shop.example.com
+DATABASE_URL=postgres://shop:$db_password@db:5432/shop
+CELERY_BROKER_URL=redis://redis:6379/0
+EOF
+    umask 022
+}
+
+registry_status() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/" || true; }
+
+ensure_registry() {
+    cat >"$STATE/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $STATE/registry/data
+  delete:
+    enabled: true
+http:
+  addr: $REGISTRY
+  secret: $(cat "$STATE/registry/http-secret")
+auth:
+  htpasswd:
+    realm: deployd-testbed
+    path: $STATE/registry/htpasswd
+EOF
+    case $(registry_status) in
+        401) return ;;
+        000) ;;
+        *) die "something other than the test bed registry answers on $REGISTRY" ;;
+    esac
+    log "starting the registry on $REGISTRY (log: $STATE/registry/registry.log)"
+    setsid nohup docker-registry serve "$STATE/registry/config.yml" \
+        >"$STATE/registry/registry.log" 2>&1 </dev/null &
+    echo $! >"$STATE/registry/pid"
+    local i
+    for i in $(seq 1 50); do
+        [ "$(registry_status)" = 401 ] && return
+        sleep 0.2
+    done
+    tail -n 20 "$STATE/registry/registry.log" >&2
+    die "the registry did not start"
+}
+
+push_app_images() {
+    local config=$STATE/docker-config line name
+    mkdir -p "$config"
+    docker --config "$config" login -u "$REGISTRY_USER" --password-stdin "$REGISTRY" \
+        <<<"$REGISTRY_PASSWORD" >/dev/null 2>&1 || die "docker login to $REGISTRY failed"
+    for line in "${VARIANTS[@]}"; do
+        read -r name _ <<<"$line"
+        docker --config "$config" push -q "$REPOSITORY:$(variant_sha "$name")" >/dev/null \
+            || die "pushing $name failed"
+    done
+}
+
+write_env() {
+    local line name key
+    {
+        echo "# Written by scripts/testbed.sh up; read by the integration tests."
+        echo "DEPLOYD_TESTBED_REGISTRY=$REGISTRY"
+        echo "DEPLOYD_TESTBED_REPOSITORY=$REPOSITORY"
+        echo "DEPLOYD_TESTBED_REGISTRY_AUTH=$STATE/registry-auth.json"
+        echo "DEPLOYD_TESTBED_APP_ENV=$STATE/shop.env"
+        echo "DEPLOYD_TESTBED_DB_ENV=$STATE/db.env"
+        echo "DEPLOYD_TESTBED_REDIS_IMAGE=$REDIS_IMAGE"
+        echo "DEPLOYD_TESTBED_POSTGRES_IMAGE=$POSTGRES_IMAGE"
+        echo "DEPLOYD_TESTBED_PYTHON_BASE=$PYTHON_BASE"
+        echo "DEPLOYD_TESTBED_APP_HOST=shop.example.com"
+        for line in "${VARIANTS[@]}"; do
+            read -r name _ <<<"$line"
+            key=$(echo "$name" | tr 'a-z-' 'A-Z_')
+            echo "DEPLOYD_TESTBED_SHA_$key=$(variant_sha "$name")"
+        done
+    } >"$STATE/testbed.env"
+}
+
+cmd_up() {
+    local started=$SECONDS
+    mkdir -p "$STATE/registry/data"
+    ensure_packages debootstrap docker-registry apache2-utils curl ca-certificates
+    ensure_docker
+    ensure_secrets
+    build_base_images
+    build_service_images
+    build_app_images
+    ensure_registry
+    push_app_images
+    write_env
+    log "ready in $((SECONDS - started)) s: ${#VARIANTS[@]} releases in $REPOSITORY; env in $STATE/testbed.env"
+}
+
+remove_test_objects() {
+    docker info >/dev/null 2>&1 || return 0
+    local ids
+    ids=$(docker ps -aq --filter "label=$TEST_LABEL")
+    [ -z "$ids" ] || docker rm -f $ids >/dev/null
+    ids=$(docker network ls -q --filter "label=$TEST_LABEL")
+    [ -z "$ids" ] || docker network rm $ids >/dev/null
+    ids=$(docker volume ls -q --filter "label=$TEST_LABEL")
+    [ -z "$ids" ] || docker volume rm $ids >/dev/null
+}
+
+cmd_down() {
+    if [ -s "$STATE/registry/pid" ] && kill "$(cat "$STATE/registry/pid")" 2>/dev/null; then
+        log "registry stopped"
+    fi
+    rm -f "$STATE/registry/pid"
+    remove_test_objects
+}
+
+cmd_purge() {
+    cmd_down
+    if docker info >/dev/null 2>&1; then
+        local images
+        images=$(testbed_images | cut -f1 | sort -u)
+        [ -z "$images" ] || docker rmi -f $images >/dev/null
+    fi
+    as_root rm -rf "$STATE"
+    log "removed images and $STATE"
+}
+
+# id, name and size of every image the test bed made, tagged or not.
+testbed_images() {
+    docker images --format '{{.ID}}\t{{.Repository}}:{{.Tag}}\t{{.Size}}' \
+        | awk -F'\t' -v repo="$REPOSITORY:" 'index($2, "deployd-testbed/") == 1 || index($2, repo) == 1'
+}
+
+cmd_status() {
+    echo "state:    $STATE"
+    echo "registry: $REGISTRY ($( [ "$(registry_status)" = 401 ] && echo up || echo down))"
+    testbed_images | cut -f2,3
+}
+
+case ${1:-} in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    purge) cmd_purge ;;
+    status) cmd_status ;;
+    *) echo "usage: $0 up|down|status|purge" >&2; exit 2 ;;
+esac

@@ -42,12 +42,15 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # A stable fake commit sha per variant: tests and the demo name releases by it.
 variant_sha() { printf 'deployd-testbed/%s' "$1" | sha1sum | cut -c1-40; }
 
-# Hash of files' contents and extra strings: the cache key of an image.
+# Cache key of an image: a hash of a string and of files under a directory,
+# by content and relative path, so that every checkout agrees on it.
 content_hash() {
-    local extra=$1; shift
+    local dir=$1 extra=$2; shift 2
     {
         printf '%s\n' "$extra"
-        if [ $# -gt 0 ]; then find "$@" -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum; fi
+        if [ $# -gt 0 ]; then
+            (cd "$dir" && find "$@" -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum)
+        fi
     } | sha256sum | cut -c1-12
 }
 
@@ -95,6 +98,7 @@ host_mirror() {
 }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+image_label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
 
 # Runs a command inside a rootfs, isolated from the host's environment.
 in_rootfs() {
@@ -123,6 +127,10 @@ build_rootfs_image() {
     as_root find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
     as_root tar -C "$rootfs" -c . | docker import "$@" - "$image" >/dev/null
     as_root rm -rf "$rootfs"
+    # Earlier builds of this base are stale now; images built on them keep
+    # their layers until they are rebuilt.
+    docker images --format '{{.Repository}}:{{.Tag}}' "${image%:*}" | grep -vxF "$image" \
+        | xargs -r docker rmi >/dev/null 2>&1 || true
 }
 
 # Python base: a virtualenv holding exactly the pinned wheels.
@@ -163,7 +171,8 @@ BASE_REVISION=1
 
 build_base_images() {
     local key
-    key=$(content_hash "$(host_mirror) $BASE_REVISION" "$APP_DIR/requirements.txt" "$ROOT/scripts/testbed/smoke.py")
+    key=$(content_hash "$ROOT" "$(host_mirror) $BASE_REVISION" \
+        examples/django-app/requirements.txt scripts/testbed/smoke.py)
     PYTHON_BASE=deployd-testbed/python:$key
     if ! image_exists "$PYTHON_BASE"; then
         build_rootfs_image "$PYTHON_BASE" python3,python3-venv python_hook \
@@ -171,7 +180,7 @@ build_base_images() {
             --change 'ENV LANG=C.UTF-8' --change 'ENV PYTHONUNBUFFERED=1'
         smoke_test_python_base "$PYTHON_BASE"
     fi
-    key=$(content_hash "$(host_mirror) $BASE_REVISION")
+    key=$(content_hash "$ROOT" "$(host_mirror) $BASE_REVISION")
     SERVICES_BASE=deployd-testbed/services:$key
     build_rootfs_image "$SERVICES_BASE" redis-server,postgresql services_hook --change 'ENV LANG=C.UTF-8'
 }
@@ -201,11 +210,16 @@ build_app_images() {
             "$APP_DIR/manage.py" "$APP_DIR/gunicorn.conf.py" "$APP_DIR/src" "$ctx/"
         if [ "$release" -ge 2 ]; then cp -a "$APP_DIR/releases/2/." "$ctx/"; fi
         if [ "$overlay" != - ]; then cp -a "$APP_DIR/$overlay/." "$ctx/"; fi
-        local variant=$name
+        local variant=$name tag key
         case $name in release-*) variant=good ;; esac
-        docker_build "$REPOSITORY:$(variant_sha "$name")" "$ctx" --build-arg "BASE_IMAGE=$PYTHON_BASE" \
+        tag=$REPOSITORY:$(variant_sha "$name")
+        # Docker's layer cache misses on a fresh checkout (new file times);
+        # a label with the hash of the context's contents does not.
+        key=$(content_hash "$ctx" "$PYTHON_BASE $release $variant" .)
+        [ "$(image_label "$tag" org.deployd.testbed.context)" = "$key" ] && continue
+        docker_build "$tag" "$ctx" --build-arg "BASE_IMAGE=$PYTHON_BASE" \
             --build-arg "APP_RELEASE=$release" --build-arg "APP_VARIANT=$variant" \
-            --label "org.deployd.testbed.variant=$name"
+            --label "org.deployd.testbed.variant=$name" --label "org.deployd.testbed.context=$key"
     done
     # Rebuilt releases leave their previous image untagged; drop those.
     docker image prune -f --filter "label=org.deployd.testbed.variant" >/dev/null

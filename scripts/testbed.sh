@@ -326,6 +326,12 @@ cmd_up() {
     local started=$SECONDS
     mkdir -p "$STATE/registry/data"
     ensure_packages debootstrap docker-registry apache2-utils curl ca-certificates
+    # Debian starts the packaged registry on :5000 without authentication;
+    # the test bed runs its own.
+    if [ -d /run/systemd/system ] && systemctl -q is-active docker-registry 2>/dev/null; then
+        log "stopping and disabling the packaged docker-registry service"
+        as_root systemctl disable -q --now docker-registry
+    fi
     ensure_docker
     ensure_secrets
     build_base_images

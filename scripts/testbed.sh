@@ -67,34 +67,46 @@ ensure_packages() {
 }
 
 ensure_docker() {
-    if docker info >/dev/null 2>&1; then return; fi
+    local answer
+    answer=$(docker info 2>&1 >/dev/null) && return
+    if [ -S /var/run/docker.sock ] && grep -qi 'permission denied' <<<"$answer"; then
+        die "the Docker engine runs but $(id -un) may not use it: join the docker group (or run as root)"
+    fi
     command -v dockerd >/dev/null || ensure_packages docker.io
-    log "no Docker engine answers; starting dockerd (log: $STATE/dockerd.log)"
-    as_root sh -c "setsid nohup dockerd >'$STATE/dockerd.log' 2>&1 </dev/null &"
+    if [ -d /run/systemd/system ]; then
+        log "no Docker engine answers; starting docker.service"
+        as_root systemctl start docker
+    else
+        log "no Docker engine answers; starting dockerd (log: $STATE/dockerd.log)"
+        as_root sh -c "setsid nohup dockerd >'$STATE/dockerd.log' 2>&1 </dev/null &"
+    fi
     local i
     for i in $(seq 1 120); do
         docker info >/dev/null 2>&1 && return
         sleep 0.5
     done
-    tail -n 20 "$STATE/dockerd.log" >&2 || true
-    die "dockerd did not answer within 60 s"
+    tail -n 20 "$STATE/dockerd.log" >&2 2>/dev/null || true
+    die "the Docker engine did not answer within 60 s"
 }
 
 # The Debian mirror and suite this host already uses, from its apt sources.
 host_mirror() {
-    local codename
+    local codename site
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
     [ -n "$codename" ] || die "cannot tell this host's Debian codename from /etc/os-release"
-    local site
-    site=$(apt-get indextargets --format '$(SITE) $(RELEASE) $(TARGET_OF)' 2>/dev/null \
-        | awk -v s="$codename" '$2 == s && $3 == "deb" { print $1; exit }')
+    site=$(apt_site_for "$codename")
     if [ -z "$site" ] && ! $apt_updated; then
         as_root apt-get update -qq; apt_updated=true
-        site=$(apt-get indextargets --format '$(SITE) $(RELEASE) $(TARGET_OF)' 2>/dev/null \
-            | awk -v s="$codename" '$2 == s && $3 == "deb" { print $1; exit }')
+        site=$(apt_site_for "$codename")
     fi
     [ -n "$site" ] || die "no apt source for suite $codename found on this host"
     echo "$codename $site"
+}
+
+# Sources may name the suite by codename (bookworm) or by alias (stable).
+apt_site_for() {
+    apt-get indextargets --format '$(SITE) $(RELEASE) $(CODENAME) $(TARGET_OF)' 2>/dev/null \
+        | awk -v s="$1" '($2 == s || $3 == s) && $4 == "deb" { print $1; exit }'
 }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
@@ -175,10 +187,16 @@ build_base_images() {
         examples/django-app/requirements.txt scripts/testbed/smoke.py)
     PYTHON_BASE=deployd-testbed/python:$key
     if ! image_exists "$PYTHON_BASE"; then
-        build_rootfs_image "$PYTHON_BASE" python3,python3-venv python_hook \
+        # Tagged for real only once the smoke test passed: an interrupted
+        # run must not leave an untested base that later runs would trust.
+        local untested=$PYTHON_BASE-untested
+        docker rmi "$untested" >/dev/null 2>&1 || true
+        build_rootfs_image "$untested" python3,python3-venv python_hook \
             --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
             --change 'ENV LANG=C.UTF-8' --change 'ENV PYTHONUNBUFFERED=1'
-        smoke_test_python_base "$PYTHON_BASE"
+        smoke_test_python_base "$untested"
+        docker tag "$untested" "$PYTHON_BASE"
+        docker rmi "$untested" >/dev/null
     fi
     key=$(content_hash "$ROOT" "$(host_mirror) $BASE_REVISION")
     SERVICES_BASE=deployd-testbed/services:$key
@@ -228,15 +246,18 @@ build_app_images() {
 random_secret() { head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-"$1"; }
 
 # Secrets are made once and kept (mode 0600) so tests and reruns agree.
-ensure_secrets() {
+ensure_secrets() (
     umask 077
     [ -s "$STATE/registry/password" ] || random_secret 32 >"$STATE/registry/password"
     [ -s "$STATE/registry/http-secret" ] || random_secret 32 >"$STATE/registry/http-secret"
     [ -s "$STATE/db-password" ] || random_secret 24 >"$STATE/db-password"
     [ -s "$STATE/django-secret-key" ] || random_secret 60 >"$STATE/django-secret-key"
     REGISTRY_PASSWORD=$(cat "$STATE/registry/password")
-    [ -s "$STATE/registry/htpasswd" ] \
-        || htpasswd -Bbc "$STATE/registry/htpasswd" "$REGISTRY_USER" "$REGISTRY_PASSWORD" 2>/dev/null
+    # Made again whenever the password file is newer; the password goes in
+    # on stdin, never on a command line where the process list shows it.
+    if [ ! -s "$STATE/registry/htpasswd" ] || [ "$STATE/registry/password" -nt "$STATE/registry/htpasswd" ]; then
+        htpasswd -Bci "$STATE/registry/htpasswd" "$REGISTRY_USER" <<<"$REGISTRY_PASSWORD" 2>/dev/null
+    fi
     printf '{"username": "%s", "password": "%s"}\n' "$REGISTRY_USER" "$REGISTRY_PASSWORD" \
         >"$STATE/registry-auth.json"
     local db_password
@@ -248,12 +269,6 @@ DJANGO_ALLOWED_HOSTS=shop.example.com
 DATABASE_URL=postgres://shop:$db_password@db:5432/shop
 CELERY_BROKER_URL=redis://redis:6379/0
 EOF
-    umask 022
-}
-
-registry_status() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/" || true; }
-
-ensure_registry() {
     cat >"$STATE/registry/config.yml" <<EOF
 version: 0.1
 log:
@@ -271,6 +286,11 @@ auth:
     realm: deployd-testbed
     path: $STATE/registry/htpasswd
 EOF
+)
+
+registry_status() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$REGISTRY/v2/" || true; }
+
+ensure_registry() {
     case $(registry_status) in
         401) return ;;
         000) ;;
@@ -293,7 +313,7 @@ push_app_images() {
     local config=$STATE/docker-config line name
     mkdir -p "$config"
     docker --config "$config" login -u "$REGISTRY_USER" --password-stdin "$REGISTRY" \
-        <<<"$REGISTRY_PASSWORD" >/dev/null 2>&1 || die "docker login to $REGISTRY failed"
+        <"$STATE/registry/password" >/dev/null 2>&1 || die "docker login to $REGISTRY failed"
     for line in "${VARIANTS[@]}"; do
         read -r name _ <<<"$line"
         docker --config "$config" push -q "$REPOSITORY:$(variant_sha "$name")" >/dev/null \
@@ -325,7 +345,11 @@ write_env() {
 cmd_up() {
     local started=$SECONDS
     mkdir -p "$STATE/registry/data"
+    # One `up` at a time: runs would share build contexts and logs.
+    exec 9>"$STATE/lock"
+    flock 9
     ensure_packages debootstrap docker-registry apache2-utils curl ca-certificates
+    python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3 python3-pip
     # Debian starts the packaged registry on :5000 without authentication;
     # the test bed runs its own.
     if [ -d /run/systemd/system ] && systemctl -q is-active docker-registry 2>/dev/null; then
@@ -343,20 +367,29 @@ cmd_up() {
     log "ready in $((SECONDS - started)) s: ${#VARIANTS[@]} releases in $REPOSITORY; env in $STATE/testbed.env"
 }
 
+# Tests label what they create; containers the engine starts for a test
+# sit on the test's network, and static volumes are named after it.
 remove_test_objects() {
     docker info >/dev/null 2>&1 || return 0
-    local ids
+    local ids net
+    for net in $(docker network ls -q --filter "label=$TEST_LABEL"); do
+        ids=$(docker ps -aq --filter "network=$net")
+        [ -z "$ids" ] || docker rm -f $ids >/dev/null
+    done
     ids=$(docker ps -aq --filter "label=$TEST_LABEL")
     [ -z "$ids" ] || docker rm -f $ids >/dev/null
     ids=$(docker network ls -q --filter "label=$TEST_LABEL")
     [ -z "$ids" ] || docker network rm $ids >/dev/null
-    ids=$(docker volume ls -q --filter "label=$TEST_LABEL")
+    ids=$( (docker volume ls -q --filter "label=$TEST_LABEL"; docker volume ls -q --filter "name=deployd-test-") | sort -u)
     [ -z "$ids" ] || docker volume rm $ids >/dev/null
 }
 
 cmd_down() {
-    if [ -s "$STATE/registry/pid" ] && kill "$(cat "$STATE/registry/pid")" 2>/dev/null; then
-        log "registry stopped"
+    local pid
+    pid=$(cat "$STATE/registry/pid" 2>/dev/null || true)
+    # Only if that pid still is our registry: pids are reused.
+    if [ -n "$pid" ] && grep -qa "$STATE/registry/config.yml" "/proc/$pid/cmdline" 2>/dev/null; then
+        kill "$pid" && log "registry stopped"
     fi
     rm -f "$STATE/registry/pid"
     remove_test_objects

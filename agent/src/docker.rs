@@ -7,10 +7,11 @@
 mod container;
 mod image;
 mod network;
+mod volume;
 
 use std::time::Duration;
 
-pub use container::{ContainerSpec, ContainerState, OneOffOutput};
+pub use container::{ContainerInfo, ContainerSpec, ContainerState, OneOffOutput};
 pub use image::{ImageRef, PulledImage, RegistryAuth, RegistryAuthError};
 
 /// A connection to the local Docker engine, cheap to clone.

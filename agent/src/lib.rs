@@ -5,5 +5,8 @@
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod config;
 pub mod docker;
+pub mod engine;
 pub mod env_file;
+pub mod store;

@@ -21,10 +21,22 @@ enum Command {
     CheckDocker,
 }
 
+/// `RUST_LOG` (default `info`), with bollard held at `warn` whatever it says:
+/// at debug, bollard logs request and response bodies, and container
+/// bodies carry the app's environment, secrets included.
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let base =
+        EnvFilter::try_new(rust_log.unwrap_or("info")).unwrap_or_else(|_| EnvFilter::new("info"));
+    match "bollard=warn".parse() {
+        Ok(directive) => base.add_directive(directive),
+        Err(_) => base,
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -40,4 +52,18 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bollard_stays_quiet_even_at_debug_and_trace() {
+        for rust_log in [Some("debug"), Some("trace"), Some("bollard=trace"), None] {
+            let filter = log_filter(rust_log).to_string();
+            assert!(filter.contains("bollard=warn"), "{rust_log:?}: {filter}");
+            assert!(!filter.contains("bollard=trace"), "{rust_log:?}: {filter}");
+        }
+    }
 }

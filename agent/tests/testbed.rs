@@ -103,17 +103,8 @@ async fn pull_from_an_unreachable_registry_fails_with_the_cause() {
 #[tokio::test]
 async fn migrate_runs_in_one_off_containers_that_are_always_removed() {
     scoped(|scope| async move {
-        let auth = scope.bed.registry_auth();
-        let good = scope
-            .docker
-            .pull(&scope.bed.image("release-1"), Some(&auth))
-            .await
-            .unwrap();
-        let broken = scope
-            .docker
-            .pull(&scope.bed.image("migrate-fails"), Some(&auth))
-            .await
-            .unwrap();
+        let good = scope.pull("release-1").await;
+        let broken = scope.pull("migrate-fails").await;
         scope.start_db().await;
 
         let migrate = ["python", "manage.py", "migrate", "--noinput"];
@@ -167,14 +158,7 @@ async fn migrate_runs_in_one_off_containers_that_are_always_removed() {
 #[tokio::test]
 async fn one_off_timeout_kills_and_removes_the_container() {
     scoped(|scope| async move {
-        let pulled = scope
-            .docker
-            .pull(
-                &scope.bed.image("release-1"),
-                Some(&scope.bed.registry_auth()),
-            )
-            .await
-            .unwrap();
+        let pulled = scope.pull("release-1").await;
         let spec = one_off(
             &scope.app_container(&pulled.pinned, &["sleep", "60"]),
             &scope.id,
@@ -201,14 +185,7 @@ async fn one_off_timeout_kills_and_removes_the_container() {
 #[tokio::test]
 async fn web_answers_healthz_only_for_its_own_host() {
     scoped(|scope| async move {
-        let pulled = scope
-            .docker
-            .pull(
-                &scope.bed.image("release-1"),
-                Some(&scope.bed.registry_auth()),
-            )
-            .await
-            .unwrap();
+        let pulled = scope.pull("release-1").await;
         scope.start_db().await;
         let base = start_web(&scope, &pulled.pinned).await;
         let http = reqwest::Client::new();
@@ -240,14 +217,7 @@ async fn web_answers_healthz_only_for_its_own_host() {
 #[tokio::test]
 async fn worker_runs_what_beat_schedules() {
     scoped(|scope| async move {
-        let pulled = scope
-            .docker
-            .pull(
-                &scope.bed.image("release-1"),
-                Some(&scope.bed.registry_auth()),
-            )
-            .await
-            .unwrap();
+        let pulled = scope.pull("release-1").await;
         let image = pulled.pinned.as_str();
         scope.start_db().await;
         scope.start_redis().await;

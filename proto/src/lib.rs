@@ -4,8 +4,13 @@
 //! shapes of the versioned HTTP API, with the validation that both sides must
 //! agree on (what a commit sha looks like, for instance).
 
+mod deployment;
 mod error;
 mod sha;
 
+pub use deployment::{
+    Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState, EventKind, Step,
+    StepState,
+};
 pub use error::ErrorBody;
 pub use sha::{CommitSha, InvalidSha};

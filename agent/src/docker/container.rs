@@ -5,12 +5,12 @@ use std::fmt;
 use std::time::Duration;
 
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HealthStatusEnum, HostConfig, NetworkingConfig,
-    PortBinding,
+    ContainerCreateBody, ContainerSummaryStateEnum, EndpointSettings, HealthStatusEnum, HostConfig,
+    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -38,6 +38,11 @@ pub struct ContainerSpec {
     pub labels: HashMap<String, String>,
     /// A container TCP port to publish on an ephemeral 127.0.0.1 port.
     pub publish: Option<u16>,
+    /// How long `docker stop` waits after SIGTERM before SIGKILL.
+    pub stop_timeout: Option<Duration>,
+    /// Restart the container when it dies or the engine restarts, unless
+    /// it was stopped on purpose (service containers, not one-off tasks).
+    pub restart: bool,
 }
 
 impl fmt::Debug for ContainerSpec {
@@ -53,6 +58,8 @@ impl fmt::Debug for ContainerSpec {
             .field("volumes", &self.volumes)
             .field("labels", &self.labels)
             .field("publish", &self.publish)
+            .field("stop_timeout", &self.stop_timeout)
+            .field("restart", &self.restart)
             .finish()
     }
 }
@@ -87,10 +94,15 @@ impl ContainerSpec {
             ),
             labels: Some(self.labels),
             exposed_ports: port.map(|p| vec![p]),
+            stop_timeout: self.stop_timeout.map(|t| t.as_secs() as i64),
             host_config: Some(HostConfig {
                 network_mode: self.network,
                 binds: Some(self.volumes),
                 port_bindings,
+                restart_policy: self.restart.then_some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                    maximum_retry_count: None,
+                }),
                 ..Default::default()
             }),
             networking_config,
@@ -117,10 +129,24 @@ impl OneOffOutput {
 /// A container's coarse state, as a rollout must see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerState {
-    /// Running, with the image's HEALTHCHECK verdict if it has one.
-    Running { health: Option<String> },
-    /// Exited (or never started) with this status.
+    /// Running, with the image's HEALTHCHECK verdict if it has one, and how
+    /// often the engine restarted it after it died.
+    Running {
+        health: Option<String>,
+        restarts: i64,
+    },
+    /// Exited (or waiting to be restarted) with this status.
     Exited { exit_code: i64 },
+}
+
+/// A container found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    /// Name without Docker's leading slash.
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub running: bool,
 }
 
 impl Docker {
@@ -132,16 +158,23 @@ impl Docker {
         spec: ContainerSpec,
         timeout: Duration,
     ) -> Result<OneOffOutput, DockerError> {
-        let what = spec.cmd.clone().unwrap_or_default().join(" ");
+        let what = spec.cmd.as_ref().map_or_else(
+            || format!("a one-off container of {}", spec.image),
+            |c| c.join(" "),
+        );
         let id = self.create(spec).await?;
         let result = match tokio::time::timeout(timeout, self.run_to_end(&id)).await {
             Ok(result) => result,
             Err(_) => Err(DockerError::Timeout { what, timeout }),
         };
-        let removed = self.remove(&id).await;
-        let output = result?;
-        removed?;
-        Ok(output)
+        match (result, self.remove(&id).await) {
+            (Ok(output), Ok(())) => Ok(output),
+            (Ok(_), Err(e)) | (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(removal)) => {
+                tracing::warn!(container = %id, error = %removal, "one-off container not removed");
+                Err(e)
+            }
+        }
     }
 
     async fn run_to_end(&self, id: &str) -> Result<OneOffOutput, DockerError> {
@@ -230,17 +263,24 @@ impl Docker {
             .await
             .map_err(DockerError::engine("inspect a container"))?;
         let state = inspect.state.unwrap_or_default();
-        if state.running == Some(true) {
+        if state.running == Some(true) && state.restarting != Some(true) {
             let health = state
                 .health
                 .and_then(|h| h.status)
                 .filter(|s| !matches!(s, HealthStatusEnum::EMPTY | HealthStatusEnum::NONE))
                 .map(|s| s.to_string());
-            Ok(ContainerState::Running { health })
-        } else {
-            Ok(ContainerState::Exited {
-                exit_code: state.exit_code.unwrap_or_default(),
+            Ok(ContainerState::Running {
+                health,
+                restarts: inspect.restart_count.unwrap_or_default(),
             })
+        } else {
+            // No exit code means the engine does not know how it ended:
+            // never read that as success.
+            let exit_code = state.exit_code.ok_or_else(|| DockerError::Engine {
+                action: "inspect a container".into(),
+                reason: format!("container {id} is not running and has no exit code"),
+            })?;
+            Ok(ContainerState::Exited { exit_code })
         }
     }
 
@@ -266,7 +306,17 @@ impl Docker {
         label: &str,
         value: &str,
     ) -> Result<Vec<String>, DockerError> {
-        let filters = HashMap::from([("label", vec![format!("{label}={value}")])]);
+        let found = self.containers(&[(label, value)]).await?;
+        Ok(found.into_iter().map(|c| c.id).collect())
+    }
+
+    /// All containers, running or not, that carry every `label=value` given.
+    pub async fn containers(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<ContainerInfo>, DockerError> {
+        let wanted = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let filters = HashMap::from([("label", wanted)]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
@@ -276,9 +326,69 @@ impl Docker {
             .list_containers(Some(options))
             .await
             .map_err(DockerError::engine("list containers"))?;
-        Ok(containers.into_iter().filter_map(|c| c.id).collect())
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                Some(ContainerInfo {
+                    id: c.id?,
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .map(|n| n.trim_start_matches('/').to_owned())
+                        .unwrap_or_default(),
+                    labels: c.labels.unwrap_or_default(),
+                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                })
+            })
+            .collect())
+    }
+
+    /// Stops a container: SIGTERM (or the image's STOPSIGNAL), then SIGKILL
+    /// after `timeout`. Returns once it has exited.
+    pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
+        let seconds = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
+        let options = StopContainerOptionsBuilder::default().t(seconds).build();
+        match self.api.stop_container(id, Some(options)).await {
+            // 304: already stopped.
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(DockerError::engine("stop a container")(e)),
+        }
+    }
+
+    /// Starts an existing, stopped container again.
+    pub async fn restart_stopped(&self, id: &str) -> Result<(), DockerError> {
+        match self.api.start_container(id, None).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(DockerError::engine("start a container")(e)),
+        }
+    }
+
+    /// The last `lines` lines a container printed, to explain why it died.
+    pub async fn tail_logs(&self, id: &str, lines: usize) -> Result<Vec<String>, DockerError> {
+        let tail = lines.to_string();
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail)
+            .build();
+        let mut logs = self.api.logs(id, Some(options));
+        let mut collected = Lines::default();
+        while let Some(chunk) = logs.next().await {
+            let chunk = chunk.map_err(DockerError::engine("read container logs"))?;
+            collected.push(chunk.as_ref());
+        }
+        Ok(collected.finish())
     }
 }
+
+/// Longest line kept whole; longer ones are split.
+const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Splits a stream of output chunks into lines. Docker frames carry whatever
 /// one write() produced: several lines, or part of one.
@@ -290,10 +400,20 @@ struct Lines {
 
 impl Lines {
     fn push(&mut self, chunk: &[u8]) {
-        self.partial.extend_from_slice(chunk);
-        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=end).collect();
-            self.keep(&line[..end]);
+        for piece in chunk.split_inclusive(|&b| b == b'\n') {
+            match piece.strip_suffix(b"\n") {
+                Some(rest) => {
+                    self.partial.extend_from_slice(rest);
+                    let line = std::mem::take(&mut self.partial);
+                    self.keep(&line);
+                }
+                None => self.partial.extend_from_slice(piece),
+            }
+            // Output without newlines (progress bars) is cut, not hoarded.
+            if self.partial.len() > MAX_LINE_BYTES {
+                let line = std::mem::take(&mut self.partial);
+                self.keep(&line);
+            }
         }
     }
 
@@ -332,6 +452,17 @@ mod tests {
                 "last line without newline"
             ]
         );
+    }
+
+    #[test]
+    fn endless_lines_are_cut() {
+        let mut lines = Lines::default();
+        for _ in 0..100 {
+            lines.push(&[b'#'; 4096]);
+        }
+        let kept = lines.finish();
+        assert!(kept.iter().all(|l| l.len() <= MAX_LINE_BYTES + 4096));
+        assert_eq!(kept.iter().map(String::len).sum::<usize>(), 100 * 4096);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
 use bollard::query_parameters::CreateImageOptionsBuilder;
@@ -146,34 +147,68 @@ impl Docker {
             .build();
         let credentials = auth.map(|a| a.credentials(image));
         tracing::debug!(%image, "pulling");
-        self.api
+        let progress = self
+            .api
             .create_image(Some(options), None, credentials)
-            .try_for_each(|_progress| async { Ok(()) })
-            .await
-            .map_err(|e| pull_error(image, &e))?;
-        self.pinned(image).await
+            .try_fold(None, |digest, info| async move {
+                // The engine reports the manifest it pulled as "Digest: sha256:...".
+                let reported = info
+                    .status
+                    .as_deref()
+                    .and_then(|s| s.strip_prefix("Digest: "))
+                    .map(str::to_owned);
+                Ok(reported.or(digest))
+            });
+        let digest = match tokio::time::timeout(PULL_TIMEOUT, progress).await {
+            Ok(result) => result.map_err(|e| pull_error(image, &e))?,
+            Err(_) => {
+                return Err(DockerError::Timeout {
+                    what: format!("pulling {image}"),
+                    timeout: PULL_TIMEOUT,
+                });
+            }
+        };
+        self.pinned(image, digest).await
     }
 
-    async fn pinned(&self, image: &ImageRef) -> Result<PulledImage, DockerError> {
+    /// Pins the pulled image: by the digest the pull reported, checked
+    /// against the image's recorded digests, else the one recorded for it.
+    async fn pinned(
+        &self,
+        image: &ImageRef,
+        reported: Option<String>,
+    ) -> Result<PulledImage, DockerError> {
         let inspect = self
             .api
             .inspect_image(&image.to_string())
             .await
             .map_err(DockerError::engine(format!("inspect {image}")))?;
         let prefix = format!("{}@", image.repository);
-        let pinned = inspect
+        let recorded: Vec<String> = inspect
             .repo_digests
             .unwrap_or_default()
             .into_iter()
-            .find(|d| d.starts_with(&prefix))
-            .ok_or_else(|| DockerError::Pull {
-                image: image.to_string(),
-                reason: "the engine recorded no registry digest for it".into(),
-            })?;
-        let digest = pinned[prefix.len()..].to_owned();
-        Ok(PulledImage { digest, pinned })
+            .filter_map(|d| d.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        let digest = match reported {
+            Some(d) if recorded.contains(&d) => d,
+            _ if recorded.len() == 1 => recorded[0].clone(),
+            _ => {
+                return Err(DockerError::Pull {
+                    image: image.to_string(),
+                    reason: "the engine recorded no single registry digest for it".into(),
+                });
+            }
+        };
+        Ok(PulledImage {
+            pinned: format!("{prefix}{digest}"),
+            digest,
+        })
     }
 }
+
+/// Longest a pull may take; a stalled registry must not hang a deployment.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Sorts a failed pull into what the user must fix.
 fn pull_error(image: &ImageRef, e: &bollard::errors::Error) -> DockerError {
@@ -188,18 +223,21 @@ fn pull_error(image: &ImageRef, e: &bollard::errors::Error) -> DockerError {
 
 fn classify_pull_failure(image: String, status: Option<u16>, message: String) -> DockerError {
     let lower = message.to_lowercase();
-    if status == Some(404) || lower.contains("manifest unknown") || lower.contains("not found") {
-        DockerError::NotFound { image }
-    } else if [
+    // Auth first: registries that deny access often say so with a 404
+    // ("pull access denied ... may require 'docker login'").
+    let auth = [
         "unauthorized",
         "authentication required",
         "no basic auth credentials",
         "denied",
-    ]
-    .iter()
-    .any(|needle| lower.contains(needle))
-    {
+    ];
+    if auth.iter().any(|needle| lower.contains(needle)) {
         DockerError::Unauthorized { image }
+    } else if status == Some(404)
+        || lower.contains("manifest unknown")
+        || lower.contains("not found")
+    {
+        DockerError::NotFound { image }
     } else {
         DockerError::Pull {
             image,
@@ -254,6 +292,14 @@ mod tests {
                 "manifest for r/shop:abc1234 not found: manifest unknown"
             ),
             DockerError::NotFound { .. }
+        ));
+        // What Docker says when a registry such as GitLab's denies access.
+        assert!(matches!(
+            classify(
+                Some(404),
+                "pull access denied for r/shop, repository does not exist or may require 'docker login': denied: access forbidden"
+            ),
+            DockerError::Unauthorized { .. }
         ));
         let other = classify(
             Some(500),

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use deployd::docker::{ContainerSpec, ContainerState, Docker, ImageRef, RegistryAuth};
@@ -97,12 +96,9 @@ pub struct Scope {
 
 impl Scope {
     async fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        // Unique across processes and machines sharing an engine: the
+        // random tail of a UUID v7.
+        let id = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
         let docker = Docker::connect().await.expect("the Docker engine answers");
         let network = format!("deployd-test-{id}");
         let scope = Self {
@@ -119,8 +115,27 @@ impl Scope {
         scope
     }
 
+    /// The app name engine tests deploy under: unique per scope.
+    pub fn app(&self) -> String {
+        format!("t{}", self.id)
+    }
+
+    /// The app's static files volume.
+    pub fn static_volume(&self) -> String {
+        format!("{}-static", self.network)
+    }
+
     pub fn labels(&self) -> HashMap<String, String> {
         HashMap::from([(TEST_LABEL.to_owned(), self.id.clone())])
+    }
+
+    /// Pulls a test bed release with the registry credentials.
+    pub async fn pull(&self, variant: &str) -> deployd::docker::PulledImage {
+        let auth = self.bed.registry_auth();
+        self.docker
+            .pull(&self.bed.image(variant), Some(&auth))
+            .await
+            .unwrap()
     }
 
     /// A container on this scope's network with the app's env file.
@@ -155,7 +170,7 @@ impl Scope {
             Duration::from_secs(60),
             || async {
                 match self.docker.state(&id).await.unwrap() {
-                    ContainerState::Running { health } => {
+                    ContainerState::Running { health, .. } => {
                         (health.as_deref() == Some("healthy")).then_some(())
                     }
                     exited => panic!("PostgreSQL exited: {exited:?}"),
@@ -179,16 +194,34 @@ impl Scope {
             .unwrap();
     }
 
+    /// Removes everything the scope made. Containers still stopping in the
+    /// background (draining workers) may hold the network a little longer.
     async fn cleanup(&self) {
-        for id in self
-            .docker
-            .containers_labelled(TEST_LABEL, &self.id)
-            .await
-            .unwrap()
-        {
-            self.docker.remove(&id).await.unwrap();
+        for attempt in 0.. {
+            let mut ids = self
+                .docker
+                .containers_labelled(TEST_LABEL, &self.id)
+                .await
+                .unwrap();
+            ids.extend(
+                self.docker
+                    .containers_labelled("deployd.app", &self.app())
+                    .await
+                    .unwrap(),
+            );
+            for id in ids {
+                self.docker.remove(&id).await.unwrap();
+            }
+            match self.docker.remove_network(&self.network).await {
+                Ok(()) => break,
+                Err(e) if attempt == 40 => panic!("cleanup: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
         }
-        self.docker.remove_network(&self.network).await.unwrap();
+        self.docker
+            .remove_volume(&self.static_volume())
+            .await
+            .unwrap();
     }
 }
 

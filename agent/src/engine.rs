@@ -1,0 +1,311 @@
+//! The deployment engine: one task per agent, reached through [`EngineHandle`].
+//!
+//! The engine task owns the only mutable state that must not race (which
+//! app has a deployment running) and starts each deployment in a task of its
+//! own. Progress goes to the store first, then to live subscribers.
+
+mod health;
+mod release;
+mod roll;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deployd_proto::{
+    CommitSha, Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState,
+    EventKind,
+};
+use time::OffsetDateTime;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::{AppConfig, Config};
+use crate::docker::Docker;
+use crate::store::{Lock, Store, StoreError};
+
+/// Labels on every container deployd creates; after a restart they are how
+/// it tells what runs.
+pub mod label {
+    pub const APP: &str = "deployd.app";
+    pub const SERVICE: &str = "deployd.service";
+    pub const SHA: &str = "deployd.sha";
+    pub const DIGEST: &str = "deployd.digest";
+    pub const DEPLOYMENT: &str = "deployd.deployment";
+    pub const TASK: &str = "deployd.task";
+}
+
+/// A request to deploy (or roll back to) a release.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    pub app: String,
+    pub sha: CommitSha,
+    /// Deploy even when the sha is live already.
+    pub force: bool,
+    pub reason: Option<String>,
+    pub requested_by: String,
+}
+
+/// Why the engine refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("no app named {0} is configured")]
+    UnknownApp(String),
+    #[error("deployment {running} of {app} is still running")]
+    Conflict { app: String, running: DeploymentId },
+    #[error("{app} is locked by {}: {}", lock.locked_by, lock.reason)]
+    Locked { app: String, lock: Lock },
+    #[error("{0} has no earlier successful release to roll back to")]
+    NoPreviousRelease(String),
+    #[error("{sha} is not among the releases of {app} kept for rollback")]
+    UnknownRelease { app: String, sha: CommitSha },
+    #[error("no deployment {0}")]
+    UnknownDeployment(DeploymentId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Shared by the engine task and every deployment task.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    docker: Docker,
+    store: Store,
+    http: reqwest::Client,
+    events: broadcast::Sender<(DeploymentId, DeploymentEvent)>,
+}
+
+/// A cheap, cloneable way to talk to the engine.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    ctx: Arc<Ctx>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Deploy {
+        request: DeployRequest,
+        kind: DeploymentKind,
+        reply: oneshot::Sender<Result<Deployment, EngineError>>,
+    },
+    Finished {
+        app: String,
+    },
+}
+
+impl EngineHandle {
+    /// Starts the engine: marks deployments a crash interrupted, then serves.
+    pub fn start(config: &Config, docker: Docker, store: Store) -> Result<Self, EngineError> {
+        let (events, _) = broadcast::channel(4096);
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| StoreError::Corrupt(format!("HTTP client: {e}")))?;
+        let ctx = Arc::new(Ctx {
+            docker,
+            store,
+            http,
+            events,
+        });
+        for d in ctx.store.unfinished()? {
+            let error = "deployd stopped while this deployment ran";
+            ctx.store
+                .set_state(&d.id, DeploymentState::Interrupted, Some(error))?;
+            tracing::warn!(deployment.id = %d.id, app = %d.app, "marked interrupted");
+        }
+        let (commands, inbox) = mpsc::channel(64);
+        let apps = config
+            .apps
+            .iter()
+            .map(|(name, app)| (name.clone(), Arc::new(app.clone())))
+            .collect();
+        let engine = Engine {
+            ctx: ctx.clone(),
+            apps,
+            running: HashMap::new(),
+            commands: commands.clone(),
+        };
+        tokio::spawn(engine.serve(inbox));
+        Ok(Self { commands, ctx })
+    }
+
+    /// Starts a deployment; returns it as recorded, before it runs.
+    pub async fn deploy(&self, request: DeployRequest) -> Result<Deployment, EngineError> {
+        self.submit(request, DeploymentKind::Deploy).await
+    }
+
+    /// Rolls `app` back to `to`, or to the release live before the current one.
+    pub async fn rollback(
+        &self,
+        app: &str,
+        to: Option<CommitSha>,
+        requested_by: &str,
+        reason: Option<String>,
+    ) -> Result<Deployment, EngineError> {
+        let releases = self.ctx.store.live_releases(app, usize::MAX)?;
+        let target = match to {
+            Some(sha) => releases.iter().find(|r| r.sha == sha).ok_or_else(|| {
+                EngineError::UnknownRelease {
+                    app: app.to_owned(),
+                    sha: sha.clone(),
+                }
+            })?,
+            None => releases
+                .get(1)
+                .ok_or_else(|| EngineError::NoPreviousRelease(app.to_owned()))?,
+        };
+        let request = DeployRequest {
+            app: app.to_owned(),
+            sha: target.sha.clone(),
+            force: true,
+            reason,
+            requested_by: requested_by.to_owned(),
+        };
+        self.submit(request, DeploymentKind::Rollback).await
+    }
+
+    async fn submit(
+        &self,
+        request: DeployRequest,
+        kind: DeploymentKind,
+    ) -> Result<Deployment, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Deploy {
+                request,
+                kind,
+                reply,
+            })
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Waits until a deployment has ended and returns its record.
+    pub async fn wait(&self, id: &DeploymentId) -> Result<Deployment, EngineError> {
+        let mut events = self.ctx.events.subscribe();
+        loop {
+            let d = self
+                .ctx
+                .store
+                .get(id)?
+                .ok_or_else(|| EngineError::UnknownDeployment(id.clone()))?;
+            if d.state.is_terminal() {
+                return Ok(d);
+            }
+            // Any event may be the last; on lag, the store is read again.
+            let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+        }
+    }
+
+    /// Live events of every deployment, as they are recorded.
+    pub fn subscribe(&self) -> broadcast::Receiver<(DeploymentId, DeploymentEvent)> {
+        self.ctx.events.subscribe()
+    }
+
+    /// The store, for reads (history, events, locks).
+    pub fn store(&self) -> &Store {
+        &self.ctx.store
+    }
+}
+
+struct Engine {
+    ctx: Arc<Ctx>,
+    apps: HashMap<String, Arc<AppConfig>>,
+    running: HashMap<String, DeploymentId>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Engine {
+    async fn serve(mut self, mut inbox: mpsc::Receiver<Command>) {
+        while let Some(command) = inbox.recv().await {
+            match command {
+                Command::Deploy {
+                    request,
+                    kind,
+                    reply,
+                } => {
+                    let _ = reply.send(self.accept(request, kind));
+                }
+                Command::Finished { app } => {
+                    self.running.remove(&app);
+                }
+            }
+        }
+    }
+
+    /// Checks a request, records it and starts it; never waits on Docker.
+    fn accept(
+        &mut self,
+        request: DeployRequest,
+        kind: DeploymentKind,
+    ) -> Result<Deployment, EngineError> {
+        let app = self
+            .apps
+            .get(&request.app)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownApp(request.app.clone()))?;
+        if let Some(running) = self.running.get(&request.app) {
+            return Err(EngineError::Conflict {
+                app: request.app,
+                running: running.clone(),
+            });
+        }
+        if let Some(lock) = self.ctx.store.lock_of(&request.app)? {
+            return Err(EngineError::Locked {
+                app: request.app,
+                lock,
+            });
+        }
+        let live = self.ctx.store.live_release(&request.app)?;
+        let deployment = Deployment {
+            id: DeploymentId(uuid::Uuid::now_v7().to_string()),
+            app: request.app.clone(),
+            kind,
+            sha: request.sha.clone(),
+            digest: None,
+            previous_sha: live.as_ref().map(|r| r.sha.clone()),
+            requested_by: request.requested_by,
+            reason: request.reason,
+            force: request.force,
+            state: DeploymentState::Queued,
+            error: None,
+            migrations: Vec::new(),
+            steps: Vec::new(),
+            created_at: OffsetDateTime::now_utc(),
+            finished_at: None,
+        };
+        self.ctx.store.insert(&deployment)?;
+        if live.as_ref().is_some_and(|r| r.sha == request.sha) && !request.force {
+            // Already live: a no-op success, recorded like any other.
+            let run = run::Run::new(self.ctx.clone(), app, &deployment, live);
+            run.finish(DeploymentState::Succeeded, None);
+            return Ok(self.ctx.store.get(&deployment.id)?.unwrap_or(deployment));
+        }
+        self.running
+            .insert(request.app.clone(), deployment.id.clone());
+        let run = run::Run::new(self.ctx.clone(), app, &deployment, live);
+        let done = self.commands.clone();
+        let app_name = request.app;
+        tokio::spawn(async move {
+            run.execute().await;
+            let _ = done.send(Command::Finished { app: app_name }).await;
+        });
+        Ok(deployment)
+    }
+}
+
+impl Ctx {
+    /// Records an event, then tells live subscribers. A store failure is
+    /// logged: progress must not stop because a log line was lost.
+    fn emit(&self, id: &DeploymentId, kind: EventKind) {
+        match self.store.append_event(id, kind) {
+            Ok(event) => {
+                let _ = self.events.send((id.clone(), event));
+            }
+            Err(e) => tracing::error!(deployment.id = %id, error = %e, "cannot record event"),
+        }
+    }
+}

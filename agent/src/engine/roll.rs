@@ -1,0 +1,373 @@
+//! Rolling services to the new release, by role, and undoing it.
+//!
+//! - web: new containers start first and must pass the HTTP health check;
+//!   only then are the old ones stopped (kept, stopped, until the deployment
+//!   succeeds, so a rollback restarts them in seconds).
+//! - worker: new containers must stay up for `min_healthy`; old ones then
+//!   drain in the background (SIGTERM, `stop_timeout`), not holding the
+//!   deployment open.
+//! - singletons (beat): the old container has exited before the new one is
+//!   created, in rollbacks too.
+
+use std::collections::HashMap;
+
+use futures_util::future::try_join_all;
+
+use super::label;
+use super::release::short_id;
+use super::run::{Failure, Run};
+use crate::config::{Role, ServiceConfig};
+use crate::docker::{ContainerInfo, ContainerSpec, PulledImage};
+
+/// A container this deployment started.
+#[derive(Debug, Clone)]
+struct Started {
+    id: String,
+    /// Published host port, for web.
+    port: Option<u16>,
+}
+
+/// What rolling one service changed.
+#[derive(Debug)]
+struct Change {
+    service: String,
+    new: Vec<Started>,
+    /// Old containers stopped by this deployment and kept for rollback.
+    stopped: Vec<String>,
+    /// Old containers sent to drain; a rollback recreates them instead.
+    draining: Vec<String>,
+}
+
+/// The services rolled so far, in order, and how.
+#[derive(Debug)]
+pub(crate) struct Rollout<'a> {
+    run: &'a Run,
+    image: PulledImage,
+    env: Vec<(String, String)>,
+    changes: Vec<Change>,
+}
+
+/// How a service's containers are replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    StartFirst,
+    Overlap,
+    StopFirst,
+}
+
+fn strategy(name: &str, cfg: &ServiceConfig) -> Strategy {
+    if cfg.is_singleton(name) {
+        Strategy::StopFirst
+    } else if cfg.role_of(name) == Some(Role::Web) {
+        Strategy::StartFirst
+    } else {
+        Strategy::Overlap
+    }
+}
+
+impl<'a> Rollout<'a> {
+    pub fn new(run: &'a Run, image: PulledImage, env: Vec<(String, String)>) -> Self {
+        Self {
+            run,
+            image,
+            env,
+            changes: Vec::new(),
+        }
+    }
+
+    fn cfg(&self, service: &str) -> Result<&'a ServiceConfig, Failure> {
+        self.run
+            .cfg
+            .services
+            .get(service)
+            .ok_or_else(|| Failure(format!("service {service} is not configured")))
+    }
+
+    /// Replaces `service`'s containers with the new release's.
+    pub async fn roll(&mut self, service: &str) -> Result<(), Failure> {
+        let cfg = self.cfg(service)?;
+        let old: Vec<ContainerInfo> = self
+            .old_containers(service)
+            .await?
+            .into_iter()
+            .filter(|c| c.running)
+            .collect();
+        self.changes.push(Change {
+            service: service.to_owned(),
+            new: Vec::new(),
+            stopped: Vec::new(),
+            draining: Vec::new(),
+        });
+        let ctx = &self.run.ctx;
+        match strategy(service, cfg) {
+            Strategy::StartFirst => {
+                self.start_new(service, cfg).await?;
+                let health = cfg
+                    .health
+                    .as_ref()
+                    .ok_or_else(|| Failure("no health check".into()))?;
+                let new = self.current().new.clone();
+                try_join_all(new.iter().map(|c| async move {
+                    let port = c.port.ok_or_else(|| Failure("no published port".into()))?;
+                    ctx.wait_healthy(&c.id, port, health).await
+                }))
+                .await
+                .map_err(|f| Failure(format!("new {service} container: {}", f.0)))?;
+                self.stop_old(&old, cfg).await?;
+            }
+            Strategy::Overlap => {
+                self.start_new(service, cfg).await?;
+                self.wait_new_up(service, cfg).await?;
+                for c in old {
+                    self.drain(c.id, cfg);
+                }
+            }
+            Strategy::StopFirst => {
+                self.stop_old(&old, cfg).await?;
+                self.start_new(service, cfg).await?;
+                self.wait_new_up(service, cfg).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn current(&mut self) -> &mut Change {
+        let last = self.changes.len() - 1;
+        &mut self.changes[last]
+    }
+
+    async fn start_new(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
+        let image = self.image.pinned.clone();
+        let sha = self.run.sha.to_string();
+        let digest = self.image.digest.clone();
+        for index in 0..cfg.replicas {
+            let spec = self.spec(service, cfg, &image, &sha, &digest, index);
+            let started = self.start(spec, cfg).await?;
+            self.current().new.push(started);
+        }
+        Ok(())
+    }
+
+    async fn start(&self, spec: ContainerSpec, cfg: &ServiceConfig) -> Result<Started, Failure> {
+        let docker = &self.run.ctx.docker;
+        let id = docker.start(spec).await?;
+        let port = match cfg.port {
+            Some(p) => Some(docker.published_port(&id, p).await?),
+            None => None,
+        };
+        Ok(Started { id, port })
+    }
+
+    async fn wait_new_up(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
+        let ctx = &self.run.ctx;
+        let new = self.current().new.clone();
+        try_join_all(new.iter().map(|c| ctx.wait_up(&c.id, cfg.min_healthy)))
+            .await
+            .map_err(|f| Failure(format!("new {service} container: {}", f.0)))?;
+        Ok(())
+    }
+
+    async fn stop_old(
+        &mut self,
+        old: &[ContainerInfo],
+        cfg: &ServiceConfig,
+    ) -> Result<(), Failure> {
+        let docker = &self.run.ctx.docker;
+        // Recorded before stopping: a failed stop still needs a restart.
+        self.current()
+            .stopped
+            .extend(old.iter().map(|c| c.id.clone()));
+        try_join_all(old.iter().map(|c| docker.stop(&c.id, cfg.stop_timeout))).await?;
+        Ok(())
+    }
+
+    /// Stops an old container in the background, then removes it.
+    fn drain(&mut self, id: String, cfg: &ServiceConfig) {
+        let docker = self.run.ctx.docker.clone();
+        let timeout = cfg.stop_timeout;
+        self.current().draining.push(id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = docker.stop(&id, timeout).await {
+                tracing::warn!(container = %id, error = %e, "draining container did not stop");
+            }
+            if let Err(e) = docker.remove(&id).await {
+                tracing::warn!(container = %id, error = %e, "drained container not removed");
+            }
+        });
+    }
+
+    fn spec(
+        &self,
+        service: &str,
+        cfg: &ServiceConfig,
+        image: &str,
+        sha: &str,
+        digest: &str,
+        index: u32,
+    ) -> ContainerSpec {
+        let run = self.run;
+        let short_sha = &sha[..sha.len().min(12)];
+        ContainerSpec {
+            name: Some(format!(
+                "{}-{service}-{short_sha}-{}-{index}",
+                run.app,
+                short_id(&run.id.0)
+            )),
+            image: image.to_owned(),
+            cmd: cfg.command.clone(),
+            env: self.env.clone(),
+            network: run.cfg.network.clone(),
+            network_aliases: Vec::new(),
+            volumes: run.cfg.volumes.clone(),
+            labels: HashMap::from([
+                (label::APP.to_owned(), run.app.clone()),
+                (label::SERVICE.to_owned(), service.to_owned()),
+                (label::SHA.to_owned(), sha.to_owned()),
+                (label::DIGEST.to_owned(), digest.to_owned()),
+                (label::DEPLOYMENT.to_owned(), run.id.0.clone()),
+            ]),
+            publish: cfg.port,
+            stop_timeout: Some(cfg.stop_timeout),
+            restart: true,
+        }
+    }
+
+    /// Containers of `service` that this deployment did not create.
+    async fn old_containers(&self, service: &str) -> Result<Vec<ContainerInfo>, Failure> {
+        let found = self
+            .run
+            .ctx
+            .docker
+            .containers(&[(label::APP, &self.run.app), (label::SERVICE, service)])
+            .await?;
+        Ok(found
+            .into_iter()
+            .filter(|c| c.labels.get(label::DEPLOYMENT) != Some(&self.run.id.0))
+            .collect())
+    }
+
+    /// Keeps checking every new container for the verify window.
+    pub async fn verify(&self) -> Result<(), Failure> {
+        let ctx = &self.run.ctx;
+        let deadline = tokio::time::Instant::now() + self.run.cfg.verify;
+        loop {
+            for change in &self.changes {
+                let cfg = self.cfg(&change.service)?;
+                for c in &change.new {
+                    let fail = |why: String| {
+                        Failure(format!("{} failed verification: {why}", change.service))
+                    };
+                    ctx.ensure_alive(&c.id).await.map_err(|f| fail(f.0))?;
+                    if let (Some(port), Some(health)) = (c.port, &cfg.health) {
+                        ctx.probe(port, health)
+                            .await
+                            .map_err(|answer| fail(format!("{} answered {answer}", health.path)))?;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Whether any container that ran before was stopped or drained.
+    pub fn touched_running(&self) -> bool {
+        self.changes
+            .iter()
+            .any(|c| !c.stopped.is_empty() || !c.draining.is_empty())
+    }
+
+    /// After success: removes the old containers kept for rollback and any
+    /// stopped leftovers of earlier deployments.
+    pub async fn retire_old(&self) -> Result<(), Failure> {
+        let docker = &self.run.ctx.docker;
+        for change in &self.changes {
+            for c in self.old_containers(&change.service).await? {
+                if !c.running {
+                    docker.remove(&c.id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failure that changed nothing running: removes what was started.
+    pub async fn discard(self) -> Result<(), Failure> {
+        let docker = &self.run.ctx.docker;
+        for change in self.changes.iter().rev() {
+            for c in &change.new {
+                docker.remove(&c.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts every changed service back on the previous release, last first.
+    /// Returns what runs now.
+    pub async fn restore(self) -> Result<String, Failure> {
+        let docker = &self.run.ctx.docker;
+        let mut restored = Vec::new();
+        for change in self.changes.iter().rev() {
+            let cfg = self.cfg(&change.service)?;
+            // New containers go first: a singleton never has two.
+            for c in &change.new {
+                docker.remove(&c.id).await?;
+            }
+            let mut back = Vec::new();
+            for id in &change.stopped {
+                docker.restart_stopped(id).await?;
+                let port = match cfg.port {
+                    Some(p) => Some(docker.published_port(id, p).await?),
+                    None => None,
+                };
+                back.push(Started {
+                    id: id.clone(),
+                    port,
+                });
+            }
+            if !change.draining.is_empty() {
+                back.extend(self.recreate_previous(&change.service, cfg).await?);
+            }
+            for c in &back {
+                match (c.port, &cfg.health) {
+                    (Some(port), Some(health)) => {
+                        self.run.ctx.wait_healthy(&c.id, port, health).await
+                    }
+                    _ => self.run.ctx.wait_up(&c.id, cfg.min_healthy).await,
+                }
+                .map_err(|f| Failure(format!("restored {} container: {}", change.service, f.0)))?;
+            }
+            restored.push(change.service.clone());
+        }
+        let release = self
+            .run
+            .previous
+            .as_ref()
+            .map_or_else(|| "the previous release".to_owned(), |p| p.sha.to_string());
+        restored.reverse();
+        Ok(format!("{} run {release} again", restored.join(", ")))
+    }
+
+    /// New containers of the previous release, from its pinned digest.
+    async fn recreate_previous(
+        &self,
+        service: &str,
+        cfg: &ServiceConfig,
+    ) -> Result<Vec<Started>, Failure> {
+        let previous = self.run.previous.as_ref().ok_or_else(|| {
+            Failure(format!(
+                "{service} had no recorded previous release to recreate"
+            ))
+        })?;
+        let image = format!("{}@{}", self.run.cfg.image, previous.digest);
+        let sha = previous.sha.to_string();
+        let mut started = Vec::new();
+        for index in 0..cfg.replicas {
+            let spec = self.spec(service, cfg, &image, &sha, &previous.digest, index + 100);
+            started.push(self.start(spec, cfg).await?);
+        }
+        Ok(started)
+    }
+}

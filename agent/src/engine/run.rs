@@ -1,0 +1,204 @@
+//! One deployment from start to end: pull, release tasks, roll, verify, and
+//! on failure, rollback.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use deployd_proto::{CommitSha, Deployment, DeploymentId, DeploymentState, EventKind, StepState};
+
+use super::Ctx;
+use super::roll::Rollout;
+use crate::config::AppConfig;
+use crate::docker::{ImageRef, PulledImage, RegistryAuth};
+use crate::env_file;
+use crate::store::Release;
+
+/// Why a step failed, as one sentence for the user.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure(pub String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Everything a running deployment needs.
+#[derive(Debug)]
+pub(crate) struct Run {
+    pub ctx: Arc<Ctx>,
+    pub app: String,
+    pub cfg: Arc<AppConfig>,
+    pub id: DeploymentId,
+    pub sha: CommitSha,
+    /// What ran before this deployment, from the store.
+    pub previous: Option<Release>,
+}
+
+impl Run {
+    pub fn new(
+        ctx: Arc<Ctx>,
+        cfg: Arc<AppConfig>,
+        d: &Deployment,
+        previous: Option<Release>,
+    ) -> Self {
+        Self {
+            ctx,
+            app: d.app.clone(),
+            cfg,
+            id: d.id.clone(),
+            sha: d.sha.clone(),
+            previous,
+        }
+    }
+
+    pub fn emit(&self, kind: EventKind) {
+        self.ctx.emit(&self.id, kind);
+    }
+
+    /// Records the terminal state, in the store first.
+    pub fn finish(&self, state: DeploymentState, error: Option<String>) {
+        if let Err(e) = self.ctx.store.set_state(&self.id, state, error.as_deref()) {
+            tracing::error!(deployment.id = %self.id, error = %e, "cannot record final state");
+        }
+        self.emit(EventKind::State { state, error });
+    }
+
+    /// Runs `work` as the step `name`, recording its start, end and timing.
+    pub async fn step<T>(
+        &self,
+        name: &str,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        self.emit(EventKind::StepStarted {
+            step: name.to_owned(),
+        });
+        let started = Instant::now();
+        let result = work.await;
+        let (state, detail) = match &result {
+            Ok(_) => (StepState::Succeeded, None),
+            Err(f) => (StepState::Failed, Some(f.0.clone())),
+        };
+        self.emit(EventKind::StepFinished {
+            step: name.to_owned(),
+            state,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            detail,
+        });
+        result
+    }
+
+    /// The whole deployment; records its outcome.
+    pub async fn execute(self) {
+        let span = tracing::info_span!("deployment", deployment.id = %self.id, app = %self.app, sha = %self.sha);
+        let _entered = span.enter();
+        if let Err(e) = self
+            .ctx
+            .store
+            .set_state(&self.id, DeploymentState::Running, None)
+        {
+            tracing::error!(error = %e, "cannot record start");
+        }
+        self.emit(EventKind::State {
+            state: DeploymentState::Running,
+            error: None,
+        });
+        let (state, error) = self.outcome().await;
+        tracing::info!(
+            ?state,
+            error = error.as_deref().unwrap_or(""),
+            "deployment ended"
+        );
+        self.finish(state, error);
+    }
+
+    async fn outcome(&self) -> (DeploymentState, Option<String>) {
+        // Errors name the file and line, never its content.
+        let (env, auth) = match self.step("prepare", self.prepare()).await {
+            Ok(prepared) => prepared,
+            Err(f) => return failed(&f.0),
+        };
+        let image = match self.step("pull", self.pull(auth.as_ref())).await {
+            Ok(image) => image,
+            Err(f) => return failed(&f.0),
+        };
+        if let Err(e) = self.ctx.store.set_digest(&self.id, &image.digest) {
+            return failed(&e.to_string());
+        }
+        for task in &self.cfg.release {
+            let step = format!("task:{}", task.name);
+            if let Err(f) = self.step(&step, self.run_task(task, &image, &env)).await {
+                return failed(&f.0);
+            }
+        }
+        let mut rollout = Rollout::new(self, image, env);
+        for service in self.cfg.roll_order() {
+            let step = format!("roll:{service}");
+            if let Err(f) = self.step(&step, rollout.roll(&service)).await {
+                return self.roll_back(rollout, f).await;
+            }
+        }
+        if let Err(f) = self.step("verify", rollout.verify()).await {
+            return self.roll_back(rollout, f).await;
+        }
+        if let Err(f) = self.step("cleanup", rollout.retire_old()).await {
+            // The release runs and is healthy; leftovers are removed at the
+            // next deployment.
+            tracing::warn!(error = %f.0, "old containers not removed");
+        }
+        (DeploymentState::Succeeded, None)
+    }
+
+    async fn roll_back(
+        &self,
+        rollout: Rollout<'_>,
+        cause: Failure,
+    ) -> (DeploymentState, Option<String>) {
+        if !rollout.touched_running() {
+            let cleaned = self.step("discard", rollout.discard()).await;
+            let note = cleaned
+                .err()
+                .map(|f| format!(" (cleanup: {})", f.0))
+                .unwrap_or_default();
+            return (
+                DeploymentState::Failed,
+                Some(format!("{}; nothing running was changed{note}", cause.0)),
+            );
+        }
+        match self.step("rollback", rollout.restore()).await {
+            Ok(restored) => (
+                DeploymentState::RolledBack,
+                Some(format!("{}; rolled back: {restored}", cause.0)),
+            ),
+            Err(f) => (
+                DeploymentState::RollbackFailed,
+                Some(format!("{}; rollback failed: {}", cause.0, f.0)),
+            ),
+        }
+    }
+
+    async fn prepare(&self) -> Result<(Vec<(String, String)>, Option<RegistryAuth>), Failure> {
+        let env = match &self.cfg.env_file {
+            Some(path) => env_file::read(path)?,
+            None => Vec::new(),
+        };
+        let auth = match &self.cfg.registry_auth_file {
+            Some(path) => Some(RegistryAuth::from_file(path)?),
+            None => None,
+        };
+        Ok((env, auth))
+    }
+
+    async fn pull(&self, auth: Option<&RegistryAuth>) -> Result<PulledImage, Failure> {
+        let image = ImageRef::new(self.cfg.image.clone(), self.sha.clone());
+        Ok(self.ctx.docker.pull(&image, auth).await?)
+    }
+}
+
+fn failed(reason: &str) -> (DeploymentState, Option<String>) {
+    (
+        DeploymentState::Failed,
+        Some(format!("{reason}; nothing running was changed")),
+    )
+}

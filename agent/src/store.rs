@@ -1,0 +1,566 @@
+//! The deployment store: history, events and locks in SQLite.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`: a committed write survives a
+//! crash of deployd or of the host, and ops can read the file with `sqlite3`.
+//! Every call is a short synchronous transaction behind a mutex that is never
+//! held across an `.await`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use deployd_proto::{
+    CommitSha, Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState,
+    EventKind, Step, StepState,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use time::OffsetDateTime;
+
+/// Why the store failed. Its messages never carry env values or tokens:
+/// nothing secret is stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("deployment store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("deployment store holds a record it cannot read: {0}")]
+    Corrupt(String),
+}
+
+/// A cloneable handle to the store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// An app's lock, refusing deployments until lifted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lock {
+    pub reason: String,
+    pub locked_by: String,
+    pub locked_at: OffsetDateTime,
+}
+
+/// The release an app runs, as the store knows it: its last success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub sha: CommitSha,
+    pub digest: String,
+    pub deployment: DeploymentId,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS deployments (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    digest TEXT,
+    previous_sha TEXT,
+    requested_by TEXT NOT NULL,
+    reason TEXT,
+    force INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    migrations TEXT NOT NULL DEFAULT '[]',
+    created_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE INDEX IF NOT EXISTS deployments_by_app ON deployments (app, id);
+CREATE TABLE IF NOT EXISTS events (
+    deployment_id TEXT NOT NULL REFERENCES deployments (id),
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (deployment_id, seq)
+);
+CREATE TABLE IF NOT EXISTS locks (
+    app TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    locked_by TEXT NOT NULL,
+    locked_at TEXT NOT NULL
+);
+";
+
+fn enum_text<T: serde::Serialize>(value: T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+fn enum_parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| StoreError::Corrupt(format!("unknown value {text:?}")))
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| StoreError::Corrupt(format!("bad timestamp {text:?}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(dir.join("deployd.sqlite3"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (each call is one transaction), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new deployment.
+    pub fn insert(&self, d: &Deployment) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
+                reason, force, state, error, migrations, created_at, finished_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                d.id.0,
+                d.app,
+                enum_text(d.kind),
+                d.sha.as_str(),
+                d.digest,
+                d.previous_sha.as_ref().map(CommitSha::as_str),
+                d.requested_by,
+                d.reason,
+                d.force,
+                enum_text(d.state),
+                d.error,
+                serde_json::to_string(&d.migrations).unwrap_or_else(|_| "[]".into()),
+                rfc3339(d.created_at),
+                d.finished_at.map(rfc3339),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the state (and error); terminal states also set `finished_at`.
+    pub fn set_state(
+        &self,
+        id: &DeploymentId,
+        state: DeploymentState,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let finished = state
+            .is_terminal()
+            .then(|| rfc3339(OffsetDateTime::now_utc()));
+        self.conn().execute(
+            "UPDATE deployments SET state = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+            params![id.0, enum_text(state), error, finished],
+        )?;
+        Ok(())
+    }
+
+    /// Records the digest a pull pinned.
+    pub fn set_digest(&self, id: &DeploymentId, digest: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE deployments SET digest = ?2 WHERE id = ?1",
+            params![id.0, digest],
+        )?;
+        Ok(())
+    }
+
+    /// Records the migrations the release applied.
+    pub fn set_migrations(
+        &self,
+        id: &DeploymentId,
+        migrations: &[String],
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(migrations).unwrap_or_else(|_| "[]".into());
+        self.conn().execute(
+            "UPDATE deployments SET migrations = ?2 WHERE id = ?1",
+            params![id.0, json],
+        )?;
+        Ok(())
+    }
+
+    /// Appends an event, numbering it after the deployment's last one.
+    pub fn append_event(
+        &self,
+        id: &DeploymentId,
+        kind: EventKind,
+    ) -> Result<DeploymentEvent, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let last: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM events WHERE deployment_id = ?1",
+            params![id.0],
+            |row| row.get(0),
+        )?;
+        let event = DeploymentEvent {
+            seq: u64::try_from(last + 1).unwrap_or_default(),
+            at: OffsetDateTime::now_utc(),
+            kind,
+        };
+        let body = serde_json::to_string(&event)
+            .map_err(|e| StoreError::Corrupt(format!("event does not serialize: {e}")))?;
+        tx.execute(
+            "INSERT INTO events (deployment_id, seq, body) VALUES (?1, ?2, ?3)",
+            params![id.0, last + 1, body],
+        )?;
+        tx.commit()?;
+        Ok(event)
+    }
+
+    /// Events of a deployment after `after` (0 for all), in order.
+    pub fn events(
+        &self,
+        id: &DeploymentId,
+        after: u64,
+    ) -> Result<Vec<DeploymentEvent>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM events WHERE deployment_id = ?1 AND seq > ?2 ORDER BY seq",
+        )?;
+        let bodies = stmt
+            .query_map(
+                params![id.0, i64::try_from(after).unwrap_or(i64::MAX)],
+                |row| row.get::<_, String>(0),
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        bodies
+            .iter()
+            .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// One deployment with its steps, if it exists.
+    pub fn get(&self, id: &DeploymentId) -> Result<Option<Deployment>, StoreError> {
+        let row = {
+            let conn = self.conn();
+            conn.query_row(
+                &format!("SELECT {COLUMNS} FROM deployments WHERE id = ?1"),
+                params![id.0],
+                Row::read,
+            )
+            .optional()?
+        };
+        row.map(|r| self.complete(r)).transpose()
+    }
+
+    /// An app's deployments, newest first, `limit` of them before `before`.
+    pub fn history(
+        &self,
+        app: &str,
+        limit: usize,
+        before: Option<&DeploymentId>,
+    ) -> Result<Vec<Deployment>, StoreError> {
+        let rows = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM deployments WHERE app = ?1 AND id < ?2
+                 ORDER BY id DESC LIMIT ?3"
+            ))?;
+            let before = before.map_or("~", |b| b.0.as_str());
+            stmt.query_map(params![app, before, limit as i64], Row::read)?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        rows.into_iter().map(|r| self.complete(r)).collect()
+    }
+
+    /// Deployments that had not finished: what a crash interrupted.
+    pub fn unfinished(&self) -> Result<Vec<Deployment>, StoreError> {
+        let rows = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM deployments WHERE state IN ('queued', 'running') ORDER BY id"
+            ))?;
+            stmt.query_map([], Row::read)?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        rows.into_iter().map(|r| self.complete(r)).collect()
+    }
+
+    /// The release an app last deployed (or rolled back to) successfully.
+    pub fn live_release(&self, app: &str) -> Result<Option<Release>, StoreError> {
+        self.live_releases(app, 1).map(|mut r| r.pop())
+    }
+
+    /// Distinct releases that were live, newest first, at most `limit`.
+    pub fn live_releases(&self, app: &str, limit: usize) -> Result<Vec<Release>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT sha, digest, MAX(id) FROM deployments
+             WHERE app = ?1 AND state = 'succeeded' AND digest IS NOT NULL
+             GROUP BY sha, digest ORDER BY MAX(id) DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![app, limit as i64], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(sha, digest, id)| {
+                Ok(Release {
+                    sha: sha
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("bad sha {sha:?}")))?,
+                    digest,
+                    deployment: DeploymentId(id),
+                })
+            })
+            .collect()
+    }
+
+    /// The app's lock, if any.
+    pub fn lock_of(&self, app: &str) -> Result<Option<Lock>, StoreError> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT reason, locked_by, locked_at FROM locks WHERE app = ?1",
+                params![app],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(reason, locked_by, at)| {
+            Ok(Lock {
+                reason,
+                locked_by,
+                locked_at: parse_time(&at)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Locks an app (replacing an earlier lock's reason).
+    pub fn lock(&self, app: &str, reason: &str, by: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO locks (app, reason, locked_by, locked_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (app) DO UPDATE SET reason = ?2, locked_by = ?3, locked_at = ?4",
+            params![app, reason, by, rfc3339(OffsetDateTime::now_utc())],
+        )?;
+        Ok(())
+    }
+
+    /// Lifts an app's lock; returns whether there was one.
+    pub fn unlock(&self, app: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .conn()
+            .execute("DELETE FROM locks WHERE app = ?1", params![app])?;
+        Ok(removed > 0)
+    }
+
+    /// Adds the steps, rebuilt from the deployment's events.
+    fn complete(&self, row: Row) -> Result<Deployment, StoreError> {
+        let events = self.events(&DeploymentId(row.id.clone()), 0)?;
+        let mut d = row.into_deployment()?;
+        d.steps = steps_from(&events);
+        Ok(d)
+    }
+}
+
+const COLUMNS: &str = "id, app, kind, sha, digest, previous_sha, requested_by, reason, force, \
+                       state, error, migrations, created_at, finished_at";
+
+/// A `deployments` row as stored.
+struct Row {
+    id: String,
+    app: String,
+    kind: String,
+    sha: String,
+    digest: Option<String>,
+    previous_sha: Option<String>,
+    requested_by: String,
+    reason: Option<String>,
+    force: bool,
+    state: String,
+    error: Option<String>,
+    migrations: String,
+    created_at: String,
+    finished_at: Option<String>,
+}
+
+impl Row {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            app: row.get(1)?,
+            kind: row.get(2)?,
+            sha: row.get(3)?,
+            digest: row.get(4)?,
+            previous_sha: row.get(5)?,
+            requested_by: row.get(6)?,
+            reason: row.get(7)?,
+            force: row.get(8)?,
+            state: row.get(9)?,
+            error: row.get(10)?,
+            migrations: row.get(11)?,
+            created_at: row.get(12)?,
+            finished_at: row.get(13)?,
+        })
+    }
+
+    fn into_deployment(self) -> Result<Deployment, StoreError> {
+        let sha = |s: &str| {
+            s.parse::<CommitSha>()
+                .map_err(|_| StoreError::Corrupt(format!("bad sha {s:?}")))
+        };
+        Ok(Deployment {
+            id: DeploymentId(self.id),
+            app: self.app,
+            kind: enum_parse::<DeploymentKind>(&self.kind)?,
+            sha: sha(&self.sha)?,
+            digest: self.digest,
+            previous_sha: self.previous_sha.as_deref().map(sha).transpose()?,
+            requested_by: self.requested_by,
+            reason: self.reason,
+            force: self.force,
+            state: enum_parse(&self.state)?,
+            error: self.error,
+            migrations: serde_json::from_str(&self.migrations)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            steps: Vec::new(),
+            created_at: parse_time(&self.created_at)?,
+            finished_at: self.finished_at.as_deref().map(parse_time).transpose()?,
+        })
+    }
+}
+
+/// Folds step start/finish events into the step list.
+pub fn steps_from(events: &[DeploymentEvent]) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    for event in events {
+        match &event.kind {
+            EventKind::StepStarted { step } => steps.push(Step {
+                name: step.clone(),
+                state: StepState::Running,
+                started_at: event.at,
+                duration_ms: None,
+                detail: None,
+            }),
+            EventKind::StepFinished {
+                step,
+                state,
+                duration_ms,
+                detail,
+            } => {
+                if let Some(s) = steps.iter_mut().rev().find(|s| &s.name == step) {
+                    s.state = *state;
+                    s.duration_ms = Some(*duration_ms);
+                    s.detail = detail.clone();
+                }
+            }
+            EventKind::Output { .. } | EventKind::State { .. } => {}
+        }
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(app: &str, id: &str, sha: &str) -> Deployment {
+        Deployment {
+            id: DeploymentId(id.into()),
+            app: app.into(),
+            kind: DeploymentKind::Deploy,
+            sha: sha.parse().unwrap(),
+            digest: None,
+            previous_sha: None,
+            requested_by: "ci".into(),
+            reason: Some("test".into()),
+            force: false,
+            state: DeploymentState::Running,
+            error: None,
+            migrations: Vec::new(),
+            steps: Vec::new(),
+            created_at: OffsetDateTime::now_utc(),
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_and_steps_come_from_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = deployment("shop", "01", "abc1234");
+        store.insert(&d).unwrap();
+        store
+            .append_event(
+                &d.id,
+                EventKind::StepStarted {
+                    step: "pull".into(),
+                },
+            )
+            .unwrap();
+        let finished = EventKind::StepFinished {
+            step: "pull".into(),
+            state: StepState::Succeeded,
+            duration_ms: 12,
+            detail: None,
+        };
+        assert_eq!(store.append_event(&d.id, finished).unwrap().seq, 2);
+        store.set_digest(&d.id, "sha256:00").unwrap();
+        store
+            .set_state(&d.id, DeploymentState::Succeeded, None)
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let got = store.get(&d.id).unwrap().unwrap();
+        assert_eq!(got.state, DeploymentState::Succeeded);
+        assert!(got.finished_at.is_some());
+        assert_eq!(got.steps.len(), 1);
+        assert_eq!(got.steps[0].duration_ms, Some(12));
+        assert_eq!(store.events(&d.id, 1).unwrap().len(), 1);
+        let live = store.live_release("shop").unwrap().unwrap();
+        assert_eq!(
+            (live.sha.as_str(), live.digest.as_str()),
+            ("abc1234", "sha256:00")
+        );
+    }
+
+    #[test]
+    fn history_pages_newest_first_and_locks_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for (id, sha) in [("01", "aaaaaaa"), ("02", "bbbbbbb"), ("03", "ccccccc")] {
+            store.insert(&deployment("shop", id, sha)).unwrap();
+        }
+        store.insert(&deployment("blog", "04", "ddddddd")).unwrap();
+        let page: Vec<String> = store
+            .history("shop", 2, None)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id.0)
+            .collect();
+        assert_eq!(page, ["03", "02"]);
+        let next = store
+            .history("shop", 2, Some(&DeploymentId("02".into())))
+            .unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(store.unfinished().unwrap().len(), 4);
+
+        store.lock("shop", "incident 42", "ops").unwrap();
+        assert_eq!(
+            store.lock_of("shop").unwrap().unwrap().reason,
+            "incident 42"
+        );
+        assert!(store.unlock("shop").unwrap());
+        assert!(!store.unlock("shop").unwrap());
+    }
+}

@@ -1,0 +1,383 @@
+//! The deploy engine against the real engine and the test bed's releases.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use deployd::config::Config;
+use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
+use deployd::store::Store;
+use deployd_proto::{Deployment, DeploymentState};
+use reqwest::header::HOST;
+use support::{Scope, poll, scoped};
+
+/// The example config's shape, pointed at this scope's network and secrets,
+/// with waits short enough for tests and long enough for every variant.
+fn config(scope: &Scope, state_dir: &std::path::Path) -> Config {
+    let bed = &scope.bed;
+    let text = format!(
+        r#"
+        state_dir = "{state}"
+        [apps.{app}]
+        image = "{image}"
+        registry_auth_file = "{auth}"
+        env_file = "{env}"
+        network = "{network}"
+        volumes = ["{volume}:/app/static"]
+        verify = "8s"
+        [[apps.{app}.release]]
+        name = "check"
+        command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+        [[apps.{app}.release]]
+        name = "migrate"
+        command = ["python", "manage.py", "migrate", "--noinput"]
+        [[apps.{app}.release]]
+        name = "collectstatic"
+        command = ["python", "manage.py", "collectstatic", "--noinput"]
+        [apps.{app}.services.web]
+        command = ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]
+        port = 8000
+        replicas = 2
+        health = {{ path = "/healthz/", host = "{host}", timeout = "15s" }}
+        stop_timeout = "10s"
+        [apps.{app}.services.worker]
+        command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
+        stop_timeout = "30s"
+        min_healthy = "3s"
+        [apps.{app}.services.beat]
+        command = ["celery", "-A", "config", "beat", "-l", "info"]
+        singleton = true
+        min_healthy = "3s"
+        stop_timeout = "10s"
+        "#,
+        state = state_dir.display(),
+        app = scope.app(),
+        image = bed.var("REPOSITORY"),
+        auth = bed.var("REGISTRY_AUTH"),
+        env = bed.var("APP_ENV"),
+        network = scope.network,
+        volume = scope.static_volume(),
+        host = bed.app_host(),
+    );
+    Config::from_toml(&text).unwrap()
+}
+
+struct Agent {
+    engine: EngineHandle,
+    app: String,
+    _state: tempfile::TempDir,
+}
+
+async fn agent(scope: &Scope) -> Agent {
+    let state = tempfile::tempdir().unwrap();
+    let config = config(scope, state.path());
+    let store = Store::open(state.path()).unwrap();
+    let engine = EngineHandle::start(&config, scope.docker.clone(), store).unwrap();
+    scope.start_db().await;
+    scope.start_redis().await;
+    Agent {
+        engine,
+        app: scope.app(),
+        _state: state,
+    }
+}
+
+impl Agent {
+    fn request(&self, scope: &Scope, variant: &str) -> DeployRequest {
+        DeployRequest {
+            app: self.app.clone(),
+            sha: scope.bed.sha(variant),
+            force: false,
+            reason: Some(format!("test {variant}")),
+            requested_by: "engine-test".into(),
+        }
+    }
+
+    async fn deploy(&self, scope: &Scope, variant: &str) -> Deployment {
+        let started = self
+            .engine
+            .deploy(self.request(scope, variant))
+            .await
+            .unwrap();
+        self.engine.wait(&started.id).await.unwrap()
+    }
+}
+
+/// (service, sha) of every running container of the app, sorted.
+async fn running(scope: &Scope) -> Vec<(String, String)> {
+    let app = scope.app();
+    let mut found: Vec<(String, String)> = scope
+        .docker
+        .containers(&[(label::APP, app.as_str())])
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.running && c.labels.contains_key(label::SERVICE))
+        .map(|c| {
+            (
+                c.labels[label::SERVICE].clone(),
+                c.labels[label::SHA].clone(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn all_on(scope: &Scope, variant: &str) -> Vec<(String, String)> {
+    let sha = scope.bed.sha(variant).to_string();
+    ["beat", "web", "web", "worker"]
+        .map(|s| (s.to_owned(), sha.clone()))
+        .into()
+}
+
+/// GETs `path` from one running web container of the app.
+async fn get(scope: &Scope, path: &str) -> reqwest::Response {
+    let app = scope.app();
+    let web = scope
+        .docker
+        .containers(&[(label::APP, app.as_str()), (label::SERVICE, "web")])
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.running)
+        .expect("a running web container");
+    let port = scope.docker.published_port(&web.id, 8000).await.unwrap();
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .header(HOST, scope.bed.app_host())
+        .header("X-Forwarded-Proto", "https")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
+    scoped(|scope| async move {
+        let agent = agent(&scope).await;
+
+        let first = agent.deploy(&scope, "release-1").await;
+        assert_eq!(first.state, DeploymentState::Succeeded, "{first:#?}");
+        assert!(
+            first.migrations.contains(&"shop.0001_initial".to_owned()),
+            "{:?}",
+            first.migrations
+        );
+        assert_eq!(running(&scope).await, all_on(&scope, "release-1"));
+
+        // A second deployment while one runs is refused, naming the running one.
+        let second = agent
+            .engine
+            .deploy(agent.request(&scope, "release-2"))
+            .await
+            .unwrap();
+        let conflict = agent
+            .engine
+            .deploy(agent.request(&scope, "release-1"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&conflict, EngineError::Conflict { running, .. } if *running == second.id),
+            "{conflict:?}"
+        );
+        let second = agent.engine.wait(&second.id).await.unwrap();
+        assert_eq!(second.state, DeploymentState::Succeeded, "{second:#?}");
+        assert_eq!(second.migrations, ["shop.0002_heartbeat_queue"]);
+        assert!(
+            second
+                .digest
+                .as_deref()
+                .is_some_and(|d| d.starts_with("sha256:"))
+        );
+        assert_eq!(running(&scope).await, all_on(&scope, "release-2"));
+        let steps: Vec<&str> = second.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            steps,
+            [
+                "prepare",
+                "pull",
+                "task:check",
+                "task:migrate",
+                "task:collectstatic",
+                "roll:web",
+                "roll:worker",
+                "roll:beat",
+                "verify",
+                "cleanup"
+            ]
+        );
+
+        // Release 2's page, and its beat and worker, at work.
+        let page = get(&scope, "/").await.text().await.unwrap();
+        assert!(page.contains("heartbeats now record their queue"), "{page}");
+        let tick = poll(
+            "a tick scheduled and run by release 2",
+            Duration::from_secs(60),
+            || async {
+                let body: serde_json::Value =
+                    get(&scope, "/heartbeats/").await.json().await.ok()?;
+                let first = body["heartbeats"].as_array()?.first()?.clone();
+                first["scheduled_by"]
+                    .as_str()?
+                    .starts_with("2/good@")
+                    .then_some(first)
+            },
+        )
+        .await;
+        assert!(
+            tick["run_by"].as_str().unwrap().starts_with("2/good@"),
+            "{tick}"
+        );
+        assert_eq!(tick["queue"], "default");
+
+        // Deploying the live release again changes nothing.
+        let again = agent.deploy(&scope, "release-2").await;
+        assert_eq!(again.state, DeploymentState::Succeeded);
+        assert!(again.steps.is_empty(), "{again:#?}");
+    })
+    .await;
+}
+
+/// Deploys `variant` on top of release 1 and checks the outcome and that
+/// release 1 runs afterwards, healthy.
+async fn deploy_broken(
+    scope: &Scope,
+    agent: &Agent,
+    variant: &str,
+    expected: DeploymentState,
+    cause: &str,
+) {
+    let d = agent.deploy(scope, variant).await;
+    assert_eq!(d.state, expected, "{variant}: {d:#?}");
+    let error = d.error.clone().unwrap_or_default();
+    assert!(error.contains(cause), "{variant}: {error}");
+    assert_eq!(
+        running(scope).await,
+        all_on(scope, "release-1"),
+        "{variant}"
+    );
+    let health = get(scope, "/healthz/").await;
+    assert_eq!(health.status(), reqwest::StatusCode::OK, "{variant}");
+}
+
+#[tokio::test]
+async fn failures_before_the_switch_leave_the_running_release_alone() {
+    scoped(|scope| async move {
+        let agent = agent(&scope).await;
+        assert_eq!(
+            agent.deploy(&scope, "release-1").await.state,
+            DeploymentState::Succeeded
+        );
+
+        let missing = DeployRequest {
+            sha: "0000000".parse().unwrap(),
+            ..agent.request(&scope, "release-1")
+        };
+        let d = agent
+            .engine
+            .wait(&agent.engine.deploy(missing).await.unwrap().id)
+            .await
+            .unwrap();
+        assert_eq!(d.state, DeploymentState::Failed);
+        assert!(
+            d.error
+                .as_deref()
+                .unwrap()
+                .contains("was not found in the registry"),
+            "{d:#?}"
+        );
+
+        deploy_broken(
+            &scope,
+            &agent,
+            "migrate-fails",
+            DeploymentState::Failed,
+            "release task migrate exited with 1",
+        )
+        .await;
+        deploy_broken(
+            &scope,
+            &agent,
+            "healthz-500",
+            DeploymentState::Failed,
+            "HTTP 500",
+        )
+        .await;
+        deploy_broken(
+            &scope,
+            &agent,
+            "web-crash",
+            DeploymentState::Failed,
+            "exited with 3",
+        )
+        .await;
+        deploy_broken(
+            &scope,
+            &agent,
+            "slow-boot",
+            DeploymentState::Failed,
+            "not healthy within 15 s",
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failures_after_the_switch_roll_every_service_back() {
+    scoped(|scope| async move {
+        let agent = agent(&scope).await;
+        assert_eq!(
+            agent.deploy(&scope, "release-1").await.state,
+            DeploymentState::Succeeded
+        );
+
+        deploy_broken(
+            &scope,
+            &agent,
+            "worker-crash",
+            DeploymentState::RolledBack,
+            "new worker container",
+        )
+        .await;
+        deploy_broken(
+            &scope,
+            &agent,
+            "unhealthy-after-5s",
+            DeploymentState::RolledBack,
+            "web failed verification",
+        )
+        .await;
+
+        // A manual rollback goes back to the release before the live one.
+        assert_eq!(
+            agent.deploy(&scope, "release-2").await.state,
+            DeploymentState::Succeeded
+        );
+        let back = agent
+            .engine
+            .rollback(&agent.app, None, "ops", Some("test".into()))
+            .await
+            .unwrap();
+        let back = agent.engine.wait(&back.id).await.unwrap();
+        assert_eq!(back.state, DeploymentState::Succeeded, "{back:#?}");
+        assert_eq!(running(&scope).await, all_on(&scope, "release-1"));
+
+        // A locked app refuses deployments until unlocked.
+        agent
+            .engine
+            .store()
+            .lock(&agent.app, "incident 42", "ops")
+            .unwrap();
+        let err = agent
+            .engine
+            .deploy(agent.request(&scope, "release-2"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("incident 42"), "{err}");
+    })
+    .await;
+}

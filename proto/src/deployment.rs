@@ -1,0 +1,143 @@
+//! Deployments: what was asked, what happened, step by step.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::CommitSha;
+
+/// Identifies a deployment; time-ordered (UUID v7), so ids sort by creation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeploymentId(pub String);
+
+impl fmt::Display for DeploymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a deployment is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    /// Accepted, not started.
+    Queued,
+    /// Pulling, running release tasks, rolling or verifying.
+    Running,
+    /// Every service runs the new release and passed verification.
+    Succeeded,
+    /// Failed before any running service was touched.
+    Failed,
+    /// Failed after services changed; the previous release runs again.
+    RolledBack,
+    /// Failed, and restoring the previous release failed too: see the error.
+    RollbackFailed,
+    /// deployd stopped while it ran; at restart every service was converged.
+    Interrupted,
+}
+
+impl DeploymentState {
+    /// True once the deployment can no longer change.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+/// What a deployment was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentKind {
+    /// Ship a new release.
+    Deploy,
+    /// Go back to an earlier release.
+    Rollback,
+}
+
+/// One deployment of one app, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: DeploymentId,
+    pub app: String,
+    pub kind: DeploymentKind,
+    /// The release being deployed.
+    pub sha: CommitSha,
+    /// Its image digest, once pulled.
+    pub digest: Option<String>,
+    /// The release that ran before, if any: what a rollback restores.
+    pub previous_sha: Option<CommitSha>,
+    /// Who asked (token subject, or `local` for the agent's own tooling).
+    pub requested_by: String,
+    pub reason: Option<String>,
+    /// Deploy even if this sha is already live.
+    pub force: bool,
+    pub state: DeploymentState,
+    /// Why it did not succeed, in one sentence.
+    pub error: Option<String>,
+    /// Migrations this release applied (`app.0002_name`): rollback does not
+    /// reverse them, so they are reported.
+    pub migrations: Vec<String>,
+    pub steps: Vec<Step>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// One step of a deployment (`pull`, `task:migrate`, `roll:web`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub state: StepState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// Set once the step ended.
+    pub duration_ms: Option<u64>,
+    /// What the step did or why it failed, in one line.
+    pub detail: Option<String>,
+}
+
+/// Something that happened during a deployment, numbered from 1 in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentEvent {
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The kinds of [`DeploymentEvent`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    StepStarted {
+        step: String,
+    },
+    StepFinished {
+        step: String,
+        state: StepState,
+        duration_ms: u64,
+        detail: Option<String>,
+    },
+    /// A line a release task printed.
+    Output {
+        step: String,
+        line: String,
+    },
+    /// The deployment reached `state`.
+    State {
+        state: DeploymentState,
+        error: Option<String>,
+    },
+}

@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
 # The whole test suite, against real parts: brings the test bed up (Docker
 # engine, locally built images, private registry), then runs every unit and
-# integration test of the workspace.
+# integration test of the workspace. Meanwhile it records Docker's events for
+# every beat container deployd starts, and checks afterwards that no two
+# beats of one app ever ran at once.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/testbed.sh up
+
+events=$(mktemp)
+docker events --filter type=container --filter label=deployd.service=beat \
+    --format '{{json .}}' >"$events" &
+watcher=$!
+trap 'kill "$watcher" 2>/dev/null || true; rm -f "$events"' EXIT
+
 cargo test --workspace --locked "$@"
+
+# Events arrive asynchronously: give the last ones a moment.
+sleep 1
+kill "$watcher"
+python3 scripts/check-beat-singleton.py "$events"

@@ -5,12 +5,13 @@
 //! own. Progress goes to the store first, then to live subscribers.
 
 mod health;
+mod recover;
 mod release;
 mod roll;
 mod run;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deployd_proto::{
@@ -74,6 +75,15 @@ pub(crate) struct Ctx {
     store: Store,
     http: reqwest::Client,
     events: broadcast::Sender<(DeploymentId, DeploymentEvent)>,
+    freeze: Option<Freeze>,
+}
+
+/// Test-only crash hook: deployments stop dead before a step, as if the
+/// process had been killed there (the test then drops the whole runtime).
+#[derive(Debug)]
+struct Freeze {
+    before_step: String,
+    reached: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// A cheap, cloneable way to talk to the engine.
@@ -96,8 +106,39 @@ enum Command {
 }
 
 impl EngineHandle {
-    /// Starts the engine: marks deployments a crash interrupted, then serves.
-    pub fn start(config: &Config, docker: Docker, store: Store) -> Result<Self, EngineError> {
+    /// Starts the engine. Deployments a crash interrupted are reconciled
+    /// with Docker first (see `recover`), then requests are served.
+    pub async fn start(config: &Config, docker: Docker, store: Store) -> Result<Self, EngineError> {
+        Self::start_with(config, docker, store, None).await
+    }
+
+    /// Test-only: like [`EngineHandle::start`], but every deployment freezes
+    /// before the step `before_step` (`finish` for the final record); the
+    /// receiver fires when one got there.
+    #[doc(hidden)]
+    pub async fn start_frozen_before(
+        config: &Config,
+        docker: Docker,
+        store: Store,
+        before_step: &str,
+    ) -> Result<(Self, oneshot::Receiver<()>), EngineError> {
+        let (reached, fired) = oneshot::channel();
+        let freeze = Freeze {
+            before_step: before_step.to_owned(),
+            reached: Mutex::new(Some(reached)),
+        };
+        Ok((
+            Self::start_with(config, docker, store, Some(freeze)).await?,
+            fired,
+        ))
+    }
+
+    async fn start_with(
+        config: &Config,
+        docker: Docker,
+        store: Store,
+        freeze: Option<Freeze>,
+    ) -> Result<Self, EngineError> {
         let (events, _) = broadcast::channel(4096);
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -108,19 +149,15 @@ impl EngineHandle {
             store,
             http,
             events,
+            freeze,
         });
-        for d in ctx.store.unfinished()? {
-            let error = "deployd stopped while this deployment ran";
-            ctx.store
-                .set_state(&d.id, DeploymentState::Interrupted, Some(error))?;
-            tracing::warn!(deployment.id = %d.id, app = %d.app, "marked interrupted");
-        }
-        let (commands, inbox) = mpsc::channel(64);
-        let apps = config
+        let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
             .iter()
             .map(|(name, app)| (name.clone(), Arc::new(app.clone())))
             .collect();
+        ctx.recover(&apps).await?;
+        let (commands, inbox) = mpsc::channel(64);
         let engine = Engine {
             ctx: ctx.clone(),
             apps,
@@ -298,6 +335,23 @@ impl Engine {
 }
 
 impl Ctx {
+    /// The crash hook: never returns if deployments freeze before `step`.
+    async fn freeze_point(&self, step: &str) {
+        let Some(freeze) = &self.freeze else { return };
+        if freeze.before_step != step {
+            return;
+        }
+        let reached = freeze
+            .reached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(reached) = reached {
+            let _ = reached.send(());
+        }
+        std::future::pending::<()>().await;
+    }
+
     /// Records an event, then tells live subscribers. A store failure is
     /// logged: progress must not stop because a log line was lost.
     fn emit(&self, id: &DeploymentId, kind: EventKind) {

@@ -61,6 +61,9 @@ CREATE TABLE IF NOT EXISTS deployments (
     state TEXT NOT NULL,
     error TEXT,
     migrations TEXT NOT NULL DEFAULT '[]',
+    -- 1 once this deployment's release ran on every service: on success,
+    -- or when crash recovery kept a release that had passed verification.
+    live INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     finished_at TEXT
 );
@@ -157,9 +160,21 @@ impl Store {
         let finished = state
             .is_terminal()
             .then(|| rfc3339(OffsetDateTime::now_utc()));
+        let live = state == DeploymentState::Succeeded;
         self.conn().execute(
-            "UPDATE deployments SET state = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
-            params![id.0, enum_text(state), error, finished],
+            "UPDATE deployments SET state = ?2, error = ?3, finished_at = ?4, live = live OR ?5
+             WHERE id = ?1",
+            params![id.0, enum_text(state), error, finished, live],
+        )?;
+        Ok(())
+    }
+
+    /// Records that a deployment's release runs on every service although
+    /// the deployment did not finish (crash recovery kept it).
+    pub fn mark_live(&self, id: &DeploymentId) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE deployments SET live = 1 WHERE id = ?1",
+            params![id.0],
         )?;
         Ok(())
     }
@@ -284,7 +299,8 @@ impl Store {
         rows.into_iter().map(|r| self.complete(r)).collect()
     }
 
-    /// The release an app last deployed (or rolled back to) successfully.
+    /// The release an app last deployed (or rolled back to) successfully:
+    /// what runs when no deployment is in flight.
     pub fn live_release(&self, app: &str) -> Result<Option<Release>, StoreError> {
         self.live_releases(app, 1).map(|mut r| r.pop())
     }
@@ -294,7 +310,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT sha, digest, MAX(id) FROM deployments
-             WHERE app = ?1 AND state = 'succeeded' AND digest IS NOT NULL
+             WHERE app = ?1 AND live = 1 AND digest IS NOT NULL
              GROUP BY sha, digest ORDER BY MAX(id) DESC LIMIT ?2",
         )?;
         let rows = stmt

@@ -67,20 +67,24 @@ fn config(scope: &Scope, state_dir: &std::path::Path) -> Config {
 struct Agent {
     engine: EngineHandle,
     app: String,
-    _state: tempfile::TempDir,
+    config: Config,
+    state: tempfile::TempDir,
 }
 
 async fn agent(scope: &Scope) -> Agent {
     let state = tempfile::tempdir().unwrap();
     let config = config(scope, state.path());
     let store = Store::open(state.path()).unwrap();
-    let engine = EngineHandle::start(&config, scope.docker.clone(), store).unwrap();
+    let engine = EngineHandle::start(&config, scope.docker.clone(), store)
+        .await
+        .unwrap();
     scope.start_db().await;
     scope.start_redis().await;
     Agent {
         engine,
         app: scope.app(),
-        _state: state,
+        config,
+        state,
     }
 }
 
@@ -378,6 +382,107 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("incident 42"), "{err}");
+    })
+    .await;
+}
+
+/// The other good release.
+fn other(variant: &str) -> &'static str {
+    if variant == "release-1" {
+        "release-2"
+    } else {
+        "release-1"
+    }
+}
+
+#[tokio::test]
+async fn a_crash_at_any_step_boundary_converges_at_restart() {
+    scoped(|scope| async move {
+        let agent = agent(&scope).await;
+        assert_eq!(
+            agent.deploy(&scope, "release-1").await.state,
+            DeploymentState::Succeeded
+        );
+        let mut live = "release-1";
+        let boundaries = [
+            "pull",
+            "task:migrate",
+            "roll:web",
+            "roll:worker",
+            "roll:beat",
+            "verify",
+            "cleanup",
+            "finish",
+        ];
+        for (round, boundary) in boundaries.into_iter().enumerate() {
+            let next = other(live);
+            // The crashing agent lives in a runtime of its own; dropping that
+            // runtime stops every task of it where it stands, as a kill would.
+            let config = agent.config.clone();
+            let dir = agent.state.path().to_owned();
+            let request = agent.request(&scope, next);
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().unwrap();
+                runtime.block_on(async {
+                    let docker = deployd::docker::Docker::connect().await.unwrap();
+                    let store = Store::open(&dir).unwrap();
+                    let (engine, reached) =
+                        EngineHandle::start_frozen_before(&config, docker, store, boundary)
+                            .await
+                            .unwrap();
+                    engine.deploy(request).await.unwrap();
+                    reached.await.unwrap();
+                });
+                runtime.shutdown_background();
+            })
+            .join()
+            .unwrap();
+
+            let store = Store::open(agent.state.path()).unwrap();
+            let restarted = EngineHandle::start(&agent.config, scope.docker.clone(), store)
+                .await
+                .unwrap();
+            let history = restarted.store().history(&agent.app, 100, None).unwrap();
+            assert_eq!(
+                history.len(),
+                round + 2,
+                "{boundary}: no deployment is lost"
+            );
+            let crashed = &history[0];
+            assert_eq!(
+                crashed.state,
+                DeploymentState::Interrupted,
+                "{boundary}: {crashed:#?}"
+            );
+            // Past verification the new release stays; before, the old one returns.
+            if matches!(boundary, "cleanup" | "finish") {
+                live = next;
+            }
+            let error = crashed.error.as_deref().unwrap();
+            assert!(
+                error.contains(&format!("every service runs {}", scope.bed.sha(live))),
+                "{boundary}: {error}"
+            );
+            assert_eq!(running(&scope).await, all_on(&scope, live), "{boundary}");
+            let leftovers = scope
+                .docker
+                .containers(&[(label::APP, agent.app.as_str())])
+                .await
+                .unwrap();
+            assert!(
+                leftovers
+                    .iter()
+                    .all(|c| c.running && !c.labels.contains_key(label::TASK)),
+                "{boundary}: {leftovers:#?}"
+            );
+            assert_eq!(
+                get(&scope, "/healthz/").await.status(),
+                reqwest::StatusCode::OK,
+                "{boundary}"
+            );
+            let live_release = restarted.store().live_release(&agent.app).unwrap().unwrap();
+            assert_eq!(live_release.sha, scope.bed.sha(live), "{boundary}");
+        }
     })
     .await;
 }

@@ -16,15 +16,92 @@ use futures_util::future::try_join_all;
 use super::label;
 use super::release::short_id;
 use super::run::{Failure, Run};
-use crate::config::{Role, ServiceConfig};
+use crate::config::{AppConfig, Role, ServiceConfig};
 use crate::docker::{ContainerInfo, ContainerSpec, PulledImage};
 
 /// A container this deployment started.
 #[derive(Debug, Clone)]
-struct Started {
-    id: String,
+pub(crate) struct Started {
+    pub id: String,
     /// Published host port, for web.
-    port: Option<u16>,
+    pub port: Option<u16>,
+}
+
+/// Where a service container goes: which app, deployment and env.
+#[derive(Debug)]
+pub(crate) struct Placement<'p> {
+    pub app: &'p str,
+    pub app_cfg: &'p AppConfig,
+    pub deployment: &'p str,
+    pub env: &'p [(String, String)],
+}
+
+/// Which release a service container runs.
+#[derive(Debug)]
+pub(crate) struct ReleaseRef<'r> {
+    /// Pinned reference, `repo@sha256:...`.
+    pub image: &'r str,
+    pub sha: &'r str,
+    pub digest: &'r str,
+}
+
+/// The container of one replica of a service, labelled so that a restarted
+/// agent can tell what it is.
+pub(crate) fn service_spec(
+    place: &Placement<'_>,
+    service: &str,
+    cfg: &ServiceConfig,
+    release: &ReleaseRef<'_>,
+    index: u32,
+) -> ContainerSpec {
+    let short_sha = &release.sha[..release.sha.len().min(12)];
+    ContainerSpec {
+        name: Some(format!(
+            "{}-{service}-{short_sha}-{}-{index}",
+            place.app,
+            short_id(place.deployment)
+        )),
+        image: release.image.to_owned(),
+        cmd: cfg.command.clone(),
+        env: place.env.to_vec(),
+        network: place.app_cfg.network.clone(),
+        network_aliases: Vec::new(),
+        volumes: place.app_cfg.volumes.clone(),
+        labels: HashMap::from([
+            (label::APP.to_owned(), place.app.to_owned()),
+            (label::SERVICE.to_owned(), service.to_owned()),
+            (label::SHA.to_owned(), release.sha.to_owned()),
+            (label::DIGEST.to_owned(), release.digest.to_owned()),
+            (label::DEPLOYMENT.to_owned(), place.deployment.to_owned()),
+        ]),
+        publish: cfg.port,
+        stop_timeout: Some(cfg.stop_timeout),
+        restart: true,
+    }
+}
+
+impl super::Ctx {
+    /// Starts a service container; learns its published port.
+    pub(crate) async fn start_service(
+        &self,
+        spec: ContainerSpec,
+        cfg: &ServiceConfig,
+    ) -> Result<Started, Failure> {
+        let id = self.docker.start(spec).await?;
+        let port = match cfg.port {
+            Some(p) => Some(self.docker.published_port(&id, p).await?),
+            None => None,
+        };
+        Ok(Started { id, port })
+    }
+
+    /// Waits until a service container is ready: healthy for web, up for the rest.
+    pub(crate) async fn wait_ready(&self, c: &Started, cfg: &ServiceConfig) -> Result<(), Failure> {
+        match (c.port, &cfg.health) {
+            (Some(port), Some(health)) => self.wait_healthy(&c.id, port, health).await,
+            _ => self.wait_up(&c.id, cfg.min_healthy).await,
+        }
+    }
 }
 
 /// What rolling one service changed.
@@ -137,25 +214,18 @@ impl<'a> Rollout<'a> {
     }
 
     async fn start_new(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
-        let image = self.image.pinned.clone();
         let sha = self.run.sha.to_string();
-        let digest = self.image.digest.clone();
         for index in 0..cfg.replicas {
-            let spec = self.spec(service, cfg, &image, &sha, &digest, index);
-            let started = self.start(spec, cfg).await?;
+            let release = ReleaseRef {
+                image: &self.image.pinned,
+                sha: &sha,
+                digest: &self.image.digest,
+            };
+            let spec = service_spec(&self.placement(), service, cfg, &release, index);
+            let started = self.run.ctx.start_service(spec, cfg).await?;
             self.current().new.push(started);
         }
         Ok(())
-    }
-
-    async fn start(&self, spec: ContainerSpec, cfg: &ServiceConfig) -> Result<Started, Failure> {
-        let docker = &self.run.ctx.docker;
-        let id = docker.start(spec).await?;
-        let port = match cfg.port {
-            Some(p) => Some(docker.published_port(&id, p).await?),
-            None => None,
-        };
-        Ok(Started { id, port })
     }
 
     async fn wait_new_up(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
@@ -196,39 +266,12 @@ impl<'a> Rollout<'a> {
         });
     }
 
-    fn spec(
-        &self,
-        service: &str,
-        cfg: &ServiceConfig,
-        image: &str,
-        sha: &str,
-        digest: &str,
-        index: u32,
-    ) -> ContainerSpec {
-        let run = self.run;
-        let short_sha = &sha[..sha.len().min(12)];
-        ContainerSpec {
-            name: Some(format!(
-                "{}-{service}-{short_sha}-{}-{index}",
-                run.app,
-                short_id(&run.id.0)
-            )),
-            image: image.to_owned(),
-            cmd: cfg.command.clone(),
-            env: self.env.clone(),
-            network: run.cfg.network.clone(),
-            network_aliases: Vec::new(),
-            volumes: run.cfg.volumes.clone(),
-            labels: HashMap::from([
-                (label::APP.to_owned(), run.app.clone()),
-                (label::SERVICE.to_owned(), service.to_owned()),
-                (label::SHA.to_owned(), sha.to_owned()),
-                (label::DIGEST.to_owned(), digest.to_owned()),
-                (label::DEPLOYMENT.to_owned(), run.id.0.clone()),
-            ]),
-            publish: cfg.port,
-            stop_timeout: Some(cfg.stop_timeout),
-            restart: true,
+    fn placement(&self) -> Placement<'_> {
+        Placement {
+            app: &self.run.app,
+            app_cfg: &self.run.cfg,
+            deployment: &self.run.id.0,
+            env: &self.env,
         }
     }
 
@@ -331,13 +374,9 @@ impl<'a> Rollout<'a> {
                 back.extend(self.recreate_previous(&change.service, cfg).await?);
             }
             for c in &back {
-                match (c.port, &cfg.health) {
-                    (Some(port), Some(health)) => {
-                        self.run.ctx.wait_healthy(&c.id, port, health).await
-                    }
-                    _ => self.run.ctx.wait_up(&c.id, cfg.min_healthy).await,
-                }
-                .map_err(|f| Failure(format!("restored {} container: {}", change.service, f.0)))?;
+                self.run.ctx.wait_ready(c, cfg).await.map_err(|f| {
+                    Failure(format!("restored {} container: {}", change.service, f.0))
+                })?;
             }
             restored.push(change.service.clone());
         }
@@ -363,10 +402,16 @@ impl<'a> Rollout<'a> {
         })?;
         let image = format!("{}@{}", self.run.cfg.image, previous.digest);
         let sha = previous.sha.to_string();
+        let release = ReleaseRef {
+            image: &image,
+            sha: &sha,
+            digest: &previous.digest,
+        };
         let mut started = Vec::new();
         for index in 0..cfg.replicas {
-            let spec = self.spec(service, cfg, &image, &sha, &previous.digest, index + 100);
-            started.push(self.start(spec, cfg).await?);
+            // Indexes from 100 keep names apart from this deployment's own.
+            let spec = service_spec(&self.placement(), service, cfg, &release, index + 100);
+            started.push(self.run.ctx.start_service(spec, cfg).await?);
         }
         Ok(started)
     }

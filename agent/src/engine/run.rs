@@ -71,6 +71,7 @@ impl Run {
         name: &str,
         work: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
+        self.ctx.freeze_point(name).await;
         self.emit(EventKind::StepStarted {
             step: name.to_owned(),
         });
@@ -105,6 +106,7 @@ impl Run {
             error: None,
         });
         let (state, error) = self.outcome().await;
+        self.ctx.freeze_point("finish").await;
         tracing::info!(
             ?state,
             error = error.as_deref().unwrap_or(""),

@@ -78,7 +78,7 @@ ensure_docker() {
         as_root systemctl start docker
     else
         log "no Docker engine answers; starting dockerd (log: $STATE/dockerd.log)"
-        as_root sh -c "setsid nohup dockerd >'$STATE/dockerd.log' 2>&1 </dev/null &"
+        as_root sh -c "setsid nohup dockerd >'$STATE/dockerd.log' 2>&1 </dev/null 9>&- &"
     fi
     local i
     for i in $(seq 1 120); do
@@ -297,8 +297,9 @@ ensure_registry() {
         *) die "something other than the test bed registry answers on $REGISTRY" ;;
     esac
     log "starting the registry on $REGISTRY (log: $STATE/registry/registry.log)"
+    # 9>&-: the registry must not inherit (and hold forever) the `up` lock.
     setsid nohup docker-registry serve "$STATE/registry/config.yml" \
-        >"$STATE/registry/registry.log" 2>&1 </dev/null &
+        >"$STATE/registry/registry.log" 2>&1 </dev/null 9>&- &
     echo $! >"$STATE/registry/pid"
     local i
     for i in $(seq 1 50); do

@@ -99,7 +99,7 @@ impl Ctx {
                 restarts: 0,
             } => Ok(health),
             ContainerState::Running { restarts, .. } => Err(Failure(format!(
-                "it died and was restarted {restarts} time(s){}",
+                "it exited and was restarted {restarts} time(s){}",
                 self.last_words(id).await
             ))),
             ContainerState::Exited { exit_code } => Err(Failure(format!(

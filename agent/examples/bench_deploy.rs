@@ -1,0 +1,244 @@
+//! Deploy speed, side by side: deployd's engine against the bare Docker
+//! operations the same deployment needs, run by hand in sequence, in one run
+//! on one test bed. Run through `scripts/bench/deploy.sh`.
+//!
+//! Both sides alternate release 1 and release 2 (images cached, migrations
+//! applied) with the same work and the same configured waits: migrate and
+//! collectstatic in one-off containers, one web container started and polled
+//! until `/healthz/` answers 200, the old one stopped; one worker started,
+//! up for `min_healthy`, the old one stopped; the old beat stopped, the new
+//! one started and up for `min_healthy`. deployd's verify window is set to 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use deployd::config::Config;
+use deployd::docker::{ContainerSpec, PulledImage};
+use deployd::engine::{DeployRequest, EngineHandle};
+use deployd::store::Store;
+use deployd_proto::DeploymentState;
+use reqwest::header::HOST;
+use support::{Scope, scoped};
+
+const MIN_HEALTHY: Duration = Duration::from_secs(3);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn config(scope: &Scope, state: &std::path::Path) -> Config {
+    let bed = &scope.bed;
+    Config::from_toml(&format!(
+        r#"
+        state_dir = "{state}"
+        [apps.{app}]
+        image = "{image}"
+        registry_auth_file = "{auth}"
+        env_file = "{env}"
+        network = "{network}"
+        volumes = ["{volume}:/app/static"]
+        verify = "0s"
+        [[apps.{app}.release]]
+        name = "migrate"
+        command = ["python", "manage.py", "migrate", "--noinput"]
+        [[apps.{app}.release]]
+        name = "collectstatic"
+        command = ["python", "manage.py", "collectstatic", "--noinput"]
+        [apps.{app}.services.web]
+        port = 8000
+        health = {{ path = "/healthz/", host = "{host}" }}
+        stop_timeout = "10s"
+        [apps.{app}.services.worker]
+        command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
+        min_healthy = "3s"
+        stop_timeout = "10s"
+        [apps.{app}.services.beat]
+        command = ["celery", "-A", "config", "beat", "-l", "info"]
+        min_healthy = "3s"
+        stop_timeout = "10s"
+        "#,
+        state = state.display(),
+        app = scope.app(),
+        image = bed.var("REPOSITORY"),
+        auth = bed.var("REGISTRY_AUTH"),
+        env = bed.var("APP_ENV"),
+        network = scope.network,
+        volume = scope.static_volume(),
+        host = bed.app_host(),
+    ))
+    .unwrap()
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
+    scoped(move |scope| async move {
+        scope.start_db().await;
+        scope.start_redis().await;
+        let state = tempfile::tempdir().unwrap();
+        let config = config(&scope, state.path());
+        let store = Store::open(state.path()).unwrap();
+        let engine = EngineHandle::start(&config, scope.docker.clone(), store)
+            .await
+            .unwrap();
+        let releases = ["release-1", "release-2"];
+
+        // Warm-up: both releases deployed once (pulls, migrations, volume).
+        let mut deployd_times = Vec::new();
+        for round in 0..runs + 2 {
+            let variant = releases[round % 2];
+            let request = DeployRequest {
+                app: scope.app(),
+                sha: scope.bed.sha(variant),
+                force: false,
+                reason: None,
+                requested_by: "bench".into(),
+            };
+            let started = Instant::now();
+            let id = engine.deploy(request).await.unwrap().id;
+            let d = engine.wait(&id).await.unwrap();
+            assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
+            if round >= 2 {
+                deployd_times.push(started.elapsed());
+            }
+        }
+        let app = scope.app();
+        for c in scope
+            .docker
+            .containers(&[("deployd.app", app.as_str())])
+            .await
+            .unwrap()
+        {
+            scope.docker.remove(&c.id).await.unwrap();
+        }
+
+        let images = [scope.pull("release-1").await, scope.pull("release-2").await];
+        let mut bare = Bare::start(&scope, &images[1]).await;
+        let mut bare_times = Vec::new();
+        for round in 0..runs {
+            let image = &images[round % 2];
+            let started = Instant::now();
+            bare.deploy(&scope, image).await;
+            bare_times.push(started.elapsed());
+        }
+
+        let (d, b) = (median(deployd_times.clone()), median(bare_times.clone()));
+        println!("deploy of a cached release, {runs} runs each, alternating release 1 and 2");
+        println!(
+            "  deployd engine : median {:.2} s  runs {:?}",
+            d.as_secs_f64(),
+            secs(&deployd_times)
+        );
+        println!(
+            "  bare sequence  : median {:.2} s  runs {:?}",
+            b.as_secs_f64(),
+            secs(&bare_times)
+        );
+        println!(
+            "  ratio deployd / bare: {:.2} (floor: at most 1.30)",
+            d.as_secs_f64() / b.as_secs_f64()
+        );
+    })
+    .await;
+}
+
+fn secs(samples: &[Duration]) -> Vec<String> {
+    samples
+        .iter()
+        .map(|d| format!("{:.2}", d.as_secs_f64()))
+        .collect()
+}
+
+/// The same deployment by hand: one Docker operation after another.
+struct Bare {
+    web: String,
+    worker: String,
+    beat: String,
+}
+
+impl Bare {
+    async fn start(scope: &Scope, image: &PulledImage) -> Self {
+        let web = start_web(scope, image).await.0;
+        let worker = start(scope, image, WORKER).await;
+        let beat = start(scope, image, BEAT).await;
+        Self { web, worker, beat }
+    }
+
+    async fn deploy(&mut self, scope: &Scope, image: &PulledImage) {
+        let docker = &scope.docker;
+        for task in [MIGRATE, COLLECTSTATIC] {
+            let spec = with_static(scope, scope.app_container(&image.pinned, task));
+            let out = docker
+                .run_oneoff(spec, Duration::from_secs(600))
+                .await
+                .unwrap();
+            assert_eq!(out.exit_code, 0);
+        }
+        let (web, port) = start_web(scope, image).await;
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/healthz/");
+        loop {
+            let answer = http
+                .get(&url)
+                .header(HOST, scope.bed.app_host())
+                .send()
+                .await;
+            if answer.is_ok_and(|r| r.status() == reqwest::StatusCode::OK) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        docker.stop(&self.web, STOP_TIMEOUT).await.unwrap();
+        let worker = start(scope, image, WORKER).await;
+        tokio::time::sleep(MIN_HEALTHY).await;
+        docker.stop(&self.worker, STOP_TIMEOUT).await.unwrap();
+        docker.stop(&self.beat, STOP_TIMEOUT).await.unwrap();
+        let beat = start(scope, image, BEAT).await;
+        tokio::time::sleep(MIN_HEALTHY).await;
+        for old in [&self.web, &self.worker, &self.beat] {
+            docker.remove(old).await.unwrap();
+        }
+        *self = Self { web, worker, beat };
+    }
+}
+
+const MIGRATE: &[&str] = &["python", "manage.py", "migrate", "--noinput"];
+const COLLECTSTATIC: &[&str] = &["python", "manage.py", "collectstatic", "--noinput"];
+const WORKER: &[&str] = &[
+    "celery",
+    "-A",
+    "config",
+    "worker",
+    "-l",
+    "info",
+    "-Q",
+    "default,etl",
+];
+const BEAT: &[&str] = &["celery", "-A", "config", "beat", "-l", "info"];
+
+fn with_static(scope: &Scope, mut spec: ContainerSpec) -> ContainerSpec {
+    spec.volumes = vec![format!("{}:/app/static", scope.static_volume())];
+    spec
+}
+
+async fn start(scope: &Scope, image: &PulledImage, cmd: &[&str]) -> String {
+    let spec = with_static(scope, scope.app_container(&image.pinned, cmd));
+    scope.docker.start(spec).await.unwrap()
+}
+
+async fn start_web(scope: &Scope, image: &PulledImage) -> (String, u16) {
+    let mut spec = with_static(scope, scope.app_container(&image.pinned, &[]));
+    spec.publish = Some(8000);
+    let id = scope.docker.start(spec).await.unwrap();
+    let port = scope.docker.published_port(&id, 8000).await.unwrap();
+    (id, port)
+}

@@ -178,7 +178,7 @@ impl Bare {
         for task in [MIGRATE, COLLECTSTATIC] {
             let spec = with_static(scope, scope.app_container(&image.pinned, task));
             let out = docker
-                .run_oneoff(spec, Duration::from_secs(600))
+                .run_oneoff(spec, Duration::from_secs(600), |_| {})
                 .await
                 .unwrap();
             assert_eq!(out.exit_code, 0);

@@ -173,6 +173,26 @@ impl EngineHandle {
         self.submit(request, DeploymentKind::Deploy).await
     }
 
+    /// Like [`EngineHandle::deploy`], but while another deployment of the app
+    /// runs, waits up to `wait` for it to end, then tries again.
+    pub async fn deploy_waiting(
+        &self,
+        request: DeployRequest,
+        wait: Duration,
+    ) -> Result<Deployment, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match self.deploy(request.clone()).await {
+                Err(EngineError::Conflict { running, .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    let _ = tokio::time::timeout_at(deadline, self.wait(&running)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Rolls `app` back to `to`, or to the release live before the current one.
     pub async fn rollback(
         &self,

@@ -187,7 +187,17 @@ async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
             matches!(&conflict, EngineError::Conflict { running, .. } if *running == second.id),
             "{conflict:?}"
         );
-        let second = agent.engine.wait(&second.id).await.unwrap();
+        // One that may wait for the lock deploys once the running one ended:
+        // release 2 is live by then, so it is a no-op success.
+        let (second, queued) = tokio::join!(
+            agent.engine.wait(&second.id),
+            agent
+                .engine
+                .deploy_waiting(agent.request(&scope, "release-2"), Duration::from_secs(300)),
+        );
+        let (second, queued) = (second.unwrap(), queued.unwrap());
+        assert_eq!(queued.state, DeploymentState::Succeeded, "{queued:#?}");
+        assert!(queued.created_at >= second.finished_at.unwrap());
         assert_eq!(second.state, DeploymentState::Succeeded, "{second:#?}");
         assert_eq!(second.migrations, ["shop.0002_heartbeat_queue"]);
         assert!(

@@ -109,12 +109,17 @@ async fn migrate_runs_in_one_off_containers_that_are_always_removed() {
 
         let migrate = ["python", "manage.py", "migrate", "--noinput"];
         let task = |image: &str| one_off(&scope.app_container(image, &migrate), &scope.id);
+        let mut live = Vec::new();
         let ok = scope
             .docker
-            .run_oneoff(task(&good.pinned), TASK_TIMEOUT)
+            .run_oneoff(task(&good.pinned), TASK_TIMEOUT, |line| {
+                live.push(line.to_owned())
+            })
             .await
             .unwrap();
         assert_eq!(ok.exit_code, 0, "{:#?}", ok.lines);
+        // Lines are seen as they arrive, and all of them.
+        assert_eq!(live, ok.lines);
         assert!(
             ok.lines
                 .iter()
@@ -125,7 +130,7 @@ async fn migrate_runs_in_one_off_containers_that_are_always_removed() {
 
         let failed = scope
             .docker
-            .run_oneoff(task(&broken.pinned), TASK_TIMEOUT)
+            .run_oneoff(task(&broken.pinned), TASK_TIMEOUT, |_| {})
             .await
             .unwrap();
         assert_ne!(failed.exit_code, 0);
@@ -166,7 +171,7 @@ async fn one_off_timeout_kills_and_removes_the_container() {
 
         let err = scope
             .docker
-            .run_oneoff(spec, Duration::from_secs(2))
+            .run_oneoff(spec, Duration::from_secs(2), |_| {})
             .await
             .unwrap_err();
 
@@ -224,7 +229,7 @@ async fn worker_runs_what_beat_schedules() {
         let migrate = scope.app_container(image, &["python", "manage.py", "migrate", "--noinput"]);
         let migrated = scope
             .docker
-            .run_oneoff(migrate, TASK_TIMEOUT)
+            .run_oneoff(migrate, TASK_TIMEOUT, |_| {})
             .await
             .unwrap();
         assert_eq!(migrated.exit_code, 0, "{:#?}", migrated.lines);

@@ -153,17 +153,20 @@ impl Docker {
     /// Runs `spec` to completion, like `docker run --rm`, and returns its exit
     /// code and output. The container is removed whatever happens, a timeout
     /// included.
+    ///
+    /// `on_line` sees each output line as it arrives, for live progress.
     pub async fn run_oneoff(
         &self,
         spec: ContainerSpec,
         timeout: Duration,
+        on_line: impl FnMut(&str) + Send,
     ) -> Result<OneOffOutput, DockerError> {
         let what = spec.cmd.as_ref().map_or_else(
             || format!("a one-off container of {}", spec.image),
             |c| c.join(" "),
         );
         let id = self.create(spec).await?;
-        let result = match tokio::time::timeout(timeout, self.run_to_end(&id)).await {
+        let result = match tokio::time::timeout(timeout, self.run_to_end(&id, on_line)).await {
             Ok(result) => result,
             Err(_) => Err(DockerError::Timeout { what, timeout }),
         };
@@ -177,7 +180,11 @@ impl Docker {
         }
     }
 
-    async fn run_to_end(&self, id: &str) -> Result<OneOffOutput, DockerError> {
+    async fn run_to_end(
+        &self,
+        id: &str,
+        mut on_line: impl FnMut(&str) + Send,
+    ) -> Result<OneOffOutput, DockerError> {
         self.api
             .start_container(id, None)
             .await
@@ -191,7 +198,12 @@ impl Docker {
         let mut lines = Lines::default();
         while let Some(chunk) = logs.next().await {
             let chunk = chunk.map_err(DockerError::engine("read one-off container output"))?;
-            lines.push(chunk.as_ref());
+            for line in lines.push(chunk.as_ref()) {
+                on_line(&line);
+            }
+        }
+        if let Some(rest) = lines.flush() {
+            on_line(&rest);
         }
         let exit_code = match self.state(id).await? {
             ContainerState::Exited { exit_code } => exit_code,
@@ -399,37 +411,44 @@ struct Lines {
 }
 
 impl Lines {
-    fn push(&mut self, chunk: &[u8]) {
+    /// Takes a chunk; returns the lines it completed.
+    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        let mut completed = Vec::new();
         for piece in chunk.split_inclusive(|&b| b == b'\n') {
             match piece.strip_suffix(b"\n") {
                 Some(rest) => {
                     self.partial.extend_from_slice(rest);
-                    let line = std::mem::take(&mut self.partial);
-                    self.keep(&line);
+                    completed.push(self.keep_partial());
                 }
                 None => self.partial.extend_from_slice(piece),
             }
             // Output without newlines (progress bars) is cut, not hoarded.
             if self.partial.len() > MAX_LINE_BYTES {
-                let line = std::mem::take(&mut self.partial);
-                self.keep(&line);
+                completed.push(self.keep_partial());
             }
         }
+        completed
     }
 
-    fn keep(&mut self, line: &[u8]) {
-        let line = String::from_utf8_lossy(line);
-        self.done.push_back(line.trim_end_matches('\r').to_owned());
+    /// The unterminated rest of the output, as a last line.
+    fn flush(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| self.keep_partial())
+    }
+
+    fn keep_partial(&mut self) -> String {
+        let bytes = std::mem::take(&mut self.partial);
+        let line = String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\r')
+            .to_owned();
+        self.done.push_back(line.clone());
         if self.done.len() > OneOffOutput::MAX_LINES {
             self.done.pop_front();
         }
+        line
     }
 
     fn finish(mut self) -> Vec<String> {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.keep(&rest);
-        }
+        self.flush();
         self.done.into()
     }
 }
@@ -441,8 +460,11 @@ mod tests {
     #[test]
     fn lines_are_reassembled_across_chunks() {
         let mut lines = Lines::default();
-        lines.push(b"Applying shop.0001");
-        lines.push(b"_initial... OK\r\nApplying ");
+        assert!(lines.push(b"Applying shop.0001").is_empty());
+        assert_eq!(
+            lines.push(b"_initial... OK\r\nApplying "),
+            ["Applying shop.0001_initial... OK"]
+        );
         lines.push(b"shop.0002... OK\nlast line without newline");
         assert_eq!(
             lines.finish(),

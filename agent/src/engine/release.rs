@@ -39,13 +39,13 @@ impl Run {
             ..Default::default()
         };
         let step = format!("task:{}", task.name);
-        let output = self.ctx.docker.run_oneoff(spec, task.timeout).await?;
-        for line in &output.lines {
+        let live = |line: &str| {
             self.emit(EventKind::Output {
                 step: step.clone(),
-                line: line.clone(),
-            });
-        }
+                line: line.to_owned(),
+            })
+        };
+        let output = self.ctx.docker.run_oneoff(spec, task.timeout, live).await?;
         let applied = applied_migrations(&output.lines);
         if !applied.is_empty() {
             self.ctx.store.set_migrations(&self.id, &applied)?;

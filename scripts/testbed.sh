@@ -383,6 +383,9 @@ remove_test_objects() {
     [ -z "$ids" ] || docker network rm $ids >/dev/null
     ids=$( (docker volume ls -q --filter "label=$TEST_LABEL"; docker volume ls -q --filter "name=deployd-test-") | sort -u)
     [ -z "$ids" ] || docker volume rm $ids >/dev/null
+    # Engine tests deploy from a repository of their own, <registry>/t<12 hex>.
+    ids=$(docker images --format '{{.Repository}}:{{.Tag}}' | grep -E "^$REGISTRY/t[0-9a-f]{12}:" || true)
+    [ -z "$ids" ] || docker rmi $ids >/dev/null
 }
 
 cmd_down() {

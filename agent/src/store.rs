@@ -335,6 +335,18 @@ impl Store {
             .collect()
     }
 
+    /// Every release image deployd pulled for an app: (sha, digest) pairs.
+    pub fn pulled(&self, app: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT sha, digest FROM deployments WHERE app = ?1 AND digest IS NOT NULL",
+        )?;
+        let rows = stmt
+            .query_map(params![app], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// The app's lock, if any.
     pub fn lock_of(&self, app: &str) -> Result<Option<Lock>, StoreError> {
         let row = self

@@ -15,7 +15,7 @@ use support::{Scope, poll, scoped};
 
 /// The example config's shape, pointed at this scope's network and secrets,
 /// with waits short enough for tests and long enough for every variant.
-fn config(scope: &Scope, state_dir: &std::path::Path) -> Config {
+fn config(scope: &Scope, state_dir: &std::path::Path, repository: &str) -> Config {
     let bed = &scope.bed;
     let text = format!(
         r#"
@@ -54,7 +54,7 @@ fn config(scope: &Scope, state_dir: &std::path::Path) -> Config {
         "#,
         state = state_dir.display(),
         app = scope.app(),
-        image = bed.var("REPOSITORY"),
+        image = repository,
         auth = bed.var("REGISTRY_AUTH"),
         env = bed.var("APP_ENV"),
         network = scope.network,
@@ -73,7 +73,8 @@ struct Agent {
 
 async fn agent(scope: &Scope) -> Agent {
     let state = tempfile::tempdir().unwrap();
-    let config = config(scope, state.path());
+    let repository = scope.publish_releases().await;
+    let config = config(scope, state.path(), &repository);
     let store = Store::open(state.path()).unwrap();
     let engine = EngineHandle::start(&config, scope.docker.clone(), store)
         .await
@@ -220,7 +221,8 @@ async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
                 "roll:worker",
                 "roll:beat",
                 "verify",
-                "cleanup"
+                "cleanup",
+                "prune"
             ]
         );
 
@@ -338,6 +340,28 @@ async fn failures_before_the_switch_leave_the_running_release_alone() {
             "not healthy within 15 s",
         )
         .await;
+
+        // Success prunes what deployd pulled beyond the kept releases: the
+        // failed releases' images go, release 1 (previous) and 2 stay.
+        assert_eq!(
+            agent.deploy(&scope, "release-2").await.state,
+            DeploymentState::Succeeded
+        );
+        let repository = &agent.config.apps[&agent.app].image;
+        for variant in ["healthz-500", "web-crash", "slow-boot", "migrate-fails"] {
+            let reference = format!("{repository}:{}", scope.bed.sha(variant));
+            assert!(
+                !scope.docker.has_image(&reference).await.unwrap(),
+                "{variant} kept"
+            );
+        }
+        for variant in ["release-1", "release-2"] {
+            let reference = format!("{repository}:{}", scope.bed.sha(variant));
+            assert!(
+                scope.docker.has_image(&reference).await.unwrap(),
+                "{variant} pruned"
+            );
+        }
     })
     .await;
 }

@@ -1,11 +1,15 @@
 //! Pulling a release image from a private registry and pinning its digest.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
-use bollard::query_parameters::CreateImageOptionsBuilder;
+use bollard::query_parameters::{
+    CreateImageOptionsBuilder, ListImagesOptionsBuilder, PushImageOptionsBuilder,
+    RemoveImageOptions, TagImageOptionsBuilder,
+};
 use deployd_proto::CommitSha;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
@@ -204,6 +208,91 @@ impl Docker {
             pinned: format!("{prefix}{digest}"),
             digest,
         })
+    }
+}
+
+impl Docker {
+    /// Removes one reference (`repo:tag` or `repo@digest`) to an image; the
+    /// image goes with its last reference. Returns `false` when a container
+    /// still uses it (the engine refuses), `true` when gone or already absent.
+    pub async fn remove_image_ref(&self, reference: &str) -> Result<bool, DockerError> {
+        match self
+            .api
+            .remove_image(reference, None::<RemoveImageOptions>, None)
+            .await
+        {
+            Ok(_)
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(false),
+            Err(e) => Err(DockerError::engine(format!("remove image {reference}"))(e)),
+        }
+    }
+
+    /// Every local reference (`repo:tag`, `repo@digest`) into `repository`.
+    pub async fn image_refs(&self, repository: &str) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([("reference", vec![repository.to_owned()])]);
+        let options = ListImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let images = self
+            .api
+            .list_images(Some(options))
+            .await
+            .map_err(DockerError::engine("list images"))?;
+        let prefix_tag = format!("{repository}:");
+        let prefix_digest = format!("{repository}@");
+        Ok(images
+            .into_iter()
+            .flat_map(|i| i.repo_tags.into_iter().chain(i.repo_digests))
+            .filter(|r| r.starts_with(&prefix_tag) || r.starts_with(&prefix_digest))
+            .collect())
+    }
+
+    /// Whether an image reference exists locally.
+    pub async fn has_image(&self, reference: &str) -> Result<bool, DockerError> {
+        match self.api.inspect_image(reference).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(DockerError::engine(format!("inspect {reference}"))(e)),
+        }
+    }
+
+    /// Tags `source` as `target` and pushes it with `auth`, as CI does.
+    pub async fn tag_and_push(
+        &self,
+        source: &str,
+        target: &ImageRef,
+        auth: &RegistryAuth,
+    ) -> Result<(), DockerError> {
+        let tag = TagImageOptionsBuilder::default()
+            .repo(&target.repository)
+            .tag(target.tag.as_str())
+            .build();
+        self.api
+            .tag_image(source, Some(tag))
+            .await
+            .map_err(DockerError::engine(format!("tag {source} as {target}")))?;
+        let options = PushImageOptionsBuilder::default()
+            .tag(target.tag.as_str())
+            .build();
+        self.api
+            .push_image(
+                &target.repository,
+                Some(options),
+                Some(auth.credentials(target)),
+            )
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            .map_err(|e| DockerError::Pull {
+                image: target.to_string(),
+                reason: format!("push failed: {}", engine_message(&e)),
+            })
     }
 }
 

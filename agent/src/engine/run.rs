@@ -134,7 +134,7 @@ impl Run {
                 return failed(&f.0);
             }
         }
-        let mut rollout = Rollout::new(self, image, env);
+        let mut rollout = Rollout::new(self, image.clone(), env);
         for service in self.cfg.roll_order() {
             let step = format!("roll:{service}");
             if let Err(f) = self.step(&step, rollout.roll(&service)).await {
@@ -148,6 +148,9 @@ impl Run {
             // The release runs and is healthy; leftovers are removed at the
             // next deployment.
             tracing::warn!(error = %f.0, "old containers not removed");
+        }
+        if let Err(f) = self.step("prune", self.prune(&image)).await {
+            tracing::warn!(error = %f.0, "old release images not pruned");
         }
         (DeploymentState::Succeeded, None)
     }
@@ -195,6 +198,37 @@ impl Run {
     async fn pull(&self, auth: Option<&RegistryAuth>) -> Result<PulledImage, Failure> {
         let image = ImageRef::new(self.cfg.image.clone(), self.sha.clone());
         Ok(self.ctx.docker.pull(&image, auth).await?)
+    }
+}
+
+impl Run {
+    /// Keeps the images of the last `retain` releases (this one, the
+    /// previous, ...) and removes the other images deployd pulled for the
+    /// app, failed releases' included. An image a container still uses is
+    /// left for a later prune.
+    async fn prune(&self, current: &PulledImage) -> Result<(), Failure> {
+        let mut keep = vec![current.digest.clone()];
+        let earlier = self.ctx.store.live_releases(&self.app, self.cfg.retain)?;
+        keep.extend(
+            earlier
+                .into_iter()
+                .map(|r| r.digest)
+                .filter(|d| *d != current.digest)
+                .take(self.cfg.retain.saturating_sub(1)),
+        );
+        for (sha, digest) in self.ctx.store.pulled(&self.app)? {
+            if keep.contains(&digest) {
+                continue;
+            }
+            let repo = &self.cfg.image;
+            let docker = &self.ctx.docker;
+            if docker.remove_image_ref(&format!("{repo}:{sha}")).await?
+                && docker.remove_image_ref(&format!("{repo}@{digest}")).await?
+            {
+                tracing::info!(%sha, %digest, "pruned release image");
+            }
+        }
+        Ok(())
     }
 }
 

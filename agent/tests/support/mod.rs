@@ -15,6 +15,18 @@ use deployd::docker::{ContainerSpec, ContainerState, Docker, ImageRef, RegistryA
 use deployd::env_file;
 use deployd_proto::CommitSha;
 
+/// Every release the test bed pushes.
+pub const VARIANTS: [&str; 8] = [
+    "release-1",
+    "release-2",
+    "migrate-fails",
+    "healthz-500",
+    "web-crash",
+    "worker-crash",
+    "slow-boot",
+    "unhealthy-after-5s",
+];
+
 /// The label every test object carries; `scripts/testbed.sh down` sweeps it.
 pub const TEST_LABEL: &str = "deployd.test";
 
@@ -138,6 +150,23 @@ impl Scope {
             .unwrap()
     }
 
+    /// The registry repository this scope's app deploys from, as a CI
+    /// pipeline would fill it: every test bed release is pushed to it, so
+    /// that pruning by the engine never touches the test bed's own images.
+    pub async fn publish_releases(&self) -> String {
+        let repository = format!("{}/{}", self.bed.var("REGISTRY"), self.app());
+        let auth = self.bed.registry_auth();
+        for variant in VARIANTS {
+            let source = self.bed.image(variant).to_string();
+            let target = ImageRef::new(repository.clone(), self.bed.sha(variant));
+            self.docker
+                .tag_and_push(&source, &target, &auth)
+                .await
+                .unwrap();
+        }
+        repository
+    }
+
     /// A container on this scope's network with the app's env file.
     pub fn app_container(&self, image: &str, cmd: &[&str]) -> ContainerSpec {
         ContainerSpec {
@@ -222,6 +251,10 @@ impl Scope {
             .remove_volume(&self.static_volume())
             .await
             .unwrap();
+        let repository = format!("{}/{}", self.bed.var("REGISTRY"), self.app());
+        for reference in self.docker.image_refs(&repository).await.unwrap() {
+            self.docker.remove_image_ref(&reference).await.unwrap();
+        }
     }
 }
 

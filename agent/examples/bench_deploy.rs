@@ -22,7 +22,7 @@ use deployd::engine::{DeployRequest, EngineHandle};
 use deployd::store::Store;
 use deployd_proto::DeploymentState;
 use reqwest::header::HOST;
-use support::{Scope, scoped};
+use support::{BEAT, COLLECTSTATIC, MIGRATE, Scope, WORKER, scoped};
 
 const MIN_HEALTHY: Duration = Duration::from_secs(3);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -210,20 +210,6 @@ impl Bare {
         *self = Self { web, worker, beat };
     }
 }
-
-const MIGRATE: &[&str] = &["python", "manage.py", "migrate", "--noinput"];
-const COLLECTSTATIC: &[&str] = &["python", "manage.py", "collectstatic", "--noinput"];
-const WORKER: &[&str] = &[
-    "celery",
-    "-A",
-    "config",
-    "worker",
-    "-l",
-    "info",
-    "-Q",
-    "default,etl",
-];
-const BEAT: &[&str] = &["celery", "-A", "config", "beat", "-l", "info"];
 
 fn with_static(scope: &Scope, mut spec: ContainerSpec) -> ContainerSpec {
     spec.volumes = vec![format!("{}:/app/static", scope.static_volume())];

@@ -9,6 +9,7 @@ mod recover;
 mod release;
 mod roll;
 mod run;
+mod status;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,6 +65,8 @@ pub enum EngineError {
     UnknownDeployment(DeploymentId),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -91,6 +94,7 @@ struct Freeze {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     ctx: Arc<Ctx>,
+    apps: Arc<HashMap<String, Arc<AppConfig>>>,
 }
 
 #[derive(Debug)]
@@ -160,12 +164,16 @@ impl EngineHandle {
         let (commands, inbox) = mpsc::channel(64);
         let engine = Engine {
             ctx: ctx.clone(),
-            apps,
+            apps: apps.clone(),
             running: HashMap::new(),
             commands: commands.clone(),
         };
         tokio::spawn(engine.serve(inbox));
-        Ok(Self { commands, ctx })
+        Ok(Self {
+            commands,
+            ctx,
+            apps: Arc::new(apps),
+        })
     }
 
     /// Starts a deployment; returns it as recorded, before it runs.
@@ -305,10 +313,20 @@ impl Engine {
             .cloned()
             .ok_or_else(|| EngineError::UnknownApp(request.app.clone()))?;
         if let Some(running) = self.running.get(&request.app) {
-            return Err(EngineError::Conflict {
-                app: request.app,
-                running: running.clone(),
-            });
+            // The store is the truth: a deployment that recorded its end is
+            // over, even if its task has not reported back yet.
+            let ended = self
+                .ctx
+                .store
+                .get(running)?
+                .is_none_or(|d| d.state.is_terminal());
+            if !ended {
+                return Err(EngineError::Conflict {
+                    app: request.app,
+                    running: running.clone(),
+                });
+            }
+            self.running.remove(&request.app);
         }
         if let Some(lock) = self.ctx.store.lock_of(&request.app)? {
             return Err(EngineError::Locked {
@@ -347,7 +365,12 @@ impl Engine {
         let done = self.commands.clone();
         let app_name = request.app;
         tokio::spawn(async move {
-            run.execute().await;
+            // Awaited as a task of its own, so that even a panic in it frees
+            // the app (the store still says `running`: the next start
+            // reconciles it).
+            if let Err(e) = tokio::spawn(run.execute()).await {
+                tracing::error!(app = %app_name, error = %e, "deployment task failed");
+            }
             let _ = done.send(Command::Finished { app: app_name }).await;
         });
         Ok(deployment)

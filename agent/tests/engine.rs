@@ -9,7 +9,7 @@ use std::time::Duration;
 use deployd::config::Config;
 use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
 use deployd::store::Store;
-use deployd_proto::{Deployment, DeploymentState};
+use deployd_proto::{ContainerPhase, Deployment, DeploymentState};
 use reqwest::header::HOST;
 use support::{Scope, poll, scoped};
 
@@ -225,6 +225,24 @@ async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
                 "prune"
             ]
         );
+
+        // Status: release 2 everywhere, or an old worker still draining.
+        let status = agent.engine.status(&agent.app).await.unwrap();
+        assert_eq!(status.live_sha, Some(scope.bed.sha("release-2")));
+        assert!(status.running_deployment.is_none() && status.lock.is_none());
+        let names: Vec<&str> = status.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web", "worker", "beat"]);
+        for service in &status.services {
+            for c in &service.containers {
+                let on_r2 = c.sha == Some(scope.bed.sha("release-2"));
+                let ok = match c.state {
+                    ContainerPhase::Running => on_r2,
+                    ContainerPhase::Draining => service.name == "worker" && !on_r2,
+                    ContainerPhase::Stopped => false,
+                };
+                assert!(ok, "{status:#?}");
+            }
+        }
 
         // Release 2's page, and its beat and worker, at work.
         let page = get(&scope, "/").await.text().await.unwrap();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use deployd::docker::{ContainerSpec, Docker, DockerError, ImageRef, RegistryAuth};
 use reqwest::StatusCode;
 use reqwest::header::HOST;
-use support::{Testbed, poll, scoped};
+use support::{BEAT, MIGRATE, Testbed, WORKER, poll, scoped};
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -107,8 +107,7 @@ async fn migrate_runs_in_one_off_containers_that_are_always_removed() {
         let broken = scope.pull("migrate-fails").await;
         scope.start_db().await;
 
-        let migrate = ["python", "manage.py", "migrate", "--noinput"];
-        let task = |image: &str| one_off(&scope.app_container(image, &migrate), &scope.id);
+        let task = |image: &str| one_off(&scope.app_container(image, MIGRATE), &scope.id);
         let mut live = Vec::new();
         let ok = scope
             .docker
@@ -226,7 +225,7 @@ async fn worker_runs_what_beat_schedules() {
         let image = pulled.pinned.as_str();
         scope.start_db().await;
         scope.start_redis().await;
-        let migrate = scope.app_container(image, &["python", "manage.py", "migrate", "--noinput"]);
+        let migrate = scope.app_container(image, MIGRATE);
         let migrated = scope
             .docker
             .run_oneoff(migrate, TASK_TIMEOUT, |_| {})
@@ -235,25 +234,14 @@ async fn worker_runs_what_beat_schedules() {
         assert_eq!(migrated.exit_code, 0, "{:#?}", migrated.lines);
 
         let base = start_web(&scope, image).await;
-        let worker = [
-            "celery",
-            "-A",
-            "config",
-            "worker",
-            "-l",
-            "info",
-            "-Q",
-            "default,etl",
-        ];
         scope
             .docker
-            .start(scope.app_container(image, &worker))
+            .start(scope.app_container(image, WORKER))
             .await
             .unwrap();
-        let beat = ["celery", "-A", "config", "beat", "-l", "info"];
         scope
             .docker
-            .start(scope.app_container(image, &beat))
+            .start(scope.app_container(image, BEAT))
             .await
             .unwrap();
 

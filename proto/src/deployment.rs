@@ -141,3 +141,54 @@ pub enum EventKind {
         error: Option<String>,
     },
 }
+
+/// What an app runs now, service by service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub app: String,
+    /// The release that last went live, if any.
+    pub live_sha: Option<CommitSha>,
+    pub live_digest: Option<String>,
+    /// The deployment in flight, if one runs.
+    pub running_deployment: Option<DeploymentId>,
+    /// Why the app is locked, if it is.
+    pub lock: Option<AppLock>,
+    pub services: Vec<ServiceStatus>,
+}
+
+/// A lock refusing deployments of an app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppLock {
+    pub reason: String,
+    pub locked_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub locked_at: OffsetDateTime,
+}
+
+/// One service's containers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub containers: Vec<ContainerStatus>,
+}
+
+/// One container of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    pub name: String,
+    pub sha: Option<CommitSha>,
+    pub state: ContainerPhase,
+}
+
+/// Where a service container is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerPhase {
+    /// Runs the live release (or the one being deployed).
+    Running,
+    /// Runs an older release and is finishing its work after SIGTERM
+    /// (workers drain in the background after a roll).
+    Draining,
+    /// Stopped, kept for a quick rollback until the deployment ends.
+    Stopped,
+}

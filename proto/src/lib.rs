@@ -9,8 +9,8 @@ mod error;
 mod sha;
 
 pub use deployment::{
-    Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState, EventKind, Step,
-    StepState,
+    AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
+    DeploymentKind, DeploymentState, EventKind, ServiceStatus, Step, StepState,
 };
 pub use error::ErrorBody;
 pub use sha::{CommitSha, InvalidSha};

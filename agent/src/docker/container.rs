@@ -146,6 +146,7 @@ pub struct ContainerInfo {
     /// Name without Docker's leading slash.
     pub name: String,
     pub labels: HashMap<String, String>,
+    /// Running, or restarting after a crash.
     pub running: bool,
 }
 
@@ -349,7 +350,15 @@ impl Docker {
                         .map(|n| n.trim_start_matches('/').to_owned())
                         .unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
-                    running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                    // A crash-looping container is as alive as a running one:
+                    // it must be stopped like one.
+                    running: matches!(
+                        c.state,
+                        Some(
+                            ContainerSummaryStateEnum::RUNNING
+                                | ContainerSummaryStateEnum::RESTARTING
+                        )
+                    ),
                 })
             })
             .collect())
@@ -360,7 +369,14 @@ impl Docker {
     pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
         let seconds = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
         let options = StopContainerOptionsBuilder::default().t(seconds).build();
-        match self.api.stop_container(id, Some(options)).await {
+        // The engine answers once the container has exited, after up to
+        // `timeout`: bollard's default 120 s request limit would cut a long
+        // worker drain short.
+        let api = self
+            .api
+            .clone()
+            .with_timeout(timeout.saturating_add(Duration::from_secs(60)));
+        match api.stop_container(id, Some(options)).await {
             // 304: already stopped.
             Ok(())
             | Err(bollard::errors::Error::DockerResponseServerError {

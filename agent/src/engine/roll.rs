@@ -27,8 +27,8 @@ pub(crate) struct Started {
     pub port: Option<u16>,
 }
 
-/// Where a service container goes: which app, deployment and env.
-#[derive(Debug)]
+/// Where a service container goes: which app, deployment and env. No
+/// `Debug`: the env holds secrets.
 pub(crate) struct Placement<'p> {
     pub app: &'p str,
     pub app_cfg: &'p AppConfig,
@@ -89,7 +89,14 @@ impl super::Ctx {
     ) -> Result<Started, Failure> {
         let id = self.docker.start(spec).await?;
         let port = match cfg.port {
-            Some(p) => Some(self.docker.published_port(&id, p).await?),
+            Some(p) => match self.docker.published_port(&id, p).await {
+                Ok(port) => Some(port),
+                Err(e) => {
+                    // Not tracked anywhere yet: remove it here or it leaks.
+                    let _ = self.docker.remove(&id).await;
+                    return Err(e.into());
+                }
+            },
             None => None,
         };
         Ok(Started { id, port })
@@ -115,8 +122,8 @@ struct Change {
     draining: Vec<String>,
 }
 
-/// The services rolled so far, in order, and how.
-#[derive(Debug)]
+/// The services rolled so far, in order, and how. No `Debug`: it holds the
+/// app's env.
 pub(crate) struct Rollout<'a> {
     run: &'a Run,
     image: PulledImage,
@@ -348,45 +355,89 @@ impl<'a> Rollout<'a> {
     }
 
     /// Puts every changed service back on the previous release, last first.
-    /// Returns what runs now.
+    /// Carries on past a service that fails, so as many as possible run the
+    /// previous release; returns what runs now, or an account of what failed.
     pub async fn restore(self) -> Result<String, Failure> {
-        let docker = &self.run.ctx.docker;
         let mut restored = Vec::new();
+        let mut failed = Vec::new();
         for change in self.changes.iter().rev() {
-            let cfg = self.cfg(&change.service)?;
-            // New containers go first: a singleton never has two.
-            for c in &change.new {
-                docker.remove(&c.id).await?;
+            match self.restore_service(change).await {
+                Ok(()) => restored.push(change.service.clone()),
+                Err(f) => failed.push(format!("{}: {}", change.service, f.0)),
             }
-            let mut back = Vec::new();
-            for id in &change.stopped {
-                docker.restart_stopped(id).await?;
-                let port = match cfg.port {
-                    Some(p) => Some(docker.published_port(id, p).await?),
-                    None => None,
-                };
-                back.push(Started {
-                    id: id.clone(),
-                    port,
-                });
-            }
-            if !change.draining.is_empty() {
-                back.extend(self.recreate_previous(&change.service, cfg).await?);
-            }
-            for c in &back {
-                self.run.ctx.wait_ready(c, cfg).await.map_err(|f| {
-                    Failure(format!("restored {} container: {}", change.service, f.0))
-                })?;
-            }
-            restored.push(change.service.clone());
         }
+        restored.reverse();
         let release = self
             .run
             .previous
             .as_ref()
             .map_or_else(|| "the previous release".to_owned(), |p| p.sha.to_string());
-        restored.reverse();
-        Ok(format!("{} run {release} again", restored.join(", ")))
+        if failed.is_empty() {
+            return Ok(format!("{} run {release} again", restored.join(", ")));
+        }
+        let back = if restored.is_empty() {
+            "none".to_owned()
+        } else {
+            restored.join(", ")
+        };
+        Err(Failure(format!(
+            "{}; back on {release}: {back}",
+            failed.join("; ")
+        )))
+    }
+
+    /// One service back on the previous release. Singletons lose the new
+    /// container first; the others keep it until the old ones are ready, so
+    /// the service is never left with nothing.
+    async fn restore_service(&self, change: &Change) -> Result<(), Failure> {
+        let docker = &self.run.ctx.docker;
+        let cfg = self.cfg(&change.service)?;
+        let singleton = cfg.is_singleton(&change.service);
+        if singleton {
+            for c in &change.new {
+                docker.remove(&c.id).await?;
+            }
+        }
+        let mut back = Vec::new();
+        for id in &change.stopped {
+            let restarted = async {
+                docker.restart_stopped(id).await?;
+                let port = match cfg.port {
+                    Some(p) => Some(docker.published_port(id, p).await?),
+                    None => None,
+                };
+                Ok::<_, Failure>(Started {
+                    id: id.clone(),
+                    port,
+                })
+            };
+            match restarted.await {
+                Ok(started) => back.push(started),
+                // Recreated from the digest below instead.
+                Err(_) => docker.remove(id).await?,
+            }
+        }
+        let touched = !change.stopped.is_empty() || !change.draining.is_empty();
+        let missing = (cfg.replicas as usize).saturating_sub(back.len());
+        if touched && missing > 0 {
+            back.extend(
+                self.recreate_previous(&change.service, cfg, missing)
+                    .await?,
+            );
+        }
+        for c in &back {
+            self.run
+                .ctx
+                .wait_ready(c, cfg)
+                .await
+                .map_err(|f| Failure(format!("restored container: {}", f.0)))?;
+        }
+        if !singleton {
+            for c in &change.new {
+                docker.remove(&c.id).await?;
+            }
+        }
+        Ok(())
     }
 
     /// New containers of the previous release, from its pinned digest.
@@ -394,6 +445,7 @@ impl<'a> Rollout<'a> {
         &self,
         service: &str,
         cfg: &ServiceConfig,
+        count: usize,
     ) -> Result<Vec<Started>, Failure> {
         let previous = self.run.previous.as_ref().ok_or_else(|| {
             Failure(format!(
@@ -408,7 +460,7 @@ impl<'a> Rollout<'a> {
             digest: &previous.digest,
         };
         let mut started = Vec::new();
-        for index in 0..cfg.replicas {
+        for index in 0..count as u32 {
             // Indexes from 100 keep names apart from this deployment's own.
             let spec = service_spec(&self.placement(), service, cfg, &release, index + 100);
             started.push(self.run.ctx.start_service(spec, cfg).await?);

@@ -27,6 +27,21 @@ pub const VARIANTS: [&str; 8] = [
     "unhealthy-after-5s",
 ];
 
+/// The sample app's commands, as the example configuration runs them.
+pub const MIGRATE: &[&str] = &["python", "manage.py", "migrate", "--noinput"];
+pub const COLLECTSTATIC: &[&str] = &["python", "manage.py", "collectstatic", "--noinput"];
+pub const WORKER: &[&str] = &[
+    "celery",
+    "-A",
+    "config",
+    "worker",
+    "-l",
+    "info",
+    "-Q",
+    "default,etl",
+];
+pub const BEAT: &[&str] = &["celery", "-A", "config", "beat", "-l", "info"];
+
 /// The label every test object carries; `scripts/testbed.sh down` sweeps it.
 pub const TEST_LABEL: &str = "deployd.test";
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
 
-use super::roll::{Placement, ReleaseRef, Started, service_spec};
+use super::roll::{Placement, Started};
 use super::run::Failure;
 use super::{Ctx, label};
 use crate::config::{AppConfig, ServiceConfig};
@@ -162,16 +162,13 @@ impl Ctx {
                 Err(_) => self.docker.remove(&started.id).await?,
             }
         }
-        let image = format!("{}@{}", place.app_cfg.image, target.digest);
-        let release = ReleaseRef {
-            image: &image,
-            sha: &target.sha,
-            digest: &target.digest,
-        };
-        for index in ready..wanted {
-            // Indexes from 200 keep names apart from the deployment's own.
-            let spec = service_spec(place, service, cfg, &release, index as u32 + 200);
-            let started = self.start_service(spec, cfg).await?;
+        // Indexes from 200 keep names apart from the deployment's own.
+        let indexes = 200 + ready as u32..200 + wanted as u32;
+        let release = (target.sha.as_str(), target.digest.as_str());
+        for started in self
+            .start_release(place, service, cfg, release, indexes)
+            .await?
+        {
             self.wait_ready(&started, cfg).await?;
         }
         Ok(())

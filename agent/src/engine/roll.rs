@@ -102,6 +102,30 @@ impl super::Ctx {
         Ok(Started { id, port })
     }
 
+    /// Starts containers of an earlier release from its pinned digest, one per
+    /// index in `indexes` (which keeps their names apart).
+    pub(crate) async fn start_release(
+        &self,
+        place: &Placement<'_>,
+        service: &str,
+        cfg: &ServiceConfig,
+        (sha, digest): (&str, &str),
+        indexes: std::ops::Range<u32>,
+    ) -> Result<Vec<Started>, Failure> {
+        let image = format!("{}@{digest}", place.app_cfg.image);
+        let release = ReleaseRef {
+            image: &image,
+            sha,
+            digest,
+        };
+        let mut started = Vec::new();
+        for index in indexes {
+            let spec = service_spec(place, service, cfg, &release, index);
+            started.push(self.start_service(spec, cfg).await?);
+        }
+        Ok(started)
+    }
+
     /// Waits until a service container is ready: healthy for web, up for the rest.
     pub(crate) async fn wait_ready(&self, c: &Started, cfg: &ServiceConfig) -> Result<(), Failure> {
         match (c.port, &cfg.health) {
@@ -182,26 +206,15 @@ impl<'a> Rollout<'a> {
             stopped: Vec::new(),
             draining: Vec::new(),
         });
-        let ctx = &self.run.ctx;
         match strategy(service, cfg) {
             Strategy::StartFirst => {
                 self.start_new(service, cfg).await?;
-                let health = cfg
-                    .health
-                    .as_ref()
-                    .ok_or_else(|| Failure("no health check".into()))?;
-                let new = self.current().new.clone();
-                try_join_all(new.iter().map(|c| async move {
-                    let port = c.port.ok_or_else(|| Failure("no published port".into()))?;
-                    ctx.wait_healthy(&c.id, port, health).await
-                }))
-                .await
-                .map_err(|f| Failure(format!("new {service} container: {}", f.0)))?;
+                self.wait_new_ready(service, cfg).await?;
                 self.stop_old(&old, cfg).await?;
             }
             Strategy::Overlap => {
                 self.start_new(service, cfg).await?;
-                self.wait_new_up(service, cfg).await?;
+                self.wait_new_ready(service, cfg).await?;
                 for c in old {
                     self.drain(c.id, cfg);
                 }
@@ -209,7 +222,7 @@ impl<'a> Rollout<'a> {
             Strategy::StopFirst => {
                 self.stop_old(&old, cfg).await?;
                 self.start_new(service, cfg).await?;
-                self.wait_new_up(service, cfg).await?;
+                self.wait_new_ready(service, cfg).await?;
             }
         }
         Ok(())
@@ -235,10 +248,12 @@ impl<'a> Rollout<'a> {
         Ok(())
     }
 
-    async fn wait_new_up(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
+    /// Waits until every new container of the service is ready (healthy
+    /// for web, up for the rest), failing with the first that is not.
+    async fn wait_new_ready(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
         let ctx = &self.run.ctx;
         let new = self.current().new.clone();
-        try_join_all(new.iter().map(|c| ctx.wait_up(&c.id, cfg.min_healthy)))
+        try_join_all(new.iter().map(|c| ctx.wait_ready(c, cfg)))
             .await
             .map_err(|f| Failure(format!("new {service} container: {}", f.0)))?;
         Ok(())
@@ -452,19 +467,17 @@ impl<'a> Rollout<'a> {
                 "{service} had no recorded previous release to recreate"
             ))
         })?;
-        let image = format!("{}@{}", self.run.cfg.image, previous.digest);
         let sha = previous.sha.to_string();
-        let release = ReleaseRef {
-            image: &image,
-            sha: &sha,
-            digest: &previous.digest,
-        };
-        let mut started = Vec::new();
-        for index in 0..count as u32 {
-            // Indexes from 100 keep names apart from this deployment's own.
-            let spec = service_spec(&self.placement(), service, cfg, &release, index + 100);
-            started.push(self.run.ctx.start_service(spec, cfg).await?);
-        }
-        Ok(started)
+        // Indexes from 100 keep names apart from this deployment's own.
+        self.run
+            .ctx
+            .start_release(
+                &self.placement(),
+                service,
+                cfg,
+                (&sha, &previous.digest),
+                100..100 + count as u32,
+            )
+            .await
     }
 }

@@ -296,6 +296,8 @@ impl AppConfig {
             for (i, service) in order.iter().enumerate() {
                 if !self.services.contains_key(service) {
                     problems.add(format!("{at}.order[{i}]"), "names no configured service");
+                } else if order[..i].contains(service) {
+                    problems.add(format!("{at}.order[{i}]"), "names a service twice");
                 }
             }
             for service in self.services.keys() {
@@ -451,6 +453,27 @@ mod tests {
                 "apps.Shop.services.web.health",
             ],
             "{err}"
+        );
+    }
+
+    #[test]
+    fn roll_order_must_name_each_service_once() {
+        let text = r#"
+            [apps.shop]
+            image = "r.example/shop"
+            order = ["worker", "worker", "cron"]
+            [apps.shop.services.worker]
+            [apps.shop.services.beat]
+        "#;
+        let err = Config::from_toml(text).unwrap_err();
+        let problems: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            problems,
+            [
+                "apps.shop.order[1]: names a service twice",
+                "apps.shop.order[2]: names no configured service",
+                "apps.shop.order: must list every service; beat is missing",
+            ]
         );
     }
 

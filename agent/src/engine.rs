@@ -64,6 +64,8 @@ pub enum EngineError {
     #[error("no deployment {0}")]
     UnknownDeployment(DeploymentId),
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Docker(#[from] crate::docker::DockerError),
@@ -143,6 +145,9 @@ impl EngineHandle {
         store: Store,
         freeze: Option<Freeze>,
     ) -> Result<Self, EngineError> {
+        // Rolling and recovery rely on a valid config (services named in
+        // `order` exist, web has a health check, ...).
+        config.validate()?;
         let (events, _) = broadcast::channel(4096);
         let http = reqwest::Client::builder()
             .no_proxy()

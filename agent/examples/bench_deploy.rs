@@ -102,6 +102,7 @@ async fn main() {
                 force: false,
                 reason: None,
                 requested_by: "bench".into(),
+                digest: None,
             };
             let started = Instant::now();
             let id = engine.deploy(request).await.unwrap().id;

@@ -46,6 +46,9 @@ pub struct DeployRequest {
     pub force: bool,
     pub reason: Option<String>,
     pub requested_by: String,
+    /// Deploy exactly this image digest of the sha (rollbacks: what ran
+    /// then, even if the tag was moved since).
+    pub digest: Option<String>,
 }
 
 /// Why the engine refused a request.
@@ -232,6 +235,7 @@ impl EngineHandle {
             force: true,
             reason,
             requested_by: requested_by.to_owned(),
+            digest: Some(target.digest.clone()),
         };
         self.submit(request, DeploymentKind::Rollback).await
     }
@@ -345,7 +349,7 @@ impl Engine {
             app: request.app.clone(),
             kind,
             sha: request.sha.clone(),
-            digest: None,
+            digest: request.digest.clone(),
             previous_sha: live.as_ref().map(|r| r.sha.clone()),
             requested_by: request.requested_by,
             reason: request.reason,

@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use deployd::config::Config;
+use deployd::docker::ImageRef;
 use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
 use deployd::store::Store;
 use deployd_proto::{ContainerPhase, Deployment, DeploymentState};
@@ -97,6 +98,7 @@ impl Agent {
             force: false,
             reason: Some(format!("test {variant}")),
             requested_by: "engine-test".into(),
+            digest: None,
         }
     }
 
@@ -388,10 +390,8 @@ async fn failures_before_the_switch_leave_the_running_release_alone() {
 async fn failures_after_the_switch_roll_every_service_back() {
     scoped(|scope| async move {
         let agent = agent(&scope).await;
-        assert_eq!(
-            agent.deploy(&scope, "release-1").await.state,
-            DeploymentState::Succeeded
-        );
+        let first = agent.deploy(&scope, "release-1").await;
+        assert_eq!(first.state, DeploymentState::Succeeded);
 
         deploy_broken(
             &scope,
@@ -410,11 +410,21 @@ async fn failures_after_the_switch_roll_every_service_back() {
         )
         .await;
 
-        // A manual rollback goes back to the release before the live one.
+        // A manual rollback goes back to the release before the live one,
+        // by its digest: moving its tag (a force-push) changes nothing.
         assert_eq!(
             agent.deploy(&scope, "release-2").await.state,
             DeploymentState::Succeeded
         );
+        let repository = agent.config.apps[&agent.app].image.clone();
+        let moved = ImageRef::new(repository, scope.bed.sha("release-1"));
+        let release_2 = scope.bed.image("release-2").to_string();
+        let auth = scope.bed.registry_auth();
+        scope
+            .docker
+            .tag_and_push(&release_2, &moved, &auth)
+            .await
+            .unwrap();
         let back = agent
             .engine
             .rollback(&agent.app, None, "ops", Some("test".into()))
@@ -422,7 +432,12 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .unwrap();
         let back = agent.engine.wait(&back.id).await.unwrap();
         assert_eq!(back.state, DeploymentState::Succeeded, "{back:#?}");
+        assert_eq!(back.digest, first.digest);
         assert_eq!(running(&scope).await, all_on(&scope, "release-1"));
+        let app = agent.app.as_str();
+        for c in scope.docker.containers(&[(label::APP, app)]).await.unwrap() {
+            assert_eq!(c.labels.get(label::DIGEST), first.digest.as_ref(), "{c:?}");
+        }
 
         // A locked app refuses deployments until unlocked.
         agent

@@ -145,12 +145,44 @@ impl Docker {
         image: &ImageRef,
         auth: Option<&RegistryAuth>,
     ) -> Result<PulledImage, DockerError> {
+        let reported = self.fetch(image, image.tag.as_str(), auth).await?;
+        self.pinned(image, reported).await
+    }
+
+    /// Pulls the exact image `digest` of `image`'s repository: what a
+    /// rollback runs, whatever the tag points at now.
+    pub async fn pull_digest(
+        &self,
+        image: &ImageRef,
+        digest: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<PulledImage, DockerError> {
+        self.fetch(image, digest, auth).await?;
+        let pinned = format!("{}@{digest}", image.repository);
+        self.api
+            .inspect_image(&pinned)
+            .await
+            .map_err(DockerError::engine(format!("inspect {pinned}")))?;
+        Ok(PulledImage {
+            digest: digest.to_owned(),
+            pinned,
+        })
+    }
+
+    /// Pulls `image.repository` at `reference` (a tag or a digest); returns
+    /// the digest the engine reported.
+    async fn fetch(
+        &self,
+        image: &ImageRef,
+        reference: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<Option<String>, DockerError> {
         let options = CreateImageOptionsBuilder::default()
             .from_image(&image.repository)
-            .tag(image.tag.as_str())
+            .tag(reference)
             .build();
         let credentials = auth.map(|a| a.credentials(image));
-        tracing::debug!(%image, "pulling");
+        tracing::debug!(%image, reference, "pulling");
         let progress = self
             .api
             .create_image(Some(options), None, credentials)
@@ -163,16 +195,13 @@ impl Docker {
                     .map(str::to_owned);
                 Ok(reported.or(digest))
             });
-        let digest = match tokio::time::timeout(PULL_TIMEOUT, progress).await {
-            Ok(result) => result.map_err(|e| pull_error(image, &e))?,
-            Err(_) => {
-                return Err(DockerError::Timeout {
-                    what: format!("pulling {image}"),
-                    timeout: PULL_TIMEOUT,
-                });
-            }
-        };
-        self.pinned(image, digest).await
+        match tokio::time::timeout(PULL_TIMEOUT, progress).await {
+            Ok(result) => result.map_err(|e| pull_error(image, &e)),
+            Err(_) => Err(DockerError::Timeout {
+                what: format!("pulling {image}"),
+                timeout: PULL_TIMEOUT,
+            }),
+        }
     }
 
     /// Pins the pulled image: by the digest the pull reported, checked

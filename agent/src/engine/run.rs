@@ -34,6 +34,8 @@ pub(crate) struct Run {
     pub sha: CommitSha,
     /// What ran before this deployment, from the store.
     pub previous: Option<Release>,
+    /// The exact digest to deploy, when one was asked for (rollbacks).
+    pub pin: Option<String>,
 }
 
 impl Run {
@@ -50,6 +52,7 @@ impl Run {
             id: d.id.clone(),
             sha: d.sha.clone(),
             previous,
+            pin: d.digest.clone(),
         }
     }
 
@@ -197,7 +200,10 @@ impl Run {
 
     async fn pull(&self, auth: Option<&RegistryAuth>) -> Result<PulledImage, Failure> {
         let image = ImageRef::new(self.cfg.image.clone(), self.sha.clone());
-        Ok(self.ctx.docker.pull(&image, auth).await?)
+        Ok(match &self.pin {
+            Some(digest) => self.ctx.docker.pull_digest(&image, digest, auth).await?,
+            None => self.ctx.docker.pull(&image, auth).await?,
+        })
     }
 }
 

@@ -63,6 +63,28 @@ impl DockerError {
     }
 }
 
+/// The HTTP status the engine answered with, when the error is an answer.
+fn status_code(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// An engine call whose `benign` answers mean the goal already holds (404
+/// on removal: already gone; 304 on stop or start: already so).
+fn tolerate<T>(
+    result: Result<T, bollard::errors::Error>,
+    benign: u16,
+    action: impl Into<String>,
+) -> Result<(), DockerError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if status_code(&e) == Some(benign) => Ok(()),
+        Err(e) => Err(DockerError::engine(action)(e)),
+    }
+}
+
 /// The engine's own message where there is one, bollard's description otherwise.
 fn engine_message(e: &bollard::errors::Error) -> String {
     use bollard::errors::Error;

@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
-use super::{Docker, DockerError};
+use super::{Docker, DockerError, tolerate};
 
 /// How a container is created. Images are given pinned (`repo@sha256:...`).
 #[derive(Clone, Default)]
@@ -304,13 +304,8 @@ impl Docker {
             .force(true)
             .v(true)
             .build();
-        match self.api.remove_container(id, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::engine("remove a container")(e)),
-        }
+        let result = self.api.remove_container(id, Some(options)).await;
+        tolerate(result, 404, "remove a container")
     }
 
     /// Ids of all containers, running or not, carrying `label=value`.
@@ -376,25 +371,17 @@ impl Docker {
             .api
             .clone()
             .with_timeout(timeout.saturating_add(Duration::from_secs(60)));
-        match api.stop_container(id, Some(options)).await {
-            // 304: already stopped.
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::engine("stop a container")(e)),
-        }
+        tolerate(
+            api.stop_container(id, Some(options)).await,
+            304,
+            "stop a container",
+        )
     }
 
     /// Starts an existing, stopped container again.
     pub async fn restart_stopped(&self, id: &str) -> Result<(), DockerError> {
-        match self.api.start_container(id, None).await {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::engine("start a container")(e)),
-        }
+        let result = self.api.start_container(id, None).await;
+        tolerate(result, 304, "start a container")
     }
 
     /// The last `lines` lines a container printed, to explain why it died.

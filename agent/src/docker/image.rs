@@ -14,7 +14,7 @@ use deployd_proto::CommitSha;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
-use super::{Docker, DockerError, engine_message};
+use super::{Docker, DockerError, engine_message, status_code, tolerate};
 
 /// `<repository>:<sha>`: a release as CI pushed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,19 +245,13 @@ impl Docker {
     /// image goes with its last reference. Returns `false` when a container
     /// still uses it (the engine refuses), `true` when gone or already absent.
     pub async fn remove_image_ref(&self, reference: &str) -> Result<bool, DockerError> {
-        match self
+        let result = self
             .api
             .remove_image(reference, None::<RemoveImageOptions>, None)
-            .await
-        {
-            Ok(_)
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(false),
-            Err(e) => Err(DockerError::engine(format!("remove image {reference}"))(e)),
+            .await;
+        match result {
+            Err(e) if status_code(&e) == Some(409) => Ok(false),
+            other => tolerate(other, 404, format!("remove image {reference}")).map(|()| true),
         }
     }
 
@@ -285,9 +279,7 @@ impl Docker {
     pub async fn has_image(&self, reference: &str) -> Result<bool, DockerError> {
         match self.api.inspect_image(reference).await {
             Ok(_) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(false),
+            Err(e) if status_code(&e) == Some(404) => Ok(false),
             Err(e) => Err(DockerError::engine(format!("inspect {reference}"))(e)),
         }
     }
@@ -331,10 +323,7 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Sorts a failed pull into what the user must fix.
 fn pull_error(image: &ImageRef, e: &bollard::errors::Error) -> DockerError {
     let image = image.to_string();
-    let status = match e {
-        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    };
+    let status = status_code(e);
     let message = engine_message(e);
     classify_pull_failure(image, status, message)
 }

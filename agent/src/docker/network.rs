@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use bollard::models::NetworkCreateRequest;
 
-use super::{Docker, DockerError};
+use super::{Docker, DockerError, tolerate};
 
 impl Docker {
     /// Creates a bridge network with `labels`; returns its id.
@@ -29,12 +29,7 @@ impl Docker {
 
     /// Removes a network; one that is already gone counts as removed.
     pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
-        match self.api.remove_network(name).await {
-            Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::engine(format!("remove network {name}"))(e)),
-        }
+        let result = self.api.remove_network(name).await;
+        tolerate(result, 404, format!("remove network {name}"))
     }
 }

@@ -1,20 +1,14 @@
 //! Named volumes (an app's static files, for instance).
 
-use super::{Docker, DockerError};
+use super::{Docker, DockerError, tolerate};
 
 impl Docker {
     /// Removes a named volume; one that is already gone counts as removed.
     pub async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
-        match self
+        let result = self
             .api
             .remove_volume(name, None::<bollard::query_parameters::RemoveVolumeOptions>)
-            .await
-        {
-            Ok(())
-            | Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::engine(format!("remove volume {name}"))(e)),
-        }
+            .await;
+        tolerate(result, 404, format!("remove volume {name}"))
     }
 }

@@ -209,7 +209,8 @@ impl EngineHandle {
         }
     }
 
-    /// Rolls `app` back to `to`, or to the release live before the current one.
+    /// Rolls `app` back to `to`, or to the release live before the current
+    /// one. Only the last `retain` releases qualify: older images are pruned.
     pub async fn rollback(
         &self,
         app: &str,
@@ -217,7 +218,11 @@ impl EngineHandle {
         requested_by: &str,
         reason: Option<String>,
     ) -> Result<Deployment, EngineError> {
-        let releases = self.ctx.store.live_releases(app, usize::MAX)?;
+        let cfg = self
+            .apps
+            .get(app)
+            .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
+        let releases = self.ctx.store.live_releases(app, cfg.retain)?;
         let target = match to {
             Some(sha) => releases.iter().find(|r| r.sha == sha).ok_or_else(|| {
                 EngineError::UnknownRelease {
@@ -260,14 +265,11 @@ impl EngineHandle {
     /// Waits until a deployment has ended and returns its record.
     pub async fn wait(&self, id: &DeploymentId) -> Result<Deployment, EngineError> {
         let mut events = self.ctx.events.subscribe();
+        let unknown = || EngineError::UnknownDeployment(id.clone());
         loop {
-            let d = self
-                .ctx
-                .store
-                .get(id)?
-                .ok_or_else(|| EngineError::UnknownDeployment(id.clone()))?;
-            if d.state.is_terminal() {
-                return Ok(d);
+            let state = self.ctx.store.state(id)?.ok_or_else(unknown)?;
+            if state.is_terminal() {
+                return self.ctx.store.get(id)?.ok_or_else(unknown);
             }
             // Any event may be the last; on lag, the store is read again.
             let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
@@ -404,14 +406,18 @@ impl Ctx {
         std::future::pending::<()>().await;
     }
 
-    /// Records an event, then tells live subscribers. A store failure is
-    /// logged: progress must not stop because a log line was lost.
+    /// Records an event, then tells live subscribers.
+    fn record(&self, id: &DeploymentId, kind: EventKind) -> Result<(), StoreError> {
+        let event = self.store.append_event(id, kind)?;
+        let _ = self.events.send((id.clone(), event));
+        Ok(())
+    }
+
+    /// Like [`Ctx::record`], for events progress must not stop for (an
+    /// output line, the record of an undo): a store failure is logged.
     fn emit(&self, id: &DeploymentId, kind: EventKind) {
-        match self.store.append_event(id, kind) {
-            Ok(event) => {
-                let _ = self.events.send((id.clone(), event));
-            }
-            Err(e) => tracing::error!(deployment.id = %id, error = %e, "cannot record event"),
+        if let Err(e) = self.record(id, kind) {
+            tracing::error!(deployment.id = %id, error = %e, "cannot record event");
         }
     }
 }

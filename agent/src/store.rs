@@ -23,6 +23,11 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("deployment store holds a record it cannot read: {0}")]
     Corrupt(String),
+    #[error(
+        "deployment store has schema version {found}, newer than this deployd knows ({known}); \
+         run the deployd that wrote it, or restore a backup"
+    )]
+    TooNew { found: i64, known: i64 },
 }
 
 /// A cloneable handle to the store.
@@ -47,7 +52,11 @@ pub struct Release {
     pub deployment: DeploymentId,
 }
 
-const SCHEMA: &str = "
+/// Schema migrations, in order: the store's `user_version` says how many
+/// have been applied. Never edit one that shipped; append a new one.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
     id TEXT PRIMARY KEY,
     app TEXT NOT NULL,
@@ -104,15 +113,31 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("bad timestamp {text:?}")))
 }
 
+/// Brings the schema up to date, one transaction per migration.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(dir.join("deployd.sqlite3"))?;
+        let mut conn = Connection::open(dir.join("deployd.sqlite3"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -250,6 +275,19 @@ impl Store {
             .iter()
             .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(e.to_string())))
             .collect()
+    }
+
+    /// A deployment's state alone, if it exists: cheaper than [`Store::get`].
+    pub fn state(&self, id: &DeploymentId) -> Result<Option<DeploymentState>, StoreError> {
+        let text = self
+            .conn()
+            .query_row(
+                "SELECT state FROM deployments WHERE id = ?1",
+                params![id.0],
+                |row| row.get::<_, String>(0),
+            )
+            .optional()?;
+        text.map(|t| enum_parse(&t)).transpose()
     }
 
     /// One deployment with its steps, if it exists.
@@ -590,5 +628,24 @@ mod tests {
         );
         assert!(store.unlock("shop").unwrap());
         assert!(!store.unlock("shop").unwrap());
+    }
+
+    #[test]
+    fn schema_is_versioned_and_a_newer_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join("deployd.sqlite3")).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        // Reopening applies nothing twice.
+        drop(Store::open(dir.path()).unwrap());
+
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+        assert!(err.to_string().contains("newer than this deployd"));
     }
 }

@@ -4,23 +4,33 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deployd::config::Config;
-use deployd::docker::ImageRef;
+use deployd::docker::{ContainerSpec, ImageRef};
 use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
 use deployd::store::Store;
-use deployd_proto::{ContainerPhase, Deployment, DeploymentState};
+use deployd_proto::{CommitSha, ContainerPhase, Deployment, DeploymentState};
 use reqwest::header::HOST;
 use support::{Scope, poll, scoped};
 
 /// The example config's shape, pointed at this scope's network and secrets,
 /// with waits short enough for tests and long enough for every variant.
 fn config(scope: &Scope, state_dir: &std::path::Path, repository: &str) -> Config {
-    let bed = &scope.bed;
     let text = format!(
+        "state_dir = \"{}\"\n{}",
+        state_dir.display(),
+        app_config(scope, &scope.app(), repository)
+    );
+    Config::from_toml(&text).unwrap()
+}
+
+/// One app's section of the test config.
+fn app_config(scope: &Scope, app: &str, repository: &str) -> String {
+    let bed = &scope.bed;
+    format!(
         r#"
-        state_dir = "{state}"
         [apps.{app}]
         image = "{image}"
         registry_auth_file = "{auth}"
@@ -53,16 +63,13 @@ fn config(scope: &Scope, state_dir: &std::path::Path, repository: &str) -> Confi
         min_healthy = "3s"
         stop_timeout = "10s"
         "#,
-        state = state_dir.display(),
-        app = scope.app(),
         image = repository,
         auth = bed.var("REGISTRY_AUTH"),
         env = bed.var("APP_ENV"),
         network = scope.network,
         volume = scope.static_volume(),
         host = bed.app_host(),
-    );
-    Config::from_toml(&text).unwrap()
+    )
 }
 
 struct Agent {
@@ -114,10 +121,13 @@ impl Agent {
 
 /// (service, sha) of every running container of the app, sorted.
 async fn running(scope: &Scope) -> Vec<(String, String)> {
-    let app = scope.app();
+    running_of(scope, &scope.app()).await
+}
+
+async fn running_of(scope: &Scope, app: &str) -> Vec<(String, String)> {
     let mut found: Vec<(String, String)> = scope
         .docker
-        .containers(&[(label::APP, app.as_str())])
+        .containers(&[(label::APP, app)])
         .await
         .unwrap()
         .into_iter()
@@ -532,7 +542,12 @@ async fn a_crash_at_any_step_boundary_converges_at_restart() {
                 error.contains(&format!("every service runs {}", scope.bed.sha(live))),
                 "{boundary}: {error}"
             );
-            assert_eq!(running(&scope).await, all_on(&scope, live), "{boundary}");
+            // Old workers drain in the background: wait for them to go.
+            let wanted = all_on(&scope, live);
+            poll(boundary, Duration::from_secs(60), || async {
+                (running(&scope).await == wanted).then_some(())
+            })
+            .await;
             let leftovers = scope
                 .docker
                 .containers(&[(label::APP, agent.app.as_str())])
@@ -552,6 +567,144 @@ async fn a_crash_at_any_step_boundary_converges_at_restart() {
             let live_release = restarted.store().live_release(&agent.app).unwrap().unwrap();
             assert_eq!(live_release.sha, scope.bed.sha(live), "{boundary}");
         }
+    })
+    .await;
+}
+
+async fn deployed(engine: &EngineHandle, request: DeployRequest) -> Deployment {
+    let started = engine.deploy(request).await.unwrap();
+    engine.wait(&started.id).await.unwrap()
+}
+
+#[tokio::test]
+async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
+    scoped(|scope| async move {
+        let (a, b) = (scope.app(), scope.second_app());
+        let repository_a = scope.publish_releases().await;
+        let repository_b = scope.publish_releases_of(&b).await;
+        // A third good release of a: release 2's image under another sha.
+        let third: CommitSha = "feedc0ffee1".parse().unwrap();
+        let auth = scope.bed.registry_auth();
+        let release_2 = scope.bed.image("release-2").to_string();
+        let target = ImageRef::new(repository_a.clone(), third.clone());
+        scope
+            .docker
+            .tag_and_push(&release_2, &target, &auth)
+            .await
+            .unwrap();
+
+        // b has its own database and broker on the same network.
+        let state = tempfile::tempdir().unwrap();
+        let env_b = state.path().join("b.env");
+        let env = std::fs::read_to_string(scope.bed.var("APP_ENV")).unwrap();
+        let env = env.replace("@db:5432/", "@db-b:5432/");
+        std::fs::write(&env_b, env.replace("redis:6379/0", "redis:6379/1")).unwrap();
+        let section_a = app_config(&scope, &a, &repository_a).replacen(
+            "verify = \"8s\"",
+            "verify = \"8s\"\nretain = 2",
+            1,
+        );
+        let section_b = app_config(&scope, &b, &repository_b)
+            .replace(scope.bed.var("APP_ENV"), &env_b.display().to_string());
+        let text = format!(
+            "state_dir = \"{}\"\n{section_a}\n{section_b}",
+            state.path().display()
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let engine = EngineHandle::start(&config, scope.docker.clone(), store)
+            .await
+            .unwrap();
+        scope.start_db().await;
+        scope.start_db_as("db-b").await;
+        scope.start_redis().await;
+        let request = |app: &str, sha: CommitSha| DeployRequest {
+            app: app.to_owned(),
+            sha,
+            force: false,
+            reason: None,
+            requested_by: "engine-test".into(),
+            digest: None,
+        };
+        let (r1, r2) = (scope.bed.sha("release-1"), scope.bed.sha("release-2"));
+
+        // Both apps deploy at once: one app's deployment is no conflict for
+        // the other's.
+        let (da, db) = tokio::join!(
+            deployed(&engine, request(&a, r1.clone())),
+            deployed(&engine, request(&b, r1.clone())),
+        );
+        assert_eq!(da.state, DeploymentState::Succeeded, "{da:#?}");
+        assert_eq!(db.state, DeploymentState::Succeeded, "{db:#?}");
+        for d in [&da, &db] {
+            assert!(d.migrations.contains(&"shop.0001_initial".to_owned()));
+        }
+        assert_eq!(running_of(&scope, &a).await, all_on(&scope, "release-1"));
+
+        for sha in [r2.clone(), third.clone()] {
+            let d = deployed(&engine, request(&a, sha)).await;
+            assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
+        }
+        assert_eq!(running_of(&scope, &b).await, all_on(&scope, "release-1"));
+
+        // a keeps 2 releases: the live one and release 2. Release 1 is gone
+        // from rollback's reach; a release that never went live never was.
+        for sha in [r1.clone(), scope.bed.sha("healthz-500")] {
+            let err = engine
+                .rollback(&a, Some(sha), "ops", None)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, EngineError::UnknownRelease { .. }), "{err:?}");
+            assert!(err.to_string().contains("kept for rollback"), "{err}");
+        }
+        let back = engine
+            .rollback(&a, Some(r2.clone()), "ops", Some("named".into()))
+            .await
+            .unwrap();
+        let back = engine.wait(&back.id).await.unwrap();
+        assert_eq!(back.state, DeploymentState::Succeeded, "{back:#?}");
+        assert_eq!(back.sha, r2);
+        assert_eq!(running_of(&scope, &a).await, all_on(&scope, "release-2"));
+        assert_eq!(running_of(&scope, &b).await, all_on(&scope, "release-1"));
+
+        // Leftovers of other releases found at start are ended: a stopped
+        // web container is removed, a running worker drains, the live
+        // release is left alone.
+        drop(engine);
+        let leftover = |service: &str| ContainerSpec {
+            image: scope.bed.image("release-1").to_string(),
+            // Ends at SIGTERM, as a worker's warm shutdown would.
+            cmd: Some(
+                ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"]
+                    .map(String::from)
+                    .into(),
+            ),
+            labels: HashMap::from([
+                (label::APP.to_owned(), a.clone()),
+                (label::SERVICE.to_owned(), service.to_owned()),
+                (label::SHA.to_owned(), r1.to_string()),
+                (label::DIGEST.to_owned(), "sha256:0".to_owned()),
+            ]),
+            ..Default::default()
+        };
+        let stopped = scope.docker.start(leftover("web")).await.unwrap();
+        scope
+            .docker
+            .stop(&stopped, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let draining = scope.docker.start(leftover("worker")).await.unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let _engine = EngineHandle::start(&config, scope.docker.clone(), store)
+            .await
+            .unwrap();
+        poll("leftovers to be ended", Duration::from_secs(60), || async {
+            let all = scope.docker.containers(&[(label::APP, &a)]).await.unwrap();
+            let ids: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
+            (!ids.contains(&stopped.as_str()) && !ids.contains(&draining.as_str())).then_some(())
+        })
+        .await;
+        assert_eq!(running_of(&scope, &a).await, all_on(&scope, "release-2"));
     })
     .await;
 }

@@ -9,6 +9,7 @@ use crate::CommitSha;
 
 /// Identifies a deployment; time-ordered (UUID v7), so ids sort by creation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct DeploymentId(pub String);
 
@@ -20,6 +21,7 @@ impl fmt::Display for DeploymentId {
 
 /// Where a deployment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentState {
     /// Accepted, not started.
@@ -47,6 +49,7 @@ impl DeploymentState {
 
 /// What a deployment was asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentKind {
     /// Ship a new release.
@@ -57,6 +60,7 @@ pub enum DeploymentKind {
 
 /// One deployment of one app, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Deployment {
     pub id: DeploymentId,
     pub app: String,
@@ -87,6 +91,7 @@ pub struct Deployment {
 
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
     Running,
@@ -96,6 +101,7 @@ pub enum StepState {
 
 /// One step of a deployment (`pull`, `task:migrate`, `roll:web`, ...).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Step {
     pub name: String,
     pub state: StepState,
@@ -109,6 +115,7 @@ pub struct Step {
 
 /// Something that happened during a deployment, numbered from 1 in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeploymentEvent {
     pub seq: u64,
     #[serde(with = "time::serde::rfc3339")]
@@ -119,6 +126,7 @@ pub struct DeploymentEvent {
 
 /// The kinds of [`DeploymentEvent`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     StepStarted {
@@ -144,6 +152,7 @@ pub enum EventKind {
 
 /// What an app runs now, service by service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AppStatus {
     pub app: String,
     /// The release that last went live, if any.
@@ -158,6 +167,7 @@ pub struct AppStatus {
 
 /// A lock refusing deployments of an app.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AppLock {
     pub reason: String,
     pub locked_by: String,
@@ -167,6 +177,7 @@ pub struct AppLock {
 
 /// One service's containers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServiceStatus {
     pub name: String,
     pub containers: Vec<ContainerStatus>,
@@ -174,6 +185,7 @@ pub struct ServiceStatus {
 
 /// One container of a service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContainerStatus {
     pub name: String,
     pub sha: Option<CommitSha>,
@@ -182,6 +194,7 @@ pub struct ContainerStatus {
 
 /// Where a service container is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ContainerPhase {
     /// Runs the live release (or the one being deployed).

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 /// `code` is a stable, machine-readable `snake_case` identifier that clients
 /// may match on; `message` is a sentence for humans and may change wording.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// Stable identifier of the error kind, e.g. `invalid_sha`.
     pub code: String,

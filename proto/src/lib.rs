@@ -4,6 +4,7 @@
 //! shapes of the versioned HTTP API, with the validation that both sides must
 //! agree on (what a commit sha looks like, for instance).
 
+mod api;
 mod deployment;
 mod error;
 mod sha;
@@ -11,6 +12,10 @@ mod sha;
 pub use deployment::{
     AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
     DeploymentKind, DeploymentState, EventKind, ServiceStatus, Step, StepState,
+};
+pub use api::{
+    DeployRequest, DeploymentPage, Grant, LockRequest, MAX_REASON_CHARS, RollbackRequest, Scope,
+    WhoAmI,
 };
 pub use error::ErrorBody;
 pub use sha::{CommitSha, InvalidSha};

@@ -72,6 +72,22 @@ impl fmt::Display for CommitSha {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for CommitSha {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[0-9a-f]{7,40}$"))
+            .min_length(Some(Self::MIN_LEN))
+            .max_length(Some(Self::MAX_LEN))
+            .description(Some("A git commit sha: 7 to 40 lowercase hex digits"))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for CommitSha {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -206,19 +206,31 @@ impl Docker {
         if let Some(rest) = lines.flush() {
             on_line(&rest);
         }
-        let exit_code = match self.state(id).await? {
-            ContainerState::Exited { exit_code } => exit_code,
-            ContainerState::Running { .. } => {
-                return Err(DockerError::Engine {
-                    action: "follow a one-off container".into(),
-                    reason: "its output ended while it still runs".into(),
-                });
-            }
-        };
+        let exit_code = self.exit_code(id).await?;
         Ok(OneOffOutput {
             exit_code,
             lines: lines.finish(),
         })
+    }
+
+    /// Waits until a container is no longer running; returns its exit
+    /// status. Its output ending is not enough: the engine may record the
+    /// exit a moment later.
+    async fn exit_code(&self, id: &str) -> Result<i64, DockerError> {
+        let options = WaitContainerOptionsBuilder::default()
+            .condition("not-running")
+            .build();
+        let mut answers = self.api.wait_container(id, Some(options));
+        match answers.next().await {
+            Some(Ok(answer)) => Ok(answer.status_code),
+            // bollard turns a non-zero status into an error.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(DockerError::engine("wait for a one-off container")(e)),
+            None => Err(DockerError::Engine {
+                action: "wait for a one-off container".into(),
+                reason: "the engine did not report its exit".into(),
+            }),
+        }
     }
 
     /// Creates and starts a long-running container; returns its id.

@@ -3,10 +3,16 @@
 //!
 //! Each service of the app converges to one release: the new one if the
 //! deployment had passed verification (only its cleanup was cut short),
-//! otherwise the last release that was live. Containers of any other
-//! release, and leftover one-off task containers, are removed; missing ones
-//! are recreated from the pinned digest. The deployment ends `interrupted`,
-//! with an account of what runs.
+//! otherwise the last release that was live. Missing containers are
+//! recreated from the pinned digest; once they are ready, containers of any
+//! other release are ended as a roll would (web stopped with its stop
+//! timeout, workers drained in the background; a singleton's before its
+//! replacement starts). Leftover one-off task containers are removed. The
+//! deployment ends `interrupted`, with an account of what runs.
+//!
+//! Apps with nothing in flight are tidied: containers of releases other
+//! than the live one (an old worker whose drain a restart cut short) are
+//! ended the same way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +22,7 @@ use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
 use super::roll::{Placement, Started};
 use super::run::Failure;
 use super::{Ctx, label};
-use crate::config::{AppConfig, ServiceConfig};
+use crate::config::{AppConfig, Role, ServiceConfig};
 use crate::docker::ContainerInfo;
 use crate::env_file;
 use crate::store::StoreError;
@@ -30,7 +36,8 @@ struct Target {
 }
 
 impl Ctx {
-    /// Reconciles every unfinished deployment; returns how many there were.
+    /// Reconciles every unfinished deployment, then tidies the other apps;
+    /// returns how many deployments were unfinished.
     pub(crate) async fn recover(
         &self,
         apps: &HashMap<String, Arc<AppConfig>>,
@@ -58,6 +65,20 @@ impl Ctx {
                 },
             );
         }
+        for (app, cfg) in apps {
+            if unfinished.iter().any(|d| &d.app == app) {
+                continue;
+            }
+            match self.tidy(app, cfg).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(%app, containers = n, "ended leftovers of earlier releases")
+                }
+                Err(f) => {
+                    tracing::warn!(%app, error = %f.0, "leftovers of earlier releases not ended")
+                }
+            }
+        }
         Ok(unfinished.len())
     }
 
@@ -84,7 +105,7 @@ impl Ctx {
                 digest: live.digest,
                 new: false,
             },
-            (_, _, None) => return self.remove_deployment(d).await,
+            (_, _, None) => return self.remove_deployment(d, cfg).await,
         };
         let env = match &cfg.env_file {
             Some(path) => env_file::read(path)?,
@@ -108,14 +129,19 @@ impl Ctx {
         Ok(format!("every service runs {} again", target.sha))
     }
 
-    /// First deployment of an app: there is nothing to go back to.
-    async fn remove_deployment(&self, d: &Deployment) -> Result<String, Failure> {
+    /// First deployment of an app: there is nothing to go back to. Its
+    /// containers get their stop timeout, then are removed.
+    async fn remove_deployment(&self, d: &Deployment, cfg: &AppConfig) -> Result<String, Failure> {
         for c in self
             .docker
             .containers(&[(label::APP, &d.app), (label::DEPLOYMENT, &d.id.0)])
             .await?
         {
-            self.docker.remove(&c.id).await?;
+            let service = c.labels.get(label::SERVICE);
+            match service.and_then(|s| cfg.services.get(s)) {
+                Some(service_cfg) => self.stop_and_remove(&c, service_cfg).await?,
+                None => self.docker.remove(&c.id).await?,
+            }
         }
         Ok("no earlier release ran; its containers were removed".into())
     }
@@ -136,14 +162,15 @@ impl Ctx {
                 c.labels.get(label::SHA) == Some(&target.sha)
                     && c.labels.get(label::DIGEST) == Some(&target.digest)
             });
-        // Others go first, so a singleton never has two.
-        for c in &other {
-            self.docker.remove(&c.id).await?;
-        }
         keep.sort_by_key(|c| !c.running);
         let wanted = cfg.replicas as usize;
-        for extra in keep.drain(wanted.min(keep.len())..) {
-            self.docker.remove(&extra.id).await?;
+        let extra: Vec<ContainerInfo> = keep.drain(wanted.min(keep.len())..).collect();
+        let singleton = cfg.is_singleton(service);
+        if singleton {
+            // The other one has exited before the target starts.
+            for c in other.iter().chain(&extra) {
+                self.stop_and_remove(c, cfg).await?;
+            }
         }
         let mut ready = 0;
         for c in keep {
@@ -171,6 +198,67 @@ impl Ctx {
         {
             self.wait_ready(&started, cfg).await?;
         }
+        if !singleton {
+            // Only now that the target is ready: web never has nothing up.
+            for c in other.iter().chain(&extra) {
+                self.retire(c, service, cfg).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Gracefully ends a container that is not of the release a service
+    /// converges to: web is stopped, the others drain in the background.
+    async fn retire(
+        &self,
+        c: &ContainerInfo,
+        service: &str,
+        cfg: &ServiceConfig,
+    ) -> Result<(), Failure> {
+        if c.running && cfg.role_of(service) != Some(Role::Web) {
+            self.drain(c.id.clone(), cfg.stop_timeout);
+            return Ok(());
+        }
+        self.stop_and_remove(c, cfg).await
+    }
+
+    async fn stop_and_remove(&self, c: &ContainerInfo, cfg: &ServiceConfig) -> Result<(), Failure> {
+        if c.running {
+            self.docker.stop(&c.id, cfg.stop_timeout).await?;
+        }
+        self.docker.remove(&c.id).await?;
+        Ok(())
+    }
+
+    /// At start, for an app with no deployment in flight: ends what is left
+    /// of other releases (old containers whose drain or removal a restart
+    /// cut short). A stray singleton is stopped before anything else runs.
+    async fn tidy(&self, app: &str, cfg: &AppConfig) -> Result<usize, Failure> {
+        let Some(live) = self.store.live_release(app)? else {
+            return Ok(0);
+        };
+        let (sha, digest) = (live.sha.to_string(), live.digest);
+        let mut ended = 0;
+        for service in cfg.roll_order() {
+            let Some(service_cfg) = cfg.services.get(&service) else {
+                continue;
+            };
+            let found = self
+                .docker
+                .containers(&[(label::APP, app), (label::SERVICE, &service)])
+                .await?;
+            for c in found.iter().filter(|c| {
+                c.labels.get(label::SHA) != Some(&sha)
+                    || c.labels.get(label::DIGEST) != Some(&digest)
+            }) {
+                if service_cfg.is_singleton(&service) {
+                    self.stop_and_remove(c, service_cfg).await?;
+                } else {
+                    self.retire(c, &service, service_cfg).await?;
+                }
+                ended += 1;
+            }
+        }
+        Ok(ended)
     }
 }

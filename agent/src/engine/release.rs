@@ -39,14 +39,30 @@ impl Run {
             ..Default::default()
         };
         let step = format!("task:{}", task.name);
+        let output_line = |line: String| EventKind::Output {
+            step: step.clone(),
+            line,
+        };
+        // The log keeps a task's first lines as they come and, when it says
+        // more, a note and its last lines at the end: where a cause is.
+        let mut seen = 0usize;
+        let mut applied = Vec::new();
         let live = |line: &str| {
-            self.emit(EventKind::Output {
-                step: step.clone(),
-                line: line.to_owned(),
-            })
+            seen += 1;
+            if seen <= LOGGED_HEAD {
+                self.emit(output_line(line.to_owned()));
+            }
+            applied.extend(applied_migration(line));
         };
         let output = self.ctx.docker.run_oneoff(spec, task.timeout, live).await?;
-        let applied = applied_migrations(&output.lines);
+        let (omitted, tail) = unlogged_tail(seen, &output.lines);
+        if omitted > 0 {
+            let note = format!("[deployd: {omitted} lines of output not kept]");
+            self.emit(output_line(note));
+        }
+        for line in tail {
+            self.emit(output_line(line.clone()));
+        }
         if !applied.is_empty() {
             self.ctx.store.set_migrations(&self.id, &applied)?;
         }
@@ -65,21 +81,29 @@ impl Run {
     }
 }
 
+/// Output lines of a task kept in the deployment log from its start...
+const LOGGED_HEAD: usize = 1000;
+/// ...and from its end, when it printed more.
+const LOGGED_TAIL: usize = 200;
+
+/// Of a task that printed `seen` lines, ending with `last`: how many lines
+/// the log leaves out, and the last ones it adds at the end.
+fn unlogged_tail(seen: usize, last: &[String]) -> (usize, &[String]) {
+    let unlogged = seen.saturating_sub(LOGGED_HEAD);
+    let tail = &last[last.len().saturating_sub(unlogged.min(LOGGED_TAIL))..];
+    (unlogged - tail.len(), tail)
+}
+
 /// The last characters of a deployment id: enough to keep names unique.
 pub(crate) fn short_id(id: &str) -> &str {
     &id[id.len().saturating_sub(8)..]
 }
 
-/// Migrations Django reports as applied (`Applying shop.0002_x... OK`).
-fn applied_migrations(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let rest = l.trim().strip_prefix("Applying ")?;
-            let name = rest.strip_suffix("... OK")?;
-            Some(name.trim().to_owned())
-        })
-        .collect()
+/// A migration Django reports as applied (`Applying shop.0002_x... OK`).
+fn applied_migration(line: &str) -> Option<String> {
+    let rest = line.trim().strip_prefix("Applying ")?;
+    let name = rest.strip_suffix("... OK")?;
+    Some(name.trim().to_owned())
 }
 
 #[cfg(test)]
@@ -97,6 +121,23 @@ mod tests {
         ]
         .map(String::from)
         .into();
-        assert_eq!(applied_migrations(&lines), ["shop.0002_heartbeat_queue"]);
+        let applied: Vec<String> = lines.iter().filter_map(|l| applied_migration(l)).collect();
+        assert_eq!(applied, ["shop.0002_heartbeat_queue"]);
+    }
+
+    #[test]
+    fn a_chatty_task_logs_its_head_and_tail() {
+        let lines = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(unlogged_tail(10, &lines(10)), (0, &[][..]));
+        let last = lines(LOGGED_HEAD + 5);
+        let (omitted, tail) = unlogged_tail(LOGGED_HEAD + 5, &last);
+        assert_eq!((omitted, tail.len()), (0, 5));
+        assert_eq!(tail[0], LOGGED_HEAD.to_string());
+        // The runner keeps only its last lines; the count says how many came.
+        let seen = LOGGED_HEAD + LOGGED_TAIL + 1700;
+        let last: Vec<String> = lines(seen)[seen - 2000..].to_vec();
+        let (omitted, tail) = unlogged_tail(seen, &last);
+        assert_eq!((omitted, tail.len()), (1700, LOGGED_TAIL));
+        assert_eq!(tail.last().unwrap(), &(seen - 1).to_string());
     }
 }

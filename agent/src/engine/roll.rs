@@ -126,6 +126,20 @@ impl super::Ctx {
         Ok(started)
     }
 
+    /// Stops a container in the background (SIGTERM, then `timeout` to finish
+    /// its work), then removes it.
+    pub(crate) fn drain(&self, id: String, timeout: std::time::Duration) {
+        let docker = self.docker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = docker.stop(&id, timeout).await {
+                tracing::warn!(container = %id, error = %e, "draining container did not stop");
+            }
+            if let Err(e) = docker.remove(&id).await {
+                tracing::warn!(container = %id, error = %e, "drained container not removed");
+            }
+        });
+    }
+
     /// Waits until a service container is ready: healthy for web, up for the rest.
     pub(crate) async fn wait_ready(&self, c: &Started, cfg: &ServiceConfig) -> Result<(), Failure> {
         match (c.port, &cfg.health) {
@@ -275,17 +289,8 @@ impl<'a> Rollout<'a> {
 
     /// Stops an old container in the background, then removes it.
     fn drain(&mut self, id: String, cfg: &ServiceConfig) {
-        let docker = self.run.ctx.docker.clone();
-        let timeout = cfg.stop_timeout;
         self.current().draining.push(id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = docker.stop(&id, timeout).await {
-                tracing::warn!(container = %id, error = %e, "draining container did not stop");
-            }
-            if let Err(e) = docker.remove(&id).await {
-                tracing::warn!(container = %id, error = %e, "drained container not removed");
-            }
-        });
+        self.run.ctx.drain(id, cfg.stop_timeout);
     }
 
     fn placement(&self) -> Placement<'_> {

@@ -69,7 +69,32 @@ impl Run {
     }
 
     /// Runs `work` as the step `name`, recording its start, end and timing.
+    /// Recovery after a crash decides from these records, so a step whose
+    /// start cannot be recorded does not begin, and one whose end cannot be
+    /// recorded fails.
     pub async fn step<T>(
+        &self,
+        name: &str,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        self.ctx.freeze_point(name).await;
+        let started = EventKind::StepStarted {
+            step: name.to_owned(),
+        };
+        self.ctx
+            .record(&self.id, started)
+            .map_err(|e| Failure(format!("cannot record the start of {name}: {e}")))?;
+        let (result, finished) = self.timed(name, work).await;
+        match (result, self.ctx.record(&self.id, finished)) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(e)) => Err(Failure(format!("cannot record the end of {name}: {e}"))),
+            (Err(f), _) => Err(f),
+        }
+    }
+
+    /// Like [`Run::step`] for undoing (`discard`, `rollback`): it runs even
+    /// when the store cannot record it.
+    pub async fn undo_step<T>(
         &self,
         name: &str,
         work: impl Future<Output = Result<T, Failure>>,
@@ -78,19 +103,29 @@ impl Run {
         self.emit(EventKind::StepStarted {
             step: name.to_owned(),
         });
+        let (result, finished) = self.timed(name, work).await;
+        self.emit(finished);
+        result
+    }
+
+    async fn timed<T>(
+        &self,
+        name: &str,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> (Result<T, Failure>, EventKind) {
         let started = Instant::now();
         let result = work.await;
         let (state, detail) = match &result {
             Ok(_) => (StepState::Succeeded, None),
             Err(f) => (StepState::Failed, Some(f.0.clone())),
         };
-        self.emit(EventKind::StepFinished {
+        let finished = EventKind::StepFinished {
             step: name.to_owned(),
             state,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             detail,
-        });
-        result
+        };
+        (result, finished)
     }
 
     /// The whole deployment; records its outcome.
@@ -164,7 +199,7 @@ impl Run {
         cause: Failure,
     ) -> (DeploymentState, Option<String>) {
         if !rollout.touched_running() {
-            let cleaned = self.step("discard", rollout.discard()).await;
+            let cleaned = self.undo_step("discard", rollout.discard()).await;
             let note = cleaned
                 .err()
                 .map(|f| format!(" (cleanup: {})", f.0))
@@ -174,7 +209,7 @@ impl Run {
                 Some(format!("{}; nothing running was changed{note}", cause.0)),
             );
         }
-        match self.step("rollback", rollout.restore()).await {
+        match self.undo_step("rollback", rollout.restore()).await {
             Ok(restored) => (
                 DeploymentState::RolledBack,
                 Some(format!("{}; rolled back: {restored}", cause.0)),

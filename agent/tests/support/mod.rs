@@ -147,6 +147,15 @@ impl Scope {
         format!("t{}", self.id)
     }
 
+    /// A second app, for tests of several apps on one host.
+    pub fn second_app(&self) -> String {
+        format!("{}b", self.app())
+    }
+
+    fn apps(&self) -> [String; 2] {
+        [self.app(), self.second_app()]
+    }
+
     /// The app's static files volume.
     pub fn static_volume(&self) -> String {
         format!("{}-static", self.network)
@@ -169,7 +178,12 @@ impl Scope {
     /// pipeline would fill it: every test bed release is pushed to it, so
     /// that pruning by the engine never touches the test bed's own images.
     pub async fn publish_releases(&self) -> String {
-        let repository = format!("{}/{}", self.bed.var("REGISTRY"), self.app());
+        self.publish_releases_of(&self.app()).await
+    }
+
+    /// Like [`Scope::publish_releases`], for `app` (one of the scope's).
+    pub async fn publish_releases_of(&self, app: &str) -> String {
+        let repository = format!("{}/{app}", self.bed.var("REGISTRY"));
         let auth = self.bed.registry_auth();
         for variant in VARIANTS {
             let source = self.bed.image(variant).to_string();
@@ -196,6 +210,11 @@ impl Scope {
 
     /// Starts PostgreSQL as `db` on this scope's network; returns once healthy.
     pub async fn start_db(&self) {
+        self.start_db_as("db").await;
+    }
+
+    /// Starts PostgreSQL reachable as `alias`; returns once healthy.
+    pub async fn start_db_as(&self, alias: &str) {
         let env = env_file::read(self.bed.var("DB_ENV").as_ref()).unwrap();
         let id = self
             .docker
@@ -203,7 +222,7 @@ impl Scope {
                 image: self.bed.var("POSTGRES_IMAGE").to_owned(),
                 env,
                 network: Some(self.network.clone()),
-                network_aliases: vec!["db".into()],
+                network_aliases: vec![alias.to_owned()],
                 labels: self.labels(),
                 ..Default::default()
             })
@@ -247,12 +266,14 @@ impl Scope {
                 .containers_labelled(TEST_LABEL, &self.id)
                 .await
                 .unwrap();
-            ids.extend(
-                self.docker
-                    .containers_labelled("deployd.app", &self.app())
-                    .await
-                    .unwrap(),
-            );
+            for app in self.apps() {
+                ids.extend(
+                    self.docker
+                        .containers_labelled("deployd.app", &app)
+                        .await
+                        .unwrap(),
+                );
+            }
             for id in ids {
                 self.docker.remove(&id).await.unwrap();
             }
@@ -266,9 +287,11 @@ impl Scope {
             .remove_volume(&self.static_volume())
             .await
             .unwrap();
-        let repository = format!("{}/{}", self.bed.var("REGISTRY"), self.app());
-        for reference in self.docker.image_refs(&repository).await.unwrap() {
-            self.docker.remove_image_ref(&reference).await.unwrap();
+        for app in self.apps() {
+            let repository = format!("{}/{app}", self.bed.var("REGISTRY"));
+            for reference in self.docker.image_refs(&repository).await.unwrap() {
+                self.docker.remove_image_ref(&reference).await.unwrap();
+            }
         }
     }
 }

@@ -1,0 +1,128 @@
+//! Request and response bodies of the `/v1` API that are not deployments
+//! themselves.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{CommitSha, Deployment};
+
+/// Longest `reason` accepted on a deployment, rollback or lock.
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// `POST /v1/apps/{app}/deployments`: ship a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    /// The commit to deploy: the image tag in the app's repository.
+    pub sha: CommitSha,
+    /// Deploy even if this sha is already live.
+    #[serde(default)]
+    pub force: bool,
+    /// Why, for the history (at most 500 characters).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/apps/{app}/rollback`: go back to an earlier release.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// A kept release to go back to; absent: the one before the live one.
+    #[serde(default)]
+    pub to: Option<CommitSha>,
+    /// Why, for the history (at most 500 characters).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `PUT /v1/apps/{app}/lock`: refuse deployments until unlocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    /// Why (shown to whoever tries to deploy; 1 to 500 characters).
+    pub reason: String,
+}
+
+/// One page of an app's deployments, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeploymentPage {
+    pub deployments: Vec<Deployment>,
+    /// Pass as `before` for the next (older) page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// `GET /v1/whoami`: the caller, as the agent sees its token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WhoAmI {
+    /// The token's subject.
+    pub subject: String,
+    /// The token's issuer.
+    pub issuer: String,
+    /// What the caller may do, by app (`*` for every app).
+    pub grants: Vec<Grant>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// Scopes the caller holds on some apps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Grant {
+    /// App names, or `*`.
+    pub apps: Vec<String>,
+    pub scopes: Vec<Scope>,
+}
+
+/// What a token may do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Status, history, deployments and their events.
+    Read,
+    /// Start deployments.
+    Deploy,
+    /// Roll back.
+    Rollback,
+    /// Lock and unlock apps.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in order.
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Deploy, Scope::Rollback, Scope::Admin];
+
+    /// The scope's name on the wire and in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Deploy => "deploy",
+            Self::Rollback => "rollback",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| format!("unknown scope {s:?} (known: read, deploy, rollback, admin)"))
+    }
+}

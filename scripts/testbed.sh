@@ -147,7 +147,9 @@ build_rootfs_image() {
 
 # Python base: a virtualenv holding exactly the pinned wheels.
 python_hook() {
-    local rootfs=$1 pyver wheels
+    local rootfs=$1 pyver wheels arch
+    # Wheels for the machine's own architecture (x86_64, aarch64, ...).
+    arch=$(uname -m)
     pyver=$(in_rootfs "$rootfs" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     wheels=$STATE/wheels/py$pyver
     log "downloading wheels for Python $pyver on the host"
@@ -155,7 +157,7 @@ python_hook() {
     # PIP_* settings of the host (extra find-links, say) must not leak in.
     env -u PIP_FIND_LINKS python3 -m pip download -q --disable-pip-version-check \
         --only-binary=:all: --no-deps --python-version "$pyver" --implementation cp \
-        --platform manylinux2014_x86_64 --platform "manylinux_2_28_x86_64" \
+        --platform "manylinux2014_$arch" --platform "manylinux_2_28_$arch" \
         -d "$wheels" -r "$APP_DIR/requirements.txt"
     as_root mkdir -p "$rootfs/tmp/wheels"
     as_root cp "$wheels"/*.whl "$APP_DIR/requirements.txt" "$rootfs/tmp/wheels/"

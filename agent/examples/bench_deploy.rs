@@ -22,52 +22,21 @@ use deployd::engine::{DeployRequest, EngineHandle};
 use deployd::store::Store;
 use deployd_proto::DeploymentState;
 use reqwest::header::HOST;
-use support::{BEAT, COLLECTSTATIC, MIGRATE, Scope, WORKER, scoped};
+use support::{BEAT, COLLECTSTATIC, MIGRATE, Scope, Tuning, WORKER, app_config, scoped};
 
 const MIN_HEALTHY: Duration = Duration::from_secs(3);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One web replica, no `check` task and no verify window: the same work
+/// as the bare sequence.
 fn config(scope: &Scope, state: &std::path::Path) -> Config {
-    let bed = &scope.bed;
-    Config::from_toml(&format!(
-        r#"
-        state_dir = "{state}"
-        [apps.{app}]
-        image = "{image}"
-        registry_auth_file = "{auth}"
-        env_file = "{env}"
-        network = "{network}"
-        volumes = ["{volume}:/app/static"]
-        verify = "0s"
-        [[apps.{app}.release]]
-        name = "migrate"
-        command = ["python", "manage.py", "migrate", "--noinput"]
-        [[apps.{app}.release]]
-        name = "collectstatic"
-        command = ["python", "manage.py", "collectstatic", "--noinput"]
-        [apps.{app}.services.web]
-        port = 8000
-        health = {{ path = "/healthz/", host = "{host}" }}
-        stop_timeout = "10s"
-        [apps.{app}.services.worker]
-        command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
-        min_healthy = "3s"
-        stop_timeout = "10s"
-        [apps.{app}.services.beat]
-        command = ["celery", "-A", "config", "beat", "-l", "info"]
-        min_healthy = "3s"
-        stop_timeout = "10s"
-        "#,
-        state = state.display(),
-        app = scope.app(),
-        image = bed.var("REPOSITORY"),
-        auth = bed.var("REGISTRY_AUTH"),
-        env = bed.var("APP_ENV"),
-        network = scope.network,
-        volume = scope.static_volume(),
-        host = bed.app_host(),
-    ))
-    .unwrap()
+    let tuning = Tuning {
+        verify: "0s",
+        web_replicas: 1,
+        check: false,
+    };
+    let section = app_config(scope, &scope.app(), scope.bed.var("REPOSITORY"), tuning);
+    Config::from_toml(&format!("state_dir = \"{}\"\n{section}", state.display())).unwrap()
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {

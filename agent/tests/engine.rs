@@ -13,63 +13,16 @@ use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
 use deployd::store::Store;
 use deployd_proto::{CommitSha, ContainerPhase, Deployment, DeploymentState};
 use reqwest::header::HOST;
-use support::{Scope, poll, scoped};
+use support::{Scope, Tuning, app_config, poll, scoped};
 
-/// The example config's shape, pointed at this scope's network and secrets,
-/// with waits short enough for tests and long enough for every variant.
+/// The test config: one app, tuned for tests.
 fn config(scope: &Scope, state_dir: &std::path::Path, repository: &str) -> Config {
     let text = format!(
         "state_dir = \"{}\"\n{}",
         state_dir.display(),
-        app_config(scope, &scope.app(), repository)
+        app_config(scope, &scope.app(), repository, Tuning::TEST)
     );
     Config::from_toml(&text).unwrap()
-}
-
-/// One app's section of the test config.
-fn app_config(scope: &Scope, app: &str, repository: &str) -> String {
-    let bed = &scope.bed;
-    format!(
-        r#"
-        [apps.{app}]
-        image = "{image}"
-        registry_auth_file = "{auth}"
-        env_file = "{env}"
-        network = "{network}"
-        volumes = ["{volume}:/app/static"]
-        verify = "8s"
-        [[apps.{app}.release]]
-        name = "check"
-        command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
-        [[apps.{app}.release]]
-        name = "migrate"
-        command = ["python", "manage.py", "migrate", "--noinput"]
-        [[apps.{app}.release]]
-        name = "collectstatic"
-        command = ["python", "manage.py", "collectstatic", "--noinput"]
-        [apps.{app}.services.web]
-        command = ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]
-        port = 8000
-        replicas = 2
-        health = {{ path = "/healthz/", host = "{host}", timeout = "15s" }}
-        stop_timeout = "10s"
-        [apps.{app}.services.worker]
-        command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
-        stop_timeout = "30s"
-        min_healthy = "3s"
-        [apps.{app}.services.beat]
-        command = ["celery", "-A", "config", "beat", "-l", "info"]
-        singleton = true
-        min_healthy = "3s"
-        stop_timeout = "10s"
-        "#,
-        image = repository,
-        auth = bed.var("REGISTRY_AUTH"),
-        env = bed.var("APP_ENV"),
-        network = scope.network,
-        volume = scope.static_volume(),
-        host = bed.app_host(),
-    )
 }
 
 struct Agent {
@@ -599,12 +552,12 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         let env = std::fs::read_to_string(scope.bed.var("APP_ENV")).unwrap();
         let env = env.replace("@db:5432/", "@db-b:5432/");
         std::fs::write(&env_b, env.replace("redis:6379/0", "redis:6379/1")).unwrap();
-        let section_a = app_config(&scope, &a, &repository_a).replacen(
+        let section_a = app_config(&scope, &a, &repository_a, Tuning::TEST).replacen(
             "verify = \"8s\"",
             "verify = \"8s\"\nretain = 2",
             1,
         );
-        let section_b = app_config(&scope, &b, &repository_b)
+        let section_b = app_config(&scope, &b, &repository_b, Tuning::TEST)
             .replace(scope.bed.var("APP_ENV"), &env_b.display().to_string());
         let text = format!(
             "state_dir = \"{}\"\n{section_a}\n{section_b}",

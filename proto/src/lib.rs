@@ -9,13 +9,13 @@ mod deployment;
 mod error;
 mod sha;
 
-pub use deployment::{
-    AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
-    DeploymentKind, DeploymentState, EventKind, ServiceStatus, Step, StepState,
-};
 pub use api::{
     DeployRequest, DeploymentPage, Grant, LockRequest, MAX_REASON_CHARS, RollbackRequest, Scope,
     WhoAmI,
+};
+pub use deployment::{
+    AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
+    DeploymentKind, DeploymentState, EventKind, ServiceStatus, Step, StepState,
 };
 pub use error::ErrorBody;
 pub use sha::{CommitSha, InvalidSha};

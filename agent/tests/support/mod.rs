@@ -42,6 +42,81 @@ pub const WORKER: &[&str] = &[
 ];
 pub const BEAT: &[&str] = &["celery", "-A", "config", "beat", "-l", "info"];
 
+/// How a test or benchmark tunes the sample app's config section.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// The verify window, as TOML duration text.
+    pub verify: &'static str,
+    pub web_replicas: u32,
+    /// Whether `manage.py check --deploy` runs as the first release task.
+    pub check: bool,
+}
+
+impl Tuning {
+    /// Engine tests: every release task, two web replicas, a short verify.
+    pub const TEST: Tuning = Tuning {
+        verify: "8s",
+        web_replicas: 2,
+        check: true,
+    };
+}
+
+/// The example config's app section for the sample app, pointed at this
+/// scope's network and the test bed's secrets, with waits short enough for
+/// tests and long enough for every variant.
+pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) -> String {
+    let bed = &scope.bed;
+    let check = if tuning.check {
+        format!(
+            r#"
+        [[apps.{app}.release]]
+        name = "check"
+        command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]"#
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"
+        [apps.{app}]
+        image = "{repository}"
+        registry_auth_file = "{auth}"
+        env_file = "{env}"
+        network = "{network}"
+        volumes = ["{volume}:/app/static"]
+        verify = "{verify}"{check}
+        [[apps.{app}.release]]
+        name = "migrate"
+        command = ["python", "manage.py", "migrate", "--noinput"]
+        [[apps.{app}.release]]
+        name = "collectstatic"
+        command = ["python", "manage.py", "collectstatic", "--noinput"]
+        [apps.{app}.services.web]
+        command = ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]
+        port = 8000
+        replicas = {replicas}
+        health = {{ path = "/healthz/", host = "{host}", timeout = "15s" }}
+        stop_timeout = "10s"
+        [apps.{app}.services.worker]
+        command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
+        stop_timeout = "30s"
+        min_healthy = "3s"
+        [apps.{app}.services.beat]
+        command = ["celery", "-A", "config", "beat", "-l", "info"]
+        singleton = true
+        min_healthy = "3s"
+        stop_timeout = "10s"
+        "#,
+        auth = bed.var("REGISTRY_AUTH"),
+        env = bed.var("APP_ENV"),
+        network = scope.network,
+        volume = scope.static_volume(),
+        host = bed.app_host(),
+        verify = tuning.verify,
+        replicas = tuning.web_replicas,
+    )
+}
+
 /// The label every test object carries; `scripts/testbed.sh down` sweeps it.
 pub const TEST_LABEL: &str = "deployd.test";
 

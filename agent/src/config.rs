@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod api;
+
+pub use api::{ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig};
+
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +22,11 @@ pub struct Config {
     /// Directory for the deployment store (SQLite). Default: `/var/lib/deployd`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The HTTPS API; `deployd run` requires it.
+    pub api: Option<ApiConfig>,
+    /// Which tokens the API accepts.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The apps this host runs, by name.
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
@@ -202,6 +211,10 @@ impl Config {
     /// Every problem of the configuration, or `Ok`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Problems::default();
+        if let Some(api) = &self.api {
+            api.validate(&mut problems);
+        }
+        self.auth.validate(&mut problems);
         for (name, app) in &self.apps {
             app.validate(&format!("apps.{name}"), name, &mut problems);
         }

@@ -152,6 +152,7 @@ impl EngineHandle {
         // `order` exist, web has a health check, ...).
         config.validate()?;
         let (events, _) = broadcast::channel(4096);
+        crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -284,6 +285,20 @@ impl EngineHandle {
     /// The store, for reads (history, events, locks).
     pub fn store(&self) -> &Store {
         &self.ctx.store
+    }
+
+    /// The Docker engine deployments run on.
+    pub fn docker(&self) -> &Docker {
+        &self.ctx.docker
+    }
+
+    /// `Ok` if `app` is configured.
+    pub fn check_app(&self, app: &str) -> Result<(), EngineError> {
+        if self.apps.contains_key(app) {
+            Ok(())
+        } else {
+            Err(EngineError::UnknownApp(app.to_owned()))
+        }
     }
 }
 

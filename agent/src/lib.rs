@@ -5,8 +5,67 @@
 
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod api;
+pub mod auth;
 pub mod config;
 pub mod docker;
 pub mod engine;
 pub mod env_file;
 pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Makes ring the process's TLS provider (the API server, the HTTP
+/// clients). Harmless when one is installed already.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// How long requests in flight may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` resolves: reconciles what a crash
+/// interrupted, then serves the API. `reload` fires on SIGHUP: TLS material
+/// is read again.
+pub async fn run(
+    config: config::Config,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let api_config = config
+        .api
+        .clone()
+        .context("the configuration has no [api] section: deployd run serves the HTTPS API")?;
+    let auth = auth::Authenticator::new(&config.auth)?;
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let store = store::Store::open(&config.state_dir)?;
+    let docker = docker::Docker::connect().await?;
+    let engine = engine::EngineHandle::start(&config, docker, store).await?;
+    let state = api::ApiState {
+        engine,
+        auth: Arc::new(auth),
+    };
+    let server = api::Server::start(state, &api_config).await?;
+    tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = reload.recv() => match server.reload_tls(&api_config) {
+                Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                Err(e) => tracing::error!(error = %e, "TLS reload failed; the old certificate stays"),
+            },
+        }
+    }
+    tracing::info!("shutting down: no new requests, finishing those in flight");
+    server.shutdown(SHUTDOWN_GRACE).await;
+    Ok(())
+}

@@ -1,14 +1,17 @@
 //! `deployd`: parses arguments, sets up logging and calls into the library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use deployd::auth::TokenRequest;
 use deployd::config::Config;
 use deployd::docker::Docker;
-use deployd::engine::EngineHandle;
-use deployd::store::Store;
+use deployd_proto::{CommitSha, Scope};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// The deployd agent: deploys a Django app's releases on this Docker host.
@@ -40,6 +43,38 @@ enum Command {
     ///
     /// Example: `deployd check-docker` (honours DOCKER_HOST).
     CheckDocker,
+    /// Tokens signed with a key of the configuration.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new token, signed with a configured key that has a private key.
+    ///
+    /// Example: `deployd token issue --sub ci-shop --scope deploy,rollback,read --app shop --ttl 1h`
+    Issue {
+        #[arg(long, default_value = "/etc/deployd/deployd.toml")]
+        config: PathBuf,
+        /// Who the token is for (its `sub`).
+        #[arg(long)]
+        sub: String,
+        /// Comma-separated: read, deploy, rollback, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scope: Vec<Scope>,
+        /// Apps it applies to (repeat or comma-separate); every app when absent.
+        #[arg(long, value_delimiter = ',')]
+        app: Vec<String>,
+        /// Only this commit may be deployed with it.
+        #[arg(long)]
+        sha: Option<CommitSha>,
+        /// Lifetime, e.g. 15m, 1h, 7d; at most auth.max_token_age.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The key to sign with (auth.keys[].id); the first that can sign by default.
+        #[arg(long)]
+        key: Option<String>,
+    },
 }
 
 /// `RUST_LOG` (default `info`), with bollard held at `warn` whatever it says:
@@ -60,8 +95,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Command::CheckConfig { config } = &cli.command {
-        return check_config(config);
+    match &cli.command {
+        Command::CheckConfig { config } => return check_config(config),
+        Command::Token(TokenCommand::Issue { .. }) => return issue_token(cli.command),
+        _ => {}
     }
     // Two worker threads: the agent waits on Docker and HTTP, it does not compute.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -101,18 +138,21 @@ async fn serve(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            std::fs::create_dir_all(&config.state_dir).with_context(|| {
-                format!(
-                    "cannot create state directory {}",
-                    config.state_dir.display()
-                )
-            })?;
-            let store = Store::open(&config.state_dir)?;
-            let docker = Docker::connect().await?;
-            let _engine = EngineHandle::start(&config, docker, store).await?;
-            tracing::info!(apps = config.apps.len(), "deployd ready");
-            shutdown_signal().await?;
-            tracing::info!("shutting down");
+            let (reload_tx, reload) = tokio::sync::mpsc::channel(1);
+            let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    let _ = reload_tx.try_send(());
+                }
+            });
+            let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            };
+            deployd::run(config, reload, shutdown).await?;
         }
         Command::CheckDocker => {
             let docker = Docker::connect()
@@ -124,19 +164,53 @@ async fn serve(command: Command) -> anyhow::Result<()> {
                 .context("Docker engine check failed")?;
             tracing::info!(engine = %version.engine, api = %version.api, "Docker engine reachable");
         }
-        Command::CheckConfig { .. } => {}
+        Command::CheckConfig { .. } | Command::Token(_) => {}
     }
     Ok(())
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("cannot watch SIGINT")?,
+/// Prints a signed token on stdout, and nothing else there.
+fn issue_token(command: Command) -> ExitCode {
+    let Command::Token(TokenCommand::Issue {
+        config,
+        sub,
+        scope,
+        app,
+        sha,
+        ttl,
+        key,
+    }) = command
+    else {
+        return ExitCode::FAILURE;
+    };
+    let config = match Config::load(&config) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let request = TokenRequest {
+        key,
+        subject: sub,
+        scopes: scope,
+        apps: app,
+        sha: sha.map(|s| s.to_string()),
+        ttl,
+    };
+    match deployd::auth::issue(&config.auth, &request) {
+        Ok(token) => {
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{token}") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
+        Err(e) => {
+            tracing::error!("cannot issue a token: {e}");
+            ExitCode::FAILURE
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -277,6 +277,13 @@ impl Store {
             .collect()
     }
 
+    /// Whether the store takes writes now: takes the write lock and lets
+    /// it go.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        self.conn().execute_batch("BEGIN IMMEDIATE; ROLLBACK;")?;
+        Ok(())
+    }
+
     /// A deployment's state alone, if it exists: cheaper than [`Store::get`].
     pub fn state(&self, id: &DeploymentId) -> Result<Option<DeploymentState>, StoreError> {
         let text = self

@@ -13,6 +13,10 @@ pub struct ErrorBody {
     pub code: String,
     /// Human-readable explanation; never contains secrets.
     pub message: String,
+    /// The deployment the error is about: for `conflict`, the one running.
+    /// Older agents never send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
 }
 
 impl ErrorBody {
@@ -21,6 +25,7 @@ impl ErrorBody {
         Self {
             code: code.into(),
             message: message.into(),
+            deployment: None,
         }
     }
 }

@@ -5,6 +5,9 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
+pub mod pki;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;

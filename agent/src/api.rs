@@ -1,0 +1,189 @@
+//! The HTTPS API: versioned routes over the engine, behind bearer tokens.
+//!
+//! `router` is the whole API as a tower service (tests call it directly);
+//! `serve` puts it behind TLS with the configured limits.
+
+mod apps;
+mod deployments;
+mod error;
+mod events;
+mod health;
+mod openapi;
+mod server;
+mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::routing::{get, post, put};
+use axum::{BoxError, Router};
+use deployd_proto::WhoAmI;
+use tower::ServiceBuilder;
+
+pub use error::ApiError;
+pub use openapi::ApiDoc;
+pub use server::{ServeError, Server};
+pub use tls::{TlsError, server_config};
+
+use crate::auth::{Authenticator, Principal};
+use crate::engine::EngineHandle;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// What every handler reaches.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub engine: EngineHandle,
+    pub auth: Arc<Authenticator>,
+}
+
+/// Limits applied to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 512,
+        }
+    }
+}
+
+/// The whole API.
+pub fn router(state: ApiState, limits: Limits) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/apps/{app}/deployments",
+            post(deployments::create).get(deployments::list),
+        )
+        .route("/apps/{app}/rollback", post(apps::rollback))
+        .route("/apps/{app}/status", get(apps::status))
+        .route("/apps/{app}/lock", put(apps::lock).delete(apps::unlock))
+        .route("/deployments/{id}", get(deployments::get))
+        .route("/deployments/{id}/events", get(events::stream))
+        .route("/whoami", get(whoami));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(health::healthz))
+        .route("/readiness", get(health::readiness))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(not_found)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            MAX_BODY_BYTES,
+        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .concurrency_limit(limits.max_concurrent_requests)
+                .timeout(limits.request_timeout),
+        )
+        // Outside every layer that may answer on its own.
+        .layer(axum::middleware::map_response(error::json_errors))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Load shedding and timeouts, as JSON errors.
+async fn overloaded(error: BoxError) -> ApiError {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the agent took too long to answer",
+        )
+    } else if error.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the agent is handling too many requests; try again",
+        )
+    } else {
+        ApiError::internal("request failed", &error)
+    }
+}
+
+/// The verified caller of a `/v1` request.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().unwrap_or_default());
+        let principal = state.auth.verify_header(header).inspect_err(|e| {
+            tracing::info!(reason = %e, "authentication failed");
+        })?;
+        Ok(Self(principal))
+    }
+}
+
+/// `axum::Json`, with its rejections in the API's error shape.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for Json<T> {
+    fn into_response(self) -> axum::response::Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path`, with its rejections in the API's error shape.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+/// `axum::extract::Query`, with its rejections in the API's error shape.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+/// The caller as the agent sees their token.
+#[utoipa::path(
+    get, path = "/v1/whoami", tag = "auth",
+    responses(
+        (status = 200, body = WhoAmI),
+        (status = 401, body = deployd_proto::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+async fn whoami(Caller(who): Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        subject: who.subject,
+        issuer: who.issuer,
+        grants: who.grants,
+        expires_at: who.expires_at,
+    })
+}
+
+/// A reason as given, or a 400 when it is too long.
+fn checked_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
+    match reason {
+        Some(r) if r.chars().count() > deployd_proto::MAX_REASON_CHARS => Err(
+            ApiError::bad_request("invalid_reason", "a reason is at most 500 characters"),
+        ),
+        Some(r) if r.trim().is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}

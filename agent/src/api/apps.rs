@@ -1,0 +1,119 @@
+//! `/v1/apps/{app}/...`: status, rollback, lock.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use deployd_proto::{
+    AppLock, AppStatus, Deployment, ErrorBody, LockRequest, RollbackRequest, Scope,
+};
+
+use super::{ApiError, ApiState, Caller, Json, Path, checked_reason};
+
+/// What the app runs: release per service, containers, lock.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/status", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    responses(
+        (status = 200, body = AppStatus),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn status(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+) -> Result<Json<AppStatus>, ApiError> {
+    who.require(Scope::Read, &app)?;
+    Ok(Json(state.engine.status(&app).await?))
+}
+
+/// Rolls back to the release before the live one, or to a named kept one.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/rollback", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    request_body = RollbackRequest,
+    responses(
+        (status = 202, description = "Recorded and started", body = Deployment),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "Unknown app, or a release not kept", body = ErrorBody),
+        (status = 409, description = "A deployment runs, or no earlier release exists", body = ErrorBody),
+        (status = 423, description = "The app is locked", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn rollback(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+    Json(body): Json<RollbackRequest>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    who.require(Scope::Rollback, &app)?;
+    let reason = checked_reason(body.reason)?;
+    let deployment = state
+        .engine
+        .rollback(&app, body.to, &who.subject, reason)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(deployment)))
+}
+
+/// Locks the app: deployments and rollbacks are refused until unlocked.
+#[utoipa::path(
+    put, path = "/v1/apps/{app}/lock", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    request_body = LockRequest,
+    responses(
+        (status = 200, body = AppLock),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn lock(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+    Json(body): Json<LockRequest>,
+) -> Result<Json<AppLock>, ApiError> {
+    who.require(Scope::Admin, &app)?;
+    state.engine.check_app(&app)?;
+    let Some(reason) = checked_reason(Some(body.reason))? else {
+        return Err(ApiError::bad_request(
+            "invalid_reason",
+            "a lock needs a reason",
+        ));
+    };
+    let store = state.engine.store();
+    store.lock(&app, &reason, &who.subject)?;
+    let lock = store.lock_of(&app)?.ok_or_else(|| {
+        ApiError::internal("lock not recorded", &"the lock vanished after writing it")
+    })?;
+    Ok(Json(AppLock {
+        reason: lock.reason,
+        locked_by: lock.locked_by,
+        locked_at: lock.locked_at,
+    }))
+}
+
+/// Lifts the app's lock (204 also when there was none).
+#[utoipa::path(
+    delete, path = "/v1/apps/{app}/lock", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    responses(
+        (status = 204, description = "Unlocked"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn unlock(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    who.require(Scope::Admin, &app)?;
+    state.engine.check_app(&app)?;
+    state.engine.store().unlock(&app)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,133 @@
+//! `/v1/apps/{app}/deployments` and `/v1/deployments/{id}`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use deployd_proto::{DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, Scope};
+use serde::Deserialize;
+
+use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
+use crate::engine;
+
+/// Starts a deployment of `sha`; answers once it is recorded, before it runs.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/deployments", tag = "deployments",
+    params(("app" = String, Path, description = "App name")),
+    request_body = DeployRequest,
+    responses(
+        (status = 202, description = "Recorded and started (or a no-op success when the sha is live)", body = Deployment),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Another deployment of the app runs; `deployment` names it", body = ErrorBody),
+        (status = 423, description = "The app is locked", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+    Json(body): Json<DeployRequest>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    who.require(Scope::Deploy, &app)?;
+    if let Some(bound) = &who.sha
+        && bound != body.sha.as_str()
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token may only deploy {bound}"),
+        ));
+    }
+    let request = engine::DeployRequest {
+        app,
+        sha: body.sha,
+        force: body.force,
+        reason: checked_reason(body.reason)?,
+        requested_by: who.subject,
+        digest: None,
+    };
+    let deployment = state.engine.deploy(request).await?;
+    Ok((StatusCode::ACCEPTED, Json(deployment)))
+}
+
+/// Paging through an app's history.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Deployments per page, 1 to 100. Default: 20.
+    limit: Option<usize>,
+    /// Only deployments older than this id (a page's `next`).
+    before: Option<String>,
+}
+
+/// An app's deployments, newest first.
+#[utoipa::path(
+    get, path = "/v1/apps/{app}/deployments", tag = "deployments",
+    params(("app" = String, Path, description = "App name"), PageQuery),
+    responses(
+        (status = 200, body = DeploymentPage),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<DeploymentPage>, ApiError> {
+    who.require(Scope::Read, &app)?;
+    state.engine.check_app(&app)?;
+    let limit = page.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", "limit is 1 to 100"));
+    }
+    let before = page.before.map(DeploymentId);
+    let mut deployments = state
+        .engine
+        .store()
+        .history(&app, limit + 1, before.as_ref())?;
+    let next = if deployments.len() > limit {
+        deployments.truncate(limit);
+        deployments.last().map(|d| d.id.0.clone())
+    } else {
+        None
+    };
+    Ok(Json(DeploymentPage { deployments, next }))
+}
+
+/// One deployment with its steps.
+#[utoipa::path(
+    get, path = "/v1/deployments/{id}", tag = "deployments",
+    params(("id" = String, Path, description = "Deployment id")),
+    responses(
+        (status = 200, body = Deployment),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Deployment>, ApiError> {
+    let deployment = readable(&state, &who, &DeploymentId(id))?;
+    Ok(Json(deployment))
+}
+
+/// A deployment the caller may read, or the error to answer.
+pub(super) fn readable(
+    state: &ApiState,
+    who: &crate::auth::Principal,
+    id: &DeploymentId,
+) -> Result<Deployment, ApiError> {
+    let deployment = state
+        .engine
+        .store()
+        .get(id)?
+        .ok_or_else(|| engine::EngineError::UnknownDeployment(id.clone()))?;
+    who.require(Scope::Read, &deployment.app)?;
+    Ok(deployment)
+}

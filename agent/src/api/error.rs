@@ -1,0 +1,164 @@
+//! One error shape for every failing request: a status and an
+//! [`ErrorBody`]. Server-side failures are logged with their details and
+//! answered without them.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use deployd_proto::ErrorBody;
+
+use crate::auth::AuthError;
+use crate::engine::EngineError;
+
+/// A failed request.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody::new(code, message),
+        }
+    }
+
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// A failure of the agent itself: the details go to the log only.
+    pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(%error, "{context}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the agent failed to handle this request; its log has the details",
+        )
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn body(&self) -> &ErrorBody {
+        &self.body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let (status, code) = match e {
+            AuthError::Missing => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            AuthError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let (status, code) = match &e {
+            EngineError::UnknownApp(_) => (StatusCode::NOT_FOUND, "unknown_app"),
+            EngineError::UnknownDeployment(_) => (StatusCode::NOT_FOUND, "unknown_deployment"),
+            EngineError::UnknownRelease { .. } => (StatusCode::NOT_FOUND, "unknown_release"),
+            EngineError::Conflict { running, .. } => {
+                let mut error = Self::new(StatusCode::CONFLICT, "conflict", e.to_string());
+                error.body.deployment = Some(running.0.clone());
+                return error;
+            }
+            EngineError::Locked { .. } => (StatusCode::LOCKED, "locked"),
+            EngineError::NoPreviousRelease(_) => (StatusCode::CONFLICT, "no_previous_release"),
+            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            EngineError::Config(_) | EngineError::Store(_) | EngineError::Docker(_) => {
+                return Self::internal("request failed", &e);
+            }
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::internal("deployment store failed", &e)
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = match r {
+            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+            JsonRejection::JsonSyntaxError(_) => "malformed_json",
+            JsonRejection::JsonDataError(_) => "invalid_body",
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            _ => "invalid_body",
+        };
+        Self::new(status, code, r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request("invalid_query", r.body_text())
+    }
+}
+
+/// Last layer: an error answer that is not yet an [`ErrorBody`] (an
+/// unknown route, a wrong method, an oversize body refused by its length,
+/// a timeout, load shedding) gets one, with a code from its status.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => ("not_found", "no such endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this endpoint does not take that method",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ("payload_too_large", "request bodies are limited to 16 KiB")
+        }
+        StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
+        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the agent is busy; try again"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "send JSON"),
+        s if s.is_server_error() => ("internal", "the agent failed to handle this request"),
+        _ => ("bad_request", "the request was refused"),
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    // Keep what the original said about allowed methods or retrying.
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(value) = response.headers().get(&name) {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
+}

@@ -1,0 +1,154 @@
+//! `/v1/deployments/{id}/events`: a deployment's events as Server-Sent
+//! Events.
+//!
+//! Each event's SSE id is its sequence number. Recorded events are replayed
+//! from the store, then live ones follow; a client that reconnects with
+//! `Last-Event-ID` (or `?after=`) gets exactly what came after. The stream
+//! ends after the deployment's terminal state.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use deployd_proto::{DeploymentEvent, DeploymentId, ErrorBody, EventKind};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::deployments::readable;
+use super::{ApiError, ApiState, Caller, Path, Query};
+use crate::engine::EngineHandle;
+
+/// Where to resume.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeQuery {
+    /// Only events after this sequence number (like `Last-Event-ID`).
+    after: Option<u64>,
+}
+
+/// The deployment's events, replayed then live, as `text/event-stream`.
+#[utoipa::path(
+    get, path = "/v1/deployments/{id}/events", tag = "deployments",
+    params(
+        ("id" = String, Path, description = "Deployment id"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event"),
+        ResumeQuery,
+    ),
+    responses(
+        (status = 200, description = "SSE: `id` is the event's seq, `event` its type, `data` a DeploymentEvent as JSON", content_type = "text/event-stream", body = DeploymentEvent),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn stream(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Query(resume): Query<ResumeQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = DeploymentId(id);
+    readable(&state, &who, &id)?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is an event seq")
+                })?,
+        ),
+    };
+    let after = last_event_id.or(resume.after).unwrap_or(0);
+    let (tx, rx) = mpsc::channel(64);
+    // Subscribed before the store is read: nothing falls between the two.
+    let live = state.engine.subscribe();
+    tokio::spawn(pump(state.engine.clone(), id, after, live, tx));
+    let stream = ReceiverStream::new(rx);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+type Sink = mpsc::Sender<Result<Event, Infallible>>;
+
+/// Sends events after `last` until the terminal one, or until the client
+/// has gone (the send fails).
+async fn pump(
+    engine: EngineHandle,
+    id: DeploymentId,
+    mut last: u64,
+    mut live: broadcast::Receiver<(DeploymentId, DeploymentEvent)>,
+    tx: Sink,
+) {
+    loop {
+        // Catch up from the store.
+        let recorded = match engine.store().events(&id, last) {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(deployment.id = %id, error = %e, "cannot read events");
+                return;
+            }
+        };
+        for event in recorded {
+            last = event.seq;
+            if !send(&tx, &event).await || is_terminal(&event) {
+                return;
+            }
+        }
+        // A deployment that ended without a recorded terminal event (its
+        // store write failed) would otherwise be followed forever.
+        match engine.store().state(&id) {
+            Ok(Some(state)) if !state.is_terminal() => {}
+            _ => return,
+        }
+        // Then follow live, until a gap or a lag sends us back to the store.
+        loop {
+            let received = tokio::select! {
+                received = live.recv() => received,
+                () = tx.closed() => return,
+            };
+            match received {
+                Ok((of, event)) if of == id && event.seq == last + 1 => {
+                    last = event.seq;
+                    if !send(&tx, &event).await || is_terminal(&event) {
+                        return;
+                    }
+                }
+                Ok((of, event)) if of == id && event.seq > last + 1 => break,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+async fn send(tx: &Sink, event: &DeploymentEvent) -> bool {
+    let name = match &event.kind {
+        EventKind::StepStarted { .. } => "step_started",
+        EventKind::StepFinished { .. } => "step_finished",
+        EventKind::Output { .. } => "output",
+        EventKind::State { .. } => "state",
+    };
+    let sse = match Event::default()
+        .id(event.seq.to_string())
+        .event(name)
+        .json_data(event)
+    {
+        Ok(sse) => sse,
+        Err(e) => {
+            tracing::error!(error = %e, "event does not serialize");
+            return false;
+        }
+    };
+    tx.send(Ok(sse)).await.is_ok()
+}
+
+fn is_terminal(event: &DeploymentEvent) -> bool {
+    matches!(&event.kind, EventKind::State { state, .. } if state.is_terminal())
+}

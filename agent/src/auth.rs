@@ -1,0 +1,292 @@
+//! Bearer tokens: which are accepted, and what their holder may do.
+//!
+//! Every token is a JWT whose header names its key (`kid`). The algorithm
+//! that key verifies comes from the configuration, never from the token, so
+//! `alg: none` or an HS256 token signed with an RSA public key fail before
+//! any signature check. `exp`, `iat`, `nbf`, `iss`, `aud` and `sub` are
+//! required; `iat` may not be older than the configured maximum age.
+
+mod token;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use deployd_proto::{Grant, Scope};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+pub use token::{TokenRequest, issue};
+
+use crate::config::{AuthConfig, KeyAlgorithm, KeyConfig};
+
+/// Longest token accepted, in bytes: far above any real one.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Why a token was refused (401) or a request not allowed (403). Messages
+/// say what was wrong with the token, never its content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("this endpoint needs an Authorization: Bearer token")]
+    Missing,
+    #[error("the token was refused: {0}")]
+    Invalid(String),
+    #[error("{subject} may not {scope} {app}")]
+    Forbidden {
+        subject: String,
+        scope: Scope,
+        app: String,
+    },
+}
+
+/// Why the auth configuration cannot be used; names the key and file.
+#[derive(Debug, thiserror::Error)]
+#[error("auth.keys[{index}] ({id}): {reason}")]
+pub struct KeyError {
+    pub index: usize,
+    pub id: String,
+    pub reason: String,
+}
+
+/// Who is calling, from a verified token, and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub subject: String,
+    pub issuer: String,
+    pub grants: Vec<Grant>,
+    pub expires_at: OffsetDateTime,
+    /// The token's id, if it has one.
+    pub jti: Option<String>,
+    /// A `sha` claim binds the token to deploying that commit only.
+    pub sha: Option<String>,
+}
+
+impl Principal {
+    /// Whether the caller holds `scope` on `app`.
+    pub fn may(&self, scope: Scope, app: &str) -> bool {
+        self.grants
+            .iter()
+            .any(|g| g.scopes.contains(&scope) && g.apps.iter().any(|a| a == "*" || a == app))
+    }
+
+    /// `Ok` if the caller holds `scope` on `app`, else the 403 to answer.
+    pub fn require(&self, scope: Scope, app: &str) -> Result<(), AuthError> {
+        if self.may(scope, app) {
+            return Ok(());
+        }
+        Err(AuthError::Forbidden {
+            subject: self.subject.clone(),
+            scope,
+            app: app.to_owned(),
+        })
+    }
+}
+
+/// A key tokens may be signed with, ready to verify.
+struct VerifyingKey {
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies tokens against the configured keys.
+pub struct Authenticator {
+    issuer: String,
+    audience: String,
+    max_age: Duration,
+    leeway: Duration,
+    keys: HashMap<String, VerifyingKey>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn algorithm(a: KeyAlgorithm) -> Algorithm {
+    match a {
+        KeyAlgorithm::EdDSA => Algorithm::EdDSA,
+        KeyAlgorithm::RS256 => Algorithm::RS256,
+        KeyAlgorithm::RS384 => Algorithm::RS384,
+        KeyAlgorithm::RS512 => Algorithm::RS512,
+        KeyAlgorithm::PS256 => Algorithm::PS256,
+        KeyAlgorithm::PS384 => Algorithm::PS384,
+        KeyAlgorithm::PS512 => Algorithm::PS512,
+        KeyAlgorithm::HS256 => Algorithm::HS256,
+    }
+}
+
+/// Reads a key file; errors name the file, never its content.
+pub(crate) fn read_key_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// An HS256 secret: the file's bytes without a trailing newline.
+pub(crate) fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    let mut secret = read_key_file(path)?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.len() < 32 {
+        return Err(format!(
+            "the secret in {} is shorter than 32 bytes",
+            path.display()
+        ));
+    }
+    Ok(secret)
+}
+
+fn verifying_key(cfg: &KeyConfig) -> Result<VerifyingKey, String> {
+    let algorithm = algorithm(cfg.algorithm);
+    let key = match (cfg.algorithm, &cfg.public_key, &cfg.secret_file) {
+        (KeyAlgorithm::HS256, _, Some(path)) => DecodingKey::from_secret(&read_secret(path)?),
+        (KeyAlgorithm::EdDSA, Some(path), _) => DecodingKey::from_ed_pem(&read_key_file(path)?)
+            .map_err(|e| format!("{} is not a PEM Ed25519 public key: {e}", path.display()))?,
+        (_, Some(path), _) => DecodingKey::from_rsa_pem(&read_key_file(path)?)
+            .map_err(|e| format!("{} is not a PEM RSA public key: {e}", path.display()))?,
+        _ => return Err("no key file".into()),
+    };
+    Ok(VerifyingKey { algorithm, key })
+}
+
+impl Authenticator {
+    /// Loads every configured key.
+    pub fn new(cfg: &AuthConfig) -> Result<Self, KeyError> {
+        let mut keys = HashMap::new();
+        for (index, key) in cfg.keys.iter().enumerate() {
+            let verifying = verifying_key(key).map_err(|reason| KeyError {
+                index,
+                id: key.id.clone(),
+                reason,
+            })?;
+            keys.insert(key.id.clone(), verifying);
+        }
+        Ok(Self {
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            max_age: cfg.max_token_age,
+            leeway: cfg.leeway,
+            keys,
+        })
+    }
+
+    /// Verifies the value of an `Authorization` header.
+    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+        let value = header.ok_or(AuthError::Missing)?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| invalid("the Authorization header is not a Bearer token"))?;
+        self.verify(token.trim())
+    }
+
+    /// Verifies a token: its key, signature, times, issuer and audience.
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("the token is too long"));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| invalid(&format!("not a JWT we accept ({})", describe(e.kind()))))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| invalid("the token names no key (kid)"))?;
+        let key = self
+            .keys
+            .get(&kid)
+            .ok_or_else(|| invalid("the token's key (kid) is not known here"))?;
+        let mut validation = Validation::new(key.algorithm);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway.as_secs();
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
+            .map_err(|e| invalid(describe(e.kind())))?
+            .claims;
+        self.check_age(&claims)?;
+        principal(&claims)
+    }
+
+    /// `iat` is required, not in the future, and not older than the
+    /// maximum token age.
+    fn check_age(&self, claims: &Map<String, Value>) -> Result<(), AuthError> {
+        let iat = claims
+            .get("iat")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| invalid("the token has no issued-at time (iat)"))?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX);
+        let max_age = i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX);
+        if iat > now.saturating_add(leeway) {
+            return Err(invalid("the token was issued in the future (iat)"));
+        }
+        if now.saturating_sub(iat) > max_age.saturating_add(leeway) {
+            return Err(invalid(&format!(
+                "the token was issued more than {} ago (iat)",
+                humantime::format_duration(self.max_age)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(reason: &str) -> AuthError {
+    AuthError::Invalid(reason.to_owned())
+}
+
+/// A sentence for a jsonwebtoken error: which check failed, nothing more.
+fn describe(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "it has expired (exp)",
+        ErrorKind::ImmatureSignature => "it is not valid yet (nbf)",
+        ErrorKind::InvalidIssuer => "wrong issuer (iss)",
+        ErrorKind::InvalidAudience => "wrong audience (aud)",
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::InvalidAlgorithm => "the algorithm does not match its key",
+        ErrorKind::MissingRequiredClaim(_) => {
+            "a required claim is missing (exp, nbf, iss, aud, sub)"
+        }
+        ErrorKind::InvalidClaimFormat(_) => "a claim has the wrong type",
+        _ => "malformed token",
+    }
+}
+
+/// The caller a verified token describes: `scope` is space-separated
+/// scopes, `apps` (optional) the apps they apply to, all when absent.
+fn principal(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
+    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+    let scopes = text("scope")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|s| s.parse::<Scope>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(&format!("scope claim: {e}")))?;
+    let apps = match claims.get("apps") {
+        None => vec!["*".to_owned()],
+        Some(Value::Array(apps)) => apps
+            .iter()
+            .map(|a| a.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid("apps claim: a list of app names"))?,
+        Some(_) => return Err(invalid("apps claim: a list of app names")),
+    };
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .unwrap_or_default();
+    Ok(Principal {
+        subject: text("sub").unwrap_or_default(),
+        issuer: text("iss").unwrap_or_default(),
+        grants: vec![Grant { apps, scopes }],
+        expires_at: OffsetDateTime::from_unix_timestamp(exp)
+            .map_err(|_| invalid("exp is out of range"))?,
+        jti: text("jti"),
+        sha: text("sha"),
+    })
+}

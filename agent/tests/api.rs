@@ -1,0 +1,496 @@
+//! The HTTPS API through real TLS with real signed tokens, against the
+//! real engine and the test bed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use deployd::auth::TokenRequest;
+use deployd_proto::{
+    AppStatus, Deployment, DeploymentEvent, DeploymentPage, DeploymentState, ErrorBody, EventKind,
+    Scope as S, WhoAmI,
+};
+use reqwest::StatusCode;
+use support::agent::TestAgent;
+use support::scoped;
+
+/// Asserts the status and the error shape; returns the body.
+async fn refused(response: reqwest::Response, status: StatusCode, code: &str) -> ErrorBody {
+    assert_eq!(response.status(), status, "{:?}", response.url().path());
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let body: ErrorBody = response.json().await.unwrap();
+    assert_eq!(body.code, code, "{body:?}");
+    assert!(!body.message.is_empty());
+    body
+}
+
+#[tokio::test]
+async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
+    scoped(|scope| async move {
+        let agent = TestAgent::start(&scope, scope.bed.var("REPOSITORY"), "").await;
+        let app = scope.app();
+        let http = agent.client();
+        let all = [S::Read, S::Deploy, S::Rollback, S::Admin];
+        let admin = agent.token("ops", &all, &[]);
+        let deploy_url = agent.at(&format!("/v1/apps/{app}/deployments"));
+        let sha = scope.bed.sha("release-1").to_string();
+
+        // Unauthenticated probes say nothing but whether the agent works.
+        let health = http.get(agent.at("/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        let ready = http.get(agent.at("/readiness")).send().await.unwrap();
+        assert_eq!(ready.status(), StatusCode::OK);
+        assert_eq!(
+            ready.json::<serde_json::Value>().await.unwrap(),
+            serde_json::json!({"status": "ok", "failing": []})
+        );
+
+        // No token, a token that is no JWT, a Basic header.
+        let none = http.get(agent.at("/v1/whoami")).send().await.unwrap();
+        assert!(none.headers().contains_key("www-authenticate"));
+        refused(none, StatusCode::UNAUTHORIZED, "unauthenticated").await;
+        for header in ["Bearer nonsense", "Basic b3BzOm9wcw=="] {
+            let r = http
+                .get(agent.at("/v1/whoami"))
+                .header("authorization", header)
+                .send()
+                .await
+                .unwrap();
+            refused(r, StatusCode::UNAUTHORIZED, "invalid_token").await;
+        }
+
+        // Bad requests with a valid token.
+        let post = |body: &'static str| {
+            http.post(&deploy_url)
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body(body)
+        };
+        refused(
+            post("{").send().await.unwrap(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        )
+        .await;
+        let bad_sha = refused(
+            post(r#"{"sha": "HEAD"}"#).send().await.unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        )
+        .await;
+        assert!(bad_sha.message.contains("lowercase hex"), "{bad_sha:?}");
+        refused(
+            post(r#"{"sha": "abc1234", "colour": "red"}"#)
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        )
+        .await;
+        let no_type = http
+            .post(&deploy_url)
+            .bearer_auth(&admin)
+            .body(format!(r#"{{"sha": "{sha}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        refused(
+            no_type,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        let huge = format!(r#"{{"sha": "{sha}", "reason": "{}"}}"#, "x".repeat(20_000));
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&admin)
+            .header("content-type", "application/json")
+            .body(huge)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+        let long_reason = format!(r#"{{"sha": "{sha}", "reason": "{}"}}"#, "x".repeat(600));
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&admin)
+            .json(&serde_json::from_str::<serde_json::Value>(&long_reason).unwrap())
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::BAD_REQUEST, "invalid_reason").await;
+        let r = http
+            .post(agent.at("/v1/apps/nope/deployments"))
+            .bearer_auth(&admin)
+            .json(&serde_json::json!({"sha": sha}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::NOT_FOUND, "unknown_app").await;
+        let r = http
+            .get(agent.at("/v1/nothing"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::NOT_FOUND, "not_found").await;
+        let r = http
+            .delete(&deploy_url)
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+        let r = http
+            .get(format!("{deploy_url}?limit=0"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::BAD_REQUEST, "invalid_query").await;
+        let r = http
+            .get(agent.at("/v1/deployments/nope"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::NOT_FOUND, "unknown_deployment").await;
+
+        // Scopes, apps and the sha claim bound what a valid token may do.
+        let reader = agent.token("viewer", &[S::Read], &[]);
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&reader)
+            .json(&serde_json::json!({"sha": sha}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::FORBIDDEN, "forbidden").await;
+        let other_app = agent.token("ci-blog", &all, &["blog"]);
+        let r = http
+            .get(agent.at(&format!("/v1/apps/{app}/status")))
+            .bearer_auth(&other_app)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::FORBIDDEN, "forbidden").await;
+        let bound = agent.token_for(TokenRequest {
+            key: None,
+            subject: "ci".into(),
+            scopes: vec![S::Deploy],
+            apps: vec![app.clone()],
+            sha: Some("abcdef1".into()),
+            ttl: Duration::from_secs(60),
+        });
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&bound)
+            .json(&serde_json::json!({"sha": sha}))
+            .send()
+            .await
+            .unwrap();
+        let body = refused(r, StatusCode::FORBIDDEN, "forbidden").await;
+        assert!(body.message.contains("abcdef1"), "{body:?}");
+
+        // None of that recorded a deployment.
+        let page: DeploymentPage = http
+            .get(&deploy_url)
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(page.deployments.is_empty(), "{page:?}");
+
+        // whoami reflects the token.
+        let me: WhoAmI = http
+            .get(agent.at("/v1/whoami"))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            (me.subject.as_str(), me.issuer.as_str()),
+            ("viewer", "deployd")
+        );
+        assert_eq!(me.grants[0].scopes, [S::Read]);
+
+        // The OpenAPI document describes the routes served.
+        let doc: serde_json::Value = http
+            .get(agent.at("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for path in [
+            "/v1/apps/{app}/deployments",
+            "/v1/apps/{app}/rollback",
+            "/v1/apps/{app}/status",
+            "/v1/apps/{app}/lock",
+            "/v1/deployments/{id}",
+            "/v1/deployments/{id}/events",
+            "/v1/whoami",
+            "/healthz",
+            "/readiness",
+        ] {
+            assert!(doc["paths"].get(path).is_some(), "{path} not documented");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn plaintext_gets_nothing_and_client_certificates_are_enforced() {
+    scoped(|scope| async move {
+        let plain = TestAgent::start(&scope, scope.bed.var("REPOSITORY"), "").await;
+        // HTTP on the TLS port: no HTTP answer at all.
+        let port = plain.server.addr().port();
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await;
+        assert!(r.is_err(), "{r:?}");
+
+        // With client_ca set, a client without a certificate fails the
+        // handshake; one with a certificate the CA signed gets in.
+        let ca = plain.pki.ca_path();
+        let extra = format!("client_ca = \"{}\"", ca.display());
+        let mtls = TestAgent::start(&scope, scope.bed.var("REPOSITORY"), &extra).await;
+        let r = mtls.client().get(mtls.at("/healthz")).send().await;
+        assert!(r.is_err(), "{r:?}");
+        // The second agent's own CA signed its server certificate; the
+        // client certificate comes from the first agent's CA, which the
+        // second one trusts for clients.
+        let issued = plain.pki.client("ci");
+        let mut identity = std::fs::read(&issued.cert).unwrap();
+        identity.extend(std::fs::read(&issued.key).unwrap());
+        let server_ca = reqwest::Certificate::from_pem(mtls.pki.ca_pem().as_bytes()).unwrap();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([server_ca])
+            .identity(reqwest::Identity::from_pem(&identity).unwrap())
+            .build()
+            .unwrap();
+        let r = client.get(mtls.at("/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+
+        // A reloaded certificate serves new connections.
+        let fresh = plain.pki.server("agent-renewed");
+        let mut api = plain.config.api.clone().unwrap();
+        api.tls_cert = fresh.cert.clone();
+        api.tls_key = fresh.key.clone();
+        plain.server.reload_tls(&api).unwrap();
+        let r = plain
+            .client()
+            .get(plain.at("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    })
+    .await;
+}
+
+/// Reads an SSE stream until it ends or `stop_after` events came; returns
+/// the events.
+async fn read_events(
+    response: reqwest::Response,
+    stop_after: Option<usize>,
+) -> Vec<DeploymentEvent> {
+    use futures_util::StreamExt;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let mut id = None;
+            let mut data = None;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().parse::<u64>().unwrap());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(v.trim().to_owned());
+                }
+            }
+            if let Some(data) = data {
+                let event: DeploymentEvent = serde_json::from_str(&data).unwrap();
+                assert_eq!(Some(event.seq), id);
+                events.push(event);
+                if stop_after.is_some_and(|n| events.len() >= n) {
+                    return events;
+                }
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn deploy_follow_rollback_and_lock_through_the_api() {
+    scoped(|scope| async move {
+        let repository = scope.publish_releases().await;
+        let agent = TestAgent::start(&scope, &repository, "").await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        let app = scope.app();
+        let http = agent.client();
+        let ci = agent.token("ci-shop", &[S::Read, S::Deploy], &[&app]);
+        let ops = agent.token("ops", &[S::Read, S::Rollback, S::Admin], &[&app]);
+        let deploy = |variant: &str| {
+            http.post(agent.at(&format!("/v1/apps/{app}/deployments")))
+                .bearer_auth(&ci)
+                .json(&serde_json::json!({"sha": scope.bed.sha(variant), "reason": variant}))
+                .send()
+        };
+        let events_of = |d: &Deployment, last: Option<u64>| {
+            let mut request = http
+                .get(agent.at(&format!("/v1/deployments/{}/events", d.id)))
+                .bearer_auth(&ci);
+            if let Some(last) = last {
+                request = request.header("last-event-id", last.to_string());
+            }
+            request.send()
+        };
+
+        // Release 1, followed live to the end.
+        let r = deploy("release-1").await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let first: Deployment = r.json().await.unwrap();
+        assert_eq!(first.requested_by, "ci-shop");
+        let events = read_events(events_of(&first, None).await.unwrap(), None).await;
+        let last = events.last().unwrap();
+        assert!(
+            matches!(last.kind, EventKind::State { state: DeploymentState::Succeeded, .. }),
+            "{last:?}"
+        );
+        assert!(events.iter().any(|e| matches!(&e.kind,
+            EventKind::Output { step, line } if step == "task:migrate" && line.contains("Applying"))));
+
+        // Release 2: the stream is cut after a few events and resumed with
+        // Last-Event-ID; together the parts are the whole log, once.
+        let second: Deployment = deploy("release-2").await.unwrap().json().await.unwrap();
+        // A second deployment meanwhile: 409 naming the running one.
+        let r = deploy("release-1").await.unwrap();
+        let conflict = refused_json(r, StatusCode::CONFLICT).await;
+        assert_eq!(conflict.deployment.as_deref(), Some(second.id.0.as_str()));
+        let head = read_events(events_of(&second, None).await.unwrap(), Some(5)).await;
+        let resumed = read_events(
+            events_of(&second, Some(head.last().unwrap().seq)).await.unwrap(),
+            None,
+        )
+        .await;
+        let seqs: Vec<u64> = head.iter().chain(&resumed).map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        let whole = read_events(events_of(&second, None).await.unwrap(), None).await;
+        assert_eq!(whole.len(), seqs.len(), "a finished deployment replays and closes");
+        let done: Deployment = http
+            .get(agent.at(&format!("/v1/deployments/{}", second.id)))
+            .bearer_auth(&ci)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(done.state, DeploymentState::Succeeded, "{done:#?}");
+
+        let status: AppStatus = http
+            .get(agent.at(&format!("/v1/apps/{app}/status")))
+            .bearer_auth(&ci)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(status.live_sha, Some(scope.bed.sha("release-2")));
+
+        // A lock refuses deployments, with its reason, until lifted.
+        let r = http
+            .put(agent.at(&format!("/v1/apps/{app}/lock")))
+            .bearer_auth(&ops)
+            .json(&serde_json::json!({"reason": "incident 42"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let locked = refused_json(deploy("release-1").await.unwrap(), StatusCode::LOCKED).await;
+        assert!(locked.message.contains("incident 42"), "{locked:?}");
+        let r = http
+            .delete(agent.at(&format!("/v1/apps/{app}/lock")))
+            .bearer_auth(&ops)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+        // Rollback to the previous release; CI's token may not.
+        let rollback = |token: &str| {
+            http.post(agent.at(&format!("/v1/apps/{app}/rollback")))
+                .bearer_auth(token)
+                .json(&serde_json::json!({"reason": "bad release"}))
+                .send()
+        };
+        refused_json(rollback(&ci).await.unwrap(), StatusCode::FORBIDDEN).await;
+        let r = rollback(&ops).await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let back: Deployment = r.json().await.unwrap();
+        let events = read_events(events_of(&back, None).await.unwrap(), None).await;
+        assert!(matches!(
+            events.last().unwrap().kind,
+            EventKind::State { state: DeploymentState::Succeeded, .. }
+        ));
+
+        // History pages, newest first.
+        let page: DeploymentPage = http
+            .get(agent.at(&format!("/v1/apps/{app}/deployments?limit=2")))
+            .bearer_auth(&ci)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page.deployments[0].id, back.id);
+        assert_eq!(page.deployments[1].id, second.id);
+        let next = page.next.unwrap();
+        let rest: DeploymentPage = http
+            .get(agent.at(&format!("/v1/apps/{app}/deployments?before={next}")))
+            .bearer_auth(&ci)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = rest.deployments.iter().map(|d| d.id.0.as_str()).collect();
+        assert_eq!(ids, [first.id.0.as_str()]);
+        assert!(rest.next.is_none());
+    })
+    .await;
+}
+
+async fn refused_json(response: reqwest::Response, status: StatusCode) -> ErrorBody {
+    assert_eq!(response.status(), status);
+    response.json().await.unwrap()
+}

@@ -1,0 +1,116 @@
+//! A real agent in-process: the engine behind the HTTPS API on a free
+//! port, with a test CA, a signing key and a client that trusts the CA.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deployd::api::{ApiState, Server};
+use deployd::auth::{Authenticator, TokenRequest};
+use deployd::config::Config;
+use deployd::engine::EngineHandle;
+use deployd::store::Store;
+use deployd_proto::Scope as TokenScope;
+
+use super::pki::{Issued, Pki};
+use super::{Scope, Tuning, app_config};
+
+/// A running agent and what it takes to talk to it.
+#[derive(Debug)]
+pub struct TestAgent {
+    pub url: String,
+    pub server: Server,
+    pub engine: EngineHandle,
+    pub config: Config,
+    pub pki: Pki,
+    pub tls: Issued,
+    pub state: tempfile::TempDir,
+}
+
+impl TestAgent {
+    /// Starts an agent for the scope's app, deploying from `repository`.
+    /// `extra` is appended to the `[api]` section (`client_ca = ...`).
+    pub async fn start(scope: &Scope, repository: &str, extra_api: &str) -> Self {
+        deployd::install_crypto_provider();
+        let pki = Pki::new();
+        let tls = pki.server("agent");
+        let (private, public) = pki.signing_key("ops");
+        let state = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+            state_dir = "{state}"
+            [api]
+            listen = "127.0.0.1:0"
+            tls_cert = "{cert}"
+            tls_key = "{key}"
+            {extra_api}
+            [auth]
+            max_token_age = "2h"
+            [[auth.keys]]
+            id = "ops"
+            algorithm = "EdDSA"
+            public_key = "{public}"
+            private_key = "{private}"
+            {app}
+            "#,
+            state = state.path().display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+            public = public.display(),
+            private = private.display(),
+            app = app_config(scope, &scope.app(), repository, Tuning::TEST),
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let engine = EngineHandle::start(&config, scope.docker.clone(), store)
+            .await
+            .unwrap();
+        let auth = Authenticator::new(&config.auth).unwrap();
+        let api_state = ApiState {
+            engine: engine.clone(),
+            auth: Arc::new(auth),
+        };
+        let server = Server::start(api_state, config.api.as_ref().unwrap())
+            .await
+            .unwrap();
+        Self {
+            url: format!("https://localhost:{}", server.addr().port()),
+            server,
+            engine,
+            config,
+            pki,
+            tls,
+            state,
+        }
+    }
+
+    /// A client that trusts the test CA only.
+    pub fn client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.pki.ca_pem().as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
+    }
+
+    /// A token signed with the agent's key.
+    pub fn token(&self, subject: &str, scopes: &[TokenScope], apps: &[&str]) -> String {
+        self.token_for(TokenRequest {
+            key: None,
+            subject: subject.to_owned(),
+            scopes: scopes.to_vec(),
+            apps: apps.iter().map(|a| a.to_string()).collect(),
+            sha: None,
+            ttl: Duration::from_secs(600),
+        })
+    }
+
+    pub fn token_for(&self, request: TokenRequest) -> String {
+        deployd::auth::issue(&self.config.auth, &request).unwrap()
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}

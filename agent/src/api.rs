@@ -131,7 +131,7 @@ impl FromRequestParts<ApiState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or_default());
-        let principal = state.auth.verify_header(header).inspect_err(|e| {
+        let principal = state.auth.verify_header(header).await.inspect_err(|e| {
             tracing::info!(reason = %e, "authentication failed");
         })?;
         Ok(Self(principal))

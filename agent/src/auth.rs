@@ -6,6 +6,7 @@
 //! any signature check. `exp`, `iat`, `nbf`, `iss`, `aud` and `sub` are
 //! required; `iat` may not be older than the configured maximum age.
 
+mod oidc;
 mod token;
 
 use std::collections::HashMap;
@@ -41,12 +42,12 @@ pub enum AuthError {
     },
 }
 
-/// Why the auth configuration cannot be used; names the key and file.
+/// Why the auth configuration cannot be used; names the key or issuer.
 #[derive(Debug, thiserror::Error)]
-#[error("auth.keys[{index}] ({id}): {reason}")]
+#[error("{at}: {reason}")]
 pub struct KeyError {
-    pub index: usize,
-    pub id: String,
+    /// `auth.keys[0]`, `auth.oidc[1]`, ...
+    pub at: String,
     pub reason: String,
 }
 
@@ -90,13 +91,14 @@ struct VerifyingKey {
     key: DecodingKey,
 }
 
-/// Verifies tokens against the configured keys.
+/// Verifies tokens against the configured keys and OIDC issuers.
 pub struct Authenticator {
     issuer: String,
     audience: String,
     max_age: Duration,
     leeway: Duration,
     keys: HashMap<String, VerifyingKey>,
+    oidc: Vec<oidc::Issuer>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -105,8 +107,18 @@ impl std::fmt::Debug for Authenticator {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .field("oidc", &self.oidc.iter().map(|o| &o.name).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// What a token is checked against, once its issuer is known.
+struct Check<'a> {
+    key: DecodingKey,
+    algorithms: Vec<Algorithm>,
+    issuer: &'a str,
+    audiences: Vec<&'a str>,
+    max_age: Duration,
 }
 
 pub(crate) fn algorithm(a: KeyAlgorithm) -> Algorithm {
@@ -156,38 +168,51 @@ fn verifying_key(cfg: &KeyConfig) -> Result<VerifyingKey, String> {
 }
 
 impl Authenticator {
-    /// Loads every configured key.
+    /// Loads every configured key; OIDC keys are fetched when first needed.
     pub fn new(cfg: &AuthConfig) -> Result<Self, KeyError> {
         let mut keys = HashMap::new();
         for (index, key) in cfg.keys.iter().enumerate() {
             let verifying = verifying_key(key).map_err(|reason| KeyError {
-                index,
-                id: key.id.clone(),
+                at: format!("auth.keys[{index}] ({})", key.id),
                 reason,
             })?;
             keys.insert(key.id.clone(), verifying);
         }
+        let oidc = cfg
+            .oidc
+            .iter()
+            .enumerate()
+            .map(|(index, issuer)| {
+                oidc::Issuer::new(issuer).map_err(|reason| KeyError {
+                    at: format!("auth.oidc[{index}] ({})", issuer.name),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             max_age: cfg.max_token_age,
             leeway: cfg.leeway,
             keys,
+            oidc,
         })
     }
 
     /// Verifies the value of an `Authorization` header.
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
         let value = header.ok_or(AuthError::Missing)?;
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
             .ok_or_else(|| invalid("the Authorization header is not a Bearer token"))?;
-        self.verify(token.trim())
+        self.verify(token.trim()).await
     }
 
-    /// Verifies a token: its key, signature, times, issuer and audience.
-    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+    /// Verifies a token: its key, signature, times, issuer and audience;
+    /// then what it may do (its own scopes for this host's issuer, the
+    /// rules for an OIDC issuer).
+    pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(invalid("the token is too long"));
         }
@@ -196,40 +221,76 @@ impl Authenticator {
         let kid = header
             .kid
             .ok_or_else(|| invalid("the token names no key (kid)"))?;
-        let key = self
-            .keys
-            .get(&kid)
-            .ok_or_else(|| invalid("the token's key (kid) is not known here"))?;
-        let mut validation = Validation::new(key.algorithm);
+        // Only to pick the keys: nothing of it is trusted before the
+        // signature is checked against them.
+        let claimed: Map<String, Value> = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| invalid(&format!("not a JWT we accept ({})", describe(e.kind()))))?;
+        let claimed_issuer = claimed.get("iss").and_then(Value::as_str).unwrap_or_default();
+        if claimed_issuer == self.issuer {
+            let key = self
+                .keys
+                .get(&kid)
+                .ok_or_else(|| invalid("the token's key (kid) is not known here"))?;
+            let check = Check {
+                key: key.key.clone(),
+                algorithms: vec![key.algorithm],
+                issuer: &self.issuer,
+                audiences: vec![&self.audience],
+                max_age: self.max_age,
+            };
+            let claims = self.check(token, &check)?;
+            return own_principal(&claims);
+        }
+        let issuer = self
+            .oidc
+            .iter()
+            .find(|o| o.issuer == claimed_issuer)
+            .ok_or_else(|| invalid("the token's issuer (iss) is not trusted here"))?;
+        let check = Check {
+            key: issuer.key(&kid).await?,
+            algorithms: issuer.algorithms.clone(),
+            issuer: &issuer.issuer,
+            audiences: issuer.audiences.iter().map(String::as_str).collect(),
+            max_age: issuer.max_age.unwrap_or(self.max_age),
+        };
+        let claims = self.check(token, &check)?;
+        let mut principal = principal_of(&claims)?;
+        principal.grants = issuer.grants(&claims);
+        Ok(principal)
+    }
+
+    /// Signature, algorithm, `exp`, `nbf`, `iss`, `aud`, `sub`, then `iat`.
+    fn check(&self, token: &str, check: &Check<'_>) -> Result<Map<String, Value>, AuthError> {
+        let mut validation = Validation::new(check.algorithms[0]);
+        validation.algorithms = check.algorithms.clone();
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway.as_secs();
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
+        validation.set_issuer(&[check.issuer]);
+        validation.set_audience(&check.audiences);
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &check.key, &validation)
             .map_err(|e| invalid(describe(e.kind())))?
             .claims;
-        self.check_age(&claims)?;
-        principal(&claims)
+        self.check_age(&claims, check.max_age)?;
+        Ok(claims)
     }
 
-    /// `iat` is required, not in the future, and not older than the
-    /// maximum token age.
-    fn check_age(&self, claims: &Map<String, Value>) -> Result<(), AuthError> {
+    /// `iat` is required, not in the future, and not older than `max_age`.
+    fn check_age(&self, claims: &Map<String, Value>, max_age: Duration) -> Result<(), AuthError> {
         let iat = claims
             .get("iat")
             .and_then(Value::as_i64)
             .ok_or_else(|| invalid("the token has no issued-at time (iat)"))?;
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX);
-        let max_age = i64::try_from(self.max_age.as_secs()).unwrap_or(i64::MAX);
+        let max = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
         if iat > now.saturating_add(leeway) {
             return Err(invalid("the token was issued in the future (iat)"));
         }
-        if now.saturating_sub(iat) > max_age.saturating_add(leeway) {
+        if now.saturating_sub(iat) > max.saturating_add(leeway) {
             return Err(invalid(&format!(
                 "the token was issued more than {} ago (iat)",
-                humantime::format_duration(self.max_age)
+                humantime::format_duration(max_age)
             )));
         }
         Ok(())
@@ -257,11 +318,28 @@ fn describe(kind: &ErrorKind) -> &'static str {
     }
 }
 
-/// The caller a verified token describes: `scope` is space-separated
-/// scopes, `apps` (optional) the apps they apply to, all when absent.
-fn principal(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
+/// Who a verified token names, with no grants yet.
+fn principal_of(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
-    let scopes = text("scope")
+    let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or_default();
+    Ok(Principal {
+        subject: text("sub").unwrap_or_default(),
+        issuer: text("iss").unwrap_or_default(),
+        grants: Vec::new(),
+        expires_at: OffsetDateTime::from_unix_timestamp(exp)
+            .map_err(|_| invalid("exp is out of range"))?,
+        jti: text("jti"),
+        sha: text("sha"),
+    })
+}
+
+/// A token of this host's own issuer carries its grants: `scope` is
+/// space-separated scopes, `apps` (optional) the apps they apply to, all
+/// when absent.
+fn own_principal(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
+    let scopes = claims
+        .get("scope")
+        .and_then(Value::as_str)
         .unwrap_or_default()
         .split_whitespace()
         .map(|s| s.parse::<Scope>())
@@ -276,17 +354,7 @@ fn principal(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
             .ok_or_else(|| invalid("apps claim: a list of app names"))?,
         Some(_) => return Err(invalid("apps claim: a list of app names")),
     };
-    let exp = claims
-        .get("exp")
-        .and_then(Value::as_i64)
-        .unwrap_or_default();
-    Ok(Principal {
-        subject: text("sub").unwrap_or_default(),
-        issuer: text("iss").unwrap_or_default(),
-        grants: vec![Grant { apps, scopes }],
-        expires_at: OffsetDateTime::from_unix_timestamp(exp)
-            .map_err(|_| invalid("exp is out of range"))?,
-        jti: text("jti"),
-        sha: text("sha"),
-    })
+    let mut principal = principal_of(claims)?;
+    principal.grants = vec![Grant { apps, scopes }];
+    Ok(principal)
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 mod api;
 
-pub use api::{ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig};
+pub use api::{ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, RuleConfig};
 
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -434,6 +434,28 @@ mod tests {
             Duration::from_secs(600)
         );
         assert!(shop.services["beat"].is_singleton("beat"));
+        assert_eq!(config.auth.keys[0].id, "ops-2026");
+        let github = &config.auth.oidc[0];
+        assert_eq!(github.rules[0].claims["environment"], "production");
+        assert_eq!(config.auth.oidc[1].rules[0].claims["ref_protected"], "true");
+    }
+
+    #[test]
+    fn an_oidc_rule_must_bind_the_audience_and_a_claim() {
+        let text = r#"
+            [[auth.oidc]]
+            name = "github"
+            issuer = "https://token.actions.githubusercontent.com"
+            jwks_url = "http://example.invalid/jwks"
+            [[auth.oidc.rules]]
+            audience = ""
+            claims = {}
+            apps = ["shop"]
+            scopes = ["deploy"]
+        "#;
+        let problems = Config::from_toml(text).unwrap_err().0;
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["auth.oidc[0].jwks_url", "auth.oidc[0].rules[0]"], "{problems:?}");
     }
 
     #[test]

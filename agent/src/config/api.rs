@@ -60,6 +60,58 @@ pub struct AuthConfig {
     /// Keys of the tokens this host trusts directly, by `kid`.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// CI systems whose OIDC tokens are accepted, and what they may do.
+    #[serde(default)]
+    pub oidc: Vec<OidcConfig>,
+}
+
+/// An OIDC issuer (GitHub Actions, GitLab CI): its keys come from its JWKS
+/// URL; its rules say which of its tokens may do what.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// A name for logs and the audit log, e.g. `github`.
+    pub name: String,
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// Where its signing keys are published (HTTPS).
+    pub jwks_url: String,
+    /// PEM CA bundle trusted for `jwks_url`, besides the system roots.
+    pub ca_cert: Option<PathBuf>,
+    /// Algorithms its tokens may use. Default: `["RS256"]`.
+    #[serde(default = "default_oidc_algorithms")]
+    pub algorithms: Vec<KeyAlgorithm>,
+    /// Overrides `auth.max_token_age` for this issuer (CI tokens live
+    /// minutes).
+    #[serde(default, with = "humantime_serde")]
+    pub max_token_age: Option<Duration>,
+    /// Keys are fetched again once this old. Default: 10 min.
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// A token naming an unknown key refreshes the keys at most this often.
+    /// Default: 30 s.
+    #[serde(default = "default_jwks_min_interval", with = "humantime_serde")]
+    pub jwks_min_interval: Duration,
+    /// Which tokens get which scopes on which apps. A token no rule
+    /// matches may do nothing.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// A policy rule, in the spirit of Vault's `bound_claims`: a token matching
+/// the audience and every bound claim gets `scopes` on `apps`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// The `aud` the token must carry (what the CI job asked its token for).
+    pub audience: String,
+    /// Claim name -> value. Values are exact strings or globs (`*`, `?`,
+    /// `[...]`); booleans and numbers in tokens compare as their text
+    /// (GitLab sends `"true"`).
+    pub claims: std::collections::BTreeMap<String, String>,
+    /// Apps the rule applies to (`*` for all).
+    pub apps: Vec<String>,
+    /// Granted scopes: read, deploy, rollback, admin.
+    pub scopes: Vec<deployd_proto::Scope>,
 }
 
 impl Default for AuthConfig {
@@ -70,6 +122,7 @@ impl Default for AuthConfig {
             max_token_age: default_max_token_age(),
             leeway: default_leeway(),
             keys: Vec::new(),
+            oidc: Vec::new(),
         }
     }
 }
@@ -141,6 +194,15 @@ fn default_max_token_age() -> Duration {
 fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
+fn default_oidc_algorithms() -> Vec<KeyAlgorithm> {
+    vec![KeyAlgorithm::RS256]
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_jwks_min_interval() -> Duration {
+    Duration::from_secs(30)
+}
 
 impl ApiConfig {
     pub(super) fn validate(&self, problems: &mut Problems) {
@@ -175,6 +237,49 @@ impl AuthConfig {
             key.validate(&at, problems);
             if self.keys[..i].iter().any(|k| k.id == key.id) {
                 problems.add(format!("{at}.id"), format!("{} is used twice", key.id));
+            }
+        }
+        for (i, oidc) in self.oidc.iter().enumerate() {
+            let at = format!("auth.oidc[{i}]");
+            oidc.validate(&at, problems);
+            let clash = oidc.issuer == self.issuer
+                || self.oidc[..i].iter().any(|o| o.issuer == oidc.issuer);
+            if clash {
+                problems.add(format!("{at}.issuer"), "each issuer may appear once (auth.issuer included)");
+            }
+        }
+    }
+}
+
+impl OidcConfig {
+    fn validate(&self, at: &str, problems: &mut Problems) {
+        if !is_plain_name(&self.name) {
+            problems.add(format!("{at}.name"), "1-32 of a-z, 0-9 and -, starting with a letter");
+        }
+        if !self.jwks_url.starts_with("https://") {
+            problems.add(format!("{at}.jwks_url"), "must be an https:// URL");
+        }
+        if self.algorithms.is_empty() {
+            problems.add(format!("{at}.algorithms"), "name at least one");
+        }
+        if self.algorithms.iter().any(|a| a.is_secret()) {
+            problems.add(format!("{at}.algorithms"), "an OIDC issuer signs with key pairs, not HS256");
+        }
+        if self.rules.is_empty() {
+            problems.add(format!("{at}.rules"), "without rules, no token of this issuer may do anything");
+        }
+        for (j, rule) in self.rules.iter().enumerate() {
+            let at = format!("{at}.rules[{j}]");
+            if rule.audience.trim().is_empty() || rule.claims.is_empty() {
+                problems.add(&at, "a rule must bind the audience and at least one claim");
+            }
+            for (claim, pattern) in &rule.claims {
+                if glob::Pattern::new(pattern).is_err() {
+                    problems.add(format!("{at}.claims.{claim}"), "not a valid glob pattern");
+                }
+            }
+            if rule.apps.is_empty() || rule.scopes.is_empty() {
+                problems.add(&at, "a rule must name apps and scopes");
             }
         }
     }

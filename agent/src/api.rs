@@ -4,6 +4,7 @@
 //! `serve` puts it behind TLS with the configured limits.
 
 mod apps;
+mod audit;
 mod deployments;
 mod error;
 mod events;
@@ -23,12 +24,13 @@ use axum::{BoxError, Router};
 use deployd_proto::WhoAmI;
 use tower::ServiceBuilder;
 
+pub use audit::ClientAddr;
 pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use server::{ServeError, Server};
 pub use tls::{TlsError, server_config};
 
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{AuthError, Authenticator, FailureGate, Principal};
 use crate::engine::EngineHandle;
 
 /// Largest request body accepted.
@@ -39,6 +41,17 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub struct ApiState {
     pub engine: EngineHandle,
     pub auth: Arc<Authenticator>,
+    gate: Arc<FailureGate>,
+}
+
+impl ApiState {
+    pub fn new(engine: EngineHandle, auth: Authenticator) -> Self {
+        Self {
+            engine,
+            auth: Arc::new(auth),
+            gate: Arc::default(),
+        }
+    }
 }
 
 /// Limits applied to every request.
@@ -69,7 +82,11 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/lock", put(apps::lock).delete(apps::unlock))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))
-        .route("/whoami", get(whoami));
+        .route("/whoami", get(whoami))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::outcomes,
+        ));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(health::healthz))
@@ -127,13 +144,27 @@ impl FromRequestParts<ApiState> for Caller {
         parts: &mut Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
+        let source = audit::client_addr(parts);
+        if source.is_some_and(|ip| state.gate.is_blocked(ip)) {
+            return Err(AuthError::TooManyFailures.into());
+        }
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or_default());
-        let principal = state.auth.verify_header(header).await.inspect_err(|e| {
-            tracing::info!(reason = %e, "authentication failed");
-        })?;
+        let principal = match state.auth.verify_header(header).await {
+            Ok(principal) => principal,
+            Err(e) => {
+                tracing::info!(reason = %e, source = ?source, "authentication failed");
+                if let Some(ip) = source {
+                    state.gate.failed(ip);
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(slot) = parts.extensions.get::<audit::Slot>() {
+            slot.fill(&principal);
+        }
         Ok(Self(principal))
     }
 }

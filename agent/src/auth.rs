@@ -6,10 +6,11 @@
 //! any signature check. `exp`, `iat`, `nbf`, `iss`, `aud` and `sub` are
 //! required; `iat` may not be older than the configured maximum age.
 
+mod gate;
 mod oidc;
 mod token;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+pub use gate::FailureGate;
 pub use token::{TokenRequest, issue};
 
 use crate::config::{AuthConfig, KeyAlgorithm, KeyConfig};
@@ -34,6 +36,10 @@ pub enum AuthError {
     Missing,
     #[error("the token was refused: {0}")]
     Invalid(String),
+    #[error("too many failed authentications from this address; try again in a minute")]
+    TooManyFailures,
+    #[error("this token was already used for a change (jti); get a new one")]
+    Replayed,
     #[error("{subject} may not {scope} {app}")]
     Forbidden {
         subject: String,
@@ -62,7 +68,30 @@ pub struct Principal {
     pub jti: Option<String>,
     /// A `sha` claim binds the token to deploying that commit only.
     pub sha: Option<String>,
+    /// The claims kept in the audit log: where a CI token came from.
+    pub audit_claims: BTreeMap<String, String>,
 }
+
+/// Claims worth recording about a token, GitHub's and GitLab's; an
+/// allow-list, so that personal data (GitLab's `user_email`) never reaches
+/// the audit log.
+const AUDITED_CLAIMS: &[&str] = &[
+    "jti",
+    "repository",
+    "ref",
+    "sha",
+    "environment",
+    "workflow",
+    "job_workflow_ref",
+    "run_id",
+    "actor",
+    "project_path",
+    "pipeline_id",
+    "job_id",
+    "user_login",
+    "environment_protected",
+    "ref_protected",
+];
 
 impl Principal {
     /// Whether the caller holds `scope` on `app`.
@@ -107,7 +136,10 @@ impl std::fmt::Debug for Authenticator {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("keys", &self.keys.keys().collect::<Vec<_>>())
-            .field("oidc", &self.oidc.iter().map(|o| &o.name).collect::<Vec<_>>())
+            .field(
+                "oidc",
+                &self.oidc.iter().map(|o| &o.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -225,7 +257,10 @@ impl Authenticator {
         // signature is checked against them.
         let claimed: Map<String, Value> = jsonwebtoken::dangerous::insecure_decode_claims(token)
             .map_err(|e| invalid(&format!("not a JWT we accept ({})", describe(e.kind()))))?;
-        let claimed_issuer = claimed.get("iss").and_then(Value::as_str).unwrap_or_default();
+        let claimed_issuer = claimed
+            .get("iss")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if claimed_issuer == self.issuer {
             let key = self
                 .keys
@@ -321,7 +356,10 @@ fn describe(kind: &ErrorKind) -> &'static str {
 /// Who a verified token names, with no grants yet.
 fn principal_of(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
-    let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or_default();
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .unwrap_or_default();
     Ok(Principal {
         subject: text("sub").unwrap_or_default(),
         issuer: text("iss").unwrap_or_default(),
@@ -330,6 +368,10 @@ fn principal_of(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
             .map_err(|_| invalid("exp is out of range"))?,
         jti: text("jti"),
         sha: text("sha"),
+        audit_claims: AUDITED_CLAIMS
+            .iter()
+            .filter_map(|name| Some(((*name).to_owned(), oidc::claim_text(claims.get(*name))?)))
+            .collect(),
     })
 }
 

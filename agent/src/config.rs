@@ -455,7 +455,11 @@ mod tests {
         "#;
         let problems = Config::from_toml(text).unwrap_err().0;
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
-        assert_eq!(paths, ["auth.oidc[0].jwks_url", "auth.oidc[0].rules[0]"], "{problems:?}");
+        assert_eq!(
+            paths,
+            ["auth.oidc[0].jwks_url", "auth.oidc[0].rules[0]"],
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -421,6 +421,36 @@ impl Ctx {
         std::future::pending::<()>().await;
     }
 
+    /// Puts a deployment's end in the audit log: what was deployed, by
+    /// digest, and how it went.
+    fn audit_end(&self, id: &DeploymentId, state: DeploymentState, error: Option<&str>) {
+        let deployment = match self.store.get(id) {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(deployment.id = %id, error = %e, "cannot audit the deployment's end");
+                return;
+            }
+        };
+        let outcome = serde_json::to_value(state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let mut record = crate::store::AuditRecord::new("deployment_finished", outcome);
+        record.subject = Some("deployd".into());
+        record.app = Some(deployment.app);
+        record.sha = Some(deployment.sha.to_string());
+        record.digest = deployment.digest;
+        record.deployment = Some(id.0.clone());
+        record.detail = Some(match error {
+            Some(error) => format!("requested by {}; {error}", deployment.requested_by),
+            None => format!("requested by {}", deployment.requested_by),
+        });
+        if let Err(e) = self.store.append_audit(&record) {
+            tracing::error!(deployment.id = %id, error = %e, "cannot audit the deployment's end");
+        }
+    }
+
     /// Records an event, then tells live subscribers.
     fn record(&self, id: &DeploymentId, kind: EventKind) -> Result<(), StoreError> {
         let event = self.store.append_event(id, kind)?;

@@ -13,7 +13,6 @@ pub mod engine;
 pub mod env_file;
 pub mod store;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -49,10 +48,7 @@ pub async fn run(
     let store = store::Store::open(&config.state_dir)?;
     let docker = docker::Docker::connect().await?;
     let engine = engine::EngineHandle::start(&config, docker, store).await?;
-    let state = api::ApiState {
-        engine,
-        auth: Arc::new(auth),
-    };
+    let state = api::ApiState::new(engine, auth);
     let server = api::Server::start(state, &api_config).await?;
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
     tokio::pin!(shutdown);

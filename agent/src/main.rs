@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use deployd::auth::TokenRequest;
 use deployd::config::Config;
 use deployd::docker::Docker;
+use deployd::store::{ChainCheck, Store};
 use deployd_proto::{CommitSha, Scope};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -46,6 +47,29 @@ enum Command {
     /// Tokens signed with a key of the configuration.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The audit log in the state directory.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; name the first record that was edited or removed.
+    ///
+    /// Example: `deployd audit verify --config /etc/deployd/deployd.toml`
+    Verify {
+        #[arg(long, default_value = "/etc/deployd/deployd.toml")]
+        config: PathBuf,
+    },
+    /// Print the last records, one JSON object per line.
+    ///
+    /// Example: `deployd audit tail --limit 50`
+    Tail {
+        #[arg(long, default_value = "/etc/deployd/deployd.toml")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +122,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::CheckConfig { config } => return check_config(config),
         Command::Token(TokenCommand::Issue { .. }) => return issue_token(cli.command),
+        Command::Audit(audit) => return audit_command(audit),
         _ => {}
     }
     // Two worker threads: the agent waits on Docker and HTTP, it does not compute.
@@ -164,9 +189,55 @@ async fn serve(command: Command) -> anyhow::Result<()> {
                 .context("Docker engine check failed")?;
             tracing::info!(engine = %version.engine, api = %version.api, "Docker engine reachable");
         }
-        Command::CheckConfig { .. } | Command::Token(_) => {}
+        Command::CheckConfig { .. } | Command::Token(_) | Command::Audit(_) => {}
     }
     Ok(())
+}
+
+/// `deployd audit ...`: exit 0 when the chain holds, 1 when it is broken
+/// or unreadable.
+fn audit_command(command: &AuditCommand) -> ExitCode {
+    let (AuditCommand::Verify { config } | AuditCommand::Tail { config, .. }) = command;
+    let store = Config::load(config)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Store::open_existing(&c.state_dir).map_err(anyhow::Error::from));
+    let store = match store {
+        Ok(store) => store,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let result = match command {
+        AuditCommand::Verify { .. } => match store.verify_audit() {
+            Ok(ChainCheck::Intact(n)) => {
+                writeln!(out, "audit log intact: {n} records").map(|()| ExitCode::SUCCESS)
+            }
+            Ok(ChainCheck::Broken { seq, reason }) => {
+                writeln!(out, "audit log broken at record {seq}: {reason}")
+                    .map(|()| ExitCode::FAILURE)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        AuditCommand::Tail { limit, .. } => match store.audit_tail(*limit) {
+            Ok(entries) => entries
+                .iter()
+                .try_for_each(|e| {
+                    let line = serde_json::json!({"seq": e.seq, "record": e.record});
+                    writeln!(out, "{line}")
+                })
+                .map(|()| ExitCode::SUCCESS),
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    result.unwrap_or(ExitCode::FAILURE)
 }
 
 /// Prints a signed token on stdout, and nothing else there.

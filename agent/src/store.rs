@@ -13,6 +13,10 @@ use deployd_proto::{
     EventKind, Step, StepState,
 };
 use rusqlite::{Connection, OptionalExtension, params};
+
+mod audit;
+
+pub use audit::{AuditEntry, AuditRecord, ChainCheck};
 use time::OffsetDateTime;
 
 /// Why the store failed. Its messages never carry env values or tokens:
@@ -23,6 +27,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("deployment store holds a record it cannot read: {0}")]
     Corrupt(String),
+    #[error("no deployment store at {}", .0.display())]
+    Missing(std::path::PathBuf),
     #[error(
         "deployment store has schema version {found}, newer than this deployd knows ({known}); \
          run the deployd that wrote it, or restore a backup"
@@ -54,7 +60,7 @@ pub struct Release {
 
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
@@ -88,6 +94,22 @@ CREATE TABLE IF NOT EXISTS locks (
     reason TEXT NOT NULL,
     locked_by TEXT NOT NULL,
     locked_at TEXT NOT NULL
+);
+";
+
+/// The audit log and spent token ids.
+const SCHEMA_V2: &str = "
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE spent_tokens (
+    issuer TEXT NOT NULL,
+    jti TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (issuer, jti)
 );
 ";
 
@@ -141,6 +163,15 @@ impl Store {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Opens the store in `dir` only if it exists (for tools that read it).
+    pub fn open_existing(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("deployd.sqlite3");
+        if !path.exists() {
+            return Err(StoreError::Missing(path));
+        }
+        Self::open(dir)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {

@@ -354,11 +354,13 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         scope.start_redis().await;
         let app = scope.app();
         let http = agent.client();
+        // A token's id is spent by the change it makes: each change gets a
+        // token of its own, as each CI job does.
         let ci = agent.token("ci-shop", &[S::Read, S::Deploy], &[&app]);
-        let ops = agent.token("ops", &[S::Read, S::Rollback, S::Admin], &[&app]);
+        let ops = || agent.token("ops", &[S::Read, S::Rollback, S::Admin], &[&app]);
         let deploy = |variant: &str| {
             http.post(agent.at(&format!("/v1/apps/{app}/deployments")))
-                .bearer_auth(&ci)
+                .bearer_auth(agent.token("ci-shop", &[S::Read, S::Deploy], &[&app]))
                 .json(&serde_json::json!({"sha": scope.bed.sha(variant), "reason": variant}))
                 .send()
         };
@@ -428,7 +430,7 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         // A lock refuses deployments, with its reason, until lifted.
         let r = http
             .put(agent.at(&format!("/v1/apps/{app}/lock")))
-            .bearer_auth(&ops)
+            .bearer_auth(ops())
             .json(&serde_json::json!({"reason": "incident 42"}))
             .send()
             .await
@@ -438,7 +440,7 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         assert!(locked.message.contains("incident 42"), "{locked:?}");
         let r = http
             .delete(agent.at(&format!("/v1/apps/{app}/lock")))
-            .bearer_auth(&ops)
+            .bearer_auth(ops())
             .send()
             .await
             .unwrap();
@@ -452,7 +454,8 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
                 .send()
         };
         refused_json(rollback(&ci).await.unwrap(), StatusCode::FORBIDDEN).await;
-        let r = rollback(&ops).await.unwrap();
+        let ops_token = ops();
+        let r = rollback(&ops_token).await.unwrap();
         assert_eq!(r.status(), StatusCode::ACCEPTED);
         let back: Deployment = r.json().await.unwrap();
         let events = read_events(events_of(&back, None).await.unwrap(), None).await;
@@ -460,6 +463,9 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
             events.last().unwrap().kind,
             EventKind::State { state: DeploymentState::Succeeded, .. }
         ));
+        // Replaying the token that made the rollback changes nothing.
+        let replay = refused_json(rollback(&ops_token).await.unwrap(), StatusCode::UNAUTHORIZED).await;
+        assert_eq!(replay.code, "token_replayed");
 
         // History pages, newest first.
         let page: DeploymentPage = http
@@ -486,8 +492,47 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         let ids: Vec<&str> = rest.deployments.iter().map(|d| d.id.0.as_str()).collect();
         assert_eq!(ids, [first.id.0.as_str()]);
         assert!(rest.next.is_none());
+
+        // The audit log holds every change with who asked and how it went,
+        // the refusals, and each deployment's end with its digest; its
+        // chain holds.
+        let store = agent.engine.store();
+        assert!(matches!(store.verify_audit().unwrap(), deployd::store::ChainCheck::Intact(_)));
+        let log = store.audit_tail(100).unwrap();
+        let seen = |action: &str, outcome: &str| {
+            log.iter().any(|e| e.record.action == action && e.record.outcome == outcome)
+        };
+        for (action, outcome) in [
+            ("deploy", "requested"),
+            ("rollback", "requested"),
+            ("lock", "requested"),
+            ("unlock", "requested"),
+            ("deployment_finished", "succeeded"),
+        ] {
+            assert!(seen(action, outcome), "{action} {outcome}: {log:#?}");
+        }
+        let deploy_path = format!("POST /v1/apps/{app}/deployments");
+        let conflict = log
+            .iter()
+            .find(|e| e.record.action == deploy_path && e.record.outcome == "refused")
+            .unwrap();
+        assert_eq!(conflict.record.detail.as_deref(), Some("409 conflict"));
+        assert_eq!(conflict.record.subject.as_deref(), Some("ci-shop"));
+        assert_eq!(conflict.record.source.as_deref(), Some("127.0.0.1"));
+        let finished = log
+            .iter()
+            .find(|e| e.record.action == "deployment_finished")
+            .unwrap();
+        assert_eq!(finished.record.digest, first_done_digest(&agent, &first));
+        let rollback_path = format!("POST /v1/apps/{app}/rollback");
+        assert!(log.iter().any(|e| e.record.action == rollback_path
+            && e.record.detail.as_deref() == Some("401 token_replayed")));
     })
     .await;
+}
+
+fn first_done_digest(agent: &TestAgent, d: &Deployment) -> Option<String> {
+    agent.engine.store().get(&d.id).unwrap().unwrap().digest
 }
 
 async fn refused_json(response: reqwest::Response, status: StatusCode) -> ErrorBody {

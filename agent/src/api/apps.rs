@@ -1,12 +1,15 @@
 //! `/v1/apps/{app}/...`: status, rollback, lock.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{
     AppLock, AppStatus, Deployment, ErrorBody, LockRequest, RollbackRequest, Scope,
 };
 
+use super::audit::{ClientAddr, Started, begin_change, give_back};
 use super::{ApiError, ApiState, Caller, Json, Path, checked_reason};
+use crate::store::AuditRecord;
 
 /// What the app runs: release per service, containers, lock.
 #[utoipa::path(
@@ -46,16 +49,32 @@ pub async fn status(
 pub async fn rollback(
     State(state): State<ApiState>,
     Caller(who): Caller,
+    source: ClientAddr,
     Path(app): Path<String>,
     Json(body): Json<RollbackRequest>,
-) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
     who.require(Scope::Rollback, &app)?;
     let reason = checked_reason(body.reason)?;
-    let deployment = state
+    state.engine.check_app(&app)?;
+    let mut intent = AuditRecord::new("rollback", "requested");
+    intent.app = Some(app.clone());
+    intent.sha = body.to.as_ref().map(ToString::to_string);
+    intent.detail = reason.clone();
+    let spent = begin_change(&state, &who, source, intent)?;
+    match state
         .engine
         .rollback(&app, body.to, &who.subject, reason)
-        .await?;
-    Ok((StatusCode::ACCEPTED, Json(deployment)))
+        .await
+    {
+        Ok(deployment) => {
+            let started = Started(deployment.id.0.clone());
+            Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
+        }
+        Err(e) => {
+            give_back(&state, spent);
+            Err(e.into())
+        }
+    }
 }
 
 /// Locks the app: deployments and rollbacks are refused until unlocked.
@@ -73,6 +92,7 @@ pub async fn rollback(
 pub async fn lock(
     State(state): State<ApiState>,
     Caller(who): Caller,
+    source: ClientAddr,
     Path(app): Path<String>,
     Json(body): Json<LockRequest>,
 ) -> Result<Json<AppLock>, ApiError> {
@@ -84,6 +104,10 @@ pub async fn lock(
             "a lock needs a reason",
         ));
     };
+    let mut intent = AuditRecord::new("lock", "requested");
+    intent.app = Some(app.clone());
+    intent.detail = Some(reason.clone());
+    begin_change(&state, &who, source, intent)?;
     let store = state.engine.store();
     store.lock(&app, &reason, &who.subject)?;
     let lock = store.lock_of(&app)?.ok_or_else(|| {
@@ -110,10 +134,14 @@ pub async fn lock(
 pub async fn unlock(
     State(state): State<ApiState>,
     Caller(who): Caller,
+    source: ClientAddr,
     Path(app): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     who.require(Scope::Admin, &app)?;
     state.engine.check_app(&app)?;
+    let mut intent = AuditRecord::new("unlock", "requested");
+    intent.app = Some(app.clone());
+    begin_change(&state, &who, source, intent)?;
     state.engine.store().unlock(&app)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,12 +1,15 @@
 //! `/v1/apps/{app}/deployments` and `/v1/deployments/{id}`.
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, Scope};
 use serde::Deserialize;
 
+use super::audit::{ClientAddr, Started, begin_change, give_back};
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
 use crate::engine;
+use crate::store::AuditRecord;
 
 /// Starts a deployment of `sha`; answers once it is recorded, before it runs.
 #[utoipa::path(
@@ -25,9 +28,10 @@ use crate::engine;
 pub async fn create(
     State(state): State<ApiState>,
     Caller(who): Caller,
+    source: ClientAddr,
     Path(app): Path<String>,
     Json(body): Json<DeployRequest>,
-) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
     who.require(Scope::Deploy, &app)?;
     if let Some(bound) = &who.sha
         && bound != body.sha.as_str()
@@ -38,16 +42,31 @@ pub async fn create(
             format!("this token may only deploy {bound}"),
         ));
     }
+    let reason = checked_reason(body.reason)?;
+    state.engine.check_app(&app)?;
+    let mut intent = AuditRecord::new("deploy", "requested");
+    intent.app = Some(app.clone());
+    intent.sha = Some(body.sha.to_string());
+    intent.detail = reason.clone();
+    let spent = begin_change(&state, &who, source, intent)?;
     let request = engine::DeployRequest {
         app,
         sha: body.sha,
         force: body.force,
-        reason: checked_reason(body.reason)?,
+        reason,
         requested_by: who.subject,
         digest: None,
     };
-    let deployment = state.engine.deploy(request).await?;
-    Ok((StatusCode::ACCEPTED, Json(deployment)))
+    match state.engine.deploy(request).await {
+        Ok(deployment) => {
+            let started = Started(deployment.id.0.clone());
+            Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
+        }
+        Err(e) => {
+            give_back(&state, spent);
+            Err(e.into())
+        }
+    }
 }
 
 /// Paging through an app's history.

@@ -50,7 +50,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let code = super::audit::ErrorCode(self.body.code.clone());
         let mut response = (self.status, axum::Json(self.body)).into_response();
+        response.extensions_mut().insert(code);
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -66,6 +68,8 @@ impl From<AuthError> for ApiError {
         let (status, code) = match e {
             AuthError::Missing => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            AuthError::Replayed => (StatusCode::UNAUTHORIZED, "token_replayed"),
+            AuthError::TooManyFailures => (StatusCode::TOO_MANY_REQUESTS, "too_many_failures"),
             AuthError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
         };
         Self::new(status, code, e.to_string())

@@ -220,7 +220,7 @@ fn audiences(claims: &Map<String, Value>) -> Vec<&str> {
 
 /// A claim as text: strings as they are, booleans and numbers as JSON
 /// writes them; lists and objects never match.
-fn claim_text(value: Option<&Value>) -> Option<String> {
+pub(super) fn claim_text(value: Option<&Value>) -> Option<String> {
     match value? {
         Value::String(s) => Some(s.clone()),
         Value::Bool(b) => Some(b.to_string()),

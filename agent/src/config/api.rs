@@ -245,7 +245,10 @@ impl AuthConfig {
             let clash = oidc.issuer == self.issuer
                 || self.oidc[..i].iter().any(|o| o.issuer == oidc.issuer);
             if clash {
-                problems.add(format!("{at}.issuer"), "each issuer may appear once (auth.issuer included)");
+                problems.add(
+                    format!("{at}.issuer"),
+                    "each issuer may appear once (auth.issuer included)",
+                );
             }
         }
     }
@@ -254,7 +257,10 @@ impl AuthConfig {
 impl OidcConfig {
     fn validate(&self, at: &str, problems: &mut Problems) {
         if !is_plain_name(&self.name) {
-            problems.add(format!("{at}.name"), "1-32 of a-z, 0-9 and -, starting with a letter");
+            problems.add(
+                format!("{at}.name"),
+                "1-32 of a-z, 0-9 and -, starting with a letter",
+            );
         }
         if !self.jwks_url.starts_with("https://") {
             problems.add(format!("{at}.jwks_url"), "must be an https:// URL");
@@ -263,10 +269,16 @@ impl OidcConfig {
             problems.add(format!("{at}.algorithms"), "name at least one");
         }
         if self.algorithms.iter().any(|a| a.is_secret()) {
-            problems.add(format!("{at}.algorithms"), "an OIDC issuer signs with key pairs, not HS256");
+            problems.add(
+                format!("{at}.algorithms"),
+                "an OIDC issuer signs with key pairs, not HS256",
+            );
         }
         if self.rules.is_empty() {
-            problems.add(format!("{at}.rules"), "without rules, no token of this issuer may do anything");
+            problems.add(
+                format!("{at}.rules"),
+                "without rules, no token of this issuer may do anything",
+            );
         }
         for (j, rule) in self.rules.iter().enumerate() {
             let at = format!("{at}.rules[{j}]");

@@ -57,6 +57,7 @@ impl Ctx {
             tracing::warn!(deployment.id = %d.id, app = %d.app, %error, "recovered");
             self.store
                 .set_state(&d.id, DeploymentState::Interrupted, Some(&error))?;
+            self.audit_end(&d.id, DeploymentState::Interrupted, Some(&error));
             self.emit(
                 &d.id,
                 EventKind::State {

@@ -60,11 +60,12 @@ impl Run {
         self.ctx.emit(&self.id, kind);
     }
 
-    /// Records the terminal state, in the store first.
+    /// Records the terminal state, in the store first, then in the audit log.
     pub fn finish(&self, state: DeploymentState, error: Option<String>) {
         if let Err(e) = self.ctx.store.set_state(&self.id, state, error.as_deref()) {
             tracing::error!(deployment.id = %self.id, error = %e, "cannot record final state");
         }
+        self.ctx.audit_end(&self.id, state, error.as_deref());
         self.emit(EventKind::State { state, error });
     }
 

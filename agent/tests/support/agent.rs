@@ -1,7 +1,6 @@
 //! A real agent in-process: the engine behind the HTTPS API on a free
 //! port, with a test CA, a signing key and a client that trusts the CA.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use deployd::api::{ApiState, Server};
@@ -65,10 +64,7 @@ impl TestAgent {
             .await
             .unwrap();
         let auth = Authenticator::new(&config.auth).unwrap();
-        let api_state = ApiState {
-            engine: engine.clone(),
-            auth: Arc::new(auth),
-        };
+        let api_state = ApiState::new(engine.clone(), auth);
         let server = Server::start(api_state, config.api.as_ref().unwrap())
             .await
             .unwrap();

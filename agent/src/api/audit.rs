@@ -1,0 +1,182 @@
+//! Auditing `/v1` requests.
+//!
+//! A change is recorded before it is made (`requested`); if that record
+//! cannot be written the change is refused. After the answer, every change
+//! and every refused request (401, 403, 429) is recorded with its outcome.
+//! The token's `jti` is spent by the change, so a replayed token cannot make
+//! another; a change refused for a conflict or a lock gives it back.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{ConnectInfo, FromRequestParts, OriginalUri, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use super::{ApiError, ApiState};
+use crate::auth::{AuthError, Principal};
+use crate::store::AuditRecord;
+
+/// Filled by the `Caller` extractor, read by the middleware afterwards.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Slot(Arc<Mutex<Option<Principal>>>);
+
+impl Slot {
+    pub fn fill(&self, who: &Principal) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(who.clone());
+    }
+
+    fn take(&self) -> Option<Principal> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The error code of an answer, for the audit record.
+#[derive(Debug, Clone)]
+pub(super) struct ErrorCode(pub String);
+
+/// The deployment a change started, for the audit record.
+#[derive(Debug, Clone)]
+pub(super) struct Started(pub String);
+
+/// The client's address, when the connection has one.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(client_addr(parts)))
+    }
+}
+
+pub(super) fn client_addr(parts: &Parts) -> Option<IpAddr> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// A record about `who`.
+pub(super) fn record(
+    who: Option<&Principal>,
+    source: Option<IpAddr>,
+    action: &str,
+    outcome: &str,
+) -> AuditRecord {
+    let mut record = AuditRecord::new(action, outcome);
+    if let Some(who) = who {
+        record.subject = Some(who.subject.clone());
+        record.issuer = Some(who.issuer.clone());
+        record.claims = who.audit_claims.clone();
+    }
+    record.source = source.map(|ip| ip.to_string());
+    record
+}
+
+/// A token id spent on a change, to give back if the change is refused.
+#[derive(Debug)]
+pub(super) struct Spent {
+    issuer: String,
+    jti: String,
+}
+
+/// Before a change: records it (or refuses it, 503, when the audit log
+/// cannot be written), then spends the token's `jti` (refusing a replay).
+pub(super) fn begin_change(
+    state: &ApiState,
+    who: &Principal,
+    source: ClientAddr,
+    mut intent: AuditRecord,
+) -> Result<Spent, ApiError> {
+    let base = record(Some(who), source.0, &intent.action, "requested");
+    intent.subject = base.subject;
+    intent.issuer = base.issuer;
+    intent.claims = base.claims;
+    intent.source = base.source;
+    intent.outcome = "requested".into();
+    let store = state.engine.store();
+    if let Err(e) = store.append_audit(&intent) {
+        tracing::error!(error = %e, "audit log not writable: change refused");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log cannot be written, so no change is made",
+        ));
+    }
+    let jti = who.jti.clone().ok_or_else(|| {
+        AuthError::Invalid("a token without an id (jti) cannot make changes".into())
+    })?;
+    let expires = who.expires_at.unix_timestamp();
+    if !store.spend_token(&who.issuer, &jti, expires)? {
+        return Err(AuthError::Replayed.into());
+    }
+    Ok(Spent {
+        issuer: who.issuer.clone(),
+        jti,
+    })
+}
+
+/// After a refused change: the token may try again.
+pub(super) fn give_back(state: &ApiState, spent: Spent) {
+    if let Err(e) = state
+        .engine
+        .store()
+        .unspend_token(&spent.issuer, &spent.jti)
+    {
+        tracing::warn!(error = %e, "token id not given back");
+    }
+}
+
+/// The middleware: records changes and refusals with their outcome.
+pub(super) async fn outcomes(
+    State(state): State<ApiState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    // Inside the nested /v1 router the URI lost its prefix; the original has it.
+    let path = request.extensions().get::<OriginalUri>().map_or_else(
+        || request.uri().path().to_owned(),
+        |u| u.0.path().to_owned(),
+    );
+    let source = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let slot = Slot::default();
+    request.extensions_mut().insert(slot.clone());
+    let response = next.run(request).await;
+    let status = response.status();
+    let change = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let refused = matches!(
+        status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+    );
+    if !(change || refused) {
+        return response;
+    }
+    let outcome = if status.is_success() {
+        "accepted"
+    } else {
+        "refused"
+    };
+    let who = slot.take();
+    let mut entry = record(who.as_ref(), source, &format!("{method} {path}"), outcome);
+    let segments: Vec<&str> = path.split('/').collect();
+    if let ["", "v1", "apps", app, ..] = segments.as_slice() {
+        entry.app = Some((*app).to_owned());
+    }
+    entry.deployment = response.extensions().get::<Started>().map(|s| s.0.clone());
+    entry.detail = Some(match response.extensions().get::<ErrorCode>() {
+        Some(code) => format!("{} {}", status.as_u16(), code.0),
+        None => status.as_u16().to_string(),
+    });
+    if let Err(e) = state.engine.store().append_audit(&entry) {
+        tracing::error!(error = %e, "audit record not written");
+    }
+    response
+}

@@ -27,8 +27,19 @@ pub struct TestAgent {
 
 impl TestAgent {
     /// Starts an agent for the scope's app, deploying from `repository`.
-    /// `extra` is appended to the `[api]` section (`client_ca = ...`).
+    /// `extra_api` is appended to the `[api]` section (`client_ca = ...`).
     pub async fn start(scope: &Scope, repository: &str, extra_api: &str) -> Self {
+        Self::start_with(scope, repository, extra_api, "").await
+    }
+
+    /// Like [`TestAgent::start`]; `extra_auth` follows the `[auth]` section
+    /// and its `ops` key (more `[[auth.keys]]`, `[[auth.oidc]]`).
+    pub async fn start_with(
+        scope: &Scope,
+        repository: &str,
+        extra_api: &str,
+        extra_auth: &str,
+    ) -> Self {
         deployd::install_crypto_provider();
         let pki = Pki::new();
         let tls = pki.server("agent");
@@ -49,6 +60,7 @@ impl TestAgent {
             algorithm = "EdDSA"
             public_key = "{public}"
             private_key = "{private}"
+            {extra_auth}
             {app}
             "#,
             state = state.path().display(),

@@ -1,0 +1,382 @@
+//! Authentication and policy through the real API: an attack corpus against
+//! static keys and a local OIDC issuer that serves its JWKS over HTTPS and
+//! rotates its key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use deployd_proto::{DeploymentPage, ErrorBody, WhoAmI};
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::agent::TestAgent;
+use support::pki::Pki;
+use support::scoped;
+
+const RSA_A: &str = include_str!("data/test-only-rsa-a.key");
+const RSA_A_PUBLIC: &str = include_str!("data/test-only-rsa-a.pub");
+const RSA_B: &str = include_str!("data/test-only-rsa-b.key");
+const AUDIENCE: &str = "deployd-production";
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+/// A local OIDC issuer: its JWKS over HTTPS, replaceable to rotate keys.
+struct Issuer {
+    url: String,
+    jwks: Arc<Mutex<JwkSet>>,
+    pki: Pki,
+}
+
+impl Issuer {
+    async fn start() -> Self {
+        let pki = Pki::new();
+        let tls = pki.server("issuer");
+        let jwks = Arc::new(Mutex::new(JwkSet { keys: Vec::new() }));
+        let served = jwks.clone();
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let set = served.lock().unwrap().clone();
+                async move { axum::Json(set) }
+            }),
+        );
+        let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+            .await
+            .unwrap();
+        let handle = axum_server::Handle::<std::net::SocketAddr>::new();
+        let server =
+            axum_server::bind_rustls("127.0.0.1:0".parse().unwrap(), config).handle(handle.clone());
+        tokio::spawn(server.serve(app.into_make_service()));
+        let addr = handle.listening().await.unwrap();
+        Self {
+            url: format!("https://localhost:{}", addr.port()),
+            jwks,
+            pki,
+        }
+    }
+
+    /// Publishes exactly these (kid, private key PEM) pairs.
+    fn publish(&self, keys: &[(&str, &str)]) {
+        let keys = keys
+            .iter()
+            .map(|(kid, pem)| {
+                let key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+                let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+                jwk.common.key_id = Some((*kid).to_owned());
+                jwk
+            })
+            .collect();
+        *self.jwks.lock().unwrap() = JwkSet { keys };
+    }
+
+    /// A GitHub-like job token, signed with `pem` under `kid`.
+    fn token(&self, kid: &str, pem: &str, overrides: Value) -> String {
+        let mut claims = json!({
+            "iss": self.url,
+            "aud": AUDIENCE,
+            "sub": "repo:acme/shop:environment:production",
+            "iat": now(),
+            "nbf": now(),
+            "exp": now() + 300,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "repository": "acme/shop",
+            "environment": "production",
+            "ref": "refs/heads/main",
+            "actor": "octocat",
+        });
+        for (k, v) in overrides.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        let key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+        sign(Algorithm::RS256, kid, &key, &claims)
+    }
+}
+
+/// The agent's own token claims (issuer `deployd`), with `overrides`.
+fn own_claims(app: &str, overrides: Value) -> Value {
+    let mut claims = json!({
+        "iss": "deployd",
+        "aud": "deployd",
+        "sub": "attacker",
+        "iat": now(),
+        "nbf": now(),
+        "exp": now() + 300,
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "scope": "read deploy rollback admin",
+        "apps": [app],
+    });
+    for (k, v) in overrides.as_object().unwrap() {
+        claims[k] = v.clone();
+    }
+    claims
+}
+
+async fn start(scope: &support::Scope, issuer: &Issuer) -> TestAgent {
+    let rsa_public = std::env::temp_dir().join(format!("deployd-{}-rsa-a.pub", scope.id));
+    std::fs::write(&rsa_public, RSA_A_PUBLIC).unwrap();
+    let auth = format!(
+        r#"
+        [[auth.keys]]
+        id = "rsa"
+        algorithm = "RS256"
+        public_key = "{rsa}"
+        [[auth.oidc]]
+        name = "github"
+        issuer = "{url}"
+        jwks_url = "{url}/jwks"
+        ca_cert = "{ca}"
+        max_token_age = "15m"
+        jwks_min_interval = "1s"
+        [[auth.oidc.rules]]
+        audience = "{AUDIENCE}"
+        claims = {{ repository = "acme/shop", environment = "production", ref = "refs/heads/main" }}
+        apps = ["{app}"]
+        scopes = ["deploy", "read"]
+        "#,
+        rsa = rsa_public.display(),
+        url = issuer.url,
+        ca = issuer.pki.ca_path().display(),
+        app = scope.app(),
+    );
+    TestAgent::start_with(scope, scope.bed.var("REPOSITORY"), "", &auth).await
+}
+
+#[tokio::test]
+async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
+    scoped(|scope| async move {
+        let issuer = Issuer::start().await;
+        issuer.publish(&[("a", RSA_A)]);
+        let agent = start(&scope, &issuer).await;
+        let app = scope.app();
+        let http = agent.client();
+        let ops_key =
+            EncodingKey::from_ed_pem(&std::fs::read(agent.pki.dir.path().join("ops.key")).unwrap())
+                .unwrap();
+        let own = |overrides: Value| {
+            sign(
+                Algorithm::EdDSA,
+                "ops",
+                &ops_key,
+                &own_claims(&app, overrides),
+            )
+        };
+        let sha = scope.bed.sha("release-1").to_string();
+
+        // alg: none, unsigned.
+        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"ops","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(own_claims(&app, json!({})).to_string());
+        let alg_none = format!("{header}.{payload}.");
+        // HS256 "signed" with the RS256 key's public PEM as the secret.
+        let hs256 = sign(
+            Algorithm::HS256,
+            "rsa",
+            &EncodingKey::from_secret(RSA_A_PUBLIC.as_bytes()),
+            &own_claims(&app, json!({})),
+        );
+        // A valid token whose payload is then edited to claim more.
+        let valid = own(json!({"scope": "read"}));
+        let parts: Vec<&str> = valid.split('.').collect();
+        let edited = URL_SAFE_NO_PAD.encode(own_claims(&app, json!({})).to_string());
+        let tampered = format!("{}.{edited}.{}", parts[0], parts[2]);
+
+        let unauthenticated = [
+            ("alg none", alg_none),
+            ("HS256 with the RSA public key", hs256),
+            (
+                "expired",
+                own(json!({"exp": now() - 3600, "iat": now() - 3700, "nbf": now() - 3700})),
+            ),
+            ("nbf in the future", own(json!({"nbf": now() + 3600}))),
+            (
+                "iat too old",
+                own(json!({"iat": now() - 3 * 3600, "nbf": now() - 3 * 3600})),
+            ),
+            ("wrong aud", own(json!({"aud": "someone-else"}))),
+            ("wrong iss", own(json!({"iss": "https://evil.example"}))),
+            (
+                "unknown kid",
+                sign(
+                    Algorithm::EdDSA,
+                    "nope",
+                    &ops_key,
+                    &own_claims(&app, json!({})),
+                ),
+            ),
+            ("tampered payload", tampered),
+            (
+                "OIDC token from a key the issuer does not publish",
+                issuer.token("a", RSA_B, json!({})),
+            ),
+        ];
+        let forbidden = [
+            ("missing scope", own(json!({"scope": "read"}))),
+            ("wrong app", own(json!({"apps": ["blog"]}))),
+            ("sha claim mismatch", own(json!({"sha": "abcdef1"}))),
+            (
+                "GitHub token without environment=production",
+                issuer.token("a", RSA_A, json!({"environment": "staging"})),
+            ),
+            (
+                "GitHub token from another branch",
+                issuer.token("a", RSA_A, json!({"ref": "refs/heads/feature"})),
+            ),
+        ];
+        let store = agent.engine.store();
+        let deploy = |token: String| {
+            http.post(agent.at(&format!("/v1/apps/{app}/deployments")))
+                .bearer_auth(token)
+                .json(&json!({"sha": sha}))
+                .send()
+        };
+        let cases = unauthenticated
+            .into_iter()
+            .map(|(name, token)| (name, token, StatusCode::UNAUTHORIZED))
+            .chain(
+                forbidden
+                    .into_iter()
+                    .map(|(name, token)| (name, token, StatusCode::FORBIDDEN)),
+            );
+        for (name, token, status) in cases {
+            let before = store.audit_tail(1).unwrap().last().map_or(0, |e| e.seq);
+            let r = deploy(token).await.unwrap();
+            assert_eq!(r.status(), status, "{name}");
+            let body: ErrorBody = r.json().await.unwrap();
+            assert!(!body.code.is_empty() && !body.message.is_empty(), "{name}");
+            let last = store.audit_tail(1).unwrap().pop().unwrap();
+            assert!(last.seq > before, "{name}: not audited");
+            assert_eq!(last.record.outcome, "refused", "{name}");
+            let detail = last.record.detail.unwrap();
+            assert!(
+                detail.starts_with(&status.as_u16().to_string()),
+                "{name}: {detail}"
+            );
+        }
+
+        // A replayed token: its first change goes through, the copy does not.
+        let token = own(json!({}));
+        let lock = |token: &str, reason: &str| {
+            http.put(agent.at(&format!("/v1/apps/{app}/lock")))
+                .bearer_auth(token)
+                .json(&json!({"reason": reason}))
+                .send()
+        };
+        assert_eq!(
+            lock(&token, "first").await.unwrap().status(),
+            StatusCode::OK
+        );
+        let replay = lock(&token, "replayed").await.unwrap();
+        assert_eq!(replay.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            replay.json::<ErrorBody>().await.unwrap().code,
+            "token_replayed"
+        );
+        assert_eq!(store.lock_of(&app).unwrap().unwrap().reason, "first");
+
+        // Nothing was deployed by any of it.
+        let page: DeploymentPage = http
+            .get(agent.at(&format!("/v1/apps/{app}/deployments")))
+            .bearer_auth(own(json!({})))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(page.deployments.is_empty(), "{page:#?}");
+        assert!(matches!(
+            store.verify_audit().unwrap(),
+            deployd::store::ChainCheck::Intact(_)
+        ));
+        // Raw tokens never reach the audit log; claims that say where a
+        // job came from do.
+        let log = store.audit_tail(1000).unwrap();
+        let text =
+            serde_json::to_string(&log.iter().map(|e| &e.record).collect::<Vec<_>>()).unwrap();
+        assert!(!text.contains(&token), "a token was logged");
+        assert!(text.contains("refs/heads/feature"), "claims missing");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oidc_issuer_key_rotation_is_followed() {
+    scoped(|scope| async move {
+        let issuer = Issuer::start().await;
+        issuer.publish(&[("a", RSA_A)]);
+        let agent = start(&scope, &issuer).await;
+        let http = agent.client();
+        let whoami = |token: String| http.get(agent.at("/v1/whoami")).bearer_auth(token).send();
+
+        // A production job's token: the rule grants it deploy and read.
+        let r = whoami(issuer.token("a", RSA_A, json!({"user_email": "octo@example.com"})))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let me: WhoAmI = r.json().await.unwrap();
+        assert_eq!(me.subject, "repo:acme/shop:environment:production");
+        assert_eq!(me.grants.len(), 1);
+        assert_eq!(me.grants[0].apps, [scope.app()]);
+
+        // A token without kid is refused outright.
+        let key = EncodingKey::from_rsa_pem(RSA_A.as_bytes()).unwrap();
+        let claims: Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(
+                    issuer
+                        .token("a", RSA_A, json!({}))
+                        .split('.')
+                        .nth(1)
+                        .unwrap(),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        let no_kid = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap();
+        assert_eq!(
+            whoami(no_kid).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+
+        // The issuer rotates to key b: the first token naming b makes the
+        // agent fetch the keys again; a is then gone.
+        issuer.publish(&[("b", RSA_B)]);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let r = whoami(issuer.token("b", RSA_B, json!({}))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = whoami(issuer.token("a", RSA_A, json!({}))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+        // A refused change is audited with the token's origin claims, but
+        // never with an e-mail address (GitLab's user_email).
+        let token = issuer.token("b", RSA_B, json!({"user_email": "octo@example.com"}));
+        let r = http
+            .put(agent.at(&format!("/v1/apps/{}/lock", scope.app())))
+            .bearer_auth(token)
+            .json(&json!({"reason": "not allowed"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let log = agent.engine.store().audit_tail(1000).unwrap();
+        let text =
+            serde_json::to_string(&log.iter().map(|e| &e.record).collect::<Vec<_>>()).unwrap();
+        assert!(!text.contains("octo@example.com"), "{text}");
+        assert!(text.contains("octocat"), "{text}");
+    })
+    .await;
+}

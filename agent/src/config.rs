@@ -15,6 +15,9 @@ mod api;
 
 pub use api::{ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, RuleConfig};
 
+/// The documented example configuration (`deployd default-config`).
+pub const EXAMPLE: &str = include_str!("../deployd.example.toml");
+
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -420,8 +423,6 @@ impl ServiceConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const EXAMPLE: &str = include_str!("../deployd.example.toml");
 
     #[test]
     fn the_example_config_is_valid() {

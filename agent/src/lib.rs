@@ -11,6 +11,7 @@ pub mod config;
 pub mod docker;
 pub mod engine;
 pub mod env_file;
+pub mod init;
 pub mod store;
 
 use std::time::Duration;

@@ -44,6 +44,26 @@ enum Command {
     ///
     /// Example: `deployd check-docker` (honours DOCKER_HOST).
     CheckDocker,
+    /// Set up a new host: TLS key and certificate, token signing key pair,
+    /// and a configuration using them; prints what deployctl needs.
+    ///
+    /// Example: `deployd init --dir /etc/deployd --san deploy-1.example.com --san 10.0.0.5`
+    Init {
+        /// Where the files go; existing files are never overwritten.
+        #[arg(long, default_value = "/etc/deployd")]
+        dir: PathBuf,
+        /// A DNS name or IP address clients reach the agent by (repeat).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Address the API will listen on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// Where the agent keeps its deployment store.
+        #[arg(long, default_value = "/var/lib/deployd")]
+        state_dir: PathBuf,
+    },
+    /// Print the documented example configuration.
+    DefaultConfig,
     /// Tokens signed with a key of the configuration.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -123,6 +143,14 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => return check_config(config),
         Command::Token(TokenCommand::Issue { .. }) => return issue_token(cli.command),
         Command::Audit(audit) => return audit_command(audit),
+        Command::Init { .. } => return init_command(&cli.command),
+        Command::DefaultConfig => {
+            let mut out = std::io::stdout().lock();
+            return match out.write_all(deployd::config::EXAMPLE.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
+        }
         _ => {}
     }
     // Two worker threads: the agent waits on Docker and HTTP, it does not compute.
@@ -189,7 +217,11 @@ async fn serve(command: Command) -> anyhow::Result<()> {
                 .context("Docker engine check failed")?;
             tracing::info!(engine = %version.engine, api = %version.api, "Docker engine reachable");
         }
-        Command::CheckConfig { .. } | Command::Token(_) | Command::Audit(_) => {}
+        Command::CheckConfig { .. }
+        | Command::Token(_)
+        | Command::Audit(_)
+        | Command::Init { .. }
+        | Command::DefaultConfig => {}
     }
     Ok(())
 }
@@ -238,6 +270,61 @@ fn audit_command(command: &AuditCommand) -> ExitCode {
         },
     };
     result.unwrap_or(ExitCode::FAILURE)
+}
+
+/// `deployd init`: the files, then what to tell deployctl.
+fn init_command(command: &Command) -> ExitCode {
+    let Command::Init {
+        dir,
+        sans,
+        listen,
+        state_dir,
+    } = command
+    else {
+        return ExitCode::FAILURE;
+    };
+    let options = deployd::init::InitOptions {
+        dir: dir.clone(),
+        sans: sans.clone(),
+        listen: *listen,
+        state_dir: state_dir.clone(),
+    };
+    let report = match deployd::init::init(&options) {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let host = &sans[0];
+    let url = if host.contains(':') {
+        format!("https://[{host}]:{}", listen.port())
+    } else {
+        format!("https://{host}:{}", listen.port())
+    };
+    let text = format!(
+        "wrote {config}\n\
+         TLS certificate {cert}\n\
+         \x20 SHA-256 fingerprint {fp}\n\
+         token signing key {key} (keep it off CI hosts; mode 0600)\n\
+         \n\
+         deployctl settings:\n\
+         \x20 export DEPLOYCTL_URL={url}\n\
+         \x20 export DEPLOYCTL_CA_CERT={cert}   # or pin --pin-sha256 {fp}\n\
+         \x20 export DEPLOYCTL_TOKEN=$(deployd token issue --config {config} --sub ops \
+         --scope read,deploy,rollback,admin --ttl 1h)\n\
+         \n\
+         next: add your apps (deployd default-config), then deployd check-config --config {config}\n",
+        config = report.config.display(),
+        cert = report.tls_cert.display(),
+        fp = report.fingerprint,
+        key = report.signing_key.display(),
+    );
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }
 
 /// Prints a signed token on stdout, and nothing else there.

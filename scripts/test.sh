@@ -3,7 +3,7 @@
 # engine, locally built images, private registry), then runs every unit and
 # integration test of the workspace. Meanwhile it records Docker's events for
 # every beat container deployd starts, and checks afterwards that no two
-# beats of one app ever ran at once.
+# beats of one app ever ran at once. Last, schemathesis fuzzes the API.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,3 +21,6 @@ cargo test --workspace --locked "$@"
 sleep 1
 kill "$watcher"
 python3 scripts/check-beat-singleton.py "$events"
+
+# The API against its own OpenAPI document (under 2 minutes).
+bash scripts/api/fuzz.sh 60

@@ -45,11 +45,13 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(engine: EngineHandle, auth: Authenticator) -> Self {
+    /// `max_failures` failed authentications per address and minute are
+    /// allowed (`auth.max_failures_per_minute`).
+    pub fn new(engine: EngineHandle, auth: Authenticator, max_failures: usize) -> Self {
         Self {
             engine,
             auth: Arc::new(auth),
-            gate: Arc::default(),
+            gate: Arc::new(FailureGate::new(max_failures)),
         }
     }
 }

@@ -49,7 +49,7 @@ pub async fn run(
     let store = store::Store::open(&config.state_dir)?;
     let docker = docker::Docker::connect().await?;
     let engine = engine::EngineHandle::start(&config, docker, store).await?;
-    let state = api::ApiState::new(engine, auth);
+    let state = api::ApiState::new(engine, auth, config.auth.max_failures_per_minute);
     let server = api::Server::start(state, &api_config).await?;
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
     tokio::pin!(shutdown);

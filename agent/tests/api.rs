@@ -230,6 +230,51 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
         );
         assert_eq!(me.grants[0].scopes, [S::Read]);
 
+        // The audit log fails closed: when its records cannot be written,
+        // a change is refused and nothing is deployed.
+        let db = rusqlite::Connection::open(agent.state.path().join("deployd.sqlite3")).unwrap();
+        db.execute_batch(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(FAIL, 'off'); END;",
+        )
+        .unwrap();
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(agent.token("ci", &[S::Deploy], &[]))
+            .json(&serde_json::json!({"sha": sha}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable").await;
+        db.execute_batch("DROP TRIGGER no_audit;").unwrap();
+        let history = agent.engine.store().history(&app, 10, None).unwrap();
+        assert!(history.is_empty(), "{history:?}");
+
+        // `deployd audit verify` checks the chain and names an edited record.
+        let config = agent.state.path().join("audit.toml");
+        std::fs::write(
+            &config,
+            format!("state_dir = \"{}\"\n", agent.state.path().display()),
+        )
+        .unwrap();
+        let verify = || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_deployd"))
+                .args(["audit", "verify", "--config"])
+                .arg(&config)
+                .output()
+                .unwrap()
+        };
+        let intact = verify();
+        let said = String::from_utf8_lossy(&intact.stdout).into_owned();
+        assert!(intact.status.success() && said.contains("intact"), "{said}");
+        db.execute_batch(
+            "UPDATE audit SET body = replace(body, 'refused', 'refuses') WHERE seq = 3;",
+        )
+        .unwrap();
+        let broken = verify();
+        let said = String::from_utf8_lossy(&broken.stdout).into_owned();
+        assert_eq!(broken.status.code(), Some(1), "{said}");
+        assert!(said.contains("broken at record 3"), "{said}");
+
         // The OpenAPI document describes the routes served.
         let doc: serde_json::Value = http
             .get(agent.at("/openapi.json"))

@@ -21,6 +21,7 @@ pub struct DeployRequest {
     pub force: bool,
     /// Why, for the history (at most 500 characters).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 500))]
     pub reason: Option<String>,
 }
 
@@ -34,6 +35,7 @@ pub struct RollbackRequest {
     pub to: Option<CommitSha>,
     /// Why, for the history (at most 500 characters).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 500))]
     pub reason: Option<String>,
 }
 
@@ -42,7 +44,12 @@ pub struct RollbackRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LockRequest {
-    /// Why (shown to whoever tries to deploy; 1 to 500 characters).
+    /// Why (shown to whoever tries to deploy; 1 to 500 characters, not
+    /// only spaces).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 500, pattern = r"\S")
+    )]
     pub reason: String,
 }
 

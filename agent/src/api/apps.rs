@@ -14,7 +14,7 @@ use crate::store::AuditRecord;
 /// What the app runs: release per service, containers, lock.
 #[utoipa::path(
     get, path = "/v1/apps/{app}/status", tag = "apps",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", example = "shop")),
     responses(
         (status = 200, body = AppStatus),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -34,7 +34,7 @@ pub async fn status(
 /// Rolls back to the release before the live one, or to a named kept one.
 #[utoipa::path(
     post, path = "/v1/apps/{app}/rollback", tag = "apps",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", example = "shop")),
     request_body = RollbackRequest,
     responses(
         (status = 202, description = "Recorded and started", body = Deployment),
@@ -80,7 +80,7 @@ pub async fn rollback(
 /// Locks the app: deployments and rollbacks are refused until unlocked.
 #[utoipa::path(
     put, path = "/v1/apps/{app}/lock", tag = "apps",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", example = "shop")),
     request_body = LockRequest,
     responses(
         (status = 200, body = AppLock),
@@ -123,7 +123,7 @@ pub async fn lock(
 /// Lifts the app's lock (204 also when there was none).
 #[utoipa::path(
     delete, path = "/v1/apps/{app}/lock", tag = "apps",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", example = "shop")),
     responses(
         (status = 204, description = "Unlocked"),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),

@@ -14,7 +14,7 @@ use crate::store::AuditRecord;
 /// Starts a deployment of `sha`; answers once it is recorded, before it runs.
 #[utoipa::path(
     post, path = "/v1/apps/{app}/deployments", tag = "deployments",
-    params(("app" = String, Path, description = "App name")),
+    params(("app" = String, Path, description = "App name", example = "shop")),
     request_body = DeployRequest,
     responses(
         (status = 202, description = "Recorded and started (or a no-op success when the sha is live)", body = Deployment),
@@ -82,7 +82,7 @@ pub struct PageQuery {
 /// An app's deployments, newest first.
 #[utoipa::path(
     get, path = "/v1/apps/{app}/deployments", tag = "deployments",
-    params(("app" = String, Path, description = "App name"), PageQuery),
+    params(("app" = String, Path, description = "App name", example = "shop"), PageQuery),
     responses(
         (status = 200, body = DeploymentPage),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),

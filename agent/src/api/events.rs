@@ -22,6 +22,38 @@ use super::deployments::readable;
 use super::{ApiError, ApiState, Caller, Path, Query};
 use crate::engine::EngineHandle;
 
+/// One event of the stream as SSE frames it: `id` is the event's seq,
+/// `event` its type, `data` the [`DeploymentEvent`] as JSON.
+#[derive(Debug)]
+pub struct SseEvent;
+
+impl utoipa::PartialSchema for SseEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let text = || ObjectBuilder::new().schema_type(Type::String);
+        ObjectBuilder::new()
+            .property("id", text().pattern(Some("^[0-9]+$")))
+            .property(
+                "event",
+                text().enum_values(Some(["step_started", "step_finished", "output", "state"])),
+            )
+            .property(
+                "data",
+                text()
+                    .content_media_type("application/json")
+                    .content_schema(Some(utoipa::openapi::Ref::from_schema_name(
+                        "DeploymentEvent",
+                    ))),
+            )
+            .required("id")
+            .required("event")
+            .required("data")
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SseEvent {}
+
 /// Where to resume.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -39,7 +71,7 @@ pub struct ResumeQuery {
         ResumeQuery,
     ),
     responses(
-        (status = 200, description = "SSE: `id` is the event's seq, `event` its type, `data` a DeploymentEvent as JSON", content_type = "text/event-stream", body = DeploymentEvent),
+        (status = 200, description = "Server-Sent Events, one per DeploymentEvent", content_type = "text/event-stream", body = SseEvent),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
     ),

@@ -15,11 +15,66 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::apps::status, super::apps::rollback, super::apps::lock, super::apps::unlock,
         super::whoami, super::health::healthz, super::health::readiness,
     ),
-    modifiers(&BearerAuth),
+    components(schemas(deployd_proto::DeploymentEvent)),
+    modifiers(&BearerAuth, &CommonErrors),
 )]
 pub struct ApiDoc;
 
 struct BearerAuth;
+
+/// Answers any `/v1` operation may give, whatever the handler: refused
+/// tokens, too many failures, an overloaded agent or an unwritable audit
+/// log; and for those with a body, its size, type and shape.
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
+        let error = |description: &str| {
+            let content = ContentBuilder::new()
+                .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                .build();
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content("application/json", content)
+                    .build(),
+            )
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            let operations = [
+                (&mut item.get, false),
+                (&mut item.post, true),
+                (&mut item.put, true),
+                (&mut item.delete, false),
+            ];
+            for (operation, has_body) in operations {
+                let Some(operation) = operation else { continue };
+                let responses = &mut operation.responses.responses;
+                let mut add = |status: &str, description: &str| {
+                    responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error(description));
+                };
+                add("400", "A bad request (query, Last-Event-ID)");
+                add("401", "No token, or a token refused");
+                add("429", "Too many failed authentications from this address");
+                add(
+                    "503",
+                    "The agent is overloaded, timed out, or cannot write its audit log",
+                );
+                if has_body {
+                    add("413", "The body is larger than 16 KiB");
+                    add("415", "The body is not JSON");
+                    add("422", "The JSON does not have the expected shape");
+                }
+            }
+        }
+    }
+}
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

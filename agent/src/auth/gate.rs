@@ -7,20 +7,27 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Failures allowed per address within [`WINDOW`].
-pub const MAX_FAILURES: usize = 20;
 /// How long a failure counts.
 pub const WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at most; the quietest are forgotten first.
 const MAX_ADDRESSES: usize = 10_000;
 
 /// Recent failures by address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FailureGate {
+    limit: usize,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
 }
 
 impl FailureGate {
+    /// Allows `limit` failures per address within [`WINDOW`].
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit: limit.max(1),
+            failures: Mutex::default(),
+        }
+    }
+
     /// Whether `ip` is past the limit now.
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
         self.is_blocked_at(ip, Instant::now())
@@ -41,7 +48,7 @@ impl FailureGate {
             failures.remove(&ip);
             return false;
         }
-        times.len() >= MAX_FAILURES
+        times.len() >= self.limit
     }
 
     fn failed_at(&self, ip: IpAddr, now: Instant) {
@@ -55,7 +62,7 @@ impl FailureGate {
         let times = failures.entry(ip).or_default();
         expire(times, now);
         times.push_back(now);
-        if times.len() > MAX_FAILURES {
+        if times.len() > self.limit {
             times.pop_front();
         }
     }
@@ -76,7 +83,8 @@ mod tests {
 
     #[test]
     fn an_address_is_blocked_past_the_limit_until_its_failures_age_out() {
-        let gate = FailureGate::default();
+        const MAX_FAILURES: usize = 20;
+        let gate = FailureGate::new(MAX_FAILURES);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let start = Instant::now();
         for i in 0..MAX_FAILURES {

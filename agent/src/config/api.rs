@@ -57,6 +57,11 @@ pub struct AuthConfig {
     /// Clock skew tolerated on `exp`, `nbf` and `iat`. Default: 30 s.
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
+    /// Failed authentications allowed per client address and minute;
+    /// past that the address gets 429 until its failures age out.
+    /// Default: 20.
+    #[serde(default = "default_max_failures")]
+    pub max_failures_per_minute: usize,
     /// Keys of the tokens this host trusts directly, by `kid`.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
@@ -121,6 +126,7 @@ impl Default for AuthConfig {
             audience: default_audience(),
             max_token_age: default_max_token_age(),
             leeway: default_leeway(),
+            max_failures_per_minute: default_max_failures(),
             keys: Vec::new(),
             oidc: Vec::new(),
         }
@@ -194,6 +200,9 @@ fn default_max_token_age() -> Duration {
 fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
+fn default_max_failures() -> usize {
+    20
+}
 fn default_oidc_algorithms() -> Vec<KeyAlgorithm> {
     vec![KeyAlgorithm::RS256]
 }
@@ -228,6 +237,9 @@ impl AuthConfig {
         }
         if self.audience.is_empty() {
             problems.add("auth.audience", "must not be empty");
+        }
+        if self.max_failures_per_minute == 0 {
+            problems.add("auth.max_failures_per_minute", "must be at least 1");
         }
         if self.max_token_age.is_zero() {
             problems.add("auth.max_token_age", "must be longer than 0 s");

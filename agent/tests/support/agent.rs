@@ -76,7 +76,7 @@ impl TestAgent {
             .await
             .unwrap();
         let auth = Authenticator::new(&config.auth).unwrap();
-        let api_state = ApiState::new(engine.clone(), auth);
+        let api_state = ApiState::new(engine.clone(), auth, config.auth.max_failures_per_minute);
         let server = Server::start(api_state, config.api.as_ref().unwrap())
             .await
             .unwrap();

@@ -1,0 +1,111 @@
+# Shell helpers for scripts that run a real `deployd run`: a fresh host
+# set up with `deployd init` in a temporary directory, the test bed's sample
+# app configured, and its PostgreSQL and Redis on a network of their own.
+# Source it; every function is prefixed `agent_`.
+#
+#   agent_init DIR PORT          init into DIR, API on 127.0.0.1:PORT
+#   agent_services NAME          network NAME with db and redis (healthy)
+#   agent_add_app DIR APP NAME   the sample app APP, from the test bed's
+#                                repository, on network NAME
+#   agent_start DIR [BIN]        run deployd (AGENT_PID), wait until ready
+#   agent_token DIR SCOPES       a 1 h token for `ops`, e.g. read,deploy
+#   agent_cleanup DIR NAME       stop deployd, remove containers and network
+
+AGENT_BIN=${AGENT_BIN:-target/debug/deployd}
+# Where `scripts/testbed.sh up` wrote the test bed's settings.
+DEPLOYD_TESTBED_ENV_FILE=${DEPLOYD_TESTBED_ENV:-${DEPLOYD_TESTBED_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/deployd-testbed}/testbed.env}
+
+agent_init() {
+    local dir=$1 port=$2
+    "$AGENT_BIN" init --dir "$dir/etc" --san localhost --san 127.0.0.1 \
+        --listen "127.0.0.1:$port" --state-dir "$dir/state" >"$dir/init.txt"
+}
+
+agent_services() {
+    local name=$1
+    # shellcheck disable=SC1090
+    . "$DEPLOYD_TESTBED_ENV_FILE"
+    docker network create --label "deployd.script=$name" "$name" >/dev/null
+    docker run -d --label "deployd.script=$name" --network "$name" --network-alias db \
+        --env-file "$DEPLOYD_TESTBED_DB_ENV" "$DEPLOYD_TESTBED_POSTGRES_IMAGE" >/dev/null
+    docker run -d --label "deployd.script=$name" --network "$name" --network-alias redis \
+        "$DEPLOYD_TESTBED_REDIS_IMAGE" >/dev/null
+    local id
+    id=$(docker ps -q --filter "label=deployd.script=$name" --filter "ancestor=$DEPLOYD_TESTBED_POSTGRES_IMAGE")
+    for _ in $(seq 1 120); do
+        [ "$(docker inspect -f '{{.State.Health.Status}}' "$id")" = healthy ] && return 0
+        sleep 0.5
+    done
+    echo "PostgreSQL did not become healthy" >&2
+    return 1
+}
+
+agent_add_app() {
+    local dir=$1 app=$2 name=$3
+    # shellcheck disable=SC1090
+    . "$DEPLOYD_TESTBED_ENV_FILE"
+    cat >>"$dir/etc/deployd.toml" <<EOF
+
+[apps.$app]
+image = "$DEPLOYD_TESTBED_REPOSITORY"
+registry_auth_file = "$DEPLOYD_TESTBED_REGISTRY_AUTH"
+env_file = "$DEPLOYD_TESTBED_APP_ENV"
+network = "$name"
+volumes = ["$name-static:/app/static"]
+verify = "5s"
+retain = 10
+[[apps.$app.release]]
+name = "migrate"
+command = ["python", "manage.py", "migrate", "--noinput"]
+[[apps.$app.release]]
+name = "collectstatic"
+command = ["python", "manage.py", "collectstatic", "--noinput"]
+[apps.$app.services.web]
+port = 8000
+replicas = 2
+health = { path = "/healthz/", host = "$DEPLOYD_TESTBED_APP_HOST", timeout = "30s" }
+stop_timeout = "10s"
+[apps.$app.services.worker]
+command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
+stop_timeout = "30s"
+min_healthy = "3s"
+[apps.$app.services.beat]
+command = ["celery", "-A", "config", "beat", "-l", "info"]
+min_healthy = "3s"
+stop_timeout = "10s"
+EOF
+}
+
+agent_start() {
+    local dir=$1
+    "$AGENT_BIN" run --config "$dir/etc/deployd.toml" 2>"$dir/deployd.log" &
+    AGENT_PID=$!
+    for _ in $(seq 1 200); do
+        grep -q 'deployd ready' "$dir/deployd.log" && return 0
+        kill -0 "$AGENT_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$dir/deployd.log" >&2
+    echo "deployd did not get ready" >&2
+    return 1
+}
+
+agent_token() {
+    local dir=$1 scopes=$2
+    "$AGENT_BIN" token issue --config "$dir/etc/deployd.toml" --sub ops --scope "$scopes" --ttl 1h
+}
+
+agent_cleanup() {
+    local dir=$1 name=${2:-}
+    if [ -n "${AGENT_PID:-}" ]; then
+        kill "$AGENT_PID" 2>/dev/null || true
+        wait "$AGENT_PID" 2>/dev/null || true
+    fi
+    if [ -n "$name" ]; then
+        docker ps -aq --filter "label=deployd.script=$name" | xargs -r docker rm -f >/dev/null
+        docker ps -aq --filter "label=deployd.app=$name" | xargs -r docker rm -f >/dev/null
+        docker network rm "$name" >/dev/null 2>&1 || true
+        docker volume rm "$name-static" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$dir"
+}

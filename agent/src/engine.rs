@@ -84,6 +84,8 @@ pub(crate) struct Ctx {
     http: reqwest::Client,
     events: broadcast::Sender<(DeploymentId, DeploymentEvent)>,
     freeze: Option<Freeze>,
+    /// Recent health answers of web containers, by container id.
+    health_cache: Mutex<HashMap<String, (std::time::Instant, String)>>,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -163,6 +165,7 @@ impl EngineHandle {
             http,
             events,
             freeze,
+            health_cache: Mutex::default(),
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps

@@ -200,6 +200,13 @@ async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
         for service in &status.services {
             for c in &service.containers {
                 let on_r2 = c.sha == Some(scope.bed.sha("release-2"));
+                if service.name == "web" && c.state == ContainerPhase::Running {
+                    assert_eq!(c.health.as_deref(), Some("healthy"), "{status:#?}");
+                }
+                assert!(
+                    c.status.as_deref().is_some_and(|s| s.starts_with("Up")),
+                    "{c:?}"
+                );
                 let ok = match c.state {
                     ContainerPhase::Running => on_r2,
                     ContainerPhase::Draining => service.name == "worker" && !on_r2,

@@ -190,6 +190,16 @@ pub struct ContainerStatus {
     pub name: String,
     pub sha: Option<CommitSha>,
     pub state: ContainerPhase,
+    /// Docker's own words, e.g. `Up 3 minutes` or `Restarting (1) 2 seconds
+    /// ago`. Older agents do not send it.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// `healthy`, `starting`, or `unhealthy: <why>`: the service's HTTP
+    /// health check for web, the image's HEALTHCHECK otherwise; absent when
+    /// neither applies or the container is not running. Older agents do
+    /// not send it.
+    #[serde(default)]
+    pub health: Option<String>,
 }
 
 /// Where a service container is in its life.

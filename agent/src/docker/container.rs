@@ -148,6 +148,8 @@ pub struct ContainerInfo {
     pub labels: HashMap<String, String>,
     /// Running, or restarting after a crash.
     pub running: bool,
+    /// Docker's own words: `Up 3 minutes (healthy)`, `Exited (0) 1 hour ago`.
+    pub status: String,
 }
 
 impl Docker {
@@ -357,6 +359,7 @@ impl Docker {
                         .map(|n| n.trim_start_matches('/').to_owned())
                         .unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
+                    status: c.status.unwrap_or_default(),
                     // A crash-looping container is as alive as a running one:
                     // it must be stopped like one.
                     running: matches!(

@@ -381,6 +381,8 @@ where
     F: FnOnce(Arc<Scope>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // HTTP clients of tests need the TLS provider the agent uses.
+    deployd::install_crypto_provider();
     let scope = Arc::new(Scope::new().await);
     let result = tokio::spawn(body(scope.clone())).await;
     scope.cleanup().await;

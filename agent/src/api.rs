@@ -41,7 +41,7 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub struct ApiState {
     pub engine: EngineHandle,
     pub auth: Arc<Authenticator>,
-    gate: Arc<FailureGate>,
+    pub(crate) gate: Arc<FailureGate>,
 }
 
 impl ApiState {
@@ -107,6 +107,8 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
                 .concurrency_limit(limits.max_concurrent_requests)
                 .timeout(limits.request_timeout),
         )
+        // A panic is a 500, not a reset connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
         // Outside every layer that may answer on its own.
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -231,12 +231,18 @@ impl Authenticator {
         })
     }
 
+    /// Clock skew tolerated: a token is usable until `exp` plus this.
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
     /// Verifies the value of an `Authorization` header.
     pub async fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
         let value = header.ok_or(AuthError::Missing)?;
         let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| invalid("the Authorization header is not a Bearer token"))?;
         self.verify(token.trim()).await
     }
@@ -356,10 +362,11 @@ fn describe(kind: &ErrorKind) -> &'static str {
 /// Who a verified token names, with no grants yet.
 fn principal_of(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+    // Validated as a number already; a fraction is rounded up, never lost.
     let exp = claims
         .get("exp")
-        .and_then(Value::as_i64)
-        .unwrap_or_default();
+        .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f.ceil() as i64)))
+        .ok_or_else(|| invalid("exp is not a number"))?;
     Ok(Principal {
         subject: text("sub").unwrap_or_default(),
         issuer: text("iss").unwrap_or_default(),

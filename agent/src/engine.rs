@@ -76,6 +76,21 @@ pub enum EngineError {
     Stopped,
 }
 
+impl EngineError {
+    /// Whether the request was refused before anything was recorded or
+    /// started (a conflict, a lock, an unknown app or release).
+    pub fn changed_nothing(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownApp(_)
+                | Self::Conflict { .. }
+                | Self::Locked { .. }
+                | Self::NoPreviousRelease(_)
+                | Self::UnknownRelease { .. }
+        )
+    }
+}
+
 /// Shared by the engine task and every deployment task.
 #[derive(Debug)]
 pub(crate) struct Ctx {

@@ -450,6 +450,10 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
         let whole = read_events(events_of(&second, None).await.unwrap(), None).await;
         assert_eq!(whole.len(), seqs.len(), "a finished deployment replays and closes");
+        // Resumed past its end, a finished stream answers 204: an
+        // EventSource stops reconnecting.
+        let past_end = events_of(&second, Some(*seqs.last().unwrap())).await.unwrap();
+        assert_eq!(past_end.status(), StatusCode::NO_CONTENT);
         let done: Deployment = http
             .get(agent.at(&format!("/v1/deployments/{}", second.id)))
             .bearer_auth(&ci)

@@ -267,6 +267,16 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
             );
         }
 
+        // A token bound to a sha cannot roll back to anything else.
+        let r = http
+            .post(agent.at(&format!("/v1/apps/{app}/rollback")))
+            .bearer_auth(own(json!({"sha": "abcdef1"})))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
         // A replayed token: its first change goes through, the copy does not.
         let token = own(json!({}));
         let lock = |token: &str, reason: &str| {

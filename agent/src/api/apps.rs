@@ -54,6 +54,17 @@ pub async fn rollback(
     Json(body): Json<RollbackRequest>,
 ) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
     who.require(Scope::Rollback, &app)?;
+    if let Some(bound) = &who.sha
+        && body.to.as_ref().is_none_or(|to| to.as_str() != bound)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this token may only deploy {bound}: a rollback with it must name that release (to)"
+            ),
+        ));
+    }
     let reason = checked_reason(body.reason)?;
     state.engine.check_app(&app)?;
     let mut intent = AuditRecord::new("rollback", "requested");
@@ -71,7 +82,9 @@ pub async fn rollback(
             Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
         }
         Err(e) => {
-            give_back(&state, spent);
+            if e.changed_nothing() {
+                give_back(&state, spent);
+            }
             Err(e.into())
         }
     }

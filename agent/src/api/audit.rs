@@ -110,7 +110,9 @@ pub(super) fn begin_change(
     let jti = who.jti.clone().ok_or_else(|| {
         AuthError::Invalid("a token without an id (jti) cannot make changes".into())
     })?;
-    let expires = who.expires_at.unix_timestamp();
+    // Remembered as long as the token still passes verification.
+    let leeway = i64::try_from(state.auth.leeway().as_secs()).unwrap_or(i64::MAX);
+    let expires = who.expires_at.unix_timestamp().saturating_add(leeway);
     if !store.spend_token(&who.issuer, &jti, expires)? {
         return Err(AuthError::Replayed.into());
     }
@@ -159,6 +161,16 @@ pub(super) async fn outcomes(
     if !(change || refused) {
         return response;
     }
+    let code = response
+        .extensions()
+        .get::<ErrorCode>()
+        .map(|c| c.0.clone());
+    let flooding = code.as_deref() == Some("too_many_failures")
+        && source.is_some_and(|ip| !state.gate.first_refusal(ip));
+    if flooding {
+        // Recorded once per address and window, not once per request.
+        return response;
+    }
     let outcome = if status.is_success() {
         "accepted"
     } else {
@@ -171,8 +183,12 @@ pub(super) async fn outcomes(
         entry.app = Some((*app).to_owned());
     }
     entry.deployment = response.extensions().get::<Started>().map(|s| s.0.clone());
-    entry.detail = Some(match response.extensions().get::<ErrorCode>() {
-        Some(code) => format!("{} {}", status.as_u16(), code.0),
+    entry.detail = Some(match code.as_deref() {
+        Some("too_many_failures") => format!(
+            "{} too_many_failures (further refusals of this address within a minute are not recorded)",
+            status.as_u16()
+        ),
+        Some(code) => format!("{} {code}", status.as_u16()),
         None => status.as_u16().to_string(),
     });
     if let Err(e) = state.engine.store().append_audit(&entry) {

@@ -63,7 +63,9 @@ pub async fn create(
             Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
         }
         Err(e) => {
-            give_back(&state, spent);
+            if e.changed_nothing() {
+                give_back(&state, spent);
+            }
             Err(e.into())
         }
     }

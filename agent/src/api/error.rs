@@ -52,13 +52,24 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = super::audit::ErrorCode(self.body.code.clone());
         let mut response = (self.status, axum::Json(self.body)).into_response();
-        response.extensions_mut().insert(code);
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer error=\"invalid_token\""),
-            );
+        let headers = response.headers_mut();
+        match (self.status, code.0.as_str()) {
+            // RFC 6750: no error code when no credentials came at all.
+            (StatusCode::UNAUTHORIZED, "unauthenticated") => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            (StatusCode::UNAUTHORIZED, _) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            (StatusCode::TOO_MANY_REQUESTS, _) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            _ => {}
         }
+        response.extensions_mut().insert(code);
         response
     }
 }

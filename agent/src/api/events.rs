@@ -10,10 +10,10 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use deployd_proto::{DeploymentEvent, DeploymentId, ErrorBody, EventKind};
-use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,6 +72,7 @@ pub struct ResumeQuery {
     ),
     responses(
         (status = 200, description = "Server-Sent Events, one per DeploymentEvent", content_type = "text/event-stream", body = SseEvent),
+        (status = 204, description = "The deployment is over and every event was seen"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
     ),
@@ -83,9 +84,9 @@ pub async fn stream(
     Path(id): Path<String>,
     Query(resume): Query<ResumeQuery>,
     headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = DeploymentId(id);
-    readable(&state, &who, &id)?;
+    let deployment = readable(&state, &who, &id)?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
@@ -98,12 +99,24 @@ pub async fn stream(
         ),
     };
     let after = last_event_id.or(resume.after).unwrap_or(0);
-    let (tx, rx) = mpsc::channel(64);
+    if i64::try_from(after).is_err() {
+        return Err(ApiError::bad_request(
+            "invalid_last_event_id",
+            "no event has a seq that large",
+        ));
+    }
     // Subscribed before the store is read: nothing falls between the two.
     let live = state.engine.subscribe();
+    if deployment.state.is_terminal() && state.engine.store().events(&id, after)?.is_empty() {
+        // Over and fully seen: 204 tells an EventSource not to reconnect.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let (tx, rx) = mpsc::channel(64);
     tokio::spawn(pump(state.engine.clone(), id, after, live, tx));
     let stream = ReceiverStream::new(rx);
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
 }
 
 type Sink = mpsc::Sender<Result<Event, Infallible>>;
@@ -132,11 +145,14 @@ async fn pump(
                 return;
             }
         }
-        // A deployment that ended without a recorded terminal event (its
-        // store write failed) would otherwise be followed forever.
         match engine.store().state(&id) {
             Ok(Some(state)) if !state.is_terminal() => {}
-            _ => return,
+            // Over: its final event is recorded a moment after its state.
+            // Wait for it briefly; one whose record failed still ends.
+            _ => {
+                finish(&engine, &id, last, &tx).await;
+                return;
+            }
         }
         // Then follow live, until a gap or a lag sends us back to the store.
         loop {
@@ -145,18 +161,35 @@ async fn pump(
                 () = tx.closed() => return,
             };
             match received {
-                Ok((of, event)) if of == id && event.seq == last + 1 => {
+                Ok((of, event)) if of == id && Some(event.seq) == last.checked_add(1) => {
                     last = event.seq;
                     if !send(&tx, &event).await || is_terminal(&event) {
                         return;
                     }
                 }
-                Ok((of, event)) if of == id && event.seq > last + 1 => break,
+                Ok((of, event)) if of == id && event.seq > last => break,
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => break,
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
+    }
+}
+
+/// Sends what is left after `last` of a deployment that is over, waiting
+/// up to 2 s for its final event.
+async fn finish(engine: &EngineHandle, id: &DeploymentId, mut last: u64, tx: &Sink) {
+    for _ in 0..20 {
+        let Ok(events) = engine.store().events(id, last) else {
+            return;
+        };
+        for event in events {
+            last = event.seq;
+            if !send(tx, &event).await || is_terminal(&event) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -1,6 +1,7 @@
 //! Failed authentications, rate limited per client address: past the
 //! limit, an address gets 429 without its token being looked at, until
-//! its failures age out of the window.
+//! its failures age out of the window. IPv6 addresses count per /64 (one
+//! host usually holds all of one), and the table is bounded.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -17,6 +18,19 @@ const MAX_ADDRESSES: usize = 10_000;
 pub struct FailureGate {
     limit: usize,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    /// When each blocked address's refusal was last recorded.
+    noted: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// The key an address counts under: itself, or its /64 for IPv6.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+    }
 }
 
 impl FailureGate {
@@ -25,7 +39,20 @@ impl FailureGate {
         Self {
             limit: limit.max(1),
             failures: Mutex::default(),
+            noted: Mutex::default(),
         }
+    }
+
+    /// Whether a refusal of blocked `ip` should be recorded: the first in
+    /// each window is, the flood after it is not.
+    pub fn first_refusal(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
+        noted.retain(|_, at| now.saturating_duration_since(*at) < WINDOW);
+        if noted.len() >= MAX_ADDRESSES {
+            return false;
+        }
+        noted.insert(bucket(ip), now).is_none()
     }
 
     /// Whether `ip` is past the limit now.
@@ -39,6 +66,7 @@ impl FailureGate {
     }
 
     fn is_blocked_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = bucket(ip);
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let Some(times) = failures.get_mut(&ip) else {
             return false;
@@ -52,12 +80,23 @@ impl FailureGate {
     }
 
     fn failed_at(&self, ip: IpAddr, now: Instant) {
+        let ip = bucket(ip);
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         if failures.len() >= MAX_ADDRESSES && !failures.contains_key(&ip) {
             failures.retain(|_, times| {
                 expire(times, now);
                 !times.is_empty()
             });
+            // Still full: forget the address whose last failure is oldest.
+            if failures.len() >= MAX_ADDRESSES {
+                let quietest = failures
+                    .iter()
+                    .min_by_key(|(_, times)| times.back().copied())
+                    .map(|(ip, _)| *ip);
+                if let Some(quietest) = quietest {
+                    failures.remove(&quietest);
+                }
+            }
         }
         let times = failures.entry(ip).or_default();
         expire(times, now);
@@ -95,5 +134,21 @@ mod tests {
         assert!(!gate.is_blocked_at(b, start), "others are not");
         assert!(gate.is_blocked_at(a, start + WINDOW - Duration::from_secs(1)));
         assert!(!gate.is_blocked_at(a, start + WINDOW));
+    }
+
+    #[test]
+    fn ipv6_addresses_count_per_64_and_the_table_stays_bounded() {
+        let gate = FailureGate::new(2);
+        let now = Instant::now();
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let other_host: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        gate.failed_at(one, now);
+        gate.failed_at(other_host, now);
+        assert!(gate.is_blocked_at("2001:db8:1:2::77".parse().unwrap(), now));
+        assert!(!gate.is_blocked_at("2001:db8:1:3::1".parse().unwrap(), now));
+        for i in 0..(MAX_ADDRESSES as u32 + 10) {
+            gate.failed_at(IpAddr::V4(i.into()), now);
+        }
+        assert!(gate.failures.lock().unwrap().len() <= MAX_ADDRESSES);
     }
 }

@@ -2,12 +2,15 @@
 //! JWKS URL and cached by `kid`, and their policy rules.
 //!
 //! A token naming a `kid` the cache lacks triggers a refresh, but at most
-//! one at a time (others wait for it) and at most once per
-//! `jwks_min_interval`; the cache is also refreshed once it is older than
-//! `jwks_refresh`, so a key the issuer withdrew stops working.
+//! one at a time (others wait for it) and at most one attempt per
+//! `jwks_min_interval`, failed or not; the cache is also refreshed once it
+//! is older than `jwks_refresh`, so a key the issuer withdrew stops
+//! working. While refreshes fail, the last keys fetched stay in use for one
+//! more `jwks_refresh`, then tokens of the issuer are refused until a fetch
+//! succeeds.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use deployd_proto::Grant;
@@ -17,6 +20,14 @@ use serde_json::{Map, Value};
 
 use super::{AuthError, algorithm, invalid};
 use crate::config::{OidcConfig, RuleConfig};
+
+/// `*` and `?` stop at `/`: `acme/*` is not `acme/subgroup/project`, and
+/// `refs/heads/*` not `refs/heads/team/feature`.
+const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
 
 /// Largest JWKS document read.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -34,14 +45,18 @@ pub(super) struct Issuer {
     refresh: Duration,
     min_interval: Duration,
     http: reqwest::Client,
-    cache: RwLock<Cache>,
+    cache: Arc<RwLock<Cache>>,
+    /// Held by the one request that refreshes; the others wait on it.
     refreshing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct Cache {
     keys: HashMap<String, DecodingKey>,
+    /// The last successful fetch.
     fetched_at: Option<Instant>,
+    /// The last attempt, successful or not.
+    attempted_at: Option<Instant>,
 }
 
 struct Rule {
@@ -55,6 +70,7 @@ impl Issuer {
         crate::install_crypto_provider();
         let mut http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .https_only(true)
             .no_proxy();
         if let Some(path) = &cfg.ca_cert {
             let pem = super::read_key_file(path)?;
@@ -82,7 +98,7 @@ impl Issuer {
             refresh: cfg.jwks_refresh,
             min_interval: cfg.jwks_min_interval,
             http,
-            cache: RwLock::default(),
+            cache: Arc::default(),
             refreshing: tokio::sync::Mutex::new(()),
         })
     }
@@ -94,32 +110,33 @@ impl Issuer {
         }
         // One refresh at a time; whoever waited may find it done.
         let _refreshing = self.refreshing.lock().await;
-        let (key, fresh) = self.cached(kid);
-        if let (Some(key), true) = (&key, fresh) {
-            return Ok(key.clone());
+        if let (Some(key), true) = self.cached(kid) {
+            return Ok(key);
         }
-        let last = self.read_cache().fetched_at;
-        let may_fetch = last.is_none_or(|at| at.elapsed() >= self.min_interval);
-        if may_fetch {
-            match self.fetch().await {
-                Ok(keys) => {
-                    let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                    cache.keys = keys;
-                    cache.fetched_at = Some(Instant::now());
-                }
-                Err(e) => {
-                    tracing::warn!(issuer = %self.name, error = %e, "cannot fetch the issuer's keys");
-                    // Not again right away: a failing issuer is not hammered.
-                    let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                    if cache.fetched_at.is_some() {
-                        cache.fetched_at = Some(Instant::now());
-                    }
-                }
+        let attempted = self.read_cache().attempted_at;
+        if attempted.is_none_or(|at| at.elapsed() >= self.min_interval) {
+            self.write_cache().attempted_at = Some(Instant::now());
+            // A task of its own: a caller that goes away does not cut the
+            // refresh short, and its result is kept either way.
+            let refresh = tokio::spawn(refresh(
+                self.http.clone(),
+                self.jwks_url.clone(),
+                self.name.clone(),
+                self.cache.clone(),
+            ));
+            if let Err(e) = refresh.await {
+                tracing::warn!(issuer = %self.name, error = %e, "key refresh task failed");
             }
         }
-        self.cached(kid)
-            .0
-            .ok_or_else(|| invalid("the token's key (kid) is not among the issuer's keys"))
+        match self.cached(kid) {
+            (Some(key), _) if self.usable() => Ok(key),
+            (Some(_), _) => Err(invalid(
+                "the issuer's keys could not be fetched for too long",
+            )),
+            (None, _) => Err(invalid(
+                "the token's key (kid) is not among the issuer's keys",
+            )),
+        }
     }
 
     /// The cached key, and whether the cache is fresh.
@@ -131,46 +148,19 @@ impl Issuer {
         (cache.keys.get(kid).cloned(), fresh)
     }
 
+    /// Stale keys serve one more refresh period while fetching fails.
+    fn usable(&self) -> bool {
+        self.read_cache()
+            .fetched_at
+            .is_some_and(|at| at.elapsed() < self.refresh.saturating_mul(2))
+    }
+
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
         self.cache.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn fetch(&self) -> Result<HashMap<String, DecodingKey>, String> {
-        let response = self
-            .http
-            .get(&self.jwks_url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {}: {e}", self.jwks_url))?;
-        if !response.status().is_success() {
-            return Err(format!("GET {}: HTTP {}", self.jwks_url, response.status()));
-        }
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-        {
-            return Err(format!("{} is larger than 1 MiB", self.jwks_url));
-        }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| format!("GET {}: {e}", self.jwks_url))?;
-        let set: JwkSet = serde_json::from_slice(&body[..body.len().min(MAX_JWKS_BYTES)])
-            .map_err(|e| format!("{} is not a JWKS document: {e}", self.jwks_url))?;
-        let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            let Some(kid) = &jwk.common.key_id else {
-                continue;
-            };
-            match DecodingKey::from_jwk(jwk) {
-                Ok(key) => {
-                    keys.insert(kid.clone(), key);
-                }
-                Err(e) => tracing::debug!(issuer = %self.name, %kid, error = %e, "key skipped"),
-            }
-        }
-        tracing::info!(issuer = %self.name, keys = keys.len(), "issuer keys fetched");
-        Ok(keys)
+    fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
+        self.cache.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What the token's claims earn under the issuer's rules.
@@ -181,12 +171,64 @@ impl Issuer {
             .filter(|r| audiences.contains(&r.audience.as_str()))
             .filter(|r| {
                 r.claims.iter().all(|(name, pattern)| {
-                    claim_text(claims.get(name)).is_some_and(|text| pattern.matches(&text))
+                    claim_text(claims.get(name))
+                        .is_some_and(|text| pattern.matches_with(&text, GLOB_OPTIONS))
                 })
             })
             .map(|r| r.grant.clone())
             .collect()
     }
+}
+
+/// Fetches the issuer's keys into `cache`; a failure is logged and leaves
+/// the cache as it was.
+async fn refresh(http: reqwest::Client, url: String, issuer: String, cache: Arc<RwLock<Cache>>) {
+    match fetch(&http, &url).await {
+        Ok(keys) => {
+            tracing::info!(%issuer, keys = keys.len(), "issuer keys fetched");
+            let mut cache = cache.write().unwrap_or_else(|e| e.into_inner());
+            cache.keys = keys;
+            cache.fetched_at = Some(Instant::now());
+        }
+        Err(e) => tracing::warn!(%issuer, error = %e, "cannot fetch the issuer's keys"),
+    }
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<HashMap<String, DecodingKey>, String> {
+    let mut response = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("GET {url}: HTTP {}", response.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?
+    {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            return Err(format!("{url} is larger than 1 MiB"));
+        }
+    }
+    let set: JwkSet =
+        serde_json::from_slice(&body).map_err(|e| format!("{url} is not a JWKS document: {e}"))?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = &jwk.common.key_id else {
+            continue;
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(key) => {
+                keys.insert(kid.clone(), key);
+            }
+            Err(e) => tracing::debug!(%kid, error = %e, "key skipped"),
+        }
+    }
+    Ok(keys)
 }
 
 fn rule(cfg: &RuleConfig) -> Result<Rule, String> {
@@ -277,6 +319,7 @@ mod tests {
             ("ref_protected", serde_json::json!("false")),
             ("environment", serde_json::json!("staging")),
             ("project_path", serde_json::json!("evil/shop")),
+            ("project_path", serde_json::json!("acme/subgroup/shop")),
             ("environment", serde_json::json!(["production"])),
         ] {
             let mut bad = good.clone();

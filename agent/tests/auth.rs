@@ -319,6 +319,47 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
             serde_json::to_string(&log.iter().map(|e| &e.record).collect::<Vec<_>>()).unwrap();
         assert!(!text.contains(&token), "a token was logged");
         assert!(text.contains("refs/heads/feature"), "claims missing");
+
+        // Failed authentications from one address: past the limit (20 a
+        // minute), it gets 429 even with a valid token, and the flood is
+        // recorded once.
+        let before = store.audit_tail(1).unwrap().last().map_or(0, |e| e.seq);
+        let mut statuses = Vec::new();
+        for _ in 0..30 {
+            let r = http
+                .get(agent.at("/v1/whoami"))
+                .bearer_auth("not-a-token")
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status());
+        }
+        assert!(statuses.contains(&StatusCode::UNAUTHORIZED));
+        assert_eq!(statuses.last(), Some(&StatusCode::TOO_MANY_REQUESTS));
+        let r = http
+            .get(agent.at("/v1/whoami"))
+            .bearer_auth(own(json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "60");
+        assert_eq!(
+            r.json::<ErrorBody>().await.unwrap().code,
+            "too_many_failures"
+        );
+        let flood = store.audit_tail(100).unwrap();
+        let recorded_429 = flood
+            .iter()
+            .filter(|e| e.seq > before)
+            .filter(|e| {
+                e.record
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("429"))
+            })
+            .count();
+        assert_eq!(recorded_429, 1, "{flood:#?}");
     })
     .await;
 }

@@ -1,15 +1,92 @@
-//! `deployctl`: the client CI deploy stages and operators run against deployd.
-//!
-//! The deploy, rollback and status commands arrive with the agent's HTTPS
-//! API; until then the binary only answers `--help` and `--version`.
+//! `deployctl`: the client CI deploy stages and operators run against
+//! deployd. Parses arguments, resolves settings, runs one command, and
+//! exits with a code scripts can branch on (see `--help`).
 
-use clap::Parser;
+mod client;
+mod commands;
+mod exit;
+mod follow;
+mod oidc;
+mod settings;
+mod tls;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::commands::{Ctx, completions, deploy, history, lock, logs, rollback, status, whoami};
+use crate::exit::{CliError, EXIT_CODES_HELP, Exit};
+use crate::settings::Global;
 
 /// Deploy, roll back and inspect releases on hosts running deployd.
 #[derive(Debug, Parser)]
-#[command(version, about, arg_required_else_help = true)]
-struct Cli {}
+#[command(version, about, after_help = EXIT_CODES_HELP, arg_required_else_help = true)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    /// Machine-readable output: JSON (one event per line when following).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    Deploy(deploy::Deploy),
+    Rollback(rollback::Rollback),
+    Status(status::Status),
+    History(history::History),
+    Logs(logs::Logs),
+    Lock(lock::Lock),
+    Unlock(lock::Unlock),
+    Whoami(whoami::Whoami),
+    Completions(completions::Completions),
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    if let Command::Completions(c) = &cli.command {
+        c.run();
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => Err(CliError::new(Exit::Other, format!("cannot start: {e}"))),
+    };
+    match result {
+        Ok(exit) => exit.into(),
+        Err(e) => {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "error: {}", e.message);
+            if let Some(hint) = &e.hint {
+                let _ = writeln!(err, "hint: {hint}");
+            }
+            e.exit.into()
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Exit, CliError> {
+    let settings = cli.global.resolve()?;
+    let ctx = Ctx {
+        client: client::Client::new(settings)?,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Deploy(c) => c.run(&ctx).await,
+        Command::Rollback(c) => c.run(&ctx).await,
+        Command::Status(c) => c.run(&ctx).await,
+        Command::History(c) => c.run(&ctx).await,
+        Command::Logs(c) => c.run(&ctx).await,
+        Command::Lock(c) => c.run(&ctx).await,
+        Command::Unlock(c) => c.run(&ctx).await,
+        Command::Whoami(c) => c.run(&ctx).await,
+        Command::Completions(_) => Ok(Exit::Success),
+    }
 }

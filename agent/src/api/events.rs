@@ -60,6 +60,9 @@ impl utoipa::ToSchema for SseEvent {}
 pub struct ResumeQuery {
     /// Only events after this sequence number (like `Last-Event-ID`).
     after: Option<u64>,
+    /// `false`: the recorded events only, then the stream ends, even if
+    /// the deployment goes on. Default: `true`.
+    follow: Option<bool>,
 }
 
 /// The deployment's events, replayed then live, as `text/event-stream`.
@@ -112,7 +115,11 @@ pub async fn stream(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(pump(state.engine.clone(), id, after, live, tx));
+    if resume.follow == Some(false) {
+        tokio::spawn(recorded(state.engine.clone(), id, after, tx));
+    } else {
+        tokio::spawn(pump(state.engine.clone(), id, after, live, tx));
+    }
     let stream = ReceiverStream::new(rx);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -173,6 +180,20 @@ async fn pump(
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
+    }
+}
+
+/// Sends the events recorded after `after`, then ends.
+async fn recorded(engine: EngineHandle, id: DeploymentId, after: u64, tx: Sink) {
+    match engine.store().events(&id, after) {
+        Ok(events) => {
+            for event in events {
+                if !send(&tx, &event).await {
+                    return;
+                }
+            }
+        }
+        Err(e) => tracing::error!(deployment.id = %id, error = %e, "cannot read events"),
     }
 }
 

@@ -1,0 +1,219 @@
+//! All HTTP to the agent goes through here. Error answers become one
+//! readable line with a hint and the right exit code; a token never
+//! appears in any of them.
+
+use std::time::Duration;
+
+use deployd_proto::ErrorBody;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+
+use crate::exit::{CliError, Exit};
+use crate::settings::Settings;
+use crate::{oidc, tls};
+
+/// A connection to one agent, with the caller's token.
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    /// For event streams: no overall timeout.
+    streaming: reqwest::Client,
+    settings: Settings,
+    token: OnceCell<String>,
+}
+
+fn unreachable(url: &str, e: &reqwest::Error) -> CliError {
+    // The chain says why (refused, TLS, DNS) without any header content.
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    CliError::new(Exit::Unreachable, format!("cannot reach the agent at {url}: {why}"))
+        .hint("is deployd running there? check DEPLOYCTL_URL, and DEPLOYCTL_CA_CERT or --pin-sha256 for its certificate")
+}
+
+impl Client {
+    pub fn new(settings: Settings) -> Result<Self, CliError> {
+        let build = |timeout: Option<Duration>| {
+            let mut builder = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .user_agent(concat!("deployctl/", env!("CARGO_PKG_VERSION")));
+            if let Some(timeout) = timeout {
+                builder = builder.timeout(timeout);
+            }
+            if let Some(pin) = &settings.pin_sha256 {
+                builder = builder.tls_backend_preconfigured(tls::pinned_config(
+                    tls::parse_fingerprint(pin)?,
+                )?);
+            } else if let Some(path) = &settings.ca_cert {
+                let pem = std::fs::read(path).map_err(|e| {
+                    CliError::usage(format!("cannot read CA file {}: {e}", path.display()))
+                })?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
+                    CliError::usage(format!("{} is not a PEM certificate bundle", path.display()))
+                })?;
+                builder = builder.tls_certs_merge(certs);
+            }
+            builder
+                .build()
+                .map_err(|e| CliError::new(Exit::Other, format!("HTTP client: {e}")))
+        };
+        Ok(Self {
+            http: build(Some(Duration::from_secs(60)))?,
+            streaming: build(None)?,
+            settings,
+            token: OnceCell::new(),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The token: given, read from a file, or fetched from the CI, once.
+    async fn token(&self) -> Result<&str, CliError> {
+        self.token
+            .get_or_try_init(|| async {
+                let s = &self.settings;
+                if let Some(kind) = s.oidc {
+                    return oidc::job_token(kind, s).await;
+                }
+                if let Some(token) = &s.token {
+                    return Ok(token.trim().to_owned());
+                }
+                if let Some(path) = &s.token_file {
+                    return std::fs::read_to_string(path)
+                        .map(|t| t.trim().to_owned())
+                        .map_err(|e| {
+                            CliError::usage(format!(
+                                "cannot read token file {}: {e}",
+                                path.display()
+                            ))
+                        });
+                }
+                Err(CliError::new(Exit::Auth, "no token").hint(
+                    "set DEPLOYCTL_TOKEN or DEPLOYCTL_TOKEN_FILE, or --oidc github|gitlab in CI",
+                ))
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<reqwest::Response, CliError> {
+        let url = format!("{}{path}", self.settings.url);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.token().await?);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.settings.url, &e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(error_from(response).await)
+    }
+
+    /// A JSON answer, or the error it stands for.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, CliError> {
+        let response = self.request(method, path, body).await?;
+        response.json().await.map_err(|e| {
+            CliError::new(Exit::Other, format!("the agent's answer is not what deployctl expects: {e}"))
+                .hint("are deployctl and deployd of compatible versions?")
+        })
+    }
+
+    /// A request whose answer has no body (204).
+    pub async fn call_empty(&self, method: Method, path: &str) -> Result<(), CliError> {
+        self.request(method, path, None).await.map(|_| ())
+    }
+
+    /// Opens a deployment's event stream after `after`; with `live` false,
+    /// the recorded events only. `None`: the deployment is over and every
+    /// event was seen (204).
+    pub async fn events(
+        &self,
+        id: &str,
+        after: u64,
+        live: bool,
+    ) -> Result<Option<reqwest::Response>, CliError> {
+        let url = if live {
+            format!("{}/v1/deployments/{id}/events", self.settings.url)
+        } else {
+            format!("{}/v1/deployments/{id}/events?follow=false", self.settings.url)
+        };
+        let mut request = self
+            .streaming
+            .get(&url)
+            .bearer_auth(self.token().await?)
+            .header("accept", "text/event-stream");
+        if after > 0 {
+            request = request.header("last-event-id", after.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.settings.url, &e))?;
+        match response.status() {
+            StatusCode::NO_CONTENT => Ok(None),
+            s if s.is_success() => Ok(Some(response)),
+            _ => Err(error_from(response).await),
+        }
+    }
+}
+
+/// Turns an error answer into a [`CliError`].
+async fn error_from(response: reqwest::Response) -> CliError {
+    let status = response.status();
+    let body = response.json::<ErrorBody>().await.unwrap_or_else(|_| {
+        ErrorBody::new("unknown", format!("the agent answered HTTP {status}"))
+    });
+    let message = body.message.clone();
+    match (status, body.code.as_str()) {
+        (_, "token_replayed") => CliError::new(Exit::Auth, message)
+            .hint("a token makes one change; get a new one (deployd token issue, or the CI's OIDC token)"),
+        (StatusCode::UNAUTHORIZED, _) => CliError::new(Exit::Auth, message)
+            .hint("check the token (DEPLOYCTL_TOKEN / DEPLOYCTL_TOKEN_FILE / --oidc): expired, wrong audience or issuer?"),
+        (StatusCode::FORBIDDEN, _) => CliError::new(Exit::Auth, message)
+            .hint("`deployctl whoami` shows what this token may do"),
+        (StatusCode::TOO_MANY_REQUESTS, _) => CliError::new(Exit::Auth, message)
+            .hint("too many failed logins from here; wait a minute"),
+        (StatusCode::CONFLICT, "conflict") => {
+            let hint = match &body.deployment {
+                Some(id) => format!("follow it: deployctl logs {id} --follow; or retry with --wait-lock 10m"),
+                None => "retry with --wait-lock 10m".to_owned(),
+            };
+            let mut error = CliError::new(Exit::Conflict, message).hint(hint);
+            error.running = body.deployment.clone();
+            error
+        }
+        (StatusCode::LOCKED, _) => CliError::new(Exit::Conflict, message)
+            .hint("deployctl unlock lifts it (admin scope), or retry with --wait-lock"),
+        (StatusCode::CONFLICT, _) => CliError::new(Exit::Other, message),
+        (StatusCode::SERVICE_UNAVAILABLE, _) => {
+            CliError::new(Exit::Other, message).hint("the agent is busy or degraded; try again shortly")
+        }
+        (s, _) if s.is_server_error() => {
+            CliError::new(Exit::Other, message).hint("the agent's log (journalctl -u deployd) has the details")
+        }
+        _ => CliError::new(Exit::Other, message),
+    }
+}
+

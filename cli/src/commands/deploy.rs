@@ -1,0 +1,116 @@
+//! `deployctl deploy <sha>`.
+
+use std::time::Duration;
+
+use clap::Args;
+use deployd_proto::{CommitSha, Deployment};
+use reqwest::Method;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::Ctx;
+use crate::exit::{CliError, Exit};
+use crate::follow::{Style, exit_of, follow};
+
+/// Deploy a release and follow it until it ends.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  deployctl deploy 4f2a9c1 --app shop --reason \"release 42\"\n  deployctl deploy $CI_COMMIT_SHA --oidc gitlab --wait-lock 10m")]
+pub struct Deploy {
+    /// The commit to deploy: 7 to 40 lowercase hex digits (the image tag).
+    pub sha: CommitSha,
+    /// Why, for the history.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Deploy even if this sha is already live.
+    #[arg(long)]
+    pub force: bool,
+    /// If another deployment runs or the app is locked, wait up to this
+    /// long (e.g. 10m) and try again.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait_lock: Option<Duration>,
+    /// Print the deployment id and return; do not follow.
+    #[arg(long)]
+    pub no_follow: bool,
+}
+
+impl Deploy {
+    pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
+        let app = ctx.client.settings().app()?.to_owned();
+        let body = json!({"sha": self.sha, "force": self.force, "reason": self.reason});
+        let path = format!("/v1/apps/{app}/deployments");
+        let deployment = submit(ctx, &path, &body, self.wait_lock).await?;
+        start_following(ctx, deployment, self.no_follow, &format!("{app} {}", self.sha)).await
+    }
+}
+
+/// POSTs a deployment or rollback; with `wait`, a conflict or lock is
+/// waited out (a refused change keeps the token usable).
+pub async fn submit(
+    ctx: &Ctx,
+    path: &str,
+    body: &serde_json::Value,
+    wait: Option<Duration>,
+) -> Result<Deployment, CliError> {
+    let deadline = wait.map(|w| Instant::now() + w);
+    loop {
+        match ctx.client.call::<Deployment>(Method::POST, path, Some(body)).await {
+            Ok(deployment) => return Ok(deployment),
+            Err(e) if e.exit == Exit::Conflict && deadline.is_some_and(|d| Instant::now() < d) => {
+                let deadline = deadline.unwrap_or_else(Instant::now);
+                match &e.running {
+                    Some(running) => {
+                        ctx.note(&format!("waiting for deployment {running} to end ({})", e.message));
+                        wait_for_end(ctx, running, deadline).await?;
+                    }
+                    None => {
+                        ctx.note(&format!("waiting: {}", e.message));
+                        tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_secs(5))).await;
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn wait_for_end(ctx: &Ctx, id: &str, deadline: Instant) -> Result<(), CliError> {
+    while Instant::now() < deadline {
+        let d: Deployment = ctx
+            .client
+            .call(Method::GET, &format!("/v1/deployments/{id}"), None)
+            .await?;
+        if d.state.is_terminal() {
+            return Ok(());
+        }
+        tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_secs(2))).await;
+    }
+    Ok(())
+}
+
+/// Says what started, then follows it (Ctrl-C stops following only).
+pub async fn start_following(
+    ctx: &Ctx,
+    deployment: Deployment,
+    no_follow: bool,
+    what: &str,
+) -> Result<Exit, CliError> {
+    let id = deployment.id.0.clone();
+    if no_follow {
+        if ctx.json {
+            return ctx.out_json(&deployment);
+        }
+        ctx.out(&id);
+        return Ok(Exit::Success);
+    }
+    ctx.note(&format!("deployment {id}: {what}"));
+    let style = Style::pick(ctx.json);
+    tokio::select! {
+        followed = follow(&ctx.client, &id, style) => Ok(exit_of(followed?.state)),
+        _ = tokio::signal::ctrl_c() => {
+            ctx.note(&format!(
+                "stopped following; deployment {id} goes on. Follow it again: deployctl logs {id} --follow"
+            ));
+            Ok(Exit::Stopped)
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `deployctl history`.
+
+use clap::Args;
+use deployd_proto::DeploymentPage;
+use reqwest::Method;
+
+use super::{Ctx, short_id};
+use crate::exit::{CliError, Exit};
+use crate::follow::state_name;
+
+/// The app's deployments, newest first.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  deployctl history --app shop --limit 5")]
+pub struct History {
+    /// How many (1 to 100).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub limit: u16,
+}
+
+impl History {
+    pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
+        let app = ctx.client.settings().app()?.to_owned();
+        let page: DeploymentPage = ctx
+            .client
+            .call(
+                Method::GET,
+                &format!("/v1/apps/{app}/deployments?limit={}", self.limit),
+                None,
+            )
+            .await?;
+        if ctx.json {
+            return ctx.out_json(&page);
+        }
+        ctx.out(&format!(
+            "{:<12}  {:<20}  {:<9}  {:<15}  {:<12}  {:<16}  {}",
+            "ID", "WHEN (UTC)", "KIND", "STATE", "SHA", "BY", "REASON / ERROR"
+        ));
+        for d in &page.deployments {
+            let when = d
+                .created_at
+                .format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second]"
+                ))
+                .unwrap_or_default();
+            let kind = match d.kind {
+                deployd_proto::DeploymentKind::Deploy => "deploy",
+                deployd_proto::DeploymentKind::Rollback => "rollback",
+            };
+            let sha = d.sha.as_str();
+            let why = d.error.as_deref().or(d.reason.as_deref()).unwrap_or("");
+            ctx.out(&format!(
+                "{:<12}  {when:<20}  {kind:<9}  {:<15}  {:<12}  {:<16}  {why}",
+                short_id(&d.id.0),
+                state_name(d.state),
+                &sha[..sha.len().min(12)],
+                d.requested_by,
+            ));
+        }
+        Ok(Exit::Success)
+    }
+}

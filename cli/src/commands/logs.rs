@@ -1,0 +1,43 @@
+//! `deployctl logs <deployment-id> [--follow]`.
+
+use clap::Args;
+use deployd_proto::Deployment;
+use reqwest::Method;
+
+use super::Ctx;
+use crate::exit::{CliError, Exit};
+use crate::follow::{Style, exit_of, follow};
+
+/// A deployment's log: every step with its timing, task output, the
+/// outcome. With --follow, until it ends, exiting with its outcome's code.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  deployctl logs 019abc...def\n  deployctl logs 019abc...def --follow --json")]
+pub struct Logs {
+    /// The deployment id (`deployctl history` lists them).
+    pub id: String,
+    /// Keep following until the deployment ends.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+impl Logs {
+    pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
+        let style = Style::pick(ctx.json);
+        let current: Deployment = ctx
+            .client
+            .call(Method::GET, &format!("/v1/deployments/{}", self.id), None)
+            .await?;
+        if !self.follow && !current.state.is_terminal() {
+            // What is recorded so far, then return.
+            crate::follow::replay(&ctx.client, &self.id, style).await?;
+            return Ok(Exit::Success);
+        }
+        tokio::select! {
+            followed = follow(&ctx.client, &self.id, style) => {
+                let d = followed?;
+                Ok(if self.follow { exit_of(d.state) } else { Exit::Success })
+            }
+            _ = tokio::signal::ctrl_c() => Ok(Exit::Stopped),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! `deployctl rollback [--to SHA]`.
+
+use std::time::Duration;
+
+use clap::Args;
+use deployd_proto::CommitSha;
+use serde_json::json;
+
+use super::Ctx;
+use super::deploy::{start_following, submit};
+use crate::exit::{CliError, Exit};
+
+/// Roll back to the release before the live one, or to a kept one, and
+/// follow it until it ends.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  deployctl rollback --app shop --reason \"checkout errors\"\n  deployctl rollback --to 4f2a9c1")]
+pub struct Rollback {
+    /// A kept release to go back to (default: the one before the live one).
+    #[arg(long)]
+    pub to: Option<CommitSha>,
+    /// Why, for the history.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// If a deployment runs or the app is locked, wait up to this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait_lock: Option<Duration>,
+    /// Print the deployment id and return; do not follow.
+    #[arg(long)]
+    pub no_follow: bool,
+}
+
+impl Rollback {
+    pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
+        let app = ctx.client.settings().app()?.to_owned();
+        let body = json!({"to": self.to, "reason": self.reason});
+        let path = format!("/v1/apps/{app}/rollback");
+        let deployment = submit(ctx, &path, &body, self.wait_lock).await?;
+        let what = format!("{app} back to {}", deployment.sha);
+        start_following(ctx, deployment, self.no_follow, &what).await
+    }
+}

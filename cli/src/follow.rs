@@ -1,0 +1,301 @@
+//! Following a deployment's events until it ends, in one of three styles;
+//! a dropped stream is resumed where it stopped (`Last-Event-ID`), so no
+//! event is lost or shown twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use deployd_proto::{Deployment, DeploymentEvent, DeploymentState, EventKind, StepState};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use reqwest::Method;
+
+use crate::client::Client;
+use crate::exit::{CliError, Exit};
+
+/// How events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// A terminal: a line per step with a spinner and elapsed time.
+    Live,
+    /// CI logs: one timestamped line per event.
+    Plain,
+    /// One JSON event per line (the API's `DeploymentEvent`).
+    Json,
+}
+
+impl Style {
+    /// Live on a terminal, plain otherwise, JSON when asked.
+    pub fn pick(json: bool) -> Self {
+        use std::io::IsTerminal;
+        if json {
+            Self::Json
+        } else if std::io::stdout().is_terminal() {
+            Self::Live
+        } else {
+            Self::Plain
+        }
+    }
+}
+
+/// Longest the agent may stay unreachable while following.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// Lines of a failed task shown at the end.
+const TAIL_LINES: usize = 10;
+
+/// Follows deployment `id` until its final state; returns the deployment as
+/// recorded then.
+pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deployment, CliError> {
+    let mut view = View::new(style);
+    let mut last = 0;
+    let mut down_since: Option<Instant> = None;
+    let mut delay = Duration::from_millis(250);
+    'streams: loop {
+        match client.events(id, last, true).await {
+            Ok(None) => break,
+            Ok(Some(response)) => {
+                down_since = None;
+                delay = Duration::from_millis(250);
+                let mut events = response.bytes_stream().eventsource();
+                while let Some(item) = events.next().await {
+                    let Ok(item) = item else { break };
+                    let Ok(event) = serde_json::from_str::<DeploymentEvent>(&item.data) else {
+                        continue;
+                    };
+                    if event.seq <= last {
+                        continue;
+                    }
+                    last = event.seq;
+                    view.show(&event);
+                    if matches!(&event.kind, EventKind::State { state, .. } if state.is_terminal()) {
+                        break 'streams;
+                    }
+                }
+            }
+            Err(e) if e.exit == Exit::Unreachable => {
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > RECONNECT_FOR {
+                    return Err(e.hint(format!(
+                        "the deployment goes on without us; follow it again: deployctl logs {id} --follow"
+                    )));
+                }
+                view.note("connection to the agent lost; reconnecting");
+            }
+            Err(e) => return Err(e),
+        }
+        // The stream ended early (the agent restarted, a proxy cut it).
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+    view.done();
+    let deployment: Deployment = client
+        .call(Method::GET, &format!("/v1/deployments/{id}"), None)
+        .await?;
+    view.summary(&deployment);
+    Ok(deployment)
+}
+
+/// Prints the events recorded so far, without waiting for more.
+pub async fn replay(client: &Client, id: &str, style: Style) -> Result<(), CliError> {
+    let mut view = View::new(style);
+    if let Some(response) = client.events(id, 0, false).await? {
+        let mut events = response.bytes_stream().eventsource();
+        while let Some(Ok(item)) = events.next().await {
+            if let Ok(event) = serde_json::from_str::<DeploymentEvent>(&item.data) {
+                view.show(&event);
+            }
+        }
+    }
+    view.done();
+    Ok(())
+}
+
+/// The exit code a deployment's final state stands for.
+pub fn exit_of(state: DeploymentState) -> Exit {
+    match state {
+        DeploymentState::Succeeded => Exit::Success,
+        DeploymentState::Failed => Exit::Failed,
+        DeploymentState::RolledBack => Exit::RolledBack,
+        DeploymentState::RollbackFailed => Exit::RollbackFailed,
+        DeploymentState::Interrupted => Exit::Interrupted,
+        DeploymentState::Queued | DeploymentState::Running => Exit::Other,
+    }
+}
+
+/// The snake_case name of a state, as the API writes it.
+pub fn state_name(state: DeploymentState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+struct View {
+    style: Style,
+    bars: MultiProgress,
+    steps: HashMap<String, ProgressBar>,
+    /// The last lines each task printed, for a failure's account.
+    tails: HashMap<String, VecDeque<String>>,
+    failed_step: Option<String>,
+}
+
+impl View {
+    fn new(style: Style) -> Self {
+        Self {
+            style,
+            bars: MultiProgress::new(),
+            steps: HashMap::new(),
+            tails: HashMap::new(),
+            failed_step: None,
+        }
+    }
+
+    fn print(&self, line: &str) {
+        match self.style {
+            Style::Live => {
+                let _ = self.bars.println(line);
+            }
+            _ => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
+
+    fn note(&self, text: &str) {
+        if self.style != Style::Json {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{text}");
+        }
+    }
+
+    fn show(&mut self, event: &DeploymentEvent) {
+        if let EventKind::Output { step, line } = &event.kind {
+            let tail = self.tails.entry(step.clone()).or_default();
+            tail.push_back(line.clone());
+            if tail.len() > TAIL_LINES {
+                tail.pop_front();
+            }
+        }
+        if let EventKind::StepFinished {
+            step,
+            state: StepState::Failed,
+            ..
+        } = &event.kind
+        {
+            self.failed_step.get_or_insert_with(|| step.clone());
+        }
+        match self.style {
+            Style::Json => {
+                if let Ok(line) = serde_json::to_string(event) {
+                    self.print(&line);
+                }
+            }
+            Style::Plain => {
+                let at = event
+                    .at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                self.print(&format!("{at}  {}", describe(&event.kind)));
+            }
+            Style::Live => self.show_live(&event.kind),
+        }
+    }
+
+    fn show_live(&mut self, kind: &EventKind) {
+        match kind {
+            EventKind::StepStarted { step } => {
+                let bar = self.bars.add(ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_message(step.clone());
+                bar.enable_steady_tick(Duration::from_millis(120));
+                self.steps.insert(step.clone(), bar);
+            }
+            EventKind::StepFinished { step, .. } => {
+                let line = describe(kind);
+                match self.steps.remove(step) {
+                    Some(bar) => {
+                        bar.set_style(
+                            ProgressStyle::with_template("{msg}")
+                                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                        );
+                        bar.finish_with_message(line);
+                    }
+                    None => self.print(&line),
+                }
+            }
+            EventKind::Output { step, line } => self.print(&format!("    {step} | {line}")),
+            EventKind::State { .. } => self.print(&describe(kind)),
+        }
+    }
+
+    fn done(&mut self) {
+        for (_, bar) in self.steps.drain() {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// After the end: why it failed, with the failing task's last lines.
+    fn summary(&self, d: &Deployment) {
+        if self.style == Style::Json || d.state == DeploymentState::Succeeded {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "deployment {} of {} {}: {}",
+            d.id,
+            d.sha,
+            state_name(d.state),
+            d.error.as_deref().unwrap_or("no reason recorded")
+        );
+        if let Some(step) = &self.failed_step
+            && let Some(tail) = self.tails.get(step)
+        {
+            let _ = writeln!(err, "last lines of {step}:");
+            for line in tail {
+                let _ = writeln!(err, "  {line}");
+            }
+        }
+        if !d.migrations.is_empty() && d.state != DeploymentState::Failed {
+            let _ = writeln!(
+                err,
+                "migrations applied and not reversed: {}",
+                d.migrations.join(", ")
+            );
+        }
+    }
+}
+
+fn seconds(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+/// One event as a line of text.
+pub fn describe(kind: &EventKind) -> String {
+    match kind {
+        EventKind::StepStarted { step } => format!("{step} started"),
+        EventKind::StepFinished {
+            step,
+            state,
+            duration_ms,
+            detail,
+        } => match (state, detail) {
+            (StepState::Failed, Some(detail)) => {
+                format!("✘ {step} failed after {}: {detail}", seconds(*duration_ms))
+            }
+            (StepState::Failed, None) => format!("✘ {step} failed after {}", seconds(*duration_ms)),
+            _ => format!("✔ {step} ({})", seconds(*duration_ms)),
+        },
+        EventKind::Output { step, line } => format!("{step} | {line}"),
+        EventKind::State { state, error } => match error {
+            Some(error) => format!("deployment {}: {error}", state_name(*state)),
+            None => format!("deployment {}", state_name(*state)),
+        },
+    }
+}

@@ -45,15 +45,17 @@ impl Client {
                 builder = builder.timeout(timeout);
             }
             if let Some(pin) = &settings.pin_sha256 {
-                builder = builder.tls_backend_preconfigured(tls::pinned_config(
-                    tls::parse_fingerprint(pin)?,
-                )?);
+                builder = builder
+                    .tls_backend_preconfigured(tls::pinned_config(tls::parse_fingerprint(pin)?)?);
             } else if let Some(path) = &settings.ca_cert {
                 let pem = std::fs::read(path).map_err(|e| {
                     CliError::usage(format!("cannot read CA file {}: {e}", path.display()))
                 })?;
                 let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
-                    CliError::usage(format!("{} is not a PEM certificate bundle", path.display()))
+                    CliError::usage(format!(
+                        "{} is not a PEM certificate bundle",
+                        path.display()
+                    ))
                 })?;
                 builder = builder.tls_certs_merge(certs);
             }
@@ -135,8 +137,11 @@ impl Client {
     ) -> Result<T, CliError> {
         let response = self.request(method, path, body).await?;
         response.json().await.map_err(|e| {
-            CliError::new(Exit::Other, format!("the agent's answer is not what deployctl expects: {e}"))
-                .hint("are deployctl and deployd of compatible versions?")
+            CliError::new(
+                Exit::Other,
+                format!("the agent's answer is not what deployctl expects: {e}"),
+            )
+            .hint("are deployctl and deployd of compatible versions?")
         })
     }
 
@@ -157,7 +162,10 @@ impl Client {
         let url = if live {
             format!("{}/v1/deployments/{id}/events", self.settings.url)
         } else {
-            format!("{}/v1/deployments/{id}/events?follow=false", self.settings.url)
+            format!(
+                "{}/v1/deployments/{id}/events?follow=false",
+                self.settings.url
+            )
         };
         let mut request = self
             .streaming
@@ -182,9 +190,10 @@ impl Client {
 /// Turns an error answer into a [`CliError`].
 async fn error_from(response: reqwest::Response) -> CliError {
     let status = response.status();
-    let body = response.json::<ErrorBody>().await.unwrap_or_else(|_| {
-        ErrorBody::new("unknown", format!("the agent answered HTTP {status}"))
-    });
+    let body = response
+        .json::<ErrorBody>()
+        .await
+        .unwrap_or_else(|_| ErrorBody::new("unknown", format!("the agent answered HTTP {status}")));
     let message = body.message.clone();
     match (status, body.code.as_str()) {
         (_, "token_replayed") => CliError::new(Exit::Auth, message)
@@ -216,4 +225,3 @@ async fn error_from(response: reqwest::Response) -> CliError {
         _ => CliError::new(Exit::Other, message),
     }
 }
-

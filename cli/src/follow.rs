@@ -69,7 +69,8 @@ pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deploymen
                     }
                     last = event.seq;
                     view.show(&event);
-                    if matches!(&event.kind, EventKind::State { state, .. } if state.is_terminal()) {
+                    if matches!(&event.kind, EventKind::State { state, .. } if state.is_terminal())
+                    {
                         break 'streams;
                     }
                 }
@@ -86,6 +87,9 @@ pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deploymen
             Err(e) => return Err(e),
         }
         // The stream ended early (the agent restarted, a proxy cut it).
+        view.note(&format!(
+            "event stream interrupted; resuming after event {last}"
+        ));
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
@@ -164,11 +168,10 @@ impl View {
         }
     }
 
+    /// Progress about the stream itself, on stderr (stdout stays the log).
     fn note(&self, text: &str) {
-        if self.style != Style::Json {
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(err, "{text}");
-        }
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{text}");
     }
 
     fn show(&mut self, event: &DeploymentEvent) {

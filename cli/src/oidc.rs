@@ -53,16 +53,16 @@ async fn github(settings: &Settings) -> Result<String, CliError> {
     let url = env("ACTIONS_ID_TOKEN_REQUEST_URL").ok_or_else(missing)?;
     let bearer = env("ACTIONS_ID_TOKEN_REQUEST_TOKEN").ok_or_else(missing)?;
     let audience = settings.oidc_audience.as_deref().ok_or_else(|| {
-        CliError::usage("--oidc github needs an audience")
-            .hint("set --oidc-audience or DEPLOYCTL_OIDC_AUDIENCE to the audience of the agent's rule")
+        CliError::usage("--oidc github needs an audience").hint(
+            "set --oidc-audience or DEPLOYCTL_OIDC_AUDIENCE to the audience of the agent's rule",
+        )
     })?;
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(20))
         .build()
         .map_err(|e| CliError::new(Exit::Other, format!("HTTP client: {e}")))?;
-    let mut url = reqwest::Url::parse(&url).map_err(|_| {
-        CliError::new(Exit::Auth, "ACTIONS_ID_TOKEN_REQUEST_URL is not a URL")
-    })?;
+    let mut url = reqwest::Url::parse(&url)
+        .map_err(|_| CliError::new(Exit::Auth, "ACTIONS_ID_TOKEN_REQUEST_URL is not a URL"))?;
     url.query_pairs_mut().append_pair("audience", audience);
     let answer = client
         .get(url)
@@ -70,7 +70,10 @@ async fn github(settings: &Settings) -> Result<String, CliError> {
         .send()
         .await
         .map_err(|e| {
-            CliError::new(Exit::Auth, format!("cannot reach GitHub's token endpoint: {e}"))
+            CliError::new(
+                Exit::Auth,
+                format!("cannot reach GitHub's token endpoint: {e}"),
+            )
         })?;
     if !answer.status().is_success() {
         return Err(CliError::new(
@@ -79,7 +82,10 @@ async fn github(settings: &Settings) -> Result<String, CliError> {
         ));
     }
     let answer: GithubAnswer = answer.json().await.map_err(|_| {
-        CliError::new(Exit::Auth, "GitHub's token endpoint did not answer {\"value\": ...}")
+        CliError::new(
+            Exit::Auth,
+            "GitHub's token endpoint did not answer {\"value\": ...}",
+        )
     })?;
     Ok(answer.value)
 }

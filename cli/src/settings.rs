@@ -114,18 +114,16 @@ impl Global {
     /// Flags and environment first, then the context.
     pub fn resolve(&self) -> Result<Settings, CliError> {
         let context = self.context_from_file()?;
-        let url = self
-            .url
-            .clone()
-            .or(context.url)
-            .ok_or_else(|| {
-                CliError::usage("no agent URL").hint(
-                    "set --url or DEPLOYCTL_URL (e.g. https://deploy-1.example.com:8443), or a context",
-                )
-            })?;
+        let url = self.url.clone().or(context.url).ok_or_else(|| {
+            CliError::usage("no agent URL").hint(
+                "set --url or DEPLOYCTL_URL (e.g. https://deploy-1.example.com:8443), or a context",
+            )
+        })?;
         let url = url.trim_end_matches('/').to_owned();
         if !url.starts_with("https://") {
-            return Err(CliError::usage(format!("the agent URL must be https://, got {url}")));
+            return Err(CliError::usage(format!(
+                "the agent URL must be https://, got {url}"
+            )));
         }
         Ok(Settings {
             url,

@@ -15,8 +15,10 @@ use crate::exit::CliError;
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], CliError> {
     let hex: String = text.chars().filter(|c| *c != ':').collect();
     let bad = || {
-        CliError::usage(format!("--pin-sha256 {text:?} is not a SHA-256 fingerprint"))
-            .hint("64 hex digits, colons allowed, as `deployd init` prints it")
+        CliError::usage(format!(
+            "--pin-sha256 {text:?} is not a SHA-256 fingerprint"
+        ))
+        .hint("64 hex digits, colons allowed, as `deployd init` prints it")
     };
     if hex.len() != 64 {
         return Err(bad());
@@ -111,14 +113,18 @@ mod tests {
 
     #[test]
     fn fingerprints_parse_with_or_without_colons() {
-        let hex = "AC0E01AD442A5A0899934707591 2FAF11976CB1C885EF4DBD31DC5A17DD5475F".replace(' ', "");
+        let hex =
+            "AC0E01AD442A5A0899934707591 2FAF11976CB1C885EF4DBD31DC5A17DD5475F".replace(' ', "");
         let with_colons: String = hex
             .as_bytes()
             .chunks(2)
             .map(|p| std::str::from_utf8(p).unwrap())
             .collect::<Vec<_>>()
             .join(":");
-        assert_eq!(parse_fingerprint(&hex).unwrap(), parse_fingerprint(&with_colons).unwrap());
+        assert_eq!(
+            parse_fingerprint(&hex).unwrap(),
+            parse_fingerprint(&with_colons).unwrap()
+        );
         assert!(parse_fingerprint("AC:0E").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
     }

@@ -13,6 +13,11 @@ pub struct Completions {
 impl Completions {
     pub fn run(&self) {
         let mut command = crate::Cli::command();
-        clap_complete::generate(self.shell, &mut command, "deployctl", &mut std::io::stdout());
+        clap_complete::generate(
+            self.shell,
+            &mut command,
+            "deployctl",
+            &mut std::io::stdout(),
+        );
     }
 }

@@ -14,7 +14,9 @@ use crate::follow::{Style, exit_of, follow};
 
 /// Deploy a release and follow it until it ends.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  deployctl deploy 4f2a9c1 --app shop --reason \"release 42\"\n  deployctl deploy $CI_COMMIT_SHA --oidc gitlab --wait-lock 10m")]
+#[command(
+    after_help = "Examples:\n  deployctl deploy 4f2a9c1 --app shop --reason \"release 42\"\n  deployctl deploy $CI_COMMIT_SHA --oidc gitlab --wait-lock 10m"
+)]
 pub struct Deploy {
     /// The commit to deploy: 7 to 40 lowercase hex digits (the image tag).
     pub sha: CommitSha,
@@ -39,7 +41,13 @@ impl Deploy {
         let body = json!({"sha": self.sha, "force": self.force, "reason": self.reason});
         let path = format!("/v1/apps/{app}/deployments");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;
-        start_following(ctx, deployment, self.no_follow, &format!("{app} {}", self.sha)).await
+        start_following(
+            ctx,
+            deployment,
+            self.no_follow,
+            &format!("{app} {}", self.sha),
+        )
+        .await
     }
 }
 
@@ -53,18 +61,28 @@ pub async fn submit(
 ) -> Result<Deployment, CliError> {
     let deadline = wait.map(|w| Instant::now() + w);
     loop {
-        match ctx.client.call::<Deployment>(Method::POST, path, Some(body)).await {
+        match ctx
+            .client
+            .call::<Deployment>(Method::POST, path, Some(body))
+            .await
+        {
             Ok(deployment) => return Ok(deployment),
             Err(e) if e.exit == Exit::Conflict && deadline.is_some_and(|d| Instant::now() < d) => {
                 let deadline = deadline.unwrap_or_else(Instant::now);
                 match &e.running {
                     Some(running) => {
-                        ctx.note(&format!("waiting for deployment {running} to end ({})", e.message));
+                        ctx.note(&format!(
+                            "waiting for deployment {running} to end ({})",
+                            e.message
+                        ));
                         wait_for_end(ctx, running, deadline).await?;
                     }
                     None => {
                         ctx.note(&format!("waiting: {}", e.message));
-                        tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_secs(5))).await;
+                        tokio::time::sleep_until(
+                            deadline.min(Instant::now() + Duration::from_secs(5)),
+                        )
+                        .await;
                     }
                 }
             }

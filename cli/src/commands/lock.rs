@@ -10,7 +10,9 @@ use crate::exit::{CliError, Exit};
 
 /// Lock the app: deployments and rollbacks are refused until unlocked.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  deployctl lock --app shop --reason \"incident 42: DB failover\"")]
+#[command(
+    after_help = "Example:\n  deployctl lock --app shop --reason \"incident 42: DB failover\""
+)]
 pub struct Lock {
     /// Why; shown to whoever tries to deploy.
     #[arg(long)]
@@ -39,7 +41,10 @@ impl Lock {
         if ctx.json {
             return ctx.out_json(&lock);
         }
-        ctx.out(&format!("{app} locked by {}: {}", lock.locked_by, lock.reason));
+        ctx.out(&format!(
+            "{app} locked by {}: {}",
+            lock.locked_by, lock.reason
+        ));
         Ok(Exit::Success)
     }
 }

@@ -11,7 +11,9 @@ use crate::follow::{Style, exit_of, follow};
 /// A deployment's log: every step with its timing, task output, the
 /// outcome. With --follow, until it ends, exiting with its outcome's code.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  deployctl logs 019abc...def\n  deployctl logs 019abc...def --follow --json")]
+#[command(
+    after_help = "Examples:\n  deployctl logs 019abc...def\n  deployctl logs 019abc...def --follow --json"
+)]
 pub struct Logs {
     /// The deployment id (`deployctl history` lists them).
     pub id: String,

@@ -13,7 +13,9 @@ use crate::exit::{CliError, Exit};
 /// Roll back to the release before the live one, or to a kept one, and
 /// follow it until it ends.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  deployctl rollback --app shop --reason \"checkout errors\"\n  deployctl rollback --to 4f2a9c1")]
+#[command(
+    after_help = "Examples:\n  deployctl rollback --app shop --reason \"checkout errors\"\n  deployctl rollback --to 4f2a9c1"
+)]
 pub struct Rollback {
     /// A kept release to go back to (default: the one before the live one).
     #[arg(long)]

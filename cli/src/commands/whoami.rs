@@ -31,7 +31,11 @@ impl Whoami {
         }
         for grant in &me.grants {
             let scopes: Vec<&str> = grant.scopes.iter().map(|s| s.as_str()).collect();
-            ctx.out(&format!("may      {} on {}", scopes.join(", "), grant.apps.join(", ")));
+            ctx.out(&format!(
+                "may      {} on {}",
+                scopes.join(", "),
+                grant.apps.join(", ")
+            ));
         }
         Ok(Exit::Success)
     }

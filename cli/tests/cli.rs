@@ -1,0 +1,286 @@
+//! The built `deployctl` against a real agent (in-process, real TLS, real
+//! tokens, the test bed's releases): exit codes and output for every kind
+//! of outcome, the JSON schema, and a stream cut mid-deployment.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../agent/tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deployd_proto::{AppStatus, DeploymentEvent, DeploymentPage, EventKind, Scope as S, WhoAmI};
+use support::agent::TestAgent;
+use support::scoped;
+use tokio::net::{TcpListener, TcpStream};
+
+const ALL: [S; 4] = [S::Read, S::Deploy, S::Rollback, S::Admin];
+
+/// Runs deployctl with the agent's URL, CA and app, and `token`.
+async fn deployctl(agent: &TestAgent, url: &str, token: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_deployctl"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", agent.state.path())
+        .env("DEPLOYCTL_URL", url)
+        .env("DEPLOYCTL_CA_CERT", agent.pki.ca_path())
+        .env("DEPLOYCTL_APP", agent.config.apps.keys().next().unwrap())
+        .env("DEPLOYCTL_TOKEN", token)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts the exit code; returns (stdout, stderr).
+fn expect(output: &Output, code: i32, what: &str) -> (String, String) {
+    let (out, err) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "{what}\n--- stdout\n{out}\n--- stderr\n{err}"
+    );
+    (out, err)
+}
+
+#[tokio::test]
+async fn every_outcome_has_its_exit_code_and_output() {
+    scoped(|scope| async move {
+        let repository = scope.publish_releases().await;
+        let agent = TestAgent::start(&scope, &repository, "").await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        let url = agent.url.clone();
+        let token = || agent.token("ci", &ALL, &[]);
+        let sha = |variant: &str| scope.bed.sha(variant).to_string();
+
+        // Usage: a bad sha never reaches the agent.
+        let out = deployctl(&agent, &url, &token(), &["deploy", "HEAD"]).await;
+        let (_, err) = expect(&out, 2, "bad sha");
+        assert!(err.contains("lowercase hex"), "{err}");
+
+        // Success, in plain lines (not a terminal).
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
+        let (lines, _) = expect(&out, 0, "release 1");
+        assert!(lines.contains("✔ roll:web"), "{lines}");
+        assert!(lines.contains("task:migrate | "), "{lines}");
+        assert!(
+            lines.trim_end().ends_with("deployment succeeded"),
+            "{lines}"
+        );
+        assert!(
+            lines.lines().all(|l| l.starts_with("20")),
+            "timestamped: {lines}"
+        );
+
+        // Failed before any change: the cause and the task's last lines.
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("migrate-fails")]).await;
+        let (_, err) = expect(&out, 3, "migrate fails");
+        assert!(err.contains("release task migrate exited with 1"), "{err}");
+        assert!(err.contains("last lines of task:migrate:"), "{err}");
+
+        // Rolled back after a change.
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("worker-crash")]).await;
+        let (_, err) = expect(&out, 4, "worker crash");
+        assert!(err.contains("rolled_back"), "{err}");
+
+        // A conflict, then the same token waits the running one out.
+        let out = deployctl(
+            &agent,
+            &url,
+            &token(),
+            &["deploy", &sha("release-2"), "--no-follow"],
+        )
+        .await;
+        let (id, _) = expect(&out, 0, "release 2 started");
+        let waiting = token();
+        let out = deployctl(&agent, &url, &waiting, &["deploy", &sha("release-2")]).await;
+        let (_, err) = expect(&out, 7, "conflict");
+        assert!(err.contains(id.trim()), "names the running one: {err}");
+        assert!(err.contains("hint: follow it: deployctl logs"), "{err}");
+        let out = deployctl(
+            &agent,
+            &url,
+            &waiting,
+            &["deploy", &sha("release-2"), "--wait-lock", "5m"],
+        )
+        .await;
+        let (_, err) = expect(&out, 0, "waited, then a no-op success");
+        assert!(err.contains("waiting for deployment"), "{err}");
+        let out = deployctl(&agent, &url, &token(), &["logs", id.trim(), "--follow"]).await;
+        expect(&out, 0, "logs --follow of a succeeded deployment");
+
+        // Locked: refused with the reason, until unlocked.
+        let out = deployctl(&agent, &url, &token(), &["lock", "--reason", "incident 42"]).await;
+        expect(&out, 0, "lock");
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
+        let (_, err) = expect(&out, 7, "locked");
+        assert!(err.contains("incident 42"), "{err}");
+        let out = deployctl(&agent, &url, &token(), &["unlock"]).await;
+        expect(&out, 0, "unlock");
+
+        // Authentication and authorization.
+        let out = deployctl(&agent, &url, "not-a-token", &["status"]).await;
+        let (_, err) = expect(&out, 6, "bad token");
+        assert!(err.contains("hint: check the token"), "{err}");
+        let reader = agent.token("viewer", &[S::Read], &[]);
+        let out = deployctl(&agent, &url, &reader, &["rollback"]).await;
+        expect(&out, 6, "missing scope");
+        let spent = token();
+        expect(
+            &deployctl(&agent, &url, &spent, &["lock", "--reason", "x"]).await,
+            0,
+            "lock",
+        );
+        let out = deployctl(&agent, &url, &spent, &["unlock"]).await;
+        let (_, err) = expect(&out, 6, "replayed token");
+        assert!(err.contains("a token makes one change"), "{err}");
+        expect(
+            &deployctl(&agent, &url, &token(), &["unlock"]).await,
+            0,
+            "unlock",
+        );
+
+        // Unreachable.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = format!("https://localhost:{}", closed.local_addr().unwrap().port());
+        drop(closed);
+        let out = deployctl(&agent, &dead, &token(), &["status"]).await;
+        let (_, err) = expect(&out, 8, "unreachable");
+        assert!(err.contains("cannot reach the agent"), "{err}");
+
+        // Read commands in JSON follow the API's types.
+        let out = deployctl(&agent, &url, &reader, &["status", "--json"]).await;
+        let status: AppStatus = serde_json::from_str(&expect(&out, 0, "status").0).unwrap();
+        assert_eq!(status.live_sha.unwrap().as_str(), sha("release-2"));
+        let out = deployctl(
+            &agent,
+            &url,
+            &reader,
+            &["history", "--json", "--limit", "3"],
+        )
+        .await;
+        let page: DeploymentPage = serde_json::from_str(&expect(&out, 0, "history").0).unwrap();
+        assert_eq!(page.deployments.len(), 3);
+        let out = deployctl(&agent, &url, &reader, &["whoami", "--json"]).await;
+        let me: WhoAmI = serde_json::from_str(&expect(&out, 0, "whoami").0).unwrap();
+        assert_eq!(me.subject, "viewer");
+        let out = deployctl(&agent, &url, &reader, &["history"]).await;
+        let (table, _) = expect(&out, 0, "history table");
+        assert!(
+            table.contains("rolled_back") && table.contains("succeeded"),
+            "{table}"
+        );
+
+        // A rollback, followed in JSON: one DeploymentEvent per line.
+        let out = deployctl(&agent, &url, &token(), &["rollback", "--json"]).await;
+        let (lines, _) = expect(&out, 0, "rollback");
+        let events: Vec<DeploymentEvent> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        assert!(matches!(
+            events.last().unwrap().kind,
+            EventKind::State { .. }
+        ));
+    })
+    .await;
+}
+
+/// A TCP relay whose open connections can be cut at once.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let cut = generation.clone();
+                cut.store(false, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let relay = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    let watch = async {
+                        while !cut.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! { _ = relay => {}, () = watch => {} }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_deployment_resumes_without_loss_or_repeats() {
+    scoped(|scope| async move {
+        let repository = scope.publish_releases().await;
+        let agent = TestAgent::start(&scope, &repository, "").await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        let relay = Relay::start(agent.server.addr()).await;
+        let url = format!("https://localhost:{}", relay.addr.port());
+        let token = agent.token("ci", &ALL, &[]);
+        let sha = scope.bed.sha("release-1").to_string();
+        let args = ["deploy", sha.as_str(), "--json"];
+        let follow = deployctl(&agent, &url, &token, &args);
+        let cutter = async {
+            // Cut every connection a few times while it runs.
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                relay.cut();
+            }
+        };
+        let (out, ()) = tokio::join!(follow, cutter);
+        let (lines, err) = expect(&out, 0, "deploy through a flaky relay");
+        assert!(
+            err.contains("resuming after event"),
+            "the stream was never cut: {err}"
+        );
+        let seqs: Vec<u64> = lines
+            .lines()
+            .map(|l| serde_json::from_str::<DeploymentEvent>(l).unwrap().seq)
+            .collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{lines}");
+        // The whole log, as the agent recorded it.
+        let id = agent
+            .engine
+            .store()
+            .history(&scope.app(), 1, None)
+            .unwrap()
+            .remove(0)
+            .id;
+        assert_eq!(
+            agent.engine.store().events(&id, 0).unwrap().len(),
+            seqs.len()
+        );
+    })
+    .await;
+}

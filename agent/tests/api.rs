@@ -393,10 +393,7 @@ async fn read_events(
 #[tokio::test]
 async fn deploy_follow_rollback_and_lock_through_the_api() {
     scoped(|scope| async move {
-        let repository = scope.publish_releases().await;
-        let agent = TestAgent::start(&scope, &repository, "").await;
-        scope.start_db().await;
-        scope.start_redis().await;
+        let agent = TestAgent::deploying(&scope).await;
         let app = scope.app();
         let http = agent.client();
         // A token's id is spent by the change it makes: each change gets a

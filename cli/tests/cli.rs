@@ -54,10 +54,7 @@ fn expect(output: &Output, code: i32, what: &str) -> (String, String) {
 #[tokio::test]
 async fn every_outcome_has_its_exit_code_and_output() {
     scoped(|scope| async move {
-        let repository = scope.publish_releases().await;
-        let agent = TestAgent::start(&scope, &repository, "").await;
-        scope.start_db().await;
-        scope.start_redis().await;
+        let agent = TestAgent::deploying(&scope).await;
         let url = agent.url.clone();
         let token = || agent.token("ci", &ALL, &[]);
         let sha = |variant: &str| scope.bed.sha(variant).to_string();
@@ -241,10 +238,7 @@ impl Relay {
 #[tokio::test]
 async fn a_stream_cut_mid_deployment_resumes_without_loss_or_repeats() {
     scoped(|scope| async move {
-        let repository = scope.publish_releases().await;
-        let agent = TestAgent::start(&scope, &repository, "").await;
-        scope.start_db().await;
-        scope.start_redis().await;
+        let agent = TestAgent::deploying(&scope).await;
         let relay = Relay::start(agent.server.addr()).await;
         let url = format!("https://localhost:{}", relay.addr.port());
         let token = agent.token("ci", &ALL, &[]);

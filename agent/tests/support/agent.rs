@@ -26,6 +26,16 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
+    /// An agent ready to deploy the scope's app: its releases pushed to a
+    /// repository of its own, its database and broker running.
+    pub async fn deploying(scope: &Scope) -> Self {
+        let repository = scope.publish_releases().await;
+        let agent = Self::start(scope, &repository, "").await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        agent
+    }
+
     /// Starts an agent for the scope's app, deploying from `repository`.
     /// `extra_api` is appended to the `[api]` section (`client_ca = ...`).
     pub async fn start(scope: &Scope, repository: &str, extra_api: &str) -> Self {

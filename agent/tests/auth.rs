@@ -6,106 +6,17 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use deployd_proto::{DeploymentPage, ErrorBody, WhoAmI};
-use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::agent::TestAgent;
-use support::pki::Pki;
+use support::oidc::{Issuer, RSA_A, RSA_A_PUBLIC, RSA_B, now, sign};
 use support::scoped;
-
-const RSA_A: &str = include_str!("data/test-only-rsa-a.key");
-const RSA_A_PUBLIC: &str = include_str!("data/test-only-rsa-a.pub");
-const RSA_B: &str = include_str!("data/test-only-rsa-b.key");
-const AUDIENCE: &str = "deployd-production";
-
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, claims: &Value) -> String {
-    let mut header = Header::new(alg);
-    header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, claims, key).unwrap()
-}
-
-/// A local OIDC issuer: its JWKS over HTTPS, replaceable to rotate keys.
-struct Issuer {
-    url: String,
-    jwks: Arc<Mutex<JwkSet>>,
-    pki: Pki,
-}
-
-impl Issuer {
-    async fn start() -> Self {
-        let pki = Pki::new();
-        let tls = pki.server("issuer");
-        let jwks = Arc::new(Mutex::new(JwkSet { keys: Vec::new() }));
-        let served = jwks.clone();
-        let app = axum::Router::new().route(
-            "/jwks",
-            axum::routing::get(move || {
-                let set = served.lock().unwrap().clone();
-                async move { axum::Json(set) }
-            }),
-        );
-        let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-            .await
-            .unwrap();
-        let handle = axum_server::Handle::<std::net::SocketAddr>::new();
-        let server =
-            axum_server::bind_rustls("127.0.0.1:0".parse().unwrap(), config).handle(handle.clone());
-        tokio::spawn(server.serve(app.into_make_service()));
-        let addr = handle.listening().await.unwrap();
-        Self {
-            url: format!("https://localhost:{}", addr.port()),
-            jwks,
-            pki,
-        }
-    }
-
-    /// Publishes exactly these (kid, private key PEM) pairs.
-    fn publish(&self, keys: &[(&str, &str)]) {
-        let keys = keys
-            .iter()
-            .map(|(kid, pem)| {
-                let key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
-                let mut jwk = Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
-                jwk.common.key_id = Some((*kid).to_owned());
-                jwk
-            })
-            .collect();
-        *self.jwks.lock().unwrap() = JwkSet { keys };
-    }
-
-    /// A GitHub-like job token, signed with `pem` under `kid`.
-    fn token(&self, kid: &str, pem: &str, overrides: Value) -> String {
-        let mut claims = json!({
-            "iss": self.url,
-            "aud": AUDIENCE,
-            "sub": "repo:acme/shop:environment:production",
-            "iat": now(),
-            "nbf": now(),
-            "exp": now() + 300,
-            "jti": uuid::Uuid::new_v4().to_string(),
-            "repository": "acme/shop",
-            "environment": "production",
-            "ref": "refs/heads/main",
-            "actor": "octocat",
-        });
-        for (k, v) in overrides.as_object().unwrap() {
-            claims[k] = v.clone();
-        }
-        let key = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
-        sign(Algorithm::RS256, kid, &key, &claims)
-    }
-}
 
 /// The agent's own token claims (issuer `deployd`), with `overrides`.
 fn own_claims(app: &str, overrides: Value) -> Value {
@@ -135,23 +46,10 @@ async fn start(scope: &support::Scope, issuer: &Issuer) -> TestAgent {
         id = "rsa"
         algorithm = "RS256"
         public_key = "{rsa}"
-        [[auth.oidc]]
-        name = "github"
-        issuer = "{url}"
-        jwks_url = "{url}/jwks"
-        ca_cert = "{ca}"
-        max_token_age = "15m"
-        jwks_min_interval = "1s"
-        [[auth.oidc.rules]]
-        audience = "{AUDIENCE}"
-        claims = {{ repository = "acme/shop", environment = "production", ref = "refs/heads/main" }}
-        apps = ["{app}"]
-        scopes = ["deploy", "read"]
+        {oidc}
         "#,
         rsa = rsa_public.display(),
-        url = issuer.url,
-        ca = issuer.pki.ca_path().display(),
-        app = scope.app(),
+        oidc = issuer.config(&scope.app()),
     );
     TestAgent::start_with(scope, scope.bed.var("REPOSITORY"), "", &auth).await
 }

@@ -15,21 +15,30 @@ use std::time::Duration;
 
 use deployd_proto::{AppStatus, DeploymentEvent, DeploymentPage, EventKind, Scope as S, WhoAmI};
 use support::agent::TestAgent;
+use support::oidc::{AUDIENCE, Issuer, RSA_A};
 use support::scoped;
 use tokio::net::{TcpListener, TcpStream};
 
 const ALL: [S; 4] = [S::Read, S::Deploy, S::Rollback, S::Admin];
 
-/// Runs deployctl with the agent's URL, CA and app, and `token`.
-async fn deployctl(agent: &TestAgent, url: &str, token: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_deployctl"))
-        .args(args)
+/// deployctl with nothing of this environment but PATH, pointed at the
+/// agent: its URL, its CA, its app.
+fn command(agent: &TestAgent, url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_deployctl"));
+    command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", agent.state.path())
         .env("DEPLOYCTL_URL", url)
         .env("DEPLOYCTL_CA_CERT", agent.pki.ca_path())
-        .env("DEPLOYCTL_APP", agent.config.apps.keys().next().unwrap())
+        .env("DEPLOYCTL_APP", agent.config.apps.keys().next().unwrap());
+    command
+}
+
+/// Runs deployctl with `token`.
+async fn deployctl(agent: &TestAgent, url: &str, token: &str, args: &[&str]) -> Output {
+    command(agent, url)
+        .args(args)
         .env("DEPLOYCTL_TOKEN", token)
         .output()
         .await
@@ -275,6 +284,104 @@ async fn a_stream_cut_mid_deployment_resumes_without_loss_or_repeats() {
             agent.engine.store().events(&id, 0).unwrap().len(),
             seqs.len()
         );
+    })
+    .await;
+}
+
+/// GitHub's ID token endpoint, as a job sees it: it checks the job's
+/// request token and signs a token for the audience asked.
+async fn github_token_endpoint(issuer: Arc<Issuer>) -> SocketAddr {
+    use axum::extract::Query;
+    use axum::http::{HeaderMap, StatusCode};
+    let app = axum::Router::new().route(
+        "/token",
+        axum::routing::get(
+            move |headers: HeaderMap,
+                  Query(q): Query<std::collections::HashMap<String, String>>| {
+                let issuer = issuer.clone();
+                async move {
+                    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+                    if bearer != Some("bearer job-request-token") || !q.contains_key("api-version")
+                    {
+                        return Err(StatusCode::UNAUTHORIZED);
+                    }
+                    let audience = q.get("audience").cloned().unwrap_or_default();
+                    let token = issuer.token("a", RSA_A, serde_json::json!({"aud": audience}));
+                    Ok(axum::Json(serde_json::json!({"value": token})))
+                }
+            },
+        ),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn keyless_ci_deploys_with_the_jobs_own_oidc_token() {
+    scoped(|scope| async move {
+        let issuer = Arc::new(Issuer::start().await);
+        issuer.publish(&[("a", RSA_A)]);
+        let repository = scope.publish_releases().await;
+        let agent =
+            TestAgent::start_with(&scope, &repository, "", &issuer.config(&scope.app())).await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        let endpoint = github_token_endpoint(issuer.clone()).await;
+        let github = |audience: &str| {
+            let mut c = command(&agent, &agent.url);
+            c.env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                format!("http://{endpoint}/token?api-version=2.0"),
+            )
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "job-request-token")
+            .env("DEPLOYCTL_OIDC", "github")
+            .env("DEPLOYCTL_OIDC_AUDIENCE", audience);
+            c
+        };
+        let sha = scope.bed.sha("release-1").to_string();
+
+        // GitHub Actions: a production job deploys with no stored secret.
+        let out = github(AUDIENCE)
+            .args(["deploy", &sha])
+            .output()
+            .await
+            .unwrap();
+        let (lines, _) = expect(&out, 0, "keyless GitHub deploy");
+        assert!(lines.contains("deployment succeeded"), "{lines}");
+        let history = agent.engine.store().history(&scope.app(), 1, None).unwrap();
+        assert_eq!(
+            history[0].requested_by,
+            "repo:acme/shop:environment:production"
+        );
+
+        // A token for another audience matches no rule of the agent.
+        let out = github("someone-else")
+            .args(["whoami"])
+            .output()
+            .await
+            .unwrap();
+        expect(&out, 6, "wrong audience");
+        // No id-token permission: the request variables are missing.
+        let out = command(&agent, &agent.url)
+            .args(["--oidc", "github", "--oidc-audience", AUDIENCE, "status"])
+            .output()
+            .await
+            .unwrap();
+        let (_, err) = expect(&out, 6, "no id-token permission");
+        assert!(err.contains("id-token: write"), "{err}");
+
+        // GitLab CI: the token `id_tokens` put in a variable.
+        let token = issuer.token("a", RSA_A, serde_json::json!({}));
+        let out = command(&agent, &agent.url)
+            .env("DEPLOYD_ID_TOKEN", &token)
+            .args(["--oidc", "gitlab", "whoami", "--json"])
+            .output()
+            .await
+            .unwrap();
+        let me: WhoAmI = serde_json::from_str(&expect(&out, 0, "keyless GitLab").0).unwrap();
+        assert_eq!(me.grants[0].apps, [scope.app()]);
     })
     .await;
 }

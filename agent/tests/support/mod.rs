@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod oidc;
 pub mod pki;
 
 use std::collections::HashMap;

@@ -359,6 +359,15 @@ fn describe(kind: &ErrorKind) -> &'static str {
     }
 }
 
+/// What a token with `claims` would be granted under issuer `cfg`'s rules:
+/// for checking CI templates or a token's claims against a configuration.
+pub fn grants_under(
+    cfg: &crate::config::OidcConfig,
+    claims: &Map<String, Value>,
+) -> Result<Vec<Grant>, String> {
+    Ok(oidc::Issuer::new(cfg)?.grants(claims))
+}
+
 /// Who a verified token names, with no grants yet.
 fn principal_of(claims: &Map<String, Value>) -> Result<Principal, AuthError> {
     let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);

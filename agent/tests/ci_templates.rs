@@ -70,11 +70,17 @@ fn the_github_workflow_deploys_keyless_from_main_in_production() {
         "aud": audience, "repository": "acme/shop",
         "environment": "production", "ref": "refs/heads/main",
     }));
-    assert!(may_deploy(&github, &token), "no example rule matches the workflow");
+    assert!(
+        may_deploy(&github, &token),
+        "no example rule matches the workflow"
+    );
     for (claim, other) in [("ref", "refs/heads/feature"), ("environment", "staging")] {
         let mut elsewhere = token.clone();
         elsewhere.insert(claim.into(), other.into());
-        assert!(!may_deploy(&github, &elsewhere), "{claim}={other} may deploy");
+        assert!(
+            !may_deploy(&github, &elsewhere),
+            "{claim}={other} may deploy"
+        );
     }
 }
 
@@ -95,7 +101,10 @@ fn the_gitlab_pipeline_deploys_staging_on_develop_and_production_by_hand() {
     let rule = &production["rules"][0];
     assert!(rule["if"].as_str().unwrap().contains("\"main\""));
     assert_eq!(rule["when"].as_str(), Some("manual"));
-    assert_eq!(production["environment"]["name"].as_str(), Some("production"));
+    assert_eq!(
+        production["environment"]["name"].as_str(),
+        Some("production")
+    );
     let audience = production["id_tokens"]["DEPLOYD_ID_TOKEN"]["aud"]
         .as_str()
         .unwrap();
@@ -105,11 +114,17 @@ fn the_gitlab_pipeline_deploys_staging_on_develop_and_production_by_hand() {
         "aud": audience, "project_path": "acme/shop", "environment": "production",
         "environment_protected": "true", "ref_protected": "true", "ref": "main",
     }));
-    assert!(may_deploy(&gitlab, &token), "no example rule matches the pipeline");
+    assert!(
+        may_deploy(&gitlab, &token),
+        "no example rule matches the pipeline"
+    );
     let mut unprotected = token.clone();
     unprotected.insert("ref_protected".into(), "false".into());
     assert!(!may_deploy(&gitlab, &unprotected));
     let mut staging_token = token;
     staging_token.insert("aud".into(), "deployd-staging".into());
-    assert!(!may_deploy(&gitlab, &staging_token), "a staging token may deploy production");
+    assert!(
+        !may_deploy(&gitlab, &staging_token),
+        "a staging token may deploy production"
+    );
 }

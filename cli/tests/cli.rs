@@ -186,6 +186,33 @@ async fn every_outcome_has_its_exit_code_and_output() {
             "{table}"
         );
 
+        // Settings from a named context of the config file alone.
+        let token_file = agent.state.path().join("token");
+        std::fs::write(&token_file, agent.token("viewer", &[S::Read], &[])).unwrap();
+        let config = agent.state.path().join("deployctl.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "default_context = \"staging\"\n[contexts.staging]\nurl = \"https://localhost:1\"\n\
+                 [contexts.production]\nurl = \"{url}\"\nca_cert = \"{ca}\"\napp = \"{app}\"\n\
+                 token_file = \"{token}\"\n",
+                ca = agent.pki.ca_path().display(),
+                app = scope.app(),
+                token = token_file.display(),
+            ),
+        )
+        .unwrap();
+        let from_file = |context: &str| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_deployctl"))
+                .env_clear()
+                .env("DEPLOYCTL_CONFIG", &config)
+                .args(["--context", context, "whoami"])
+                .output()
+        };
+        let (me, _) = expect(&from_file("production").await.unwrap(), 0, "context");
+        assert!(me.contains("viewer"), "{me}");
+        expect(&from_file("nope").await.unwrap(), 2, "unknown context");
+
         // A rollback, followed in JSON: one DeploymentEvent per line.
         let out = deployctl(&agent, &url, &token(), &["rollback", "--json"]).await;
         let (lines, _) = expect(&out, 0, "rollback");

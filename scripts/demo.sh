@@ -22,7 +22,7 @@ started=$(date +%s)
 dir=$(mktemp -d)
 name=demo$$
 checker=
-trap '[ -n "$checker" ] && kill "$checker" 2>/dev/null; agent_cleanup "$dir" "$name"' EXIT
+trap '[ -z "$checker" ] || kill "$checker" 2>/dev/null || true; agent_cleanup "$dir" "$name"' EXIT
 port=$((20000 + RANDOM % 20000))
 say "a new host: deployd init"
 agent_init "$dir" "$port"
@@ -43,6 +43,7 @@ DEPLOYCTL_TOKEN=$(token) deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1" --rea
 say "deployctl deploy <release 2>, while status is checked every second"
 status_log=$dir/status.log
 (
+    set +e
     export DEPLOYCTL_TOKEN
     DEPLOYCTL_TOKEN=$(token)
     while true; do
@@ -56,7 +57,9 @@ status_log=$dir/status.log
 ) &
 checker=$!
 DEPLOYCTL_TOKEN=$(token) deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2" --reason "release 2"
-kill "$checker"; wait "$checker" 2>/dev/null || true; checker=
+kill "$checker" 2>/dev/null || true
+wait "$checker" 2>/dev/null || true
+checker=
 checks=$(wc -l <"$status_log")
 failures=$(grep -c fail "$status_log" || true)
 no_healthy_web=$(grep -cx 0 "$status_log" || true)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use deployd_proto::ErrorBody;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 
 use crate::exit::{CliError, Exit};
 use crate::settings::Settings;
@@ -20,7 +20,8 @@ pub struct Client {
     /// For event streams: no overall timeout.
     streaming: reqwest::Client,
     settings: Settings,
-    token: OnceCell<String>,
+    /// The token in use; GitHub job tokens are fetched again when refused.
+    token: Mutex<Option<String>>,
 }
 
 fn unreachable(url: &str, e: &reqwest::Error) -> CliError {
@@ -41,8 +42,9 @@ impl Client {
             let mut builder = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .user_agent(concat!("deployctl/", env!("CARGO_PKG_VERSION")));
-            if let Some(timeout) = timeout {
-                builder = builder.timeout(timeout);
+            match timeout {
+                Some(timeout) => builder = builder.timeout(timeout),
+                None => builder = builder.read_timeout(Duration::from_secs(45)),
             }
             if let Some(pin) = &settings.pin_sha256 {
                 builder = builder
@@ -65,9 +67,11 @@ impl Client {
         };
         Ok(Self {
             http: build(Some(Duration::from_secs(60)))?,
+            // No overall timeout, but the agent sends a keep-alive every
+            // 15 s: a stream silent for 45 s is dead.
             streaming: build(None)?,
             settings,
-            token: OnceCell::new(),
+            token: Mutex::new(None),
         })
     }
 
@@ -76,32 +80,43 @@ impl Client {
     }
 
     /// The token: given, read from a file, or fetched from the CI, once.
-    async fn token(&self) -> Result<&str, CliError> {
-        self.token
-            .get_or_try_init(|| async {
-                let s = &self.settings;
-                if let Some(kind) = s.oidc {
-                    return oidc::job_token(kind, s).await;
-                }
-                if let Some(token) = &s.token {
-                    return Ok(token.trim().to_owned());
-                }
-                if let Some(path) = &s.token_file {
-                    return std::fs::read_to_string(path)
-                        .map(|t| t.trim().to_owned())
-                        .map_err(|e| {
-                            CliError::usage(format!(
-                                "cannot read token file {}: {e}",
-                                path.display()
-                            ))
-                        });
-                }
-                Err(CliError::new(Exit::Auth, "no token").hint(
-                    "set DEPLOYCTL_TOKEN or DEPLOYCTL_TOKEN_FILE, or --oidc github|gitlab in CI",
-                ))
-            })
-            .await
-            .map(String::as_str)
+    async fn token(&self) -> Result<String, CliError> {
+        let mut cached = self.token.lock().await;
+        if let Some(token) = cached.as_ref() {
+            return Ok(token.clone());
+        }
+        let token = self.fresh_token().await?;
+        *cached = Some(token.clone());
+        Ok(token)
+    }
+
+    /// After a 401: a GitHub job token is fetched again (they live
+    /// minutes); `false` if there is nothing new to try.
+    async fn renew_token(&self) -> bool {
+        if self.settings.oidc != Some(crate::settings::Oidc::Github) {
+            return false;
+        }
+        *self.token.lock().await = None;
+        true
+    }
+
+    async fn fresh_token(&self) -> Result<String, CliError> {
+        let s = &self.settings;
+        if let Some(kind) = s.oidc {
+            return oidc::job_token(kind, s).await;
+        }
+        if let Some(token) = &s.token {
+            return Ok(token.trim().to_owned());
+        }
+        if let Some(path) = &s.token_file {
+            return std::fs::read_to_string(path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| {
+                    CliError::usage(format!("cannot read token file {}: {e}", path.display()))
+                });
+        }
+        Err(CliError::new(Exit::Auth, "no token")
+            .hint("set DEPLOYCTL_TOKEN or DEPLOYCTL_TOKEN_FILE, or --oidc github|gitlab in CI"))
     }
 
     async fn request(
@@ -111,21 +126,34 @@ impl Client {
         body: Option<&serde_json::Value>,
     ) -> Result<reqwest::Response, CliError> {
         let url = format!("{}{path}", self.settings.url);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .bearer_auth(self.token().await?);
-        if let Some(body) = body {
-            request = request.json(body);
+        let mut renewed = false;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(self.token().await?);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| unreachable(&self.settings.url, &e))?;
+            if response.status().is_success() {
+                return Ok(response);
+            }
+            // Reads may outlive a short job token: one fresh try.
+            let read = method == Method::GET;
+            if response.status() == StatusCode::UNAUTHORIZED
+                && read
+                && !renewed
+                && self.renew_token().await
+            {
+                renewed = true;
+                continue;
+            }
+            return Err(error_from(response).await);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.settings.url, &e))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        Err(error_from(response).await)
     }
 
     /// A JSON answer, or the error it stands for.
@@ -167,21 +195,38 @@ impl Client {
                 self.settings.url
             )
         };
-        let mut request = self
-            .streaming
-            .get(&url)
-            .bearer_auth(self.token().await?)
-            .header("accept", "text/event-stream");
-        if after > 0 {
-            request = request.header("last-event-id", after.to_string());
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unreachable(&self.settings.url, &e))?;
+        let mut renewed = false;
+        let response = loop {
+            let mut request = self
+                .streaming
+                .get(&url)
+                .bearer_auth(self.token().await?)
+                .header("accept", "text/event-stream");
+            if after > 0 {
+                request = request.header("last-event-id", after.to_string());
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| unreachable(&self.settings.url, &e))?;
+            if response.status() == StatusCode::UNAUTHORIZED && !renewed && self.renew_token().await
+            {
+                renewed = true;
+                continue;
+            }
+            break response;
+        };
         match response.status() {
             StatusCode::NO_CONTENT => Ok(None),
             s if s.is_success() => Ok(Some(response)),
+            // A restarting agent, or a proxy in front of one: retried like
+            // a dropped connection.
+            s @ (StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT) => Err(CliError::new(
+                Exit::Unreachable,
+                format!("the agent answered HTTP {s} to the event stream"),
+            )),
             _ => Err(error_from(response).await),
         }
     }

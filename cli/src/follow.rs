@@ -27,12 +27,13 @@ pub enum Style {
 }
 
 impl Style {
-    /// Live on a terminal, plain otherwise, JSON when asked.
+    /// Live on a terminal (the view draws on stderr, so both must be
+    /// one), plain otherwise, JSON when asked.
     pub fn pick(json: bool) -> Self {
         use std::io::IsTerminal;
         if json {
             Self::Json
-        } else if std::io::stdout().is_terminal() {
+        } else if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             Self::Live
         } else {
             Self::Plain
@@ -42,22 +43,31 @@ impl Style {
 
 /// Longest the agent may stay unreachable while following.
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// Streams that may end in a row without a new event before giving up.
+const EMPTY_STREAMS: u32 = 20;
 /// Lines of a failed task shown at the end.
 const TAIL_LINES: usize = 10;
 
-/// Follows deployment `id` until its final state; returns the deployment as
-/// recorded then.
-pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deployment, CliError> {
+/// How a followed deployment ended.
+#[derive(Debug)]
+pub struct Ended {
+    pub state: DeploymentState,
+}
+
+/// Follows deployment `id` until its final state.
+pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Ended, CliError> {
     let mut view = View::new(style);
     let mut last = 0;
+    let mut end: Option<(DeploymentState, Option<String>)> = None;
     let mut down_since: Option<Instant> = None;
+    let mut empty_streams = 0;
     let mut delay = Duration::from_millis(250);
     'streams: loop {
         match client.events(id, last, true).await {
             Ok(None) => break,
             Ok(Some(response)) => {
                 down_since = None;
-                delay = Duration::from_millis(250);
+                let before = last;
                 let mut events = response.bytes_stream().eventsource();
                 while let Some(item) = events.next().await {
                     let Ok(item) = item else { break };
@@ -69,9 +79,26 @@ pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deploymen
                     }
                     last = event.seq;
                     view.show(&event);
-                    if matches!(&event.kind, EventKind::State { state, .. } if state.is_terminal())
+                    if let EventKind::State { state, error } = &event.kind
+                        && state.is_terminal()
                     {
+                        end = Some((*state, error.clone()));
                         break 'streams;
+                    }
+                }
+                if last > before {
+                    empty_streams = 0;
+                    delay = Duration::from_millis(250);
+                } else {
+                    empty_streams += 1;
+                    if empty_streams >= EMPTY_STREAMS {
+                        return Err(CliError::new(
+                            Exit::Other,
+                            "the agent keeps ending the event stream without news",
+                        )
+                        .hint(format!(
+                            "its log may say why; deployctl logs {id} shows what is recorded"
+                        )));
                     }
                 }
             }
@@ -82,7 +109,7 @@ pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deploymen
                         "the deployment goes on without us; follow it again: deployctl logs {id} --follow"
                     )));
                 }
-                view.note("connection to the agent lost; reconnecting");
+                view.note(&format!("{}; reconnecting", e.message));
             }
             Err(e) => return Err(e),
         }
@@ -94,11 +121,26 @@ pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Deploymen
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     view.done();
-    let deployment: Deployment = client
+    // The record adds the migrations and the steps; the outcome is known
+    // from the final event even if the record cannot be read (an expired
+    // job token, say).
+    let deployment: Option<Deployment> = client
         .call(Method::GET, &format!("/v1/deployments/{id}"), None)
-        .await?;
-    view.summary(&deployment);
-    Ok(deployment)
+        .await
+        .ok();
+    let (state, error) = match (&end, &deployment) {
+        (Some(end), _) => end.clone(),
+        (None, Some(d)) => (d.state, d.error.clone()),
+        (None, None) => {
+            return Err(CliError::new(
+                Exit::Other,
+                format!("deployment {id} ended, but its outcome could not be read"),
+            )
+            .hint(format!("deployctl logs {id}")));
+        }
+    };
+    view.summary(id, state, error.as_deref(), deployment.as_ref());
+    Ok(Ended { state })
 }
 
 /// Prints the events recorded so far, without waiting for more.
@@ -244,18 +286,22 @@ impl View {
     }
 
     /// After the end: why it failed, with the failing task's last lines.
-    fn summary(&self, d: &Deployment) {
-        if self.style == Style::Json || d.state == DeploymentState::Succeeded {
+    fn summary(
+        &self,
+        id: &str,
+        state: DeploymentState,
+        error: Option<&str>,
+        d: Option<&Deployment>,
+    ) {
+        if self.style == Style::Json || state == DeploymentState::Succeeded {
             return;
         }
         let mut err = std::io::stderr().lock();
         let _ = writeln!(
             err,
-            "deployment {} of {} {}: {}",
-            d.id,
-            d.sha,
-            state_name(d.state),
-            d.error.as_deref().unwrap_or("no reason recorded")
+            "deployment {id} {}: {}",
+            state_name(state),
+            error.unwrap_or("no reason recorded")
         );
         if let Some(step) = &self.failed_step
             && let Some(tail) = self.tails.get(step)
@@ -265,7 +311,10 @@ impl View {
                 let _ = writeln!(err, "  {line}");
             }
         }
-        if !d.migrations.is_empty() && d.state != DeploymentState::Failed {
+        if let Some(d) = d
+            && !d.migrations.is_empty()
+            && state != DeploymentState::Failed
+        {
             let _ = writeln!(
                 err,
                 "migrations applied and not reversed: {}",

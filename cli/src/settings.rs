@@ -111,10 +111,17 @@ fn default_config_path() -> Option<PathBuf> {
 }
 
 impl Global {
-    /// Flags and environment first, then the context.
+    /// Flags and environment first, then the context. The token source
+    /// and the trust source are each taken whole from one layer: a token
+    /// given on the command line or in the environment is not mixed with a
+    /// context's OIDC setting, a CA given there not with a context's pin.
+    /// Within a layer, `--oidc` beats `--token` beats `--token-file`, and
+    /// a pin beats a CA. Empty values count as absent.
     pub fn resolve(&self) -> Result<Settings, CliError> {
         let context = self.context_from_file()?;
-        let url = self.url.clone().or(context.url).ok_or_else(|| {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        let given_path = |v: &Option<PathBuf>| v.clone().filter(|p| !p.as_os_str().is_empty());
+        let url = given(&self.url).or(context.url).ok_or_else(|| {
             CliError::usage("no agent URL").hint(
                 "set --url or DEPLOYCTL_URL (e.g. https://deploy-1.example.com:8443), or a context",
             )
@@ -125,16 +132,32 @@ impl Global {
                 "the agent URL must be https://, got {url}"
             )));
         }
+        let (token, token_file, oidc) = {
+            let flags = (given(&self.token), given_path(&self.token_file), self.oidc);
+            if flags.0.is_some() || flags.1.is_some() || flags.2.is_some() {
+                flags
+            } else {
+                (None, context.token_file, context.oidc)
+            }
+        };
+        let (ca_cert, pin_sha256) = {
+            let flags = (given_path(&self.ca_cert), given(&self.pin_sha256));
+            if flags.0.is_some() || flags.1.is_some() {
+                flags
+            } else {
+                (context.ca_cert, context.pin_sha256)
+            }
+        };
         Ok(Settings {
             url,
-            token: self.token.clone(),
-            token_file: self.token_file.clone().or(context.token_file),
-            ca_cert: self.ca_cert.clone().or(context.ca_cert),
-            pin_sha256: self.pin_sha256.clone().or(context.pin_sha256),
-            app: self.app.clone().or(context.app),
-            oidc: self.oidc.or(context.oidc),
-            oidc_audience: self.oidc_audience.clone().or(context.oidc_audience),
-            oidc_variable: self.oidc_variable.clone().or(context.oidc_variable),
+            token,
+            token_file,
+            ca_cert,
+            pin_sha256,
+            app: given(&self.app).or(context.app),
+            oidc,
+            oidc_audience: given(&self.oidc_audience).or(context.oidc_audience),
+            oidc_variable: given(&self.oidc_variable).or(context.oidc_variable),
         })
     }
 
@@ -180,5 +203,60 @@ impl Settings {
         self.app.as_deref().ok_or_else(|| {
             CliError::usage("which app?").hint("set --app or DEPLOYCTL_APP, or app in the context")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn global(args: &[&str]) -> Global {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            global: Global,
+        }
+        let mut all = vec!["deployctl"];
+        all.extend_from_slice(args);
+        <Cli as clap::Parser>::try_parse_from(all).unwrap().global
+    }
+
+    #[test]
+    fn token_and_trust_come_whole_from_one_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "[contexts.prod]\nurl = \"https://prod:8443\"\noidc = \"github\"\n\
+             pin_sha256 = \"AA\"\napp = \"shop\"\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        // A token and a CA on the command line replace the context's OIDC
+        // and pin; the rest of the context still applies.
+        let s = global(&[
+            "--config",
+            config,
+            "--context",
+            "prod",
+            "--token",
+            "t",
+            "--ca-cert",
+            "/ca.pem",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!((s.token.as_deref(), s.oidc), (Some("t"), None));
+        assert_eq!((s.ca_cert.is_some(), s.pin_sha256), (true, None));
+        assert_eq!(
+            (s.url.as_str(), s.app.as_deref()),
+            ("https://prod:8443", Some("shop"))
+        );
+        // Empty values count as absent: the context's settings stand.
+        let s = global(&["--config", config, "--context", "prod", "--token", " "])
+            .resolve()
+            .unwrap();
+        assert_eq!((s.token, s.oidc), (None, Some(Oidc::Github)));
+        assert!(global(&["--url", "http://plain:80"]).resolve().is_err());
     }
 }

@@ -20,7 +20,7 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], CliError> {
         ))
         .hint("64 hex digits, colons allowed, as `deployd init` prints it")
     };
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut bytes = [0u8; 32];
@@ -127,5 +127,7 @@ mod tests {
         );
         assert!(parse_fingerprint("AC:0E").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+        assert!(parse_fingerprint(&format!("é{}", "a".repeat(62))).is_err());
+        assert!(parse_fingerprint(&format!("+f{}", "a".repeat(62))).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! `deployctl deploy <sha>`.
 
+use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
@@ -59,7 +60,14 @@ pub async fn submit(
     body: &serde_json::Value,
     wait: Option<Duration>,
 ) -> Result<Deployment, CliError> {
-    let deadline = wait.map(|w| Instant::now() + w);
+    let deadline = match wait {
+        Some(w) => Some(
+            Instant::now()
+                .checked_add(w)
+                .ok_or_else(|| CliError::usage("--wait-lock is too long"))?,
+        ),
+        None => None,
+    };
     loop {
         match ctx
             .client
@@ -98,6 +106,8 @@ async fn wait_for_end(ctx: &Ctx, id: &str, deadline: Instant) -> Result<(), CliE
             .call(Method::GET, &format!("/v1/deployments/{id}"), None)
             .await?;
         if d.state.is_terminal() {
+            // Its end may not have reached the engine's bookkeeping yet.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             return Ok(());
         }
         tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_secs(2))).await;
@@ -122,12 +132,20 @@ pub async fn start_following(
     }
     ctx.note(&format!("deployment {id}: {what}"));
     let style = Style::pick(ctx.json);
+    follow_until_interrupted(ctx, &id, style).await
+}
+
+/// Follows until the end (its outcome's exit code) or Ctrl-C (130, and
+/// how to follow again, on stderr whatever the output style).
+pub async fn follow_until_interrupted(ctx: &Ctx, id: &str, style: Style) -> Result<Exit, CliError> {
     tokio::select! {
-        followed = follow(&ctx.client, &id, style) => Ok(exit_of(followed?.state)),
-        _ = tokio::signal::ctrl_c() => {
-            ctx.note(&format!(
+        followed = follow(&ctx.client, id, style) => Ok(exit_of(followed?.state)),
+        Ok(()) = tokio::signal::ctrl_c() => {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(
+                err,
                 "stopped following; deployment {id} goes on. Follow it again: deployctl logs {id} --follow"
-            ));
+            );
             Ok(Exit::Stopped)
         }
     }

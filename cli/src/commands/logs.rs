@@ -6,7 +6,7 @@ use reqwest::Method;
 
 use super::Ctx;
 use crate::exit::{CliError, Exit};
-use crate::follow::{Style, exit_of, follow};
+use crate::follow::{Style, follow};
 
 /// A deployment's log: every step with its timing, task output, the
 /// outcome. With --follow, until it ends, exiting with its outcome's code.
@@ -34,12 +34,10 @@ impl Logs {
             crate::follow::replay(&ctx.client, &self.id, style).await?;
             return Ok(Exit::Success);
         }
-        tokio::select! {
-            followed = follow(&ctx.client, &self.id, style) => {
-                let d = followed?;
-                Ok(if self.follow { exit_of(d.state) } else { Exit::Success })
-            }
-            _ = tokio::signal::ctrl_c() => Ok(Exit::Stopped),
+        if self.follow {
+            return super::deploy::follow_until_interrupted(ctx, &self.id, style).await;
         }
+        follow(&ctx.client, &self.id, style).await?;
+        Ok(Exit::Success)
     }
 }

@@ -351,3 +351,23 @@ pub fn describe(kind: &EventKind) -> String {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_final_state_has_its_exit_code() {
+        let codes: Vec<u8> = [
+            DeploymentState::Succeeded,
+            DeploymentState::Failed,
+            DeploymentState::RolledBack,
+            DeploymentState::RollbackFailed,
+            DeploymentState::Interrupted,
+        ]
+        .into_iter()
+        .map(|s| exit_of(s) as u8)
+        .collect();
+        assert_eq!(codes, [0, 3, 4, 5, 9]);
+    }
+}

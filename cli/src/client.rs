@@ -13,8 +13,8 @@ use crate::exit::{CliError, Exit};
 use crate::settings::Settings;
 use crate::{oidc, tls};
 
-/// A connection to one agent, with the caller's token.
-#[derive(Debug)]
+/// A connection to one agent, with the caller's token. Its `Debug` leaves
+/// the token out.
 pub struct Client {
     http: reqwest::Client,
     /// For event streams: no overall timeout.
@@ -22,6 +22,14 @@ pub struct Client {
     settings: Settings,
     /// The token in use; GitHub job tokens are fetched again when refused.
     token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 fn unreachable(url: &str, e: &reqwest::Error) -> CliError {

@@ -19,8 +19,9 @@ use serde::Deserialize;
 
 use crate::exit::CliError;
 
-/// Connection and identity flags every command takes.
-#[derive(Debug, Clone, Args)]
+/// Connection and identity flags every command takes. Its `Debug` leaves
+/// the token out.
+#[derive(Clone, Args)]
 pub struct Global {
     /// Agent URL, e.g. https://deploy-1.example.com:8443.
     #[arg(long, env = "DEPLOYCTL_URL", global = true)]
@@ -89,8 +90,8 @@ struct ConfigFile {
     contexts: BTreeMap<String, Context>,
 }
 
-/// Everything resolved.
-#[derive(Debug, Clone)]
+/// Everything resolved. Its `Debug` leaves the token out.
+#[derive(Clone)]
 pub struct Settings {
     pub url: String,
     pub token: Option<String>,
@@ -101,6 +102,32 @@ pub struct Settings {
     pub oidc: Option<Oidc>,
     pub oidc_audience: Option<String>,
     pub oidc_variable: Option<String>,
+}
+
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Global")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("context", &self.context)
+            .field("oidc", &self.oidc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("ca_cert", &self.ca_cert)
+            .field("pin_sha256", &self.pin_sha256)
+            .field("app", &self.app)
+            .field("oidc", &self.oidc)
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_config_path() -> Option<PathBuf> {
@@ -258,5 +285,12 @@ mod tests {
             .unwrap();
         assert_eq!((s.token, s.oidc), (None, Some(Oidc::Github)));
         assert!(global(&["--url", "http://plain:80"]).resolve().is_err());
+        let shown = format!(
+            "{:?}",
+            global(&["--url", "https://a:1", "--token", "secret-t"])
+                .resolve()
+                .unwrap()
+        );
+        assert!(!shown.contains("secret-t"), "{shown}");
     }
 }

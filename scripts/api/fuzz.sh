@@ -10,6 +10,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib/agent.sh
 
 max_time=${1:-120}
+# More schemathesis options from the environment, e.g. ST_OPTIONS="--report ndjson".
+read -r -a ST_EXTRA <<<"${ST_OPTIONS:-}"
 bash scripts/testbed.sh up >&2
 cargo build --locked -q -p deployd
 
@@ -34,4 +36,4 @@ DEPLOYD_BIN=$PWD/$AGENT_BIN DEPLOYD_CONFIG=$dir/etc/deployd.toml \
     "$venv/bin/st" run "https://localhost:$port/openapi.json" \
     --tls-verify "$dir/etc/tls/cert.pem" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
-    --max-time "$max_time" --workers 2 --request-timeout 20
+    --max-time "$max_time" --workers 2 --request-timeout 20 "${ST_EXTRA[@]}"

@@ -48,14 +48,8 @@ const EMPTY_STREAMS: u32 = 20;
 /// Lines of a failed task shown at the end.
 const TAIL_LINES: usize = 10;
 
-/// How a followed deployment ended.
-#[derive(Debug)]
-pub struct Ended {
-    pub state: DeploymentState,
-}
-
-/// Follows deployment `id` until its final state.
-pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Ended, CliError> {
+/// Follows deployment `id` until its final state, and returns it.
+pub async fn follow(client: &Client, id: &str, style: Style) -> Result<DeploymentState, CliError> {
     let mut view = View::new(style);
     let mut last = 0;
     let mut end: Option<(DeploymentState, Option<String>)> = None;
@@ -140,7 +134,7 @@ pub async fn follow(client: &Client, id: &str, style: Style) -> Result<Ended, Cl
         }
     };
     view.summary(id, state, error.as_deref(), deployment.as_ref());
-    Ok(Ended { state })
+    Ok(state)
 }
 
 /// Prints the events recorded so far, without waiting for more.

@@ -7,7 +7,7 @@ use deployd_proto::{
     AppLock, AppStatus, Deployment, ErrorBody, LockRequest, RollbackRequest, Scope,
 };
 
-use super::audit::{ClientAddr, Started, begin_change, give_back};
+use super::audit::{ClientAddr, Started, begin_change, started};
 use super::{ApiError, ApiState, Caller, Json, Path, checked_reason};
 use crate::store::AuditRecord;
 
@@ -72,22 +72,8 @@ pub async fn rollback(
     intent.sha = body.to.as_ref().map(ToString::to_string);
     intent.detail = reason.clone();
     let spent = begin_change(&state, &who, source, intent)?;
-    match state
-        .engine
-        .rollback(&app, body.to, &who.subject, reason)
-        .await
-    {
-        Ok(deployment) => {
-            let started = Started(deployment.id.0.clone());
-            Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
-        }
-        Err(e) => {
-            if e.changed_nothing() {
-                give_back(&state, spent);
-            }
-            Err(e.into())
-        }
-    }
+    let rollback = state.engine.rollback(&app, body.to, &who.subject, reason);
+    started(&state, spent, rollback).await
 }
 
 /// Locks the app: deployments and rollbacks are refused until unlocked.

@@ -9,14 +9,17 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use axum::Extension;
 use axum::extract::{ConnectInfo, FromRequestParts, OriginalUri, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+use deployd_proto::Deployment;
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, Json};
 use crate::auth::{AuthError, Principal};
+use crate::engine::EngineError;
 use crate::store::AuditRecord;
 
 /// Filled by the `Caller` extractor, read by the middleware afterwards.
@@ -68,13 +71,18 @@ pub(super) fn record(
     outcome: &str,
 ) -> AuditRecord {
     let mut record = AuditRecord::new(action, outcome);
+    attribute(&mut record, who, source);
+    record
+}
+
+/// Says who asked, and from where.
+fn attribute(record: &mut AuditRecord, who: Option<&Principal>, source: Option<IpAddr>) {
     if let Some(who) = who {
         record.subject = Some(who.subject.clone());
         record.issuer = Some(who.issuer.clone());
         record.claims = who.audit_claims.clone();
     }
     record.source = source.map(|ip| ip.to_string());
-    record
 }
 
 /// A token id spent on a change, to give back if the change is refused.
@@ -92,11 +100,7 @@ pub(super) fn begin_change(
     source: ClientAddr,
     mut intent: AuditRecord,
 ) -> Result<Spent, ApiError> {
-    let base = record(Some(who), source.0, &intent.action, "requested");
-    intent.subject = base.subject;
-    intent.issuer = base.issuer;
-    intent.claims = base.claims;
-    intent.source = base.source;
+    attribute(&mut intent, Some(who), source.0);
     intent.outcome = "requested".into();
     let store = state.engine.store();
     if let Err(e) = store.append_audit(&intent) {
@@ -130,6 +134,28 @@ pub(super) fn give_back(state: &ApiState, spent: Spent) {
         .unspend_token(&spent.issuer, &spent.jti)
     {
         tracing::warn!(error = %e, "token id not given back");
+    }
+}
+
+/// The end of a change that starts a deployment: 202 with it (and its id
+/// for the outcome record), or the refusal, giving the token id back when
+/// nothing was changed.
+pub(super) async fn started(
+    state: &ApiState,
+    spent: Spent,
+    start: impl Future<Output = Result<Deployment, EngineError>>,
+) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
+    match start.await {
+        Ok(deployment) => {
+            let started = Started(deployment.id.0.clone());
+            Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
+        }
+        Err(e) => {
+            if e.changed_nothing() {
+                give_back(state, spent);
+            }
+            Err(e.into())
+        }
     }
 }
 

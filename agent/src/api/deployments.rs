@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use deployd_proto::{DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, Scope};
 use serde::Deserialize;
 
-use super::audit::{ClientAddr, Started, begin_change, give_back};
+use super::audit::{ClientAddr, Started, begin_change, started};
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
 use crate::engine;
 use crate::store::AuditRecord;
@@ -57,18 +57,7 @@ pub async fn create(
         requested_by: who.subject,
         digest: None,
     };
-    match state.engine.deploy(request).await {
-        Ok(deployment) => {
-            let started = Started(deployment.id.0.clone());
-            Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
-        }
-        Err(e) => {
-            if e.changed_nothing() {
-                give_back(&state, spent);
-            }
-            Err(e.into())
-        }
-    }
+    started(&state, spent, state.engine.deploy(request)).await
 }
 
 /// Paging through an app's history.

@@ -139,7 +139,7 @@ pub async fn start_following(
 /// how to follow again, on stderr whatever the output style).
 pub async fn follow_until_interrupted(ctx: &Ctx, id: &str, style: Style) -> Result<Exit, CliError> {
     tokio::select! {
-        followed = follow(&ctx.client, id, style) => Ok(exit_of(followed?.state)),
+        followed = follow(&ctx.client, id, style) => Ok(exit_of(followed?)),
         Ok(()) = tokio::signal::ctrl_c() => {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(

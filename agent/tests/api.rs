@@ -137,34 +137,41 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
             .await
             .unwrap();
         refused(r, StatusCode::NOT_FOUND, "unknown_app").await;
-        let r = http
-            .get(agent.at("/v1/nothing"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        refused(r, StatusCode::NOT_FOUND, "not_found").await;
-        let r = http
-            .delete(&deploy_url)
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        refused(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
-        let r = http
-            .get(format!("{deploy_url}?limit=0"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        refused(r, StatusCode::BAD_REQUEST, "invalid_query").await;
-        let r = http
-            .get(agent.at("/v1/deployments/nope"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
-        refused(r, StatusCode::NOT_FOUND, "unknown_deployment").await;
+        for (method, url, status, code) in [
+            (
+                "GET",
+                agent.at("/v1/nothing"),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                "DELETE",
+                deploy_url.clone(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+            ),
+            (
+                "GET",
+                format!("{deploy_url}?limit=0"),
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+            ),
+            (
+                "GET",
+                agent.at("/v1/deployments/nope"),
+                StatusCode::NOT_FOUND,
+                "unknown_deployment",
+            ),
+        ] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let r = http
+                .request(method, url)
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap();
+            refused(r, status, code).await;
+        }
 
         // Scopes, apps and the sha claim bound what a valid token may do.
         let reader = agent.token("viewer", &[S::Read], &[]);
@@ -203,27 +210,13 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
         assert!(body.message.contains("abcdef1"), "{body:?}");
 
         // None of that recorded a deployment.
-        let page: DeploymentPage = http
-            .get(&deploy_url)
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: DeploymentPage = agent
+            .get_json(&format!("/v1/apps/{app}/deployments"), &admin)
+            .await;
         assert!(page.deployments.is_empty(), "{page:?}");
 
         // whoami reflects the token.
-        let me: WhoAmI = http
-            .get(agent.at("/v1/whoami"))
-            .bearer_auth(&reader)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let me: WhoAmI = agent.get_json("/v1/whoami", &reader).await;
         assert_eq!(
             (me.subject.as_str(), me.issuer.as_str()),
             ("viewer", "deployd")
@@ -451,26 +444,10 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         // EventSource stops reconnecting.
         let past_end = events_of(&second, Some(*seqs.last().unwrap())).await.unwrap();
         assert_eq!(past_end.status(), StatusCode::NO_CONTENT);
-        let done: Deployment = http
-            .get(agent.at(&format!("/v1/deployments/{}", second.id)))
-            .bearer_auth(&ci)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let done: Deployment = agent.get_json(&format!("/v1/deployments/{}", second.id), &ci).await;
         assert_eq!(done.state, DeploymentState::Succeeded, "{done:#?}");
 
-        let status: AppStatus = http
-            .get(agent.at(&format!("/v1/apps/{app}/status")))
-            .bearer_auth(&ci)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: AppStatus = agent.get_json(&format!("/v1/apps/{app}/status"), &ci).await;
         assert_eq!(status.live_sha, Some(scope.bed.sha("release-2")));
 
         // A lock refuses deployments, with its reason, until lifted.
@@ -514,27 +491,11 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         assert_eq!(replay.code, "token_replayed");
 
         // History pages, newest first.
-        let page: DeploymentPage = http
-            .get(agent.at(&format!("/v1/apps/{app}/deployments?limit=2")))
-            .bearer_auth(&ci)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: DeploymentPage = agent.get_json(&format!("/v1/apps/{app}/deployments?limit=2"), &ci).await;
         assert_eq!(page.deployments[0].id, back.id);
         assert_eq!(page.deployments[1].id, second.id);
         let next = page.next.unwrap();
-        let rest: DeploymentPage = http
-            .get(agent.at(&format!("/v1/apps/{app}/deployments?before={next}")))
-            .bearer_auth(&ci)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let rest: DeploymentPage = agent.get_json(&format!("/v1/apps/{app}/deployments?before={next}"), &ci).await;
         let ids: Vec<&str> = rest.deployments.iter().map(|d| d.id.0.as_str()).collect();
         assert_eq!(ids, [first.id.0.as_str()]);
         assert!(rest.next.is_none());

@@ -196,15 +196,9 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
         assert_eq!(store.lock_of(&app).unwrap().unwrap().reason, "first");
 
         // Nothing was deployed by any of it.
-        let page: DeploymentPage = http
-            .get(agent.at(&format!("/v1/apps/{app}/deployments")))
-            .bearer_auth(own(json!({})))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: DeploymentPage = agent
+            .get_json(&format!("/v1/apps/{app}/deployments"), &own(json!({})))
+            .await;
         assert!(page.deployments.is_empty(), "{page:#?}");
         assert!(matches!(
             store.verify_audit().unwrap(),

@@ -127,6 +127,19 @@ impl TestAgent {
         deployd::auth::issue(&self.config.auth, &request).unwrap()
     }
 
+    /// GETs `path` with `token`, expecting 200 and JSON.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str, token: &str) -> T {
+        let response = self
+            .client()
+            .get(self.at(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "GET {path}");
+        response.json().await.unwrap()
+    }
+
     /// `url` + `path`.
     pub fn at(&self, path: &str) -> String {
         format!("{}{path}", self.url)

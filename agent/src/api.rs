@@ -96,6 +96,7 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/openapi.json", get(openapi::document))
         .fallback(not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn(read_body))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             MAX_BODY_BYTES,
@@ -112,6 +113,51 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         // Outside every layer that may answer on its own.
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Reads every request body to its end before any handler answers. An
+/// answer sent before the body was read (a 405, a 401) would leave hyper to
+/// close the connection after it, unannounced, and a keep-alive client
+/// could send its next request into that close. A body that cannot be read
+/// whole gets an answer that says the connection closes.
+async fn read_body(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(bytes) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let mut response = if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "request bodies are limited to 16 KiB",
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the request body could not be read",
+                )
+            }
+            .into_response();
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -294,6 +294,78 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
     .await;
 }
 
+/// A request is answered only once its body has arrived, so refusing it
+/// (wrong method, no token) leaves the keep-alive connection usable; a body
+/// too large is answered with `Connection: close`. Over one raw TLS
+/// connection whose client sends the body after the headers, as Python's
+/// http.client does, and reuses the connection without retrying.
+#[tokio::test]
+async fn refusals_leave_keep_alive_connections_usable() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    scoped(|scope| async move {
+        let agent = TestAgent::start(&scope, scope.bed.var("REPOSITORY"), "").await;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = agent.pki.ca_pem();
+        for cert in <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(agent.server.addr()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (mut conn, driver) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(driver);
+        let mut send = async |method: &str, path: &str, body: String| {
+            conn.ready().await.expect("the agent closed the connection");
+            let length = body.len();
+            // The body follows the headers a moment later.
+            let late = futures_util::stream::once(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(body)))
+            });
+            let request = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .header("content-length", length)
+                .body(StreamBody::new(Box::pin(late)))
+                .unwrap();
+            let response = conn.send_request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let close = response.headers().get("connection").cloned();
+            response.into_body().collect().await.unwrap();
+            (status, close)
+        };
+        let body = r#"{"reason": "fuzzed"}"#;
+        for (method, path, status) in [
+            ("TRACE", "/v1/apps/shop/rollback", 405),
+            ("PATCH", "/v1/apps/shop/lock", 405),
+            ("POST", "/v1/apps/shop/rollback", 401),
+            ("PUT", "/v1/apps/shop/lock", 401),
+            ("POST", "/nowhere", 404),
+        ] {
+            let answer = send(method, path, body.to_owned()).await;
+            assert_eq!(answer, (status, None), "{method} {path}");
+        }
+        let huge = format!(r#"{{"reason": "{}"}}"#, "x".repeat(20_000));
+        let (status, close) = send("POST", "/v1/apps/shop/rollback", huge).await;
+        assert_eq!(status, 413);
+        assert_eq!(close.unwrap(), "close");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn plaintext_gets_nothing_and_client_certificates_are_enforced() {
     scoped(|scope| async move {

@@ -169,8 +169,19 @@ pub async fn json_errors(response: Response) -> Response {
         _ => ("bad_request", "the request was refused"),
     };
     let mut answer = ApiError::new(status, code, message).into_response();
-    // Keep what the original said about allowed methods or retrying.
-    for name in [header::ALLOW, header::RETRY_AFTER] {
+    if matches!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
+        // The body was not read (whole): the connection cannot carry another
+        // request, and the client must know before it sends one.
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    // Keep what the original said about allowed methods, retrying, or the
+    // connection closing.
+    for name in [header::ALLOW, header::RETRY_AFTER, header::CONNECTION] {
         if let Some(value) = response.headers().get(&name) {
             answer.headers_mut().insert(name, value.clone());
         }

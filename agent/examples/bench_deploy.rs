@@ -195,6 +195,6 @@ async fn start_web(scope: &Scope, image: &PulledImage) -> (String, u16) {
     let mut spec = with_static(scope, scope.app_container(&image.pinned, &[]));
     spec.publish = Some(8000);
     let id = scope.docker.start(spec).await.unwrap();
-    let port = scope.docker.published_port(&id, 8000).await.unwrap();
+    let port = scope.docker.port(&id, 8000).await.unwrap().published;
     (id, port)
 }

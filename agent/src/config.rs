@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod api;
+mod switch;
 
 pub use api::{ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, RuleConfig};
+pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
 pub const EXAMPLE: &str = include_str!("../deployd.example.toml");
@@ -66,6 +68,9 @@ pub struct AppConfig {
     /// Releases whose images are kept for rollback. Default: 5.
     #[serde(default = "default_retain")]
     pub retain: usize,
+    /// The traffic switch on the app's public address; absent, it is off
+    /// and web containers are only published on ephemeral local ports.
+    pub switch: Option<SwitchConfig>,
 }
 
 /// A release task such as `migrate`.
@@ -218,8 +223,20 @@ impl Config {
             api.validate(&mut problems);
         }
         self.auth.validate(&mut problems);
+        let mut public = Vec::new();
         for (name, app) in &self.apps {
             app.validate(&format!("apps.{name}"), name, &mut problems);
+            if let Some(switch) = &app.switch {
+                let at = format!("apps.{name}.switch.listen");
+                let port = switch.listen.port();
+                if port != 0 && public.contains(&switch.listen) {
+                    problems.add(at, "another app listens there already");
+                } else if port != 0 && self.api.as_ref().is_some_and(|a| a.listen == switch.listen)
+                {
+                    problems.add(at, "the API listens there already");
+                }
+                public.push(switch.listen);
+            }
         }
         if problems.0.is_empty() {
             Ok(())
@@ -325,12 +342,33 @@ impl AppConfig {
                 }
             }
         }
+        if let Some(switch) = &self.switch {
+            let at = format!("{at}.switch");
+            switch.validate(&at, problems);
+            let web = self
+                .services
+                .iter()
+                .filter(|(name, cfg)| cfg.role_of(name) == Some(Role::Web))
+                .count();
+            if web != 1 {
+                problems.add(at, "the switch sends traffic to exactly one web service");
+            }
+        }
         if self.retain < 2 {
             problems.add(
                 format!("{at}.retain"),
                 "keep at least 2 releases: the current and the previous",
             );
         }
+    }
+
+    /// The web service the switch sends traffic to, if the switch is on.
+    pub fn switched_service(&self) -> Option<(&str, &ServiceConfig)> {
+        self.switch.as_ref()?;
+        self.services
+            .iter()
+            .find(|(name, cfg)| cfg.role_of(name) == Some(Role::Web))
+            .map(|(name, cfg)| (name.as_str(), cfg))
     }
 
     /// Services in the order they are rolled.

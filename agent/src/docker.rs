@@ -11,7 +11,7 @@ mod volume;
 
 use std::time::Duration;
 
-pub use container::{ContainerInfo, ContainerSpec, ContainerState, OneOffOutput};
+pub use container::{ContainerInfo, ContainerSpec, ContainerState, OneOffOutput, PortAddrs};
 pub use image::{ImageRef, PulledImage, RegistryAuth, RegistryAuthError};
 
 /// A connection to the local Docker engine, cheap to clone.

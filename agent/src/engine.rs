@@ -25,6 +25,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::config::{AppConfig, Config};
 use crate::docker::Docker;
 use crate::store::{Lock, Store, StoreError};
+use crate::switch::Routes;
 
 /// Labels on every container deployd creates; after a restart they are how
 /// it tells what runs.
@@ -101,6 +102,8 @@ pub(crate) struct Ctx {
     freeze: Option<Freeze>,
     /// Recent health answers of web containers, by container id.
     health_cache: Mutex<HashMap<String, (std::time::Instant, String)>>,
+    /// Where each switched app's public traffic goes.
+    routes: Routes,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -135,7 +138,18 @@ impl EngineHandle {
     /// Starts the engine. Deployments a crash interrupted are reconciled
     /// with Docker first (see `recover`), then requests are served.
     pub async fn start(config: &Config, docker: Docker, store: Store) -> Result<Self, EngineError> {
-        Self::start_with(config, docker, store, None).await
+        Self::start_with(config, docker, store, Routes::for_config(config), None).await
+    }
+
+    /// Like [`EngineHandle::start`], steering the switch's `routes`: they
+    /// are set from what runs first, then follow every roll.
+    pub async fn start_routed(
+        config: &Config,
+        docker: Docker,
+        store: Store,
+        routes: Routes,
+    ) -> Result<Self, EngineError> {
+        Self::start_with(config, docker, store, routes, None).await
     }
 
     /// Test-only: like [`EngineHandle::start`], but every deployment freezes
@@ -154,7 +168,14 @@ impl EngineHandle {
             reached: Mutex::new(Some(reached)),
         };
         Ok((
-            Self::start_with(config, docker, store, Some(freeze)).await?,
+            Self::start_with(
+                config,
+                docker,
+                store,
+                Routes::for_config(config),
+                Some(freeze),
+            )
+            .await?,
             fired,
         ))
     }
@@ -163,6 +184,7 @@ impl EngineHandle {
         config: &Config,
         docker: Docker,
         store: Store,
+        routes: Routes,
         freeze: Option<Freeze>,
     ) -> Result<Self, EngineError> {
         // Rolling and recovery rely on a valid config (services named in
@@ -181,12 +203,14 @@ impl EngineHandle {
             events,
             freeze,
             health_cache: Mutex::default(),
+            routes,
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
             .iter()
             .map(|(name, app)| (name.clone(), Arc::new(app.clone())))
             .collect();
+        ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
         let (commands, inbox) = mpsc::channel(64);
         let engine = Engine {

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod env_file;
 pub mod init;
 pub mod store;
+pub mod switch;
 
 use std::time::Duration;
 
@@ -47,8 +48,12 @@ pub async fn run(
         )
     })?;
     let store = store::Store::open(&config.state_dir)?;
+    // Public listeners first: from here on no connection is refused, and
+    // requests wait until the engine knows where to send them.
+    let routes = switch::Routes::for_config(&config);
+    let public = switch::Switch::bind(&config, &routes)?.serve()?;
     let docker = docker::Docker::connect().await?;
-    let engine = engine::EngineHandle::start(&config, docker, store).await?;
+    let engine = engine::EngineHandle::start_routed(&config, docker, store, routes).await?;
     let state = api::ApiState::new(engine, auth, config.auth.max_failures_per_minute);
     let server = api::Server::start(state, &api_config).await?;
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
@@ -63,6 +68,6 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down: no new requests, finishing those in flight");
-    server.shutdown(SHUTDOWN_GRACE).await;
+    tokio::join!(server.shutdown(SHUTDOWN_GRACE), public.shutdown());
     Ok(())
 }

@@ -114,7 +114,7 @@ async fn get(scope: &Scope, path: &str) -> reqwest::Response {
         .into_iter()
         .find(|c| c.running)
         .expect("a running web container");
-    let port = scope.docker.published_port(&web.id, 8000).await.unwrap();
+    let port = scope.docker.port(&web.id, 8000).await.unwrap().published;
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}{path}"))
         .header(HOST, scope.bed.app_host())

@@ -291,6 +291,6 @@ async fn start_web(scope: &support::Scope, image: &str) -> String {
     let mut spec = scope.app_container(image, &[]);
     spec.publish = Some(8000);
     let id = scope.docker.start(spec).await.unwrap();
-    let port = scope.docker.published_port(&id, 8000).await.unwrap();
+    let port = scope.docker.port(&id, 8000).await.unwrap().published;
     format!("http://127.0.0.1:{port}")
 }

@@ -111,6 +111,15 @@ impl ContainerSpec {
     }
 }
 
+/// Where a service container's port is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortAddrs {
+    /// The ephemeral port on 127.0.0.1 it is published on.
+    pub published: u16,
+    /// The container's address on its network (none for host networking).
+    pub direct: Option<std::net::SocketAddr>,
+}
+
 /// What a one-off container did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OneOffOutput {
@@ -262,16 +271,17 @@ impl Docker {
         Ok(created.id)
     }
 
-    /// The host port (on 127.0.0.1) that a published container port got.
-    pub async fn published_port(&self, id: &str, port: u16) -> Result<u16, DockerError> {
+    /// Where a container port is reached: its published 127.0.0.1 port, and
+    /// the container's own address on its network.
+    pub async fn port(&self, id: &str, port: u16) -> Result<PortAddrs, DockerError> {
         let inspect = self
             .api
             .inspect_container(id, None)
             .await
             .map_err(DockerError::engine("inspect a container"))?;
-        inspect
-            .network_settings
-            .and_then(|n| n.ports)
+        let settings = inspect.network_settings.unwrap_or_default();
+        let published = settings
+            .ports
             .and_then(|mut ports| ports.remove(&format!("{port}/tcp")))
             .flatten()
             .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port))
@@ -279,7 +289,15 @@ impl Docker {
             .ok_or_else(|| DockerError::Engine {
                 action: "find a published port".into(),
                 reason: format!("port {port}/tcp of container {id} is not published"),
-            })
+            })?;
+        let direct = settings
+            .networks
+            .unwrap_or_default()
+            .into_values()
+            .filter_map(|n| n.ip_address)
+            .find_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .map(|ip| std::net::SocketAddr::new(ip, port));
+        Ok(PortAddrs { published, direct })
     }
 
     /// Whether a container runs, and how healthy it is.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
 
-use super::roll::{Placement, Started};
+use super::roll::Placement;
 use super::run::Failure;
 use super::{Ctx, label};
 use crate::config::{AppConfig, Role, ServiceConfig};
@@ -36,6 +36,62 @@ struct Target {
 }
 
 impl Ctx {
+    /// At start, before recovery: each switched app's traffic goes to the web
+    /// containers running now (the live release's, if any of them run), so
+    /// the public address answers while recovery converges.
+    pub(crate) async fn seed_routes(&self, apps: &HashMap<String, Arc<AppConfig>>) {
+        for (app, cfg) in apps {
+            let (Some(route), Some((web, web_cfg))) =
+                (self.routes.get(app), cfg.switched_service())
+            else {
+                continue;
+            };
+            let upstreams = match self.running_web(app, web, web_cfg).await {
+                Ok(upstreams) => upstreams,
+                Err(f) => {
+                    tracing::warn!(%app, error = %f.0, "cannot tell which web containers run");
+                    Vec::new()
+                }
+            };
+            // Nothing had traffic yet: there is nothing to drain.
+            let _ = route.switch_to(&upstreams);
+        }
+    }
+
+    async fn running_web(
+        &self,
+        app: &str,
+        web: &str,
+        cfg: &ServiceConfig,
+    ) -> Result<Vec<crate::switch::Upstream>, Failure> {
+        let live = self.store.live_release(app)?;
+        let running: Vec<ContainerInfo> = self
+            .docker
+            .containers(&[(label::APP, app), (label::SERVICE, web)])
+            .await?
+            .into_iter()
+            .filter(|c| c.running)
+            .collect();
+        let is_live = |c: &ContainerInfo| {
+            live.as_ref().is_some_and(|l| {
+                c.labels.get(label::SHA) == Some(&l.sha.to_string())
+                    && c.labels.get(label::DIGEST) == Some(&l.digest)
+            })
+        };
+        let chosen: Vec<&ContainerInfo> = if running.iter().any(is_live) {
+            running.iter().filter(|c| is_live(c)).collect()
+        } else {
+            running.iter().collect()
+        };
+        let mut upstreams = Vec::new();
+        for c in chosen {
+            if let Some(upstream) = self.started(&c.id, cfg).await?.upstream() {
+                upstreams.push(upstream);
+            }
+        }
+        Ok(upstreams)
+    }
+
     /// Reconciles every unfinished deployment, then tidies the other apps;
     /// returns how many deployments were unfinished.
     pub(crate) async fn recover(
@@ -173,31 +229,34 @@ impl Ctx {
                 self.stop_and_remove(c, cfg).await?;
             }
         }
-        let mut ready = 0;
+        let mut ready = Vec::new();
         for c in keep {
             if !c.running {
                 self.docker.restart_stopped(&c.id).await?;
             }
-            let port = match cfg.port {
-                Some(p) => Some(self.docker.published_port(&c.id, p).await?),
-                None => None,
-            };
-            let started = Started { id: c.id, port };
+            let started = self.started(&c.id, cfg).await?;
             // A kept container may have been told to stop (a draining worker):
             // one that does not stay up is replaced.
             match self.wait_ready(&started, cfg).await {
-                Ok(()) => ready += 1,
+                Ok(()) => ready.push(started),
                 Err(_) => self.docker.remove(&started.id).await?,
             }
         }
         // Indexes from 200 keep names apart from the deployment's own.
-        let indexes = 200 + ready as u32..200 + wanted as u32;
+        let indexes = 200 + ready.len() as u32..200 + wanted as u32;
         let release = (target.sha.as_str(), target.digest.as_str());
         for started in self
             .start_release(place, service, cfg, release, indexes)
             .await?
         {
             self.wait_ready(&started, cfg).await?;
+            ready.push(started);
+        }
+        if let Some(done) = self
+            .switch_traffic(place.app, place.app_cfg, service, &ready)
+            .await?
+        {
+            tracing::info!(app = %place.app, %service, "{done}");
         }
         if !singleton {
             // Only now that the target is ready: web never has nothing up.

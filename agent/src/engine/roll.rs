@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+use deployd_proto::EventKind;
 use futures_util::future::try_join_all;
 
 use super::label;
@@ -18,6 +19,7 @@ use super::release::short_id;
 use super::run::{Failure, Run};
 use crate::config::{AppConfig, Role, ServiceConfig};
 use crate::docker::{ContainerInfo, ContainerSpec, PulledImage};
+use crate::switch::Upstream;
 
 /// A container this deployment started.
 #[derive(Debug, Clone)]
@@ -25,6 +27,19 @@ pub(crate) struct Started {
     pub id: String,
     /// Published host port, for web.
     pub port: Option<u16>,
+    /// The web port at the container's own address, where the switch sends
+    /// traffic.
+    pub direct: Option<std::net::SocketAddr>,
+}
+
+impl Started {
+    /// Where the switch sends this container's share of traffic.
+    pub fn upstream(&self) -> Option<Upstream> {
+        self.direct.map(|addr| Upstream {
+            container: self.id.clone(),
+            addr,
+        })
+    }
 }
 
 /// Where a service container goes: which app, deployment and env. No
@@ -88,18 +103,27 @@ impl super::Ctx {
         cfg: &ServiceConfig,
     ) -> Result<Started, Failure> {
         let id = self.docker.start(spec).await?;
-        let port = match cfg.port {
-            Some(p) => match self.docker.published_port(&id, p).await {
-                Ok(port) => Some(port),
-                Err(e) => {
-                    // Not tracked anywhere yet: remove it here or it leaks.
-                    let _ = self.docker.remove(&id).await;
-                    return Err(e.into());
-                }
-            },
+        match self.started(&id, cfg).await {
+            Ok(started) => Ok(started),
+            Err(f) => {
+                // Not tracked anywhere yet: remove it here or it leaks.
+                let _ = self.docker.remove(&id).await;
+                Err(f)
+            }
+        }
+    }
+
+    /// A running container of a service, with where its web port is reached.
+    pub(crate) async fn started(&self, id: &str, cfg: &ServiceConfig) -> Result<Started, Failure> {
+        let addrs = match cfg.port {
+            Some(p) => Some(self.docker.port(id, p).await?),
             None => None,
         };
-        Ok(Started { id, port })
+        Ok(Started {
+            id: id.to_owned(),
+            port: addrs.map(|a| a.published),
+            direct: addrs.and_then(|a| a.direct),
+        })
     }
 
     /// Starts containers of an earlier release from its pinned digest, one per
@@ -138,6 +162,51 @@ impl super::Ctx {
                 tracing::warn!(container = %id, error = %e, "drained container not removed");
             }
         });
+    }
+
+    /// If `service` is the app's switched web service: sends its traffic to
+    /// `to` from now on, then drains the containers that had it. Returns
+    /// what happened, for the deployment's log.
+    pub(crate) async fn switch_traffic(
+        &self,
+        app: &str,
+        app_cfg: &AppConfig,
+        service: &str,
+        to: &[Started],
+    ) -> Result<Option<String>, Failure> {
+        let (Some(route), Some(switch), Some((web, _))) = (
+            self.routes.get(app),
+            &app_cfg.switch,
+            app_cfg.switched_service(),
+        ) else {
+            return Ok(None);
+        };
+        if web != service {
+            return Ok(None);
+        }
+        let upstreams = to
+            .iter()
+            .map(Started::upstream)
+            .collect::<Option<Vec<Upstream>>>()
+            .ok_or_else(|| Failure("a web container has no address on its network".into()))?;
+        let draining = route.switch_to(&upstreams);
+        let old = draining.containers().len();
+        let started = std::time::Instant::now();
+        let drained = draining.finish(switch.drain_timeout).await;
+        let mut line = format!(
+            "traffic switched to {} container(s); {old} drained in {} ms",
+            upstreams.len(),
+            started.elapsed().as_millis()
+        );
+        if drained.cut > 0 {
+            line.push_str(&format!(
+                ", {} request(s) still running at the {} s drain timeout were ended",
+                drained.cut,
+                switch.drain_timeout.as_secs()
+            ));
+            tracing::warn!(%app, cut = drained.cut, "drain timeout ended requests");
+        }
+        Ok(Some(line))
     }
 
     /// Waits until a service container is ready: healthy for web, up for the rest.
@@ -224,6 +293,18 @@ impl<'a> Rollout<'a> {
             Strategy::StartFirst => {
                 self.start_new(service, cfg).await?;
                 self.wait_new_ready(service, cfg).await?;
+                let new = self.current().new.clone();
+                if let Some(done) = self
+                    .run
+                    .ctx
+                    .switch_traffic(&self.run.app, &self.run.cfg, service, &new)
+                    .await?
+                {
+                    self.run.emit(EventKind::Output {
+                        step: format!("roll:{service}"),
+                        line: done,
+                    });
+                }
                 self.stop_old(&old, cfg).await?;
             }
             Strategy::Overlap => {
@@ -422,14 +503,7 @@ impl<'a> Rollout<'a> {
         for id in &change.stopped {
             let restarted = async {
                 docker.restart_stopped(id).await?;
-                let port = match cfg.port {
-                    Some(p) => Some(docker.published_port(id, p).await?),
-                    None => None,
-                };
-                Ok::<_, Failure>(Started {
-                    id: id.clone(),
-                    port,
-                })
+                self.run.ctx.started(id, cfg).await
             };
             match restarted.await {
                 Ok(started) => back.push(started),
@@ -451,6 +525,17 @@ impl<'a> Rollout<'a> {
                 .wait_ready(c, cfg)
                 .await
                 .map_err(|f| Failure(format!("restored container: {}", f.0)))?;
+        }
+        if let Some(done) = self
+            .run
+            .ctx
+            .switch_traffic(&self.run.app, &self.run.cfg, &change.service, &back)
+            .await?
+        {
+            self.run.emit(EventKind::Output {
+                step: "rollback".into(),
+                line: done,
+            });
         }
         if !singleton {
             for c in &change.new {

@@ -89,8 +89,8 @@ impl Ctx {
         if let Some(answer) = self.cached_health(&c.id) {
             return Some(answer);
         }
-        let answer = match self.docker.published_port(&c.id, port).await {
-            Ok(published) => match self.probe(published, health).await {
+        let answer = match self.docker.port(&c.id, port).await {
+            Ok(addrs) => match self.probe(addrs.published, health).await {
                 Ok(()) => "healthy".to_owned(),
                 Err(why) => format!("unhealthy: {why}"),
             },

@@ -1,10 +1,12 @@
 from django.urls import path
 
-from shop.views import healthz, heartbeats, index, readiness
+from shop.views import healthz, heartbeats, index, readiness, release, slow
 
 urlpatterns = [
     path("healthz/", healthz),
     path("readiness/", readiness),
     path("heartbeats/", heartbeats),
+    path("release/", release),
+    path("slow/", slow),
     path("", index),
 ]

@@ -1,3 +1,5 @@
+import time
+
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import render
@@ -9,6 +11,21 @@ from shop.models import Heartbeat
 def healthz(request):
     """Basic health check."""
     return JsonResponse({"status": "ok"})
+
+
+def release(request):
+    """Which release and container served this request; no database."""
+    return JsonResponse({"served_by": identity()})
+
+
+def slow(request):
+    """Answers after ?seconds= (at most 120): a long request in flight."""
+    try:
+        seconds = min(float(request.GET.get("seconds", "1")), 120.0)
+    except ValueError:
+        return JsonResponse({"error": "seconds must be a number"}, status=400)
+    time.sleep(max(seconds, 0.0))
+    return JsonResponse({"served_by": identity(), "slept": seconds})
 
 
 def readiness(request):

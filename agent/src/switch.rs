@@ -1,0 +1,170 @@
+//! The traffic switch: deployd's own reverse proxy on each app's public
+//! address, so that a deploy or rollback never drops a request.
+//!
+//! Requests go to the live release's web containers, round-robin. When a
+//! roll makes new containers healthy, the engine switches the app's
+//! [`Route`] to them: from that instant every new request goes there, also
+//! on client connections opened before. The old containers are then drained
+//! (see [`Draining`]) and only stopped once their requests have finished.
+
+mod listener;
+mod pool;
+mod proxy;
+mod route;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use route::{Drained, Draining, Route, Upstream};
+
+use crate::config::{Config, SwitchConfig};
+
+/// The routes of every app whose switch is on, by app name.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(HashMap<String, Arc<Route>>);
+
+impl Routes {
+    /// An empty route for each app with a `switch` table.
+    pub fn for_config(config: &Config) -> Self {
+        Self(
+            config
+                .apps
+                .iter()
+                .filter(|(_, app)| app.switch.is_some())
+                .map(|(name, _)| (name.clone(), Arc::new(Route::new(name))))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, app: &str) -> Option<&Arc<Route>> {
+        self.0.get(app)
+    }
+}
+
+/// Why the public listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for {app}: {reason}")]
+pub struct ListenError {
+    pub app: String,
+    pub addr: SocketAddr,
+    pub reason: String,
+}
+
+/// The public listeners, bound (or inherited from systemd) but not yet
+/// serving.
+#[derive(Debug)]
+pub struct Switch {
+    listeners: Vec<(Arc<Route>, SwitchConfig, std::net::TcpListener)>,
+}
+
+impl Switch {
+    /// Takes each switched app's listener from systemd's `LISTEN_FDS` when
+    /// one is on its address, else binds it.
+    pub fn bind(config: &Config, routes: &Routes) -> Result<Self, ListenError> {
+        let mut inherited = listener::inherited();
+        let mut listeners = Vec::new();
+        for (app, cfg) in &config.apps {
+            let (Some(switch), Some(route)) = (&cfg.switch, routes.get(app)) else {
+                continue;
+            };
+            let fail = |reason: String| ListenError {
+                app: app.clone(),
+                addr: switch.listen,
+                reason,
+            };
+            let passed = inherited
+                .iter()
+                .position(|l| l.local_addr().is_ok_and(|a| a == switch.listen));
+            let listener = match passed {
+                Some(i) => {
+                    tracing::info!(%app, addr = %switch.listen, "using the listener systemd passed");
+                    inherited.swap_remove(i)
+                }
+                None => {
+                    std::net::TcpListener::bind(switch.listen).map_err(|e| fail(e.to_string()))?
+                }
+            };
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| fail(e.to_string()))?;
+            listeners.push((route.clone(), switch.clone(), listener));
+        }
+        for unused in inherited {
+            tracing::warn!(addr = ?unused.local_addr().ok(), "a passed listener matches no app's switch.listen");
+        }
+        Ok(Self { listeners })
+    }
+
+    /// Starts serving every listener; requests wait until their app's live
+    /// containers are known.
+    pub fn serve(self) -> Result<Serving, ListenError> {
+        let closing = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let mut addrs = HashMap::new();
+        let mut drain = Duration::ZERO;
+        for (route, cfg, listener) in self.listeners {
+            let fail = |reason: String| ListenError {
+                app: route.app().to_owned(),
+                addr: cfg.listen,
+                reason,
+            };
+            let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+            let listener =
+                tokio::net::TcpListener::from_std(listener).map_err(|e| fail(e.to_string()))?;
+            tracing::info!(app = %route.app(), %addr, "switch listening (HTTP)");
+            addrs.insert(route.app().to_owned(), addr);
+            drain = drain.max(cfg.drain_timeout);
+            let proxy = Arc::new(proxy::Proxy {
+                route,
+                upstream_timeout: cfg.upstream_timeout,
+                closing: closing.clone(),
+            });
+            tokio::spawn(listener::serve(
+                listener,
+                proxy,
+                cfg.idle_timeout,
+                connections.clone(),
+            ));
+        }
+        Ok(Serving {
+            closing,
+            connections,
+            addrs,
+            drain,
+        })
+    }
+}
+
+/// Public listeners being served.
+#[derive(Debug)]
+pub struct Serving {
+    closing: CancellationToken,
+    connections: TaskTracker,
+    addrs: HashMap<String, SocketAddr>,
+    drain: Duration,
+}
+
+impl Serving {
+    /// Where an app's switch listens.
+    pub fn addr(&self, app: &str) -> Option<SocketAddr> {
+        self.addrs.get(app).copied()
+    }
+
+    /// Stops accepting and closes client connections cleanly, waiting up to
+    /// the longest drain timeout for requests in flight.
+    pub async fn shutdown(self) {
+        self.closing.cancel();
+        self.connections.close();
+        if tokio::time::timeout(self.drain, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still running at shutdown were cut");
+        }
+    }
+}

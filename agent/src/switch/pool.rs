@@ -1,0 +1,86 @@
+//! Keep-alive connections to one web container.
+//!
+//! A connection goes back to its pool when a response body has been read to
+//! the end, and is reused only while fresh: app servers close idle
+//! keep-alive connections after a few seconds (gunicorn's gthread workers
+//! after 2 s), and reusing one as it closes would fail a request.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{Builder, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// What a request to a web container carries: the client's body, or none
+/// (then the request can be sent again on another connection).
+pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// A connection to a web container.
+pub(crate) type Conn = SendRequest<UpstreamBody>;
+
+/// Connections idle longer than this are closed rather than reused.
+const MAX_IDLE: Duration = Duration::from_secs(1);
+/// Idle connections kept per container.
+const MAX_KEPT: usize = 128;
+/// Longest wait for a container to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Idle connections, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    idle: Mutex<Vec<(Conn, Instant)>>,
+}
+
+impl Pool {
+    /// The newest idle connection that is still fresh and open.
+    pub fn take(&self) -> Option<Conn> {
+        let mut idle = self.idle.lock().ok()?;
+        let now = Instant::now();
+        idle.retain(|(conn, since)| !conn.is_closed() && now.duration_since(*since) < MAX_IDLE);
+        idle.pop().map(|(conn, _)| conn)
+    }
+
+    /// Keeps a connection whose last response was read to the end.
+    pub fn put(&self, conn: Conn) {
+        if conn.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_KEPT
+        {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes every idle connection.
+    pub fn clear(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+}
+
+/// A new connection to `addr`.
+pub(crate) async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    let (conn, driver) = Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        // Ends when the connection closes; an upgraded one hands its socket
+        // over to the tunnel first.
+        if let Err(e) = driver.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(conn)
+}

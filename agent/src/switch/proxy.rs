@@ -1,0 +1,407 @@
+//! Forwarding one request to a live web container and its answer back.
+//!
+//! The request keeps its Host; hop-by-hop headers are dropped and
+//! `X-Forwarded-For`/`-Proto`/`-Host` are set (deployd is the edge, so
+//! values a client sent are replaced, not trusted). Bodies stream both
+//! ways. A container that refuses the connection is skipped for the next
+//! one; a request without a body is sent again on a fresh connection when a
+//! reused one turns out closed. WebSocket (any `Upgrade`) requests become a
+//! tunnel once the container answers 101.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::pool::{self, Conn, UpstreamBody};
+use super::route::{Backend, InFlight, Route};
+
+/// Any error a response body can end with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the switch answers with.
+pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Forwards requests for one app.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    pub route: Arc<Route>,
+    pub upstream_timeout: Duration,
+    /// Fires when deployd shuts down: answers then carry `Connection: close`.
+    pub closing: CancellationToken,
+}
+
+/// The request as it goes upstream, kept to build it again for a retry.
+struct Head {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    /// No body: the request can be sent again.
+    bodiless: bool,
+}
+
+/// How one attempt on a connection ended.
+enum Sent {
+    Answer(Response<Incoming>),
+    /// The connection closed before the request went out: here it is back.
+    Unsent(Request<UpstreamBody>),
+    Failed(hyper::Error),
+    TimedOut,
+    Cancelled,
+}
+
+impl Proxy {
+    pub async fn forward(
+        &self,
+        peer: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            return answer(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied");
+        }
+        if !self.route.known(self.upstream_timeout).await {
+            return answer(StatusCode::SERVICE_UNAVAILABLE, "no release is live yet");
+        }
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = Head {
+            method: parts.method,
+            uri: origin_form(&parts.uri),
+            headers: upstream_headers(parts.headers, peer, upgrade),
+            bodiless: body.is_end_stream(),
+        };
+        let mut body: Option<UpstreamBody> = Some(if head.bodiless {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        });
+        let candidates = self.route.candidates();
+        if candidates.is_empty() {
+            return answer(StatusCode::SERVICE_UNAVAILABLE, "no web container is live");
+        }
+        let mut index = 0;
+        let mut fresh = false;
+        // Every container once, plus a fresh connection after a stale one.
+        for _ in 0..candidates.len() + 2 {
+            let Some(backend) = candidates.get(index) else {
+                break;
+            };
+            let (conn, reused) = match backend.pool.take().filter(|_| !fresh) {
+                Some(conn) => (conn, true),
+                None => match pool::connect(backend.upstream.addr).await {
+                    Ok(conn) => (conn, false),
+                    Err(e) => {
+                        tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
+                            error = %e, "web container refused a connection; trying the next");
+                        backend.mark_down();
+                        index += 1;
+                        fresh = false;
+                        continue;
+                    }
+                },
+            };
+            backend.mark_up();
+            let Some(request_body) = body.take() else {
+                break;
+            };
+            let guard = InFlight::new(backend.clone());
+            match self.send(backend, conn, head.build(request_body)).await {
+                (Sent::Answer(resp), conn) => {
+                    return self.relay(resp, conn, guard, backend, client_upgrade);
+                }
+                (Sent::Unsent(request), _) => {
+                    body = Some(request.into_body());
+                    fresh = true;
+                }
+                (Sent::Failed(e), _) if reused && head.bodiless => {
+                    tracing::debug!(error = %e, "reused connection failed; sending again");
+                    body = Some(Either::Right(Empty::new()));
+                    fresh = true;
+                }
+                (Sent::Failed(e), _) => {
+                    tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
+                        error = %e, "web container failed the request");
+                    return answer(
+                        StatusCode::BAD_GATEWAY,
+                        "the web container failed the request",
+                    );
+                }
+                (Sent::TimedOut, _) => {
+                    return answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the web container did not answer in time",
+                    );
+                }
+                (Sent::Cancelled, _) => {
+                    return answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the request outlived the drain of its release",
+                    );
+                }
+            }
+        }
+        answer(StatusCode::BAD_GATEWAY, "no web container could be reached")
+    }
+
+    async fn send(
+        &self,
+        backend: &Backend,
+        mut conn: Conn,
+        request: Request<UpstreamBody>,
+    ) -> (Sent, Option<Conn>) {
+        let sent = async {
+            if conn.ready().await.is_err() {
+                return Sent::Unsent(request);
+            }
+            match conn.try_send_request(request).await {
+                Ok(resp) => Sent::Answer(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(request) => Sent::Unsent(request),
+                    None => Sent::Failed(e.into_error()),
+                },
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            () = backend.cancel.cancelled() => Sent::Cancelled,
+            sent = tokio::time::timeout(self.upstream_timeout, sent) => sent.unwrap_or(Sent::TimedOut),
+        };
+        (outcome, Some(conn))
+    }
+
+    /// The container's answer, passed on to the client.
+    fn relay(
+        &self,
+        mut resp: Response<Incoming>,
+        conn: Option<Conn>,
+        guard: InFlight,
+        backend: &Arc<Backend>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client) = client_upgrade else {
+                return answer(
+                    StatusCode::BAD_GATEWAY,
+                    "the web container switched protocols unasked",
+                );
+            };
+            // The connection now belongs to the tunnel.
+            drop(conn);
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(client, upstream, guard, backend.cancel.clone()));
+            let (parts, _) = resp.into_parts();
+            let empty = Empty::new().map_err(|never| match never {}).boxed();
+            return Response::from_parts(parts, empty);
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if self.closing.is_cancelled() {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let body = Tracked {
+            inner: body,
+            done: Some((conn, guard)),
+            backend: backend.clone(),
+            cancelled: Box::pin(backend.cancel.clone().cancelled_owned()),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+}
+
+impl Head {
+    fn build(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// A response body from a container: holds its request in flight until it
+/// ends, then gives the connection back; a drain that gives up ends it.
+struct Tracked {
+    inner: Incoming,
+    done: Option<(Option<Conn>, InFlight)>,
+    backend: Arc<Backend>,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Tracked {
+    fn finish(&mut self, reuse: bool) {
+        if let Some((conn, guard)) = self.done.take() {
+            if reuse && let Some(conn) = conn {
+                self.backend.pool.put(conn);
+            }
+            drop(guard);
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            self.finish(false);
+            return Poll::Ready(Some(Err(
+                "the response outlived the drain of its release".into()
+            )));
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(None) => {
+                self.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // An empty body may never be polled: its connection is still good.
+        let reuse = self.inner.is_end_stream();
+        self.finish(reuse);
+    }
+}
+
+/// A short plain-text answer from the switch itself.
+pub(crate) fn answer(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
+    let body = Full::new(Bytes::from_static(message.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` with
+/// an `Upgrade` header).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Headers that describe one connection, not the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn upstream_headers(
+    mut headers: HeaderMap,
+    peer: SocketAddr,
+    upgrade: Option<HeaderValue>,
+) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    // hyper already answered the client's 100-continue when the body was read.
+    headers.remove(header::EXPECT);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+    if let Ok(ip) = HeaderValue::from_str(&peer.ip().to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), ip);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    match headers.get(header::HOST).cloned() {
+        Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host),
+        None => headers.remove(HeaderName::from_static("x-forwarded-host")),
+    };
+    headers
+}
+
+/// Copies bytes both ways between an upgraded client connection and the
+/// container until either side closes or a drain gives up.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    guard: InFlight,
+    cancel: CancellationToken,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        () = cancel.cancelled() => {}
+    }
+    drop(guard);
+}

@@ -1,0 +1,324 @@
+//! Which web containers an app's traffic goes to, and the draining of those
+//! it no longer goes to.
+//!
+//! A [`Route`] holds the live set of backends behind an `RwLock<Arc<_>>`:
+//! each request takes a snapshot, so a switch is atomic and per request.
+//! Every request holds an [`InFlight`] guard on its backend until its
+//! response body (or upgraded connection) ends; a drain waits for those
+//! guards, then cancels the stragglers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::pool::Pool;
+
+/// A web container traffic can go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub container: String,
+    /// The container's address on its network, and its web port.
+    pub addr: SocketAddr,
+}
+
+/// One web container, with its idle connections and requests in flight.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub upstream: Upstream,
+    pub pool: Pool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    /// Fires when a drain gives up waiting: requests still running end.
+    pub cancel: CancellationToken,
+    /// After a failed connect, skipped until then (unless all are).
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// How long a backend that refused a connection is skipped.
+const DOWN_FOR: Duration = Duration::from_secs(2);
+
+impl Backend {
+    fn new(upstream: Upstream) -> Self {
+        Self {
+            upstream,
+            pool: Pool::default(),
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            cancel: CancellationToken::new(),
+            down_until: Mutex::new(None),
+        }
+    }
+
+    pub fn mark_down(&self) {
+        if let Ok(mut until) = self.down_until.lock() {
+            *until = Some(Instant::now() + DOWN_FOR);
+        }
+    }
+
+    pub fn mark_up(&self) {
+        if let Ok(mut until) = self.down_until.lock() {
+            *until = None;
+        }
+    }
+
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .is_ok_and(|until| until.is_some_and(|t| Instant::now() < t))
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight on this backend.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A request running on a backend; dropping it ends the request.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn new(backend: Arc<Backend>) -> Self {
+        backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(backend)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The traffic of one app: where new requests go.
+#[derive(Debug)]
+pub struct Route {
+    app: String,
+    live: RwLock<Arc<Vec<Arc<Backend>>>>,
+    next: AtomicUsize,
+    /// Set once the live containers are known (at start, from Docker);
+    /// requests wait for it rather than being refused.
+    known: watch::Sender<bool>,
+}
+
+impl Route {
+    pub fn new(app: &str) -> Self {
+        Self {
+            app: app.to_owned(),
+            live: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            known: watch::Sender::new(false),
+        }
+    }
+
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// Sends every new request to `upstreams` from now on. Backends that are
+    /// no longer live are returned, to be drained; one that stays (same
+    /// container and address) keeps its connections and requests.
+    pub fn switch_to(&self, upstreams: &[Upstream]) -> Draining {
+        let Ok(mut live) = self.live.write() else {
+            return Draining::default();
+        };
+        let old = live.clone();
+        let new: Vec<Arc<Backend>> = upstreams
+            .iter()
+            .map(|u| {
+                old.iter()
+                    .find(|b| &b.upstream == u)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(u.clone())))
+            })
+            .collect();
+        let gone = old
+            .iter()
+            .filter(|b| !upstreams.contains(&b.upstream))
+            .cloned()
+            .collect();
+        *live = Arc::new(new);
+        drop(live);
+        self.known.send_replace(true);
+        tracing::info!(
+            app = %self.app,
+            containers = ?upstreams.iter().map(|u| short(&u.container)).collect::<Vec<_>>(),
+            "traffic switched"
+        );
+        Draining { backends: gone }
+    }
+
+    /// The live containers, as a snapshot.
+    pub fn upstreams(&self) -> Vec<Upstream> {
+        self.snapshot().iter().map(|b| b.upstream.clone()).collect()
+    }
+
+    /// Waits until the live containers are known, up to `wait`.
+    pub(crate) async fn known(&self, wait: Duration) -> bool {
+        let mut rx = self.known.subscribe();
+        tokio::time::timeout(wait, rx.wait_for(|known| *known))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Backend>>> {
+        match self.live.read() {
+            Ok(live) => live.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The backends to try for one request: round-robin, those recently
+    /// refusing connections last.
+    pub(crate) fn candidates(&self) -> Vec<Arc<Backend>> {
+        let live = self.snapshot();
+        if live.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
+        let mut order: Vec<Arc<Backend>> = live[start..]
+            .iter()
+            .chain(&live[..start])
+            .cloned()
+            .collect();
+        order.sort_by_key(|b| b.is_down());
+        order
+    }
+}
+
+/// Backends taken out of a route, whose requests may still be running.
+#[derive(Debug, Default)]
+#[must_use = "old containers must be drained before they stop"]
+pub struct Draining {
+    backends: Vec<Arc<Backend>>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Requests that were still running at the drain timeout and were ended.
+    pub cut: usize,
+}
+
+impl Draining {
+    /// Waits for requests in flight to finish, up to `timeout`; then ends
+    /// the rest (a request still waiting for its answer gets 504).
+    pub async fn finish(self, timeout: Duration) -> Drained {
+        let all_idle = futures_util::future::join_all(self.backends.iter().map(|b| b.idle()));
+        if tokio::time::timeout(timeout, all_idle).await.is_ok() {
+            self.close_pools();
+            return Drained { cut: 0 };
+        }
+        let cut = self.backends.iter().map(|b| b.in_flight()).sum();
+        for b in &self.backends {
+            b.cancel.cancel();
+        }
+        // Cancelled requests answer at once; this only bounds a stuck one.
+        let all_idle = futures_util::future::join_all(self.backends.iter().map(|b| b.idle()));
+        let _ = tokio::time::timeout(Duration::from_secs(5), all_idle).await;
+        self.close_pools();
+        Drained { cut }
+    }
+
+    /// The containers being drained.
+    pub fn containers(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .map(|b| b.upstream.container.clone())
+            .collect()
+    }
+
+    fn close_pools(&self) {
+        for b in &self.backends {
+            b.pool.clear();
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(n: u8) -> Upstream {
+        Upstream {
+            container: format!("c{n}"),
+            addr: SocketAddr::from(([10, 0, 0, n], 8000)),
+        }
+    }
+
+    #[test]
+    fn candidates_go_round_robin_and_skip_refusing_backends() {
+        let route = Route::new("shop");
+        let _ = route.switch_to(&[upstream(1), upstream(2), upstream(3)]);
+        let firsts: Vec<String> = (0..3)
+            .map(|_| route.candidates()[0].upstream.container.clone())
+            .collect();
+        assert_eq!(firsts, ["c1", "c2", "c3"]);
+        route.candidates()[1].mark_down();
+        // c1 first now; c2 was marked down and goes last.
+        let order: Vec<String> = route
+            .candidates()
+            .iter()
+            .map(|b| b.upstream.container.clone())
+            .collect();
+        assert_eq!(order, ["c3", "c1", "c2"]);
+    }
+
+    #[test]
+    fn a_switch_returns_only_the_backends_that_left() {
+        let route = Route::new("shop");
+        let _ = route.switch_to(&[upstream(1), upstream(2)]);
+        let draining = route.switch_to(&[upstream(2), upstream(3)]);
+        assert_eq!(draining.containers(), ["c1"]);
+        assert_eq!(route.upstreams(), [upstream(2), upstream(3)]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_requests_then_cuts_the_stragglers() {
+        let route = Route::new("shop");
+        let _ = route.switch_to(&[upstream(1)]);
+        let backend = route.candidates()[0].clone();
+        let quick = InFlight::new(backend.clone());
+        let draining = route.switch_to(&[upstream(2)]);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(quick);
+        });
+        assert_eq!(draining.finish(Duration::from_secs(5)).await.cut, 0);
+
+        let _ = route.switch_to(&[upstream(1)]);
+        let backend = route.candidates()[0].clone();
+        let stuck = InFlight::new(backend.clone());
+        let cancel = backend.cancel.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            drop(stuck);
+        });
+        let draining = route.switch_to(&[upstream(2)]);
+        let drained = draining.finish(Duration::from_millis(100)).await;
+        assert_eq!(drained.cut, 1);
+        assert_eq!(backend.in_flight(), 0);
+    }
+}

@@ -1,0 +1,308 @@
+//! The traffic switch on real sockets: a real `Switch` listener in front of
+//! small HTTP and WebSocket servers on loopback, standing in for two
+//! releases' web containers. The engine-driven switch against the sample
+//! Django app is tested in `engine.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::routing;
+use bytes::Bytes;
+use deployd::config::Config;
+use deployd::switch::{Routes, Serving, Switch, Upstream};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A stand-in web container: answers with its name.
+async fn backend(name: &'static str) -> Upstream {
+    #[derive(serde::Deserialize)]
+    struct Slow {
+        ms: u64,
+    }
+    let app = Router::new()
+        .route(
+            "/name",
+            routing::get(|State(name): State<&'static str>| async move { name }),
+        )
+        .route(
+            "/slow",
+            routing::get(
+                |State(name): State<&'static str>, Query(slow): Query<Slow>| async move {
+                    tokio::time::sleep(Duration::from_millis(slow.ms)).await;
+                    name
+                },
+            ),
+        )
+        .route(
+            "/headers",
+            routing::get(|headers: HeaderMap| async move {
+                let pick = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                format!(
+                    "host={} xff={} proto={} xhost={}",
+                    pick("host"),
+                    pick("x-forwarded-for"),
+                    pick("x-forwarded-proto"),
+                    pick("x-forwarded-host")
+                )
+            }),
+        )
+        .with_state(name);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Upstream {
+        container: name.to_owned(),
+        addr,
+    }
+}
+
+/// A stand-in web container speaking WebSocket: echoes `name:text`.
+async fn ws_backend(name: &'static str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(Message::Text(text))) = ws.next().await {
+                    let reply = format!("{name}:{text}");
+                    if ws.send(Message::text(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Upstream {
+        container: name.to_owned(),
+        addr,
+    }
+}
+
+/// A switch for the app `shop` on an ephemeral port.
+fn switch(extra: &str) -> (Routes, Serving, SocketAddr) {
+    let text = format!(
+        r#"
+        [apps.shop]
+        image = "registry.test/shop"
+        [apps.shop.switch]
+        listen = "127.0.0.1:0"
+        {extra}
+        [apps.shop.services.web]
+        port = 8000
+        health = {{ path = "/healthz/", host = "shop.test" }}
+        "#
+    );
+    let config = Config::from_toml(&text).unwrap();
+    let routes = Routes::for_config(&config);
+    let serving = Switch::bind(&config, &routes).unwrap().serve().unwrap();
+    let addr = serving.addr("shop").unwrap();
+    (routes, serving, addr)
+}
+
+/// One client connection, kept alive across requests.
+async fn connect(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn get_on(sender: &mut SendRequest<Empty<Bytes>>, path: &str) -> (u16, String) {
+    sender.ready().await.unwrap();
+    let request = hyper::Request::get(path)
+        .header("host", "shop.test")
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    get_on(&mut connect(addr).await, path).await
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_on_the_old_release_and_new_ones_go_to_the_new() {
+    let (routes, _serving, addr) = switch("");
+    let (a, b) = (backend("a").await, backend("b").await);
+    let route = routes.get("shop").unwrap();
+    let _ = route.switch_to(std::slice::from_ref(&a));
+    assert_eq!(get(addr, "/name").await, (200, "a".into()));
+
+    let slow: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(async move { get(addr, "/slow?ms=1500").await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let draining = route.switch_to(std::slice::from_ref(&b));
+    let drain = tokio::spawn(draining.finish(Duration::from_secs(30)));
+    for _ in 0..10 {
+        assert_eq!(get(addr, "/name").await, (200, "b".into()));
+    }
+    for request in slow {
+        assert_eq!(request.await.unwrap(), (200, "a".into()));
+    }
+    assert_eq!(drain.await.unwrap().cut, 0);
+}
+
+#[tokio::test]
+async fn a_keep_alive_client_moves_to_the_new_release_at_the_switch() {
+    let (routes, _serving, addr) = switch("");
+    let (a, b) = (backend("a").await, backend("b").await);
+    let route = routes.get("shop").unwrap();
+    let _ = route.switch_to(&[a]);
+    let mut client = connect(addr).await;
+    assert_eq!(get_on(&mut client, "/name").await.1, "a");
+    assert_eq!(get_on(&mut client, "/name").await.1, "a");
+    let draining = route.switch_to(&[b]);
+    // The same connection, opened before the switch.
+    assert_eq!(get_on(&mut client, "/name").await.1, "b");
+    assert_eq!(draining.finish(Duration::from_secs(5)).await.cut, 0);
+}
+
+#[tokio::test]
+async fn the_drain_timeout_ends_a_stuck_request_with_504() {
+    let (routes, _serving, addr) = switch("");
+    let (a, b) = (backend("a").await, backend("b").await);
+    let route = routes.get("shop").unwrap();
+    let _ = route.switch_to(&[a]);
+    let stuck = tokio::spawn(async move { get(addr, "/slow?ms=60000").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drained = route
+        .switch_to(&[b])
+        .finish(Duration::from_millis(500))
+        .await;
+    assert_eq!(drained.cut, 1);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 504, "{body}");
+}
+
+#[tokio::test]
+async fn the_upstream_timeout_answers_504() {
+    let (routes, _serving, addr) = switch(r#"upstream_timeout = "300ms""#);
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    assert_eq!(get(addr, "/slow?ms=5000").await.0, 504);
+    assert_eq!(get(addr, "/name").await, (200, "a".into()));
+}
+
+#[tokio::test]
+async fn websocket_connections_pass_through_and_stay_until_drained() {
+    let (routes, _serving, addr) = switch("");
+    let (a, b) = (ws_backend("a").await, ws_backend("b").await);
+    let route = routes.get("shop").unwrap();
+    let _ = route.switch_to(&[a]);
+    let url = format!("ws://{addr}/socket");
+    let (mut old, response) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert_eq!(response.status(), 101);
+    old.send(Message::text("hello")).await.unwrap();
+    assert_eq!(old.next().await.unwrap().unwrap(), Message::text("a:hello"));
+
+    let draining = route.switch_to(&[b]);
+    let (mut new, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    new.send(Message::text("hi")).await.unwrap();
+    assert_eq!(new.next().await.unwrap().unwrap(), Message::text("b:hi"));
+    // The old socket keeps its container until the drain gives up on it.
+    old.send(Message::text("still")).await.unwrap();
+    assert_eq!(old.next().await.unwrap().unwrap(), Message::text("a:still"));
+    assert_eq!(draining.finish(Duration::from_millis(300)).await.cut, 1);
+    let closed = tokio::time::timeout(Duration::from_secs(5), old.next())
+        .await
+        .unwrap();
+    assert!(!matches!(closed, Some(Ok(Message::Text(_)))), "{closed:?}");
+}
+
+#[tokio::test]
+async fn a_container_refusing_connections_is_skipped() {
+    let (routes, _serving, addr) = switch("");
+    // A port nothing listens on: bound, then closed.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = Upstream {
+        container: "dead".into(),
+        addr: closed.local_addr().unwrap(),
+    };
+    drop(closed);
+    let _ = routes
+        .get("shop")
+        .unwrap()
+        .switch_to(&[dead, backend("b").await]);
+    for _ in 0..6 {
+        assert_eq!(get(addr, "/name").await, (200, "b".into()));
+    }
+}
+
+#[tokio::test]
+async fn host_is_kept_and_forwarded_headers_are_set_by_the_switch() {
+    let (routes, _serving, addr) = switch("");
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    let mut client = connect(addr).await;
+    client.ready().await.unwrap();
+    let request = hyper::Request::get("/headers")
+        .header("host", "shop.test")
+        .header("x-forwarded-for", "6.6.6.6")
+        .body(Empty::new())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "host=shop.test xff=127.0.0.1 proto=http xhost=shop.test"
+    );
+}
+
+#[tokio::test]
+async fn no_live_container_is_a_503_and_shutdown_lets_requests_finish() {
+    let (routes, serving, addr) = switch("");
+    let route = routes.get("shop").unwrap();
+    let _ = route.switch_to(&[]);
+    assert_eq!(get(addr, "/name").await.0, 503);
+
+    let _ = route.switch_to(&[backend("a").await]);
+    let mut keep_alive = connect(addr).await;
+    assert_eq!(get_on(&mut keep_alive, "/name").await.1, "a");
+    let slow = tokio::spawn(async move { get(addr, "/slow?ms=1000").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let shutdown = tokio::spawn(serving.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The keep-alive client's next request is answered, then closed cleanly.
+    keep_alive.ready().await.unwrap();
+    let response = keep_alive
+        .send_request(
+            hyper::Request::get("/name")
+                .header("host", "shop.test")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["connection"], "close");
+    assert_eq!(slow.await.unwrap(), (200, "a".into()));
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+}

@@ -23,7 +23,7 @@ dir=$(mktemp -d)
 name=demo$$
 checker=
 trap '[ -z "$checker" ] || kill "$checker" 2>/dev/null || true; agent_cleanup "$dir" "$name"' EXIT
-port=$((20000 + RANDOM % 20000))
+port=$(agent_free_port)
 say "a new host: deployd init"
 agent_init "$dir" "$port"
 cat "$dir/init.txt"

@@ -24,7 +24,7 @@ fi
 
 dir=$(mktemp -d)
 trap 'agent_cleanup "$dir" shop' EXIT
-port=$((20000 + RANDOM % 20000))
+port=$(agent_free_port)
 agent_init "$dir" "$port"
 agent_add_app "$dir" shop shop
 # The fuzzer sends broken tokens on purpose: do not lock it out for them.

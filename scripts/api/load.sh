@@ -19,7 +19,7 @@ cargo build --release --locked -q -p deployd --bin deployd --example load_status
 dir=$(mktemp -d)
 name=load$$
 trap 'agent_cleanup "$dir" "$name"' EXIT
-port=$((20000 + RANDOM % 20000))
+port=$(agent_free_port)
 agent_init "$dir" "$port"
 agent_add_app "$dir" "$name" "$name"
 agent_services "$name"

@@ -15,7 +15,7 @@ bash scripts/testbed.sh up >&2
 cargo build --release --locked -q -p deployd --bin deployd
 dir=$(mktemp -d)
 trap 'agent_cleanup "$dir"' EXIT
-agent_init "$dir" $((20000 + RANDOM % 20000))
+agent_init "$dir" "$(agent_free_port)"
 agent_add_app "$dir" shop shop
 agent_start "$dir"
 sleep "$idle"

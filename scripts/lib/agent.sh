@@ -3,6 +3,7 @@
 # app configured, and its PostgreSQL and Redis on a network of their own.
 # Source it; every function is prefixed `agent_`.
 #
+#   agent_free_port              a port nothing listens on now (the kernel's pick)
 #   agent_init DIR PORT          init into DIR, API on 127.0.0.1:PORT
 #   agent_services NAME          network NAME with db and redis (healthy)
 #   agent_add_app DIR APP NAME   the sample app APP, from the test bed's
@@ -14,6 +15,10 @@
 AGENT_BIN=${AGENT_BIN:-target/debug/deployd}
 # Where `scripts/testbed.sh up` wrote the test bed's settings.
 DEPLOYD_TESTBED_ENV_FILE=${DEPLOYD_TESTBED_ENV:-${DEPLOYD_TESTBED_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/deployd-testbed}/testbed.env}
+
+agent_free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 agent_init() {
     local dir=$1 port=$2

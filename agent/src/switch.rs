@@ -122,6 +122,7 @@ impl Switch {
             let proxy = Arc::new(proxy::Proxy {
                 route,
                 upstream_timeout: cfg.upstream_timeout,
+                trust_forwarded: cfg.trust_forwarded_headers,
                 closing: closing.clone(),
             });
             tokio::spawn(listener::serve(

@@ -263,6 +263,7 @@ async fn host_is_kept_and_forwarded_headers_are_set_by_the_switch() {
     let request = hyper::Request::get("/headers")
         .header("host", "shop.test")
         .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
         .body(Empty::new())
         .unwrap();
     let response = client.send_request(request).await.unwrap();
@@ -270,6 +271,27 @@ async fn host_is_kept_and_forwarded_headers_are_set_by_the_switch() {
     assert_eq!(
         String::from_utf8_lossy(&body),
         "host=shop.test xff=127.0.0.1 proto=http xhost=shop.test"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_from_a_trusted_load_balancer_are_kept() {
+    let (routes, _serving, addr) = switch("trust_forwarded_headers = true");
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    let mut client = connect(addr).await;
+    client.ready().await.unwrap();
+    let request = hyper::Request::get("/headers")
+        .header("host", "shop.test")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "shop.example")
+        .body(Empty::new())
+        .unwrap();
+    let response = client.send_request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "host=shop.test xff=203.0.113.7, 127.0.0.1 proto=https xhost=shop.example"
     );
 }
 

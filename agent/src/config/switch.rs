@@ -29,6 +29,12 @@ pub struct SwitchConfig {
     /// headers must arrive within it. Default: 60 s.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Keep the `X-Forwarded-Proto`/`-Host` a client sent and add to its
+    /// `X-Forwarded-For`: only behind a load balancer or TLS terminator
+    /// that sets them, which clients cannot reach around. Default: false
+    /// (deployd is the edge; the values are its own).
+    #[serde(default)]
+    pub trust_forwarded_headers: bool,
 }
 
 fn default_upstream_timeout() -> Duration {

@@ -1,8 +1,8 @@
 //! Forwarding one request to a live web container and its answer back.
 //!
 //! The request keeps its Host; hop-by-hop headers are dropped and
-//! `X-Forwarded-For`/`-Proto`/`-Host` are set (deployd is the edge, so
-//! values a client sent are replaced, not trusted). Bodies stream both
+//! `X-Forwarded-For`/`-Proto`/`-Host` are set: replaced when deployd is the
+//! edge, added to when it trusts the load balancer in front of it. Bodies stream both
 //! ways. A container that refuses the connection is skipped for the next
 //! one; a request without a body is sent again on a fresh connection when a
 //! reused one turns out closed. WebSocket (any `Upgrade`) requests become a
@@ -37,6 +37,9 @@ pub(crate) type ProxyBody = BoxBody<Bytes, BoxError>;
 pub(crate) struct Proxy {
     pub route: Arc<Route>,
     pub upstream_timeout: Duration,
+    /// Whether the client's `X-Forwarded-*` headers are kept (a trusted load
+    /// balancer in front) or replaced.
+    pub trust_forwarded: bool,
     /// Fires when deployd shuts down: answers then carry `Connection: close`.
     pub closing: CancellationToken,
 }
@@ -78,7 +81,7 @@ impl Proxy {
         let head = Head {
             method: parts.method,
             uri: origin_form(&parts.uri),
-            headers: upstream_headers(parts.headers, peer, upgrade),
+            headers: upstream_headers(parts.headers, peer, upgrade, self.trust_forwarded),
             bodiless: body.is_end_stream(),
         };
         let mut body: Option<UpstreamBody> = Some(if head.bodiless {
@@ -360,6 +363,7 @@ fn upstream_headers(
     mut headers: HeaderMap,
     peer: SocketAddr,
     upgrade: Option<HeaderValue>,
+    trust_forwarded: bool,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     // hyper already answered the client's 100-continue when the body was read.
@@ -368,17 +372,26 @@ fn upstream_headers(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
-    if let Ok(ip) = HeaderValue::from_str(&peer.ip().to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), ip);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-    match headers.get(header::HOST).cloned() {
-        Some(host) => headers.insert(HeaderName::from_static("x-forwarded-host"), host),
-        None => headers.remove(HeaderName::from_static("x-forwarded-host")),
+    let forwarded_for = HeaderName::from_static("x-forwarded-for");
+    let forwarded_proto = HeaderName::from_static("x-forwarded-proto");
+    let forwarded_host = HeaderName::from_static("x-forwarded-host");
+    let peer = peer.ip().to_string();
+    let chain = match headers.get(&forwarded_for).and_then(|v| v.to_str().ok()) {
+        Some(earlier) if trust_forwarded => format!("{earlier}, {peer}"),
+        _ => peer,
     };
+    if let Ok(chain) = HeaderValue::from_str(&chain) {
+        headers.insert(&forwarded_for, chain);
+    }
+    if !(trust_forwarded && headers.contains_key(&forwarded_proto)) {
+        headers.insert(&forwarded_proto, HeaderValue::from_static("http"));
+    }
+    if !(trust_forwarded && headers.contains_key(&forwarded_host)) {
+        match headers.get(header::HOST).cloned() {
+            Some(host) => headers.insert(&forwarded_host, host),
+            None => headers.remove(&forwarded_host),
+        };
+    }
     headers
 }
 

@@ -473,6 +473,9 @@ mod tests {
             Duration::from_secs(600)
         );
         assert!(shop.services["beat"].is_singleton("beat"));
+        let switch = shop.switch.as_ref().unwrap();
+        assert_eq!(switch.listen.port(), 8000);
+        assert_eq!(shop.switched_service().unwrap().0, "web");
         assert_eq!(config.auth.keys[0].id, "ops-2026");
         let github = &config.auth.oidc[0];
         assert_eq!(github.rules[0].claims["environment"], "production");

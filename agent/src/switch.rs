@@ -47,7 +47,7 @@ impl Routes {
 }
 
 /// Why the public listeners could not be set up.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("cannot listen on {addr} for {app}: {reason}")]
 pub struct ListenError {
     pub app: String,
@@ -102,11 +102,18 @@ impl Switch {
 
     /// Starts serving every listener; requests wait until their app's live
     /// containers are known.
+    ///
+    /// The switch runs on threads of its own, one per core, each with a
+    /// single-threaded runtime accepting on every listener: a connection,
+    /// its request and the container connection serving it stay on one
+    /// thread (no hand-offs between threads per request), as in nginx's
+    /// worker processes; the engine and the API keep their own runtime.
     pub fn serve(self) -> Result<Serving, ListenError> {
         let closing = CancellationToken::new();
-        let connections = TaskTracker::new();
+        let threads = TaskTracker::new();
         let mut addrs = HashMap::new();
         let mut drain = Duration::ZERO;
+        let mut served = Vec::new();
         for (route, cfg, listener) in self.listeners {
             let fail = |reason: String| ListenError {
                 app: route.app().to_owned(),
@@ -114,38 +121,89 @@ impl Switch {
                 reason,
             };
             let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
-            let listener =
-                tokio::net::TcpListener::from_std(listener).map_err(|e| fail(e.to_string()))?;
             tracing::info!(app = %route.app(), %addr, "switch listening (HTTP)");
             addrs.insert(route.app().to_owned(), addr);
             drain = drain.max(cfg.drain_timeout);
             let proxy = Arc::new(proxy::Proxy {
-                route,
+                route: route.clone(),
                 upstream_timeout: cfg.upstream_timeout,
                 trust_forwarded: cfg.trust_forwarded_headers,
                 closing: closing.clone(),
             });
-            tokio::spawn(listener::serve(
-                listener,
-                proxy,
-                cfg.idle_timeout,
-                connections.clone(),
-            ));
+            served.push((proxy, cfg.idle_timeout, listener, fail(String::new())));
         }
+        let workers = if served.is_empty() {
+            0
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
+        };
+        for index in 0..workers {
+            let mut mine = Vec::new();
+            for (proxy, idle, listener, at) in &served {
+                let copy = listener.try_clone().map_err(|e| ListenError {
+                    reason: e.to_string(),
+                    ..at.clone()
+                })?;
+                mine.push((proxy.clone(), *idle, copy));
+            }
+            let running = threads.token();
+            std::thread::Builder::new()
+                .name(format!("deployd-switch-{index}"))
+                .spawn(move || {
+                    worker(mine);
+                    drop(running);
+                })
+                .map_err(|e| ListenError {
+                    reason: format!("cannot start a switch thread: {e}"),
+                    ..served[0].3.clone()
+                })?;
+        }
+        threads.close();
         Ok(Serving {
             closing,
-            connections,
+            threads,
             addrs,
             drain,
         })
     }
 }
 
+/// One switch thread: accepts on every listener until shutdown, then waits
+/// for its connections.
+fn worker(listeners: Vec<(Arc<proxy::Proxy>, Duration, std::net::TcpListener)>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a switch runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let connections = TaskTracker::new();
+        let mut accepting = Vec::new();
+        for (proxy, idle, listener) in listeners {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    accepting.push(listener::serve(listener, proxy, idle, connections.clone()))
+                }
+                Err(e) => tracing::error!(error = %e, "cannot serve a switch listener"),
+            }
+        }
+        futures_util::future::join_all(accepting).await;
+        connections.close();
+        connections.wait().await;
+    });
+}
+
 /// Public listeners being served.
 #[derive(Debug)]
 pub struct Serving {
     closing: CancellationToken,
-    connections: TaskTracker,
+    /// One token per switch thread, dropped when the thread ends.
+    threads: TaskTracker,
     addrs: HashMap<String, SocketAddr>,
     drain: Duration,
 }
@@ -160,8 +218,7 @@ impl Serving {
     /// the longest drain timeout for requests in flight.
     pub async fn shutdown(self) {
         self.closing.cancel();
-        self.connections.close();
-        if tokio::time::timeout(self.drain, self.connections.wait())
+        if tokio::time::timeout(self.drain, self.threads.wait())
             .await
             .is_err()
         {

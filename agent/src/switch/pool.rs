@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,19 +31,23 @@ const MAX_KEPT: usize = 128;
 /// Longest wait for a container to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Idle connections, newest last.
+/// Idle connections, newest last, each with the switch thread whose
+/// runtime drives it: a thread only reuses its own, so a request never
+/// waits on another thread.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant, ThreadId)>>,
 }
 
 impl Pool {
-    /// The newest idle connection that is still fresh and open.
+    /// The newest idle connection of this thread that is still fresh and open.
     pub fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
         let now = Instant::now();
-        idle.retain(|(conn, since)| !conn.is_closed() && now.duration_since(*since) < MAX_IDLE);
-        idle.pop().map(|(conn, _)| conn)
+        let here = std::thread::current().id();
+        idle.retain(|(conn, since, _)| !conn.is_closed() && now.duration_since(*since) < MAX_IDLE);
+        let newest = idle.iter().rposition(|(_, _, thread)| *thread == here)?;
+        Some(idle.remove(newest).0)
     }
 
     /// Keeps a connection whose last response was read to the end.
@@ -53,7 +58,7 @@ impl Pool {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_KEPT
         {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, Instant::now(), std::thread::current().id()));
         }
     }
 

@@ -8,8 +8,8 @@
 //! guards, then cancels the stragglers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -34,8 +34,19 @@ pub(crate) struct Backend {
     idle: Notify,
     /// Fires when a drain gives up waiting: requests still running end.
     pub cancel: CancellationToken,
-    /// After a failed connect, skipped until then (unless all are).
-    down_until: Mutex<Option<Instant>>,
+    /// After a failed connect, skipped until then (unless all are), as
+    /// milliseconds since [`epoch`]; 0 when up.
+    down_until: AtomicU64,
+}
+
+/// A fixed instant that backend timestamps count from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// How long a backend that refused a connection is skipped.
@@ -49,26 +60,24 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             cancel: CancellationToken::new(),
-            down_until: Mutex::new(None),
+            down_until: AtomicU64::new(0),
         }
     }
 
     pub fn mark_down(&self) {
-        if let Ok(mut until) = self.down_until.lock() {
-            *until = Some(Instant::now() + DOWN_FOR);
-        }
+        let until = now_ms().saturating_add(u64::try_from(DOWN_FOR.as_millis()).unwrap_or(0));
+        self.down_until.store(until, Ordering::Relaxed);
     }
 
     pub fn mark_up(&self) {
-        if let Ok(mut until) = self.down_until.lock() {
-            *until = None;
+        if self.down_until.load(Ordering::Relaxed) != 0 {
+            self.down_until.store(0, Ordering::Relaxed);
         }
     }
 
     fn is_down(&self) -> bool {
-        self.down_until
-            .lock()
-            .is_ok_and(|until| until.is_some_and(|t| Instant::now() < t))
+        let until = self.down_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
     }
 
     pub fn in_flight(&self) -> usize {
@@ -173,6 +182,9 @@ impl Route {
 
     /// Waits until the live containers are known, up to `wait`.
     pub(crate) async fn known(&self, wait: Duration) -> bool {
+        if *self.known.borrow() {
+            return true;
+        }
         let mut rx = self.known.subscribe();
         tokio::time::timeout(wait, rx.wait_for(|known| *known))
             .await
@@ -199,7 +211,9 @@ impl Route {
             .chain(&live[..start])
             .cloned()
             .collect();
-        order.sort_by_key(|b| b.is_down());
+        if order.iter().any(|b| b.is_down()) {
+            order.sort_by_key(|b| b.is_down());
+        }
         order
     }
 }

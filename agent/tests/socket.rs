@@ -1,0 +1,170 @@
+//! Socket activation: the `deployd` binary takes its public listener from
+//! `LISTEN_FDS` (here from `scripts/lib/socket_holder.py`, which holds the
+//! socket as systemd's deployd.socket does), and a restart of deployd
+//! refuses no connection made meanwhile.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Times "deployd ready" was logged.
+fn starts(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("deployd ready")
+        .count()
+}
+
+fn wait_for_starts(log: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while starts(log) < n {
+        assert!(
+            Instant::now() < deadline,
+            "deployd did not start {n} time(s):\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One request on a new connection; the status line, or why there was none.
+fn request(addr: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    answer
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| "no answer".to_owned())
+}
+
+struct Holder(Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_passed_listener_is_used_and_a_restart_refuses_no_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_deployd");
+    let api = free_port();
+    let init = Command::new(bin)
+        .args(["init", "--san", "localhost", "--listen"])
+        .arg(format!("127.0.0.1:{api}"))
+        .arg("--dir")
+        .arg(dir.path().join("etc"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(init.success());
+    let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("etc/deployd.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        r#"
+[apps.shop]
+image = "registry.test/shop"
+[apps.shop.switch]
+listen = "{public}"
+[apps.shop.services.web]
+port = 8000
+health = {{ path = "/healthz/", host = "shop.test" }}
+"#
+    ));
+    std::fs::write(&config, text).unwrap();
+
+    let log = dir.path().join("deployd.log");
+    let holder_script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/socket_holder.py");
+    let holder = Holder(
+        Command::new("python3")
+            .arg(holder_script)
+            .arg(public.to_string())
+            .arg("--")
+            .args([bin, "run", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_starts(&log, 1);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("using the listener systemd passed"),
+        "{logged}"
+    );
+    // Nothing is deployed: the switch itself answers.
+    assert_eq!(request(public).unwrap(), "HTTP/1.1 503 Service Unavailable");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    answers.push(request(public));
+                }
+                answers
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let hup = Command::new("kill")
+        .args(["-HUP", &holder.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for_starts(&log, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let answers: Vec<Result<String, String>> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let failed: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(answers.len() > 20, "only {} requests", answers.len());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        logged.matches("using the listener systemd passed").count(),
+        2
+    );
+    drop(holder);
+}

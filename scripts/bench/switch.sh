@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Proxy overhead, side by side in one run: a fast static backend (nginx
+# serving a small file) loaded with wrk directly, through deployd's switch
+# (agent/examples/switch_proxy.rs: the listener, proxy and pool `deployd run`
+# serves) and through nginx as a reverse proxy with upstream keep-alive.
+# Everything is on loopback. Each side runs ROUNDS times, interleaved:
+#   throughput: wrk -t2 -c64 for 10 s (requests/s);
+#   latency:    wrk -t1 -c1  for 10 s (p50/p99 of one request at a time).
+# Prints medians, the switch/nginx throughput ratio and the p99 the
+# switch adds over going direct.
+#
+#   scripts/bench/switch.sh [rounds, default 3]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+rounds=${1:-3}
+
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+    echo "installing nginx-light and wrk (Debian packages)" >&2
+    sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q nginx-light wrk >/dev/null
+fi
+cargo build --release --locked -q -p deployd --example switch_proxy
+
+. scripts/lib/agent.sh
+backend_port=$(agent_free_port)
+nginx_port=$(agent_free_port)
+switch_port=$(agent_free_port)
+dir=$(mktemp -d)
+cleanup() {
+    [ -n "${switch_pid:-}" ] && kill "$switch_pid" 2>/dev/null
+    for conf in backend proxy; do
+        [ -f "$dir/$conf.pid" ] && kill "$(cat "$dir/$conf.pid")" 2>/dev/null
+    done
+    wait 2>/dev/null
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+mkdir -p "$dir/www"
+head -c 612 /dev/zero | tr '\0' 'x' >"$dir/www/index.html"
+common="daemon on; error_log $dir/error.log; events { worker_connections 4096; }"
+temps="client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
+mkdir -p "$dir/tmp"
+cat >"$dir/backend.conf" <<NGINX
+worker_processes 1; pid $dir/backend.pid; $common
+http { access_log off; $temps
+  server { listen 127.0.0.1:$backend_port; root $dir/www; keepalive_requests 100000; }
+}
+NGINX
+# nginx as a production reverse proxy: HTTP/1.1 with a keep-alive pool to
+# the backend, one worker per core.
+cat >"$dir/proxy.conf" <<NGINX
+worker_processes auto; pid $dir/proxy.pid; $common
+http { access_log off; $temps
+  upstream backend { server 127.0.0.1:$backend_port; keepalive 64; }
+  server {
+    listen 127.0.0.1:$nginx_port; keepalive_requests 100000;
+    location / {
+      proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr; proxy_set_header X-Forwarded-Proto http;
+    }
+  }
+}
+NGINX
+nginx -c "$dir/backend.conf" -p "$dir"
+nginx -c "$dir/proxy.conf" -p "$dir"
+target/release/examples/switch_proxy "127.0.0.1:$switch_port" "127.0.0.1:$backend_port" >/dev/null &
+switch_pid=$!
+for port in $backend_port $nginx_port $switch_port; do
+    for _ in $(seq 1 100); do
+        curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break
+        sleep 0.1
+    done
+done
+
+# wrk's "Requests/sec" and its latency percentiles, in ms.
+run_wrk() {
+    local out
+    out=$(wrk "$@" --latency)
+    local rps p50 p99
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+    echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+}
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "us") n /= 1000; else if (u == "s") n *= 1000
+        printf "%.3f", n }'
+}
+
+declare -A tput p50 p99
+for side in direct switch nginx; do tput[$side]=""; p50[$side]=""; p99[$side]=""; done
+for round in $(seq 1 "$rounds"); do
+    for side in direct switch nginx; do
+        case $side in
+            direct) port=$backend_port ;;
+            switch) port=$switch_port ;;
+            nginx) port=$nginx_port ;;
+        esac
+        read -r rps _ _ < <(run_wrk -t2 -c64 -d10s "http://127.0.0.1:$port/")
+        read -r _ lat50 lat99 < <(run_wrk -t1 -c1 -d10s "http://127.0.0.1:$port/")
+        tput[$side]+="$rps "; p50[$side]+="$lat50 "; p99[$side]+="$lat99 "
+        echo "round $round $side: $rps req/s (64 connections); p50 $lat50 ms, p99 $lat99 ms (1 connection)" >&2
+    done
+done
+
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo
+printf '%-8s %12s %10s %10s\n' side "req/s" "p50 ms" "p99 ms"
+for side in direct switch nginx; do
+    printf '%-8s %12s %10s %10s\n' "$side" "$(median "${tput[$side]}")" "$(median "${p50[$side]}")" "$(median "${p99[$side]}")"
+done
+ratio=$(awk -v s="$(median "${tput[switch]}")" -v n="$(median "${tput[nginx]}")" 'BEGIN {printf "%.2f", s / n}')
+added=$(awk -v s="$(median "${p99[switch]}")" -v d="$(median "${p99[direct]}")" 'BEGIN {printf "%.3f", s - d}')
+added_nginx=$(awk -v s="$(median "${p99[nginx]}")" -v d="$(median "${p99[direct]}")" 'BEGIN {printf "%.3f", s - d}')
+echo
+echo "switch throughput / nginx throughput: $ratio (floor 0.9)"
+echo "p99 added over direct: switch $added ms, nginx $added_nginx ms (floor: switch at most 1 ms)"
+awk -v r="$ratio" -v a="$added" 'BEGIN { exit !(r >= 0.9 && a <= 1.0) }' || {
+    echo "below the floor" >&2
+    exit 1
+}

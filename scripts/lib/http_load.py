@@ -1,0 +1,136 @@
+"""Continuous HTTP load for the availability scenario, and its report.
+
+  http_load.py run URL HOST OUT.ndjson STOPFILE [--keep-alive N] [--fresh N]
+      Clients loop on GET URL until STOPFILE exists: N keep-alive clients
+      (one connection, reused; reopened only when the server closes it
+      cleanly) and N clients opening a new connection per request. Each
+      request is one JSON line: start, end, ok, status or error, and the
+      release that served it (the `served_by` of the sample app, host
+      part dropped). Sends X-Forwarded-Proto: https as the TLS terminator
+      in front of a real site would.
+  http_load.py report OUT.ndjson PHASES.tsv
+      Requests and failures per phase (PHASES: name, start, end in epoch
+      seconds), and which releases served each phase, as JSON.
+  http_load.py compare DEPLOYD.json REFERENCE.json
+      Both reports side by side; exits 1 if the first failed any request.
+
+Standard library only: it runs on any host with Python 3.
+"""
+
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+import urllib.parse
+
+
+def client(url, host, out, lock, stop, keep_alive):
+    parts = urllib.parse.urlsplit(url)
+    conn = None
+    while not os.path.exists(stop):
+        started = time.time()
+        record = {"start": started, "keep_alive": keep_alive}
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn.request(
+                "GET",
+                parts.path or "/",
+                headers={"Host": host, "X-Forwarded-Proto": "https"},
+            )
+            response = conn.getresponse()
+            body = response.read()
+            record["status"] = response.status
+            record["ok"] = response.status == 200
+            if record["ok"]:
+                served = json.loads(body).get("served_by", "")
+                record["release"] = served.split("@")[0]
+            if not keep_alive or response.will_close:
+                conn.close()
+                conn = None
+        except Exception as e:  # every failure counts; none stops the client
+            record["ok"] = False
+            record["error"] = f"{type(e).__name__}: {e}"
+            if conn is not None:
+                conn.close()
+            conn = None
+        record["end"] = time.time()
+        with lock:
+            out.write(json.dumps(record) + "\n")
+
+
+def run(args):
+    url, host, path, stop = args[:4]
+    counts = {"--keep-alive": 2, "--fresh": 2}
+    rest = args[4:]
+    for i in range(0, len(rest), 2):
+        counts[rest[i]] = int(rest[i + 1])
+    lock = threading.Lock()
+    with open(path, "w", buffering=1) as out:
+        threads = [
+            threading.Thread(target=client, args=(url, host, out, lock, stop, keep_alive))
+            for keep_alive, n in ((True, counts["--keep-alive"]), (False, counts["--fresh"]))
+            for _ in range(n)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def report(args):
+    path, phases_path = args
+    records = [json.loads(line) for line in open(path)]
+    phases = []
+    for line in open(phases_path):
+        name, start, end = line.rstrip("\n").split("\t")
+        phases.append((name, float(start), float(end)))
+    rows = []
+    for name, start, end in phases:
+        inside = [r for r in records if start <= r["start"] < end]
+        failed = [r for r in inside if not r["ok"]]
+        served = {}
+        for r in inside:
+            if r["ok"]:
+                served[r["release"]] = served.get(r["release"], 0) + 1
+        rows.append(
+            {
+                "phase": name,
+                "seconds": round(end - start, 1),
+                "requests": len(inside),
+                "failed": len(failed),
+                "served": served,
+                "errors": sorted({r.get("error") or f"HTTP {r.get('status')}" for r in failed})[:5],
+            }
+        )
+    total = {
+        "requests": len(records),
+        "failed": sum(not r["ok"] for r in records),
+    }
+    json.dump({"phases": rows, "total": total}, sys.stdout)
+    print()
+
+
+def compare(args):
+    sides = [("deployd", args[0]), ("reference deploy.sh + docker-compose", args[1])]
+    failed_first = None
+    for name, path in sides:
+        result = json.load(open(path))
+        print(f"\n{name}")
+        print(f"  {'phase':32} {'s':>6} {'requests':>9} {'failed':>7}  served by")
+        for p in result["phases"]:
+            served = ", ".join(f"{k}: {v}" for k, v in sorted(p["served"].items()))
+            print(f"  {p['phase']:32} {p['seconds']:>6} {p['requests']:>9} {p['failed']:>7}  {served}")
+            for error in p["errors"]:
+                print(f"  {'':58}! {error}")
+        total = result["total"]
+        print(f"  {'whole run':32} {'':>6} {total['requests']:>9} {total['failed']:>7}")
+        if failed_first is None:
+            failed_first = total["failed"]
+    sys.exit(1 if failed_first else 0)
+
+
+if __name__ == "__main__":
+    {"run": run, "report": report, "compare": compare}[sys.argv[1]](sys.argv[2:])

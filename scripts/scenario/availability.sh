@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Availability under continuous load, deployd next to the reference
+# deploy.sh with docker-compose, in one run on one test bed.
+#
+# Load: scripts/lib/http_load.py, 2 keep-alive clients and 2 clients
+# opening a new connection per request, looping on GET /release/ of the
+# sample app (which release answered), Host and X-Forwarded-Proto as a TLS
+# terminator in front would send them.
+#
+# deployd: its public address is a socket held as systemd's deployd.socket
+# would hold it (scripts/lib/socket_holder.py, LISTEN_FDS); under load it
+# goes release 1 -> release 2 (deployctl deploy), a release that fails
+# verification after the switch (rolled back automatically), deployctl
+# rollback, then a restart of deployd itself.
+#
+# Reference: the document's docker-compose.prod.yml and deploy.sh, as
+# written but for what an offline host forces (the test bed's images for
+# postgres and redis and its registry, python instead of curl in the
+# image's healthcheck, Debian's docker-compose for `docker compose`,
+# localhost in ALLOWED_HOSTS for deploy.sh's own curl, a loopback port);
+# under load it goes release 1 -> release 2, then back to release 1 with
+# deploy.sh (it has no rollback).
+#
+# Prints requests and failed requests per phase for both, and which
+# releases served them. Exits non-zero if deployd failed any request.
+#
+#   scripts/scenario/availability.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+. scripts/lib/agent.sh
+
+bash scripts/testbed.sh up >&2
+cargo build --locked -q -p deployd -p deployctl
+# shellcheck disable=SC1090
+. "$DEPLOYD_TESTBED_ENV_FILE"
+if ! command -v docker-compose >/dev/null; then
+    echo "installing docker-compose (Debian package)" >&2
+    sudo_=""
+    [ "$(id -u)" -eq 0 ] || sudo_=sudo
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q docker-compose >/dev/null
+fi
+
+dir=$(mktemp -d)
+name=avail$$
+holder=
+load=
+ref() {
+    (cd "$dir/ref" && DOCKER_CONFIG=$dir/docker COMPOSE_PROJECT_NAME=$name-ref "$@")
+}
+cleanup() {
+    touch "$dir/stop"
+    [ -z "$load" ] || wait "$load" 2>/dev/null || true
+    if [ -n "$holder" ]; then
+        kill "$holder" 2>/dev/null || true
+        wait "$holder" 2>/dev/null || true
+    fi
+    if [ -f "$dir/ref/docker-compose.prod.yml" ]; then
+        ref env IMAGE_TAG=none docker-compose -f docker-compose.prod.yml down -v >/dev/null 2>&1 || true
+    fi
+    AGENT_PID='' agent_cleanup "$dir" "$name"
+}
+trap cleanup EXIT
+say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+now() { date +%s.%N; }
+# phase NAME COMMAND...: runs it and records when it ran.
+phase() {
+    local label=$1 start
+    shift
+    say "$label"
+    start=$(now)
+    "$@"
+    printf '%s\t%s\t%s\n' "$label" "$start" "$(now)" >>"$phases"
+}
+start_load() {
+    rm -f "$dir/stop"
+    python3 scripts/lib/http_load.py run "http://127.0.0.1:$1/release/" "$DEPLOYD_TESTBED_APP_HOST" \
+        "$2" "$dir/stop" --keep-alive 2 --fresh 2 &
+    load=$!
+}
+stop_load() {
+    touch "$dir/stop"
+    wait "$load"
+    load=
+}
+settle() { sleep 5; }
+
+# ---- deployd ----------------------------------------------------------------
+api_port=$(agent_free_port)
+public_port=$(agent_free_port)
+agent_init "$dir" "$api_port"
+agent_add_app "$dir" shop "$name"
+printf '[apps.shop.switch]\nlisten = "127.0.0.1:%s"\ntrust_forwarded_headers = true\n' \
+    "$public_port" >>"$dir/etc/deployd.toml"
+agent_services "$name"
+python3 scripts/lib/socket_holder.py "127.0.0.1:$public_port" -- \
+    "$PWD/$AGENT_BIN" run --config "$dir/etc/deployd.toml" 2>"$dir/deployd.log" &
+holder=$!
+# ready N: deployd has said "deployd ready" N times (once per start).
+ready() {
+    for _ in $(seq 1 300); do
+        [ "$(grep -c 'deployd ready' "$dir/deployd.log")" -ge "$1" ] && return 0
+        sleep 0.1
+    done
+    echo "deployd did not get ready" >&2
+    tail -20 "$dir/deployd.log" >&2
+    return 1
+}
+ready 1
+export DEPLOYCTL_URL=https://localhost:$api_port DEPLOYCTL_CA_CERT=$dir/etc/tls/cert.pem DEPLOYCTL_APP=shop
+deployctl() {
+    DEPLOYCTL_TOKEN=$(agent_token "$dir" read,deploy,rollback) ./target/debug/deployctl "$@" \
+        >>"$dir/deployctl.log" 2>&1
+}
+# deployctl exits 4 when the deployment was rolled back.
+rolled_back() {
+    local code=0
+    deployctl deploy "$1" || code=$?
+    [ "$code" = 4 ]
+}
+restart() {
+    kill -HUP "$holder"
+    ready 2
+}
+
+say "deployd: release 1, before the load starts"
+deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1"
+phases=$dir/deployd-phases.tsv
+start_load "$public_port" "$dir/deployd-load.ndjson"
+phase "before" settle
+phase "deploy 1 -> 2" deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2"
+phase "after" settle
+phase "broken release, rolled back" rolled_back "$DEPLOYD_TESTBED_SHA_UNHEALTHY_AFTER_5S"
+phase "after" settle
+phase "deployctl rollback (-> 1)" deployctl rollback
+phase "after" settle
+phase "restart deployd" restart
+phase "after" settle
+stop_load
+
+# ---- reference: docker-compose + deploy.sh ----------------------------------
+mkdir -p "$dir/ref" "$dir/docker"
+ref_port=$(agent_free_port)
+auth() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$DEPLOYD_TESTBED_REGISTRY_AUTH" "$1"; }
+auth password | ref docker login -u "$(auth username)" --password-stdin "$DEPLOYD_TESTBED_REGISTRY" >/dev/null
+cp "$DEPLOYD_TESTBED_APP_ENV" "$dir/ref/.env.prod"
+cp "$DEPLOYD_TESTBED_DB_ENV" "$dir/ref/.env.db"
+sed -e "s|@REPOSITORY@|$DEPLOYD_TESTBED_REPOSITORY|" -e "s|@APP_HOST@|$DEPLOYD_TESTBED_APP_HOST|" \
+    -e "s|@PORT@|$ref_port|" -e "s|@POSTGRES@|$DEPLOYD_TESTBED_POSTGRES_IMAGE|" \
+    -e "s|@REDIS@|$DEPLOYD_TESTBED_REDIS_IMAGE|" \
+    scripts/scenario/reference/docker-compose.prod.yml >"$dir/ref/docker-compose.prod.yml"
+sed -e "s|@PORT@|$ref_port|" scripts/scenario/reference/deploy.sh >"$dir/ref/deploy.sh"
+reference() { ref bash deploy.sh "$1" >>"$dir/reference.log" 2>&1; }
+
+say "reference: db and redis, then release 1 with deploy.sh, before the load starts"
+ref env IMAGE_TAG="$DEPLOYD_TESTBED_SHA_RELEASE_1" docker-compose -f docker-compose.prod.yml up -d db redis \
+    >>"$dir/reference.log" 2>&1
+sleep 5
+reference "$DEPLOYD_TESTBED_SHA_RELEASE_1"
+phases=$dir/reference-phases.tsv
+start_load "$ref_port" "$dir/reference-load.ndjson"
+phase "before" settle
+phase "deploy.sh 1 -> 2" reference "$DEPLOYD_TESTBED_SHA_RELEASE_2"
+phase "after" settle
+phase "deploy.sh 2 -> 1 (no rollback)" reference "$DEPLOYD_TESTBED_SHA_RELEASE_1"
+phase "after" settle
+stop_load
+
+# ---- report -----------------------------------------------------------------
+python3 scripts/lib/http_load.py report "$dir/deployd-load.ndjson" "$dir/deployd-phases.tsv" >"$dir/deployd.json"
+python3 scripts/lib/http_load.py report "$dir/reference-load.ndjson" "$dir/reference-phases.tsv" >"$dir/reference.json"
+python3 scripts/lib/http_load.py compare "$dir/deployd.json" "$dir/reference.json"

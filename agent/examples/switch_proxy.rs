@@ -3,7 +3,7 @@
 //! The listener, proxy and connection pool are the ones `deployd run`
 //! serves; only the engine, which would pick the upstream, is left out.
 //!
-//!   switch_proxy LISTEN UPSTREAM     e.g. 127.0.0.1:18081 127.0.0.1:18080
+//!   switch_proxy LISTEN UPSTREAM [THREADS]   e.g. 127.0.0.1:18081 127.0.0.1:18080
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -15,11 +15,13 @@ use deployd::switch::{Routes, Switch, Upstream};
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: switch_proxy LISTEN UPSTREAM";
+    let usage = "usage: switch_proxy LISTEN UPSTREAM [THREADS]";
     let listen: SocketAddr = args.next().expect(usage).parse().expect(usage);
     let upstream: SocketAddr = args.next().expect(usage).parse().expect(usage);
+    let threads: usize = args.next().map_or(1, |t| t.parse().expect(usage));
     let text = format!(
         r#"
+        switch_threads = {threads}
         [apps.bench]
         image = "registry.invalid/bench"
         [apps.bench.switch]

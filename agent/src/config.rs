@@ -35,6 +35,15 @@ pub struct Config {
     /// The apps this host runs, by name.
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
+    /// Threads serving the switches' public listeners. Default: 1, which
+    /// serves tens of thousands of requests a second and leaves the other
+    /// cores to the apps.
+    #[serde(default = "default_switch_threads")]
+    pub switch_threads: usize,
+}
+
+fn default_switch_threads() -> usize {
+    1
 }
 
 /// One app: its image, its secrets, its release tasks and its services.
@@ -223,6 +232,9 @@ impl Config {
             api.validate(&mut problems);
         }
         self.auth.validate(&mut problems);
+        if !(1..=64).contains(&self.switch_threads) {
+            problems.add("switch_threads", "must be between 1 and 64");
+        }
         let mut public = Vec::new();
         for (name, app) in &self.apps {
             app.validate(&format!("apps.{name}"), name, &mut problems);

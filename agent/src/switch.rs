@@ -15,6 +15,7 @@ mod route;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -47,7 +48,7 @@ impl Routes {
 }
 
 /// Why the public listeners could not be set up.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} for {app}: {reason}")]
 pub struct ListenError {
     pub app: String,
@@ -60,6 +61,7 @@ pub struct ListenError {
 #[derive(Debug)]
 pub struct Switch {
     listeners: Vec<(Arc<Route>, SwitchConfig, std::net::TcpListener)>,
+    threads: usize,
 }
 
 impl Switch {
@@ -97,19 +99,24 @@ impl Switch {
         for unused in inherited {
             tracing::warn!(addr = ?unused.local_addr().ok(), "a passed listener matches no app's switch.listen");
         }
-        Ok(Self { listeners })
+        Ok(Self {
+            listeners,
+            threads: config.switch_threads.max(1),
+        })
     }
 
     /// Starts serving every listener; requests wait until their app's live
     /// containers are known.
     ///
-    /// The switch runs on threads of its own, one per core, each with a
-    /// single-threaded runtime accepting on every listener: a connection,
-    /// its request and the container connection serving it stay on one
-    /// thread (no hand-offs between threads per request), as in nginx's
-    /// worker processes; the engine and the API keep their own runtime.
+    /// The switch runs on threads of its own (`switch_threads`), each with
+    /// a single-threaded runtime; the first also accepts, and hands the
+    /// connections to the threads in turn. A connection, its requests and
+    /// the container connections serving them stay on one thread (no
+    /// hand-offs between threads per request), as in nginx's worker
+    /// processes; the engine and the API keep their own runtime.
     pub fn serve(self) -> Result<Serving, ListenError> {
         let closing = CancellationToken::new();
+        let closed = Arc::new(AtomicBool::new(false));
         let threads = TaskTracker::new();
         let mut addrs = HashMap::new();
         let mut drain = Duration::ZERO;
@@ -129,38 +136,41 @@ impl Switch {
                 upstream_timeout: cfg.upstream_timeout,
                 trust_forwarded: cfg.trust_forwarded_headers,
                 closing: closing.clone(),
+                closed: closed.clone(),
             });
-            served.push((proxy, cfg.idle_timeout, listener, fail(String::new())));
+            served.push((proxy, cfg.idle_timeout, listener));
         }
-        let workers = if served.is_empty() {
-            0
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
-        };
-        for index in 0..workers {
-            let mut mine = Vec::new();
-            for (proxy, idle, listener, at) in &served {
-                let copy = listener.try_clone().map_err(|e| ListenError {
-                    reason: e.to_string(),
-                    ..at.clone()
-                })?;
-                mine.push((proxy.clone(), *idle, copy));
-            }
+        let threads_wanted = if served.is_empty() { 0 } else { self.threads };
+        let (queues, mut receivers): (Vec<_>, Vec<_>) = (0..threads_wanted)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let workers = Arc::new(listener::Workers::new(queues));
+        // The first thread also accepts, for every listener.
+        let mut acceptors = served;
+        for index in 0..threads_wanted {
+            let queue = receivers.remove(0);
+            let accept = if index == 0 {
+                Some((std::mem::take(&mut acceptors), workers.clone()))
+            } else {
+                None
+            };
             let running = threads.token();
             std::thread::Builder::new()
                 .name(format!("deployd-switch-{index}"))
                 .spawn(move || {
-                    worker(mine);
+                    worker(queue, accept);
                     drop(running);
                 })
                 .map_err(|e| ListenError {
+                    app: String::new(),
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                     reason: format!("cannot start a switch thread: {e}"),
-                    ..served[0].3.clone()
                 })?;
         }
         threads.close();
         Ok(Serving {
             closing,
+            closed,
             threads,
             addrs,
             drain,
@@ -168,9 +178,15 @@ impl Switch {
     }
 }
 
-/// One switch thread: accepts on every listener until shutdown, then waits
-/// for its connections.
-fn worker(listeners: Vec<(Arc<proxy::Proxy>, Duration, std::net::TcpListener)>) {
+/// What the accepting thread serves: each listener with its proxy.
+type Acceptors = Vec<(Arc<proxy::Proxy>, Duration, std::net::TcpListener)>;
+
+/// One switch thread: serves the connections handed to it; the first also
+/// accepts them, until shutdown.
+fn worker(
+    queue: tokio::sync::mpsc::UnboundedReceiver<listener::Accepted>,
+    accept: Option<(Acceptors, Arc<listener::Workers>)>,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -182,19 +198,24 @@ fn worker(listeners: Vec<(Arc<proxy::Proxy>, Duration, std::net::TcpListener)>) 
         }
     };
     runtime.block_on(async move {
-        let connections = TaskTracker::new();
-        let mut accepting = Vec::new();
-        for (proxy, idle, listener) in listeners {
-            match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    accepting.push(listener::serve(listener, proxy, idle, connections.clone()))
+        if let Some((acceptors, workers)) = accept {
+            let mut accepting = Vec::new();
+            for (proxy, idle, listener) in acceptors {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        accepting.push(listener::accept(listener, proxy, idle, workers.clone()))
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot serve a switch listener"),
                 }
-                Err(e) => tracing::error!(error = %e, "cannot serve a switch listener"),
             }
+            drop(workers);
+            // Accept until shutdown; dropping the last handle to the
+            // workers then lets every thread finish its connections.
+            tokio::spawn(async move {
+                futures_util::future::join_all(accepting).await;
+            });
         }
-        futures_util::future::join_all(accepting).await;
-        connections.close();
-        connections.wait().await;
+        listener::work(queue).await;
     });
 }
 
@@ -202,6 +223,7 @@ fn worker(listeners: Vec<(Arc<proxy::Proxy>, Duration, std::net::TcpListener)>) 
 #[derive(Debug)]
 pub struct Serving {
     closing: CancellationToken,
+    closed: Arc<AtomicBool>,
     /// One token per switch thread, dropped when the thread ends.
     threads: TaskTracker,
     addrs: HashMap<String, SocketAddr>,
@@ -217,6 +239,7 @@ impl Serving {
     /// Stops accepting and closes client connections cleanly, waiting up to
     /// the longest drain timeout for requests in flight.
     pub async fn shutdown(self) {
+        self.closed.store(true, Ordering::Relaxed);
         self.closing.cancel();
         if tokio::time::timeout(self.drain, self.threads.wait())
             .await

@@ -88,15 +88,18 @@ fn the_passed_listener_is_used_and_a_restart_refuses_no_connection() {
         .unwrap();
     assert!(init.success());
     let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // An app name of its own: at start deployd routes to whatever web
+    // containers of the app already run.
+    let app = format!("socket{}", std::process::id());
     let config = dir.path().join("etc/deployd.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!(
         r#"
-[apps.shop]
+[apps.{app}]
 image = "registry.test/shop"
-[apps.shop.switch]
+[apps.{app}.switch]
 listen = "{public}"
-[apps.shop.services.web]
+[apps.{app}.services.web]
 port = 8000
 health = {{ path = "/healthz/", host = "shop.test" }}
 "#

@@ -107,8 +107,8 @@ agent_cleanup() {
         wait "$AGENT_PID" 2>/dev/null || true
     fi
     if [ -n "$name" ]; then
-        docker ps -aq --filter "label=deployd.script=$name" | xargs -r docker rm -f >/dev/null
-        docker ps -aq --filter "label=deployd.app=$name" | xargs -r docker rm -f >/dev/null
+        docker ps -aq --filter "label=deployd.script=$name" | xargs -r docker rm -f -v >/dev/null
+        docker ps -aq --filter "label=deployd.app=$name" | xargs -r docker rm -f -v >/dev/null
         docker network rm "$name" >/dev/null 2>&1 || true
         docker volume rm "$name-static" >/dev/null 2>&1 || true
     fi

@@ -88,9 +88,9 @@ settle() { sleep 5; }
 api_port=$(agent_free_port)
 public_port=$(agent_free_port)
 agent_init "$dir" "$api_port"
-agent_add_app "$dir" shop "$name"
-printf '[apps.shop.switch]\nlisten = "127.0.0.1:%s"\ntrust_forwarded_headers = true\n' \
-    "$public_port" >>"$dir/etc/deployd.toml"
+agent_add_app "$dir" "$name" "$name"
+printf '[apps.%s.switch]\nlisten = "127.0.0.1:%s"\ntrust_forwarded_headers = true\n' \
+    "$name" "$public_port" >>"$dir/etc/deployd.toml"
 agent_services "$name"
 python3 scripts/lib/socket_holder.py "127.0.0.1:$public_port" -- \
     "$PWD/$AGENT_BIN" run --config "$dir/etc/deployd.toml" 2>"$dir/deployd.log" &
@@ -106,7 +106,7 @@ ready() {
     return 1
 }
 ready 1
-export DEPLOYCTL_URL=https://localhost:$api_port DEPLOYCTL_CA_CERT=$dir/etc/tls/cert.pem DEPLOYCTL_APP=shop
+export DEPLOYCTL_URL=https://localhost:$api_port DEPLOYCTL_CA_CERT=$dir/etc/tls/cert.pem DEPLOYCTL_APP=$name
 deployctl() {
     DEPLOYCTL_TOKEN=$(agent_token "$dir" read,deploy,rollback) ./target/debug/deployctl "$@" \
         >>"$dir/deployctl.log" 2>&1
@@ -141,7 +141,7 @@ stop_load
 mkdir -p "$dir/ref" "$dir/docker"
 ref_port=$(agent_free_port)
 auth() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$DEPLOYD_TESTBED_REGISTRY_AUTH" "$1"; }
-auth password | ref docker login -u "$(auth username)" --password-stdin "$DEPLOYD_TESTBED_REGISTRY" >/dev/null
+auth password | ref docker login -u "$(auth username)" --password-stdin "$DEPLOYD_TESTBED_REGISTRY" >/dev/null 2>&1
 cp "$DEPLOYD_TESTBED_APP_ENV" "$dir/ref/.env.prod"
 cp "$DEPLOYD_TESTBED_DB_ENV" "$dir/ref/.env.db"
 sed -e "s|@REPOSITORY@|$DEPLOYD_TESTBED_REPOSITORY|" -e "s|@APP_HOST@|$DEPLOYD_TESTBED_APP_HOST|" \

@@ -15,7 +15,10 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::proxy::Proxy;
@@ -38,12 +41,55 @@ pub(crate) fn inherited() -> Vec<std::net::TcpListener> {
     found
 }
 
-/// Serves one app's public listener until `closing` fires.
-pub(crate) async fn serve(
+/// An accepted client connection, on its way to a switch thread.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    idle_timeout: Duration,
+}
+
+/// The switch threads, fed accepted connections in turn: the kernel would
+/// otherwise give most of a burst of connections to whichever thread woke
+/// first.
+#[derive(Debug)]
+pub(crate) struct Workers {
+    queues: Vec<mpsc::UnboundedSender<Accepted>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    pub fn new(queues: Vec<mpsc::UnboundedSender<Accepted>>) -> Self {
+        Self {
+            queues,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn hand_over(&self, accepted: Accepted) {
+        let n = self.queues.len().max(1);
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut accepted = Some(accepted);
+        // A queue whose thread ended is skipped.
+        for i in 0..n {
+            let Some(a) = accepted.take() else { return };
+            match self.queues.get((first + i) % n).map(|q| q.send(a)) {
+                Some(Ok(())) => return,
+                Some(Err(mpsc::error::SendError(a))) => accepted = Some(a),
+                None => return,
+            }
+        }
+    }
+}
+
+/// Accepts on one app's public listener until `closing` fires, handing each
+/// connection to a switch thread.
+pub(crate) async fn accept(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     idle_timeout: Duration,
-    connections: TaskTracker,
+    workers: Arc<Workers>,
 ) {
     let closing = proxy.closing.clone();
     loop {
@@ -60,8 +106,37 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(connection(stream, peer, proxy.clone(), idle_timeout));
+        match stream.into_std() {
+            Ok(stream) => workers.hand_over(Accepted {
+                stream,
+                peer,
+                proxy: proxy.clone(),
+                idle_timeout,
+            }),
+            Err(e) => tracing::warn!(error = %e, "accepted connection lost"),
+        }
     }
+}
+
+/// One switch thread's work: serves the connections handed to it until no
+/// more can come, then waits for them to end.
+pub(crate) async fn work(mut queue: mpsc::UnboundedReceiver<Accepted>) {
+    let connections = TaskTracker::new();
+    while let Some(accepted) = queue.recv().await {
+        match tokio::net::TcpStream::from_std(accepted.stream) {
+            Ok(stream) => {
+                connections.spawn(connection(
+                    stream,
+                    accepted.peer,
+                    accepted.proxy,
+                    accepted.idle_timeout,
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "accepted connection lost"),
+        }
+    }
+    connections.close();
+    connections.wait().await;
 }
 
 async fn connection(
@@ -71,9 +146,14 @@ async fn connection(
     idle_timeout: Duration,
 ) {
     let closing = proxy.closing.clone();
+    let peer = match http::HeaderValue::from_str(&peer.ip().to_string()) {
+        Ok(peer) => peer,
+        Err(_) => http::HeaderValue::from_static("unknown"),
+    };
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.forward(peer, req).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(proxy.forward(&peer, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 
 /// What a request to a web container carries: the client's body, or none
 /// (then the request can be sent again on another connection).
@@ -33,21 +34,34 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Idle connections, newest last, each with the switch thread whose
 /// runtime drives it: a thread only reuses its own, so a request never
-/// waits on another thread.
+/// waits on another thread. Also the tasks driving every connection, so a
+/// drain that gives up can close them all.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: Mutex<Vec<(Conn, Instant, ThreadId)>>,
+    drivers: Mutex<Vec<AbortHandle>>,
+}
+
+thread_local! {
+    static HERE: ThreadId = std::thread::current().id();
+}
+
+fn here() -> ThreadId {
+    HERE.with(|id| *id)
 }
 
 impl Pool {
     /// The newest idle connection of this thread that is still fresh and open.
     pub fn take(&self) -> Option<Conn> {
+        let here = here();
         let mut idle = self.idle.lock().ok()?;
-        let now = Instant::now();
-        let here = std::thread::current().id();
-        idle.retain(|(conn, since, _)| !conn.is_closed() && now.duration_since(*since) < MAX_IDLE);
-        let newest = idle.iter().rposition(|(_, _, thread)| *thread == here)?;
-        Some(idle.remove(newest).0)
+        while let Some(newest) = idle.iter().rposition(|(_, _, thread)| *thread == here) {
+            let (conn, since, _) = idle.remove(newest);
+            if !conn.is_closed() && since.elapsed() < MAX_IDLE {
+                return Some(conn);
+            }
+        }
+        None
     }
 
     /// Keeps a connection whose last response was read to the end.
@@ -55,37 +69,62 @@ impl Pool {
         if conn.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < MAX_KEPT
-        {
-            idle.push((conn, Instant::now(), std::thread::current().id()));
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() >= MAX_KEPT {
+                let now = Instant::now();
+                idle.retain(|(c, since, _)| {
+                    !c.is_closed() && now.duration_since(*since) < MAX_IDLE
+                });
+            }
+            if idle.len() < MAX_KEPT {
+                idle.push((conn, Instant::now(), here()));
+            }
         }
     }
 
-    /// Closes every idle connection.
+    /// Closes every connection, idle or not: requests on them fail, their
+    /// response bodies break off.
+    pub fn close_all(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+        if let Ok(mut drivers) = self.drivers.lock() {
+            for driver in drivers.drain(..) {
+                driver.abort();
+            }
+        }
+    }
+
+    /// Closes the idle connections.
     pub fn clear(&self) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.clear();
         }
     }
-}
 
-/// A new connection to `addr`.
-pub(crate) async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    let (conn, driver) = Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
-        // Ends when the connection closes; an upgraded one hands its socket
-        // over to the tunnel first.
-        if let Err(e) = driver.with_upgrades().await {
-            tracing::debug!(%addr, error = %e, "upstream connection ended");
+    /// A new connection to `addr`.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        stream.set_nodelay(true)?;
+        let (conn, driver) = Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        let task = tokio::spawn(async move {
+            // Ends when the connection closes; an upgraded one hands its
+            // socket over to the tunnel first.
+            if let Err(e) = driver.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "upstream connection ended");
+            }
+        });
+        if let Ok(mut drivers) = self.drivers.lock() {
+            drivers.retain(|d| !d.is_finished());
+            drivers.push(task.abort_handle());
         }
-    });
-    Ok(conn)
+        Ok(conn)
+    }
 }

@@ -32,7 +32,8 @@ pub(crate) struct Backend {
     pub pool: Pool,
     in_flight: AtomicUsize,
     idle: Notify,
-    /// Fires when a drain gives up waiting: requests still running end.
+    /// Fires when a drain gives up waiting: every connection to the
+    /// container closes, which ends the requests still running on it.
     pub cancel: CancellationToken,
     /// After a failed connect, skipped until then (unless all are), as
     /// milliseconds since [`epoch`]; 0 when up.
@@ -200,21 +201,45 @@ impl Route {
 
     /// The backends to try for one request: round-robin, those recently
     /// refusing connections last.
-    pub(crate) fn candidates(&self) -> Vec<Arc<Backend>> {
+    pub(crate) fn candidates(&self) -> Candidates {
         let live = self.snapshot();
-        if live.is_empty() {
-            return Vec::new();
+        let start = match live.len() {
+            0 => 0,
+            n => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        let order = live.iter().any(|b| b.is_down()).then(|| {
+            let mut order: Vec<usize> = (0..live.len()).map(|i| (start + i) % live.len()).collect();
+            order.sort_by_key(|&i| live[i].is_down());
+            order
+        });
+        Candidates { live, start, order }
+    }
+}
+
+/// The backends one request may try, in order; a snapshot, so a switch
+/// during the request does not change them.
+#[derive(Debug)]
+pub(crate) struct Candidates {
+    live: Arc<Vec<Arc<Backend>>>,
+    start: usize,
+    /// Set only when some backend is down (rare): the order with those last.
+    order: Option<Vec<usize>>,
+}
+
+impl Candidates {
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn get(&self, attempt: usize) -> Option<&Arc<Backend>> {
+        if attempt >= self.live.len() {
+            return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % live.len();
-        let mut order: Vec<Arc<Backend>> = live[start..]
-            .iter()
-            .chain(&live[..start])
-            .cloned()
-            .collect();
-        if order.iter().any(|b| b.is_down()) {
-            order.sort_by_key(|b| b.is_down());
-        }
-        order
+        let index = match &self.order {
+            Some(order) => order[attempt],
+            None => (self.start + attempt) % self.live.len(),
+        };
+        self.live.get(index)
     }
 }
 
@@ -244,6 +269,7 @@ impl Draining {
         let cut = self.backends.iter().map(|b| b.in_flight()).sum();
         for b in &self.backends {
             b.cancel.cancel();
+            b.pool.close_all();
         }
         // Cancelled requests answer at once; this only bounds a stuck one.
         let all_idle = futures_util::future::join_all(self.backends.iter().map(|b| b.idle()));
@@ -287,15 +313,22 @@ mod tests {
         let route = Route::new("shop");
         let _ = route.switch_to(&[upstream(1), upstream(2), upstream(3)]);
         let firsts: Vec<String> = (0..3)
-            .map(|_| route.candidates()[0].upstream.container.clone())
+            .map(|_| {
+                route
+                    .candidates()
+                    .get(0)
+                    .unwrap()
+                    .upstream
+                    .container
+                    .clone()
+            })
             .collect();
         assert_eq!(firsts, ["c1", "c2", "c3"]);
-        route.candidates()[1].mark_down();
-        // c1 first now; c2 was marked down and goes last.
-        let order: Vec<String> = route
-            .candidates()
-            .iter()
-            .map(|b| b.upstream.container.clone())
+        route.candidates().get(1).unwrap().mark_down();
+        // c1's turn to go first; c2 was marked down and goes last.
+        let candidates = route.candidates();
+        let order: Vec<String> = (0..candidates.len())
+            .map(|i| candidates.get(i).unwrap().upstream.container.clone())
             .collect();
         assert_eq!(order, ["c3", "c1", "c2"]);
     }
@@ -313,7 +346,7 @@ mod tests {
     async fn a_drain_waits_for_requests_then_cuts_the_stragglers() {
         let route = Route::new("shop");
         let _ = route.switch_to(&[upstream(1)]);
-        let backend = route.candidates()[0].clone();
+        let backend = route.candidates().get(0).unwrap().clone();
         let quick = InFlight::new(backend.clone());
         let draining = route.switch_to(&[upstream(2)]);
         tokio::spawn(async move {
@@ -323,7 +356,7 @@ mod tests {
         assert_eq!(draining.finish(Duration::from_secs(5)).await.cut, 0);
 
         let _ = route.switch_to(&[upstream(1)]);
-        let backend = route.candidates()[0].clone();
+        let backend = route.candidates().get(0).unwrap().clone();
         let stuck = InFlight::new(backend.clone());
         let cancel = backend.cancel.clone();
         tokio::spawn(async move {

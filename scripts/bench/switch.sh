@@ -38,6 +38,9 @@ trap cleanup EXIT
 
 mkdir -p "$dir/www"
 head -c 612 /dev/zero | tr '\0' 'x' >"$dir/www/index.html"
+# nginx's workers run as an unprivileged user: mktemp's 0700 would get 403s.
+chmod 755 "$dir" "$dir/www"
+chmod 644 "$dir/www/index.html"
 common="daemon on; error_log $dir/error.log; events { worker_connections 4096; }"
 temps="client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp; uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;"
 mkdir -p "$dir/tmp"
@@ -74,10 +77,16 @@ for port in $backend_port $nginx_port $switch_port; do
     done
 done
 
-# wrk's "Requests/sec" and its latency percentiles, in ms.
+# wrk's "Requests/sec" and its latency percentiles, in ms. Any answer other
+# than 200 (or a socket error) stops the benchmark: it would measure errors.
 run_wrk() {
     local out
     out=$(wrk "$@" --latency)
+    if grep -qE "Non-2xx|Socket errors" <<<"$out"; then
+        echo "wrk $*: not every answer was a 200:" >&2
+        echo "$out" >&2
+        return 1
+    fi
     local rps p50 p99
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
@@ -100,8 +109,10 @@ for round in $(seq 1 "$rounds"); do
             switch) port=$switch_port ;;
             nginx) port=$nginx_port ;;
         esac
-        read -r rps _ _ < <(run_wrk -t2 -c64 -d10s "http://127.0.0.1:$port/")
-        read -r _ lat50 lat99 < <(run_wrk -t1 -c1 -d10s "http://127.0.0.1:$port/")
+        result=$(run_wrk -t2 -c64 -d10s "http://127.0.0.1:$port/")
+        read -r rps _ _ <<<"$result"
+        result=$(run_wrk -t1 -c1 -d10s "http://127.0.0.1:$port/")
+        read -r _ lat50 lat99 <<<"$result"
         tput[$side]+="$rps "; p50[$side]+="$lat50 "; p99[$side]+="$lat99 "
         echo "round $round $side: $rps req/s (64 connections); p50 $lat50 ms, p99 $lat99 ms (1 connection)" >&2
     done

@@ -4,8 +4,9 @@
 //! `X-Forwarded-For`/`-Proto`/`-Host` are set: replaced when deployd is the
 //! edge, added to when it trusts the load balancer in front of it. Bodies stream both
 //! ways. A container that refuses the connection is skipped for the next
-//! one; a request without a body is sent again on a fresh connection when a
-//! reused one turns out closed. WebSocket (any `Upgrade`) requests become a
+//! one; a request the container never got is sent again on a fresh
+//! connection, and so is a GET (or another safe method without a body)
+//! whose reused connection failed under it. WebSocket (any `Upgrade`) requests become a
 //! tunnel once the container answers 101.
 
 use std::pin::Pin;
@@ -172,7 +173,7 @@ impl Proxy {
                     body = Some(request.into_body());
                     fresh = true;
                 }
-                (Sent::Failed(e), _) if reused && head.bodiless => {
+                (Sent::Failed(e), _) if reused && head.replayable() => {
                     tracing::debug!(error = %e, "reused connection failed; sending again");
                     body = Some(Either::Right(Empty::new()));
                     fresh = true;
@@ -271,6 +272,16 @@ impl Proxy {
 }
 
 impl Head {
+    /// Whether the request may be sent again after it may have reached the
+    /// container: no body and a safe method, never a POST, even an empty one.
+    fn replayable(&self) -> bool {
+        self.bodiless
+            && matches!(
+                self.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            )
+    }
+
     fn build(&self, body: UpstreamBody) -> Request<UpstreamBody> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();

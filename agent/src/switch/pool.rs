@@ -50,6 +50,12 @@ fn here() -> ThreadId {
     HERE.with(|id| *id)
 }
 
+/// Whether an idle connection may carry another request: still open, and
+/// idle for less than [`MAX_IDLE`].
+fn reusable(conn: &Conn, since: Instant, now: Instant) -> bool {
+    !conn.is_closed() && now.duration_since(since) < MAX_IDLE
+}
+
 impl Pool {
     /// The newest idle connection of this thread that is still fresh and open.
     pub fn take(&self) -> Option<Conn> {
@@ -57,7 +63,7 @@ impl Pool {
         let mut idle = self.idle.lock().ok()?;
         while let Some(newest) = idle.iter().rposition(|(_, _, thread)| *thread == here) {
             let (conn, since, _) = idle.remove(newest);
-            if !conn.is_closed() && since.elapsed() < MAX_IDLE {
+            if reusable(&conn, since, Instant::now()) {
                 return Some(conn);
             }
         }

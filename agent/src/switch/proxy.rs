@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 use super::pool::{Conn, UpstreamBody};
 use super::route::{Backend, InFlight, Route};
 
+/// The 504 of a request still unanswered when its release's drain gave up.
+const OUTLIVED_DRAIN: &str = "the request outlived the drain of its release";
+
 /// Any error a response body can end with.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -143,10 +146,7 @@ impl Proxy {
             let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None if backend.cancel.is_cancelled() => {
-                    return answer(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the request outlived the drain of its release",
-                    );
+                    return answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN);
                 }
                 None => match backend.pool.connect(backend.upstream.addr).await {
                     Ok(conn) => (conn, false),
@@ -193,10 +193,7 @@ impl Proxy {
                     );
                 }
                 (Sent::Cancelled, _) => {
-                    return answer(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the request outlived the drain of its release",
-                    );
+                    return answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN);
                 }
             }
         }
@@ -208,7 +205,7 @@ impl Proxy {
         backend: &Backend,
         mut conn: Conn,
         request: Request<UpstreamBody>,
-    ) -> (Sent, Option<Conn>) {
+    ) -> (Sent, Conn) {
         let sent = async {
             if conn.ready().await.is_err() {
                 return Sent::Unsent(request);
@@ -229,14 +226,14 @@ impl Proxy {
             Sent::Failed(_) | Sent::Unsent(_) if backend.cancel.is_cancelled() => Sent::Cancelled,
             other => other,
         };
-        (outcome, Some(conn))
+        (outcome, conn)
     }
 
     /// The container's answer, passed on to the client.
     fn relay(
         &self,
         mut resp: Response<Incoming>,
-        conn: Option<Conn>,
+        conn: Conn,
         guard: InFlight,
         backend: &Arc<Backend>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -298,14 +295,14 @@ impl Head {
 /// is then cut: its answer is incomplete).
 pub(crate) struct Tracked {
     inner: Incoming,
-    done: Option<(Option<Conn>, InFlight)>,
+    done: Option<(Conn, InFlight)>,
     backend: Arc<Backend>,
 }
 
 impl Tracked {
     fn finish(&mut self, reuse: bool) {
         if let Some((conn, guard)) = self.done.take() {
-            if reuse && let Some(conn) = conn {
+            if reuse {
                 self.backend.pool.put(conn);
             }
             drop(guard);

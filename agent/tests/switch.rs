@@ -19,6 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -58,6 +59,22 @@ async fn backend(name: &'static str) -> Upstream {
                     pick("x-forwarded-for"),
                     pick("x-forwarded-proto"),
                     pick("x-forwarded-host")
+                )
+            }),
+        )
+        .route(
+            "/hop",
+            routing::get(|headers: HeaderMap| async move {
+                let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+                names.sort_unstable();
+                (
+                    [
+                        ("connection", "x-internal"),
+                        ("x-internal", "1"),
+                        ("keep-alive", "timeout=5"),
+                        ("x-kept", "1"),
+                    ],
+                    names.join(" "),
                 )
             }),
         )
@@ -305,6 +322,95 @@ async fn forwarded_headers_from_a_trusted_load_balancer_are_kept() {
     assert_eq!(
         seen,
         "host=shop.test xff=203.0.113.7, 127.0.0.1 proto=https xhost=shop.example"
+    );
+}
+
+/// Sends raw bytes on a new connection and reads until the switch closes
+/// it, for at most `within`: the bytes read, and whether it closed.
+async fn raw_exchange(addr: SocketAddr, sent: &[u8], within: Duration) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    let mut read = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&read).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stop_at_the_switch_both_ways() {
+    let (routes, _serving, addr) = switch("");
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    let request = b"GET /hop HTTP/1.1\r\nHost: shop.test\r\nConnection: close, X-Secret\r\n\
+        X-Secret: 1\r\nKeep-Alive: timeout=9\r\nProxy-Authorization: Basic eA==\r\n\
+        TE: trailers\r\nX-Kept: 1\r\n\r\n";
+    let (answer, closed) = raw_exchange(addr, request, Duration::from_secs(5)).await;
+    assert!(closed, "Connection: close was not honoured: {answer}");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    // What the container saw.
+    assert_eq!(
+        body,
+        "host x-forwarded-for x-forwarded-host x-forwarded-proto x-kept"
+    );
+    // What the client saw of the container's answer.
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("\r\nx-kept: 1"), "{head}");
+    for dropped in ["x-internal", "keep-alive"] {
+        assert!(
+            !head.contains(&format!("\r\n{dropped}:")),
+            "{dropped} passed: {head}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_and_slow_request_headers_are_closed_but_slow_answers_are_not() {
+    let (routes, _serving, addr) = switch(r#"idle_timeout = "1s""#);
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    let started = std::time::Instant::now();
+    let idle = raw_exchange(
+        addr,
+        b"GET /name HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let slow_headers = raw_exchange(
+        addr,
+        b"GET /name HTTP/1.1\r\nHost: shop.test\r\n",
+        Duration::from_secs(5),
+    );
+    let slow_answer = raw_exchange(
+        addr,
+        b"GET /slow?ms=2500 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let ((idle, idle_closed), (partial, partial_closed), (slow, slow_closed)) =
+        tokio::join!(idle, slow_headers, slow_answer);
+    // A keep-alive connection answered once, then closed once idle.
+    assert!(
+        idle_closed && idle.starts_with("HTTP/1.1 200") && idle.ends_with('a'),
+        "{idle}"
+    );
+    // Headers that never end: closed without an answer.
+    assert!(partial_closed && partial.is_empty(), "{partial}");
+    // A request slower than the idle timeout is answered whole.
+    assert!(
+        slow_closed && slow.starts_with("HTTP/1.1 200") && slow.ends_with('a'),
+        "{slow}"
+    );
+    // All within a few idle timeouts, none of them at the 5 s limit.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
     );
 }
 

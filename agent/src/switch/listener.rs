@@ -12,10 +12,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use http_body_util::BodyExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use hyper_util::rt::TokioIo;
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -139,6 +142,66 @@ pub(crate) async fn work(mut queue: mpsc::UnboundedReceiver<Accepted>) {
     connections.wait().await;
 }
 
+/// A client connection's requests, watched for its idle timeout: one timer
+/// per connection that wakes once per timeout, rather than one per request.
+#[derive(Debug)]
+struct Activity {
+    opened: Instant,
+    /// When the last request ended (or the connection opened), as
+    /// milliseconds since `opened`.
+    idle_since: AtomicU64,
+    /// Requests whose answer is not yet written out.
+    busy: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            idle_since: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+        })
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A request starts; it ends when the guard drops.
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// How long until the connection has been idle for `timeout`: `None`
+    /// once it has, or a wait before looking again.
+    fn idle_for(&self, timeout: Duration) -> Option<Duration> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return Some(timeout);
+        }
+        let idle = self
+            .elapsed_ms()
+            .saturating_sub(self.idle_since.load(Ordering::Acquire));
+        timeout
+            .checked_sub(Duration::from_millis(idle))
+            .filter(|left| !left.is_zero())
+    }
+}
+
+/// A request in progress on a client connection.
+#[derive(Debug)]
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity
+            .idle_since
+            .store(activity.elapsed_ms(), Ordering::Release);
+        activity.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -150,21 +213,47 @@ async fn connection(
         Ok(peer) => peer,
         Err(_) => http::HeaderValue::from_static("unknown"),
     };
+    let activity = Activity::new();
+    let watched = activity.clone();
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(proxy.forward(&peer, req).await) }
+        let busy = watched.begin();
+        async move {
+            let response = proxy.forward(&peer, req).await;
+            // The request stays busy until its answer's body is dropped:
+            // written out, or the connection gone.
+            Ok::<_, Infallible>(response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _busy = &busy;
+                    frame
+                })
+            }))
+        }
     });
+    // No per-request header timer in hyper: the idle watch below also ends
+    // a connection whose request headers do not arrive in time.
     let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(idle_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = closing.cancelled() => {}
+    let mut wait = idle_timeout;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = closing.cancelled() => break,
+            () = tokio::time::sleep(wait) => match activity.idle_for(idle_timeout) {
+                Some(left) => wait = left,
+                None => {
+                    // Idle, or still sending a request's headers: closed at
+                    // once, or cut if closing does not end it in time.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(idle_timeout, conn.as_mut()).await;
+                    return;
+                }
+            },
+        }
     }
     tokio::select! {
         _ = conn.as_mut() => return,

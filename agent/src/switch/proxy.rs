@@ -84,13 +84,13 @@ pub(crate) struct Proxy {
     pub closed: Arc<AtomicBool>,
 }
 
-/// The request as it goes upstream, kept to build it again for a retry.
-struct Head {
+/// A copy of a request with a safe method and no body, kept while it goes
+/// out on a reused connection: if that connection fails under it, it is
+/// sent again on a fresh one.
+struct Replay {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    /// No body: the request can be sent again.
-    bodiless: bool,
 }
 
 /// How one attempt on a connection ended.
@@ -117,20 +117,34 @@ impl Proxy {
         if !self.route.known(self.upstream_timeout).await {
             return answer(StatusCode::SERVICE_UNAVAILABLE, "no release is live yet");
         }
-        let upgrade = upgrade_protocol(req.headers());
+        let connection = ConnectionHeaders::of(req.headers());
+        let upgrade = upgrade_protocol(req.headers(), &connection);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let head = Head {
-            method: parts.method,
-            uri: origin_form(&parts.uri),
-            headers: upstream_headers(parts.headers, peer, upgrade, self.trust_forwarded),
-            bodiless: body.is_end_stream(),
-        };
-        let mut body: Option<UpstreamBody> = Some(if head.bodiless {
+        // Only a safe method without a body may be sent again once it may
+        // have reached the container: never a POST, even an empty one.
+        let replayable = body.is_end_stream()
+            && matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            );
+        let body = if body.is_end_stream() {
             Either::Right(Empty::new())
         } else {
             Either::Left(body)
-        });
+        };
+        let mut request = Some(upstream_request(
+            parts.method,
+            origin_form(&parts.uri),
+            upstream_headers(
+                parts.headers,
+                &connection,
+                peer,
+                upgrade,
+                self.trust_forwarded,
+            ),
+            body,
+        ));
         let candidates = self.route.candidates();
         if candidates.len() == 0 {
             return answer(StatusCode::SERVICE_UNAVAILABLE, "no web container is live");
@@ -161,21 +175,22 @@ impl Proxy {
                 },
             };
             backend.mark_up();
-            let Some(request_body) = body.take() else {
+            let Some(sending) = request.take() else {
                 break;
             };
+            let mut replay = (reused && replayable).then(|| Replay::of(&sending));
             let guard = InFlight::new(backend.clone());
-            match self.send(backend, conn, head.build(request_body)).await {
+            match self.send(backend, conn, sending).await {
                 (Sent::Answer(resp), conn) => {
                     return self.relay(resp, conn, guard, backend, client_upgrade);
                 }
-                (Sent::Unsent(request), _) => {
-                    body = Some(request.into_body());
+                (Sent::Unsent(unsent), _) => {
+                    request = Some(unsent);
                     fresh = true;
                 }
-                (Sent::Failed(e), _) if reused && head.replayable() => {
+                (Sent::Failed(e), _) if replay.is_some() => {
                     tracing::debug!(error = %e, "reused connection failed; sending again");
-                    body = Some(Either::Right(Empty::new()));
+                    request = replay.take().map(Replay::request);
                     fresh = true;
                 }
                 (Sent::Failed(e), _) => {
@@ -253,7 +268,7 @@ impl Proxy {
             return Response::from_parts(parts, ProxyBody::Own(None));
         }
         let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        ConnectionHeaders::of(&parts.headers).strip(&mut parts.headers);
         if self.closed.load(Ordering::Relaxed) {
             parts
                 .headers
@@ -268,25 +283,37 @@ impl Proxy {
     }
 }
 
-impl Head {
-    /// Whether the request may be sent again after it may have reached the
-    /// container: no body and a safe method, never a POST, even an empty one.
-    fn replayable(&self) -> bool {
-        self.bodiless
-            && matches!(
-                self.method,
-                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-            )
+impl Replay {
+    fn of(request: &Request<UpstreamBody>) -> Self {
+        Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        }
     }
 
-    fn build(&self, body: UpstreamBody) -> Request<UpstreamBody> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = self.headers.clone();
-        request
+    fn request(self) -> Request<UpstreamBody> {
+        upstream_request(
+            self.method,
+            self.uri,
+            self.headers,
+            Either::Right(Empty::new()),
+        )
     }
+}
+
+fn upstream_request(
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
 }
 
 /// A response body from a container: holds its request in flight until it
@@ -366,87 +393,144 @@ fn origin_form(uri: &Uri) -> Uri {
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()))
 }
 
-/// The protocol a request asks to upgrade to (`Connection: upgrade` with
-/// an `Upgrade` header).
-fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
-}
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that describe one connection, not the message.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message; `Expect` too,
+/// since hyper answers a client's 100-continue itself when the body is read.
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
+    header::UPGRADE,
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::EXPECT,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names, no hashing.
-    let any = headers
-        .keys()
-        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
-    if !any {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+/// The headers of one message that must not be passed on: hop-by-hop ones
+/// and those its `Connection` names. Also whether `Connection` asks for an
+/// upgrade. Found in one pass over the headers, without hashing or
+/// allocating for the usual `Connection: keep-alive` or `close`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ConnectionHeaders {
+    /// Which of [`HOP_BY_HOP`] are present, one bit each.
+    present: u16,
+    /// Other headers `Connection` names.
+    named: Vec<HeaderName>,
+    upgrade: bool,
 }
 
+impl ConnectionHeaders {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut found = Self::default();
+        for (name, value) in headers {
+            // Names are lowercase: a match on the string compares lengths
+            // first, cheaper than comparing names one by one.
+            let index = match name.as_str() {
+                "connection" => 0,
+                "upgrade" => 1,
+                "te" => 2,
+                "trailer" => 3,
+                "transfer-encoding" => 4,
+                "proxy-authenticate" => 5,
+                "proxy-authorization" => 6,
+                "expect" => 7,
+                "keep-alive" => 8,
+                "proxy-connection" => 9,
+                _ => continue,
+            };
+            found.present |= 1 << index;
+            if index != 0 {
+                continue;
+            }
+            let tokens = value.to_str().unwrap_or_default().split(',');
+            for token in tokens.map(str::trim) {
+                if token.eq_ignore_ascii_case("upgrade") {
+                    found.upgrade = true;
+                } else if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    // Not a header, or a hop-by-hop one found by its name.
+                } else if let Ok(named) = HeaderName::from_bytes(token.as_bytes())
+                    && !found.named.contains(&named)
+                {
+                    found.named.push(named);
+                }
+            }
+        }
+        found
+    }
+
+    fn strip(&self, headers: &mut HeaderMap) {
+        if self.present == 0 {
+            return;
+        }
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            if self.present & (1 << index) != 0 {
+                headers.remove(name);
+            }
+        }
+        for name in &self.named {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The protocol a request asks to upgrade to: `Connection: upgrade` with
+/// an `Upgrade` header.
+fn upgrade_protocol(headers: &HeaderMap, connection: &ConnectionHeaders) -> Option<HeaderValue> {
+    if connection.upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// The request's headers as they go to the container.
 fn upstream_headers(
     mut headers: HeaderMap,
+    connection: &ConnectionHeaders,
     peer: &HeaderValue,
     upgrade: Option<HeaderValue>,
     trust_forwarded: bool,
 ) -> HeaderMap {
-    strip_hop_by_hop(&mut headers);
-    // hyper already answered the client's 100-continue when the body was read.
-    headers.remove(header::EXPECT);
+    connection.strip(&mut headers);
+    headers.reserve(3);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
-    let forwarded_for = HeaderName::from_static("x-forwarded-for");
-    let forwarded_proto = HeaderName::from_static("x-forwarded-proto");
-    let forwarded_host = HeaderName::from_static("x-forwarded-host");
-    let earlier = headers.get(&forwarded_for).and_then(|v| v.to_str().ok());
-    match (earlier, peer.to_str()) {
-        (Some(earlier), Ok(peer)) if trust_forwarded => {
-            if let Ok(chain) = HeaderValue::from_str(&format!("{earlier}, {peer}")) {
-                headers.insert(&forwarded_for, chain);
-            }
-        }
-        _ => {
-            headers.insert(&forwarded_for, peer.clone());
-        }
-    }
-    if !(trust_forwarded && headers.contains_key(&forwarded_proto)) {
-        headers.insert(&forwarded_proto, HeaderValue::from_static("http"));
-    }
-    if !(trust_forwarded && headers.contains_key(&forwarded_host)) {
-        match headers.get(header::HOST).cloned() {
-            Some(host) => headers.insert(&forwarded_host, host),
-            None => headers.remove(&forwarded_host),
+    let host = headers.get(header::HOST).cloned();
+    if !trust_forwarded {
+        headers.insert(X_FORWARDED_FOR, peer.clone());
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
         };
+        return headers;
+    }
+    let earlier = headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+    let chain = match (earlier, peer.to_str()) {
+        (Some(earlier), Ok(peer)) => HeaderValue::from_str(&format!("{earlier}, {peer}")).ok(),
+        _ => Some(peer.clone()),
+    };
+    if let Some(chain) = chain {
+        headers.insert(X_FORWARDED_FOR, chain);
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if let (false, Some(host)) = (headers.contains_key(X_FORWARDED_HOST), host) {
+        headers.insert(X_FORWARDED_HOST, host);
     }
     headers
 }
@@ -473,4 +557,136 @@ async fn tunnel(
         () = cancel.cancelled() => {}
     }
     drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        headers
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        headers.keys().map(HeaderName::as_str).collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut headers = map(&[
+            ("content-type", "text/plain"),
+            ("connection", "keep-alive, X-Internal"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-internal", "secret"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic eA=="),
+            ("expect", "100-continue"),
+            ("etag", "\"1\""),
+        ]);
+        let found = ConnectionHeaders::of(&headers);
+        assert!(!found.upgrade);
+        found.strip(&mut headers);
+        assert_eq!(names(&headers), ["content-type", "etag"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_is_found_by_its_own_bit() {
+        for (index, name) in HOP_BY_HOP.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(name.clone(), HeaderValue::from_static("x"));
+            headers.insert(header::HOST, HeaderValue::from_static("shop.test"));
+            let found = ConnectionHeaders::of(&headers);
+            assert_eq!(found.present, 1 << index, "{name}");
+            found.strip(&mut headers);
+            assert_eq!(names(&headers), ["host"], "{name}");
+        }
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_drops_nothing() {
+        let headers = map(&[("host", "shop.test"), ("accept", "*/*")]);
+        assert_eq!(
+            ConnectionHeaders::of(&headers),
+            ConnectionHeaders::default()
+        );
+        // Connection itself names nothing else.
+        let headers = map(&[("connection", "keep-alive"), ("etag", "\"1\"")]);
+        let found = ConnectionHeaders::of(&headers);
+        assert!(found.named.is_empty());
+        assert_ne!(found.present, 0);
+    }
+
+    #[test]
+    fn an_upgrade_is_asked_by_connection_and_kept_for_the_container() {
+        let headers = map(&[
+            ("host", "shop.test"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        let found = ConnectionHeaders::of(&headers);
+        assert!(found.upgrade);
+        let upgrade = upgrade_protocol(&headers, &found);
+        assert_eq!(upgrade, Some(HeaderValue::from_static("websocket")));
+        let peer = HeaderValue::from_static("192.0.2.1");
+        let sent = upstream_headers(headers, &found, &peer, upgrade, false);
+        assert_eq!(sent[header::CONNECTION], "upgrade");
+        assert_eq!(sent[header::UPGRADE], "websocket");
+
+        // An Upgrade header alone asks for nothing, and is not passed on.
+        let headers = map(&[("host", "shop.test"), ("upgrade", "websocket")]);
+        let found = ConnectionHeaders::of(&headers);
+        assert_eq!(upgrade_protocol(&headers, &found), None);
+        let sent = upstream_headers(headers, &found, &peer, None, false);
+        assert!(!sent.contains_key(header::UPGRADE));
+    }
+
+    #[test]
+    fn forwarded_headers_are_replaced_unless_trusted() {
+        let client = [
+            ("host", "shop.test"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+        ];
+        let peer = HeaderValue::from_static("192.0.2.1");
+        let forwarded = |trust: bool, pairs: &[(&'static str, &'static str)]| {
+            let headers = map(pairs);
+            let found = ConnectionHeaders::of(&headers);
+            let sent = upstream_headers(headers, &found, &peer, None, trust);
+            [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST]
+                .map(|name| sent.get(name).map(|v| v.to_str().unwrap().to_owned()))
+        };
+        let some = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            forwarded(false, &client),
+            [some("192.0.2.1"), some("http"), some("shop.test")]
+        );
+        assert_eq!(
+            forwarded(true, &client),
+            [
+                some("203.0.113.7, 192.0.2.1"),
+                some("https"),
+                some("shop.example")
+            ]
+        );
+        // Trusted, but nothing to keep: set as at the edge.
+        assert_eq!(
+            forwarded(true, &client[..1]),
+            [some("192.0.2.1"), some("http"), some("shop.test")]
+        );
+        // No Host: no X-Forwarded-Host, not even the client's.
+        assert_eq!(
+            forwarded(false, &client[1..]),
+            [some("192.0.2.1"), some("http"), None]
+        );
+    }
 }

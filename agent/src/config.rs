@@ -36,7 +36,7 @@ pub struct Config {
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
     /// Threads serving the switches' public listeners. Default: 1 (about
-    /// 20,000 small requests a second on a loaded 2-core host, see README),
+    /// 29,000 small requests a second on a loaded 2-core host, see README),
     /// leaving the other cores to the apps.
     #[serde(default = "default_switch_threads")]
     pub switch_threads: usize,

@@ -9,10 +9,10 @@
 # Prints medians, the switch/nginx throughput ratio and the p99 the
 # switch adds over going direct.
 #
-#   scripts/bench/switch.sh [rounds, default 3]
+#   scripts/bench/switch.sh [rounds, default 7]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-rounds=${1:-3}
+rounds=${1:-7}
 
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
     echo "installing nginx-light and wrk (Debian packages)" >&2
@@ -102,6 +102,7 @@ to_ms() {
 
 declare -A tput p50 p99
 for side in direct switch nginx; do tput[$side]=""; p50[$side]=""; p99[$side]=""; done
+ratios=""
 for round in $(seq 1 "$rounds"); do
     for side in direct switch nginx; do
         case $side in
@@ -116,6 +117,9 @@ for round in $(seq 1 "$rounds"); do
         tput[$side]+="$rps "; p50[$side]+="$lat50 "; p99[$side]+="$lat99 "
         echo "round $round $side: $rps req/s (64 connections); p50 $lat50 ms, p99 $lat99 ms (1 connection)" >&2
     done
+    read -r -a s_ <<<"${tput[switch]}"
+    read -r -a n_ <<<"${tput[nginx]}"
+    ratios+="$(awk -v s="${s_[-1]}" -v n="${n_[-1]}" 'BEGIN {printf "%.2f", s / n}') "
 done
 
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -128,7 +132,7 @@ ratio=$(awk -v s="$(median "${tput[switch]}")" -v n="$(median "${tput[nginx]}")"
 added=$(awk -v s="$(median "${p99[switch]}")" -v d="$(median "${p99[direct]}")" 'BEGIN {printf "%.3f", s - d}')
 added_nginx=$(awk -v s="$(median "${p99[nginx]}")" -v d="$(median "${p99[direct]}")" 'BEGIN {printf "%.3f", s - d}')
 echo
-echo "switch throughput / nginx throughput: $ratio (floor 0.9)"
+echo "switch throughput / nginx throughput: $ratio (floor 0.9); per round: ${ratios% }"
 echo "p99 added over direct: switch $added ms, nginx $added_nginx ms (floor: switch at most 1 ms)"
 awk -v r="$ratio" -v a="$added" 'BEGIN { exit !(r >= 0.9 && a <= 1.0) }' || {
     echo "below the floor" >&2

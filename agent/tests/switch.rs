@@ -63,6 +63,24 @@ async fn backend(name: &'static str) -> Upstream {
             }),
         )
         .route(
+            "/drip",
+            routing::get(|Query(slow): Query<Slow>| async move {
+                // Headers and a first byte at once, the last byte later.
+                let chunks = futures_util::stream::unfold(0, move |sent| async move {
+                    match sent {
+                        0 => {}
+                        1 => tokio::time::sleep(Duration::from_millis(slow.ms)).await,
+                        _ => return None,
+                    }
+                    Some((
+                        Ok::<_, std::convert::Infallible>(Bytes::from("a")),
+                        sent + 1,
+                    ))
+                });
+                axum::body::Body::from_stream(chunks)
+            }),
+        )
+        .route(
             "/hop",
             routing::get(|headers: HeaderMap| async move {
                 let mut names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
@@ -392,8 +410,13 @@ async fn idle_connections_and_slow_request_headers_are_closed_but_slow_answers_a
         b"GET /slow?ms=2500 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
         Duration::from_secs(5),
     );
-    let ((idle, idle_closed), (partial, partial_closed), (slow, slow_closed)) =
-        tokio::join!(idle, slow_headers, slow_answer);
+    let slow_body = raw_exchange(
+        addr,
+        b"GET /drip?ms=2500 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let ((idle, idle_closed), (partial, partial_closed), (slow, slow_closed), (drip, drip_closed)) =
+        tokio::join!(idle, slow_headers, slow_answer, slow_body);
     // A keep-alive connection answered once, then closed once idle.
     assert!(
         idle_closed && idle.starts_with("HTTP/1.1 200") && idle.ends_with('a'),
@@ -401,10 +424,16 @@ async fn idle_connections_and_slow_request_headers_are_closed_but_slow_answers_a
     );
     // Headers that never end: closed without an answer.
     assert!(partial_closed && partial.is_empty(), "{partial}");
-    // A request slower than the idle timeout is answered whole.
+    // A request slower than the idle timeout is answered whole, and so is
+    // an answer whose body takes longer than it.
     assert!(
         slow_closed && slow.starts_with("HTTP/1.1 200") && slow.ends_with('a'),
         "{slow}"
+    );
+    assert!(drip_closed && drip.starts_with("HTTP/1.1 200"), "{drip}");
+    assert!(
+        drip.ends_with("1\r\na\r\n0\r\n\r\n"),
+        "the body was cut: {drip}"
     );
     // All within a few idle timeouts, none of them at the 5 s limit.
     assert!(
@@ -415,7 +444,7 @@ async fn idle_connections_and_slow_request_headers_are_closed_but_slow_answers_a
 }
 
 #[tokio::test]
-async fn no_live_container_is_a_503_and_shutdown_lets_requests_finish() {
+async fn no_live_container_is_a_503_and_shutdown_lets_requests_finish_but_not_wait_on_headers() {
     let (routes, serving, addr) = switch("");
     let route = routes.get("shop").unwrap();
     let _ = route.switch_to(&[]);
@@ -425,7 +454,13 @@ async fn no_live_container_is_a_503_and_shutdown_lets_requests_finish() {
     let mut keep_alive = connect(addr).await;
     assert_eq!(get_on(&mut keep_alive, "/name").await.1, "a");
     let slow = tokio::spawn(async move { get(addr, "/slow?ms=1000").await });
+    let mut unfinished = TcpStream::connect(addr).await.unwrap();
+    unfinished
+        .write_all(b"GET /name HTTP/1.1\r\nHost: shop.test\r\n")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
     let shutdown = tokio::spawn(serving.shutdown());
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The keep-alive client's next request is answered, then closed cleanly.
@@ -445,5 +480,15 @@ async fn no_live_container_is_a_503_and_shutdown_lets_requests_finish() {
         .await
         .unwrap()
         .unwrap();
+    // Not the 30 s drain: the unfinished headers were cut after the grace.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(
+        unfinished.read(&mut [0u8; 64]).await,
+        Ok(0) | Err(_)
+    ));
     assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
 }

@@ -170,10 +170,14 @@ impl Activity {
         Busy(self.clone())
     }
 
+    fn in_progress(&self) -> bool {
+        self.busy.load(Ordering::Acquire) > 0
+    }
+
     /// How long until the connection has been idle for `timeout`: `None`
     /// once it has, or a wait before looking again.
     fn idle_for(&self, timeout: Duration) -> Option<Duration> {
-        if self.busy.load(Ordering::Acquire) > 0 {
+        if self.in_progress() {
             return Some(timeout);
         }
         let idle = self
@@ -235,27 +239,41 @@ async fn connection(
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
+    // Serving, the connection is closed once idle for `idle_timeout`. When
+    // deployd shuts down, a keep-alive client gets a short grace to send its
+    // next request (answered with `Connection: close`). Either way hyper then
+    // closes it once its request in progress is answered; one with nothing in
+    // progress (idle, or still sending a request's headers) is cut.
     let mut wait = idle_timeout;
+    let mut shutdown = false;
+    let mut closing_down = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
-            () = closing.cancelled() => break,
-            () = tokio::time::sleep(wait) => match activity.idle_for(idle_timeout) {
-                Some(left) => wait = left,
-                None => {
-                    // Idle, or still sending a request's headers: closed at
-                    // once, or cut if closing does not end it in time.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(idle_timeout, conn.as_mut()).await;
-                    return;
+            () = closing.cancelled(), if !shutdown => {
+                shutdown = true;
+                if !closing_down {
+                    wait = CLOSE_GRACE;
                 }
-            },
+            }
+            () = tokio::time::sleep(wait) => {
+                if closing_down {
+                    if !activity.in_progress() {
+                        return;
+                    }
+                    wait = CLOSE_GRACE;
+                    continue;
+                }
+                let left = if shutdown { None } else { activity.idle_for(idle_timeout) };
+                match left {
+                    Some(left) => wait = left,
+                    None => {
+                        conn.as_mut().graceful_shutdown();
+                        closing_down = true;
+                        wait = CLOSE_GRACE;
+                    }
+                }
+            }
         }
     }
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = tokio::time::sleep(CLOSE_GRACE) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
 }

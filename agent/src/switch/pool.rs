@@ -78,9 +78,7 @@ impl Pool {
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() >= MAX_KEPT {
                 let now = Instant::now();
-                idle.retain(|(c, since, _)| {
-                    !c.is_closed() && now.duration_since(*since) < MAX_IDLE
-                });
+                idle.retain(|(c, since, _)| reusable(c, *since, now));
             }
             if idle.len() < MAX_KEPT {
                 idle.push((conn, Instant::now(), here()));

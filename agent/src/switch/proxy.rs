@@ -123,12 +123,13 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         // Only a safe method without a body may be sent again once it may
         // have reached the container: never a POST, even an empty one.
-        let replayable = body.is_end_stream()
+        let bodiless = body.is_end_stream();
+        let replayable = bodiless
             && matches!(
                 parts.method,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
             );
-        let body = if body.is_end_stream() {
+        let body = if bodiless {
             Either::Right(Empty::new())
         } else {
             Either::Left(body)

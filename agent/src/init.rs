@@ -22,6 +22,11 @@ pub struct InitOptions {
     pub listen: SocketAddr,
     /// Where the agent keeps its store.
     pub state_dir: PathBuf,
+    /// Where the daemon finds its secrets when systemd hands them over
+    /// (`LoadCredential=`, e.g. `/run/credentials/deployd.service`); the
+    /// configuration then names the TLS key there. `None`: the files as
+    /// written.
+    pub credentials_dir: Option<PathBuf>,
 }
 
 /// What was generated, for the operator.
@@ -106,7 +111,19 @@ pub fn init(options: &InitOptions) -> Result<InitReport, InitError> {
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
     write_new(&signing_path, signing.serialize_pem().as_bytes(), 0o600)?;
     write_new(&public_path, signing.public_key_pem().as_bytes(), 0o644)?;
-    let text = config_text(options, &cert_path, &key_path, &public_path, &signing_path);
+    // Under systemd the daemon reads its TLS key as the credential
+    // `tls-key.pem` (deployd.service: LoadCredential=).
+    let key_for_daemon = match &options.credentials_dir {
+        Some(credentials) => credentials.join("tls-key.pem"),
+        None => key_path.clone(),
+    };
+    let text = config_text(
+        options,
+        &cert_path,
+        &key_for_daemon,
+        &public_path,
+        &signing_path,
+    );
     write_new(&config, text.as_bytes(), 0o600)?;
     Ok(InitReport {
         config,
@@ -149,7 +166,8 @@ tls_key = "{key}"
 id = "ops"
 algorithm = "EdDSA"
 public_key = "{public}"
-# Only where tokens are issued; move it off the host once you have issued them.
+# Read by `deployd token issue` only, never by the daemon; move it off the
+# host once you have issued tokens.
 private_key = "{private}"
 
 # Keyless CI (GitHub Actions, GitLab CI): add [[auth.oidc]] issuers with rules;
@@ -178,6 +196,7 @@ mod tests {
             sans: vec!["deploy.example.com".into(), "127.0.0.1".into()],
             listen: "0.0.0.0:8443".parse().unwrap(),
             state_dir: dir.path().join("state"),
+            credentials_dir: None,
         };
         let report = init(&options).unwrap();
         assert_eq!(report.fingerprint.len(), 32 * 3 - 1);
@@ -205,5 +224,26 @@ mod tests {
         assert_eq!(mode(&report.signing_key), 0o600);
         assert_eq!(mode(&api.tls_key), 0o600);
         assert!(matches!(init(&options), Err(InitError::Exists(_))));
+    }
+
+    #[test]
+    fn for_systemd_the_daemon_reads_its_tls_key_as_a_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = InitOptions {
+            dir: dir.path().join("etc"),
+            sans: vec!["deploy.example.com".into()],
+            listen: "0.0.0.0:8443".parse().unwrap(),
+            state_dir: dir.path().join("state"),
+            credentials_dir: Some("/run/credentials/deployd.service".into()),
+        };
+        let report = init(&options).unwrap();
+        let config = crate::config::Config::load(&report.config).unwrap();
+        let api = config.api.unwrap();
+        assert_eq!(
+            api.tls_key,
+            Path::new("/run/credentials/deployd.service/tls-key.pem")
+        );
+        assert!(dir.path().join("etc/tls/key.pem").exists());
+        assert_eq!(api.tls_cert, dir.path().join("etc/tls/cert.pem"));
     }
 }

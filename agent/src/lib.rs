@@ -14,6 +14,7 @@ pub mod env_file;
 pub mod init;
 pub mod store;
 pub mod switch;
+pub mod systemd;
 
 use std::time::Duration;
 
@@ -57,17 +58,27 @@ pub async fn run(
     let state = api::ApiState::new(engine, auth, config.auth.max_failures_per_minute);
     let server = api::Server::start(state, &api_config).await?;
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
+    systemd::ready("serving");
+    let watchdog = systemd::watchdog();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(()) = reload.recv() => match server.reload_tls(&api_config) {
-                Ok(()) => tracing::info!("TLS certificate and key reloaded"),
-                Err(e) => tracing::error!(error = %e, "TLS reload failed; the old certificate stays"),
-            },
+            Some(()) = reload.recv() => {
+                systemd::reloading();
+                match server.reload_tls(&api_config) {
+                    Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                    Err(e) => tracing::error!(error = %e, "TLS reload failed; the old certificate stays"),
+                }
+                systemd::ready("serving");
+            }
         }
     }
+    systemd::stopping();
     tracing::info!("shutting down: no new requests, finishing those in flight");
     tokio::join!(server.shutdown(SHUTDOWN_GRACE), public.shutdown());
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     Ok(())
 }

@@ -61,6 +61,11 @@ enum Command {
         /// Where the agent keeps its deployment store.
         #[arg(long, default_value = "/var/lib/deployd")]
         state_dir: PathBuf,
+        /// For the packaged systemd unit: the daemon reads its TLS key from
+        /// systemd's credentials directory (LoadCredential=), not from --dir.
+        #[arg(long, value_name = "DIR", num_args = 0..=1,
+              default_missing_value = "/run/credentials/deployd.service")]
+        credentials_dir: Option<PathBuf>,
     },
     /// Print the documented example configuration.
     DefaultConfig,
@@ -279,6 +284,7 @@ fn init_command(command: &Command) -> ExitCode {
         sans,
         listen,
         state_dir,
+        credentials_dir,
     } = command
     else {
         return ExitCode::FAILURE;
@@ -288,6 +294,7 @@ fn init_command(command: &Command) -> ExitCode {
         sans: sans.clone(),
         listen: *listen,
         state_dir: state_dir.clone(),
+        credentials_dir: credentials_dir.clone(),
     };
     let report = match deployd::init::init(&options) {
         Ok(report) => report,

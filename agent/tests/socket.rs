@@ -1,7 +1,9 @@
-//! Socket activation: the `deployd` binary takes its public listener from
-//! `LISTEN_FDS` (here from `scripts/lib/socket_holder.py`, which holds the
-//! socket as systemd's deployd.socket does), and a restart of deployd
-//! refuses no connection made meanwhile.
+//! deployd as systemd runs it: the `deployd` binary takes its public
+//! listener from `LISTEN_FDS` and reports to `NOTIFY_SOCKET` (both set here
+//! by `scripts/lib/socket_holder.py`, which plays systemd's deployd.socket
+//! and notification socket). READY=1 comes once the API listens, watchdog
+//! pings follow, SIGHUP is bracketed by RELOADING=1 and READY=1, and a
+//! restart of deployd refuses no connection made meanwhile.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -64,6 +66,36 @@ fn request(addr: SocketAddr) -> Result<String, String> {
 
 struct Holder(Child);
 
+/// The notifications deployd sent so far, one per line.
+fn notified(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn wait_for_notice(log: &Path, what: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while notified(log).iter().filter(|l| *l == what).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "no {n} x {what} from deployd: {:?}",
+            notified(log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The deployd process the holder runs (the shell it starts execs into it).
+fn deployd_pid(holder: &Holder) -> String {
+    let out = Command::new("pgrep")
+        .args(["-P", &holder.0.id().to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 impl Drop for Holder {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg(self.0.id().to_string()).status();
@@ -72,7 +104,7 @@ impl Drop for Holder {
 }
 
 #[test]
-fn the_passed_listener_is_used_and_a_restart_refuses_no_connection() {
+fn as_a_systemd_service_it_notifies_pings_uses_the_passed_listener_and_restarts_refusing_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_deployd");
     let api = free_port();
@@ -107,12 +139,17 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     std::fs::write(&config, text).unwrap();
 
     let log = dir.path().join("deployd.log");
+    let notices = dir.path().join("notify.log");
     let holder_script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/socket_holder.py");
     let holder = Holder(
         Command::new("python3")
             .arg(holder_script)
             .arg(public.to_string())
+            .arg("--notify")
+            .arg(&notices)
+            .args(["--watchdog-usec", "1000000", "--ready-probe"])
+            .arg(format!("127.0.0.1:{api}"))
             .arg("--")
             .args([bin, "run", "--config"])
             .arg(&config)
@@ -129,6 +166,37 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     // Nothing is deployed: the switch itself answers.
     assert_eq!(request(public).unwrap(), "HTTP/1.1 503 Service Unavailable");
 
+    // READY=1, and the API accepted a connection the moment it came.
+    wait_for_notice(&notices, "READY=1", 1);
+    let seen = notified(&notices);
+    let ready = seen.iter().position(|l| l == "READY=1").unwrap();
+    assert_eq!(
+        seen[ready + 1..].first().map(String::as_str),
+        Some("STATUS=serving"),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&"PROBE=ok".to_owned()), "{seen:?}");
+    // WATCHDOG_USEC=1s: a ping every half second.
+    let pings = seen.iter().filter(|l| *l == "WATCHDOG=1").count();
+    wait_for_notice(&notices, "WATCHDOG=1", pings + 3);
+
+    // SIGHUP to deployd itself: a reload, bracketed for systemd.
+    let hup = Command::new("kill")
+        .args(["-HUP", &deployd_pid(&holder)])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for_notice(&notices, "READY=1", 2);
+    let seen = notified(&notices);
+    let reloading = seen.iter().position(|l| l == "RELOADING=1").unwrap();
+    assert!(reloading > ready, "{seen:?}");
+    wait_for_starts(&log, 1);
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("TLS certificate and key reloaded")
+    );
+
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
         .map(|_| {
@@ -143,12 +211,15 @@ health = {{ path = "/healthz/", host = "shop.test" }}
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let hup = Command::new("kill")
+    // SIGHUP to the holder: it stops deployd (SIGTERM) and starts it again.
+    let restart = Command::new("kill")
         .args(["-HUP", &holder.0.id().to_string()])
         .status()
         .unwrap();
-    assert!(hup.success());
+    assert!(restart.success());
     wait_for_starts(&log, 2);
+    wait_for_notice(&notices, "STOPPING=1", 1);
+    wait_for_notice(&notices, "READY=1", 3);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let answers: Vec<Result<String, String>> = clients

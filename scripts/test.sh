@@ -3,7 +3,8 @@
 # engine, locally built images, private registry), then runs every unit and
 # integration test of the workspace. Meanwhile it records Docker's events for
 # every beat container deployd starts, and checks afterwards that no two
-# beats of one app ever ran at once. Last, schemathesis fuzzes the API.
+# beats of one app ever ran at once. Then deployd is stopped mid-deployment
+# and started again; last, schemathesis fuzzes the API.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,6 +17,10 @@ watcher=$!
 trap 'kill "$watcher" 2>/dev/null || true; rm -f "$events"' EXIT
 
 cargo test --workspace --locked "$@"
+
+# The real binary stopped (SIGTERM) mid-deployment and started again, with
+# JSON logs and the plain-HTTP metrics listener (about a minute).
+bash scripts/scenario/stop.sh
 
 # Events arrive asynchronously: give the last ones a moment.
 sleep 1

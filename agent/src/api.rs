@@ -9,6 +9,7 @@ mod deployments;
 mod error;
 mod events;
 mod health;
+pub mod metrics;
 mod openapi;
 mod server;
 mod tls;
@@ -94,7 +95,12 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readiness", get(health::readiness))
         .route("/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::scrape))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_refusals,
+        ))
         .with_state(state)
         .layer(axum::middleware::from_fn(read_body))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))

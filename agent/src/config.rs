@@ -40,6 +40,18 @@ pub struct Config {
     /// leaving the other cores to the apps.
     #[serde(default = "default_switch_threads")]
     pub switch_threads: usize,
+    /// A second, plain-HTTP address serving `/metrics` without a token.
+    /// Absent: metrics only on the API, for a token with `read` on every app.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where Prometheus scrapes without a token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// e.g. `127.0.0.1:9187`. Anyone who reaches it reads every app's
+    /// release and counts: keep it on loopback or a private network.
+    pub listen: std::net::SocketAddr,
 }
 
 fn default_switch_threads() -> usize {
@@ -248,6 +260,19 @@ impl Config {
                     problems.add(at, "the API listens there already");
                 }
                 public.push(switch.listen);
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            let port = metrics.listen.port();
+            if port != 0 && public.contains(&metrics.listen) {
+                problems.add("metrics.listen", "an app's switch listens there already");
+            } else if port != 0
+                && self
+                    .api
+                    .as_ref()
+                    .is_some_and(|a| a.listen == metrics.listen)
+            {
+                problems.add("metrics.listen", "the API listens there already");
             }
         }
         if problems.0.is_empty() {

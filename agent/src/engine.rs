@@ -21,9 +21,11 @@ use deployd_proto::{
 };
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{AppConfig, Config};
 use crate::docker::Docker;
+use crate::metrics::Metrics;
 use crate::store::{Lock, Store, StoreError};
 use crate::switch::Routes;
 
@@ -104,6 +106,9 @@ pub(crate) struct Ctx {
     health_cache: Mutex<HashMap<String, (std::time::Instant, String)>>,
     /// Where each switched app's public traffic goes.
     routes: Routes,
+    metrics: Arc<Metrics>,
+    /// Fires at shutdown: no deployment starts another step.
+    stopping: CancellationToken,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -203,7 +208,9 @@ impl EngineHandle {
             events,
             freeze,
             health_cache: Mutex::default(),
+            metrics: Arc::new(Metrics::new(&routes)),
             routes,
+            stopping: CancellationToken::new(),
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
@@ -212,6 +219,7 @@ impl EngineHandle {
             .collect();
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
+        ctx.seed_metrics(&apps);
         let (commands, inbox) = mpsc::channel(64);
         let engine = Engine {
             ctx: ctx.clone(),
@@ -225,6 +233,24 @@ impl EngineHandle {
             ctx,
             apps: Arc::new(apps),
         })
+    }
+
+    /// Shutdown begins: deployments in flight start no further step (the
+    /// one under way is cut when the process exits), and event streams end.
+    /// Their records stay `running`: the next start reconciles them with
+    /// what Docker runs and marks them `interrupted`.
+    pub fn stop(&self) {
+        self.ctx.stopping.cancel();
+    }
+
+    /// Resolves once [`EngineHandle::stop`] was called.
+    pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.ctx.stopping.cancelled()
+    }
+
+    /// The metrics of deployments, the switch and the API.
+    pub fn metrics(&self) -> &Metrics {
+        &self.ctx.metrics
     }
 
     /// Starts a deployment; returns it as recorded, before it runs.
@@ -448,6 +474,11 @@ impl Engine {
 impl Ctx {
     /// The crash hook: never returns if deployments freeze before `step`.
     async fn freeze_point(&self, step: &str) {
+        if self.stopping.is_cancelled() {
+            // Cut at a step boundary; the next start reconciles it.
+            tracing::warn!(step, "deployd is stopping: this step does not start");
+            std::future::pending::<()>().await;
+        }
         let Some(freeze) = &self.freeze else { return };
         if freeze.before_step != step {
             return;

@@ -12,6 +12,7 @@ pub mod docker;
 pub mod engine;
 pub mod env_file;
 pub mod init;
+pub mod metrics;
 pub mod store;
 pub mod switch;
 pub mod systemd;
@@ -56,7 +57,11 @@ pub async fn run(
     let docker = docker::Docker::connect().await?;
     let engine = engine::EngineHandle::start_routed(&config, docker, store, routes).await?;
     let state = api::ApiState::new(engine, auth, config.auth.max_failures_per_minute);
-    let server = api::Server::start(state, &api_config).await?;
+    let server = api::Server::start(state.clone(), &api_config).await?;
+    let scrape = match &config.metrics {
+        Some(m) => Some(metrics_listener(m.listen, state.engine.clone()).await?),
+        None => None,
+    };
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
     systemd::ready("serving");
     let watchdog = systemd::watchdog();
@@ -76,9 +81,36 @@ pub async fn run(
     }
     systemd::stopping();
     tracing::info!("shutting down: no new requests, finishing those in flight");
+    state.engine.stop();
     tokio::join!(server.shutdown(SHUTDOWN_GRACE), public.shutdown());
+    if let Some(scrape) = scrape {
+        scrape.abort();
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
     Ok(())
+}
+
+/// `[metrics] listen`: `/metrics` in plain HTTP, without a token.
+async fn metrics_listener(
+    addr: std::net::SocketAddr,
+    engine: engine::EngineHandle,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics.listen"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening (plain HTTP)");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let engine = engine.clone();
+            async move { api::metrics::exposition(engine.metrics()) }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    }))
 }

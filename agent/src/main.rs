@@ -1,6 +1,6 @@
 //! `deployd`: parses arguments, sets up logging and calls into the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,8 +19,19 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// How log lines are written to stderr: `human`, or `json` (one object
+    /// per line, with the span fields such as deployment.id) for journald
+    /// and log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "DEPLOYD_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,12 +149,24 @@ fn log_filter(rust_log: Option<&str>) -> EnvFilter {
     }
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok().as_deref()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match &cli.command {
         Command::CheckConfig { config } => return check_config(config),
         Command::Token(TokenCommand::Issue { .. }) => return issue_token(cli.command),

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use route::{Drained, Draining, Route, Upstream};
+pub use route::{Drained, Draining, Route, SwitchStats, Upstream};
 
 use crate::config::{Config, SwitchConfig};
 
@@ -44,6 +44,11 @@ impl Routes {
 
     pub fn get(&self, app: &str) -> Option<&Arc<Route>> {
         self.0.get(app)
+    }
+
+    /// Every route, with its app's name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<Route>)> {
+        self.0.iter()
     }
 }
 

@@ -606,6 +606,46 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         let rollback_path = format!("POST /v1/apps/{app}/rollback");
         assert!(log.iter().any(|e| e.record.action == rollback_path
             && e.record.detail.as_deref() == Some("401 token_replayed")));
+
+        // /metrics: for a token that may read every app, in Prometheus'
+        // text format; what happened above is in it.
+        let scrape = |token: Option<String>| {
+            let mut request = http.get(agent.at("/metrics"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            request.send()
+        };
+        refused_json(scrape(None).await.unwrap(), StatusCode::UNAUTHORIZED).await;
+        // Read on this app only: the metrics name every app.
+        refused_json(scrape(Some(ci.clone())).await.unwrap(), StatusCode::FORBIDDEN).await;
+        let r = scrape(Some(agent.token("prometheus", &[S::Read], &["*"]))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let text = r.text().await.unwrap();
+        let release_1 = scope.bed.sha("release-1");
+        for line in [
+            format!(r#"deployd_deployments_total{{app="{app}",kind="deploy",outcome="succeeded"}} 2"#),
+            format!(r#"deployd_deployments_total{{app="{app}",kind="rollback",outcome="succeeded"}} 1"#),
+            format!(r#"deployd_rollbacks_total{{app="{app}",trigger="requested",outcome="succeeded"}} 1"#),
+            format!(r#"deployd_deployment_duration_seconds_count{{app="{app}",kind="deploy",outcome="succeeded"}} 2"#),
+            format!(r#"deployd_step_duration_seconds_count{{app="{app}",step="task:migrate",outcome="succeeded"}} 3"#),
+            format!(r#"deployd_release_info{{app="{app}",service="web",sha="{release_1}"}} 1"#),
+            format!(r#"deployd_release_info{{app="{app}",service="beat",sha="{release_1}"}} 1"#),
+            r#"deployd_auth_failures_total{code="token_replayed"} 1"#.to_owned(),
+            r#"deployd_auth_failures_total{code="unauthenticated"} 1"#.to_owned(),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert_eq!(
+            text.matches(&format!(r#"deployd_release_info{{app="{app}""#)).count(),
+            agent.config.apps[&app].services.len(),
+            "one release per service: {text}"
+        );
+        assert!(text.contains(&format!(r#"deployd_last_success_timestamp_seconds{{app="{app}"}} "#)));
     })
     .await;
 }

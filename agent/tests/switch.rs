@@ -242,6 +242,16 @@ async fn the_upstream_timeout_answers_504() {
     let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
     assert_eq!(get(addr, "/slow?ms=5000").await.0, 504);
     assert_eq!(get(addr, "/name").await, (200, "a".into()));
+    // Both answers and the timeout are counted for /metrics.
+    let text = deployd::metrics::Metrics::new(&routes).render();
+    for line in [
+        r#"deployd_switch_requests_total{app="shop",code="2xx"} 1"#,
+        r#"deployd_switch_requests_total{app="shop",code="5xx"} 1"#,
+        r#"deployd_switch_upstream_errors_total{app="shop",error="timeout"} 1"#,
+        r#"deployd_switch_upstream_errors_total{app="shop",error="refused"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -287,6 +297,15 @@ async fn a_container_refusing_connections_is_skipped() {
     for _ in 0..6 {
         assert_eq!(get(addr, "/name").await, (200, "b".into()));
     }
+    let text = deployd::metrics::Metrics::new(&routes).render();
+    assert!(
+        text.contains(r#"deployd_switch_upstream_errors_total{app="shop",error="refused"} "#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"deployd_switch_requests_total{app="shop",code="2xx"} 6"#),
+        "{text}"
+    );
 }
 
 /// What the backend saw of Host and the forwarded headers, for a request

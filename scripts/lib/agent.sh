@@ -8,7 +8,8 @@
 #   agent_services NAME          network NAME with db and redis (healthy)
 #   agent_add_app DIR APP NAME   the sample app APP, from the test bed's
 #                                repository, on network NAME
-#   agent_start DIR [BIN]        run deployd (AGENT_PID), wait until ready
+#   agent_start DIR              run deployd (AGENT_PID), wait until ready;
+#                                AGENT_ARGS are passed before `run`
 #   agent_token DIR SCOPES       a 1 h token for `ops`, e.g. read,deploy
 #   agent_cleanup DIR NAME       stop deployd, remove containers and network
 
@@ -83,10 +84,13 @@ EOF
 
 agent_start() {
     local dir=$1
-    "$AGENT_BIN" run --config "$dir/etc/deployd.toml" 2>"$dir/deployd.log" &
+    # shellcheck disable=SC2086
+    "$AGENT_BIN" ${AGENT_ARGS:-} run --config "$dir/etc/deployd.toml" 2>>"$dir/deployd.log" &
     AGENT_PID=$!
-    for _ in $(seq 1 200); do
-        grep -q 'deployd ready' "$dir/deployd.log" && return 0
+    local before
+    before=$(grep -c 'deployd ready' "$dir/deployd.log" || true)
+    for _ in $(seq 1 1200); do
+        [ "$(grep -c 'deployd ready' "$dir/deployd.log" || true)" -gt "$before" ] && return 0
         kill -0 "$AGENT_PID" 2>/dev/null || break
         sleep 0.1
     done

@@ -166,6 +166,8 @@ async fn pump(
             let received = tokio::select! {
                 received = live.recv() => received,
                 () = tx.closed() => return,
+                // deployd stops: the client reconnects to the next one.
+                () = engine.stopping() => return,
             };
             match received {
                 Ok((of, event)) if of == id && Some(event.seq) == last.checked_add(1) => {

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
+use tracing::Instrument;
 
 use super::roll::Placement;
 use super::run::Failure;
@@ -55,6 +56,29 @@ impl Ctx {
             };
             // Nothing had traffic yet: there is nothing to drain.
             let _ = route.switch_to(&upstreams);
+        }
+    }
+
+    /// At start, after recovery: each app's live release, and when it
+    /// went live, as metrics.
+    pub(crate) fn seed_metrics(&self, apps: &HashMap<String, Arc<AppConfig>>) {
+        for (app, cfg) in apps {
+            let live = match self.store.live_release(app) {
+                Ok(Some(live)) => live,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(%app, error = %e, "cannot read the live release");
+                    continue;
+                }
+            };
+            let at = match self.store.get(&live.deployment) {
+                Ok(d) => d
+                    .and_then(|d| d.finished_at)
+                    .map(std::time::SystemTime::from),
+                Err(_) => None,
+            };
+            let services: Vec<String> = cfg.services.keys().cloned().collect();
+            self.metrics.live(app, &services, live.sha.as_str(), at);
         }
     }
 
@@ -100,8 +124,9 @@ impl Ctx {
     ) -> Result<usize, StoreError> {
         let unfinished = self.store.unfinished()?;
         for d in &unfinished {
+            let span = tracing::info_span!("deployment", deployment.id = %d.id, app = %d.app, sha = %d.sha);
             let account = match apps.get(&d.app) {
-                Some(cfg) => match self.converge(d, cfg).await {
+                Some(cfg) => match self.converge(d, cfg).instrument(span.clone()).await {
                     Ok(account) => account,
                     Err(f) => format!("converging failed: {}", f.0),
                 },
@@ -110,9 +135,10 @@ impl Ctx {
                 }
             };
             let error = format!("deployd stopped while this deployment ran; {account}");
-            tracing::warn!(deployment.id = %d.id, app = %d.app, %error, "recovered");
+            span.in_scope(|| tracing::warn!(%error, "recovered"));
             self.store
                 .set_state(&d.id, DeploymentState::Interrupted, Some(&error))?;
+            self.metrics.interrupted(&d.app, d.kind);
             self.audit_end(&d.id, DeploymentState::Interrupted, Some(&error));
             self.emit(
                 &d.id,

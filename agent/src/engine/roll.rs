@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use deployd_proto::EventKind;
 use futures_util::future::try_join_all;
+use tracing::Instrument;
 
 use super::label;
 use super::release::short_id;
@@ -154,14 +155,18 @@ impl super::Ctx {
     /// its work), then removes it.
     pub(crate) fn drain(&self, id: String, timeout: std::time::Duration) {
         let docker = self.docker.clone();
-        tokio::spawn(async move {
-            if let Err(e) = docker.stop(&id, timeout).await {
-                tracing::warn!(container = %id, error = %e, "draining container did not stop");
+        // In the deployment's span: its log lines name the deployment.
+        tokio::spawn(
+            async move {
+                if let Err(e) = docker.stop(&id, timeout).await {
+                    tracing::warn!(container = %id, error = %e, "draining container did not stop");
+                }
+                if let Err(e) = docker.remove(&id).await {
+                    tracing::warn!(container = %id, error = %e, "drained container not removed");
+                }
             }
-            if let Err(e) = docker.remove(&id).await {
-                tracing::warn!(container = %id, error = %e, "drained container not removed");
-            }
-        });
+            .in_current_span(),
+        );
     }
 
     /// If `service` is the app's switched web service: sends its traffic to

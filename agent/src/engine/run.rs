@@ -5,7 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use deployd_proto::{CommitSha, Deployment, DeploymentId, DeploymentState, EventKind, StepState};
+use deployd_proto::{
+    CommitSha, Deployment, DeploymentId, DeploymentKind, DeploymentState, EventKind, StepState,
+};
+use tracing::Instrument;
 
 use super::Ctx;
 use super::roll::Rollout;
@@ -36,6 +39,9 @@ pub(crate) struct Run {
     pub previous: Option<Release>,
     /// The exact digest to deploy, when one was asked for (rollbacks).
     pub pin: Option<String>,
+    pub kind: DeploymentKind,
+    /// When it began to run here, for its duration metric.
+    started: Instant,
 }
 
 impl Run {
@@ -53,6 +59,8 @@ impl Run {
             sha: d.sha.clone(),
             previous,
             pin: d.digest.clone(),
+            kind: d.kind,
+            started: Instant::now(),
         }
     }
 
@@ -66,6 +74,17 @@ impl Run {
             tracing::error!(deployment.id = %self.id, error = %e, "cannot record final state");
         }
         self.ctx.audit_end(&self.id, state, error.as_deref());
+        let metrics = &self.ctx.metrics;
+        metrics.deployment(&self.app, self.kind, state, self.started.elapsed());
+        if state == DeploymentState::Succeeded {
+            let services: Vec<String> = self.cfg.services.keys().cloned().collect();
+            metrics.live(
+                &self.app,
+                &services,
+                self.sha.as_str(),
+                Some(std::time::SystemTime::now()),
+            );
+        }
         self.emit(EventKind::State { state, error });
     }
 
@@ -114,25 +133,42 @@ impl Run {
         name: &str,
         work: impl Future<Output = Result<T, Failure>>,
     ) -> (Result<T, Failure>, EventKind) {
+        tracing::info!(step = name, "step started");
         let started = Instant::now();
         let result = work.await;
+        let elapsed = started.elapsed();
+        self.ctx
+            .metrics
+            .step(&self.app, name, result.is_ok(), elapsed);
+        let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         let (state, detail) = match &result {
-            Ok(_) => (StepState::Succeeded, None),
-            Err(f) => (StepState::Failed, Some(f.0.clone())),
+            Ok(_) => {
+                tracing::info!(step = name, duration_ms, "step succeeded");
+                (StepState::Succeeded, None)
+            }
+            Err(f) => {
+                tracing::warn!(step = name, duration_ms, error = %f.0, "step failed");
+                (StepState::Failed, Some(f.0.clone()))
+            }
         };
         let finished = EventKind::StepFinished {
             step: name.to_owned(),
             state,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            duration_ms,
             detail,
         };
         (result, finished)
     }
 
     /// The whole deployment; records its outcome.
+    /// Every log line of it, and of the tasks it spawns, carries the
+    /// deployment's id, app and sha.
     pub async fn execute(self) {
         let span = tracing::info_span!("deployment", deployment.id = %self.id, app = %self.app, sha = %self.sha);
-        let _entered = span.enter();
+        self.execute_in_span().instrument(span).await;
+    }
+
+    async fn execute_in_span(self) {
         if let Err(e) = self
             .ctx
             .store

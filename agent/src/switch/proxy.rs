@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{Conn, UpstreamBody};
-use super::route::{Backend, InFlight, Route};
+use super::route::{Backend, InFlight, Route, UpstreamError};
 
 /// The 504 of a request still unanswered when its release's drain gave up.
 const OUTLIVED_DRAIN: &str = "the request outlived the drain of its release";
@@ -106,11 +106,13 @@ enum Sent {
 impl Proxy {
     /// Forwards one request of the client at `peer` (its address as a
     /// header value, made once per connection).
-    pub async fn forward(
-        &self,
-        peer: &HeaderValue,
-        mut req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    pub async fn forward(&self, peer: &HeaderValue, req: Request<Incoming>) -> Response<ProxyBody> {
+        let response = self.answer(peer, req).await;
+        self.route.stats.answered(response.status());
+        response
+    }
+
+    async fn answer(&self, peer: &HeaderValue, mut req: Request<Incoming>) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
             return answer(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied");
         }
@@ -161,6 +163,7 @@ impl Proxy {
             let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None if backend.cancel.is_cancelled() => {
+                    self.route.stats.upstream_error(UpstreamError::Drained);
                     return answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN);
                 }
                 None => match backend.pool.connect(backend.upstream.addr).await {
@@ -168,6 +171,7 @@ impl Proxy {
                     Err(e) => {
                         tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
                             error = %e, "web container refused a connection; trying the next");
+                        self.route.stats.upstream_error(UpstreamError::Refused);
                         backend.mark_down();
                         index += 1;
                         fresh = false;
@@ -197,18 +201,21 @@ impl Proxy {
                 (Sent::Failed(e), _) => {
                     tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
                         error = %e, "web container failed the request");
+                    self.route.stats.upstream_error(UpstreamError::Failed);
                     return answer(
                         StatusCode::BAD_GATEWAY,
                         "the web container failed the request",
                     );
                 }
                 (Sent::TimedOut, _) => {
+                    self.route.stats.upstream_error(UpstreamError::Timeout);
                     return answer(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the web container did not answer in time",
                     );
                 }
                 (Sent::Cancelled, _) => {
+                    self.route.stats.upstream_error(UpstreamError::Drained);
                     return answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN);
                 }
             }

@@ -25,6 +25,66 @@ pub struct Upstream {
     pub addr: SocketAddr,
 }
 
+/// Why a request got no answer from a web container.
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamError {
+    /// The container refused the connection (the next one was tried).
+    Refused,
+    /// The connection failed under the request: 502.
+    Failed,
+    /// No answer within `upstream_timeout`: 504.
+    Timeout,
+    /// Its release's drain gave up on it: 504.
+    Drained,
+}
+
+impl UpstreamError {
+    pub const ALL: [Self; 4] = [Self::Refused, Self::Failed, Self::Timeout, Self::Drained];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+            Self::Drained => "drained",
+        }
+    }
+}
+
+/// A route's request counts: one relaxed atomic add per request.
+#[derive(Debug, Default)]
+pub struct SwitchStats {
+    /// Answers by status class: 1xx to 5xx.
+    answers: [AtomicU64; 5],
+    upstream_errors: [AtomicU64; 4],
+}
+
+impl SwitchStats {
+    pub(crate) fn answered(&self, status: http::StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.answers[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn upstream_error(&self, error: UpstreamError) {
+        self.upstream_errors[error as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `("2xx", n)`, ... for every class.
+    pub fn answers(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .into_iter()
+            .zip(&self.answers)
+            .map(|(class, n)| (class, n.load(Ordering::Relaxed)))
+    }
+
+    pub fn upstream_errors(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        UpstreamError::ALL
+            .into_iter()
+            .zip(&self.upstream_errors)
+            .map(|(e, n)| (e.label(), n.load(Ordering::Relaxed)))
+    }
+}
+
 /// One web container, with its idle connections and requests in flight.
 #[derive(Debug)]
 pub(crate) struct Backend {
@@ -122,6 +182,8 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct Route {
     app: String,
+    /// Counted per request, read by `/metrics`.
+    pub(crate) stats: SwitchStats,
     live: RwLock<Arc<Vec<Arc<Backend>>>>,
     next: AtomicUsize,
     /// Set once the live containers are known (at start, from Docker);
@@ -133,6 +195,7 @@ impl Route {
     pub fn new(app: &str) -> Self {
         Self {
             app: app.to_owned(),
+            stats: SwitchStats::default(),
             live: RwLock::new(Arc::new(Vec::new())),
             next: AtomicUsize::new(0),
             known: watch::Sender::new(false),

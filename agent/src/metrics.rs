@@ -1,0 +1,381 @@
+//! Prometheus metrics, in the Prometheus text format at `/metrics`: on the
+//! API (any token with the `read` scope) and, when `[metrics] listen` is
+//! set, without a token on that separate address (keep it local).
+//!
+//! Deployments and their steps are counted as they end; the switch's
+//! counters are read from its routes at each scrape.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use deployd_proto::{DeploymentKind, DeploymentState};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::switch::Routes;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    app: String,
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepOutcome {
+    app: String,
+    step: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RollbackOutcome {
+    app: String,
+    /// `automatic` (a failed deployment undone) or `requested` (deployctl rollback).
+    trigger: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReleaseLabels {
+    app: String,
+    service: String,
+    sha: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabels {
+    app: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    code: String,
+}
+
+type Durations = Family<Outcome, Histogram, fn() -> Histogram>;
+type StepDurations = Family<StepOutcome, Histogram, fn() -> Histogram>;
+
+/// Every metric deployd exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    deployments: Family<Outcome, Counter>,
+    deployment_seconds: Durations,
+    step_seconds: StepDurations,
+    rollbacks: Family<RollbackOutcome, Counter>,
+    release: Family<ReleaseLabels, Gauge>,
+    /// The series of `release` set now, by app and service.
+    release_shown: Mutex<HashMap<(String, String), ReleaseLabels>>,
+    last_success: Family<AppLabels, Gauge<f64, AtomicU64>>,
+    auth_failures: Family<AuthLabels, Counter>,
+}
+
+fn deployment_histogram() -> Histogram {
+    Histogram::new([
+        10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+    ])
+}
+
+fn step_histogram() -> Histogram {
+    Histogram::new([
+        0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    ])
+}
+
+fn outcome_label(state: DeploymentState) -> &'static str {
+    match state {
+        DeploymentState::Succeeded => "succeeded",
+        DeploymentState::Failed => "failed",
+        DeploymentState::RolledBack => "rolled_back",
+        DeploymentState::RollbackFailed => "rollback_failed",
+        DeploymentState::Interrupted => "interrupted",
+        DeploymentState::Queued | DeploymentState::Running => "unfinished",
+    }
+}
+
+fn kind_label(kind: DeploymentKind) -> &'static str {
+    match kind {
+        DeploymentKind::Deploy => "deploy",
+        DeploymentKind::Rollback => "rollback",
+    }
+}
+
+impl Metrics {
+    /// The metrics, with the switch counters of `routes`.
+    pub fn new(routes: &Routes) -> Self {
+        let mut registry = Registry::with_prefix("deployd");
+        let deployments = Family::default();
+        registry.register(
+            "deployments",
+            "Deployments (kind deploy or rollback) that ended, by outcome",
+            deployments.clone(),
+        );
+        let deployment_seconds: Durations = Family::new_with_constructor(deployment_histogram);
+        registry.register(
+            "deployment_duration_seconds",
+            "How long deployments took, from start to their outcome",
+            deployment_seconds.clone(),
+        );
+        let step_seconds: StepDurations = Family::new_with_constructor(step_histogram);
+        registry.register(
+            "step_duration_seconds",
+            "How long each step of a deployment took (pull, task:NAME, roll:SERVICE, verify, ...)",
+            step_seconds.clone(),
+        );
+        let rollbacks = Family::default();
+        registry.register(
+            "rollbacks",
+            "Rollbacks: automatic (a failed deployment undone) or requested, by outcome",
+            rollbacks.clone(),
+        );
+        let release = Family::default();
+        registry.register(
+            "release_info",
+            "The release each service of each app runs: 1 for the live sha",
+            release.clone(),
+        );
+        let last_success = Family::default();
+        registry.register(
+            "last_success_timestamp_seconds",
+            "When the app's last successful deployment ended (Unix time)",
+            last_success.clone(),
+        );
+        let auth_failures = Family::default();
+        registry.register(
+            "auth_failures",
+            "API requests refused: 401 (no or bad token), 403 (not allowed), 429 (too many failures)",
+            auth_failures.clone(),
+        );
+        registry.register_collector(Box::new(SwitchCollector(routes.clone())));
+        Self {
+            registry,
+            deployments,
+            deployment_seconds,
+            step_seconds,
+            rollbacks,
+            release,
+            release_shown: Mutex::default(),
+            last_success,
+            auth_failures,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// A step ended.
+    pub fn step(&self, app: &str, step: &str, succeeded: bool, took: Duration) {
+        let labels = StepOutcome {
+            app: app.to_owned(),
+            step: step.to_owned(),
+            outcome: if succeeded { "succeeded" } else { "failed" },
+        };
+        self.step_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if step == "rollback" {
+            self.rollbacks
+                .get_or_create(&RollbackOutcome {
+                    app: app.to_owned(),
+                    trigger: "automatic",
+                    outcome: labels.outcome,
+                })
+                .inc();
+        }
+    }
+
+    /// A deployment ended with `state` after `took`.
+    pub fn deployment(
+        &self,
+        app: &str,
+        kind: DeploymentKind,
+        state: DeploymentState,
+        took: Duration,
+    ) {
+        let labels = Outcome {
+            app: app.to_owned(),
+            kind: kind_label(kind),
+            outcome: outcome_label(state),
+        };
+        self.deployments.get_or_create(&labels).inc();
+        self.deployment_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if kind == DeploymentKind::Rollback {
+            self.rollbacks
+                .get_or_create(&RollbackOutcome {
+                    app: app.to_owned(),
+                    trigger: "requested",
+                    outcome: labels.outcome,
+                })
+                .inc();
+        }
+    }
+
+    /// A deployment was interrupted (found unfinished at start).
+    pub fn interrupted(&self, app: &str, kind: DeploymentKind) {
+        self.deployments
+            .get_or_create(&Outcome {
+                app: app.to_owned(),
+                kind: kind_label(kind),
+                outcome: outcome_label(DeploymentState::Interrupted),
+            })
+            .inc();
+    }
+
+    /// `services` of `app` run `sha` now; `at`: when it went live.
+    pub fn live(&self, app: &str, services: &[String], sha: &str, at: Option<SystemTime>) {
+        // Only the live sha of each service is exported: the series of
+        // the one before goes.
+        let mut shown = self
+            .release_shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for service in services {
+            let labels = ReleaseLabels {
+                app: app.to_owned(),
+                service: service.clone(),
+                sha: sha.to_owned(),
+            };
+            self.release.get_or_create(&labels).set(1);
+            let key = (app.to_owned(), service.clone());
+            if let Some(old) = shown.insert(key, labels.clone())
+                && old != labels
+            {
+                self.release.remove(&old);
+            }
+        }
+        if let Some(at) = at {
+            let unix = at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            self.last_success
+                .get_or_create(&AppLabels {
+                    app: app.to_owned(),
+                })
+                .set(unix);
+        }
+    }
+
+    /// An API request was refused with `code` (`invalid_token`, `forbidden`, ...).
+    pub fn auth_failure(&self, code: &str) {
+        self.auth_failures
+            .get_or_create(&AuthLabels {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The switch's per-route counters, read at each scrape.
+#[derive(Debug)]
+struct SwitchCollector(Routes);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    app: String,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    app: String,
+    error: &'static str,
+}
+
+impl Collector for SwitchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "switch_requests",
+            "Requests the traffic switch answered, by status class",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (app, route) in self.0.iter() {
+            for (code, n) in route.stats.answers() {
+                let labels = ClassLabels {
+                    app: app.clone(),
+                    code,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "switch_upstream_errors",
+            "Web container failures seen by the switch: refused, failed, timeout, drained",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (app, route) in self.0.iter() {
+            for (error, n) in route.stats.upstream_errors() {
+                let labels = ErrorLabels {
+                    app: app.clone(),
+                    error,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployments_steps_releases_and_refusals_are_exported() {
+        let metrics = Metrics::new(&Routes::default());
+        let services = ["web".to_owned(), "worker".to_owned()];
+        metrics.step("shop", "pull", true, Duration::from_millis(1500));
+        metrics.step("shop", "rollback", false, Duration::from_secs(3));
+        metrics.deployment(
+            "shop",
+            DeploymentKind::Deploy,
+            DeploymentState::Succeeded,
+            Duration::from_secs(42),
+        );
+        metrics.deployment(
+            "shop",
+            DeploymentKind::Rollback,
+            DeploymentState::Succeeded,
+            Duration::from_secs(20),
+        );
+        metrics.live("shop", &services, "aaa", Some(SystemTime::UNIX_EPOCH));
+        metrics.live("shop", &services, "bbb", None);
+        metrics.auth_failure("invalid_token");
+        let text = metrics.render();
+        for line in [
+            r#"deployd_deployments_total{app="shop",kind="deploy",outcome="succeeded"} 1"#,
+            r#"deployd_deployment_duration_seconds_bucket{app="shop",kind="deploy",outcome="succeeded",le="60"} 1"#,
+            r#"deployd_step_duration_seconds_count{app="shop",step="pull",outcome="succeeded"} 1"#,
+            r#"deployd_rollbacks_total{app="shop",trigger="automatic",outcome="failed"} 1"#,
+            r#"deployd_rollbacks_total{app="shop",trigger="requested",outcome="succeeded"} 1"#,
+            r#"deployd_release_info{app="shop",service="web",sha="bbb"} 1"#,
+            r#"deployd_release_info{app="shop",service="worker",sha="bbb"} 1"#,
+            r#"deployd_last_success_timestamp_seconds{app="shop"} 0"#,
+            r#"deployd_auth_failures_total{code="invalid_token"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // The release before is no longer exported.
+        assert!(!text.contains(r#"sha="aaa""#), "{text}");
+    }
+}

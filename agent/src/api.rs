@@ -14,7 +14,7 @@ mod openapi;
 mod server;
 mod tls;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts};
@@ -41,7 +41,8 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub engine: EngineHandle,
-    pub auth: Arc<Authenticator>,
+    /// Replaced whole when SIGHUP reloads the `[auth]` section.
+    auth: Arc<RwLock<Arc<Authenticator>>>,
     pub(crate) gate: Arc<FailureGate>,
 }
 
@@ -51,9 +52,26 @@ impl ApiState {
     pub fn new(engine: EngineHandle, auth: Authenticator, max_failures: usize) -> Self {
         Self {
             engine,
-            auth: Arc::new(auth),
+            auth: Arc::new(RwLock::new(Arc::new(auth))),
             gate: Arc::new(FailureGate::new(max_failures)),
         }
+    }
+
+    /// The token checks in force now.
+    pub fn authenticator(&self) -> Arc<Authenticator> {
+        self.auth
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// New token checks, for requests from now on (spent token ids are in
+    /// the store: a reload does not make a used token usable again).
+    pub fn replace_authenticator(&self, auth: Authenticator) {
+        *self
+            .auth
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(auth);
     }
 }
 
@@ -208,7 +226,7 @@ impl FromRequestParts<ApiState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .map(|v| v.to_str().unwrap_or_default());
-        let principal = match state.auth.verify_header(header).await {
+        let principal = match state.authenticator().verify_header(header).await {
             Ok(principal) => principal,
             Err(e) => {
                 tracing::info!(reason = %e, source = ?source, "authentication failed");

@@ -21,7 +21,7 @@ pub use switch::SwitchConfig;
 pub const EXAMPLE: &str = include_str!("../deployd.example.toml");
 
 /// The whole agent configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Directory for the deployment store (SQLite). Default: `/var/lib/deployd`.
@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// `[metrics]`: where Prometheus scrapes without a token.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// e.g. `127.0.0.1:9187`. Anyone who reaches it reads every app's
@@ -59,7 +59,7 @@ fn default_switch_threads() -> usize {
 }
 
 /// One app: its image, its secrets, its release tasks and its services.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     /// Image repository including the registry host; releases are tagged
@@ -95,7 +95,7 @@ pub struct AppConfig {
 }
 
 /// A release task such as `migrate`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     /// Short name shown in progress and history.
@@ -120,7 +120,7 @@ pub enum Role {
 }
 
 /// One service of an app.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Defaults to the service's name when that is `web`, `worker` or `beat`.
@@ -147,7 +147,7 @@ pub struct ServiceConfig {
 }
 
 /// The HTTP check a web container must pass.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Path to GET, e.g. `/healthz/`; 200 means healthy.

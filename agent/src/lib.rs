@@ -30,12 +30,15 @@ pub fn install_crypto_provider() {
 /// How long requests in flight may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The configuration read again on SIGHUP, or why it could not be.
+pub type Reloaded = Result<config::Config, config::ConfigError>;
+
 /// Runs the agent until `shutdown` resolves: reconciles what a crash
-/// interrupted, then serves the API. `reload` fires on SIGHUP: TLS material
-/// is read again.
+/// interrupted, then serves the API. `reload` brings the configuration
+/// read again on SIGHUP: `apply_reload` says what takes effect at once.
 pub async fn run(
     config: config::Config,
-    mut reload: tokio::sync::mpsc::Receiver<()>,
+    mut reload: tokio::sync::mpsc::Receiver<Reloaded>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let api_config = config
@@ -65,16 +68,14 @@ pub async fn run(
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
     systemd::ready("serving");
     let watchdog = systemd::watchdog();
+    let mut running = config;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Some(()) = reload.recv() => {
+            Some(reloaded) = reload.recv() => {
                 systemd::reloading();
-                match server.reload_tls(&api_config) {
-                    Ok(()) => tracing::info!("TLS certificate and key reloaded"),
-                    Err(e) => tracing::error!(error = %e, "TLS reload failed; the old certificate stays"),
-                }
+                apply_reload(&mut running, reloaded, &server, &state);
                 systemd::ready("serving");
             }
         }
@@ -113,4 +114,76 @@ async fn metrics_listener(
             tracing::error!(error = %e, "metrics listener failed");
         }
     }))
+}
+
+/// SIGHUP: the TLS certificate and key, and the `[auth]` section (keys,
+/// OIDC issuers and rules), take effect at once, for new connections and
+/// requests. Other changes are named and wait for a restart. A
+/// configuration that does not load, or whose new TLS material or keys do
+/// not, changes nothing.
+fn apply_reload(
+    running: &mut config::Config,
+    reloaded: Reloaded,
+    server: &api::Server,
+    state: &api::ApiState,
+) {
+    let new = match reloaded {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("configuration not reloaded, nothing changed: {e}");
+            return;
+        }
+    };
+    let Some(api) = new.api.clone() else {
+        tracing::error!("configuration not reloaded, nothing changed: it has no [api] section");
+        return;
+    };
+    let auth = match auth::Authenticator::new(&new.auth) {
+        Ok(auth) => auth,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded, nothing changed: [auth]");
+            return;
+        }
+    };
+    if let Err(e) = server.reload_tls(&api) {
+        tracing::error!(error = %e, "configuration not reloaded, nothing changed: TLS");
+        return;
+    }
+    tracing::info!("TLS certificate and key reloaded");
+    if new.auth != running.auth {
+        state.replace_authenticator(auth);
+        tracing::info!("[auth] reloaded: token keys, OIDC issuers and rules");
+    }
+    let mut at_restart = Vec::new();
+    let mut api_rest = api.clone();
+    if let Some(old) = &running.api {
+        api_rest.tls_cert.clone_from(&old.tls_cert);
+        api_rest.tls_key.clone_from(&old.tls_key);
+    }
+    for (changed, key) in [
+        (Some(&api_rest) != running.api.as_ref(), "api"),
+        (
+            new.auth.max_failures_per_minute != running.auth.max_failures_per_minute,
+            "auth.max_failures_per_minute",
+        ),
+        (new.apps != running.apps, "apps"),
+        (new.state_dir != running.state_dir, "state_dir"),
+        (
+            new.switch_threads != running.switch_threads,
+            "switch_threads",
+        ),
+        (new.metrics != running.metrics, "metrics"),
+    ] {
+        if changed {
+            at_restart.push(key);
+        }
+    }
+    if !at_restart.is_empty() {
+        tracing::warn!(
+            keys = %at_restart.join(", "),
+            "changed, taking effect at the next restart"
+        );
+    }
+    running.api = Some(api);
+    running.auth = new.auth;
 }

@@ -218,12 +218,16 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 async fn serve(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { config } => {
-            let config = Config::load(&config)?;
+            let path = config;
+            let config = Config::load(&path)?;
             let (reload_tx, reload) = tokio::sync::mpsc::channel(1);
             let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
             tokio::spawn(async move {
                 while hangup.recv().await.is_some() {
-                    let _ = reload_tx.try_send(());
+                    tracing::info!("SIGHUP: reading {} again", path.display());
+                    if reload_tx.send(Config::load(&path)).await.is_err() {
+                        break;
+                    }
                 }
             });
             let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;

@@ -2,8 +2,9 @@
 //! listener from `LISTEN_FDS` and reports to `NOTIFY_SOCKET` (both set here
 //! by `scripts/lib/socket_holder.py`, which plays systemd's deployd.socket
 //! and notification socket). READY=1 comes once the API listens, watchdog
-//! pings follow, SIGHUP is bracketed by RELOADING=1 and READY=1, and a
-//! restart of deployd refuses no connection made meanwhile.
+//! pings follow, SIGHUP is bracketed by RELOADING=1 and READY=1 and makes
+//! a new token key work at once (a broken configuration changes nothing),
+//! and a restart of deployd refuses no connection made meanwhile.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -87,6 +88,53 @@ fn wait_for_notice(log: &Path, what: &str, n: usize) {
     }
 }
 
+/// `deployd token issue` with `config`, signed with `key`.
+fn token(bin: &str, config: &Path, key: &str) -> String {
+    let out = Command::new(bin)
+        .args([
+            "token", "issue", "--sub", "ops", "--scope", "read", "--key", key, "--config",
+        ])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The status of `GET /v1/whoami` with `token`, over TLS trusting `ca`.
+fn whoami(api: u16, ca: &Path, token: &str) -> u16 {
+    deployd::install_crypto_provider();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{api}/v1/whoami");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async { client.get(url).bearer_auth(token).send().await })
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn wait_for_log(log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(what)
+    {
+        assert!(Instant::now() < deadline, "deployd never logged {what:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The deployd process the holder runs (the shell it starts execs into it).
 fn deployd_pid(holder: &Holder) -> String {
     let out = Command::new("pgrep")
@@ -104,7 +152,7 @@ impl Drop for Holder {
 }
 
 #[test]
-fn as_a_systemd_service_it_notifies_pings_uses_the_passed_listener_and_restarts_refusing_nothing() {
+fn as_a_systemd_service_it_notifies_reloads_and_restarts_refusing_no_connection() {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_deployd");
     let api = free_port();
@@ -180,22 +228,59 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     let pings = seen.iter().filter(|l| *l == "WATCHDOG=1").count();
     wait_for_notice(&notices, "WATCHDOG=1", pings + 3);
 
-    // SIGHUP to deployd itself: a reload, bracketed for systemd.
-    let hup = Command::new("kill")
-        .args(["-HUP", &deployd_pid(&holder)])
+    // SIGHUP to deployd itself: a reload, bracketed for systemd. A second
+    // signing key (from another init) is added, and switch_threads changed.
+    let ca = dir.path().join("etc/tls/cert.pem");
+    let other = dir.path().join("other");
+    let made = Command::new(bin)
+        .args(["init", "--san", "localhost", "--dir"])
+        .arg(&other)
+        .stdout(Stdio::null())
         .status()
         .unwrap();
-    assert!(hup.success());
+    assert!(made.success());
+    let before = std::fs::read_to_string(&config).unwrap();
+    // A top-level key at the top; another [[auth.keys]] at the end.
+    let added = format!(
+        "switch_threads = 2\n{before}\n[[auth.keys]]\nid = \"ops2\"\nalgorithm = \"EdDSA\"\n\
+         public_key = \"{}\"\nprivate_key = \"{}\"\n",
+        other.join("keys/ops.pub").display(),
+        other.join("keys/ops.key").display()
+    );
+    std::fs::write(&config, &added).unwrap();
+    let new_key = token(bin, &config, "ops2");
+    assert_eq!(whoami(api, &ca, &new_key), 401, "not before the reload");
+    let hup = |pid: &str| {
+        let sent = Command::new("kill").args(["-HUP", pid]).status().unwrap();
+        assert!(sent.success());
+    };
+    hup(&deployd_pid(&holder));
     wait_for_notice(&notices, "READY=1", 2);
     let seen = notified(&notices);
     let reloading = seen.iter().position(|l| l == "RELOADING=1").unwrap();
     assert!(reloading > ready, "{seen:?}");
-    wait_for_starts(&log, 1);
+    wait_for_log(&log, "[auth] reloaded");
+    assert_eq!(whoami(api, &ca, &new_key), 200, "the new key works at once");
+    let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("TLS certificate and key reloaded")
+        logged.contains("TLS certificate and key reloaded"),
+        "{logged}"
     );
+    assert!(
+        logged.contains("changed, taking effect at the next restart keys=switch_threads"),
+        "{logged}"
+    );
+    // A configuration that does not load changes nothing.
+    std::fs::write(
+        &config,
+        added.replace("algorithm = \"EdDSA\"", "algorithm = \"nope\""),
+    )
+    .unwrap();
+    hup(&deployd_pid(&holder));
+    wait_for_notice(&notices, "READY=1", 3);
+    wait_for_log(&log, "configuration not reloaded, nothing changed");
+    assert_eq!(whoami(api, &ca, &new_key), 200);
+    std::fs::write(&config, &added).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
@@ -219,7 +304,7 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     assert!(restart.success());
     wait_for_starts(&log, 2);
     wait_for_notice(&notices, "STOPPING=1", 1);
-    wait_for_notice(&notices, "READY=1", 3);
+    wait_for_notice(&notices, "READY=1", 4);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let answers: Vec<Result<String, String>> = clients

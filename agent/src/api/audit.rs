@@ -115,7 +115,7 @@ pub(super) fn begin_change(
         AuthError::Invalid("a token without an id (jti) cannot make changes".into())
     })?;
     // Remembered as long as the token still passes verification.
-    let leeway = i64::try_from(state.auth.leeway().as_secs()).unwrap_or(i64::MAX);
+    let leeway = i64::try_from(state.authenticator().leeway().as_secs()).unwrap_or(i64::MAX);
     let expires = who.expires_at.unix_timestamp().saturating_add(leeway);
     if !store.spend_token(&who.issuer, &jti, expires)? {
         return Err(AuthError::Replayed.into());

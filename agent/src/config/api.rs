@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::{Problems, is_plain_name};
 
 /// The HTTPS API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// Address and port to listen on. Default: `127.0.0.1:8443`.
@@ -40,7 +40,7 @@ pub struct ApiConfig {
 }
 
 /// Which bearer tokens the API accepts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// `iss` of the tokens signed with `keys` (`deployd token issue` writes
@@ -72,7 +72,7 @@ pub struct AuthConfig {
 
 /// An OIDC issuer (GitHub Actions, GitLab CI): its keys come from its JWKS
 /// URL; its rules say which of its tokens may do what.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
     /// A name for logs and the audit log, e.g. `github`.
@@ -104,7 +104,7 @@ pub struct OidcConfig {
 
 /// A policy rule, in the spirit of Vault's `bound_claims`: a token matching
 /// the audience and every bound claim gets `scopes` on `apps`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// The `aud` the token must carry (what the CI job asked its token for).
@@ -157,7 +157,7 @@ impl KeyAlgorithm {
 }
 
 /// One key tokens may be signed with.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// The `kid` tokens signed with it carry.

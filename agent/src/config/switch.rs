@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::Problems;
 
 /// Where an app's public HTTP traffic comes in, and how it is switched.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchConfig {
     /// The public address, e.g. `0.0.0.0:8000`. A listener passed by systemd

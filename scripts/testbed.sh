@@ -7,6 +7,9 @@
 #   scripts/testbed.sh status   show what is running and where the state is
 #   scripts/testbed.sh down     stop the registry and remove test containers
 #   scripts/testbed.sh purge    down, then delete images and all state
+#   scripts/testbed.sh debian-image
+#                               a clean Debian image with systemd, for
+#                               installing the package into; prints its tag
 #
 # State lives in $DEPLOYD_TESTBED_DIR (default ~/.cache/deployd-testbed); `up`
 # writes testbed.env there, which the integration tests read.
@@ -424,10 +427,27 @@ cmd_status() {
     testbed_images | cut -f2,3
 }
 
+# A clean Debian host with systemd installed (not running): what a package
+# is installed into. Prints its tag.
+no_hook() { :; }
+cmd_debian_image() {
+    mkdir -p "$STATE"
+    exec 9>"$STATE/lock"
+    flock 9
+    ensure_packages debootstrap
+    ensure_docker
+    # procps: /bin/kill, in every standard Debian install (not in minbase).
+    local image packages=systemd,systemd-sysv,procps
+    image=deployd-testbed/debian-systemd:$(content_hash "$ROOT" "$(host_mirror) $BASE_REVISION $packages")
+    build_rootfs_image "$image" "$packages" no_hook --change 'ENV LANG=C.UTF-8' >&2
+    echo "$image"
+}
+
 case ${1:-} in
     up) cmd_up ;;
     down) cmd_down ;;
     purge) cmd_purge ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status|purge" >&2; exit 2 ;;
+    debian-image) cmd_debian_image ;;
+    *) echo "usage: $0 up|down|status|purge|debian-image" >&2; exit 2 ;;
 esac

@@ -248,6 +248,31 @@ impl EngineHandle {
         self.ctx.stopping.cancelled()
     }
 
+    /// What keeps the agent from deploying: `docker` (the engine does not
+    /// answer within 5 s), `store` (it takes no writes). Empty when ready;
+    /// also sets the `deployd_ready` metric.
+    pub async fn readiness(&self) -> Vec<&'static str> {
+        let mut failing = Vec::new();
+        let docker = tokio::time::timeout(Duration::from_secs(5), self.ctx.docker.version());
+        match docker.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: Docker engine not reachable");
+                failing.push("docker");
+            }
+            Err(_) => {
+                tracing::warn!("readiness: Docker engine did not answer within 5 s");
+                failing.push("docker");
+            }
+        }
+        if let Err(e) = self.ctx.store.check_writable() {
+            tracing::warn!(error = %e, "readiness: store not writable");
+            failing.push("store");
+        }
+        self.ctx.metrics.readiness(&failing);
+        failing
+    }
+
     /// The metrics of deployments, the switch and the API.
     pub fn metrics(&self) -> &Metrics {
         &self.ctx.metrics

@@ -27,6 +27,9 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// How often readiness is checked for the `deployd_ready` metric.
+const READINESS_INTERVAL: Duration = Duration::from_secs(15);
+
 /// How long requests in flight may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -68,6 +71,16 @@ pub async fn run(
     tracing::info!(apps = config.apps.len(), addr = %server.addr(), "deployd ready");
     systemd::ready("serving");
     let watchdog = systemd::watchdog();
+    let readiness = tokio::spawn({
+        let engine = state.engine.clone();
+        async move {
+            let mut tick = tokio::time::interval(READINESS_INTERVAL);
+            loop {
+                tick.tick().await;
+                engine.readiness().await;
+            }
+        }
+    });
     let mut running = config;
     tokio::pin!(shutdown);
     loop {
@@ -90,6 +103,7 @@ pub async fn run(
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
+    readiness.abort();
     Ok(())
 }
 

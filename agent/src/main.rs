@@ -80,6 +80,9 @@ enum Command {
     },
     /// Print the documented example configuration.
     DefaultConfig,
+    /// Print the manual page (roff), as the package installs it.
+    #[command(hide = true)]
+    Manpage,
     /// Tokens signed with a key of the configuration.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -172,6 +175,14 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Issue { .. }) => return issue_token(cli.command),
         Command::Audit(audit) => return audit_command(audit),
         Command::Init { .. } => return init_command(&cli.command),
+        Command::Manpage => {
+            // A daemon: section 8.
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
+        }
         Command::DefaultConfig => {
             let mut out = std::io::stdout().lock();
             return match out.write_all(deployd::config::EXAMPLE.as_bytes()) {
@@ -253,6 +264,7 @@ async fn serve(command: Command) -> anyhow::Result<()> {
         | Command::Token(_)
         | Command::Audit(_)
         | Command::Init { .. }
+        | Command::Manpage
         | Command::DefaultConfig => {}
     }
     Ok(())

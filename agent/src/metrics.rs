@@ -56,6 +56,11 @@ struct AppLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AuthLabels {
     code: String,
 }
@@ -76,6 +81,7 @@ pub struct Metrics {
     release_shown: Mutex<HashMap<(String, String), ReleaseLabels>>,
     last_success: Family<AppLabels, Gauge<f64, AtomicU64>>,
     auth_failures: Family<AuthLabels, Counter>,
+    ready: Family<CheckLabels, Gauge>,
 }
 
 fn deployment_histogram() -> Histogram {
@@ -154,6 +160,13 @@ impl Metrics {
             "API requests refused: 401 (no or bad token), 403 (not allowed), 429 (too many failures)",
             auth_failures.clone(),
         );
+        let ready = Family::default();
+        registry.register(
+            "ready",
+            "1 when the check passes: docker (the engine answers), store (takes writes); \
+             checked every 15 s and at each GET /readiness",
+            ready.clone(),
+        );
         registry.register_collector(Box::new(SwitchCollector(routes.clone())));
         Self {
             registry,
@@ -165,6 +178,7 @@ impl Metrics {
             release_shown: Mutex::default(),
             last_success,
             auth_failures,
+            ready,
         }
     }
 
@@ -274,6 +288,16 @@ impl Metrics {
         }
     }
 
+    /// The outcome of a readiness check: what failed.
+    pub fn readiness(&self, failing: &[&str]) {
+        for check in ["docker", "store"] {
+            let ok = !failing.contains(&check);
+            self.ready
+                .get_or_create(&CheckLabels { check })
+                .set(i64::from(ok));
+        }
+    }
+
     /// An API request was refused with `code` (`invalid_token`, `forbidden`, ...).
     pub fn auth_failure(&self, code: &str) {
         self.auth_failures
@@ -361,6 +385,7 @@ mod tests {
         metrics.live("shop", &services, "aaa", Some(SystemTime::UNIX_EPOCH));
         metrics.live("shop", &services, "bbb", None);
         metrics.auth_failure("invalid_token");
+        metrics.readiness(&["docker"]);
         let text = metrics.render();
         for line in [
             r#"deployd_deployments_total{app="shop",kind="deploy",outcome="succeeded"} 1"#,
@@ -372,6 +397,8 @@ mod tests {
             r#"deployd_release_info{app="shop",service="worker",sha="bbb"} 1"#,
             r#"deployd_last_success_timestamp_seconds{app="shop"} 0"#,
             r#"deployd_auth_failures_total{code="invalid_token"} 1"#,
+            r#"deployd_ready{check="docker"} 0"#,
+            r#"deployd_ready{check="store"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -43,6 +43,9 @@ enum Command {
     Unlock(lock::Unlock),
     Whoami(whoami::Whoami),
     Completions(completions::Completions),
+    /// Print the manual page (roff), as the package installs it.
+    #[command(hide = true)]
+    Manpage,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,13 @@ fn main() -> ExitCode {
     if let Command::Completions(c) = &cli.command {
         c.run();
         return ExitCode::SUCCESS;
+    }
+    if let Command::Manpage = &cli.command {
+        let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+        return match page.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -87,6 +97,6 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Lock(c) => c.run(&ctx).await,
         Command::Unlock(c) => c.run(&ctx).await,
         Command::Whoami(c) => c.run(&ctx).await,
-        Command::Completions(_) => Ok(Exit::Success),
+        Command::Completions(_) | Command::Manpage => Ok(Exit::Success),
     }
 }

@@ -125,7 +125,8 @@ EOF
 curl -fsS "http://127.0.0.1:$metrics_port/metrics" >"$dir/metrics.txt"
 for line in \
     "deployd_deployments_total{app=\"$name\",kind=\"deploy\",outcome=\"interrupted\"} 1" \
-    "deployd_release_info{app=\"$name\",service=\"web\","; do
+    "deployd_release_info{app=\"$name\",service=\"web\"," \
+    'deployd_ready{check="docker"} 1'; do
     grep -qF "$line" "$dir/metrics.txt" || fail "metrics lack: $line"
 done
 log "metrics on [metrics] listen: the interruption counted, the live release shown"

@@ -1,8 +1,6 @@
 //! `/healthz` and `/readiness`: unauthenticated, and saying nothing beyond
 //! whether the agent can work.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Serialize;
@@ -33,23 +31,7 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, body = Health), (status = 503, body = Health))
 )]
 pub async fn readiness(State(state): State<ApiState>) -> (StatusCode, Json<Health>) {
-    let mut failing = Vec::new();
-    let docker = tokio::time::timeout(Duration::from_secs(5), state.engine.docker().version());
-    match docker.await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: Docker engine not reachable");
-            failing.push("docker");
-        }
-        Err(_) => {
-            tracing::warn!("readiness: Docker engine did not answer within 5 s");
-            failing.push("docker");
-        }
-    }
-    if let Err(e) = state.engine.store().check_writable() {
-        tracing::warn!(error = %e, "readiness: store not writable");
-        failing.push("store");
-    }
+    let failing = state.engine.readiness().await;
     let status = if failing.is_empty() {
         StatusCode::OK
     } else {

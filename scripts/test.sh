@@ -4,7 +4,8 @@
 # integration test of the workspace. Meanwhile it records Docker's events for
 # every beat container deployd starts, and checks afterwards that no two
 # beats of one app ever ran at once. Then deployd is stopped mid-deployment
-# and started again; last, schemathesis fuzzes the API.
+# and started again, the Debian package is installed and run under systemd,
+# and the unit's exposure scored; last, schemathesis fuzzes the API.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,6 +22,12 @@ cargo test --workspace --locked "$@"
 # The real binary stopped (SIGTERM) mid-deployment and started again, with
 # JSON logs and the plain-HTTP metrics listener (about a minute).
 bash scripts/scenario/stop.sh
+
+# The Debian package, installed into a clean Debian image, then run by a
+# real systemd with the packaged unit (release build: about 5 minutes).
+bash scripts/package/test-deb.sh
+bash scripts/package/test-systemd.sh
+bash scripts/systemd/security.sh
 
 # Events arrive asynchronously: give the last ones a moment.
 sleep 1

@@ -77,6 +77,8 @@ pub enum EngineError {
     Docker(#[from] crate::docker::DockerError),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("cannot set up the health check client: {0}")]
+    HttpClient(String),
 }
 
 impl EngineError {
@@ -197,10 +199,13 @@ impl EngineHandle {
         config.validate()?;
         let (events, _) = broadcast::channel(4096);
         crate::install_crypto_provider();
+        // Health checks are plain HTTP to containers: no TLS roots needed,
+        // so none are loaded (a host without ca-certificates works too).
         let http = reqwest::Client::builder()
             .no_proxy()
+            .tls_certs_only(std::iter::empty())
             .build()
-            .map_err(|e| StoreError::Corrupt(format!("HTTP client: {e}")))?;
+            .map_err(|e| EngineError::HttpClient(e.to_string()))?;
         let ctx = Arc::new(Ctx {
             docker,
             store,

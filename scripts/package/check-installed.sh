@@ -35,7 +35,7 @@ for entry in \
     "/usr/share/doc/deployd/README.md root:root 644" \
     "/etc/deployd root:root 755" \
     "/etc/deployd/tls root:root 755" \
-    "/etc/deployd/keys root:root 700" \
+    "/etc/deployd/keys root:root 755" \
     "/etc/deployd/secrets root:root 700"; do
     read -r path owner mode <<<"$entry"
     expect_mode "$path" "$owner $mode"

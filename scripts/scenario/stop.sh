@@ -10,7 +10,9 @@
 #   deployment is recorded `interrupted`, with an account of what runs, and
 #   every service of the app runs one release again, healthy;
 # - every log line is JSON (`--log-format json`), and those of the
-#   deployment carry its id.
+#   deployment carry its id;
+# - the plain-HTTP metrics listener ([metrics] listen) counts the
+#   interruption, and promtool parses its output.
 #
 #   scripts/scenario/stop.sh
 set -euo pipefail
@@ -130,4 +132,5 @@ for line in \
     grep -qF "$line" "$dir/metrics.txt" || fail "metrics lack: $line"
 done
 log "metrics on [metrics] listen: the interruption counted, the live release shown"
+bash scripts/metrics/check.sh "$dir/metrics.txt" >&2
 log "passed"

@@ -101,7 +101,10 @@ impl From<EngineError> for ApiError {
             EngineError::Locked { .. } => (StatusCode::LOCKED, "locked"),
             EngineError::NoPreviousRelease(_) => (StatusCode::CONFLICT, "no_previous_release"),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            EngineError::Config(_) | EngineError::Store(_) | EngineError::Docker(_) => {
+            EngineError::Config(_)
+            | EngineError::Store(_)
+            | EngineError::Docker(_)
+            | EngineError::HttpClient(_) => {
                 return Self::internal("request failed", &e);
             }
         };

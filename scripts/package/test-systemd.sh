@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The packaged deployd under a real systemd: a container of the test bed's
+# clean Debian image boots systemd as its PID 1 (host network, the host's
+# Docker socket), the .deb is installed, the host set up as README's
+# operations section says, and deployd.socket + deployd.service started with
+# the packaged unit's sandbox. Checks:
+#
+# - the service gets `active` only after READY=1, with no capabilities,
+#   no_new_privs and its seccomp filter, yet reaches the Docker socket;
+# - deployctl deploys release 1 through it, and the app answers on the
+#   public address deployd.socket holds;
+# - `systemctl reload` (SIGHUP) and `systemctl restart` keep it serving;
+# - `systemctl stop` stops it.
+#
+# One thing differs from a host: systemd in a container cannot set up
+# LoadCredential= (its credentials directory stays empty, even for a bare
+# unit), so a drop-in reads the config and TLS key from /etc/deployd
+# instead, made readable by the deployd group. The credential paths are
+# checked by scripts/package/check-installed.sh and systemd-analyze only.
+#
+#   scripts/package/test-systemd.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+. scripts/lib/agent.sh
+
+bash scripts/testbed.sh up >&2
+# shellcheck disable=SC1090
+. "$DEPLOYD_TESTBED_ENV_FILE"
+deb=$(bash scripts/package/deb.sh)
+image=$(bash scripts/testbed.sh debian-image)
+
+name=sysd$$
+work=$(mktemp -d)
+host=
+cleanup() {
+    [ -z "$host" ] || docker rm -f "$host" >/dev/null 2>&1 || true
+    agent_cleanup "$work" "$name"
+}
+trap cleanup EXIT
+log() { printf '[systemd %s] %s\n' "$(date +%T)" "$*" >&2; }
+fail() {
+    echo "FAIL: $*" >&2
+    [ -z "$host" ] || docker exec "$host" journalctl -u deployd --no-pager | tail -n 30 >&2
+    exit 1
+}
+on_host() { docker exec "$host" "$@"; }
+
+api_port=$(agent_free_port)
+public_port=$(agent_free_port)
+agent_services "$name"
+
+host=$(docker run -d --network host --cap-add SYS_ADMIN \
+    --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+    -v /sys/fs/cgroup:/sys/fs/cgroup:rw --tmpfs /run --tmpfs /run/lock \
+    -v /var/run/docker.sock:/var/run/docker.sock \
+    -v "$deb:/pkg/deployd.deb:ro" "$image" /lib/systemd/systemd)
+for _ in $(seq 1 100); do
+    state=$(on_host systemctl is-system-running 2>/dev/null || true)
+    case $state in running | degraded) break ;; esac
+    sleep 0.2
+done
+log "systemd runs in $(cut -c1-12 <<<"$host") ($state)"
+
+# The docker group of this host is the socket's group.
+on_host groupadd --gid "$(stat -c %g /var/run/docker.sock)" docker
+on_host dpkg -i /pkg/deployd.deb >/dev/null
+on_host deployd init --san localhost --listen "127.0.0.1:$api_port" --credentials-dir >/dev/null
+docker cp "$DEPLOYD_TESTBED_REGISTRY_AUTH" "$host:/etc/deployd/secrets/$name-registry.json"
+docker cp "$DEPLOYD_TESTBED_APP_ENV" "$host:/etc/deployd/secrets/$name.env"
+# The sample app's section, as the other scripts configure it, with its
+# secrets where the operations section puts them, behind the switch.
+mkdir -p "$work/etc"
+: >"$work/etc/deployd.toml"
+agent_add_app "$work" "$name" "$name"
+sed -e "s|$DEPLOYD_TESTBED_REGISTRY_AUTH|/etc/deployd/secrets/$name-registry.json|" \
+    -e "s|$DEPLOYD_TESTBED_APP_ENV|/etc/deployd/secrets/$name.env|" "$work/etc/deployd.toml" \
+    >"$work/app.toml"
+# trust_forwarded_headers: as behind a TLS terminator, which sets
+# X-Forwarded-Proto (Django redirects plain http to https).
+printf '[apps.%s.switch]\nlisten = "127.0.0.1:%s"\ntrust_forwarded_headers = true\n' \
+    "$name" "$public_port" >>"$work/app.toml"
+docker cp "$work/app.toml" "$host:/tmp/app.toml"
+on_host sh -c 'cat /tmp/app.toml >>/etc/deployd/deployd.toml'
+on_host deployd check-config --config /etc/deployd/deployd.toml
+# See the header: no LoadCredential= in a container.
+on_host sh -c "
+    mkdir -p /etc/systemd/system/deployd.service.d /etc/systemd/system/deployd.socket.d
+    printf '[Service]\nLoadCredential=\nExecStart=\nExecStart=/usr/bin/deployd run --config /etc/deployd/deployd.toml\n' \
+        >/etc/systemd/system/deployd.service.d/no-credentials.conf
+    printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:$public_port\n' \
+        >/etc/systemd/system/deployd.socket.d/listen.conf
+    sed -i 's|/run/credentials/deployd.service/tls-key.pem|/etc/deployd/tls/key.pem|' /etc/deployd/deployd.toml
+    chgrp deployd /etc/deployd/deployd.toml /etc/deployd/tls/key.pem /etc/deployd/secrets /etc/deployd/secrets/*
+    chmod 0640 /etc/deployd/deployd.toml /etc/deployd/tls/key.pem /etc/deployd/secrets/*
+    chmod 0750 /etc/deployd/secrets
+    systemctl daemon-reload"
+
+on_host systemctl enable --now deployd.socket deployd.service 2>/dev/null \
+    || fail "deployd.service did not start"
+[ "$(on_host systemctl is-active deployd.service)" = active ] || fail "deployd is not active"
+[ "$(on_host systemctl show -p StatusText --value deployd.service)" = serving ] \
+    || fail "no STATUS=serving from deployd"
+pid=$(on_host systemctl show -p MainPID --value deployd.service)
+caps=$(on_host grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tr -s '\t\n' ' ')
+[[ $caps == *"CapEff: 0000000000000000 CapBnd: 0000000000000000 NoNewPrivs: 1 Seccomp: 2"* ]] \
+    || fail "deployd's sandbox is not in force: $caps"
+log "deployd.service active after READY=1; $caps"
+on_host systemd-analyze security deployd.service | tail -n 1 >&2
+
+deployctl() {
+    on_host sh -c "deployctl --url https://localhost:$api_port --ca-cert /etc/deployd/tls/cert.pem --app $name \
+        --token \$(deployd token issue --config /etc/deployd/deployd.toml --sub ops --scope read,deploy,rollback --ttl 10m) $*"
+}
+deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1" >"$work/deploy.log" 2>&1 \
+    || fail "deploy of release 1: $(cat "$work/deploy.log")"
+release() {
+    curl -fsS --max-time 10 -H "Host: $DEPLOYD_TESTBED_APP_HOST" -H 'X-Forwarded-Proto: https' \
+        "http://127.0.0.1:$public_port/release/"
+}
+answer=$(release) || fail "the switch did not answer on the socket's address"
+[[ $answer == *served_by* ]] || fail "not the app's answer: $answer"
+log "release 1 deployed by the packaged deployd; the public address answers: $answer"
+
+on_host systemctl reload deployd.service
+on_host journalctl -u deployd --no-pager | grep -q 'TLS certificate and key reloaded' \
+    || fail "systemctl reload did not reload"
+on_host systemctl restart deployd.service
+[ "$(on_host systemctl is-active deployd.service)" = active ] || fail "not active after restart"
+release >/dev/null || fail "no answer after restart"
+log "systemctl reload and restart: active and answering"
+
+on_host systemctl stop deployd.service deployd.socket
+[ "$(on_host systemctl is-active deployd.service || true)" = inactive ] || fail "deployd did not stop"
+log "passed"

@@ -9,6 +9,9 @@
 #   no_new_privs and its seccomp filter, yet reaches the Docker socket;
 # - deployctl deploys release 1 through it, and the app answers on the
 #   public address deployd.socket holds;
+# - installing the package again over the running deployd (an upgrade:
+#   postinst restarts it) fails no request made meanwhile;
+# - DEPLOYD_LOG_FORMAT=json in a drop-in puts JSON lines in the journal;
 # - `systemctl reload` (SIGHUP) and `systemctl restart` keep it serving;
 # - `systemctl stop` stops it.
 #
@@ -120,6 +123,40 @@ release() {
 answer=$(release) || fail "the switch did not answer on the socket's address"
 [[ $answer == *served_by* ]] || fail "not the app's answer: $answer"
 log "release 1 deployed by the packaged deployd; the public address answers: $answer"
+
+# An upgrade: the package installed again over itself while clients keep
+# requesting; postinst restarts deployd, deployd.socket holds the listener.
+: >"$work/load.out"
+(
+    while [ ! -e "$work/stop-load" ]; do
+        if release >/dev/null 2>&1; then echo ok; else echo failed; fi
+    done >>"$work/load.out"
+) &
+loader=$!
+sleep 1
+before=$(on_host systemctl show -p MainPID --value deployd.service)
+on_host dpkg -i /pkg/deployd.deb >/dev/null
+after=$(on_host systemctl show -p MainPID --value deployd.service)
+sleep 1
+touch "$work/stop-load"
+wait "$loader"
+served=$(grep -c ok "$work/load.out" || true)
+failed=$(grep -c failed "$work/load.out" || true)
+[ "$before" != "$after" ] || fail "the upgrade did not restart deployd"
+[ "$failed" -eq 0 ] || fail "$failed of $((served + failed)) requests failed during the upgrade"
+log "upgrade (dpkg -i over the running deployd, pid $before -> $after): $served requests, 0 failed"
+
+# JSON logs for the journal: a drop-in setting DEPLOYD_LOG_FORMAT.
+on_host sh -c "printf '[Service]\nEnvironment=DEPLOYD_LOG_FORMAT=json\n' \
+    >/etc/systemd/system/deployd.service.d/log-format.conf && systemctl daemon-reload"
+on_host systemctl restart deployd.service
+pid=$(on_host systemctl show -p MainPID --value deployd.service)
+on_host journalctl "_PID=$pid" -o cat --no-pager >"$work/journal.txt"
+grep -q '"message":"deployd ready"' "$work/journal.txt" \
+    || fail "no JSON 'deployd ready' in the journal: $(head -3 "$work/journal.txt")"
+python3 -c 'import json, sys; [json.loads(line) for line in open(sys.argv[1])]' "$work/journal.txt" \
+    || fail "journal lines are not JSON with DEPLOYD_LOG_FORMAT=json"
+log "DEPLOYD_LOG_FORMAT=json: the journal holds JSON lines"
 
 on_host systemctl reload deployd.service
 on_host journalctl -u deployd --no-pager | grep -q 'TLS certificate and key reloaded' \

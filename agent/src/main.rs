@@ -360,7 +360,8 @@ fn init_command(command: &Command) -> ExitCode {
          \x20 export DEPLOYCTL_TOKEN=$(deployd token issue --config {config} --sub ops \
          --scope read,deploy,rollback,admin --ttl 1h)\n\
          \n\
-         next: add your apps (deployd default-config), then deployd check-config --config {config}\n",
+         next: add your apps (deployd default-config), then deployd check-config --config {config}\n\
+         under systemd: systemctl enable --now deployd.socket deployd.service\n",
         config = report.config.display(),
         cert = report.tls_cert.display(),
         fp = report.fingerprint,

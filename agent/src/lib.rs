@@ -130,8 +130,8 @@ async fn metrics_listener(
     }))
 }
 
-/// SIGHUP: the TLS certificate and key, and the `[auth]` section (keys,
-/// OIDC issuers and rules), take effect at once, for new connections and
+/// SIGHUP: the TLS certificate, key and client CA, and the `[auth]`
+/// section (keys, OIDC issuers and rules), take effect at once, for new connections and
 /// requests. Other changes are named and wait for a restart. A
 /// configuration that does not load, or whose new TLS material or keys do
 /// not, changes nothing.
@@ -168,11 +168,14 @@ fn apply_reload(
         state.replace_authenticator(auth);
         tracing::info!("[auth] reloaded: token keys, OIDC issuers and rules");
     }
+    // The TLS settings (certificate, key, client CA) took effect; the rest
+    // of [api] did not.
     let mut at_restart = Vec::new();
     let mut api_rest = api.clone();
     if let Some(old) = &running.api {
         api_rest.tls_cert.clone_from(&old.tls_cert);
         api_rest.tls_key.clone_from(&old.tls_key);
+        api_rest.client_ca.clone_from(&old.client_ca);
     }
     for (changed, key) in [
         (Some(&api_rest) != running.api.as_ref(), "api"),
@@ -198,6 +201,13 @@ fn apply_reload(
             "changed, taking effect at the next restart"
         );
     }
-    running.api = Some(api);
+    // What is in force now: the next reload compares with it.
+    if let Some(old) = running.api.as_mut() {
+        old.tls_cert = api.tls_cert;
+        old.tls_key = api.tls_key;
+        old.client_ca = api.client_ca;
+    }
+    let max_failures = running.auth.max_failures_per_minute;
     running.auth = new.auth;
+    running.auth.max_failures_per_minute = max_failures;
 }

@@ -8,7 +8,9 @@
 # - the service gets `active` only after READY=1, with no capabilities,
 #   no_new_privs and its seccomp filter, yet reaches the Docker socket;
 # - deployctl deploys release 1 through it, and the app answers on the
-#   public address deployd.socket holds;
+#   public address deployd.socket holds; then release 2, a lock refusing a
+#   deploy, unlock, and a rollback to release 1;
+# - a new TLS certificate, after a restart, is what deployctl's pin finds;
 # - installing the package again over the running deployd (an upgrade:
 #   postinst restarts it) fails no request made meanwhile;
 # - DEPLOYD_LOG_FORMAT=json in a drop-in puts JSON lines in the journal;
@@ -112,7 +114,7 @@ on_host systemd-analyze security deployd.service | tail -n 1 >&2
 
 deployctl() {
     on_host sh -c "deployctl --url https://localhost:$api_port --ca-cert /etc/deployd/tls/cert.pem --app $name \
-        --token \$(deployd token issue --config /etc/deployd/deployd.toml --sub ops --scope read,deploy,rollback --ttl 10m) $*"
+        --token \$(deployd token issue --config /etc/deployd/deployd.toml --sub ops --scope read,deploy,rollback,admin --ttl 10m) $*"
 }
 deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1" >"$work/deploy.log" 2>&1 \
     || fail "deploy of release 1: $(cat "$work/deploy.log")"
@@ -123,6 +125,33 @@ release() {
 answer=$(release) || fail "the switch did not answer on the socket's address"
 [[ $answer == *served_by* ]] || fail "not the app's answer: $answer"
 log "release 1 deployed by the packaged deployd; the public address answers: $answer"
+
+# Rollback and lock, as the operations section runs them.
+served() { release | python3 -c 'import json, sys; print(json.load(sys.stdin)["served_by"].split("/")[0])'; }
+deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2" >"$work/deploy.log" 2>&1 \
+    || fail "deploy of release 2: $(cat "$work/deploy.log")"
+[ "$(served)" = 2 ] || fail "release 2 does not answer"
+deployctl lock --reason "'incident 42'" >/dev/null
+code=0
+deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1" >"$work/locked.log" 2>&1 || code=$?
+[ "$code" -eq 7 ] || fail "a deploy to a locked app exited $code: $(cat "$work/locked.log")"
+deployctl unlock >/dev/null
+deployctl rollback --reason "'bad release'" >"$work/rollback.log" 2>&1 \
+    || fail "rollback: $(cat "$work/rollback.log")"
+[ "$(served)" = 1 ] || fail "release 1 does not answer after the rollback"
+log "deploy 2, lock (deploy refused, exit 7), unlock, rollback: release 1 answers"
+
+# TLS rotation: a new certificate and key in /etc/deployd/tls, a restart;
+# deployctl pinning the new fingerprint gets in.
+on_host sh -c 'deployd init --dir /tmp/rotated --san localhost >/tmp/rotated.txt
+    cp /tmp/rotated/tls/cert.pem /tmp/rotated/tls/key.pem /etc/deployd/tls/
+    chgrp deployd /etc/deployd/tls/key.pem && chmod 0640 /etc/deployd/tls/key.pem'
+fingerprint=$(on_host sed -n 's/.*SHA-256 fingerprint \([0-9A-F:]*\).*/\1/p' /tmp/rotated.txt)
+on_host systemctl restart deployd.service
+on_host sh -c "deployctl --url https://localhost:$api_port --pin-sha256 $fingerprint \
+    --token \$(deployd token issue --config /etc/deployd/deployd.toml --sub ops --scope read --ttl 5m) whoami" \
+    >/dev/null || fail "the rotated certificate is not served"
+log "TLS certificate rotated (restart): deployctl pinning ${fingerprint:0:11}... gets in"
 
 # An upgrade: the package installed again over itself while clients keep
 # requesting; postinst restarts deployd, deployd.socket holds the listener.

@@ -222,6 +222,7 @@ impl EngineHandle {
             .iter()
             .map(|(name, app)| (name.clone(), Arc::new(app.clone())))
             .collect();
+        ctx.metrics.register_apps(apps.keys());
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
         ctx.seed_metrics(&apps);
@@ -349,6 +350,10 @@ impl EngineHandle {
         request: DeployRequest,
         kind: DeploymentKind,
     ) -> Result<Deployment, EngineError> {
+        // Shutting down: a deployment accepted now would only freeze.
+        if self.ctx.stopping.is_cancelled() {
+            return Err(EngineError::Stopped);
+        }
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Deploy {
@@ -504,8 +509,9 @@ impl Engine {
 impl Ctx {
     /// The crash hook: never returns if deployments freeze before `step`.
     async fn freeze_point(&self, step: &str) {
-        if self.stopping.is_cancelled() {
-            // Cut at a step boundary; the next start reconciles it.
+        // Cut at a step boundary; the next start reconciles it. A
+        // deployment past its last step still records its outcome.
+        if step != "finish" && self.stopping.is_cancelled() {
             tracing::warn!(step, "deployd is stopping: this step does not start");
             std::future::pending::<()>().await;
         }

@@ -164,10 +164,9 @@ fn apply_reload(
         return;
     }
     tracing::info!("TLS certificate and key reloaded");
-    if new.auth != running.auth {
-        state.replace_authenticator(auth);
-        tracing::info!("[auth] reloaded: token keys, OIDC issuers and rules");
-    }
+    // Always: a key file may have changed under an unchanged path.
+    state.replace_authenticator(auth);
+    tracing::info!("[auth] reloaded: token keys, OIDC issuers and rules");
     // The TLS settings (certificate, key, client CA) took effect; the rest
     // of [api] did not.
     let mut at_restart = Vec::new();

@@ -1,5 +1,5 @@
 //! Prometheus metrics, in the Prometheus text format at `/metrics`: on the
-//! API (any token with the `read` scope) and, when `[metrics] listen` is
+//! API (a token with `read` on every app) and, when `[metrics] listen` is
 //! set, without a token on that separate address (keep it local).
 //!
 //! Deployments and their steps are counted as they end; the switch's
@@ -193,6 +193,43 @@ impl Metrics {
         out
     }
 
+    /// Every counter series of each app, at zero: a series first seen at
+    /// 1 would hide its first event from `increase()` in alert rules.
+    pub fn register_apps<'a>(&self, apps: impl IntoIterator<Item = &'a String>) {
+        const OUTCOMES: [DeploymentState; 5] = [
+            DeploymentState::Succeeded,
+            DeploymentState::Failed,
+            DeploymentState::RolledBack,
+            DeploymentState::RollbackFailed,
+            DeploymentState::Interrupted,
+        ];
+        for app in apps {
+            for kind in [DeploymentKind::Deploy, DeploymentKind::Rollback] {
+                for state in OUTCOMES {
+                    let _ = self.deployments.get_or_create(&Outcome {
+                        app: app.clone(),
+                        kind: kind_label(kind),
+                        outcome: outcome_label(state),
+                    });
+                }
+            }
+            for outcome in ["succeeded", "failed"] {
+                let _ = self.rollbacks.get_or_create(&RollbackOutcome {
+                    app: app.clone(),
+                    trigger: "automatic",
+                    outcome,
+                });
+            }
+            for state in OUTCOMES {
+                let _ = self.rollbacks.get_or_create(&RollbackOutcome {
+                    app: app.clone(),
+                    trigger: "requested",
+                    outcome: outcome_label(state),
+                });
+            }
+        }
+    }
+
     /// A step ended.
     pub fn step(&self, app: &str, step: &str, succeeded: bool, took: Duration) {
         let labels = StepOutcome {
@@ -367,6 +404,7 @@ mod tests {
     #[test]
     fn deployments_steps_releases_and_refusals_are_exported() {
         let metrics = Metrics::new(&Routes::default());
+        metrics.register_apps([&"shop".to_owned()]);
         let services = ["web".to_owned(), "worker".to_owned()];
         metrics.step("shop", "pull", true, Duration::from_millis(1500));
         metrics.step("shop", "rollback", false, Duration::from_secs(3));
@@ -399,6 +437,9 @@ mod tests {
             r#"deployd_auth_failures_total{code="invalid_token"} 1"#,
             r#"deployd_ready{check="docker"} 0"#,
             r#"deployd_ready{check="store"} 1"#,
+            // Registered at zero, before anything happened.
+            r#"deployd_deployments_total{app="shop",kind="deploy",outcome="rollback_failed"} 0"#,
+            r#"deployd_rollbacks_total{app="shop",trigger="automatic",outcome="succeeded"} 0"#,
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -32,9 +32,10 @@ pub fn stopping() {
 }
 
 /// When systemd asked for a watchdog (`WatchdogSec=`), pings it at half
-/// the interval from a task on the agent's runtime: a runtime stalled for
-/// the whole interval (a blocked worker thread, a deadlock) stops the
-/// pings, and systemd restarts deployd.
+/// the interval from a task on the agent's runtime: a runtime whose worker
+/// threads are all stuck for the whole interval stops the pings, and
+/// systemd restarts deployd. A single stuck task (the engine's, say) is
+/// not noticed.
 pub fn watchdog() -> Option<JoinHandle<()>> {
     let interval = sd_notify::watchdog_enabled()?;
     let period = (interval / 2).max(Duration::from_millis(100));

@@ -84,11 +84,12 @@ EOF
 
 agent_start() {
     local dir=$1
+    local before
+    before=$(grep -sc 'deployd ready' "$dir/deployd.log" || true)
+    before=${before:-0}
     # shellcheck disable=SC2086
     "$AGENT_BIN" ${AGENT_ARGS:-} run --config "$dir/etc/deployd.toml" 2>>"$dir/deployd.log" &
     AGENT_PID=$!
-    local before
-    before=$(grep -c 'deployd ready' "$dir/deployd.log" || true)
     for _ in $(seq 1 1200); do
         [ "$(grep -c 'deployd ready' "$dir/deployd.log" || true)" -gt "$before" ] && return 0
         kill -0 "$AGENT_PID" 2>/dev/null || break

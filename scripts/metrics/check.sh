@@ -31,8 +31,11 @@ fi
 "$promtool" test rules docs/alerts.test.yml
 if [ $# -gt 0 ]; then
     # Lint problems (naming, help text) are printed; only a parse error fails.
-    "$promtool" check metrics <"$1" || true
-    "$promtool" check metrics <"$1" 2>&1 | grep -qi 'error while linting\|parse' \
-        && { echo "promtool cannot parse $1" >&2; exit 1; }
+    report=$("$promtool" check metrics <"$1" 2>&1 || true)
+    [ -z "$report" ] || echo "$report"
+    if grep -qi 'error while linting\|parsing error' <<<"$report"; then
+        echo "promtool cannot parse $1" >&2
+        exit 1
+    fi
     echo "promtool check metrics: $1 parses"
 fi

@@ -37,7 +37,9 @@ image=$(bash scripts/testbed.sh debian-image)
 name=sysd$$
 work=$(mktemp -d)
 host=
+loader=
 cleanup() {
+    [ -z "$loader" ] || kill "$loader" 2>/dev/null || true
     [ -z "$host" ] || docker rm -f "$host" >/dev/null 2>&1 || true
     agent_cleanup "$work" "$name"
 }
@@ -169,6 +171,7 @@ after=$(on_host systemctl show -p MainPID --value deployd.service)
 sleep 1
 touch "$work/stop-load"
 wait "$loader"
+loader=
 served=$(grep -c ok "$work/load.out" || true)
 failed=$(grep -c failed "$work/load.out" || true)
 [ "$before" != "$after" ] || fail "the upgrade did not restart deployd"

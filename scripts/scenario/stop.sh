@@ -28,7 +28,8 @@ dir=$(mktemp -d)
 name=stop$$
 follower=
 cleanup() {
-    [ -z "$follower" ] || kill "$follower" 2>/dev/null || true
+    # The follower is a subshell running deployctl: end both.
+    [ -z "$follower" ] || { pkill -P "$follower" 2>/dev/null; kill "$follower" 2>/dev/null; } || true
     agent_cleanup "$dir" "$name"
 }
 trap cleanup EXIT

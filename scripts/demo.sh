@@ -14,9 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-bash scripts/testbed.sh up >&2
-cargo build --locked -q -p deployd -p deployctl
-. "$DEPLOYD_TESTBED_ENV_FILE"
+agent_bed
 started=$(date +%s)
 
 dir=$(mktemp -d)

@@ -507,14 +507,19 @@ impl Engine {
 }
 
 impl Ctx {
-    /// The crash hook: never returns if deployments freeze before `step`.
-    async fn freeze_point(&self, step: &str) {
-        // Cut at a step boundary; the next start reconciles it. A
-        // deployment past its last step still records its outcome.
-        if step != "finish" && self.stopping.is_cancelled() {
+    /// Before each step: never returns once deployd is stopping (the
+    /// deployment is cut at this boundary; the next start reconciles it),
+    /// nor where the crash hook freezes deployments.
+    async fn step_boundary(&self, step: &str) {
+        if self.stopping.is_cancelled() {
             tracing::warn!(step, "deployd is stopping: this step does not start");
             std::future::pending::<()>().await;
         }
+        self.freeze_point(step).await;
+    }
+
+    /// The crash hook: never returns if deployments freeze before `step`.
+    async fn freeze_point(&self, step: &str) {
         let Some(freeze) = &self.freeze else { return };
         if freeze.before_step != step {
             return;

@@ -291,7 +291,13 @@ impl Metrics {
     }
 
     /// `services` of `app` run `sha` now; `at`: when it went live.
-    pub fn live(&self, app: &str, services: &[String], sha: &str, at: Option<SystemTime>) {
+    pub fn live<'a>(
+        &self,
+        app: &str,
+        services: impl IntoIterator<Item = &'a String>,
+        sha: &str,
+        at: Option<SystemTime>,
+    ) {
         // Only the live sha of each service is exported: the series of
         // the one before goes.
         let mut shown = self

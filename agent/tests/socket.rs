@@ -32,16 +32,26 @@ fn starts(log: &Path) -> usize {
         .count()
 }
 
-fn wait_for_starts(log: &Path, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while starts(log) < n {
-        assert!(
-            Instant::now() < deadline,
-            "deployd did not start {n} time(s):\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+/// Polls `done` until it holds; fails with `why()` after `within`.
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn wait_for_starts(log: &Path, n: usize) {
+    wait_until(
+        Duration::from_secs(60),
+        || starts(log) >= n,
+        || {
+            format!(
+                "deployd did not start {n} time(s):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        },
+    );
 }
 
 /// One request on a new connection; the status line, or why there was none.
@@ -77,15 +87,11 @@ fn notified(log: &Path) -> Vec<String> {
 }
 
 fn wait_for_notice(log: &Path, what: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while notified(log).iter().filter(|l| *l == what).count() < n {
-        assert!(
-            Instant::now() < deadline,
-            "no {n} x {what} from deployd: {:?}",
-            notified(log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(60),
+        || notified(log).iter().filter(|l| *l == what).count() >= n,
+        || format!("no {n} x {what} from deployd: {:?}", notified(log)),
+    );
 }
 
 /// `deployd token issue` with `config`, signed with `key`.
@@ -125,14 +131,15 @@ fn whoami(api: u16, ca: &Path, token: &str) -> u16 {
 }
 
 fn wait_for_log(log: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains(what)
-    {
-        assert!(Instant::now() < deadline, "deployd never logged {what:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .contains(what)
+        },
+        || format!("deployd never logged {what:?}"),
+    );
 }
 
 /// The deployd process the holder runs (the shell it starts execs into it).

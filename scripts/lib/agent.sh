@@ -3,6 +3,8 @@
 # app configured, and its PostgreSQL and Redis on a network of their own.
 # Source it; every function is prefixed `agent_`.
 #
+#   agent_bed                    the test bed up, debug deployd and deployctl
+#                                built, the test bed's settings loaded
 #   agent_free_port              a port nothing listens on now (the kernel's pick)
 #   agent_init DIR PORT          init into DIR, API on 127.0.0.1:PORT
 #   agent_services NAME          network NAME with db and redis (healthy)
@@ -16,6 +18,13 @@
 AGENT_BIN=${AGENT_BIN:-target/debug/deployd}
 # Where `scripts/testbed.sh up` wrote the test bed's settings.
 DEPLOYD_TESTBED_ENV_FILE=${DEPLOYD_TESTBED_ENV:-${DEPLOYD_TESTBED_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/deployd-testbed}/testbed.env}
+
+agent_bed() {
+    bash scripts/testbed.sh up >&2
+    cargo build --locked -q -p deployd -p deployctl
+    # shellcheck disable=SC1090
+    . "$DEPLOYD_TESTBED_ENV_FILE"
+}
 
 agent_free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -29,10 +29,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib/agent.sh
 
-bash scripts/testbed.sh up >&2
-cargo build --locked -q -p deployd -p deployctl
-# shellcheck disable=SC1090
-. "$DEPLOYD_TESTBED_ENV_FILE"
+agent_bed
 if ! command -v docker-compose >/dev/null; then
     echo "installing docker-compose (Debian package)" >&2
     sudo_=""

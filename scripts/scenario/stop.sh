@@ -19,10 +19,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib/agent.sh
 
-bash scripts/testbed.sh up >&2
-cargo build --locked -q -p deployd -p deployctl
-# shellcheck disable=SC1090
-. "$DEPLOYD_TESTBED_ENV_FILE"
+agent_bed
 
 dir=$(mktemp -d)
 name=stop$$

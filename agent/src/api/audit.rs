@@ -159,6 +159,14 @@ pub(super) async fn started(
     }
 }
 
+/// Whether an answer refused the caller: 401, 403 or 429.
+pub(super) fn refuses_caller(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+    )
+}
+
 /// The middleware: records changes and refusals with their outcome.
 pub(super) async fn outcomes(
     State(state): State<ApiState>,
@@ -180,10 +188,7 @@ pub(super) async fn outcomes(
     let response = next.run(request).await;
     let status = response.status();
     let change = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let refused = matches!(
-        status,
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
-    );
+    let refused = refuses_caller(status);
     if !(change || refused) {
         return response;
     }

@@ -2,12 +2,12 @@
 //! app; and the count of refused requests, for every route.
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use deployd_proto::Scope;
 
-use super::audit::ErrorCode;
+use super::audit::{ErrorCode, refuses_caller};
 use super::{ApiState, Caller};
 use crate::metrics::Metrics;
 
@@ -40,10 +40,7 @@ pub(super) async fn count_refusals(
     next: Next,
 ) -> Response {
     let response = next.run(request).await;
-    if matches!(
-        response.status(),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
-    ) {
+    if refuses_caller(response.status()) {
         let code = response
             .extensions()
             .get::<ErrorCode>()

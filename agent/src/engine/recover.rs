@@ -77,8 +77,8 @@ impl Ctx {
                     .map(std::time::SystemTime::from),
                 Err(_) => None,
             };
-            let services: Vec<String> = cfg.services.keys().cloned().collect();
-            self.metrics.live(app, &services, live.sha.as_str(), at);
+            self.metrics
+                .live(app, cfg.services.keys(), live.sha.as_str(), at);
         }
     }
 

@@ -77,10 +77,9 @@ impl Run {
         let metrics = &self.ctx.metrics;
         metrics.deployment(&self.app, self.kind, state, self.started.elapsed());
         if state == DeploymentState::Succeeded {
-            let services: Vec<String> = self.cfg.services.keys().cloned().collect();
             metrics.live(
                 &self.app,
-                &services,
+                self.cfg.services.keys(),
                 self.sha.as_str(),
                 Some(std::time::SystemTime::now()),
             );
@@ -97,7 +96,7 @@ impl Run {
         name: &str,
         work: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
-        self.ctx.freeze_point(name).await;
+        self.ctx.step_boundary(name).await;
         let started = EventKind::StepStarted {
             step: name.to_owned(),
         };
@@ -119,7 +118,7 @@ impl Run {
         name: &str,
         work: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
-        self.ctx.freeze_point(name).await;
+        self.ctx.step_boundary(name).await;
         self.emit(EventKind::StepStarted {
             step: name.to_owned(),
         });

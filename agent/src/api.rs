@@ -8,6 +8,7 @@ mod audit;
 mod deployments;
 mod error;
 mod events;
+mod guard;
 mod health;
 pub mod metrics;
 mod openapi;
@@ -25,7 +26,7 @@ use axum::{BoxError, Router};
 use deployd_proto::WhoAmI;
 use tower::ServiceBuilder;
 
-pub use audit::ClientAddr;
+pub use audit::{ClientAddr, RefusalLog};
 pub use error::ApiError;
 pub use openapi::ApiDoc;
 pub use server::{ServeError, Server};
@@ -33,6 +34,8 @@ pub use tls::{TlsError, server_config};
 
 use crate::auth::{AuthError, Authenticator, FailureGate, Principal};
 use crate::engine::EngineHandle;
+use crate::limit::Tally;
+use crate::switch::HeadLimits;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -44,6 +47,8 @@ pub struct ApiState {
     /// Replaced whole when SIGHUP reloads the `[auth]` section.
     auth: Arc<RwLock<Arc<Authenticator>>>,
     pub(crate) gate: Arc<FailureGate>,
+    /// Refusals of unauthenticated requests, summarised for the audit log.
+    pub(crate) refusals: Arc<RefusalLog>,
 }
 
 impl ApiState {
@@ -54,6 +59,22 @@ impl ApiState {
             engine,
             auth: Arc::new(RwLock::new(Arc::new(auth))),
             gate: Arc::new(FailureGate::new(max_failures)),
+            refusals: Arc::default(),
+        }
+    }
+
+    /// Writes the summaries of refused unauthenticated requests whose
+    /// minute is over (`all`: every one counted so far, at shutdown).
+    pub fn write_refusal_summaries(&self, all: bool) {
+        let summaries = if all {
+            self.refusals.flush_all()
+        } else {
+            self.refusals.flush()
+        };
+        for summary in summaries {
+            if let Err(e) = self.engine.store().append_audit(&summary) {
+                tracing::error!(error = %e, "audit summary not written");
+            }
         }
     }
 
@@ -80,6 +101,11 @@ impl ApiState {
 pub struct Limits {
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// Request line and header sizes.
+    pub head: HeadLimits,
+    /// Event streams open at once per token and per address.
+    pub streams_per_token: usize,
+    pub streams_per_address: usize,
 }
 
 impl Default for Limits {
@@ -87,8 +113,18 @@ impl Default for Limits {
         Self {
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 512,
+            head: HeadLimits::default(),
+            streams_per_token: 8,
+            streams_per_address: 64,
         }
     }
+}
+
+/// Event streams open at once, per token and per address.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamCaps {
+    pub per_token: Arc<Tally<String>>,
+    pub per_address: Arc<Tally<std::net::IpAddr>>,
 }
 
 /// The whole API.
@@ -103,11 +139,11 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/lock", put(apps::lock).delete(apps::unlock))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))
-        .route("/whoami", get(whoami))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            audit::outcomes,
-        ));
+        .route("/whoami", get(whoami));
+    let streams = StreamCaps {
+        per_token: Tally::new(limits.streams_per_token),
+        per_address: Tally::new(limits.streams_per_address),
+    };
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(health::healthz))
@@ -115,6 +151,12 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::scrape))
         .fallback(not_found)
+        .layer(axum::Extension(streams))
+        // Before any route: unknown paths and methods are behind a token too.
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), limits.head),
+            guard::admit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::count_refusals,
@@ -207,39 +249,19 @@ async fn overloaded(error: BoxError) -> ApiError {
     }
 }
 
-/// The verified caller of a `/v1` request.
+/// The verified caller of a `/v1` request (the guard authenticated it).
 #[derive(Debug, Clone)]
 pub struct Caller(pub Principal);
 
-impl FromRequestParts<ApiState> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &ApiState,
-    ) -> Result<Self, Self::Rejection> {
-        let source = audit::client_addr(parts);
-        if source.is_some_and(|ip| state.gate.is_blocked(ip)) {
-            return Err(AuthError::TooManyFailures.into());
-        }
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or_default());
-        let principal = match state.authenticator().verify_header(header).await {
-            Ok(principal) => principal,
-            Err(e) => {
-                tracing::info!(reason = %e, source = ?source, "authentication failed");
-                if let Some(ip) = source {
-                    state.gate.failed(ip);
-                }
-                return Err(e.into());
-            }
-        };
-        if let Some(slot) = parts.extensions.get::<audit::Slot>() {
-            slot.fill(&principal);
-        }
-        Ok(Self(principal))
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<guard::Authenticated>()
+            .map(|a| Self(a.0.clone()))
+            .ok_or_else(|| AuthError::Missing.into())
     }
 }
 

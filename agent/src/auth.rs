@@ -6,7 +6,7 @@
 //! any signature check. `exp`, `iat`, `nbf`, `iss`, `aud` and `sub` are
 //! required; `iat` may not be older than the configured maximum age.
 
-mod gate;
+pub(crate) mod gate;
 mod oidc;
 mod token;
 

@@ -14,7 +14,9 @@ use serde::Deserialize;
 mod api;
 mod switch;
 
-pub use api::{ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, RuleConfig};
+pub use api::{
+    ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, PROJECT_CLAIMS, RuleConfig,
+};
 pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
@@ -235,6 +237,14 @@ impl Config {
             })?;
         built.validate()?;
         Ok(built)
+    }
+
+    /// What is valid but probably not meant (`check-config` and the start
+    /// log name them).
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut warnings = Problems::default();
+        self.auth.warnings(&mut warnings);
+        warnings.0
     }
 
     /// Every problem of the configuration, or `Ok`.
@@ -536,9 +546,64 @@ mod tests {
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["auth.oidc[0].jwks_url", "auth.oidc[0].rules[0]"],
+            [
+                "auth.oidc[0].jwks_url",
+                "auth.oidc[0].rules[0]",
+                "auth.oidc[0].rules[0].claims"
+            ],
             "{problems:?}"
         );
+    }
+
+    /// A rule that binds only claims every project of the issuer shares.
+    fn rule(claims: &str) -> String {
+        format!(
+            r#"
+            [[auth.oidc]]
+            name = "github"
+            issuer = "https://token.actions.githubusercontent.com"
+            jwks_url = "https://token.actions.githubusercontent.com/.well-known/jwks"
+            [[auth.oidc.rules]]
+            audience = "deployd"
+            claims = {claims}
+            apps = ["shop"]
+            scopes = ["deploy"]
+            "#
+        )
+    }
+
+    #[test]
+    fn an_oidc_rule_must_bind_the_project_exactly() {
+        for claims in [
+            r#"{ environment = "production" }"#,
+            r#"{ environment = "production", ref = "refs/heads/main" }"#,
+            r#"{ repository = "acme/*" }"#,
+            r#"{ repository = "acme/sho?" }"#,
+            r#"{ project_path = "" }"#,
+            r#"{ repository_owner = "acme" }"#,
+        ] {
+            let problems = Config::from_toml(&rule(claims)).unwrap_err().0;
+            assert_eq!(problems.len(), 1, "{claims}: {problems:?}");
+            assert_eq!(problems[0].path, "auth.oidc[0].rules[0].claims");
+            assert!(problems[0].reason.contains("repository_id"), "{problems:?}");
+        }
+        for claims in [
+            r#"{ repository = "acme/shop" }"#,
+            r#"{ repository_id = "123456", environment = "prod*" }"#,
+            r#"{ project_path = "acme/shop" }"#,
+            r#"{ project_id = "42" }"#,
+        ] {
+            let config = Config::from_toml(&rule(claims)).unwrap();
+            assert!(config.warnings().is_empty(), "{claims}");
+        }
+        // Allowed, but said: a ref prefix matches branches anyone may push.
+        let config = Config::from_toml(&rule(
+            r#"{ repository = "acme/shop", ref = "refs/heads/*" }"#,
+        ))
+        .unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].path, "auth.oidc[0].rules[0].claims.ref");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod docker;
 pub mod engine;
 pub mod env_file;
 pub mod init;
+pub mod limit;
 pub mod metrics;
 pub mod store;
 pub mod switch;
@@ -29,6 +30,9 @@ pub fn install_crypto_provider() {
 
 /// How often readiness is checked for the `deployd_ready` metric.
 const READINESS_INTERVAL: Duration = Duration::from_secs(15);
+
+/// How often summaries of refused unauthenticated requests are written.
+const SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long requests in flight may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -48,6 +52,10 @@ pub async fn run(
         .api
         .clone()
         .context("the configuration has no [api] section: deployd run serves the HTTPS API")?;
+    for warning in config.warnings() {
+        tracing::warn!("configuration: {warning}");
+    }
+    limit::raise_open_files();
     let auth = auth::Authenticator::new(&config.auth)?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
@@ -81,6 +89,17 @@ pub async fn run(
             }
         }
     });
+    // Each minute of refused unauthenticated requests ends in one summary.
+    let summaries = tokio::spawn({
+        let state = state.clone();
+        async move {
+            let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
+            loop {
+                tick.tick().await;
+                state.write_refusal_summaries(false);
+            }
+        }
+    });
     let mut running = config;
     tokio::pin!(shutdown);
     loop {
@@ -104,6 +123,8 @@ pub async fn run(
         watchdog.abort();
     }
     readiness.abort();
+    summaries.abort();
+    state.write_refusal_summaries(true);
     Ok(())
 }
 

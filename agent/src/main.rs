@@ -212,6 +212,9 @@ fn main() -> ExitCode {
 fn check_config(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             tracing::info!(
                 apps = config.apps.len(),
                 "configuration {} is valid",

@@ -367,6 +367,12 @@ struct ErrorLabels {
     error: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    app: String,
+    reason: &'static str,
+}
+
 impl Collector for SwitchCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut metric = encoder.encode_descriptor(
@@ -395,6 +401,23 @@ impl Collector for SwitchCollector {
                 let labels = ErrorLabels {
                     app: app.clone(),
                     error,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "switch_refusals",
+            "Clients the switch turned away before any container saw them: head_too_large, \
+             body_too_large, body_timeout, body_broken, max_connections, \
+             max_connections_per_address",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (app, route) in self.0.iter() {
+            for (reason, n) in route.stats.refusals() {
+                let labels = RefusalLabels {
+                    app: app.clone(),
+                    reason,
                 };
                 ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }

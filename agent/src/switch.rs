@@ -7,6 +7,8 @@
 //! on client connections opened before. The old containers are then drained
 //! (see [`Draining`]) and only stopped once their requests have finished.
 
+mod body;
+mod headers;
 mod listener;
 mod pool;
 mod proxy;
@@ -21,9 +23,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use route::{Drained, Draining, Route, SwitchStats, Upstream};
+pub use headers::{HeadLimits, HeadTooLarge, check_head};
+pub use route::{Drained, Draining, Refusal, Route, SwitchStats, Upstream};
 
 use crate::config::{Config, SwitchConfig};
+use crate::limit::{self, Admission};
 
 /// The routes of every app whose switch is on, by app name.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +71,44 @@ pub struct ListenError {
 pub struct Switch {
     listeners: Vec<(Arc<Route>, SwitchConfig, std::net::TcpListener)>,
     threads: usize,
+    /// Client connections each app may hold, after the open-file limit.
+    connection_caps: HashMap<String, usize>,
+}
+
+/// Each switched app's connection cap, lowered where the open-file limit
+/// (`open_files`) cannot hold them all: the API's connections and deployd's
+/// own files come first, and every client connection may hold one to a
+/// container too. Apps share what is left in proportion to their caps.
+fn connection_caps(config: &Config, open_files: u64) -> HashMap<String, usize> {
+    let api = config.api.as_ref().map_or(0, |a| a.max_connections as u64);
+    let budget = open_files.saturating_sub(limit::RESERVED_FDS + api) / 2;
+    let wanted: u64 = config
+        .apps
+        .values()
+        .filter_map(|app| app.switch.as_ref())
+        .map(|s| s.max_connections as u64)
+        .sum();
+    let mut caps = HashMap::new();
+    for (name, app) in &config.apps {
+        let Some(switch) = &app.switch else { continue };
+        let configured = switch.max_connections as u64;
+        let cap = if wanted <= budget {
+            configured
+        } else {
+            (budget * configured / wanted.max(1)).max(1)
+        };
+        if cap < configured {
+            tracing::warn!(
+                app = %name,
+                max_connections = configured,
+                cap,
+                open_files,
+                "switch.max_connections lowered to fit the open-file limit; raise LimitNOFILE"
+            );
+        }
+        caps.insert(name.clone(), usize::try_from(cap).unwrap_or(usize::MAX));
+    }
+    caps
 }
 
 impl Switch {
@@ -107,6 +149,7 @@ impl Switch {
         Ok(Self {
             listeners,
             threads: config.switch_threads.max(1),
+            connection_caps: connection_caps(config, limit::open_files()),
         })
     }
 
@@ -136,14 +179,36 @@ impl Switch {
             tracing::info!(app = %route.app(), %addr, "switch listening (HTTP)");
             addrs.insert(route.app().to_owned(), addr);
             drain = drain.max(cfg.drain_timeout);
+            let head_limits = HeadLimits {
+                line: byte_count(cfg.max_header_line),
+                total: byte_count(cfg.max_header_size),
+            };
             let proxy = Arc::new(proxy::Proxy {
                 route: route.clone(),
                 upstream_timeout: cfg.upstream_timeout,
                 trust_forwarded: cfg.trust_forwarded_headers,
                 closing: closing.clone(),
                 closed: closed.clone(),
+                bodies: body::BodyLimits {
+                    in_memory: cfg.max_buffered_body.as_u64(),
+                    max: cfg.max_body.as_u64(),
+                    timeout: cfg.body_timeout,
+                    read_ahead: byte_count(cfg.max_buffered_response),
+                },
+                head_limits,
             });
-            served.push((proxy, cfg.idle_timeout, listener));
+            let cap = self
+                .connection_caps
+                .get(route.app())
+                .copied()
+                .unwrap_or(cfg.max_connections);
+            let site = listener::Site {
+                proxy,
+                idle_timeout: cfg.idle_timeout,
+                admission: Admission::new(cap, cfg.connections_per_address()),
+                read_buffer: head_limits.read_buffer(),
+            };
+            served.push((Arc::new(site), listener));
         }
         let threads_wanted = if served.is_empty() { 0 } else { self.threads };
         let (queues, mut receivers): (Vec<_>, Vec<_>) = (0..threads_wanted)
@@ -183,8 +248,13 @@ impl Switch {
     }
 }
 
-/// What the accepting thread serves: each listener with its proxy.
-type Acceptors = Vec<(Arc<proxy::Proxy>, Duration, std::net::TcpListener)>;
+/// What the accepting thread serves: each listener with its site.
+type Acceptors = Vec<(Arc<listener::Site>, std::net::TcpListener)>;
+
+/// A configured size as a byte count in memory.
+fn byte_count(size: bytesize::ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
+}
 
 /// One switch thread: serves the connections handed to it; the first also
 /// accepts them, until shutdown.
@@ -205,10 +275,10 @@ fn worker(
     runtime.block_on(async move {
         if let Some((acceptors, workers)) = accept {
             let mut accepting = Vec::new();
-            for (proxy, idle, listener) in acceptors {
+            for (site, listener) in acceptors {
                 match tokio::net::TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        accepting.push(listener::accept(listener, proxy, idle, workers.clone()))
+                        accepting.push(listener::accept(listener, site, workers.clone()))
                     }
                     Err(e) => tracing::error!(error = %e, "cannot serve a switch listener"),
                 }

@@ -141,28 +141,43 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
                 .json(&json!({"sha": sha}))
                 .send()
         };
-        let cases = unauthenticated
+        // Unauthenticated: 401 each; the address's first refusal is an
+        // audit record, the rest are counted into its minute's summary.
+        let before = store.audit_tail(1).unwrap().last().map_or(0, |e| e.seq);
+        for (name, token) in unauthenticated {
+            let r = deploy(token).await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
+            let body: ErrorBody = r.json().await.unwrap();
+            assert!(!body.code.is_empty() && !body.message.is_empty(), "{name}");
+        }
+        let recorded: Vec<_> = store
+            .audit_tail(100)
+            .unwrap()
             .into_iter()
-            .map(|(name, token)| (name, token, StatusCode::UNAUTHORIZED))
-            .chain(
-                forbidden
-                    .into_iter()
-                    .map(|(name, token)| (name, token, StatusCode::FORBIDDEN)),
-            );
-        for (name, token, status) in cases {
+            .filter(|e| e.seq > before)
+            .collect();
+        assert_eq!(recorded.len(), 1, "{recorded:#?}");
+        let first = &recorded[0].record;
+        assert_eq!(first.action, format!("POST /v1/apps/{app}/deployments"));
+        assert_eq!(first.outcome, "refused");
+        assert!(first.subject.is_none());
+        assert!(
+            first.detail.as_deref().unwrap().starts_with("401"),
+            "{first:?}"
+        );
+        // Authenticated but not allowed: a record each, with who it was.
+        for (name, token) in forbidden {
             let before = store.audit_tail(1).unwrap().last().map_or(0, |e| e.seq);
             let r = deploy(token).await.unwrap();
-            assert_eq!(r.status(), status, "{name}");
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{name}");
             let body: ErrorBody = r.json().await.unwrap();
             assert!(!body.code.is_empty() && !body.message.is_empty(), "{name}");
             let last = store.audit_tail(1).unwrap().pop().unwrap();
             assert!(last.seq > before, "{name}: not audited");
             assert_eq!(last.record.outcome, "refused", "{name}");
+            assert!(last.record.subject.is_some(), "{name}");
             let detail = last.record.detail.unwrap();
-            assert!(
-                detail.starts_with(&status.as_u16().to_string()),
-                "{name}: {detail}"
-            );
+            assert!(detail.starts_with("403"), "{name}: {detail}");
         }
 
         // A token bound to a sha cannot roll back to anything else.
@@ -213,45 +228,55 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
         assert!(text.contains("refs/heads/feature"), "claims missing");
 
         // Failed authentications from one address: past the limit (20 a
-        // minute), it gets 429 even with a valid token, and the flood is
-        // recorded once.
+        // minute), its unauthenticated requests get 429, whatever the path
+        // or method; a token that verifies still gets through (a CI runner
+        // behind the same NAT); and the flood is one summary record.
         let before = store.audit_tail(1).unwrap().last().map_or(0, |e| e.seq);
         let mut statuses = Vec::new();
-        for _ in 0..30 {
-            let r = http
-                .get(agent.at("/v1/whoami"))
-                .bearer_auth("not-a-token")
-                .send()
-                .await
-                .unwrap();
+        for i in 0..30 {
+            let request = if i % 2 == 0 {
+                http.get(agent.at("/v1/whoami"))
+            } else {
+                http.patch(agent.at(&format!("/v1/{}", "x".repeat(5000))))
+            };
+            let r = request.bearer_auth("not-a-token").send().await.unwrap();
             statuses.push(r.status());
         }
         assert!(statuses.contains(&StatusCode::UNAUTHORIZED));
         assert_eq!(statuses.last(), Some(&StatusCode::TOO_MANY_REQUESTS));
-        let r = http
-            .get(agent.at("/v1/whoami"))
-            .bearer_auth(own(json!({})))
-            .send()
-            .await
-            .unwrap();
+        let r = http.get(agent.at("/v1/whoami")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()["retry-after"], "60");
         assert_eq!(
             r.json::<ErrorBody>().await.unwrap().code,
             "too_many_failures"
         );
-        let flood = store.audit_tail(100).unwrap();
-        let recorded_429 = flood
-            .iter()
+        let r = http
+            .get(agent.at("/v1/whoami"))
+            .bearer_auth(own(json!({})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        agent.api.write_refusal_summaries(true);
+        let flood: Vec<_> = store
+            .audit_tail(100)
+            .unwrap()
+            .into_iter()
             .filter(|e| e.seq > before)
-            .filter(|e| {
-                e.record
-                    .detail
-                    .as_deref()
-                    .is_some_and(|d| d.starts_with("429"))
-            })
-            .count();
-        assert_eq!(recorded_429, 1, "{flood:#?}");
+            .collect();
+        assert_eq!(flood.len(), 1, "{flood:#?}");
+        let summary = &flood[0].record;
+        assert_eq!(summary.action, "refused_requests");
+        assert_eq!(summary.source.as_deref(), Some("127.0.0.1"));
+        let detail = summary.detail.as_deref().unwrap();
+        assert!(detail.starts_with("40 unauthenticated"), "{detail}");
+        assert!(detail.contains("429 too_many_failures x"), "{detail}");
+        assert!(detail.contains("401 invalid_token x"), "{detail}");
+        assert!(matches!(
+            store.verify_audit().unwrap(),
+            deployd::store::ChainCheck::Intact(_)
+        ));
     })
     .await;
 }

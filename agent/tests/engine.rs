@@ -374,7 +374,7 @@ async fn failures_after_the_switch_roll_every_service_back() {
         deploy_broken(
             &scope,
             &agent,
-            "unhealthy-after-5s",
+            "unhealthy-after-3-checks",
             DeploymentState::RolledBack,
             "web failed verification",
         )

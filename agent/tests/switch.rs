@@ -511,3 +511,434 @@ async fn no_live_container_is_a_503_and_shutdown_lets_requests_finish_but_not_wa
     ));
     assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
 }
+
+/// What a stand-in container saw of request bodies and answers.
+#[derive(Default)]
+struct Seen {
+    /// Requests that reached it.
+    requests: std::sync::atomic::AtomicUsize,
+    /// Set once its last answer was read from it to the end.
+    answered: tokio::sync::Notify,
+}
+
+/// A stand-in container for body tests: `/echo` reads the body and says
+/// its length, its SHA-256, how long the body took to arrive after the
+/// head and which `content-length` it came with; `/big?kib=` answers that
+/// many KiB and tells `Seen::answered` once the switch read them all.
+async fn body_backend() -> (Upstream, std::sync::Arc<Seen>) {
+    use sha2::Digest;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    #[derive(serde::Deserialize)]
+    struct Big {
+        kib: usize,
+    }
+    let seen = Arc::new(Seen::default());
+    let app = Router::new()
+        .route(
+            "/echo",
+            routing::post(
+                |State(seen): State<Arc<Seen>>, request: axum::extract::Request| async move {
+                    seen.requests.fetch_add(1, Ordering::SeqCst);
+                    let length = request
+                        .headers()
+                        .get_all("content-length")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let chunked = request.headers().contains_key("transfer-encoding");
+                    let head = std::time::Instant::now();
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    let waited = head.elapsed().as_millis();
+                    let digest = hex(&sha2::Sha256::digest(&body));
+                    format!(
+                        "len={} sha256={digest} waited_ms={waited} content-length={length} chunked={chunked}",
+                        body.len()
+                    )
+                },
+            ),
+        )
+        .route(
+            "/big",
+            routing::get(
+                |State(seen): State<Arc<Seen>>, Query(big): Query<Big>| async move {
+                    seen.requests.fetch_add(1, Ordering::SeqCst);
+                    let chunks = futures_util::stream::unfold(0, move |sent| {
+                        let seen = seen.clone();
+                        async move {
+                            if sent == big.kib {
+                                seen.answered.notify_one();
+                                return None;
+                            }
+                            let chunk = Bytes::from(vec![b'x'; 1024]);
+                            Some((Ok::<_, std::convert::Infallible>(chunk), sent + 1))
+                        }
+                    });
+                    axum::body::Body::from_stream(chunks)
+                },
+            ),
+        )
+        .route(
+            "/events",
+            routing::get(|| async {
+                let events = futures_util::stream::unfold(0, |sent| async move {
+                    if sent > 0 {
+                        // The stream stays open: only an unbuffered switch
+                        // lets the first event through before the end.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return None;
+                    }
+                    let event = Bytes::from_static(b"data: one\n\n");
+                    Some((Ok::<_, std::convert::Infallible>(event), sent + 1))
+                });
+                (
+                    [("content-type", "text/event-stream"), ("x-accel-buffering", "no")],
+                    axum::body::Body::from_stream(events),
+                )
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (
+        Upstream {
+            container: "bodies".into(),
+            addr,
+        },
+        seen,
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A raw request head for `/echo` with `headers`, then `body` sent in
+/// `pieces` with `gap` between them.
+async fn trickle(
+    addr: SocketAddr,
+    headers: &str,
+    body: &[u8],
+    pieces: usize,
+    gap: Duration,
+    within: Duration,
+) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head =
+        format!("POST /echo HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n{headers}\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let size = body.len().div_ceil(pieces.max(1)).max(1);
+    for piece in body.chunks(size) {
+        tokio::time::sleep(gap).await;
+        if stream.write_all(piece).await.is_err() {
+            break;
+        }
+    }
+    let mut read = Vec::new();
+    let closed = tokio::time::timeout(within, stream.read_to_end(&mut read))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&read).into_owned(), closed)
+}
+
+fn field<'a>(answer: &'a str, name: &str) -> &'a str {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name).and_then(|w| w.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {name} in {answer}"))
+}
+
+#[tokio::test]
+async fn a_trickled_request_body_reaches_the_container_whole_and_at_once() {
+    use sha2::Digest;
+    let (routes, _serving, addr) = switch("");
+    let (upstream, _) = body_backend().await;
+    let _ = routes.get("shop").unwrap().switch_to(&[upstream]);
+    let body = br#"{"order": [1, 2, 3], "note": "trickled"}"#;
+    let headers = format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    // Eight pieces 150 ms apart: over a second from head to last byte.
+    let started = std::time::Instant::now();
+    let (answer, _) = trickle(
+        addr,
+        &headers,
+        body,
+        8,
+        Duration::from_millis(150),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(1000));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(field(&answer, "len"), body.len().to_string());
+    assert_eq!(field(&answer, "sha256"), hex(&sha2::Sha256::digest(body)));
+    // The container got the head only once the body had arrived: it never
+    // waited on the client.
+    let waited: u64 = field(&answer, "waited_ms").parse().unwrap();
+    assert!(
+        waited < 500,
+        "the container waited {waited} ms for the body"
+    );
+
+    // Chunked from the client: the container gets one Content-Length.
+    let (answer, _) = trickle(
+        addr,
+        "Transfer-Encoding: chunked\r\n",
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        3,
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(field(&answer, "len"), "11");
+    assert_eq!(field(&answer, "content-length"), "11");
+    assert_eq!(field(&answer, "chunked"), "false");
+}
+
+#[tokio::test]
+async fn content_length_next_to_transfer_encoding_never_reaches_the_container() {
+    let (routes, _serving, addr) = switch("");
+    let (upstream, _) = body_backend().await;
+    let _ = routes.get("shop").unwrap().switch_to(&[upstream]);
+    // A smuggling attempt: the length says 4, the chunks say 11.
+    let (answer, closed) = trickle(
+        addr,
+        "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        1,
+        Duration::ZERO,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(closed);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The chunked framing won; the container saw its length only.
+    assert_eq!(field(&answer, "len"), "11");
+    assert_eq!(field(&answer, "content-length"), "11");
+    assert_eq!(field(&answer, "chunked"), "false");
+}
+
+#[tokio::test]
+async fn a_body_too_slow_or_too_large_is_refused_and_never_reaches_the_container() {
+    use std::sync::atomic::Ordering;
+    let (routes, _serving, addr) = switch(
+        r#"body_timeout = "1s"
+        max_body = "64KiB"
+        max_buffered_body = "4KiB""#,
+    );
+    let (upstream, seen) = body_backend().await;
+    let _ = routes.get("shop").unwrap().switch_to(&[upstream]);
+
+    // Two bytes of ten, then nothing: 408 after the body timeout.
+    let started = std::time::Instant::now();
+    let (answer, closed) = trickle(
+        addr,
+        "Content-Length: 10\r\n",
+        b"{}",
+        1,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(closed && answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    // Declared too large: 413 before a byte of the body is read.
+    let (answer, _) = trickle(
+        addr,
+        "Content-Length: 1048576\r\n",
+        b"",
+        1,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // Chunked, found too large on the way: 413 too.
+    let chunk = format!("{:x}\r\n{}\r\n", 40 * 1024, "x".repeat(40 * 1024));
+    let chunked = format!("{chunk}{chunk}0\r\n\r\n");
+    let (answer, _) = trickle(
+        addr,
+        "Transfer-Encoding: chunked\r\n",
+        chunked.as_bytes(),
+        1,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 0);
+
+    // Past max_buffered_body but within max_body: spooled, and whole.
+    let body = vec![b'7'; 48 * 1024];
+    let (answer, _) = trickle(
+        addr,
+        &format!("Content-Length: {}\r\n", body.len()),
+        &body,
+        4,
+        Duration::from_millis(20),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(field(&answer, "len"), body.len().to_string());
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 1);
+
+    let text = deployd::metrics::Metrics::new(&routes).render();
+    for line in [
+        r#"deployd_switch_refusals_total{app="shop",reason="body_timeout"} 1"#,
+        r#"deployd_switch_refusals_total{app="shop",reason="body_too_large"} 2"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_is_read_ahead_of_a_slow_client_and_event_streams_pass_at_once() {
+    let (routes, _serving, addr) = switch(r#"max_buffered_response = "16MiB""#);
+    let (upstream, seen) = body_backend().await;
+    let _ = routes.get("shop").unwrap().switch_to(&[upstream]);
+    // A client that reads nothing for now, with a small receive buffer:
+    // 12 MiB are more than the sockets between them can hold.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /big?kib=12288 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // The container is done with it anyway: the switch read it all.
+    tokio::time::timeout(Duration::from_secs(20), seen.answered.notified())
+        .await
+        .expect("the container was held by a client that does not read");
+    let mut read = Vec::new();
+    stream.read_to_end(&mut read).await.unwrap();
+    let answer = String::from_utf8_lossy(&read);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..100]);
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    assert_eq!(body.matches('x').count(), 12 * 1024 * 1024);
+
+    // An event stream's first event arrives while the stream goes on, and
+    // the proxy's own header does not reach the client.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen_so_far = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen_so_far).contains("data: one") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            seen_so_far.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first event did not pass");
+    let head = String::from_utf8_lossy(&seen_so_far).to_ascii_lowercase();
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(!head.contains("x-accel-buffering"), "{head}");
+}
+
+#[tokio::test]
+async fn request_heads_past_the_limits_get_414_or_431() {
+    let (routes, _serving, addr) = switch(
+        r#"max_header_line = "2KiB"
+        max_header_size = "8KiB""#,
+    );
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    // The status line of the answer to a request for `target` with `headers`.
+    let status = async |target: &str, headers: &str| {
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n{headers}\r\n"
+        );
+        let (answer, _) = raw_exchange(addr, request.as_bytes(), Duration::from_secs(5)).await;
+        answer.lines().next().unwrap_or_default().to_owned()
+    };
+    let lines = |n: usize, size: usize| -> String {
+        (0..n)
+            .map(|i| format!("X-H{i}: {}\r\n", "v".repeat(size)))
+            .collect()
+    };
+    let long_path = format!("/name?{}", "q".repeat(3000));
+    assert!(status(&long_path, "").await.starts_with("HTTP/1.1 414"));
+    assert!(
+        status("/name", &lines(1, 3000))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    // Each line fits, together they do not.
+    assert!(
+        status("/name", &lines(6, 1800))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    // Far past it: hyper's own buffer ends it, with 431 too.
+    assert!(
+        status("/name", &lines(40, 1800))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    assert_eq!(get(addr, "/name").await, (200, "a".into()));
+}
+
+#[tokio::test]
+async fn connections_past_the_per_address_cap_are_closed_at_once() {
+    let (routes, _serving, addr) = switch("max_connections_per_address = 2");
+    let _ = routes.get("shop").unwrap().switch_to(&[backend("a").await]);
+    let mut first = connect(addr).await;
+    let second = connect(addr).await;
+    assert_eq!(get_on(&mut first, "/name").await.1, "a");
+    // The third from the same address is closed without an answer.
+    let (answer, closed) = raw_exchange(
+        addr,
+        b"GET /name HTTP/1.1\r\nHost: shop.test\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(closed && answer.is_empty(), "{answer}");
+    // Another address is not held back by this one's.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(addr).await.unwrap();
+    other
+        .write_all(b"GET /name HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut read = String::new();
+    other.read_to_string(&mut read).await.unwrap();
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    // One closes: its place is free again.
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (answer, _) = raw_exchange(
+            addr,
+            b"GET /name HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = deployd::metrics::Metrics::new(&routes).render();
+    assert!(
+        text.contains(
+            r#"deployd_switch_refusals_total{app="shop",reason="max_connections_per_address"} "#
+        ),
+        "{text}"
+    );
+}

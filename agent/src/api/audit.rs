@@ -1,40 +1,30 @@
 //! Auditing `/v1` requests.
 //!
 //! A change is recorded before it is made (`requested`); if that record
-//! cannot be written the change is refused. After the answer, every change
-//! and every refused request (401, 403, 429) is recorded with its outcome.
-//! The token's `jti` is spent by the change, so a replayed token cannot make
-//! another; a change refused for a conflict or a lock gives it back.
+//! cannot be written the change is refused. After the answer (see `guard`),
+//! every change and every refusal of an authenticated caller is recorded
+//! with its outcome. Requests that never authenticated are not records of
+//! their own: the first of each address per minute is, the rest are
+//! counted into one summary record per address and minute. The token's
+//! `jti` is spent by the change, so a replayed token cannot make another; a
+//! change refused for a conflict or a lock gives it back.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use axum::Extension;
-use axum::extract::{ConnectInfo, FromRequestParts, OriginalUri, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::Response;
 use deployd_proto::Deployment;
+use time::OffsetDateTime;
 
 use super::{ApiError, ApiState, Json};
 use crate::auth::{AuthError, Principal};
 use crate::engine::EngineError;
 use crate::store::AuditRecord;
-
-/// Filled by the `Caller` extractor, read by the middleware afterwards.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Slot(Arc<Mutex<Option<Principal>>>);
-
-impl Slot {
-    pub fn fill(&self, who: &Principal) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(who.clone());
-    }
-
-    fn take(&self) -> Option<Principal> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
 
 /// The error code of an answer, for the audit record.
 #[derive(Debug, Clone)]
@@ -167,63 +157,227 @@ pub(super) fn refuses_caller(status: StatusCode) -> bool {
     )
 }
 
-/// The middleware: records changes and refusals with their outcome.
-pub(super) async fn outcomes(
-    State(state): State<ApiState>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let method = request.method().clone();
-    // Inside the nested /v1 router the URI lost its prefix; the original has it.
-    let path = request.extensions().get::<OriginalUri>().map_or_else(
-        || request.uri().path().to_owned(),
-        |u| u.0.path().to_owned(),
-    );
-    let source = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let slot = Slot::default();
-    request.extensions_mut().insert(slot.clone());
-    let response = next.run(request).await;
-    let status = response.status();
-    let change = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    let refused = refuses_caller(status);
-    if !(change || refused) {
-        return response;
+/// Paths and app names in records are cut to this many characters.
+const MAX_PATH_CHARS: usize = 200;
+
+/// A path (or a part of one) as recorded: at most [`MAX_PATH_CHARS`]
+/// characters, and how long it was when cut.
+pub(super) fn cut_path(path: &str) -> String {
+    match path.char_indices().nth(MAX_PATH_CHARS) {
+        None => path.to_owned(),
+        Some((end, _)) => format!("{}... ({} bytes)", &path[..end], path.len()),
     }
-    let code = response
-        .extensions()
-        .get::<ErrorCode>()
-        .map(|c| c.0.clone());
-    let flooding = code.as_deref() == Some("too_many_failures")
-        && source.is_some_and(|ip| !state.gate.first_refusal(ip));
-    if flooding {
-        // Recorded once per address and window, not once per request.
-        return response;
+}
+
+/// First records written per minute for refusals of unauthenticated
+/// requests, all addresses together; past it, refusals are only counted.
+const MAX_FIRSTS_PER_WINDOW: usize = 100;
+/// Addresses with a window open at most; past it, they count together.
+const MAX_WINDOWS: usize = 10_000;
+
+/// Refusals of requests that never authenticated: the first of each
+/// address in a minute is recorded, the rest are counted and recorded as
+/// one summary when the minute is over.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    windows: Mutex<Windows>,
+}
+
+#[derive(Debug, Default)]
+struct Windows {
+    /// By address (IPv6: /64); `None` for no address or a full table.
+    open: HashMap<Option<IpAddr>, Window>,
+    /// When the current count of first records began, and the count.
+    firsts: Option<(Instant, usize)>,
+}
+
+#[derive(Debug)]
+struct Window {
+    opened: Instant,
+    since: OffsetDateTime,
+    /// Refusals not recorded one by one, by status and code.
+    counted: BTreeMap<String, u64>,
+}
+
+impl Window {
+    fn summary(&self, source: Option<IpAddr>) -> Option<AuditRecord> {
+        let total: u64 = self.counted.values().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut record = AuditRecord::new("refused_requests", "refused");
+        record.source = source.map(|ip| ip.to_string());
+        let counts: Vec<String> = self
+            .counted
+            .iter()
+            .map(|(detail, n)| format!("{detail} x{n}"))
+            .collect();
+        let since = self
+            .since
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        record.detail = Some(format!(
+            "{total} unauthenticated request(s) refused without a record of their own, from {since} \
+             for {} s: {}",
+            crate::auth::gate::WINDOW.as_secs(),
+            counts.join(", ")
+        ));
+        Some(record)
     }
-    let outcome = if status.is_success() {
-        "accepted"
-    } else {
-        "refused"
-    };
-    let who = slot.take();
-    let mut entry = record(who.as_ref(), source, &format!("{method} {path}"), outcome);
-    let segments: Vec<&str> = path.split('/').collect();
-    if let ["", "v1", "apps", app, ..] = segments.as_slice() {
-        entry.app = Some((*app).to_owned());
+}
+
+impl RefusalLog {
+    /// Notes a refused unauthenticated request; returns the records to
+    /// write now: its own if it is the first of its address this minute,
+    /// and the summary of the address's previous minute.
+    pub fn note(&self, source: Option<IpAddr>, action: &str, detail: &str) -> Vec<AuditRecord> {
+        self.note_at(Instant::now(), source, action, detail)
     }
-    entry.deployment = response.extensions().get::<Started>().map(|s| s.0.clone());
-    entry.detail = Some(match code.as_deref() {
-        Some("too_many_failures") => format!(
-            "{} too_many_failures (further refusals of this address within a minute are not recorded)",
-            status.as_u16()
-        ),
-        Some(code) => format!("{} {code}", status.as_u16()),
-        None => status.as_u16().to_string(),
-    });
-    if let Err(e) = state.engine.store().append_audit(&entry) {
-        tracing::error!(error = %e, "audit record not written");
+
+    /// The summaries of every minute that is over.
+    pub fn flush(&self) -> Vec<AuditRecord> {
+        self.flush_at(Instant::now(), false)
     }
-    response
+
+    /// The summaries of every minute counted so far (at shutdown).
+    pub fn flush_all(&self) -> Vec<AuditRecord> {
+        self.flush_at(Instant::now(), true)
+    }
+
+    fn note_at(
+        &self,
+        now: Instant,
+        source: Option<IpAddr>,
+        action: &str,
+        detail: &str,
+    ) -> Vec<AuditRecord> {
+        let window = crate::auth::gate::WINDOW;
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut key = source.map(crate::limit::bucket);
+        if !windows.open.contains_key(&key) && windows.open.len() >= MAX_WINDOWS {
+            key = None;
+        }
+        let mut written = Vec::new();
+        if let Some(open) = windows.open.get_mut(&key) {
+            if now.saturating_duration_since(open.opened) < window {
+                *open.counted.entry(detail.to_owned()).or_default() += 1;
+                return written;
+            }
+            written.extend(open.summary(key));
+            windows.open.remove(&key);
+        }
+        let firsts = match windows.firsts {
+            Some((began, n)) if now.saturating_duration_since(began) < window => (began, n),
+            _ => (now, 0),
+        };
+        let mut opened = Window {
+            opened: now,
+            since: OffsetDateTime::now_utc(),
+            counted: BTreeMap::new(),
+        };
+        if firsts.1 < MAX_FIRSTS_PER_WINDOW {
+            windows.firsts = Some((firsts.0, firsts.1 + 1));
+            let mut first = record(None, source, action, "refused");
+            first.detail = Some(format!(
+                "{detail} (further unauthenticated refusals of this address within {} s are \
+                 counted in one summary record)",
+                window.as_secs()
+            ));
+            written.push(first);
+        } else {
+            windows.firsts = Some(firsts);
+            opened.counted.insert(detail.to_owned(), 1);
+        }
+        windows.open.insert(key, opened);
+        written
+    }
+
+    fn flush_at(&self, now: Instant, all: bool) -> Vec<AuditRecord> {
+        let window = crate::auth::gate::WINDOW;
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut written = Vec::new();
+        windows.open.retain(|key, open| {
+            let over = all || now.saturating_duration_since(open.opened) >= window;
+            if over {
+                written.extend(open.summary(*key));
+            }
+            !over
+        });
+        written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_flood_is_one_record_and_one_summary_per_address_and_minute() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let first = log.note_at(start, Some(a), "PATCH /v1/x", "401 unauthenticated");
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].action, "PATCH /v1/x");
+        for i in 0..5000 {
+            let detail = if i < 20 {
+                "401 unauthenticated"
+            } else {
+                "429 too_many_failures"
+            };
+            assert!(
+                log.note_at(start, Some(a), "PATCH /v1/x", detail)
+                    .is_empty()
+            );
+        }
+        // Another address has a first record of its own.
+        assert_eq!(
+            log.note_at(start, Some(b), "GET /v1", "401 invalid_token")
+                .len(),
+            1
+        );
+        // Nothing is over yet; a minute later both are summarised once.
+        assert!(
+            log.flush_at(start + Duration::from_secs(30), false)
+                .is_empty()
+        );
+        let summaries = log.flush_at(start + Duration::from_secs(61), false);
+        assert_eq!(summaries.len(), 1, "{summaries:#?}");
+        let detail = summaries[0].detail.as_deref().unwrap();
+        assert!(detail.starts_with("5000 unauthenticated"), "{detail}");
+        assert!(detail.contains("401 unauthenticated x20"), "{detail}");
+        assert!(detail.contains("429 too_many_failures x4980"), "{detail}");
+        assert_eq!(summaries[0].source.as_deref(), Some("192.0.2.1"));
+        // The next minute starts over with a first record.
+        let later = start + Duration::from_secs(62);
+        assert_eq!(log.note_at(later, Some(a), "PATCH /v1/x", "401 x").len(), 1);
+    }
+
+    #[test]
+    fn first_records_are_bounded_across_addresses() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let mut firsts = 0;
+        for i in 0..(MAX_FIRSTS_PER_WINDOW as u32 + 50) {
+            let ip = IpAddr::V4((0x0a00_0000 + i).into());
+            firsts += log.note_at(start, Some(ip), "GET /v1", "401 x").len();
+        }
+        assert_eq!(firsts, MAX_FIRSTS_PER_WINDOW);
+        // The rest are in the summaries.
+        let summaries = log.flush_at(start, true);
+        assert_eq!(summaries.len(), 50);
+    }
+
+    #[test]
+    fn long_paths_are_cut_and_say_how_long_they_were() {
+        assert_eq!(cut_path("/v1/apps/shop/status"), "/v1/apps/shop/status");
+        let long = format!("/v1/{}", "a".repeat(60_000));
+        let cut = cut_path(&long);
+        assert!(cut.len() < 240, "{}", cut.len());
+        assert!(cut.ends_with("... (60004 bytes)"), "{cut}");
+        // Never inside a character.
+        assert!(cut_path(&"é".repeat(300)).starts_with('é'));
+    }
 }

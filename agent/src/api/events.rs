@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -19,7 +20,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::deployments::readable;
-use super::{ApiError, ApiState, Caller, Path, Query};
+use super::{ApiError, ApiState, Caller, ClientAddr, Path, Query, StreamCaps};
 use crate::engine::EngineHandle;
 
 /// One event of the stream as SSE frames it: `id` is the event's seq,
@@ -78,18 +79,43 @@ pub struct ResumeQuery {
         (status = 204, description = "The deployment is over and every event was seen"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "Too many streams open for this token or address", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn stream(
     State(state): State<ApiState>,
     Caller(who): Caller,
+    ClientAddr(source): ClientAddr,
+    Extension(caps): Extension<StreamCaps>,
     Path(id): Path<String>,
     Query(resume): Query<ResumeQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = DeploymentId(id);
     let deployment = readable(&state, &who, &id)?;
+    // Streams hold a task and a connection for as long as the client
+    // likes: capped per token and per address, freed when they end.
+    let token = format!(
+        "{}\n{}",
+        who.issuer,
+        who.jti.as_deref().unwrap_or(&who.subject)
+    );
+    let held = (
+        caps.per_token.take(token),
+        source.map(|ip| caps.per_address.take(crate::limit::bucket(ip))),
+    );
+    let held = match held {
+        (Some(token), None) => (token, None),
+        (Some(token), Some(Some(address))) => (token, Some(address)),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "too many event streams are open for this token or address; close one",
+            ));
+        }
+    };
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
@@ -115,11 +141,15 @@ pub async fn stream(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let (tx, rx) = mpsc::channel(64);
-    if resume.follow == Some(false) {
-        tokio::spawn(recorded(state.engine.clone(), id, after, tx));
-    } else {
-        tokio::spawn(pump(state.engine.clone(), id, after, live, tx));
-    }
+    let engine = state.engine.clone();
+    tokio::spawn(async move {
+        if resume.follow == Some(false) {
+            recorded(engine, id, after, tx).await;
+        } else {
+            pump(engine, id, after, live, tx).await;
+        }
+        drop(held);
+    });
     let stream = ReceiverStream::new(rx);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))

@@ -1,12 +1,16 @@
-//! Failed authentications, rate limited per client address: past the
-//! limit, an address gets 429 without its token being looked at, until
-//! its failures age out of the window. IPv6 addresses count per /64 (one
+//! Failed authentications (and requests refused before authentication),
+//! rate limited per client address: past the limit, an address's
+//! unauthenticated requests get 429 until its failures age out of the
+//! window. A token that verifies is not refused by the block: anyone
+//! behind the same NAT as an attacker still gets through with one. IPv6 addresses count per /64 (one
 //! host usually holds all of one), and the table is bounded.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::limit::bucket;
 
 /// How long a failure counts.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -18,19 +22,6 @@ const MAX_ADDRESSES: usize = 10_000;
 pub struct FailureGate {
     limit: usize,
     failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
-    /// When each blocked address's refusal was last recorded.
-    noted: Mutex<HashMap<IpAddr, Instant>>,
-}
-
-/// The key an address counts under: itself, or its /64 for IPv6.
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(prefix.into())
-        }
-    }
 }
 
 impl FailureGate {
@@ -39,20 +30,7 @@ impl FailureGate {
         Self {
             limit: limit.max(1),
             failures: Mutex::default(),
-            noted: Mutex::default(),
         }
-    }
-
-    /// Whether a refusal of blocked `ip` should be recorded: the first in
-    /// each window is, the flood after it is not.
-    pub fn first_refusal(&self, ip: IpAddr) -> bool {
-        let now = Instant::now();
-        let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
-        noted.retain(|_, at| now.saturating_duration_since(*at) < WINDOW);
-        if noted.len() >= MAX_ADDRESSES {
-            return false;
-        }
-        noted.insert(bucket(ip), now).is_none()
     }
 
     /// Whether `ip` is past the limit now.

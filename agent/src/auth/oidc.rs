@@ -296,7 +296,7 @@ mod tests {
             r#"
             [[auth.oidc.rules]]
             audience = "deployd-prod"
-            claims = { project_path = "acme/*", ref_protected = "true", environment = "production" }
+            claims = { project_path = "acme/shop", ref_protected = "true", environment = "production", ref = "refs/tags/v*" }
             apps = ["shop"]
             scopes = ["deploy", "read"]
             "#,
@@ -304,7 +304,7 @@ mod tests {
         let claims = |json: Value| json.as_object().unwrap().clone();
         let good = claims(serde_json::json!({
             "aud": "deployd-prod", "project_path": "acme/shop",
-            "ref_protected": "true", "environment": "production",
+            "ref_protected": "true", "environment": "production", "ref": "refs/tags/v1.2",
         }));
         let grants = issuer.grants(&good);
         assert_eq!(grants.len(), 1);
@@ -320,6 +320,7 @@ mod tests {
             ("environment", serde_json::json!("staging")),
             ("project_path", serde_json::json!("evil/shop")),
             ("project_path", serde_json::json!("acme/subgroup/shop")),
+            ("ref", serde_json::json!("refs/heads/main")),
             ("environment", serde_json::json!(["production"])),
         ] {
             let mut bad = good.clone();

@@ -37,6 +37,28 @@ pub struct ApiConfig {
     /// Requests handled at once; more are refused with 503. Default: 512.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent_requests: usize,
+    /// Connections open at once; past it new ones are closed at once.
+    /// Their file descriptors are set aside before the switch's, so a flood
+    /// of the public port never leaves the API unreachable. Default: 1024.
+    #[serde(default = "default_api_connections")]
+    pub max_connections: usize,
+    /// Connections open at once from one address (IPv6: one /64).
+    /// Default: 256.
+    #[serde(default = "default_api_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Event streams (`deployctl deploy` following a deployment) open at
+    /// once per token and per address; more get 429. Defaults: 8 and 64.
+    #[serde(default = "default_streams_per_token")]
+    pub max_streams_per_token: usize,
+    #[serde(default = "default_streams_per_address")]
+    pub max_streams_per_address: usize,
+    /// Longest request line or header line; past it, 414 or 431.
+    /// Default: 8 KiB.
+    #[serde(default = "super::switch::default_max_header_line")]
+    pub max_header_line: bytesize::ByteSize,
+    /// Longest request head in all; past it, 431. Default: 32 KiB.
+    #[serde(default = "super::switch::default_max_header_size")]
+    pub max_header_size: bytesize::ByteSize,
 }
 
 /// Which bearer tokens the API accepts.
@@ -188,6 +210,18 @@ fn default_request_timeout() -> Duration {
 fn default_max_concurrent() -> usize {
     512
 }
+fn default_api_connections() -> usize {
+    1024
+}
+fn default_api_connections_per_address() -> usize {
+    256
+}
+fn default_streams_per_token() -> usize {
+    8
+}
+fn default_streams_per_address() -> usize {
+    64
+}
 fn default_issuer() -> String {
     "deployd".into()
 }
@@ -215,9 +249,26 @@ fn default_jwks_min_interval() -> Duration {
 
 impl ApiConfig {
     pub(super) fn validate(&self, problems: &mut Problems) {
-        if self.max_concurrent_requests == 0 {
-            problems.add("api.max_concurrent_requests", "must be at least 1");
+        for (key, value) in [
+            ("max_concurrent_requests", self.max_concurrent_requests),
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_address",
+                self.max_connections_per_address,
+            ),
+            ("max_streams_per_token", self.max_streams_per_token),
+            ("max_streams_per_address", self.max_streams_per_address),
+        ] {
+            if value == 0 {
+                problems.add(format!("api.{key}"), "must be at least 1");
+            }
         }
+        super::switch::check_header_limits(
+            "api",
+            self.max_header_line,
+            self.max_header_size,
+            problems,
+        );
         for (key, value) in [
             ("handshake_timeout", self.handshake_timeout),
             ("header_timeout", self.header_timeout),
@@ -231,6 +282,12 @@ impl ApiConfig {
 }
 
 impl AuthConfig {
+    pub(super) fn warnings(&self, warnings: &mut Problems) {
+        for (i, oidc) in self.oidc.iter().enumerate() {
+            oidc.warnings(&format!("auth.oidc[{i}]"), warnings);
+        }
+    }
+
     pub(super) fn validate(&self, problems: &mut Problems) {
         if self.issuer.is_empty() {
             problems.add("auth.issuer", "must not be empty");
@@ -302,8 +359,55 @@ impl OidcConfig {
                     problems.add(format!("{at}.claims.{claim}"), "not a valid glob pattern");
                 }
             }
+            if !rule.binds_project() {
+                problems.add(
+                    format!("{at}.claims"),
+                    format!(
+                        "a rule must bind the project exactly ({}), without a glob: \
+                         other claims (environment, ref, ...) match every project of the issuer",
+                        PROJECT_CLAIMS.join(", ")
+                    ),
+                );
+            }
             if rule.apps.is_empty() || rule.scopes.is_empty() {
                 problems.add(&at, "a rule must name apps and scopes");
+            }
+        }
+    }
+}
+
+/// Claims that name one project: GitHub's `repository` and
+/// `repository_id`, GitLab's `project_path` and `project_id`. Every other
+/// claim (`environment`, `ref`, `workflow`, ...) is the same for many
+/// projects of one issuer: a rule that binds none of these would let any
+/// repository on github.com deploy.
+pub const PROJECT_CLAIMS: [&str; 4] = ["repository", "repository_id", "project_path", "project_id"];
+
+/// Characters that make a claim value a glob.
+const GLOB_CHARS: [char; 4] = ['*', '?', '[', ']'];
+
+impl RuleConfig {
+    /// Whether the rule binds one project exactly.
+    pub fn binds_project(&self) -> bool {
+        PROJECT_CLAIMS.iter().any(|claim| {
+            self.claims
+                .get(*claim)
+                .is_some_and(|v| !v.trim().is_empty() && !v.contains(GLOB_CHARS))
+        })
+    }
+}
+
+impl OidcConfig {
+    /// What is allowed but probably not meant: a `ref` ending in `*`
+    /// matches any branch or tag with that prefix, pushed by anyone who
+    /// may push one.
+    pub(super) fn warnings(&self, at: &str, warnings: &mut Problems) {
+        for (j, rule) in self.rules.iter().enumerate() {
+            if rule.claims.get("ref").is_some_and(|r| r.ends_with('*')) {
+                warnings.add(
+                    format!("{at}.rules[{j}].claims.ref"),
+                    "ends with *: any branch or tag with this prefix matches; name the ref exactly",
+                );
             }
         }
     }

@@ -22,6 +22,8 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::proxy::Proxy;
+use super::route::Refusal;
+use crate::limit::{Admission, Admitted, Full};
 
 /// How long a keep-alive connection may stay idle once shutdown began: a
 /// client mid-loop sends its next request within it and gets a clean close.
@@ -41,13 +43,24 @@ pub(crate) fn inherited() -> Vec<std::net::TcpListener> {
     found
 }
 
+/// One app's public listener: how its connections are served.
+#[derive(Debug)]
+pub(crate) struct Site {
+    pub proxy: Arc<Proxy>,
+    pub idle_timeout: Duration,
+    /// Client connections open at once, in all and per address.
+    pub admission: Arc<Admission>,
+    /// hyper's read buffer per connection: the longest request head.
+    pub read_buffer: usize,
+}
+
 /// An accepted client connection, on its way to a switch thread.
 #[derive(Debug)]
 pub(crate) struct Accepted {
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    proxy: Arc<Proxy>,
-    idle_timeout: Duration,
+    site: Arc<Site>,
+    admitted: Admitted,
 }
 
 /// The switch threads, fed accepted connections in turn: the kernel would
@@ -83,35 +96,65 @@ impl Workers {
     }
 }
 
+/// The first pause after a failed accept; doubled while accepting keeps
+/// failing, up to [`MAX_ACCEPT_PAUSE`].
+const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+
 /// Accepts on one app's public listener until `closing` fires, handing each
-/// connection to a switch thread.
-pub(crate) async fn accept(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    idle_timeout: Duration,
-    workers: Arc<Workers>,
-) {
-    let closing = proxy.closing.clone();
+/// connection to a switch thread. A connection past a cap is closed at
+/// once. When accepting fails (out of file descriptors: EMFILE) the loop
+/// pauses, longer while it keeps failing, instead of spinning on a socket
+/// that stays readable.
+pub(crate) async fn accept(listener: TcpListener, site: Arc<Site>, workers: Arc<Workers>) {
+    let closing = site.proxy.closing.clone();
+    let app = site.proxy.route.app().to_owned();
+    let mut pause = ACCEPT_PAUSE;
+    let mut failures: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
             () = closing.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of file descriptors, say: back off, keep serving.
-                    tracing::warn!(app = %proxy.route.app(), error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    failures += 1;
+                    // Logged once per run of failures, not per attempt.
+                    if failures == 1 {
+                        tracing::warn!(%app, error = %e, "accepting connections fails; backing off");
+                    }
+                    tokio::select! {
+                        () = closing.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
                     continue;
                 }
             },
+        };
+        if failures > 0 {
+            tracing::info!(%app, failures, "accepting connections again");
+            failures = 0;
+            pause = ACCEPT_PAUSE;
+        }
+        let admitted = match site.admission.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(full) => {
+                site.proxy.route.stats.refused(match full {
+                    Full::Total => Refusal::Connections,
+                    Full::Address => Refusal::ConnectionsPerAddress,
+                });
+                // Closed at once: the file descriptor is free again.
+                drop(stream);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         match stream.into_std() {
             Ok(stream) => workers.hand_over(Accepted {
                 stream,
                 peer,
-                proxy: proxy.clone(),
-                idle_timeout,
+                site: site.clone(),
+                admitted,
             }),
             Err(e) => tracing::warn!(error = %e, "accepted connection lost"),
         }
@@ -128,8 +171,8 @@ pub(crate) async fn work(mut queue: mpsc::UnboundedReceiver<Accepted>) {
                 connections.spawn(connection(
                     stream,
                     accepted.peer,
-                    accepted.proxy,
-                    accepted.idle_timeout,
+                    accepted.site,
+                    accepted.admitted,
                 ));
             }
             Err(e) => tracing::warn!(error = %e, "accepted connection lost"),
@@ -206,9 +249,12 @@ impl Drop for Busy {
 async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    proxy: Arc<Proxy>,
-    idle_timeout: Duration,
+    site: Arc<Site>,
+    // Counted until the connection ends.
+    _admitted: Admitted,
 ) {
+    let proxy = site.proxy.clone();
+    let idle_timeout = site.idle_timeout;
     let closing = proxy.closing.clone();
     let peer = match http::HeaderValue::from_str(&peer.ip().to_string()) {
         Ok(peer) => peer,
@@ -236,6 +282,7 @@ async fn connection(
     // a connection whose request headers do not arrive in time.
     let conn = http1::Builder::new()
         .keep_alive(true)
+        .max_buf_size(site.read_buffer)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -10,20 +10,15 @@ use std::sync::Mutex;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
-/// What a request to a web container carries: the client's body, or none
-/// (then the request can be sent again on another connection).
-pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+use super::body::RequestBody;
 
 /// A connection to a web container.
-pub(crate) type Conn = SendRequest<UpstreamBody>;
+pub(crate) type Conn = SendRequest<RequestBody>;
 
 /// Connections idle longer than this are closed rather than reused.
 const MAX_IDLE: Duration = Duration::from_secs(1);

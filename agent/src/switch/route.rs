@@ -51,12 +51,52 @@ impl UpstreamError {
     }
 }
 
+/// Why the switch refused a client before any container saw its request.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// A request line or header past `max_header_line`/`max_header_size`.
+    HeadTooLarge,
+    /// A body past `max_body`: 413.
+    BodyTooLarge,
+    /// A body not whole within `body_timeout`: 408.
+    BodyTimeout,
+    /// A body the client broke off (or that could not be spooled).
+    BodyBroken,
+    /// A connection past `max_connections`, closed at once.
+    Connections,
+    /// A connection past `max_connections_per_address`, closed at once.
+    ConnectionsPerAddress,
+}
+
+impl Refusal {
+    pub const ALL: [Self; 6] = [
+        Self::HeadTooLarge,
+        Self::BodyTooLarge,
+        Self::BodyTimeout,
+        Self::BodyBroken,
+        Self::Connections,
+        Self::ConnectionsPerAddress,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::HeadTooLarge => "head_too_large",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyBroken => "body_broken",
+            Self::Connections => "max_connections",
+            Self::ConnectionsPerAddress => "max_connections_per_address",
+        }
+    }
+}
+
 /// A route's request counts: one relaxed atomic add per request.
 #[derive(Debug, Default)]
 pub struct SwitchStats {
     /// Answers by status class: 1xx to 5xx.
     answers: [AtomicU64; 5],
     upstream_errors: [AtomicU64; 4],
+    refusals: [AtomicU64; 6],
 }
 
 impl SwitchStats {
@@ -67,6 +107,18 @@ impl SwitchStats {
 
     pub(crate) fn upstream_error(&self, error: UpstreamError) {
         self.upstream_errors[error as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self, refusal: Refusal) {
+        self.refusals[refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `("body_timeout", n)`, ... for every refusal.
+    pub fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Refusal::ALL
+            .into_iter()
+            .zip(&self.refusals)
+            .map(|(r, n)| (r.label(), n.load(Ordering::Relaxed)))
     }
 
     /// `("2xx", n)`, ... for every class.

@@ -19,6 +19,8 @@ pub struct TestAgent {
     pub url: String,
     pub server: Server,
     pub engine: EngineHandle,
+    /// What the API's handlers share (the refusal summaries, say).
+    pub api: ApiState,
     pub config: Config,
     pub pki: Pki,
     pub tls: Issued,
@@ -87,13 +89,14 @@ impl TestAgent {
             .unwrap();
         let auth = Authenticator::new(&config.auth).unwrap();
         let api_state = ApiState::new(engine.clone(), auth, config.auth.max_failures_per_minute);
-        let server = Server::start(api_state, config.api.as_ref().unwrap())
+        let server = Server::start(api_state.clone(), config.api.as_ref().unwrap())
             .await
             .unwrap();
         Self {
             url: format!("https://localhost:{}", server.addr().port()),
             server,
             engine,
+            api: api_state,
             config,
             pki,
             tls,

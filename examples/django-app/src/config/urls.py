@@ -1,6 +1,6 @@
 from django.urls import path
 
-from shop.views import healthz, heartbeats, index, readiness, release, slow
+from shop.views import echo, healthz, heartbeats, index, readiness, release, slow
 
 urlpatterns = [
     path("healthz/", healthz),
@@ -8,5 +8,6 @@ urlpatterns = [
     path("heartbeats/", heartbeats),
     path("release/", release),
     path("slow/", slow),
+    path("echo/", echo),
     path("", index),
 ]

@@ -2,19 +2,42 @@
 
 Kept out of the views so that /healthz/ and /readiness/ stay exactly the
 reference document's code; good builds pass straight through.
+
+Faults trigger on events, never on wall time: a test machine three times
+slower than usual must see the same outcome.
 """
 
-import time
+import fcntl
+import os
 
 from django.http import JsonResponse
 
-from config.build import BUILD, STARTED_AT
+from config.build import BUILD
+
+# unhealthy-after-3-checks: this many /healthz/ answers are 200, then 500.
+HEALTHY_ANSWERS = 3
+# Shared by the container's gunicorn workers (each is its own process).
+COUNTER_FILE = os.environ.get("SHOP_HEALTH_COUNTER", "/tmp/shop-healthz-count")
+
+
+def _count_health_check():
+    """Counts one /healthz/ request across every worker; returns the count."""
+    with open(COUNTER_FILE, "a+", encoding="ascii") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        count = int(f.read() or "0") + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(count))
+        return count
 
 
 def health_is_broken():
     if BUILD.variant == "healthz-500":
         return True
-    return BUILD.variant == "unhealthy-after-5s" and time.monotonic() - STARTED_AT > 5
+    if BUILD.variant == "unhealthy-after-3-checks":
+        return _count_health_check() > HEALTHY_ANSWERS
+    return False
 
 
 class BrokenHealthMiddleware:

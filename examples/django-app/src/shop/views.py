@@ -1,8 +1,12 @@
+import hashlib
+import json
 import time
 
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
 
 from config.build import BUILD, identity
 from shop.models import Heartbeat
@@ -26,6 +30,21 @@ def slow(request):
         return JsonResponse({"error": "seconds must be a number"}, status=400)
     time.sleep(max(seconds, 0.0))
     return JsonResponse({"served_by": identity(), "slept": seconds})
+
+
+@csrf_exempt
+@require_POST
+def echo(request):
+    """Reads a JSON body whole (a form post or an API call would): how big it
+    was and its SHA-256, so a test can tell it arrived intact."""
+    body = request.body
+    try:
+        json.loads(body or b"null")
+    except ValueError:
+        return JsonResponse({"error": "the body is not JSON"}, status=400)
+    return JsonResponse(
+        {"served_by": identity(), "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    )
 
 
 def readiness(request):

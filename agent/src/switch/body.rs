@@ -1,0 +1,449 @@
+//! Bodies through the switch, buffered like nginx's defaults so that slow
+//! clients never hold an app server's worker.
+//!
+//! gunicorn's sync workers serve one request at a time and expect a
+//! buffering proxy in front: a client trickling its request body, or
+//! reading an answer slowly, would otherwise keep a worker busy for as long
+//! as it likes. So a request body is read whole before a container is even
+//! chosen (in memory, or spooled to an unlinked temporary file past
+//! `max_buffered_body`), and an answer is read from the container as fast
+//! as it comes, up to `max_buffered_response` ahead of the client. Answers
+//! that stream on purpose (SSE, `X-Accel-Buffering: no`) and upgraded
+//! connections pass as they are.
+
+use std::io::SeekFrom;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::io::ReaderStream;
+
+use super::pool::Conn;
+use super::route::{Backend, InFlight};
+
+/// Any error a body can end with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Chunks read back from a spooled body.
+const SPOOL_CHUNK: usize = 64 * 1024;
+
+/// How request bodies and answers are buffered (`[apps.NAME.switch]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimits {
+    /// Request bodies up to this stay in memory; larger ones are spooled.
+    pub in_memory: u64,
+    /// Larger request bodies are refused (413).
+    pub max: u64,
+    /// The whole request body must arrive within this (else 408).
+    pub timeout: Duration,
+    /// An answer is read this far ahead of the client.
+    pub read_ahead: usize,
+}
+
+/// Why a request body did not reach a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Declared or found larger than `max`: 413.
+    TooLarge,
+    /// Not whole within `timeout`: 408.
+    Timeout,
+    /// The client broke off, or the spool could not be written.
+    Broken,
+}
+
+/// A request body as it goes to a container.
+pub(crate) enum RequestBody {
+    Empty,
+    /// Read whole, in memory.
+    Full(Option<Bytes>),
+    /// Read whole into a temporary file (already unlinked), read back here
+    /// (boxed: the reader is large, and rare).
+    Spooled {
+        chunks: Box<ReaderStream<tokio::fs::File>>,
+        left: u64,
+    },
+    /// Passed as it comes: only for upgrade requests, which keep their
+    /// connection to the container anyway.
+    Streaming(Incoming),
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Empty => f.write_str("Empty"),
+            Self::Full(bytes) => write!(f, "Full({:?} bytes)", bytes.as_ref().map(Bytes::len)),
+            Self::Spooled { left, .. } => write!(f, "Spooled({left} bytes left)"),
+            Self::Streaming(_) => f.write_str("Streaming"),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Spooled { chunks, left } => match Pin::new(chunks.as_mut()).poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    *left = left.saturating_sub(chunk.len() as u64);
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Self::Streaming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Full(bytes) => bytes.is_none(),
+            Self::Spooled { left, .. } => *left == 0,
+            Self::Streaming(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Spooled { left, .. } => SizeHint::with_exact(*left),
+            Self::Streaming(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Reads a request body whole within `limits.timeout`: in memory up to
+/// `limits.in_memory`, spooled beyond; `declared` is its `Content-Length`.
+/// Returns the body and its length.
+pub(crate) async fn read_request(
+    body: Incoming,
+    declared: Option<u64>,
+    limits: &BodyLimits,
+) -> Result<(RequestBody, u64), Refused> {
+    if declared.is_some_and(|len| len > limits.max) {
+        return Err(Refused::TooLarge);
+    }
+    tokio::time::timeout(limits.timeout, collect(body, limits))
+        .await
+        .unwrap_or(Err(Refused::Timeout))
+}
+
+async fn collect(mut body: Incoming, limits: &BodyLimits) -> Result<(RequestBody, u64), Refused> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut spool: Option<tokio::fs::File> = None;
+    let mut len: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| Refused::Broken)?.into_data() else {
+            // Trailers: a container behind a buffering proxy gets none.
+            continue;
+        };
+        len += data.len() as u64;
+        if len > limits.max {
+            return Err(Refused::TooLarge);
+        }
+        if spool.is_none() && len > limits.in_memory {
+            let mut file = spool_file().await?;
+            for chunk in chunks.drain(..) {
+                file.write_all(&chunk).await.map_err(spool_failed)?;
+            }
+            spool = Some(file);
+        }
+        match spool.as_mut() {
+            Some(file) => file.write_all(&data).await.map_err(spool_failed)?,
+            None => chunks.push(data),
+        }
+    }
+    let body = match spool {
+        Some(mut file) => {
+            file.flush().await.map_err(spool_failed)?;
+            file.seek(SeekFrom::Start(0)).await.map_err(spool_failed)?;
+            RequestBody::Spooled {
+                chunks: Box::new(ReaderStream::with_capacity(file, SPOOL_CHUNK)),
+                left: len,
+            }
+        }
+        None if chunks.is_empty() => RequestBody::Full(Some(Bytes::new())),
+        None if chunks.len() == 1 => RequestBody::Full(chunks.pop()),
+        None => {
+            let mut joined = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+            for chunk in &chunks {
+                joined.extend_from_slice(chunk);
+            }
+            RequestBody::Full(Some(joined.freeze()))
+        }
+    };
+    Ok((body, len))
+}
+
+/// A temporary file that is gone from the directory once made: nothing is
+/// left behind, whatever happens to the request or to deployd.
+async fn spool_file() -> Result<tokio::fs::File, Refused> {
+    match tokio::task::spawn_blocking(tempfile::tempfile).await {
+        Ok(Ok(file)) => Ok(tokio::fs::File::from_std(file)),
+        Ok(Err(e)) => Err(spool_failed(e)),
+        Err(e) => Err(spool_failed(std::io::Error::other(e))),
+    }
+}
+
+fn spool_failed(e: std::io::Error) -> Refused {
+    tracing::warn!(error = %e, dir = %std::env::temp_dir().display(),
+        "cannot spool a request body to a temporary file");
+    Refused::Broken
+}
+
+/// What the switch answers with: a container's body, or one of its own.
+/// An enum rather than a boxed body: one allocation less per request.
+pub(crate) enum ProxyBody {
+    /// Streamed as the container sends it (it streams on purpose).
+    Upstream(Tracked),
+    /// Whole: the switch's own answer, or a container's read to its end.
+    Own(Option<Bytes>),
+    /// A container's answer, read ahead by a task of its own.
+    ReadAhead(ReadAhead),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Upstream(tracked) => Pin::new(tracked).poll_frame(cx),
+            Self::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::ReadAhead(ahead) => ahead.poll(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(tracked) => tracked.is_end_stream(),
+            Self::Own(bytes) => bytes.is_none(),
+            Self::ReadAhead(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(tracked) => tracked.size_hint(),
+            Self::Own(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::ReadAhead(ahead) => ahead.size_hint,
+        }
+    }
+}
+
+/// A response body from a container: holds its request in flight until it
+/// ends, then gives the connection back. A drain that gives up closes the
+/// connection, which ends the body with an error (the client's connection
+/// is then cut: its answer is incomplete).
+pub(crate) struct Tracked {
+    inner: Incoming,
+    done: Option<(Conn, InFlight)>,
+    backend: Arc<Backend>,
+}
+
+impl Tracked {
+    pub fn new(inner: Incoming, conn: Conn, guard: InFlight, backend: Arc<Backend>) -> Self {
+        Self {
+            inner,
+            done: Some((conn, guard)),
+            backend,
+        }
+    }
+
+    fn finish(&mut self, reuse: bool) {
+        if let Some((conn, guard)) = self.done.take() {
+            if reuse {
+                self.backend.pool.put(conn);
+            }
+            drop(guard);
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(None) => {
+                self.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // An empty body may never be polled: its connection is still good.
+        let reuse = self.inner.is_end_stream();
+        self.finish(reuse);
+    }
+}
+
+/// Reads a container's answer ahead of the client. What the container has
+/// sent already is taken at once: an answer that is complete (most are,
+/// by the time their head is in) becomes a whole body, its connection goes
+/// back to the pool and the container is free, with no task and no copy
+/// beyond joining its frames. Anything else is read on by a task of its
+/// own, up to `limit` bytes ahead of the client.
+pub(crate) fn read_ahead(mut body: Tracked, limit: usize) -> Result<ProxyBody, BoxError> {
+    let mut taken: Vec<Frame<Bytes>> = Vec::new();
+    let mut bytes = 0usize;
+    let ended = loop {
+        if body.is_end_stream() {
+            break true;
+        }
+        if bytes >= limit {
+            break false;
+        }
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                bytes += frame.data_ref().map_or(0, Bytes::len);
+                taken.push(frame);
+            }
+            Some(Some(Err(e))) => return Err(e),
+            Some(None) => break true,
+            None => break false,
+        }
+    };
+    if ended && taken.iter().all(Frame::is_data) {
+        drop(body);
+        let whole = match taken.len() {
+            0 => None,
+            1 => taken.pop().and_then(|f| f.into_data().ok()),
+            _ => {
+                let mut joined = BytesMut::with_capacity(bytes);
+                for frame in &taken {
+                    if let Some(data) = frame.data_ref() {
+                        joined.extend_from_slice(data);
+                    }
+                }
+                Some(joined.freeze())
+            }
+        };
+        return Ok(ProxyBody::Own(whole));
+    }
+    let size_hint = body.size_hint();
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX).max(1);
+    let room = Arc::new(Semaphore::new(limit as usize));
+    let (frames, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(pump(body, taken, frames, room.clone(), limit));
+    Ok(ProxyBody::ReadAhead(ReadAhead {
+        frames: receiver,
+        room,
+        size_hint,
+    }))
+}
+
+/// A frame read ahead, with the room it holds in the buffer.
+type Ahead = Result<(Frame<Bytes>, u32), BoxError>;
+
+/// The client's side of a read-ahead answer.
+pub(crate) struct ReadAhead {
+    frames: mpsc::UnboundedReceiver<Ahead>,
+    room: Arc<Semaphore>,
+    size_hint: SizeHint,
+}
+
+impl ReadAhead {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.frames.poll_recv(cx) {
+            Poll::Ready(Some(Ok((frame, held)))) => {
+                self.room.add_permits(held as usize);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Reads the container's answer into the channel as fast as it comes while
+/// there is room; stops when the client is gone (closing the container's
+/// connection: its answer is not wanted).
+async fn pump(
+    mut body: Tracked,
+    taken: Vec<Frame<Bytes>>,
+    frames: mpsc::UnboundedSender<Ahead>,
+    room: Arc<Semaphore>,
+    limit: u32,
+) {
+    let send = async |frame: Frame<Bytes>| -> bool {
+        let size = frame.data_ref().map_or(0, Bytes::len);
+        let held = u32::try_from(size).unwrap_or(u32::MAX).min(limit);
+        if held > 0 {
+            tokio::select! {
+                permit = room.acquire_many(held) => match permit {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return false,
+                },
+                () = frames.closed() => return false,
+            }
+        }
+        frames.send(Ok((frame, held))).is_ok()
+    };
+    for frame in taken {
+        if !send(frame).await {
+            return;
+        }
+    }
+    loop {
+        let next = tokio::select! {
+            next = body.frame() => next,
+            () = frames.closed() => return,
+        };
+        match next {
+            None => return,
+            Some(Ok(frame)) => {
+                if !send(frame).await {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                let _ = frames.send(Err(e));
+                return;
+            }
+        }
+    }
+}

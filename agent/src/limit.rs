@@ -37,7 +37,15 @@ pub fn bucket(ip: IpAddr) -> IpAddr {
 /// Raises the soft open-file limit to the hard limit (systemd starts
 /// services at 1024 soft) and returns the soft limit now in force.
 pub fn raise_open_files() -> u64 {
-    let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).ok();
+    let (before, hard) = match rlimit::Resource::NOFILE.get() {
+        Ok((soft, hard)) => (Some(soft), hard),
+        Err(_) => (None, u64::MAX),
+    };
+    // Under the packaged unit the limit is set (LimitNOFILE=) and may not
+    // be changed (its system call filter refuses setrlimit): nothing to do.
+    if let Some(soft) = before.filter(|soft| *soft >= hard) {
+        return soft;
+    }
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(now) => {
             if before.is_some_and(|b| b < now) {

@@ -1,5 +1,9 @@
 //! Where the agent is and how to prove who we are: flags, then
-//! environment variables, then a named context of the config file.
+//! environment variables, then a named context of the config file, then
+//! defaults. Each setting is taken from the first layer that has it; the
+//! token source (token, token file, OIDC) and the trust source (CA, pin)
+//! are each taken whole from one layer, so an explicit `--token-file` is
+//! never overridden by a `DEPLOYCTL_TOKEN` left in the environment.
 //!
 //! ```toml
 //! # ~/.config/deployctl/config.toml
@@ -26,17 +30,23 @@ pub struct Global {
     /// Agent URL, e.g. https://deploy-1.example.com:8443.
     #[arg(long, env = "DEPLOYCTL_URL", global = true)]
     pub url: Option<String>,
-    /// Bearer token (prefer DEPLOYCTL_TOKEN_FILE: flags show in `ps`).
-    #[arg(long, env = "DEPLOYCTL_TOKEN", global = true, hide_env_values = true)]
+    // The token and trust flags read their environment variables in
+    // `resolve`, not through clap: clap would merge a flag and another
+    // flag's variable into one layer.
+    /// Bearer token (prefer a token file: flags show in `ps`). Environment:
+    /// DEPLOYCTL_TOKEN.
+    #[arg(long, global = true)]
     pub token: Option<String>,
-    /// File holding the bearer token.
-    #[arg(long, env = "DEPLOYCTL_TOKEN_FILE", global = true)]
+    /// File holding the bearer token. Environment: DEPLOYCTL_TOKEN_FILE.
+    #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
-    /// PEM CA bundle trusted besides the system roots (deployd init's cert.pem).
-    #[arg(long, env = "DEPLOYCTL_CA_CERT", global = true)]
+    /// PEM CA bundle trusted besides the system roots (deployd init's
+    /// cert.pem). Environment: DEPLOYCTL_CA_CERT.
+    #[arg(long, global = true)]
     pub ca_cert: Option<PathBuf>,
     /// Trust exactly the agent certificate with this SHA-256 fingerprint.
-    #[arg(long, env = "DEPLOYCTL_PIN_SHA256", global = true)]
+    /// Environment: DEPLOYCTL_PIN_SHA256.
+    #[arg(long, global = true)]
     pub pin_sha256: Option<String>,
     /// App to act on (when the agent runs several).
     #[arg(long, env = "DEPLOYCTL_APP", global = true)]
@@ -49,8 +59,8 @@ pub struct Global {
     pub config: Option<PathBuf>,
     /// Fetch the CI job's own OIDC token instead of using a stored one:
     /// `github` (Actions, needs `permissions: id-token: write`) or `gitlab`
-    /// (an `id_tokens` variable).
-    #[arg(long, env = "DEPLOYCTL_OIDC", global = true)]
+    /// (an `id_tokens` variable). Environment: DEPLOYCTL_OIDC.
+    #[arg(long, global = true)]
     pub oidc: Option<Oidc>,
     /// Audience to ask GitHub for (must match the agent's rule).
     #[arg(long, env = "DEPLOYCTL_OIDC_AUDIENCE", global = true)]
@@ -137,18 +147,53 @@ fn default_config_path() -> Option<PathBuf> {
     Some(base.join("deployctl/config.toml"))
 }
 
+/// Where the token comes from, as one layer gives it.
+#[derive(Debug, Default, PartialEq)]
+struct TokenSource {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    oidc: Option<Oidc>,
+}
+
+impl TokenSource {
+    fn is_set(&self) -> bool {
+        self.token.is_some() || self.token_file.is_some() || self.oidc.is_some()
+    }
+}
+
+/// How the agent's certificate is trusted, as one layer gives it.
+#[derive(Debug, Default, PartialEq)]
+struct TrustSource {
+    ca_cert: Option<PathBuf>,
+    pin_sha256: Option<String>,
+}
+
+/// A value as given: empty counts as absent.
+fn given(v: Option<String>) -> Option<String> {
+    v.filter(|v| !v.trim().is_empty())
+}
+
+fn given_path(v: Option<PathBuf>) -> Option<PathBuf> {
+    v.filter(|p| !p.as_os_str().is_empty())
+}
+
 impl Global {
-    /// Flags and environment first, then the context. The token source
-    /// and the trust source are each taken whole from one layer: a token
-    /// given on the command line or in the environment is not mixed with a
-    /// context's OIDC setting, a CA given there not with a context's pin.
-    /// Within a layer, `--oidc` beats `--token` beats `--token-file`, and
-    /// a pin beats a CA. Empty values count as absent.
+    /// Resolves every setting from the flags, this process's environment
+    /// and the config file.
     pub fn resolve(&self) -> Result<Settings, CliError> {
+        self.resolve_with(&|name| std::env::var(name).ok())
+    }
+
+    /// Flags, then the environment (`env` looks a variable up), then the
+    /// context, then defaults. The token source and the trust source are
+    /// each taken whole from the first layer that sets any part of them:
+    /// a token file on the command line is not mixed with a token in the
+    /// environment, nor a CA given there with a context's pin. Within a
+    /// layer, OIDC beats a token beats a token file, and a pin beats a CA.
+    /// Empty values count as absent.
+    fn resolve_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, CliError> {
         let context = self.context_from_file()?;
-        let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
-        let given_path = |v: &Option<PathBuf>| v.clone().filter(|p| !p.as_os_str().is_empty());
-        let url = given(&self.url).or(context.url).ok_or_else(|| {
+        let url = given(self.url.clone()).or(context.url).ok_or_else(|| {
             CliError::usage("no agent URL").hint(
                 "set --url or DEPLOYCTL_URL (e.g. https://deploy-1.example.com:8443), or a context",
             )
@@ -159,32 +204,65 @@ impl Global {
                 "the agent URL must be https://, got {url}"
             )));
         }
-        let (token, token_file, oidc) = {
-            let flags = (given(&self.token), given_path(&self.token_file), self.oidc);
-            if flags.0.is_some() || flags.1.is_some() || flags.2.is_some() {
-                flags
-            } else {
-                (None, context.token_file, context.oidc)
-            }
+        let env_oidc = match given(env("DEPLOYCTL_OIDC")) {
+            None => None,
+            Some(name) => Some(
+                <Oidc as clap::ValueEnum>::from_str(name.trim(), true).map_err(|_| {
+                    CliError::usage(format!(
+                        "DEPLOYCTL_OIDC is {name}: it takes github or gitlab"
+                    ))
+                })?,
+            ),
         };
-        let (ca_cert, pin_sha256) = {
-            let flags = (given_path(&self.ca_cert), given(&self.pin_sha256));
-            if flags.0.is_some() || flags.1.is_some() {
-                flags
-            } else {
-                (context.ca_cert, context.pin_sha256)
-            }
-        };
+        let tokens = [
+            TokenSource {
+                token: given(self.token.clone()),
+                token_file: given_path(self.token_file.clone()),
+                oidc: self.oidc,
+            },
+            TokenSource {
+                token: given(env("DEPLOYCTL_TOKEN")),
+                token_file: given_path(env("DEPLOYCTL_TOKEN_FILE").map(PathBuf::from)),
+                oidc: env_oidc,
+            },
+            TokenSource {
+                token: None,
+                token_file: given_path(context.token_file),
+                oidc: context.oidc,
+            },
+        ];
+        let token = tokens
+            .into_iter()
+            .find(TokenSource::is_set)
+            .unwrap_or_default();
+        let trusts = [
+            TrustSource {
+                ca_cert: given_path(self.ca_cert.clone()),
+                pin_sha256: given(self.pin_sha256.clone()),
+            },
+            TrustSource {
+                ca_cert: given_path(env("DEPLOYCTL_CA_CERT").map(PathBuf::from)),
+                pin_sha256: given(env("DEPLOYCTL_PIN_SHA256")),
+            },
+            TrustSource {
+                ca_cert: given_path(context.ca_cert),
+                pin_sha256: given(context.pin_sha256),
+            },
+        ];
+        let trust = trusts
+            .into_iter()
+            .find(|t| t.ca_cert.is_some() || t.pin_sha256.is_some())
+            .unwrap_or_default();
         Ok(Settings {
             url,
-            token,
-            token_file,
-            ca_cert,
-            pin_sha256,
-            app: given(&self.app).or(context.app),
-            oidc,
-            oidc_audience: given(&self.oidc_audience).or(context.oidc_audience),
-            oidc_variable: given(&self.oidc_variable).or(context.oidc_variable),
+            token: token.token,
+            token_file: token.token_file,
+            ca_cert: trust.ca_cert,
+            pin_sha256: trust.pin_sha256,
+            app: given(self.app.clone()).or(context.app),
+            oidc: token.oidc,
+            oidc_audience: given(self.oidc_audience.clone()).or(context.oidc_audience),
+            oidc_variable: given(self.oidc_variable.clone()).or(context.oidc_variable),
         })
     }
 
@@ -271,7 +349,7 @@ mod tests {
             "--ca-cert",
             "/ca.pem",
         ])
-        .resolve()
+        .resolve_with(&|_| None)
         .unwrap();
         assert_eq!((s.token.as_deref(), s.oidc), (Some("t"), None));
         assert_eq!((s.ca_cert.is_some(), s.pin_sha256), (true, None));
@@ -281,7 +359,7 @@ mod tests {
         );
         // Empty values count as absent: the context's settings stand.
         let s = global(&["--config", config, "--context", "prod", "--token", " "])
-            .resolve()
+            .resolve_with(&|_| None)
             .unwrap();
         assert_eq!((s.token, s.oidc), (None, Some(Oidc::Github)));
         assert!(global(&["--url", "http://plain:80"]).resolve().is_err());
@@ -292,5 +370,83 @@ mod tests {
                 .unwrap()
         );
         assert!(!shown.contains("secret-t"), "{shown}");
+    }
+
+    #[test]
+    fn flags_beat_the_environment_beats_the_context_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "default_context = \"prod\"\n[contexts.prod]\nurl = \"https://context:8443\"\n\
+             token_file = \"/context/token\"\nca_cert = \"/context/ca.pem\"\napp = \"shop\"\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap().to_owned();
+        let environment = [
+            ("DEPLOYCTL_TOKEN", "env-token"),
+            ("DEPLOYCTL_PIN_SHA256", "EE"),
+        ];
+        let env = |name: &str| {
+            environment
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        let resolve = |args: &[&str], env: &dyn Fn(&str) -> Option<String>| {
+            let mut all = vec!["--config", config.as_str()];
+            all.extend_from_slice(args);
+            global(&all).resolve_with(env).unwrap()
+        };
+        // Flags first: an explicit token file beats the environment's token
+        // (the bug this guards against), an explicit CA its pin.
+        let s = resolve(
+            &["--token-file", "/flag/token", "--ca-cert", "/flag/ca.pem"],
+            &env,
+        );
+        assert_eq!(
+            s.token_file.as_deref(),
+            Some(std::path::Path::new("/flag/token"))
+        );
+        assert_eq!(s.token, None);
+        assert_eq!(
+            s.ca_cert.as_deref(),
+            Some(std::path::Path::new("/flag/ca.pem"))
+        );
+        assert_eq!(s.pin_sha256, None);
+        // Then the environment, over the context.
+        let s = resolve(&[], &env);
+        assert_eq!(s.token.as_deref(), Some("env-token"));
+        assert_eq!(s.token_file, None);
+        assert_eq!((s.pin_sha256.as_deref(), s.ca_cert), (Some("EE"), None));
+        // Then the context.
+        let s = resolve(&[], &|_| None);
+        assert_eq!(
+            s.token_file.as_deref(),
+            Some(std::path::Path::new("/context/token"))
+        );
+        assert_eq!(
+            s.ca_cert.as_deref(),
+            Some(std::path::Path::new("/context/ca.pem"))
+        );
+        assert_eq!(
+            (s.url.as_str(), s.app.as_deref()),
+            ("https://context:8443", Some("shop"))
+        );
+        // Then defaults: nothing set anywhere.
+        let s = global(&["--url", "https://flag:1"])
+            .resolve_with(&|_| None)
+            .unwrap();
+        assert_eq!(
+            (s.token, s.token_file, s.oidc, s.ca_cert),
+            (None, None, None, None)
+        );
+        // A bad DEPLOYCTL_OIDC is a usage error, not ignored.
+        let bad = |name: &str| (name == "DEPLOYCTL_OIDC").then(|| "jenkins".to_owned());
+        assert!(
+            global(&["--url", "https://a:1"])
+                .resolve_with(&bad)
+                .is_err()
+        );
     }
 }

@@ -212,6 +212,27 @@ async fn every_outcome_has_its_exit_code_and_output() {
         let (me, _) = expect(&from_file("production").await.unwrap(), 0, "context");
         assert!(me.contains("viewer"), "{me}");
         expect(&from_file("nope").await.unwrap(), 2, "unknown context");
+        // Precedence: an explicit --token-file beats a DEPLOYCTL_TOKEN left
+        // in the environment, which beats the context's token file.
+        let mut explicit = command(&agent, &url);
+        let out = explicit
+            .env("DEPLOYCTL_TOKEN", "stale-token")
+            .args(["--token-file", token_file.to_str().unwrap(), "whoami"])
+            .output()
+            .await
+            .unwrap();
+        let (me, _) = expect(&out, 0, "--token-file over DEPLOYCTL_TOKEN");
+        assert!(me.contains("viewer"), "{me}");
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_deployctl"))
+            .env_clear()
+            .env("DEPLOYCTL_CONFIG", &config)
+            .env("DEPLOYCTL_TOKEN", "stale-token")
+            .args(["--context", "production", "whoami"])
+            .output()
+            .await
+            .unwrap();
+        let (_, err) = expect(&out, 6, "DEPLOYCTL_TOKEN over the context's token file");
+        assert!(err.contains("token"), "{err}");
 
         // A rollback, followed in JSON: one DeploymentEvent per line.
         let out = deployctl(&agent, &url, &token(), &["rollback", "--json"]).await;

@@ -11,7 +11,8 @@
 #   agent_add_app DIR APP NAME   the sample app APP, from the test bed's
 #                                repository, on network NAME
 #   agent_start DIR              run deployd (AGENT_PID), wait until ready;
-#                                AGENT_ARGS are passed before `run`
+#                                AGENT_ARGS are passed before `run`, and
+#                                AGENT_WRAP runs it (prlimit ..., say)
 #   agent_token DIR SCOPES       a 1 h token for `ops`, e.g. read,deploy
 #   agent_cleanup DIR NAME       stop deployd, remove containers and network
 
@@ -97,7 +98,7 @@ agent_start() {
     before=$(grep -sc 'deployd ready' "$dir/deployd.log" || true)
     before=${before:-0}
     # shellcheck disable=SC2086
-    "$AGENT_BIN" ${AGENT_ARGS:-} run --config "$dir/etc/deployd.toml" 2>>"$dir/deployd.log" &
+    ${AGENT_WRAP:-} "$AGENT_BIN" ${AGENT_ARGS:-} run --config "$dir/etc/deployd.toml" 2>>"$dir/deployd.log" &
     AGENT_PID=$!
     for _ in $(seq 1 1200); do
         [ "$(grep -c 'deployd ready' "$dir/deployd.log" || true)" -gt "$before" ] && return 0

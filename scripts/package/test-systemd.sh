@@ -111,7 +111,9 @@ pid=$(on_host systemctl show -p MainPID --value deployd.service)
 caps=$(on_host grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tr -s '\t\n' ' ')
 [[ $caps == *"CapEff: 0000000000000000 CapBnd: 0000000000000000 NoNewPrivs: 1 Seccomp: 2"* ]] \
     || fail "deployd's sandbox is not in force: $caps"
-log "deployd.service active after READY=1; $caps"
+limit=$(on_host awk '/^Max open files/ { print $4 " " $5 }' "/proc/$pid/limits")
+[ "$limit" = "65536 65536" ] || fail "deployd's open-file limit is $limit, not LimitNOFILE=65536"
+log "deployd.service active after READY=1; $caps; open files $limit"
 on_host systemd-analyze security deployd.service | tail -n 1 >&2
 
 deployctl() {
@@ -183,16 +185,28 @@ on_host sh -c "printf '[Service]\nEnvironment=DEPLOYD_LOG_FORMAT=json\n' \
     >/etc/systemd/system/deployd.service.d/log-format.conf && systemctl daemon-reload"
 on_host systemctl restart deployd.service
 pid=$(on_host systemctl show -p MainPID --value deployd.service)
-on_host journalctl "_PID=$pid" -o cat --no-pager >"$work/journal.txt"
-grep -q '"message":"deployd ready"' "$work/journal.txt" \
+# journald takes the log stream in on its own time: wait for the line.
+journal_has() {
+    local i
+    for i in $(seq 1 60); do
+        on_host journalctl "$@" -o cat --no-pager >"$work/journal.txt" 2>/dev/null || true
+        grep -q "$pattern" "$work/journal.txt" && return 0
+        sleep 0.5
+    done
+    return 1
+}
+pattern='"message":"deployd ready"'
+journal_has "_PID=$pid" \
     || fail "no JSON 'deployd ready' in the journal: $(head -3 "$work/journal.txt")"
+grep -q 'cannot raise the open-file limit' "$work/journal.txt" \
+    && fail "deployd tried to raise a limit its unit sets: $(grep open-file "$work/journal.txt")"
 python3 -c 'import json, sys; [json.loads(line) for line in open(sys.argv[1])]' "$work/journal.txt" \
     || fail "journal lines are not JSON with DEPLOYD_LOG_FORMAT=json"
 log "DEPLOYD_LOG_FORMAT=json: the journal holds JSON lines"
 
 on_host systemctl reload deployd.service
-on_host journalctl -u deployd --no-pager | grep -q 'TLS certificate and key reloaded' \
-    || fail "systemctl reload did not reload"
+pattern='TLS certificate and key reloaded'
+journal_has -u deployd || fail "systemctl reload did not reload"
 on_host systemctl restart deployd.service
 [ "$(on_host systemctl is-active deployd.service)" = active ] || fail "not active after restart"
 release >/dev/null || fail "no answer after restart"

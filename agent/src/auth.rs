@@ -9,6 +9,7 @@
 pub(crate) mod gate;
 mod oidc;
 mod token;
+mod verified;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -128,6 +129,8 @@ pub struct Authenticator {
     leeway: Duration,
     keys: HashMap<String, VerifyingKey>,
     oidc: Vec<oidc::Issuer>,
+    /// Tokens that verified, for a while (see `verified`).
+    verified: verified::Verified,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -228,6 +231,7 @@ impl Authenticator {
             leeway: cfg.leeway,
             keys,
             oidc,
+            verified: verified::Verified::default(),
         })
     }
 
@@ -249,8 +253,22 @@ impl Authenticator {
 
     /// Verifies a token: its key, signature, times, issuer and audience;
     /// then what it may do (its own scopes for this host's issuer, the
-    /// rules for an OIDC issuer).
+    /// rules for an OIDC issuer). A token that verified is taken as it is
+    /// for up to a minute (and never past its expiry or its maximum age):
+    /// a client polling status costs one signature check a minute, not one
+    /// per request.
     pub async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(principal) = self.verified.get(token) {
+            return Ok(principal);
+        }
+        let (principal, usable_until) = self.verify_signed(token).await?;
+        self.verified.put(token, &principal, usable_until);
+        Ok(principal)
+    }
+
+    /// [`Authenticator::verify`] without the cache; also says until when
+    /// (Unix seconds) the token stays usable.
+    async fn verify_signed(&self, token: &str) -> Result<(Principal, i64), AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(invalid("the token is too long"));
         }
@@ -279,8 +297,8 @@ impl Authenticator {
                 audiences: vec![&self.audience],
                 max_age: self.max_age,
             };
-            let claims = self.check(token, &check)?;
-            return own_principal(&claims);
+            let (claims, until) = self.check(token, &check)?;
+            return Ok((own_principal(&claims)?, until));
         }
         let issuer = self
             .oidc
@@ -294,14 +312,20 @@ impl Authenticator {
             audiences: issuer.audiences.iter().map(String::as_str).collect(),
             max_age: issuer.max_age.unwrap_or(self.max_age),
         };
-        let claims = self.check(token, &check)?;
+        let (claims, until) = self.check(token, &check)?;
         let mut principal = principal_of(&claims)?;
         principal.grants = issuer.grants(&claims);
-        Ok(principal)
+        Ok((principal, until))
     }
 
     /// Signature, algorithm, `exp`, `nbf`, `iss`, `aud`, `sub`, then `iat`.
-    fn check(&self, token: &str, check: &Check<'_>) -> Result<Map<String, Value>, AuthError> {
+    /// Returns the claims, and until when (Unix seconds, leeway included)
+    /// both `exp` and the maximum age allow the token.
+    fn check(
+        &self,
+        token: &str,
+        check: &Check<'_>,
+    ) -> Result<(Map<String, Value>, i64), AuthError> {
         let mut validation = Validation::new(check.algorithms[0]);
         validation.algorithms = check.algorithms.clone();
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
@@ -313,7 +337,13 @@ impl Authenticator {
             .map_err(|e| invalid(describe(e.kind())))?
             .claims;
         self.check_age(&claims, check.max_age)?;
-        Ok(claims)
+        let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(i64::MAX);
+        let max = i64::try_from(check.max_age.as_secs()).unwrap_or(i64::MAX);
+        let claim = |name: &str| claims.get(name).and_then(Value::as_i64).unwrap_or(0);
+        let until = claim("exp")
+            .min(claim("iat").saturating_add(max))
+            .saturating_add(leeway);
+        Ok((claims, until))
     }
 
     /// `iat` is required, not in the future, and not older than `max_age`.

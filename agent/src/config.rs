@@ -45,6 +45,82 @@ pub struct Config {
     /// A second, plain-HTTP address serving `/metrics` without a token.
     /// Absent: metrics only on the API, for a token with `read` on every app.
     pub metrics: Option<MetricsConfig>,
+    /// How long the store keeps deployment events and audit records.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Where the audit chain is anchored outside the store.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[store]`: retention.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Deployment events (logs) and audit records older than this many
+    /// days are removed, daily and at start; deployments themselves stay
+    /// in the history. A checkpoint record keeps the audit chain
+    /// verifiable. Default: 90.
+    #[serde(default = "default_retain_days")]
+    pub retain_days: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            retain_days: default_retain_days(),
+        }
+    }
+}
+
+fn default_retain_days() -> u32 {
+    90
+}
+
+/// `[audit]`: anchors of the hash chain outside the store, so that deleting
+/// the newest records or rewriting the chain is noticed (`deployd audit
+/// verify`). Every record's hash also goes to the log (journald) always.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file holding the newest record's number and hash, replaced on
+    /// every record; best on another disk or a log host's mount. Default:
+    /// `audit-head` in the state directory (which guards against edits of
+    /// the database file alone).
+    pub head_file: Option<PathBuf>,
+    /// HTTPS endpoint receiving every record as it is written: a POST of
+    /// `{"seq", "prev_hash", "hash", "record"}` per record, in order,
+    /// retried until it answers 2xx; never holds a deployment.
+    pub forward_url: Option<String>,
+    /// PEM CA bundle trusted for `forward_url`, besides the system roots.
+    pub forward_ca: Option<PathBuf>,
+    /// File holding a bearer token sent to `forward_url`.
+    pub forward_token_file: Option<PathBuf>,
+}
+
+impl AuditConfig {
+    /// The head file in force.
+    pub fn head_file(&self, state_dir: &Path) -> PathBuf {
+        self.head_file
+            .clone()
+            .unwrap_or_else(|| state_dir.join("audit-head"))
+    }
+
+    fn validate(&self, problems: &mut Problems) {
+        if let Some(url) = &self.forward_url
+            && !url.starts_with("https://")
+        {
+            problems.add("audit.forward_url", "must be an https:// URL");
+        }
+        if self.forward_url.is_none()
+            && (self.forward_ca.is_some() || self.forward_token_file.is_some())
+        {
+            problems.add(
+                "audit",
+                "forward_ca and forward_token_file need forward_url",
+            );
+        }
+    }
 }
 
 /// `[metrics]`: where Prometheus scrapes without a token.
@@ -254,6 +330,10 @@ impl Config {
             api.validate(&mut problems);
         }
         self.auth.validate(&mut problems);
+        self.audit.validate(&mut problems);
+        if self.store.retain_days == 0 {
+            problems.add("store.retain_days", "must be at least 1");
+        }
         if !(1..=64).contains(&self.switch_threads) {
             problems.add("switch_threads", "must be between 1 and 64");
         }

@@ -107,6 +107,29 @@ impl Docker {
         Ok(Self { api })
     }
 
+    /// The engine's container events (created, started, died, health
+    /// changed, destroyed, ...) for containers carrying `label`, as they
+    /// happen. Ends, or yields an error, when the connection to the engine
+    /// breaks.
+    pub fn container_events(
+        &self,
+        label: &str,
+    ) -> impl futures_util::Stream<Item = Result<(), DockerError>> + use<> {
+        use futures_util::StreamExt;
+        let filters = std::collections::HashMap::from([
+            ("type", vec!["container".to_owned()]),
+            ("label", vec![label.to_owned()]),
+        ]);
+        let options = bollard::query_parameters::EventsOptionsBuilder::new()
+            .filters(&filters)
+            .build();
+        self.api.events(Some(options)).map(|event| {
+            event
+                .map(|_| ())
+                .map_err(DockerError::engine("follow events"))
+        })
+    }
+
     /// The engine's version and the negotiated API version.
     pub async fn version(&self) -> Result<EngineVersion, DockerError> {
         let version = self

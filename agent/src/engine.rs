@@ -5,6 +5,7 @@
 //! own. Progress goes to the store first, then to live subscribers.
 
 mod health;
+mod observed;
 mod recover;
 mod release;
 mod roll;
@@ -28,6 +29,9 @@ use crate::docker::Docker;
 use crate::metrics::Metrics;
 use crate::store::{Lock, Store, StoreError};
 use crate::switch::Routes;
+
+/// How long a readiness check answers `/readiness` for.
+const READINESS_FRESH: Duration = Duration::from_secs(2);
 
 /// Labels on every container deployd creates; after a restart they are how
 /// it tells what runs.
@@ -104,8 +108,12 @@ pub(crate) struct Ctx {
     http: reqwest::Client,
     events: broadcast::Sender<(DeploymentId, DeploymentEvent)>,
     freeze: Option<Freeze>,
-    /// Recent health answers of web containers, by container id.
-    health_cache: Mutex<HashMap<String, (std::time::Instant, String)>>,
+    /// What runs, kept current for status.
+    observed: observed::Observed,
+    /// What the store said of each app's status, and at which generation.
+    recorded: Mutex<HashMap<String, (u64, status::Recorded)>>,
+    /// The last readiness check and when it was made.
+    readiness: Mutex<Option<(std::time::Instant, Vec<&'static str>)>>,
     /// Where each switched app's public traffic goes.
     routes: Routes,
     metrics: Arc<Metrics>,
@@ -212,7 +220,9 @@ impl EngineHandle {
             http,
             events,
             freeze,
-            health_cache: Mutex::default(),
+            observed: observed::Observed::default(),
+            readiness: Mutex::default(),
+            recorded: Mutex::default(),
             metrics: Arc::new(Metrics::new(&routes)),
             routes,
             stopping: CancellationToken::new(),
@@ -226,6 +236,9 @@ impl EngineHandle {
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
         ctx.seed_metrics(&apps);
+        ctx.relist().await;
+        tokio::spawn(ctx.clone().observe());
+        tokio::spawn(ctx.clone().probe_health(apps.clone()));
         let (commands, inbox) = mpsc::channel(64);
         let engine = Engine {
             ctx: ctx.clone(),
@@ -276,7 +289,28 @@ impl EngineHandle {
             failing.push("store");
         }
         self.ctx.metrics.readiness(&failing);
+        *self.ctx.readiness.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), failing.clone()));
         failing
+    }
+
+    /// Like [`EngineHandle::readiness`], answered from a check made less
+    /// than [`READINESS_FRESH`] ago when there is one: `/readiness` may be
+    /// asked as often as a load balancer likes without asking Docker as
+    /// often.
+    pub async fn readiness_recent(&self) -> Vec<&'static str> {
+        let recent = self
+            .ctx
+            .readiness
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < READINESS_FRESH)
+            .map(|(_, failing)| failing.clone());
+        match recent {
+            Some(failing) => failing,
+            None => self.readiness().await,
+        }
     }
 
     /// The metrics of deployments, the switch and the API.

@@ -6,6 +6,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod docker;
@@ -64,6 +65,9 @@ pub async fn run(
         )
     })?;
     let store = store::Store::open(&config.state_dir)?;
+    // Before anything writes a record: new heads are anchored from here on.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let audit_tasks = audit::start(&config, &store, &stopping)?;
     // Public listeners first: from here on no connection is refused, and
     // requests wait until the engine knows where to send them.
     let routes = switch::Routes::for_config(&config);
@@ -125,6 +129,10 @@ pub async fn run(
     readiness.abort();
     summaries.abort();
     state.write_refusal_summaries(true);
+    stopping.cancel();
+    for task in audit_tasks {
+        let _ = task.await;
+    }
     Ok(())
 }
 
@@ -210,6 +218,8 @@ fn apply_reload(
             "switch_threads",
         ),
         (new.metrics != running.metrics, "metrics"),
+        (new.store != running.store, "store"),
+        (new.audit != running.audit, "audit"),
     ] {
         if changed {
             at_restart.push(key);

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use deployd::auth::TokenRequest;
 use deployd::config::Config;
 use deployd::docker::Docker;
-use deployd::store::{ChainCheck, Store};
+use deployd::store::{AuditHead, ChainCheck, Store};
 use deployd_proto::{CommitSha, Scope};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -93,12 +93,23 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain; name the first record that was edited or removed.
+    /// Check the hash chain, and check it against what was anchored
+    /// outside the database: the head file (`[audit] head_file`), heads
+    /// given with --head, and the log (--anchors). Names the first record
+    /// that was edited or removed, the newest records deleted, or a chain
+    /// rewritten from one record on.
     ///
-    /// Example: `deployd audit verify --config /etc/deployd/deployd.toml`
+    /// Example: `deployd audit verify --anchors <(journalctl -u deployd -o cat)`
     Verify {
         #[arg(long, default_value = "/etc/deployd/deployd.toml")]
         config: PathBuf,
+        /// A head as the log or a remote sink has it: SEQ:HASH. Repeatable.
+        #[arg(long, value_parser = parse_head)]
+        head: Vec<AuditHead>,
+        /// A file of deployd's log lines: every `audit_seq`/`audit_hash`
+        /// pair in it is an anchor.
+        #[arg(long)]
+        anchors: Option<PathBuf>,
     },
     /// Print the last records, one JSON object per line.
     ///
@@ -192,9 +203,11 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    // Two worker threads: the agent waits on Docker and HTTP, it does not compute.
+    // Four worker threads: the agent mostly waits on Docker and HTTP, but
+    // its store writes wait on the disk (fsync) on these threads too; two
+    // more than a small host's cores keep the API answering meanwhile.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(4)
         .enable_all()
         .build();
     let result = runtime
@@ -273,15 +286,49 @@ async fn serve(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_head(text: &str) -> Result<AuditHead, String> {
+    AuditHead::parse(text)
+}
+
+/// The anchors `audit verify` checks against: the head file if there is
+/// one, `--head`s, and the pairs found in `--anchors`.
+fn audit_anchors(
+    config: &Config,
+    heads: &[AuditHead],
+    log: Option<&std::path::Path>,
+) -> anyhow::Result<(Vec<AuditHead>, Vec<String>)> {
+    let mut anchors = heads.to_vec();
+    let mut sources = Vec::new();
+    if !heads.is_empty() {
+        sources.push(format!("{} given", heads.len()));
+    }
+    let head_file = config.audit.head_file(&config.state_dir);
+    if head_file.exists() {
+        anchors.push(AuditHead::read(&head_file).map_err(anyhow::Error::msg)?);
+        sources.push(format!("the head file {}", head_file.display()));
+    }
+    if let Some(log) = log {
+        let text = std::fs::read_to_string(log)
+            .with_context(|| format!("cannot read {}", log.display()))?;
+        let found = AuditHead::from_log(&text);
+        sources.push(format!("{} from {}", found.len(), log.display()));
+        anchors.extend(found);
+    }
+    Ok((anchors, sources))
+}
+
 /// `deployd audit ...`: exit 0 when the chain holds, 1 when it is broken
 /// or unreadable.
 fn audit_command(command: &AuditCommand) -> ExitCode {
-    let (AuditCommand::Verify { config } | AuditCommand::Tail { config, .. }) = command;
-    let store = Config::load(config)
+    let (AuditCommand::Verify { config, .. } | AuditCommand::Tail { config, .. }) = command;
+    let loaded = Config::load(config)
         .map_err(anyhow::Error::from)
-        .and_then(|c| Store::open_existing(&c.state_dir).map_err(anyhow::Error::from));
-    let store = match store {
-        Ok(store) => store,
+        .and_then(|c| {
+            let store = Store::open_existing(&c.state_dir)?;
+            Ok((c, store))
+        });
+    let (config, store) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             tracing::error!("{e:#}");
             return ExitCode::FAILURE;
@@ -289,19 +336,36 @@ fn audit_command(command: &AuditCommand) -> ExitCode {
     };
     let mut out = std::io::stdout().lock();
     let result = match command {
-        AuditCommand::Verify { .. } => match store.verify_audit() {
-            Ok(ChainCheck::Intact(n)) => {
-                writeln!(out, "audit log intact: {n} records").map(|()| ExitCode::SUCCESS)
+        AuditCommand::Verify { head, anchors, .. } => {
+            let (anchors, sources) = match audit_anchors(&config, head, anchors.as_deref()) {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let against = if sources.is_empty() {
+                "no anchor outside the database: removing the newest records goes unnoticed"
+                    .to_owned()
+            } else {
+                format!("checked against {}", sources.join(", "))
+            };
+            match store.verify_audit_against(&anchors) {
+                Ok(ChainCheck::Intact(n)) => {
+                    writeln!(out, "audit log intact: {n} records ({against})")
+                        .map(|()| ExitCode::SUCCESS)
+                }
+                Ok(ChainCheck::Broken { seq, reason }) => writeln!(
+                    out,
+                    "audit log broken at record {seq}: {reason} ({against})"
+                )
+                .map(|()| ExitCode::FAILURE),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
             }
-            Ok(ChainCheck::Broken { seq, reason }) => {
-                writeln!(out, "audit log broken at record {seq}: {reason}")
-                    .map(|()| ExitCode::FAILURE)
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        },
+        }
         AuditCommand::Tail { limit, .. } => match store.audit_tail(*limit) {
             Ok(entries) => entries
                 .iter()

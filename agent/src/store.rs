@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 mod audit;
 
-pub use audit::{AuditEntry, AuditRecord, ChainCheck};
+pub use audit::{AuditEntry, AuditHead, AuditRecord, ChainCheck, Checkpoint, Compacted};
 use time::OffsetDateTime;
 
 /// Why the store failed. Its messages never carry env values or tokens:
@@ -24,7 +24,11 @@ use time::OffsetDateTime;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("deployment store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// SQLite could not grow its files: the disk (or the database's size
+    /// limit) is full. The write was rolled back; nothing is corrupt.
+    #[error("the disk holding the deployment store is full: nothing was written")]
+    Full,
     #[error("deployment store holds a record it cannot read: {0}")]
     Corrupt(String),
     #[error("no deployment store at {}", .0.display())]
@@ -36,10 +40,24 @@ pub enum StoreError {
     TooNew { found: i64, known: i64 },
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Self::Full,
+            _ => Self::Sqlite(e),
+        }
+    }
+}
+
 /// A cloneable handle to the store.
 #[derive(Debug, Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Where each new audit record's hash also goes.
+    anchors: Arc<audit::Anchors>,
+    /// Bumped by every write to deployments and locks: a reader that
+    /// cached what it read knows whether it still holds.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// An app's lock, refusing deployments until lifted.
@@ -60,7 +78,7 @@ pub struct Release {
 
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
@@ -113,6 +131,14 @@ CREATE TABLE spent_tokens (
 );
 ";
 
+/// How far the audit records were forwarded to `[audit] forward_url`.
+const SCHEMA_V3: &str = "
+CREATE TABLE audit_forwarded (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+";
+
 fn enum_text<T: serde::Serialize>(value: T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,
@@ -162,6 +188,8 @@ impl Store {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            anchors: Arc::default(),
+            generation: Arc::default(),
         })
     }
 
@@ -174,6 +202,19 @@ impl Store {
         Self::open(dir)
     }
 
+    /// Changes with every write to deployments and locks.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The connection, for a write to deployments or locks.
+    fn conn_changing(&self) -> MutexGuard<'_, Connection> {
+        let conn = self.conn();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        conn
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (each call is one transaction), so a poisoned lock is still usable.
@@ -182,7 +223,7 @@ impl Store {
 
     /// Records a new deployment.
     pub fn insert(&self, d: &Deployment) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn_changing().execute(
             "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
                 reason, force, state, error, migrations, created_at, finished_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
@@ -217,7 +258,7 @@ impl Store {
             .is_terminal()
             .then(|| rfc3339(OffsetDateTime::now_utc()));
         let live = state == DeploymentState::Succeeded;
-        self.conn().execute(
+        self.conn_changing().execute(
             "UPDATE deployments SET state = ?2, error = ?3, finished_at = ?4, live = live OR ?5
              WHERE id = ?1",
             params![id.0, enum_text(state), error, finished, live],
@@ -228,7 +269,7 @@ impl Store {
     /// Records that a deployment's release runs on every service although
     /// the deployment did not finish (crash recovery kept it).
     pub fn mark_live(&self, id: &DeploymentId) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn_changing().execute(
             "UPDATE deployments SET live = 1 WHERE id = ?1",
             params![id.0],
         )?;
@@ -237,7 +278,7 @@ impl Store {
 
     /// Records the digest a pull pinned.
     pub fn set_digest(&self, id: &DeploymentId, digest: &str) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn_changing().execute(
             "UPDATE deployments SET digest = ?2 WHERE id = ?1",
             params![id.0, digest],
         )?;
@@ -251,7 +292,7 @@ impl Store {
         migrations: &[String],
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(migrations).unwrap_or_else(|_| "[]".into());
-        self.conn().execute(
+        self.conn_changing().execute(
             "UPDATE deployments SET migrations = ?2 WHERE id = ?1",
             params![id.0, json],
         )?;
@@ -375,6 +416,26 @@ impl Store {
         rows.into_iter().map(|r| self.complete(r)).collect()
     }
 
+    /// The app's deployment in flight, if any: its id and sha only (no
+    /// events read), for status.
+    pub fn in_flight(&self, app: &str) -> Result<Option<(DeploymentId, CommitSha)>, StoreError> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .prepare_cached(
+                "SELECT id, sha FROM deployments WHERE app = ?1 AND state IN ('queued', 'running')
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row(params![app], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        row.map(|(id, sha)| {
+            let sha = sha
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("deployment {id} has sha {sha:?}")))?;
+            Ok((DeploymentId(id), sha))
+        })
+        .transpose()
+    }
+
     /// The release an app last deployed (or rolled back to) successfully:
     /// what runs when no deployment is in flight.
     pub fn live_release(&self, app: &str) -> Result<Option<Release>, StoreError> {
@@ -451,7 +512,7 @@ impl Store {
 
     /// Locks an app (replacing an earlier lock's reason).
     pub fn lock(&self, app: &str, reason: &str, by: &str) -> Result<(), StoreError> {
-        self.conn().execute(
+        self.conn_changing().execute(
             "INSERT INTO locks (app, reason, locked_by, locked_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (app) DO UPDATE SET reason = ?2, locked_by = ?3, locked_at = ?4",
             params![app, reason, by, rfc3339(OffsetDateTime::now_utc())],
@@ -462,7 +523,7 @@ impl Store {
     /// Lifts an app's lock; returns whether there was one.
     pub fn unlock(&self, app: &str) -> Result<bool, StoreError> {
         let removed = self
-            .conn()
+            .conn_changing()
             .execute("DELETE FROM locks WHERE app = ?1", params![app])?;
         Ok(removed > 0)
     }

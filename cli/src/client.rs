@@ -255,8 +255,12 @@ async fn error_from(response: reqwest::Response) -> CliError {
             .hint("check the token (DEPLOYCTL_TOKEN / DEPLOYCTL_TOKEN_FILE / --oidc): expired, wrong audience or issuer?"),
         (StatusCode::FORBIDDEN, _) => CliError::new(Exit::Auth, message)
             .hint("`deployctl whoami` shows what this token may do"),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_streams") => CliError::new(Exit::Other, message)
+            .hint("too many event streams are open for this token or address: end other --follow commands"),
         (StatusCode::TOO_MANY_REQUESTS, _) => CliError::new(Exit::Auth, message)
             .hint("too many failed logins from here; wait a minute"),
+        (_, "store_full") => CliError::new(Exit::Other, message)
+            .hint("free space on the disk of the agent's state directory (df /var/lib/deployd), then retry"),
         (StatusCode::CONFLICT, "conflict") => {
             let hint = match &body.deployment {
                 Some(id) => format!("follow it: deployctl logs {id} --follow; or retry with --wait-lock 10m"),

@@ -14,7 +14,15 @@
 #    release 2 deploys.
 # 3. Unauthenticated flood: 5,000 PATCH requests with 60 KB paths to the
 #    API. Floors: the store grows by under 1 MB, 429 appears.
-# 4. An OIDC rule binding only `environment` is refused by check-config.
+# 4. The audit log tampered with, in two copies of the store: the newest
+#    three records deleted, and the chain rewritten from one record on with
+#    every hash recomputed. Floor: `deployd audit verify` (against the head
+#    file and the log's anchors) names both.
+# 5. A full disk: the store lives on a 64 MiB tmpfs, filled up. Floors: a
+#    change is refused with a clear error (deployctl exits 1, 507
+#    store_full), status still answers, and once space is back the change
+#    goes through and the store verifies.
+# 6. An OIDC rule binding only `environment` is refused by check-config.
 #
 # Prints each phase's figures; exits non-zero if a floor is not met.
 #
@@ -30,10 +38,16 @@ command -v prlimit >/dev/null || { echo "prlimit (util-linux) is needed" >&2; ex
 dir=$(mktemp -d)
 name=edge$$
 idler=
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 cleanup() {
     touch "$dir/stop-idle"
     [ -z "$idler" ] || wait "$idler" 2>/dev/null || true
-    agent_cleanup "$dir" "$name"
+    if [ -n "${AGENT_PID:-}" ]; then
+        kill "$AGENT_PID" 2>/dev/null || true
+        wait "$AGENT_PID" 2>/dev/null || true
+    fi
+    mountpoint -q "$dir/state" && as_root umount "$dir/state"
+    AGENT_PID='' agent_cleanup "$dir" "$name"
 }
 trap cleanup EXIT
 fail() {
@@ -57,6 +71,10 @@ echo "DJANGO_SECURE_SSL_REDIRECT=false" >>"$dir/app.env"
 sed -i "s|^env_file = .*|env_file = \"$dir/app.env\"|" "$dir/etc/deployd.toml"
 printf '[apps.%s.switch]\nlisten = "%s"\n' "$name" "$public" >>"$dir/etc/deployd.toml"
 agent_services "$name"
+# The store on a small disk of its own, to be filled in phase 5.
+mkdir -p "$dir/state"
+as_root mount -t tmpfs -o size=64m,mode=0700 deployd-edge "$dir/state" \
+    || fail "cannot mount a tmpfs for the store (phase 5 fills it); run as root or with sudo"
 # Soft 1024 as systemd starts services; the hard limit stays as it is.
 export AGENT_WRAP="prlimit --nofile=1024:"
 agent_start "$dir"
@@ -140,7 +158,80 @@ log "unauthenticated flood: $flood; the store grew by $grew bytes"
 [ "$(field "$flood" '["flood_statuses"].get("429", 0)')" -gt 0 ] || fail "no 429 in the flood: $flood"
 [ "$grew" -lt 1000000 ] || fail "the store grew by $grew bytes (floor: under 1 MB)"
 
-# ---- 4. OIDC rules that would match everyone ----------------------------------
+# ---- 4. the audit log tampered with --------------------------------------------
+# Two copies of the store (deployd keeps running on the original), each
+# tampered with as someone with write access to the database would.
+tampered() {
+    local copy=$dir/$1
+    mkdir -p "$copy"
+    python3 - "$dir/state/deployd.sqlite3" "$copy/deployd.sqlite3" <<'PY'
+import sqlite3, sys
+source = sqlite3.connect(sys.argv[1])
+target = sqlite3.connect(sys.argv[2])
+source.backup(target)
+PY
+    cp "$dir/state/audit-head" "$copy/"
+    sed "s|^state_dir = .*|state_dir = \"$copy\"|" "$dir/etc/deployd.toml" >"$copy/deployd.toml"
+}
+verify_copy() {
+    local code=0
+    "$AGENT_BIN" audit verify --config "$dir/$1/deployd.toml" --anchors "$dir/deployd.log" \
+        >"$dir/$1.out" 2>&1 || code=$?
+    [ "$code" -eq 1 ] || fail "audit verify exited $code on the $1 copy: $(cat "$dir/$1.out")"
+    cat "$dir/$1.out"
+}
+tampered truncated
+python3 - "$dir/truncated/deployd.sqlite3" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("DELETE FROM audit WHERE seq > (SELECT max(seq) - 3 FROM audit)")
+db.commit()
+PY
+truncated=$(verify_copy truncated)
+grep -q 'missing: the newest records were deleted' <<<"$truncated" || fail "not named: $truncated"
+log "newest three records deleted: $truncated"
+tampered rewritten
+python3 - "$dir/rewritten/deployd.sqlite3" <<'PY'
+import hashlib, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+rows = db.execute("SELECT seq, body, prev_hash FROM audit ORDER BY seq").fetchall()
+start = len(rows) // 2
+previous = rows[start][2]
+for seq, body, _ in rows[start:]:
+    body = body.replace('"accepted"', '"refused"')
+    digest = hashlib.sha256(f"{previous}\n{seq}\n{body}".encode()).hexdigest()
+    db.execute("UPDATE audit SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?", (body, previous, digest, seq))
+    previous = digest
+db.commit()
+print(f"rewrote records {rows[start][0]}..{rows[-1][0]}", file=sys.stderr)
+PY
+rewritten=$(verify_copy rewritten)
+grep -q 'rewritten from this record on' <<<"$rewritten" || fail "not named: $rewritten"
+log "chain rewritten from one record on: $rewritten"
+intact=$("$AGENT_BIN" audit verify --config "$dir/etc/deployd.toml" --anchors "$dir/deployd.log") \
+    || fail "the untouched store does not verify: $intact"
+log "the untouched store: $intact"
+
+# ---- 5. a full disk --------------------------------------------------------------
+admin() { DEPLOYCTL_TOKEN=$(agent_token "$dir" read,admin) ./target/debug/deployctl "$@"; }
+dd if=/dev/zero of="$dir/state/filler" bs=1M count=64 2>/dev/null || true
+code=0
+admin lock --reason "disk full test" >"$dir/full.out" 2>&1 || code=$?
+[ "$code" -eq 1 ] || fail "a change on a full disk exited $code: $(cat "$dir/full.out")"
+grep -q 'state is full' "$dir/full.out" || fail "the refusal does not say the disk is full: $(cat "$dir/full.out")"
+deployctl status >/dev/null || fail "status failed on a full disk"
+log "disk full: deployctl lock exits $code: $(head -n 1 "$dir/full.out"); status still answers"
+rm -f "$dir/state/filler"
+admin lock --reason "disk space back" >/dev/null || fail "lock failed once space was back"
+admin unlock >/dev/null || fail "unlock failed"
+intact=$("$AGENT_BIN" audit verify --config "$dir/etc/deployd.toml" --anchors "$dir/deployd.log") \
+    || fail "the store does not verify after the disk was full: $intact"
+integrity=$(python3 -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("PRAGMA integrity_check").fetchone()[0])' \
+    "$dir/state/deployd.sqlite3")
+[ "$integrity" = ok ] || fail "SQLite integrity check: $integrity"
+log "space back: lock and unlock go through; $intact; SQLite integrity_check: $integrity"
+
+# ---- 6. OIDC rules that would match everyone ----------------------------------
 cp "$dir/etc/deployd.toml" "$dir/oidc.toml"
 cat >>"$dir/oidc.toml" <<'EOF'
 [[auth.oidc]]

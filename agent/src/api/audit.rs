@@ -94,6 +94,9 @@ pub(super) fn begin_change(
     intent.outcome = "requested".into();
     let store = state.engine.store();
     if let Err(e) = store.append_audit(&intent) {
+        if matches!(e, crate::store::StoreError::Full) {
+            return Err(ApiError::store_full());
+        }
         tracing::error!(error = %e, "audit log not writable: change refused");
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -101,6 +101,7 @@ impl From<EngineError> for ApiError {
             EngineError::Locked { .. } => (StatusCode::LOCKED, "locked"),
             EngineError::NoPreviousRelease(_) => (StatusCode::CONFLICT, "no_previous_release"),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            EngineError::Store(crate::store::StoreError::Full) => return Self::store_full(),
             EngineError::Config(_)
             | EngineError::Store(_)
             | EngineError::Docker(_)
@@ -114,7 +115,23 @@ impl From<EngineError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        Self::internal("deployment store failed", &e)
+        match e {
+            crate::store::StoreError::Full => Self::store_full(),
+            e => Self::internal("deployment store failed", &e),
+        }
+    }
+}
+
+impl ApiError {
+    /// The disk holding the store is full: nothing can be recorded, so
+    /// nothing is changed.
+    pub fn store_full() -> Self {
+        tracing::error!("the disk holding the deployment store is full: changes are refused");
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "store_full",
+            "the disk holding the agent's state is full: no change is made until space is freed",
+        )
     }
 }
 

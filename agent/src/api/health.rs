@@ -25,13 +25,14 @@ pub async fn healthz() -> Json<Health> {
     })
 }
 
-/// The agent can deploy: the Docker engine answers and the store takes writes.
+/// The agent can deploy: the Docker engine answers and the store takes
+/// writes (checked at most every 2 s, however often it is asked).
 #[utoipa::path(
     get, path = "/readiness", tag = "health",
     responses((status = 200, body = Health), (status = 503, body = Health))
 )]
 pub async fn readiness(State(state): State<ApiState>) -> (StatusCode, Json<Health>) {
-    let failing = state.engine.readiness().await;
+    let failing = state.engine.readiness_recent().await;
     let status = if failing.is_empty() {
         StatusCode::OK
     } else {

@@ -159,6 +159,18 @@ pub struct ContainerInfo {
     pub running: bool,
     /// Docker's own words: `Up 3 minutes (healthy)`, `Exited (0) 1 hour ago`.
     pub status: String,
+    /// Published ports: (container port, port on the host).
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl ContainerInfo {
+    /// The host port `port` is published on, if it is.
+    pub fn published(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|(private, _)| *private == port)
+            .map(|(_, public)| *public)
+    }
 }
 
 impl Docker {
@@ -350,12 +362,22 @@ impl Docker {
         Ok(found.into_iter().map(|c| c.id).collect())
     }
 
-    /// All containers, running or not, that carry every `label=value` given.
+    /// All containers, running or not, that carry every `label=value` given
+    /// (an empty value: the label with any value).
     pub async fn containers(
         &self,
         labels: &[(&str, &str)],
     ) -> Result<Vec<ContainerInfo>, DockerError> {
-        let wanted = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let wanted = labels
+            .iter()
+            .map(|(k, v)| {
+                if v.is_empty() {
+                    (*k).to_owned()
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect();
         let filters = HashMap::from([("label", wanted)]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
@@ -378,6 +400,12 @@ impl Docker {
                         .unwrap_or_default(),
                     labels: c.labels.unwrap_or_default(),
                     status: c.status.unwrap_or_default(),
+                    ports: c
+                        .ports
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|p| Some((p.private_port, p.public_port?)))
+                        .collect(),
                     // A crash-looping container is as alive as a running one:
                     // it must be stopped like one.
                     running: matches!(

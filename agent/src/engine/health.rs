@@ -34,7 +34,10 @@ impl Ctx {
         loop {
             self.ensure_alive(id).await?;
             let last = match self.probe(port, health).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.observed.set_health(id, "healthy".to_owned());
+                    return Ok(());
+                }
                 Err(answer) => answer,
             };
             if Instant::now() >= deadline {

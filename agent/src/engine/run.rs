@@ -104,6 +104,8 @@ impl Run {
             .record(&self.id, started)
             .map_err(|e| Failure(format!("cannot record the start of {name}: {e}")))?;
         let (result, finished) = self.timed(name, work).await;
+        // Status sees what the step changed before its end is told.
+        self.ctx.relist().await;
         match (result, self.ctx.record(&self.id, finished)) {
             (Ok(value), Ok(())) => Ok(value),
             (Ok(_), Err(e)) => Err(Failure(format!("cannot record the end of {name}: {e}"))),
@@ -181,6 +183,7 @@ impl Run {
         });
         let (state, error) = self.outcome().await;
         self.ctx.freeze_point("finish").await;
+        self.ctx.relist().await;
         tracing::info!(
             ?state,
             error = error.as_deref().unwrap_or(""),

@@ -1,18 +1,13 @@
-//! What an app runs now: the store's view joined with Docker's.
+//! What an app runs now: the store's view joined with the engine's model of
+//! what Docker runs (see `observed`); no Docker call per request.
 
 use deployd_proto::{
     AppLock, AppStatus, CommitSha, ContainerPhase, ContainerStatus, ServiceStatus,
 };
 
-use std::time::{Duration, Instant};
-
 use super::{Ctx, EngineError, EngineHandle, label};
 use crate::config::ServiceConfig;
 use crate::docker::ContainerInfo;
-
-/// A web container's health answer is reused this long: status may be read
-/// often, the app should not be probed as often.
-const HEALTH_TTL: Duration = Duration::from_secs(2);
 
 impl EngineHandle {
     /// The app's live release, deployment in flight, lock, and every service
@@ -22,31 +17,34 @@ impl EngineHandle {
             .apps
             .get(app)
             .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
-        let store = &self.ctx.store;
-        let live = store.live_release(app)?;
-        let running = store.unfinished()?.into_iter().find(|d| d.app == app);
-        let lock = store.lock_of(app)?.map(|l| AppLock {
-            reason: l.reason,
-            locked_by: l.locked_by,
-            locked_at: l.locked_at,
-        });
+        let Recorded {
+            live,
+            running,
+            lock,
+        } = self.ctx.recorded(app)?;
         // Containers of the live release and of the deployment in flight are
         // current; any other still running is an old one finishing its work.
         let current: Vec<String> = live
             .iter()
             .map(|r| r.sha.to_string())
-            .chain(running.iter().map(|d| d.sha.to_string()))
+            .chain(running.iter().map(|(_, sha)| sha.to_string()))
             .collect();
+        let found = match self.ctx.observed.containers(app) {
+            Some(found) => found,
+            // Not listed yet (only just started): list once now.
+            None => {
+                self.ctx.relist().await;
+                self.ctx.observed.containers(app).unwrap_or_default()
+            }
+        };
         let mut services = Vec::new();
         for name in cfg.roll_order() {
-            let found = self
-                .ctx
-                .docker
-                .containers(&[(label::APP, app), (label::SERVICE, &name)])
-                .await?;
             let service = cfg.services.get(&name);
             let mut containers = Vec::new();
-            for c in found {
+            for c in found
+                .iter()
+                .filter(|c| c.labels.get(label::SERVICE) == Some(&name))
+            {
                 let sha = c.labels.get(label::SHA).cloned();
                 let state = match (c.running, sha.as_ref().is_some_and(|s| current.contains(s))) {
                     (false, _) => ContainerPhase::Stopped,
@@ -54,14 +52,14 @@ impl EngineHandle {
                     (true, false) => ContainerPhase::Draining,
                 };
                 let health = match (c.running, service) {
-                    (true, Some(service)) => self.ctx.health_of(&c, service).await,
+                    (true, Some(service)) => self.ctx.health_of(c, service),
                     _ => None,
                 };
                 containers.push(ContainerStatus {
-                    name: c.name,
+                    name: c.name.clone(),
                     sha: sha.and_then(|s| s.parse::<CommitSha>().ok()),
                     state,
-                    status: Some(c.status),
+                    status: Some(c.status.clone()),
                     health,
                 });
             }
@@ -72,42 +70,65 @@ impl EngineHandle {
             app: app.to_owned(),
             live_sha: live.as_ref().map(|r| r.sha.clone()),
             live_digest: live.map(|r| r.digest),
-            running_deployment: running.map(|d| d.id),
+            running_deployment: running.map(|(id, _)| id),
             lock,
             services,
         })
     }
 }
 
+/// What the store says of an app for its status: read again only when the
+/// store changed since (see [`crate::store::Store::generation`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    live: Option<crate::store::Release>,
+    running: Option<(deployd_proto::DeploymentId, CommitSha)>,
+    lock: Option<AppLock>,
+}
+
 impl Ctx {
-    /// A running container's health: the service's HTTP check when it has
-    /// one (answers cached briefly), else Docker's HEALTHCHECK if any.
-    async fn health_of(&self, c: &ContainerInfo, service: &ServiceConfig) -> Option<String> {
-        let (Some(port), Some(health)) = (service.port, &service.health) else {
-            return docker_health(&c.status);
-        };
-        if let Some(answer) = self.cached_health(&c.id) {
-            return Some(answer);
+    /// The app's live release, deployment in flight and lock, from the
+    /// store or, when nothing was written since they were read, from then.
+    fn recorded(&self, app: &str) -> Result<Recorded, EngineError> {
+        let generation = self.store.generation();
+        if let Some((at, recorded)) = self
+            .recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(app)
+            && *at == generation
+        {
+            return Ok(recorded.clone());
         }
-        let answer = match self.docker.port(&c.id, port).await {
-            Ok(addrs) => match self.probe(addrs.published, health).await {
-                Ok(()) => "healthy".to_owned(),
-                Err(why) => format!("unhealthy: {why}"),
-            },
-            Err(_) => "unhealthy: no published port".to_owned(),
+        let store = &self.store;
+        let recorded = Recorded {
+            live: store.live_release(app)?,
+            running: store.in_flight(app)?,
+            lock: store.lock_of(app)?.map(|l| AppLock {
+                reason: l.reason,
+                locked_by: l.locked_by,
+                locked_at: l.locked_at,
+            }),
         };
-        let mut cache = self.health_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, (at, _)| at.elapsed() < HEALTH_TTL);
-        cache.insert(c.id.clone(), (Instant::now(), answer.clone()));
-        Some(answer)
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(app.to_owned(), (generation, recorded.clone()));
+        Ok(recorded)
     }
 
-    fn cached_health(&self, id: &str) -> Option<String> {
-        let cache = self.health_cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .get(id)
-            .filter(|(at, _)| at.elapsed() < HEALTH_TTL)
-            .map(|(_, answer)| answer.clone())
+    /// A running container's health as last seen: the service's HTTP check
+    /// when it has one (probed in the background), else Docker's
+    /// HEALTHCHECK if any.
+    fn health_of(&self, c: &ContainerInfo, service: &ServiceConfig) -> Option<String> {
+        if service.port.is_some() && service.health.is_some() {
+            return Some(
+                self.observed
+                    .health(&c.id)
+                    .unwrap_or_else(|| "starting: not probed yet".to_owned()),
+            );
+        }
+        docker_health(&c.status)
     }
 }
 

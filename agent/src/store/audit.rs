@@ -655,7 +655,9 @@ mod tests {
         let head = AuditHead::read(&head_file).unwrap();
         assert_eq!(head.seq, 6);
         assert_eq!(
-            store.verify_audit_against(&[head.clone()]).unwrap(),
+            store
+                .verify_audit_against(std::slice::from_ref(&head))
+                .unwrap(),
             ChainCheck::Intact(6)
         );
         store

@@ -273,6 +273,9 @@ DJANGO_SECRET_KEY=$(cat "$STATE/django-secret-key")
 DJANGO_ALLOWED_HOSTS=shop.example.com
 DATABASE_URL=postgres://shop:$db_password@db:5432/shop
 CELERY_BROKER_URL=redis://redis:6379/0
+# slow-boot serves nothing for this long: past any health timeout of the
+# tests, however slow the machine is.
+SHOP_SLOW_BOOT_SECONDS=150
 EOF
     cat >"$STATE/registry/config.yml" <<EOF
 version: 0.1

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuditConfig, Config};
-use crate::store::{AuditHead, ChainCheck, Store};
+use crate::store::{AuditHead, AuditRecord, ChainCheck, Store};
 
 /// Compaction runs at start and then this often.
 const COMPACT_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -40,42 +40,89 @@ pub fn start(
     stopping: &CancellationToken,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let head_file = config.audit.head_file(&config.state_dir);
-    let trusted = check_head_file(store, &head_file);
-    if trusted {
+    if check_head_file(store, &head_file) {
         store.anchor_head_to(head_file);
+        // Anchors the newest record right away (an alarm just written, or
+        // the records a stop cut off from their anchor).
+        if let Ok(Some(newest)) = store.audit_head() {
+            store.anchor_existing(&newest);
+        }
     }
+    let sink = Sink::new(&config.audit)?;
     let mut tasks = vec![tokio::spawn(retention(
         store.clone(),
         config.store.retain_days,
+        sink.is_some(),
         stopping.clone(),
     ))];
-    if let Some(sink) = Sink::new(&config.audit)? {
+    if let Some(sink) = sink {
         tasks.push(tokio::spawn(sink.forward(store.clone(), stopping.clone())));
     }
     Ok(tasks)
 }
 
 /// Compares the store's chain with the head file left by the last run.
-/// A mismatch is logged as the alarm it is, and the file is left as it
-/// stands, as evidence: returns whether new heads may replace it.
+/// A mismatch is an alarm, in the log and as an audit record. A chain that
+/// contradicts the file leaves the file as it stands, as evidence: returns
+/// whether new heads may replace it.
 fn check_head_file(store: &Store, path: &std::path::Path) -> bool {
+    let newest = match store.audit_head() {
+        Ok(newest) => newest,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the audit log's newest record");
+            return false;
+        }
+    };
     let anchored = match AuditHead::read(path) {
         Ok(head) => head,
-        // None yet (a new host): this run starts it.
-        Err(_) if !path.exists() => return true,
+        Err(_) if !path.exists() => {
+            if let Some(newest) = newest {
+                alarm(
+                    store,
+                    format!(
+                        "the store holds {} audit records but its head file {} is missing: \
+                         deleted, or anchoring is new on this host",
+                        newest.seq,
+                        path.display()
+                    ),
+                );
+            }
+            return true;
+        }
         Err(e) => {
-            tracing::error!(error = %e, "the audit head file is unreadable; not replacing it");
+            alarm(
+                store,
+                format!("the audit head file is unreadable ({e}); it is kept as it is"),
+            );
             return false;
         }
     };
     match store.verify_audit_against(std::slice::from_ref(&anchored)) {
-        Ok(ChainCheck::Intact(_)) => true,
+        Ok(ChainCheck::Intact(_)) => {
+            // Records past the head file: deployd stopped between a record
+            // and its anchor, or something else wrote them.
+            if let Some(newest) = newest.filter(|n| n.seq > anchored.seq) {
+                alarm(
+                    store,
+                    format!(
+                        "the store holds audit records {}..{} that its head file (record {}) \
+                         does not know: written while deployd was stopping, or by something else",
+                        anchored.seq + 1,
+                        newest.seq,
+                        anchored.seq
+                    ),
+                );
+            }
+            true
+        }
         Ok(ChainCheck::Broken { seq, reason }) => {
-            tracing::error!(
-                head_file = %path.display(),
-                seq,
-                "the audit log does not match its head file: record {seq}: {reason}; \
-                 the head file is kept as it is (run `deployd audit verify`)"
+            alarm(
+                store,
+                format!(
+                    "the audit log does not match its head file {}: record {seq}: {reason}; \
+                     the head file is kept as it is (run `deployd audit verify`)",
+                    path.display()
+                ),
             );
             false
         }
@@ -86,12 +133,35 @@ fn check_head_file(store: &Store, path: &std::path::Path) -> bool {
     }
 }
 
+/// Says loudly that the audit log and its anchors disagree: in the log,
+/// and as a record of the chain itself.
+fn alarm(store: &Store, what: String) {
+    tracing::error!("{what}");
+    let mut record = AuditRecord::new("audit_anchor_mismatch", "alarm");
+    record.subject = Some("deployd".into());
+    record.detail = Some(what);
+    if let Err(e) = store.append_audit(&record) {
+        tracing::error!(error = %e, "cannot record the audit alarm");
+    }
+}
+
 /// Removes events and audit records older than `retain_days`, at start and
-/// daily.
-async fn retention(store: Store, retain_days: u32, stopping: CancellationToken) {
+/// daily; with a sink, never a record it has not acknowledged.
+async fn retention(store: Store, retain_days: u32, forwarding: bool, stopping: CancellationToken) {
     let keep = time::Duration::days(i64::from(retain_days));
     loop {
-        match store.compact(OffsetDateTime::now_utc() - keep) {
+        let keep_from = if forwarding {
+            match store.forwarded_seq() {
+                Ok(seq) => Some(seq.saturating_add(1)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "store compaction skipped: cannot read what the sink has");
+                    Some(0)
+                }
+            }
+        } else {
+            None
+        };
+        match store.compact(OffsetDateTime::now_utc() - keep, keep_from) {
             Ok(done) if done.events > 0 || done.audit.is_some() => tracing::info!(
                 events = done.events,
                 audit_through = done.audit.map(|(through, _)| through),
@@ -109,12 +179,33 @@ async fn retention(store: Store, retain_days: u32, stopping: CancellationToken) 
     }
 }
 
-/// Where records are forwarded.
-#[derive(Debug)]
+/// Where records are forwarded. Its `Debug` shows neither the token nor
+/// credentials in the URL.
 struct Sink {
     url: String,
     http: reqwest::Client,
     token: Option<String>,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("url", &shown_url(&self.url))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A URL as logged: without a user or password in it.
+fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
 }
 
 impl Sink {
@@ -161,11 +252,11 @@ impl Sink {
         let mut pause = FIRST_RETRY;
         let mut failing = false;
         loop {
-            let sent = sink.send_pending(&store).await;
+            let sent = sink.send_pending(&store, &stopping).await;
             let wait = match sent {
                 Ok(()) => {
                     if failing {
-                        tracing::info!(url = %sink.url, "the audit sink takes records again");
+                        tracing::info!(url = %shown_url(&sink.url), "the audit sink takes records again");
                     }
                     failing = false;
                     pause = FIRST_RETRY;
@@ -173,7 +264,7 @@ impl Sink {
                 }
                 Err(e) => {
                     if !failing {
-                        tracing::warn!(url = %sink.url, error = %e,
+                        tracing::warn!(url = %shown_url(&sink.url), error = %e,
                             "the audit sink fails; records are kept and sent when it is back");
                     }
                     failing = true;
@@ -190,32 +281,66 @@ impl Sink {
         }
     }
 
-    async fn send_pending(&self, store: &Store) -> anyhow::Result<()> {
+    /// Sends what the sink has not had yet, batch by batch, until there is
+    /// nothing left or deployd stops (then what was acknowledged stays
+    /// acknowledged).
+    async fn send_pending(
+        &self,
+        store: &Store,
+        stopping: &CancellationToken,
+    ) -> anyhow::Result<()> {
         loop {
             let after = store.forwarded_seq()?;
             let batch = store.audit_after(after, FORWARD_BATCH)?;
             if batch.is_empty() {
                 return Ok(());
             }
-            for (entry, prev_hash, hash) in batch {
+            let mut acknowledged = None;
+            let mut failed = None;
+            for stored in batch {
+                // The text exactly as hashed: the sink can check the chain,
+                // hash = sha256(prev_hash "\n" seq "\n" body).
                 let body = serde_json::json!({
-                    "seq": entry.seq,
-                    "prev_hash": prev_hash,
-                    "hash": hash,
-                    "record": entry.record,
+                    "seq": stored.entry.seq,
+                    "prev_hash": stored.prev_hash,
+                    "hash": stored.hash,
+                    "body": stored.body,
+                    "record": stored.entry.record,
                 });
                 let mut request = self.http.post(&self.url).json(&body);
                 if let Some(token) = &self.token {
                     request = request.bearer_auth(token);
                 }
-                let answer = request.send().await?;
-                anyhow::ensure!(
-                    answer.status().is_success(),
-                    "it answered {} to record {}",
-                    answer.status(),
-                    entry.seq
-                );
-                store.set_forwarded_seq(entry.seq)?;
+                let sent = tokio::select! {
+                    () = stopping.cancelled() => break,
+                    sent = request.send() => sent,
+                };
+                match sent {
+                    Ok(answer) if answer.status().is_success() => {
+                        acknowledged = Some(stored.entry.seq);
+                    }
+                    Ok(answer) => {
+                        failed = Some(anyhow::anyhow!(
+                            "it answered {} to record {}",
+                            answer.status(),
+                            stored.entry.seq
+                        ));
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(anyhow::Error::new(e.without_url()));
+                        break;
+                    }
+                }
+            }
+            if let Some(seq) = acknowledged {
+                store.set_forwarded_seq(seq)?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if stopping.is_cancelled() {
+                return Ok(());
             }
         }
     }

@@ -408,7 +408,7 @@ impl Collector for SwitchCollector {
         let mut metric = encoder.encode_descriptor(
             "switch_refusals",
             "Clients the switch turned away before any container saw them: head_too_large, \
-             body_too_large, body_timeout, body_broken, max_connections, \
+             body_too_large, body_timeout, body_broken, body_spool, max_connections, \
              max_connections_per_address",
             None,
             prometheus_client::metrics::MetricType::Counter,

@@ -16,7 +16,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 mod audit;
 
-pub use audit::{AuditEntry, AuditHead, AuditRecord, ChainCheck, Checkpoint, Compacted};
+pub use audit::{
+    AuditEntry, AuditHead, AuditRecord, ChainCheck, Checkpoint, Compacted, StoredRecord,
+};
 use time::OffsetDateTime;
 
 /// Why the store failed. Its messages never carry env values or tokens:

@@ -77,11 +77,12 @@ pub struct Switch {
 
 /// Each switched app's connection cap, lowered where the open-file limit
 /// (`open_files`) cannot hold them all: the API's connections and deployd's
-/// own files come first, and every client connection may hold one to a
-/// container too. Apps share what is left in proportion to their caps.
+/// own files come first, and every client connection may hold two more,
+/// one to a container and a spooled body. Apps share what is left in
+/// proportion to their caps.
 fn connection_caps(config: &Config, open_files: u64) -> HashMap<String, usize> {
     let api = config.api.as_ref().map_or(0, |a| a.max_connections as u64);
-    let budget = open_files.saturating_sub(limit::RESERVED_FDS + api) / 2;
+    let budget = open_files.saturating_sub(limit::RESERVED_FDS + api) / 3;
     let wanted: u64 = config
         .apps
         .values()
@@ -252,7 +253,7 @@ impl Switch {
 type Acceptors = Vec<(Arc<listener::Site>, std::net::TcpListener)>;
 
 /// A configured size as a byte count in memory.
-fn byte_count(size: bytesize::ByteSize) -> usize {
+pub(crate) fn byte_count(size: bytesize::ByteSize) -> usize {
     usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
 }
 

@@ -419,6 +419,69 @@ async fn plaintext_gets_nothing_and_client_certificates_are_enforced() {
     .await;
 }
 
+#[tokio::test]
+async fn connections_past_the_caps_are_closed_and_long_heads_refused() {
+    use tokio::io::AsyncReadExt;
+    scoped(|scope| async move {
+        let agent = TestAgent::start(
+            &scope,
+            scope.bed.var("REPOSITORY"),
+            "max_connections_per_address = 3\nmax_header_line = \"2KiB\"",
+        )
+        .await;
+        let addr = agent.server.addr();
+        // Three connections that say nothing hold the address's places...
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // ...the fourth is closed before its handshake...
+        let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), fourth.read(&mut [0u8; 16]))
+            .await
+            .expect("the fourth connection was held open");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let r = agent.client().get(agent.at("/healthz")).send().await;
+        assert!(r.is_err(), "past the cap: {r:?}");
+        // ...until one of them closes.
+        drop(idle.pop());
+        let r = support::poll(
+            "a place for a new connection",
+            Duration::from_secs(30),
+            || async { agent.client().get(agent.at("/healthz")).send().await.ok() },
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK);
+
+        // A header line past max_header_line: 431, in the API's shape,
+        // before the token is looked at.
+        let token = agent.token("ops", &[deployd_proto::Scope::Read], &[]);
+        let r = agent
+            .client()
+            .get(agent.at("/v1/whoami"))
+            .bearer_auth(&token)
+            .header("x-padding", "p".repeat(3000))
+            .send()
+            .await
+            .unwrap();
+        refused(
+            r,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+        )
+        .await;
+        let r = agent
+            .client()
+            .get(agent.at(&format!("/v1/apps/{}", "a".repeat(3000))))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::URI_TOO_LONG, "header_too_large").await;
+    })
+    .await;
+}
+
 /// Reads an SSE stream until it ends or `stop_after` events came; returns
 /// the events.
 async fn read_events(

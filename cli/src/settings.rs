@@ -204,17 +204,7 @@ impl Global {
                 "the agent URL must be https://, got {url}"
             )));
         }
-        let env_oidc = match given(env("DEPLOYCTL_OIDC")) {
-            None => None,
-            Some(name) => Some(
-                <Oidc as clap::ValueEnum>::from_str(name.trim(), true).map_err(|_| {
-                    CliError::usage(format!(
-                        "DEPLOYCTL_OIDC is {name}: it takes github or gitlab"
-                    ))
-                })?,
-            ),
-        };
-        let tokens = [
+        let mut tokens = [
             TokenSource {
                 token: given(self.token.clone()),
                 token_file: given_path(self.token_file.clone()),
@@ -223,7 +213,7 @@ impl Global {
             TokenSource {
                 token: given(env("DEPLOYCTL_TOKEN")),
                 token_file: given_path(env("DEPLOYCTL_TOKEN_FILE").map(PathBuf::from)),
-                oidc: env_oidc,
+                oidc: None,
             },
             TokenSource {
                 token: None,
@@ -231,6 +221,17 @@ impl Global {
                 oidc: context.oidc,
             },
         ];
+        // DEPLOYCTL_OIDC is read only when the environment may be the layer
+        // the token comes from: flags beat it, whatever it says.
+        if let (false, Some(name)) = (tokens[0].is_set(), given(env("DEPLOYCTL_OIDC"))) {
+            tokens[1].oidc = Some(
+                <Oidc as clap::ValueEnum>::from_str(name.trim(), true).map_err(|_| {
+                    CliError::usage(format!(
+                        "DEPLOYCTL_OIDC is {name}: it takes github or gitlab"
+                    ))
+                })?,
+            );
+        }
         let token = tokens
             .into_iter()
             .find(TokenSource::is_set)

@@ -47,8 +47,12 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
 }
 
 pub(super) fn client_addr(parts: &Parts) -> Option<IpAddr> {
-    parts
-        .extensions
+    client_addr_in(&parts.extensions)
+}
+
+/// The client's address, from a request's extensions.
+pub(super) fn client_addr_in(extensions: &http::Extensions) -> Option<IpAddr> {
+    extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
 }
@@ -219,9 +223,13 @@ impl Window {
             .since
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
+        let from = source.map_or_else(
+            || "several addresses (past this minute's first records)".to_owned(),
+            |ip| ip.to_string(),
+        );
         record.detail = Some(format!(
-            "{total} unauthenticated request(s) refused without a record of their own, from {since} \
-             for {} s: {}",
+            "{total} unauthenticated request(s) from {from} refused without a record of their \
+             own, from {since} for {} s: {}",
             crate::auth::gate::WINDOW.as_secs(),
             counts.join(", ")
         ));
@@ -257,7 +265,16 @@ impl RefusalLog {
         let window = crate::auth::gate::WINDOW;
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         let mut key = source.map(crate::limit::bucket);
-        if !windows.open.contains_key(&key) && windows.open.len() >= MAX_WINDOWS {
+        let firsts = match windows.firsts {
+            Some((began, n)) if now.saturating_duration_since(began) < window => (began, n),
+            _ => (now, 0),
+        };
+        // Past the first records of this minute, or with the table full,
+        // a new address counts in the one shared window: summaries stay as
+        // few as first records, whatever the number of addresses.
+        if !windows.open.contains_key(&key)
+            && (firsts.1 >= MAX_FIRSTS_PER_WINDOW || windows.open.len() >= MAX_WINDOWS)
+        {
             key = None;
         }
         let mut written = Vec::new();
@@ -269,16 +286,12 @@ impl RefusalLog {
             written.extend(open.summary(key));
             windows.open.remove(&key);
         }
-        let firsts = match windows.firsts {
-            Some((began, n)) if now.saturating_duration_since(began) < window => (began, n),
-            _ => (now, 0),
-        };
         let mut opened = Window {
             opened: now,
             since: OffsetDateTime::now_utc(),
             counted: BTreeMap::new(),
         };
-        if firsts.1 < MAX_FIRSTS_PER_WINDOW {
+        if firsts.1 < MAX_FIRSTS_PER_WINDOW && key.is_some() {
             windows.firsts = Some((firsts.0, firsts.1 + 1));
             let mut first = record(None, source, action, "refused");
             first.detail = Some(format!(
@@ -368,9 +381,18 @@ mod tests {
             firsts += log.note_at(start, Some(ip), "GET /v1", "401 x").len();
         }
         assert_eq!(firsts, MAX_FIRSTS_PER_WINDOW);
-        // The rest are in the summaries.
+        // The rest share one window: one summary for all 50 of them.
         let summaries = log.flush_at(start, true);
-        assert_eq!(summaries.len(), 50);
+        assert_eq!(summaries.len(), 1, "{summaries:#?}");
+        assert!(summaries[0].source.is_none());
+        assert!(
+            summaries[0]
+                .detail
+                .as_deref()
+                .unwrap()
+                .starts_with("50 unauthenticated"),
+            "{summaries:#?}"
+        );
     }
 
     #[test]

@@ -13,9 +13,9 @@
 //! Request heads longer than `api.max_header_line`/`max_header_size` are
 //! refused here too (414, 431), and counted like failed authentications.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -41,10 +41,7 @@ pub(super) async fn admit(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let source = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let source = audit::client_addr_in(request.extensions());
     let path = request.uri().path().to_owned();
     let action = format!("{} {}", request.method(), audit::cut_path(&path));
     if let Err(too_large) = check_head(request.method(), request.uri(), request.headers(), head) {

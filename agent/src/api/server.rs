@@ -46,8 +46,8 @@ impl Server {
             request_timeout: api.request_timeout,
             max_concurrent_requests: api.max_concurrent_requests,
             head: HeadLimits {
-                line: usize::try_from(api.max_header_line.as_u64()).unwrap_or(usize::MAX),
-                total: usize::try_from(api.max_header_size.as_u64()).unwrap_or(usize::MAX),
+                line: crate::switch::byte_count(api.max_header_line),
+                total: crate::switch::byte_count(api.max_header_size),
             },
             streams_per_token: api.max_streams_per_token,
             streams_per_address: api.max_streams_per_address,

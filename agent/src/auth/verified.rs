@@ -4,7 +4,9 @@
 //!
 //! An entry lives at most [`REVERIFY_AFTER`], and never past the token's
 //! `exp` or maximum age: a key withdrawn from an issuer's JWKS stops
-//! working within a minute, as a refresh would take anyway. Only tokens
+//! working at the next refresh of the issuer's keys (`jwks_refresh`) plus
+//! at most this minute; a key removed from `[auth.keys]` at the reload
+//! (a new authenticator starts with no entries). Only tokens
 //! that verified are kept, so failures never fill the table; what a token
 //! may do is decided per request from the kept [`Principal`], and its
 //! `jti` is still spent by its first change (in the store), so a replay

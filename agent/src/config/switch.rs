@@ -63,9 +63,10 @@ pub struct SwitchConfig {
     /// room for the API and Docker. Default: 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Client connections open at once from one address (IPv6: one /64).
-    /// Default: 256, or no limit with `trust_forwarded_headers` (every
-    /// connection then comes from the load balancer).
+    /// Client connections open at once from one address (IPv6: one /64);
+    /// 0 for no limit. Default: 256, or no limit with
+    /// `trust_forwarded_headers` (every connection then comes from the load
+    /// balancer).
     pub max_connections_per_address: Option<usize>,
     /// Longest request line or header line (name and value); past it, 414
     /// or 431. Default: 8 KiB, like nginx's `large_client_header_buffers`.

@@ -156,10 +156,22 @@ fn field_after<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     Some(&rest[..end]).filter(|v| !v.is_empty())
 }
 
+/// A record as the store holds it: parsed, and as the text its hash covers.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub entry: AuditEntry,
+    pub body: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
 /// Where new records are anchored besides the database.
 #[derive(Debug, Default)]
 pub(crate) struct Anchors {
     head_file: OnceLock<PathBuf>,
+    /// The newest head written to the file: writes are one at a time and
+    /// never go back (two appends may finish in either order).
+    written: std::sync::Mutex<i64>,
     /// Woken on every new record (the forwarder waits on it).
     appended: tokio::sync::Notify,
 }
@@ -243,6 +255,11 @@ impl Store {
         Ok(head)
     }
 
+    /// Writes the head file for a record already in the store (at start).
+    pub fn anchor_existing(&self, head: &AuditHead) {
+        self.anchor(head, "anchored at start");
+    }
+
     /// Anchors a new head outside the database.
     fn anchor(&self, head: &AuditHead, action: &str) {
         tracing::info!(
@@ -252,10 +269,19 @@ impl Store {
             audit_action = %action,
             "audit record"
         );
-        if let Some(path) = self.anchors.head_file.get()
-            && let Err(e) = write_replacing(path, head.line().as_bytes())
-        {
-            tracing::error!(path = %path.display(), error = %e, "cannot write the audit head file");
+        if let Some(path) = self.anchors.head_file.get() {
+            let mut written = self
+                .anchors
+                .written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if head.seq > *written {
+                match write_replacing(path, head.line().as_bytes()) {
+                    Ok(()) => *written = head.seq,
+                    Err(e) => tracing::error!(path = %path.display(), error = %e,
+                        "cannot write the audit head file"),
+                }
+            }
         }
         self.anchors.appended.notify_one();
     }
@@ -294,13 +320,11 @@ impl Store {
             .collect()
     }
 
-    /// Up to `limit` records after `seq`, oldest first, each with its link
-    /// and hash (what a remote sink needs to check the chain itself).
-    pub fn audit_after(
-        &self,
-        seq: i64,
-        limit: usize,
-    ) -> Result<Vec<(AuditEntry, String, String)>, StoreError> {
+    /// Up to `limit` records after `seq`, oldest first, each with its text
+    /// exactly as hashed, its link and its hash: what a remote sink needs
+    /// to check the chain itself (`hash = sha256(prev_hash "\n" seq "\n"
+    /// body)`, hex).
+    pub fn audit_after(&self, seq: i64, limit: usize) -> Result<Vec<StoredRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT seq, body, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
@@ -316,7 +340,14 @@ impl Store {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
-            .map(|(seq, body, prev, hash)| Ok((entry(seq, &body)?, prev, hash)))
+            .map(|(seq, body, prev_hash, hash)| {
+                Ok(StoredRecord {
+                    entry: entry(seq, &body)?,
+                    body,
+                    prev_hash,
+                    hash,
+                })
+            })
             .collect()
     }
 
@@ -345,7 +376,13 @@ impl Store {
     /// ended before it (their records stay), and the audit records written
     /// before it, which a checkpoint record then closes. The newest audit
     /// record always stays. One transaction: all of it or nothing.
-    pub fn compact(&self, cut: OffsetDateTime) -> Result<Compacted, StoreError> {
+    /// `keep_from`: no audit record from this one on is removed (those a
+    /// remote sink has not acknowledged yet).
+    pub fn compact(
+        &self,
+        cut: OffsetDateTime,
+        keep_from: Option<i64>,
+    ) -> Result<Compacted, StoreError> {
         let cut_text = super::rfc3339(cut);
         let (compacted, head) = {
             let mut conn = self.conn();
@@ -359,7 +396,7 @@ impl Store {
                 events,
                 audit: None,
             };
-            let through = old_prefix(&tx, cut)?;
+            let through = old_prefix(&tx, cut, keep_from)?;
             let mut head = None;
             if let Some((through, hash)) = through {
                 tx.execute("DELETE FROM audit WHERE seq <= ?1", params![through])?;
@@ -404,7 +441,27 @@ impl Store {
         let mut expected_seq = 1;
         if let Some((first, prev_hash)) = first.filter(|(seq, _)| *seq > 1) {
             match latest_checkpoint(&conn, first - 1)? {
-                Some(hash) if hash == prev_hash => {}
+                // Anyone who can write the database can also forge a
+                // checkpoint after deleting old records: one newer than
+                // every anchor cannot be told from a forgery.
+                Some((at, _)) if !anchors.is_empty() && anchors.iter().all(|a| a.seq < at) => {
+                    return Ok(ChainCheck::Broken {
+                        seq: at,
+                        reason: format!(
+                            "records before {first} were removed by a checkpoint no anchor \
+                             outside the database covers: it may be forged"
+                        ),
+                    });
+                }
+                Some((_, hash)) if anchors.iter().any(|a| a.seq == first - 1 && a.hash != hash) => {
+                    return Ok(ChainCheck::Broken {
+                        seq: first,
+                        reason: "the checkpoint's hash of the removed records is not the one \
+                                 anchored outside the database"
+                            .into(),
+                    });
+                }
+                Some((_, hash)) if hash == prev_hash => {}
                 Some(_) => {
                     return Ok(ChainCheck::Broken {
                         seq: first,
@@ -500,13 +557,14 @@ fn entry(seq: i64, body: &str) -> Result<AuditEntry, StoreError> {
 }
 
 /// The oldest records written before `cut`, as the last one's number and
-/// hash; never the newest record.
+/// hash; never the newest record, nor any from `keep_from` on.
 fn old_prefix(
     tx: &Transaction<'_>,
     cut: OffsetDateTime,
+    keep_from: Option<i64>,
 ) -> Result<Option<(i64, String)>, StoreError> {
     let newest: Option<i64> = tx.query_row("SELECT max(seq) FROM audit", [], |row| row.get(0))?;
-    let Some(newest) = newest else {
+    let Some(newest) = newest.map(|n| keep_from.map_or(n, |k| n.min(k))) else {
         return Ok(None);
     };
     let mut stmt = tx.prepare("SELECT seq, body, hash FROM audit WHERE seq < ?1 ORDER BY seq")?;
@@ -524,11 +582,12 @@ fn old_prefix(
     Ok(through)
 }
 
-/// The hash the latest checkpoint record says record `through` had.
+/// The latest checkpoint record that says record `through` was removed:
+/// its own number, and the hash it gives `through`.
 fn latest_checkpoint(
     conn: &rusqlite::Connection,
     through: i64,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Option<(i64, String)>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT seq, body FROM audit WHERE body LIKE '%\"checkpoint\"%' ORDER BY seq DESC",
     )?;
@@ -539,7 +598,7 @@ fn latest_checkpoint(
         if let Some(checkpoint) = entry(seq, &body)?.record.checkpoint
             && checkpoint.through == through
         {
-            return Ok(Some(checkpoint.hash));
+            return Ok(Some((seq, checkpoint.hash)));
         }
     }
     Ok(None)
@@ -584,12 +643,21 @@ fn check_anchors(
     None
 }
 
-/// Writes `path` whole or not at all: a temporary file beside it, renamed.
+/// Writes `path` whole or not at all, and durably: a temporary file beside
+/// it, synced, renamed over it, and the directory synced (a power cut
+/// leaves the old head or the new one, never an empty file).
 fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     let mut temp = path.as_os_str().to_owned();
     temp.push(".tmp");
-    std::fs::write(&temp, bytes)?;
-    std::fs::rename(&temp, path)
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -743,7 +811,7 @@ mod tests {
         store
             .append_audit(&AuditRecord::new("deploy", "accepted"))
             .unwrap();
-        let compacted = store.compact(cut).unwrap();
+        let compacted = store.compact(cut, None).unwrap();
         assert_eq!(compacted.audit, Some((3, 5)));
         assert_eq!(store.verify_audit().unwrap(), ChainCheck::Intact(2));
         let tail = store.audit_tail(10).unwrap();
@@ -764,7 +832,7 @@ mod tests {
         // always stays.
         let (_dir, store) = store_with(&["deploy"]);
         let far = OffsetDateTime::now_utc() + time::Duration::days(1);
-        assert_eq!(store.compact(far).unwrap().audit, None);
+        assert_eq!(store.compact(far, None).unwrap().audit, None);
         assert_eq!(store.verify_audit().unwrap(), ChainCheck::Intact(1));
     }
 

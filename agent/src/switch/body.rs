@@ -6,10 +6,11 @@
 //! reading an answer slowly, would otherwise keep a worker busy for as long
 //! as it likes. So a request body is read whole before a container is even
 //! chosen (in memory, or spooled to an unlinked temporary file past
-//! `max_buffered_body`), and an answer is read from the container as fast
-//! as it comes, up to `max_buffered_response` ahead of the client. Answers
-//! that stream on purpose (SSE, `X-Accel-Buffering: no`) and upgraded
-//! connections pass as they are.
+//! `max_buffered_body`), upgrade requests included, and an answer is read
+//! from the container as fast as it comes, up to `max_buffered_response`
+//! ahead of the client: an answer larger than that still waits on a client
+//! that reads slowly. Answers that stream on purpose (SSE,
+//! `X-Accel-Buffering: no`) and upgraded connections pass as they are.
 
 use std::io::SeekFrom;
 use std::pin::Pin;
@@ -55,8 +56,11 @@ pub(crate) enum Refused {
     TooLarge,
     /// Not whole within `timeout`: 408.
     Timeout,
-    /// The client broke off, or the spool could not be written.
+    /// The client broke off.
     Broken,
+    /// The temporary file could not be made or written (a full disk):
+    /// the switch's fault, not the client's.
+    Spool,
 }
 
 /// A request body as it goes to a container.
@@ -70,9 +74,6 @@ pub(crate) enum RequestBody {
         chunks: Box<ReaderStream<tokio::fs::File>>,
         left: u64,
     },
-    /// Passed as it comes: only for upgrade requests, which keep their
-    /// connection to the container anyway.
-    Streaming(Incoming),
 }
 
 impl std::fmt::Debug for RequestBody {
@@ -81,7 +82,6 @@ impl std::fmt::Debug for RequestBody {
             Self::Empty => f.write_str("Empty"),
             Self::Full(bytes) => write!(f, "Full({:?} bytes)", bytes.as_ref().map(Bytes::len)),
             Self::Spooled { left, .. } => write!(f, "Spooled({left} bytes left)"),
-            Self::Streaming(_) => f.write_str("Streaming"),
         }
     }
 }
@@ -106,7 +106,6 @@ impl Body for RequestBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Self::Streaming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
 
@@ -115,7 +114,6 @@ impl Body for RequestBody {
             Self::Empty => true,
             Self::Full(bytes) => bytes.is_none(),
             Self::Spooled { left, .. } => *left == 0,
-            Self::Streaming(body) => body.is_end_stream(),
         }
     }
 
@@ -124,7 +122,6 @@ impl Body for RequestBody {
             Self::Empty => SizeHint::with_exact(0),
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Spooled { left, .. } => SizeHint::with_exact(*left),
-            Self::Streaming(body) => body.size_hint(),
         }
     }
 }
@@ -205,7 +202,7 @@ async fn spool_file() -> Result<tokio::fs::File, Refused> {
 fn spool_failed(e: std::io::Error) -> Refused {
     tracing::warn!(error = %e, dir = %std::env::temp_dir().display(),
         "cannot spool a request body to a temporary file");
-    Refused::Broken
+    Refused::Spool
 }
 
 /// What the switch answers with: a container's body, or one of its own.

@@ -250,9 +250,10 @@ async fn connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     site: Arc<Site>,
-    // Counted until the connection ends.
-    _admitted: Admitted,
+    admitted: Admitted,
 ) {
+    // Counted until the connection ends, or the tunnel it became does.
+    let admitted = Arc::new(admitted);
     let proxy = site.proxy.clone();
     let idle_timeout = site.idle_timeout;
     let closing = proxy.closing.clone();
@@ -265,9 +266,10 @@ async fn connection(
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let peer = peer.clone();
+        let admitted = admitted.clone();
         let busy = watched.begin();
         async move {
-            let response = proxy.forward(&peer, req).await;
+            let response = proxy.forward(&peer, &admitted, req).await;
             // The request stays busy until its answer's body is dropped:
             // written out, or the connection gone.
             Ok::<_, Infallible>(response.map(|body| {

@@ -26,6 +26,7 @@ use super::body::{self, BodyLimits, ProxyBody, Refused, RequestBody, Tracked};
 use super::headers::{self, ConnectionHeaders, HeadLimits};
 use super::pool::Conn;
 use super::route::{Backend, InFlight, Refusal, Route, UpstreamError};
+use crate::limit::Admitted;
 
 /// The 504 of a request still unanswered when its release's drain gave up.
 const OUTLIVED_DRAIN: &str = "the request outlived the drain of its release";
@@ -69,13 +70,23 @@ enum Sent {
 impl Proxy {
     /// Forwards one request of the client at `peer` (its address as a
     /// header value, made once per connection).
-    pub async fn forward(&self, peer: &HeaderValue, req: Request<Incoming>) -> Response<ProxyBody> {
-        let response = self.answer(peer, req).await;
+    pub async fn forward(
+        &self,
+        peer: &HeaderValue,
+        admitted: &Arc<Admitted>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let response = self.answer(peer, admitted, req).await;
         self.route.stats.answered(response.status());
         response
     }
 
-    async fn answer(&self, peer: &HeaderValue, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn answer(
+        &self,
+        peer: &HeaderValue,
+        admitted: &Arc<Admitted>,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
             return answer(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied");
         }
@@ -91,7 +102,9 @@ impl Proxy {
         let connection = ConnectionHeaders::of(req.headers());
         let upgrade = headers::upgrade_protocol(req.headers(), &connection);
         let upgrading = upgrade.is_some();
-        let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        // A tunnel holds the client's connection after hyper lets go of it:
+        // it stays counted against the caps until the tunnel ends.
+        let client_upgrade = upgrading.then(|| (hyper::upgrade::on(&mut req), admitted.clone()));
         let (parts, incoming) = req.into_parts();
         // Only a safe method without a body may be sent again once it may
         // have reached the container: never a POST, even an empty one.
@@ -110,8 +123,6 @@ impl Proxy {
         );
         let body = if bodiless {
             RequestBody::Empty
-        } else if upgrading {
-            RequestBody::Streaming(incoming)
         } else {
             // Whole before any container is chosen: a switch during the
             // upload sends it to the new release.
@@ -224,6 +235,11 @@ impl Proxy {
                 "the request body could not be read",
                 Refusal::BodyBroken,
             ),
+            Refused::Spool => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the request body could not be held for the app; try again later",
+                Refusal::BodySpool,
+            ),
         };
         self.route.stats.refused(counted);
         closing(answer(status, message))
@@ -265,10 +281,10 @@ impl Proxy {
         conn: Conn,
         guard: InFlight,
         backend: &Arc<Backend>,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<Admitted>)>,
     ) -> Response<ProxyBody> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client) = client_upgrade else {
+            let Some((client, admitted)) = client_upgrade else {
                 return answer(
                     StatusCode::BAD_GATEWAY,
                     "the web container switched protocols unasked",
@@ -277,7 +293,12 @@ impl Proxy {
             // The connection now belongs to the tunnel.
             drop(conn);
             let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(client, upstream, guard, backend.cancel.clone()));
+            tokio::spawn(tunnel(
+                client,
+                upstream,
+                (guard, admitted),
+                backend.cancel.clone(),
+            ));
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, ProxyBody::Own(None));
         }
@@ -371,7 +392,7 @@ fn origin_form(uri: &Uri) -> Uri {
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    guard: InFlight,
+    guard: (InFlight, Arc<Admitted>),
     cancel: CancellationToken,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {

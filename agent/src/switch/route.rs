@@ -60,8 +60,10 @@ pub enum Refusal {
     BodyTooLarge,
     /// A body not whole within `body_timeout`: 408.
     BodyTimeout,
-    /// A body the client broke off (or that could not be spooled).
+    /// A body the client broke off.
     BodyBroken,
+    /// A body that could not be spooled to a temporary file: 503.
+    BodySpool,
     /// A connection past `max_connections`, closed at once.
     Connections,
     /// A connection past `max_connections_per_address`, closed at once.
@@ -69,11 +71,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::HeadTooLarge,
         Self::BodyTooLarge,
         Self::BodyTimeout,
         Self::BodyBroken,
+        Self::BodySpool,
         Self::Connections,
         Self::ConnectionsPerAddress,
     ];
@@ -84,6 +87,7 @@ impl Refusal {
             Self::BodyTooLarge => "body_too_large",
             Self::BodyTimeout => "body_timeout",
             Self::BodyBroken => "body_broken",
+            Self::BodySpool => "body_spool",
             Self::Connections => "max_connections",
             Self::ConnectionsPerAddress => "max_connections_per_address",
         }
@@ -96,7 +100,7 @@ pub struct SwitchStats {
     /// Answers by status class: 1xx to 5xx.
     answers: [AtomicU64; 5],
     upstream_errors: [AtomicU64; 4],
-    refusals: [AtomicU64; 6],
+    refusals: [AtomicU64; 7],
 }
 
 impl SwitchStats {
@@ -289,6 +293,12 @@ impl Route {
             "traffic switched"
         );
         Draining { backends: gone }
+    }
+
+    /// Requests in flight on the live containers now (sent to one and not
+    /// yet answered to its end).
+    pub fn in_flight(&self) -> usize {
+        self.snapshot().iter().map(|b| b.in_flight()).sum()
     }
 
     /// The live containers, as a snapshot.

@@ -104,12 +104,15 @@ impl TestAgent {
         }
     }
 
-    /// A client that trusts the test CA only.
+    /// A client that trusts the test CA only. No deadline on a whole
+    /// request: an event stream lasts as long as its deployment, longer on
+    /// a slow machine; only a silence of two minutes fails it.
     pub fn client(&self) -> reqwest::Client {
         let ca = reqwest::Certificate::from_pem(self.pki.ca_pem().as_bytes()).unwrap();
         reqwest::Client::builder()
             .tls_certs_only([ca])
-            .timeout(Duration::from_secs(120))
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(120))
             .build()
             .unwrap()
     }

@@ -99,7 +99,7 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
         command = ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]
         port = 8000
         replicas = {replicas}
-        health = {{ path = "/healthz/", host = "{host}", timeout = "15s" }}
+        health = {{ path = "/healthz/", host = "{host}", timeout = "45s" }}
         stop_timeout = "10s"
         [apps.{app}.services.worker]
         command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]

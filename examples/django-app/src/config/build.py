@@ -8,7 +8,8 @@ deployd's failure handling can be tested against a real app:
 - healthz-500: /healthz/ always answers 500;
 - web-crash: gunicorn exits at start (the WSGI module raises on import);
 - worker-crash: the celery worker exits at start;
-- slow-boot: the WSGI module takes ~20 s to load, so web is healthy late;
+- slow-boot: the WSGI module takes SHOP_SLOW_BOOT_SECONDS (default 20) to
+  load, so web is healthy late;
 - unhealthy-after-3-checks: /healthz/ answers 200 three times (counted across
   the container's workers), then 500: it passes the health gate, then fails
   verification, whatever the speed of the machine.

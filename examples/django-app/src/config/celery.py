@@ -3,21 +3,19 @@
 import os
 import sys
 
-from celery import Celery
-from celery.signals import worker_init
-
 from config.build import BUILD
+
+# The worker-crash variant dies as its worker starts, before celery loads
+# anything: within a moment of the container's start on any machine, so a
+# deployment's liveness window sees it, not verification after it.
+if BUILD.variant == "worker-crash" and "worker" in sys.argv:
+    print("worker-crash build: exiting at start", file=sys.stderr, flush=True)
+    os._exit(1)
+
+from celery import Celery  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.prod")
 
 app = Celery("config")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
-
-
-@worker_init.connect
-def crash_if_broken_build(**_kwargs):
-    """The worker-crash variant dies before consuming anything."""
-    if BUILD.variant == "worker-crash":
-        print("worker-crash build: exiting at start", file=sys.stderr, flush=True)
-        os._exit(1)

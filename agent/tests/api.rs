@@ -722,3 +722,122 @@ async fn refused_json(response: reqwest::Response, status: StatusCode) -> ErrorB
     assert_eq!(response.status(), status);
     response.json().await.unwrap()
 }
+
+/// A stand-in audit sink over HTTPS: keeps what it is sent, checks each
+/// record's hash against its text and its link to the previous one.
+async fn audit_sink(
+    pki: &support::pki::Pki,
+    listener: std::net::TcpListener,
+    received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) -> axum_server::Handle<std::net::SocketAddr> {
+    use axum::routing::post;
+    let issued = pki.server("sink");
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&issued.cert, &issued.key)
+        .await
+        .unwrap();
+    let app = axum::Router::new().route(
+        "/records",
+        post(
+            move |headers: http::HeaderMap, axum::Json(record): axum::Json<serde_json::Value>| {
+                let received = received.clone();
+                async move {
+                    assert_eq!(headers["authorization"], "Bearer sink-token");
+                    received.lock().unwrap().push(record);
+                    StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let handle = axum_server::Handle::new();
+    listener.set_nonblocking(true).unwrap();
+    let server = axum_server::from_tcp_rustls(listener, tls)
+        .unwrap()
+        .handle(handle.clone());
+    tokio::spawn(server.serve(app.into_make_service()));
+    handle.listening().await.unwrap();
+    handle
+}
+
+#[tokio::test]
+async fn audit_records_reach_the_sink_in_order_and_survive_its_outage() {
+    use sha2::Digest;
+    use std::sync::{Arc, Mutex};
+    deployd::install_crypto_provider();
+    let pki = support::pki::Pki::new();
+    let state = tempfile::tempdir().unwrap();
+    let token_file = state.path().join("sink-token");
+    std::fs::write(&token_file, "sink-token\n").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = deployd::config::Config::from_toml(&format!(
+        r#"
+        state_dir = "{state}"
+        [audit]
+        forward_url = "https://localhost:{port}/records"
+        forward_ca = "{ca}"
+        forward_token_file = "{token}"
+        "#,
+        state = state.path().display(),
+        ca = pki.ca_path().display(),
+        token = token_file.display(),
+    ))
+    .unwrap();
+    let store = deployd::store::Store::open(state.path()).unwrap();
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let tasks = deployd::audit::start(&config, &store, &stopping).unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let sink = audit_sink(&pki, listener, received.clone()).await;
+    let append = |action: &str| {
+        store
+            .append_audit(&deployd::store::AuditRecord::new(action, "accepted"))
+            .unwrap()
+    };
+    let count = |n: usize| {
+        let received = received.clone();
+        async move { (received.lock().unwrap().len() >= n).then_some(()) }
+    };
+    append("deploy");
+    append("lock");
+    support::poll("2 records at the sink", Duration::from_secs(30), || {
+        count(2)
+    })
+    .await;
+
+    // The sink goes away: records are kept, and arrive once it is back.
+    sink.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    append("unlock");
+    append("rollback");
+    // Long enough for the forwarder to find the sink gone and back off.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let _sink = audit_sink(&pki, listener, received.clone()).await;
+    support::poll("4 records at the sink", Duration::from_secs(60), || {
+        count(4)
+    })
+    .await;
+
+    // In order, each once, and each checkable: its hash covers its link and
+    // its text exactly as sent.
+    let records = received.lock().unwrap().clone();
+    let seqs: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    let mut previous = "0".repeat(64);
+    for r in &records {
+        assert_eq!(r["prev_hash"], previous.as_str());
+        let text = format!("{previous}\n{}\n{}", r["seq"], r["body"].as_str().unwrap());
+        let hash: String = sha2::Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(r["hash"], hash.as_str(), "{r}");
+        previous = hash;
+    }
+    // The head file names the newest record.
+    let head = deployd::store::AuditHead::read(&state.path().join("audit-head")).unwrap();
+    assert_eq!((head.seq, head.hash.as_str()), (4, previous.as_str()));
+    stopping.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}

@@ -35,7 +35,7 @@ VARIANTS=(
     "web-crash 2 -"
     "worker-crash 2 -"
     "slow-boot 2 -"
-    "unhealthy-after-3-checks 2 -"
+    "unhealthy-after-5-checks 2 -"
 )
 
 log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }

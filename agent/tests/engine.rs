@@ -385,7 +385,7 @@ async fn failures_after_the_switch_roll_every_service_back() {
         deploy_broken(
             &scope,
             &agent,
-            "unhealthy-after-3-checks",
+            "unhealthy-after-5-checks",
             DeploymentState::RolledBack,
             "web failed verification",
         )

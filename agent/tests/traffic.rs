@@ -130,7 +130,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         assert_eq!(broken.state, DeploymentState::Failed, "{:?}", broken.error);
         // Healthy for 5 s: traffic switches to it, verification fails, and
         // traffic switches back.
-        let broken = deploy("unhealthy-after-3-checks").await;
+        let broken = deploy("unhealthy-after-5-checks").await;
         assert_eq!(broken.state, DeploymentState::RolledBack, "{:?}", broken.error);
         let back = engine
             .rollback(&app, None, "ops", Some("traffic test".into()))
@@ -162,11 +162,11 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         };
         let late_broken = all
             .iter()
-            .filter(|s| matches!(&s.outcome, Ok(r) if r.ends_with("/unhealthy-after-3-checks")))
+            .filter(|s| matches!(&s.outcome, Ok(r) if r.ends_with("/unhealthy-after-5-checks")))
             .count();
         assert!(
             served("1/good") > 0 && served("2/good") > 0 && late_broken > 0,
-            "served: release 1 {}, release 2 {}, unhealthy-after-3-checks {late_broken}",
+            "served: release 1 {}, release 2 {}, unhealthy-after-5-checks {late_broken}",
             served("1/good"),
             served("2/good")
         );

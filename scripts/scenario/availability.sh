@@ -126,7 +126,7 @@ start_load "$public_port" "$dir/deployd-load.ndjson"
 phase "before" settle
 phase "deploy 1 -> 2" deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2"
 phase "after" settle
-phase "broken release, rolled back" rolled_back "$DEPLOYD_TESTBED_SHA_UNHEALTHY_AFTER_3_CHECKS"
+phase "broken release, rolled back" rolled_back "$DEPLOYD_TESTBED_SHA_UNHEALTHY_AFTER_5_CHECKS"
 phase "after" settle
 phase "deployctl rollback (-> 1)" deployctl rollback
 phase "after" settle

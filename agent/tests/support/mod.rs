@@ -28,7 +28,7 @@ pub const VARIANTS: [&str; 8] = [
     "web-crash",
     "worker-crash",
     "slow-boot",
-    "unhealthy-after-3-checks",
+    "unhealthy-after-5-checks",
 ];
 
 /// The sample app's commands, as the example configuration runs them.

@@ -10,7 +10,7 @@ deployd's failure handling can be tested against a real app:
 - worker-crash: the celery worker exits at start;
 - slow-boot: the WSGI module takes SHOP_SLOW_BOOT_SECONDS (default 20) to
   load, so web is healthy late;
-- unhealthy-after-3-checks: /healthz/ answers 200 three times (counted across
+- unhealthy-after-5-checks: /healthz/ answers 200 five times (counted across
   the container's workers), then 500: it passes the health gate, then fails
   verification, whatever the speed of the machine.
 """

@@ -14,8 +14,8 @@ from django.http import JsonResponse
 
 from config.build import BUILD
 
-# unhealthy-after-3-checks: this many /healthz/ answers are 200, then 500.
-HEALTHY_ANSWERS = 3
+# unhealthy-after-5-checks: this many /healthz/ answers are 200, then 500.
+HEALTHY_ANSWERS = 5
 # Shared by the container's gunicorn workers (each is its own process).
 COUNTER_FILE = os.environ.get("SHOP_HEALTH_COUNTER", "/tmp/shop-healthz-count")
 
@@ -35,7 +35,7 @@ def _count_health_check():
 def health_is_broken():
     if BUILD.variant == "healthz-500":
         return True
-    if BUILD.variant == "unhealthy-after-3-checks":
+    if BUILD.variant == "unhealthy-after-5-checks":
         return _count_health_check() > HEALTHY_ANSWERS
     return False
 

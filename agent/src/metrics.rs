@@ -422,6 +422,22 @@ impl Collector for SwitchCollector {
                 ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
             }
         }
+        let mut metric = encoder.encode_descriptor(
+            "switch_buffer_shortfalls",
+            "Times the switch's buffer_memory was short: a body spooled that would have \
+             stayed in memory (spooled), an answer not read ahead (unbuffered)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (app, route) in self.0.iter() {
+            for (reason, n) in route.stats.shortfalls() {
+                let labels = RefusalLabels {
+                    app: app.clone(),
+                    reason,
+                };
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

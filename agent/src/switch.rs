@@ -195,6 +195,7 @@ impl Switch {
                     max: cfg.max_body.as_u64(),
                     timeout: cfg.body_timeout,
                     read_ahead: byte_count(cfg.max_buffered_response),
+                    budget: body::Budget::new(byte_count(cfg.buffer_memory)),
                 },
                 head_limits,
             });

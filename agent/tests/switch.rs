@@ -955,3 +955,72 @@ async fn connections_past_the_per_address_cap_are_closed_at_once() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn buffer_memory_bounds_every_buffer_together() {
+    use sha2::Digest;
+    let (routes, _serving, addr) = switch(
+        r#"max_buffered_body = "1MiB"
+        max_buffered_response = "64KiB"
+        buffer_memory = "64KiB""#,
+    );
+    let (upstream, seen) = body_backend().await;
+    let route = routes.get("shop").unwrap();
+    let _ = route.switch_to(&[upstream]);
+    let shortfall = |kind: &str| {
+        let text = deployd::metrics::Metrics::new(&routes).render();
+        let line =
+            format!(r#"deployd_switch_buffer_shortfalls_total{{app="shop",reason="{kind}"}} "#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .map(|n| n.parse::<u64>().unwrap())
+            .unwrap_or_else(|| panic!("no {kind} in {text}"))
+    };
+    // A body within max_buffered_body but past what the budget holds is
+    // spooled, and arrives whole.
+    let body = vec![b'5'; 100 * 1024];
+    let (answer, _) = trickle(
+        addr,
+        &format!("Content-Length: {}\r\n", body.len()),
+        &body,
+        1,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(field(&answer, "sha256"), hex(&sha2::Sha256::digest(&body)));
+    assert_eq!(shortfall("spooled"), 1);
+
+    // A client that reads nothing holds the budget with what was read
+    // ahead for it...
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut hog = socket.connect(addr).await.unwrap();
+    hog.write_all(b"GET /big?kib=8192 HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    in_flight(route, 1).await;
+    // ...so the next answer is passed at its client's pace, not buffered,
+    // and still arrives whole.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while shortfall("unbuffered") == 0 {
+        assert!(std::time::Instant::now() < deadline, "never unbuffered");
+        let (status, body) = get(addr, "/big?kib=256").await;
+        assert_eq!((status, body.len()), (200, 256 * 1024));
+    }
+    // The hog reads at last: all of it.
+    let mut read = Vec::new();
+    hog.read_to_end(&mut read).await.unwrap();
+    let answer = String::from_utf8_lossy(&read);
+    assert_eq!(
+        answer
+            .split_once("\r\n\r\n")
+            .unwrap()
+            .1
+            .matches('x')
+            .count(),
+        8192 * 1024
+    );
+    drop(seen);
+}

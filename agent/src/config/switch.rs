@@ -58,6 +58,11 @@ pub struct SwitchConfig {
     /// Default: 1 MiB.
     #[serde(default = "default_max_buffered_response")]
     pub max_buffered_response: ByteSize,
+    /// Memory all buffered request bodies and answers of this switch may
+    /// hold together; past it, bodies are spooled to disk and answers are
+    /// passed at their clients' pace. Default: 256 MiB.
+    #[serde(default = "default_buffer_memory")]
+    pub buffer_memory: ByteSize,
     /// Client connections open at once; past it, new ones are closed at
     /// once. Lowered at start to what the open-file limit allows, keeping
     /// room for the API and Docker. Default: 10000.
@@ -93,6 +98,9 @@ fn default_body_timeout() -> Duration {
 }
 fn default_max_buffered_response() -> ByteSize {
     ByteSize::mib(1)
+}
+fn default_buffer_memory() -> ByteSize {
+    ByteSize::mib(256)
 }
 fn default_max_connections() -> usize {
     10_000

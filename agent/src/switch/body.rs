@@ -24,7 +24,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::io::ReaderStream;
 
 use super::pool::Conn;
@@ -36,8 +36,39 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Chunks read back from a spooled body.
 const SPOOL_CHUNK: usize = 64 * 1024;
 
+/// Memory all buffered bodies and answers of one app's switch may hold at
+/// once (`buffer_memory`). Each connection's own limits are small; ten
+/// thousand connections that send small requests for large pages and never
+/// read are not. Past it, request bodies are spooled to disk and answers are
+/// read no further ahead than their clients read: slower, never out of
+/// memory.
+#[derive(Debug, Clone)]
+pub(crate) struct Budget(Arc<Semaphore>);
+
+impl Budget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+    }
+
+    /// `n` bytes of it, if that much is left now.
+    fn try_take(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n).ok()?;
+        self.0.clone().try_acquire_many_owned(n).ok()
+    }
+
+    /// `n` bytes of it (at most all of it), once that much is left.
+    async fn take(&self, n: u32) -> Option<OwnedSemaphorePermit> {
+        self.0.clone().acquire_many_owned(n).await.ok()
+    }
+
+    /// Bytes left now.
+    fn left(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
 /// How request bodies and answers are buffered (`[apps.NAME.switch]`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct BodyLimits {
     /// Request bodies up to this stay in memory; larger ones are spooled.
     pub in_memory: u64,
@@ -47,6 +78,8 @@ pub(crate) struct BodyLimits {
     pub timeout: Duration,
     /// An answer is read this far ahead of the client.
     pub read_ahead: usize,
+    /// What all buffers of the app's switch may hold together.
+    pub budget: Budget,
 }
 
 /// Why a request body did not reach a container.
@@ -66,8 +99,11 @@ pub(crate) enum Refused {
 /// A request body as it goes to a container.
 pub(crate) enum RequestBody {
     Empty,
-    /// Read whole, in memory.
-    Full(Option<Bytes>),
+    /// Read whole, in memory, which it holds of the budget until it is gone.
+    Full {
+        bytes: Option<Bytes>,
+        _held: Option<OwnedSemaphorePermit>,
+    },
     /// Read whole into a temporary file (already unlinked), read back here
     /// (boxed: the reader is large, and rare).
     Spooled {
@@ -80,7 +116,9 @@ impl std::fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Empty => f.write_str("Empty"),
-            Self::Full(bytes) => write!(f, "Full({:?} bytes)", bytes.as_ref().map(Bytes::len)),
+            Self::Full { bytes, .. } => {
+                write!(f, "Full({:?} bytes)", bytes.as_ref().map(Bytes::len))
+            }
             Self::Spooled { left, .. } => write!(f, "Spooled({left} bytes left)"),
         }
     }
@@ -96,7 +134,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full { bytes, .. } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Spooled { chunks, left } => match Pin::new(chunks.as_mut()).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     *left = left.saturating_sub(chunk.len() as u64);
@@ -112,7 +150,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Empty => true,
-            Self::Full(bytes) => bytes.is_none(),
+            Self::Full { bytes, .. } => bytes.is_none(),
             Self::Spooled { left, .. } => *left == 0,
         }
     }
@@ -120,30 +158,40 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Empty => SizeHint::with_exact(0),
-            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Full { bytes, .. } => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Self::Spooled { left, .. } => SizeHint::with_exact(*left),
         }
     }
 }
 
 /// Reads a request body whole within `limits.timeout`: in memory up to
-/// `limits.in_memory`, spooled beyond; `declared` is its `Content-Length`.
-/// Returns the body and its length.
+/// `limits.in_memory` (and while the budget lasts), spooled beyond;
+/// `declared` is its `Content-Length`. Returns the body, its length, and
+/// whether the budget was short (it was spooled although it was small).
 pub(crate) async fn read_request(
     body: Incoming,
     declared: Option<u64>,
     limits: &BodyLimits,
-) -> Result<(RequestBody, u64), Refused> {
+) -> Result<(RequestBody, u64, bool), Refused> {
     if declared.is_some_and(|len| len > limits.max) {
         return Err(Refused::TooLarge);
     }
-    tokio::time::timeout(limits.timeout, collect(body, limits))
+    let mut short = false;
+    let read = tokio::time::timeout(limits.timeout, collect(body, limits, &mut short))
         .await
-        .unwrap_or(Err(Refused::Timeout))
+        .unwrap_or(Err(Refused::Timeout))?;
+    Ok((read.0, read.1, short))
 }
 
-async fn collect(mut body: Incoming, limits: &BodyLimits) -> Result<(RequestBody, u64), Refused> {
+async fn collect(
+    mut body: Incoming,
+    limits: &BodyLimits,
+    short: &mut bool,
+) -> Result<(RequestBody, u64), Refused> {
     let mut chunks: Vec<Bytes> = Vec::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     let mut spool: Option<tokio::fs::File> = None;
     let mut len: u64 = 0;
     while let Some(frame) = body.frame().await {
@@ -155,16 +203,35 @@ async fn collect(mut body: Incoming, limits: &BodyLimits) -> Result<(RequestBody
         if len > limits.max {
             return Err(Refused::TooLarge);
         }
-        if spool.is_none() && len > limits.in_memory {
+        if spool.is_none() {
+            // In memory while it fits this body's limit and the app's budget.
+            let memory = if len <= limits.in_memory {
+                limits.budget.try_take(data.len())
+            } else {
+                None
+            };
+            if let Some(more) = memory {
+                match held.as_mut() {
+                    Some(held) => held.merge(more),
+                    None => held = Some(more),
+                }
+                chunks.push(data);
+                continue;
+            }
+            // To a file: what was in memory too, and its share of the
+            // budget goes back.
+            if len <= limits.in_memory {
+                *short = true;
+            }
             let mut file = spool_file().await?;
             for chunk in chunks.drain(..) {
                 file.write_all(&chunk).await.map_err(spool_failed)?;
             }
+            held = None;
             spool = Some(file);
         }
-        match spool.as_mut() {
-            Some(file) => file.write_all(&data).await.map_err(spool_failed)?,
-            None => chunks.push(data),
+        if let Some(file) = spool.as_mut() {
+            file.write_all(&data).await.map_err(spool_failed)?;
         }
     }
     let body = match spool {
@@ -176,14 +243,23 @@ async fn collect(mut body: Incoming, limits: &BodyLimits) -> Result<(RequestBody
                 left: len,
             }
         }
-        None if chunks.is_empty() => RequestBody::Full(Some(Bytes::new())),
-        None if chunks.len() == 1 => RequestBody::Full(chunks.pop()),
+        None if chunks.is_empty() => RequestBody::Full {
+            bytes: Some(Bytes::new()),
+            _held: held,
+        },
+        None if chunks.len() == 1 => RequestBody::Full {
+            bytes: chunks.pop(),
+            _held: held,
+        },
         None => {
             let mut joined = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
             for chunk in &chunks {
                 joined.extend_from_slice(chunk);
             }
-            RequestBody::Full(Some(joined.freeze()))
+            RequestBody::Full {
+                bytes: Some(joined.freeze()),
+                _held: held,
+            }
         }
     };
     Ok((body, len))
@@ -210,8 +286,12 @@ fn spool_failed(e: std::io::Error) -> Refused {
 pub(crate) enum ProxyBody {
     /// Streamed as the container sends it (it streams on purpose).
     Upstream(Tracked),
-    /// Whole: the switch's own answer, or a container's read to its end.
-    Own(Option<Bytes>),
+    /// Whole: the switch's own answer, or a container's read to its end
+    /// (which holds its bytes of the budget until it is written out).
+    Own {
+        bytes: Option<Bytes>,
+        _held: Option<OwnedSemaphorePermit>,
+    },
     /// A container's answer, read ahead by a task of its own.
     ReadAhead(ReadAhead),
 }
@@ -226,7 +306,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Upstream(tracked) => Pin::new(tracked).poll_frame(cx),
-            Self::Own(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Own { bytes, .. } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::ReadAhead(ahead) => ahead.poll(cx),
         }
     }
@@ -234,7 +314,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Upstream(tracked) => tracked.is_end_stream(),
-            Self::Own(bytes) => bytes.is_none(),
+            Self::Own { bytes, .. } => bytes.is_none(),
             Self::ReadAhead(_) => false,
         }
     }
@@ -242,7 +322,9 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream(tracked) => tracked.size_hint(),
-            Self::Own(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Own { bytes, .. } => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Self::ReadAhead(ahead) => ahead.size_hint,
         }
     }
@@ -322,8 +404,17 @@ impl Drop for Tracked {
 /// by the time their head is in) becomes a whole body, its connection goes
 /// back to the pool and the container is free, with no task and no copy
 /// beyond joining its frames. Anything else is read on by a task of its
-/// own, up to `limit` bytes ahead of the client.
-pub(crate) fn read_ahead(mut body: Tracked, limit: usize) -> Result<ProxyBody, BoxError> {
+/// own, up to `limit` bytes ahead of the client. What is held counts
+/// against `budget`; with less than `limit` of it left, the answer is not
+/// read ahead at all but passed at the client's pace.
+pub(crate) fn read_ahead(
+    mut body: Tracked,
+    limit: usize,
+    budget: &Budget,
+) -> Result<ProxyBody, BoxError> {
+    if budget.left() < limit {
+        return Ok(ProxyBody::Upstream(body));
+    }
     let mut taken: Vec<Frame<Bytes>> = Vec::new();
     let mut bytes = 0usize;
     let ended = loop {
@@ -345,6 +436,7 @@ pub(crate) fn read_ahead(mut body: Tracked, limit: usize) -> Result<ProxyBody, B
     };
     if ended && taken.iter().all(Frame::is_data) {
         drop(body);
+        let held = budget.try_take(bytes);
         let whole = match taken.len() {
             0 => None,
             1 => taken.pop().and_then(|f| f.into_data().ok()),
@@ -358,37 +450,44 @@ pub(crate) fn read_ahead(mut body: Tracked, limit: usize) -> Result<ProxyBody, B
                 Some(joined.freeze())
             }
         };
-        return Ok(ProxyBody::Own(whole));
+        return Ok(ProxyBody::Own {
+            bytes: whole,
+            _held: held,
+        });
     }
     let size_hint = body.size_hint();
     let limit = u32::try_from(limit).unwrap_or(u32::MAX).max(1);
     let room = Arc::new(Semaphore::new(limit as usize));
     let (frames, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(pump(body, taken, frames, room.clone(), limit));
+    tokio::spawn(pump(body, taken, frames, room, budget.clone(), limit));
     Ok(ProxyBody::ReadAhead(ReadAhead {
         frames: receiver,
-        room,
         size_hint,
     }))
 }
 
-/// A frame read ahead, with the room it holds in the buffer.
-type Ahead = Result<(Frame<Bytes>, u32), BoxError>;
+/// A frame read ahead, with the room it holds in its answer's buffer and
+/// in the app's budget: both are given back when the client takes it.
+type Ahead = Result<(Frame<Bytes>, Held), BoxError>;
+
+/// Room held by a frame read ahead.
+#[derive(Debug)]
+struct Held {
+    _room: Option<OwnedSemaphorePermit>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
 
 /// The client's side of a read-ahead answer.
 pub(crate) struct ReadAhead {
     frames: mpsc::UnboundedReceiver<Ahead>,
-    room: Arc<Semaphore>,
     size_hint: SizeHint,
 }
 
 impl ReadAhead {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.frames.poll_recv(cx) {
-            Poll::Ready(Some(Ok((frame, held)))) => {
-                self.room.add_permits(held as usize);
-                Poll::Ready(Some(Ok(frame)))
-            }
+            // The room goes back as the frame goes to the client.
+            Poll::Ready(Some(Ok((frame, _held)))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -397,23 +496,36 @@ impl ReadAhead {
 }
 
 /// Reads the container's answer into the channel as fast as it comes while
-/// there is room; stops when the client is gone (closing the container's
-/// connection: its answer is not wanted).
+/// there is room in its buffer and in the budget; stops when the client is
+/// gone (closing the container's connection: its answer is not wanted).
 async fn pump(
     mut body: Tracked,
     taken: Vec<Frame<Bytes>>,
     frames: mpsc::UnboundedSender<Ahead>,
     room: Arc<Semaphore>,
+    budget: Budget,
     limit: u32,
 ) {
     let send = async |frame: Frame<Bytes>| -> bool {
         let size = frame.data_ref().map_or(0, Bytes::len);
-        let held = u32::try_from(size).unwrap_or(u32::MAX).min(limit);
-        if held > 0 {
+        let n = u32::try_from(size).unwrap_or(u32::MAX).min(limit);
+        let mut held = Held {
+            _room: None,
+            _budget: None,
+        };
+        if n > 0 {
+            let room = room.clone();
+            let reserved = async {
+                let room = room.acquire_many_owned(n).await.ok()?;
+                let budget = budget.take(n).await?;
+                Some((room, budget))
+            };
             tokio::select! {
-                permit = room.acquire_many(held) => match permit {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return false,
+                reserved = reserved => match reserved {
+                    Some((room, budget)) => {
+                        held = Held { _room: Some(room), _budget: Some(budget) };
+                    }
+                    None => return false,
                 },
                 () = frames.closed() => return false,
             }

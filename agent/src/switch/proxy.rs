@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::body::{self, BodyLimits, ProxyBody, Refused, RequestBody, Tracked};
 use super::headers::{self, ConnectionHeaders, HeadLimits};
 use super::pool::Conn;
-use super::route::{Backend, InFlight, Refusal, Route, UpstreamError};
+use super::route::{Backend, InFlight, Refusal, Route, Shortfall, UpstreamError};
 use crate::limit::Admitted;
 
 /// The 504 of a request still unanswered when its release's drain gave up.
@@ -128,7 +128,10 @@ impl Proxy {
             // upload sends it to the new release.
             let declared = incoming.size_hint().exact();
             match body::read_request(incoming, declared, &self.bodies).await {
-                Ok((body, len)) => {
+                Ok((body, len, short)) => {
+                    if short {
+                        self.route.stats.short(Shortfall::Spooled);
+                    }
                     headers::frame_buffered(&mut sent_headers, len);
                     body
                 }
@@ -300,7 +303,13 @@ impl Proxy {
                 backend.cancel.clone(),
             ));
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, ProxyBody::Own(None));
+            return Response::from_parts(
+                parts,
+                ProxyBody::Own {
+                    bytes: None,
+                    _held: None,
+                },
+            );
         }
         let (mut parts, body) = resp.into_parts();
         let streams = headers::streams_on_purpose(&parts.headers);
@@ -315,8 +324,13 @@ impl Proxy {
         if streams {
             return Response::from_parts(parts, ProxyBody::Upstream(body));
         }
-        match body::read_ahead(body, self.bodies.read_ahead) {
-            Ok(body) => Response::from_parts(parts, body),
+        match body::read_ahead(body, self.bodies.read_ahead, &self.bodies.budget) {
+            Ok(body) => {
+                if matches!(body, ProxyBody::Upstream(_)) {
+                    self.route.stats.short(Shortfall::Unbuffered);
+                }
+                Response::from_parts(parts, body)
+            }
             // Nothing went to the client yet: the answer can still be honest.
             Err(_) if backend.cancel.is_cancelled() => {
                 self.route.stats.upstream_error(UpstreamError::Drained);
@@ -373,7 +387,10 @@ fn closing(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
 
 /// A short plain-text answer from the switch itself.
 pub(crate) fn answer(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Own(Some(Bytes::from_static(message.as_bytes()))));
+    let mut response = Response::new(ProxyBody::Own {
+        bytes: Some(Bytes::from_static(message.as_bytes())),
+        _held: None,
+    });
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

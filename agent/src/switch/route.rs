@@ -94,6 +94,26 @@ impl Refusal {
     }
 }
 
+/// When buffering fell back because `buffer_memory` was short.
+#[derive(Debug, Clone, Copy)]
+pub enum Shortfall {
+    /// A request body spooled to disk although it fit `max_buffered_body`.
+    Spooled,
+    /// An answer passed at its client's pace, not read ahead.
+    Unbuffered,
+}
+
+impl Shortfall {
+    pub const ALL: [Self; 2] = [Self::Spooled, Self::Unbuffered];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Spooled => "spooled",
+            Self::Unbuffered => "unbuffered",
+        }
+    }
+}
+
 /// A route's request counts: one relaxed atomic add per request.
 #[derive(Debug, Default)]
 pub struct SwitchStats {
@@ -101,6 +121,7 @@ pub struct SwitchStats {
     answers: [AtomicU64; 5],
     upstream_errors: [AtomicU64; 4],
     refusals: [AtomicU64; 7],
+    shortfalls: [AtomicU64; 2],
 }
 
 impl SwitchStats {
@@ -115,6 +136,18 @@ impl SwitchStats {
 
     pub(crate) fn refused(&self, refusal: Refusal) {
         self.refusals[refusal as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn short(&self, shortfall: Shortfall) {
+        self.shortfalls[shortfall as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `("spooled", n)` and `("unbuffered", n)`.
+    pub fn shortfalls(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Shortfall::ALL
+            .into_iter()
+            .zip(&self.shortfalls)
+            .map(|(s, n)| (s.label(), n.load(Ordering::Relaxed)))
     }
 
     /// `("body_timeout", n)`, ... for every refusal.

@@ -355,90 +355,75 @@ impl Metrics {
 #[derive(Debug)]
 struct SwitchCollector(Routes);
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassLabels {
-    app: String,
-    code: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorLabels {
-    app: String,
-    error: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RefusalLabels {
-    app: String,
-    reason: &'static str,
+/// One counter family of the switch: for each app, a counter per value of
+/// `key` (`counts` gives each value and its count).
+fn switch_counters(
+    encoder: &mut DescriptorEncoder,
+    routes: &Routes,
+    (name, help, key): (&str, &str, &'static str),
+    counts: impl Fn(&crate::switch::SwitchStats) -> Vec<(&'static str, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (app, route) in routes.iter() {
+        for (value, n) in counts(&route.stats) {
+            let labels = [("app", app.as_str()), (key, value)];
+            ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 impl Collector for SwitchCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut metric = encoder.encode_descriptor(
-            "switch_requests",
-            "Requests the traffic switch answered, by status class",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+        let routes = &self.0;
+        switch_counters(
+            &mut encoder,
+            routes,
+            (
+                "switch_requests",
+                "Requests the traffic switch answered, by status class",
+                "code",
+            ),
+            |stats| stats.answers().collect(),
         )?;
-        for (app, route) in self.0.iter() {
-            for (code, n) in route.stats.answers() {
-                let labels = ClassLabels {
-                    app: app.clone(),
-                    code,
-                };
-                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
-            }
-        }
-        let mut metric = encoder.encode_descriptor(
-            "switch_upstream_errors",
-            "Web container failures seen by the switch: refused, failed, timeout, drained",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+        switch_counters(
+            &mut encoder,
+            routes,
+            (
+                "switch_upstream_errors",
+                "Web container failures seen by the switch: refused, failed, timeout, drained",
+                "error",
+            ),
+            |stats| stats.upstream_errors().collect(),
         )?;
-        for (app, route) in self.0.iter() {
-            for (error, n) in route.stats.upstream_errors() {
-                let labels = ErrorLabels {
-                    app: app.clone(),
-                    error,
-                };
-                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
-            }
-        }
-        let mut metric = encoder.encode_descriptor(
-            "switch_refusals",
-            "Clients the switch turned away before any container saw them: head_too_large, \
-             body_too_large, body_timeout, body_broken, body_spool, max_connections, \
-             max_connections_per_address",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+        switch_counters(
+            &mut encoder,
+            routes,
+            (
+                "switch_refusals",
+                "Clients the switch turned away before any container saw them: head_too_large, \
+                 body_too_large, body_timeout, body_broken, body_spool, max_connections, \
+                 max_connections_per_address",
+                "reason",
+            ),
+            |stats| stats.refusals().collect(),
         )?;
-        for (app, route) in self.0.iter() {
-            for (reason, n) in route.stats.refusals() {
-                let labels = RefusalLabels {
-                    app: app.clone(),
-                    reason,
-                };
-                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
-            }
-        }
-        let mut metric = encoder.encode_descriptor(
-            "switch_buffer_shortfalls",
-            "Times the switch's buffer_memory was short: a body spooled that would have \
-             stayed in memory (spooled), an answer not read ahead (unbuffered)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (app, route) in self.0.iter() {
-            for (reason, n) in route.stats.shortfalls() {
-                let labels = RefusalLabels {
-                    app: app.clone(),
-                    reason,
-                };
-                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        switch_counters(
+            &mut encoder,
+            routes,
+            (
+                "switch_buffer_shortfalls",
+                "Times the switch's buffer_memory was short: a body spooled that would have \
+                 stayed in memory (spooled), an answer not read ahead (unbuffered)",
+                "reason",
+            ),
+            |stats| stats.shortfalls().collect(),
+        )
     }
 }
 

@@ -56,11 +56,6 @@ impl Budget {
         self.0.clone().try_acquire_many_owned(n).ok()
     }
 
-    /// `n` bytes of it (at most all of it), once that much is left.
-    async fn take(&self, n: u32) -> Option<OwnedSemaphorePermit> {
-        self.0.clone().acquire_many_owned(n).await.ok()
-    }
-
     /// Bytes left now.
     fn left(&self) -> usize {
         self.0.available_permits()
@@ -496,8 +491,9 @@ impl ReadAhead {
 }
 
 /// Reads the container's answer into the channel as fast as it comes while
-/// there is room in its buffer and in the budget; stops when the client is
-/// gone (closing the container's connection: its answer is not wanted).
+/// there is room in its buffer and in the budget (without budget, one frame
+/// at a time); stops when the client is gone (closing the container's
+/// connection: its answer is not wanted).
 async fn pump(
     mut body: Tracked,
     taken: Vec<Frame<Bytes>>,
@@ -514,18 +510,16 @@ async fn pump(
             _budget: None,
         };
         if n > 0 {
-            let room = room.clone();
-            let reserved = async {
-                let room = room.acquire_many_owned(n).await.ok()?;
-                let budget = budget.take(n).await?;
-                Some((room, budget))
-            };
+            // Never waits on the budget: other clients may hold it for as
+            // long as they like. Without a share of it the frame takes the
+            // whole room, so it goes out only once the client has taken
+            // everything before it: the client's pace, as unbuffered.
+            let share = budget.try_take(n as usize);
+            let wanted = if share.is_some() { n } else { limit };
             tokio::select! {
-                reserved = reserved => match reserved {
-                    Some((room, budget)) => {
-                        held = Held { _room: Some(room), _budget: Some(budget) };
-                    }
-                    None => return false,
+                room = room.clone().acquire_many_owned(wanted) => match room {
+                    Ok(room) => held = Held { _room: Some(room), _budget: share },
+                    Err(_) => return false,
                 },
                 () = frames.closed() => return false,
             }

@@ -213,20 +213,8 @@ impl Sink {
         let Some(url) = &cfg.forward_url else {
             return Ok(None);
         };
-        crate::install_crypto_provider();
-        let mut http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .https_only(true)
-            .no_proxy();
-        if let Some(path) = &cfg.forward_ca {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("cannot read audit.forward_ca {}", path.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("{} is not a PEM CA bundle", path.display()))?
-            {
-                http = http.add_root_certificate(cert);
-            }
-        }
+        let http = crate::https_client(cfg.forward_ca.as_deref())
+            .map_err(|e| anyhow::anyhow!("HTTP client for audit.forward_url: {e}"))?;
         let token = match &cfg.forward_token_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -240,7 +228,7 @@ impl Sink {
         };
         Ok(Some(Self {
             url: url.clone(),
-            http: http.build().context("HTTP client for audit.forward_url")?,
+            http,
             token,
         }))
     }

@@ -29,6 +29,27 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// An HTTPS client for deployd's own calls out (OIDC keys, the audit sink):
+/// 10 s per request, no proxy, HTTPS only, trusting the system roots and
+/// the PEM bundle `ca` if given. Errors name the file, never its content.
+pub(crate) fn https_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    install_crypto_provider();
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .https_only(true)
+        .no_proxy();
+    if let Some(path) = ca {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{} is not a PEM CA bundle: {e}", path.display()))?
+        {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    http.build().map_err(|e| e.to_string())
+}
+
 /// How often readiness is checked for the `deployd_ready` metric.
 const READINESS_INTERVAL: Duration = Duration::from_secs(15);
 

@@ -67,21 +67,7 @@ struct Rule {
 
 impl Issuer {
     pub fn new(cfg: &OidcConfig) -> Result<Self, String> {
-        crate::install_crypto_provider();
-        let mut http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .https_only(true)
-            .no_proxy();
-        if let Some(path) = &cfg.ca_cert {
-            let pem = super::read_key_file(path)?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("{} is not a PEM CA bundle: {e}", path.display()))?
-            {
-                http = http.add_root_certificate(cert);
-            }
-        }
-        let http = http
-            .build()
+        let http = crate::https_client(cfg.ca_cert.as_deref())
             .map_err(|e| format!("HTTP client for {}: {e}", cfg.jwks_url))?;
         let rules = cfg.rules.iter().map(rule).collect::<Result<Vec<_>, _>>()?;
         let mut audiences: Vec<String> = rules.iter().map(|r| r.audience.clone()).collect();

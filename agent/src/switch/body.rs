@@ -91,14 +91,61 @@ pub(crate) enum Refused {
     Spool,
 }
 
+/// A body read whole into memory: a request body on its way to a
+/// container, or an answer on its way to a client. It holds its share of
+/// `buffer_memory` until it is dropped, once written out.
+pub(crate) struct Whole {
+    bytes: Option<Bytes>,
+    _held: Option<OwnedSemaphorePermit>,
+}
+
+impl Whole {
+    pub fn new(bytes: Option<Bytes>, held: Option<OwnedSemaphorePermit>) -> Self {
+        Self { bytes, _held: held }
+    }
+
+    /// `chunks` as one body: the chunk itself when there is one, else
+    /// joined (`len` bytes in all).
+    fn joined(mut chunks: Vec<Bytes>, len: usize, held: Option<OwnedSemaphorePermit>) -> Self {
+        let bytes = match chunks.len() {
+            0 | 1 => chunks.pop(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(len);
+                for chunk in &chunks {
+                    joined.extend_from_slice(chunk);
+                }
+                Some(joined.freeze())
+            }
+        };
+        Self::new(bytes, held)
+    }
+}
+
+impl Body for Whole {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.get_mut().bytes.take().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
+    }
+}
+
 /// A request body as it goes to a container.
 pub(crate) enum RequestBody {
     Empty,
-    /// Read whole, in memory, which it holds of the budget until it is gone.
-    Full {
-        bytes: Option<Bytes>,
-        _held: Option<OwnedSemaphorePermit>,
-    },
+    /// Read whole, in memory.
+    Full(Whole),
     /// Read whole into a temporary file (already unlinked), read back here
     /// (boxed: the reader is large, and rare).
     Spooled {
@@ -111,9 +158,7 @@ impl std::fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Empty => f.write_str("Empty"),
-            Self::Full { bytes, .. } => {
-                write!(f, "Full({:?} bytes)", bytes.as_ref().map(Bytes::len))
-            }
+            Self::Full(whole) => write!(f, "Full({:?} bytes)", whole.size_hint().exact()),
             Self::Spooled { left, .. } => write!(f, "Spooled({left} bytes left)"),
         }
     }
@@ -129,7 +174,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Full { bytes, .. } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Full(whole) => Pin::new(whole).poll_frame(cx),
             Self::Spooled { chunks, left } => match Pin::new(chunks.as_mut()).poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     *left = left.saturating_sub(chunk.len() as u64);
@@ -145,7 +190,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Empty => true,
-            Self::Full { bytes, .. } => bytes.is_none(),
+            Self::Full(whole) => whole.is_end_stream(),
             Self::Spooled { left, .. } => *left == 0,
         }
     }
@@ -153,9 +198,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Empty => SizeHint::with_exact(0),
-            Self::Full { bytes, .. } => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Full(whole) => whole.size_hint(),
             Self::Spooled { left, .. } => SizeHint::with_exact(*left),
         }
     }
@@ -238,24 +281,11 @@ async fn collect(
                 left: len,
             }
         }
-        None if chunks.is_empty() => RequestBody::Full {
-            bytes: Some(Bytes::new()),
-            _held: held,
-        },
-        None if chunks.len() == 1 => RequestBody::Full {
-            bytes: chunks.pop(),
-            _held: held,
-        },
-        None => {
-            let mut joined = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
-            for chunk in &chunks {
-                joined.extend_from_slice(chunk);
-            }
-            RequestBody::Full {
-                bytes: Some(joined.freeze()),
-                _held: held,
-            }
-        }
+        None => RequestBody::Full(Whole::joined(
+            chunks,
+            usize::try_from(len).unwrap_or(0),
+            held,
+        )),
     };
     Ok((body, len))
 }
@@ -281,12 +311,8 @@ fn spool_failed(e: std::io::Error) -> Refused {
 pub(crate) enum ProxyBody {
     /// Streamed as the container sends it (it streams on purpose).
     Upstream(Tracked),
-    /// Whole: the switch's own answer, or a container's read to its end
-    /// (which holds its bytes of the budget until it is written out).
-    Own {
-        bytes: Option<Bytes>,
-        _held: Option<OwnedSemaphorePermit>,
-    },
+    /// Whole: the switch's own answer, or a container's read to its end.
+    Own(Whole),
     /// A container's answer, read ahead by a task of its own.
     ReadAhead(ReadAhead),
 }
@@ -301,7 +327,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Upstream(tracked) => Pin::new(tracked).poll_frame(cx),
-            Self::Own { bytes, .. } => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Own(whole) => Pin::new(whole).poll_frame(cx),
             Self::ReadAhead(ahead) => ahead.poll(cx),
         }
     }
@@ -309,7 +335,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Upstream(tracked) => tracked.is_end_stream(),
-            Self::Own { bytes, .. } => bytes.is_none(),
+            Self::Own(whole) => whole.is_end_stream(),
             Self::ReadAhead(_) => false,
         }
     }
@@ -317,9 +343,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream(tracked) => tracked.size_hint(),
-            Self::Own { bytes, .. } => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Self::Own(whole) => whole.size_hint(),
             Self::ReadAhead(ahead) => ahead.size_hint,
         }
     }
@@ -432,23 +456,11 @@ pub(crate) fn read_ahead(
     if ended && taken.iter().all(Frame::is_data) {
         drop(body);
         let held = budget.try_take(bytes);
-        let whole = match taken.len() {
-            0 => None,
-            1 => taken.pop().and_then(|f| f.into_data().ok()),
-            _ => {
-                let mut joined = BytesMut::with_capacity(bytes);
-                for frame in &taken {
-                    if let Some(data) = frame.data_ref() {
-                        joined.extend_from_slice(data);
-                    }
-                }
-                Some(joined.freeze())
-            }
-        };
-        return Ok(ProxyBody::Own {
-            bytes: whole,
-            _held: held,
-        });
+        let chunks = taken
+            .into_iter()
+            .filter_map(|f| f.into_data().ok())
+            .collect();
+        return Ok(ProxyBody::Own(Whole::joined(chunks, bytes, held)));
     }
     let size_hint = body.size_hint();
     let limit = u32::try_from(limit).unwrap_or(u32::MAX).max(1);

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{self, BodyLimits, ProxyBody, Refused, RequestBody, Tracked};
+use super::body::{self, BodyLimits, ProxyBody, Refused, RequestBody, Tracked, Whole};
 use super::headers::{self, ConnectionHeaders, HeadLimits};
 use super::pool::Conn;
 use super::route::{Backend, InFlight, Refusal, Route, Shortfall, UpstreamError};
@@ -303,13 +303,7 @@ impl Proxy {
                 backend.cancel.clone(),
             ));
             let (parts, _) = resp.into_parts();
-            return Response::from_parts(
-                parts,
-                ProxyBody::Own {
-                    bytes: None,
-                    _held: None,
-                },
-            );
+            return Response::from_parts(parts, ProxyBody::Own(Whole::new(None, None)));
         }
         let (mut parts, body) = resp.into_parts();
         let streams = headers::streams_on_purpose(&parts.headers);
@@ -387,10 +381,10 @@ fn closing(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
 
 /// A short plain-text answer from the switch itself.
 pub(crate) fn answer(status: StatusCode, message: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Own {
-        bytes: Some(Bytes::from_static(message.as_bytes())),
-        _held: None,
-    });
+    let mut response = Response::new(ProxyBody::Own(Whole::new(
+        Some(Bytes::from_static(message.as_bytes())),
+        None,
+    )));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -29,6 +29,12 @@ use crate::switch::{HeadLimits, check_head};
 #[derive(Debug, Clone)]
 pub(super) struct Authenticated(pub Principal);
 
+/// What a request was, as its audit record says: method and (cut) path.
+/// Made only for a request that gets a record.
+fn action(method: &Method, path: &str) -> String {
+    format!("{method} {}", audit::cut_path(path))
+}
+
 /// Whether a path is behind a token.
 fn guarded(path: &str) -> bool {
     path == "/metrics" || path == "/v1" || path.starts_with("/v1/")
@@ -43,10 +49,10 @@ pub(super) async fn admit(
 ) -> Response {
     let source = audit::client_addr_in(request.extensions());
     let path = request.uri().path().to_owned();
-    let action = format!("{} {}", request.method(), audit::cut_path(&path));
-    if let Err(too_large) = check_head(request.method(), request.uri(), request.headers(), head) {
+    let method = request.method().clone();
+    if let Err(too_large) = check_head(&method, request.uri(), request.headers(), head) {
         let refusal = ApiError::new(too_large.status(), "header_too_large", too_large.message());
-        return refuse(&state, source, &action, refusal);
+        return refuse(&state, source, &action(&method, &path), refusal);
     }
     if !guarded(&path) {
         return next.run(request).await;
@@ -59,10 +65,9 @@ pub(super) async fn admit(
         Ok(principal) => principal,
         Err(e) => {
             tracing::info!(reason = %e, source = ?source, "authentication failed");
-            return refuse(&state, source, &action, e.into());
+            return refuse(&state, source, &action(&method, &path), e.into());
         }
     };
-    let method = request.method().clone();
     request
         .extensions_mut()
         .insert(Authenticated(principal.clone()));
@@ -114,8 +119,7 @@ fn record(
     } else {
         "refused"
     };
-    let action = format!("{method} {}", audit::cut_path(path));
-    let mut entry = audit::record(Some(who), source, &action, outcome);
+    let mut entry = audit::record(Some(who), source, &action(method, path), outcome);
     let segments: Vec<&str> = path.split('/').collect();
     if let ["", "v1", "apps", app, ..] = segments.as_slice() {
         entry.app = Some(audit::cut_path(app));

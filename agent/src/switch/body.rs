@@ -434,7 +434,9 @@ pub(crate) fn read_ahead(
     if budget.left() < limit {
         return Ok(ProxyBody::Upstream(body));
     }
-    let mut taken: Vec<Frame<Bytes>> = Vec::new();
+    // Data taken so far, and trailers (an answer's last frame, if any).
+    let mut taken: Vec<Bytes> = Vec::new();
+    let mut trailers = None;
     let mut bytes = 0usize;
     let ended = loop {
         if body.is_end_stream() {
@@ -444,24 +446,24 @@ pub(crate) fn read_ahead(
             break false;
         }
         match body.frame().now_or_never() {
-            Some(Some(Ok(frame))) => {
-                bytes += frame.data_ref().map_or(0, Bytes::len);
-                taken.push(frame);
-            }
+            Some(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    bytes += data.len();
+                    taken.push(data);
+                }
+                Err(frame) => trailers = Some(frame),
+            },
             Some(Some(Err(e))) => return Err(e),
             Some(None) => break true,
             None => break false,
         }
     };
-    if ended && taken.iter().all(Frame::is_data) {
+    if ended && trailers.is_none() {
         drop(body);
         let held = budget.try_take(bytes);
-        let chunks = taken
-            .into_iter()
-            .filter_map(|f| f.into_data().ok())
-            .collect();
-        return Ok(ProxyBody::Own(Whole::joined(chunks, bytes, held)));
+        return Ok(ProxyBody::Own(Whole::joined(taken, bytes, held)));
     }
+    let taken = taken.into_iter().map(Frame::data).chain(trailers).collect();
     let size_hint = body.size_hint();
     let limit = u32::try_from(limit).unwrap_or(u32::MAX).max(1);
     let room = Arc::new(Semaphore::new(limit as usize));

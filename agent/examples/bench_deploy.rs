@@ -72,6 +72,7 @@ async fn main() {
                 reason: None,
                 requested_by: "bench".into(),
                 digest: None,
+                skip_tasks: false,
             };
             let started = Instant::now();
             let id = engine.deploy(request).await.unwrap().id;

@@ -7,16 +7,17 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
 mod api;
+mod app;
 mod switch;
 
 pub use api::{
     ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, PROJECT_CLAIMS, RuleConfig,
 };
+pub use app::{AppConfig, EnvVars, HealthConfig, Role, ServiceConfig, TaskConfig, TaskPhase};
 pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
@@ -136,130 +137,18 @@ fn default_switch_threads() -> usize {
     1
 }
 
-/// One app: its image, its secrets, its release tasks and its services.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppConfig {
-    /// Image repository including the registry host; releases are tagged
-    /// with their commit sha.
-    pub image: String,
-    /// JSON file with `{"username": ..., "password": ...}` for the registry.
-    pub registry_auth_file: Option<PathBuf>,
-    /// Env file (Docker's `--env-file` format) given to every container.
-    pub env_file: Option<PathBuf>,
-    /// Existing Docker network the containers join (where db and redis live).
-    pub network: Option<String>,
-    /// Volumes mounted into every container, `name:/path[:ro]`.
-    #[serde(default)]
-    pub volumes: Vec<String>,
-    /// One-off tasks run in order, in the new image, before any service changes.
-    #[serde(default)]
-    pub release: Vec<TaskConfig>,
-    /// Long-running services by name (`web`, `worker`, `beat`, ...).
-    pub services: BTreeMap<String, ServiceConfig>,
-    /// Order services are rolled in. Default: web, worker, beat, then the
-    /// rest by name.
-    pub order: Option<Vec<String>>,
-    /// How long to keep checking health after the roll; a failure in this
-    /// window rolls back like any other. Default: 10 s.
-    #[serde(default = "default_verify", with = "humantime_serde")]
-    pub verify: Duration,
-    /// Releases whose images are kept for rollback. Default: 5.
-    #[serde(default = "default_retain")]
-    pub retain: usize,
-    /// The traffic switch on the app's public address; absent, it is off
-    /// and web containers are only published on ephemeral local ports.
-    pub switch: Option<SwitchConfig>,
-}
-
-/// A release task such as `migrate`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskConfig {
-    /// Short name shown in progress and history.
-    pub name: String,
-    /// Replaces the image's CMD; the ENTRYPOINT is kept.
-    pub command: Vec<String>,
-    /// Longest the task may run. Default: 10 min.
-    #[serde(default = "default_task_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-/// How a service is rolled, from its role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Start-first, gated on the HTTP health check.
-    Web,
-    /// Overlapping: new ones must stay up, old ones then drain.
-    Worker,
-    /// Strict singleton: the old one exits before the new one starts.
-    Beat,
-}
-
-/// One service of an app.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceConfig {
-    /// Defaults to the service's name when that is `web`, `worker` or `beat`.
-    pub role: Option<Role>,
-    /// Replaces the image's CMD. Default: the image's CMD.
-    pub command: Option<Vec<String>>,
-    /// Container port to publish (on an ephemeral 127.0.0.1 port). Web only.
-    pub port: Option<u16>,
-    /// Containers to run. Default: 1.
-    #[serde(default = "default_replicas")]
-    pub replicas: u32,
-    /// HTTP health check. Required for web.
-    pub health: Option<HealthConfig>,
-    /// Grace after SIGTERM before SIGKILL. Default: 30 s.
-    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
-    pub stop_timeout: Duration,
-    /// Never two at once, not even during a roll. Implied (and required) for beat.
-    #[serde(default)]
-    pub singleton: bool,
-    /// How long a new container must keep running to count as up, when its
-    /// image has no HEALTHCHECK. Default: 5 s.
-    #[serde(default = "default_min_healthy", with = "humantime_serde")]
-    pub min_healthy: Duration,
-}
-
-/// The HTTP check a web container must pass.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// Path to GET, e.g. `/healthz/`; 200 means healthy.
-    pub path: String,
-    /// Host header to send (Django's ALLOWED_HOSTS refuses others).
-    pub host: String,
-    /// How long a new container may take to become healthy. Default: 60 s.
-    #[serde(default = "default_health_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/deployd")
 }
-fn default_verify() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_retain() -> usize {
-    5
-}
-fn default_task_timeout() -> Duration {
-    Duration::from_secs(600)
-}
-fn default_replicas() -> u32 {
-    1
-}
-fn default_stop_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_min_healthy() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_health_timeout() -> Duration {
-    Duration::from_secs(60)
+
+/// Names end up in container names and labels: keep them plain.
+pub(super) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 /// One thing wrong with a configuration, at a key path.
@@ -386,207 +275,10 @@ impl Problems {
     }
 }
 
-/// Names end up in container names and labels: keep them plain.
-fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-}
-
-impl AppConfig {
-    fn validate(&self, at: &str, name: &str, problems: &mut Problems) {
-        if !is_plain_name(name) {
-            problems.add(
-                at,
-                "app names are 1-32 of a-z, 0-9 and -, starting with a letter",
-            );
-        }
-        let repository_host = self.image.split_once('/').map(|(host, _)| host);
-        if !repository_host.is_some_and(|h| h.contains(['.', ':']) || h == "localhost") {
-            problems.add(
-                format!("{at}.image"),
-                "must name the registry host, e.g. registry.example.com/shop",
-            );
-        }
-        if self.image.contains(['@', ' '])
-            || self
-                .image
-                .rsplit('/')
-                .next()
-                .is_some_and(|last| last.contains(':'))
-        {
-            problems.add(
-                format!("{at}.image"),
-                "a repository without tag or digest: the sha is the tag",
-            );
-        }
-        let mut task_names = Vec::new();
-        for (i, task) in self.release.iter().enumerate() {
-            let path = format!("{at}.release[{i}]");
-            if !is_plain_name(&task.name) {
-                problems.add(
-                    format!("{path}.name"),
-                    "task names are 1-32 of a-z, 0-9 and -",
-                );
-            } else if task_names.contains(&&task.name) {
-                problems.add(format!("{path}.name"), "task names must be unique");
-            }
-            task_names.push(&task.name);
-            if task.command.is_empty() {
-                problems.add(format!("{path}.command"), "must not be empty");
-            }
-        }
-        if self.services.is_empty() {
-            problems.add(
-                format!("{at}.services"),
-                "an app needs at least one service",
-            );
-        }
-        for (service, config) in &self.services {
-            let path = format!("{at}.services.{service}");
-            if !is_plain_name(service) {
-                problems.add(&path, "service names are 1-32 of a-z, 0-9 and -");
-            }
-            config.validate(&path, service, problems);
-        }
-        if let Some(order) = &self.order {
-            for (i, service) in order.iter().enumerate() {
-                if !self.services.contains_key(service) {
-                    problems.add(format!("{at}.order[{i}]"), "names no configured service");
-                } else if order[..i].contains(service) {
-                    problems.add(format!("{at}.order[{i}]"), "names a service twice");
-                }
-            }
-            for service in self.services.keys() {
-                if !order.contains(service) {
-                    problems.add(
-                        format!("{at}.order"),
-                        format!("must list every service; {service} is missing"),
-                    );
-                }
-            }
-        }
-        if let Some(switch) = &self.switch {
-            let at = format!("{at}.switch");
-            switch.validate(&at, problems);
-            let web = self
-                .services
-                .iter()
-                .filter(|(name, cfg)| cfg.role_of(name) == Some(Role::Web))
-                .count();
-            if web != 1 {
-                problems.add(at, "the switch sends traffic to exactly one web service");
-            }
-        }
-        if self.retain < 2 {
-            problems.add(
-                format!("{at}.retain"),
-                "keep at least 2 releases: the current and the previous",
-            );
-        }
-    }
-
-    /// The web service the switch sends traffic to, if the switch is on.
-    pub fn switched_service(&self) -> Option<(&str, &ServiceConfig)> {
-        self.switch.as_ref()?;
-        self.services
-            .iter()
-            .find(|(name, cfg)| cfg.role_of(name) == Some(Role::Web))
-            .map(|(name, cfg)| (name.as_str(), cfg))
-    }
-
-    /// Services in the order they are rolled.
-    pub fn roll_order(&self) -> Vec<String> {
-        if let Some(order) = &self.order {
-            return order.clone();
-        }
-        let rank = |name: &str| match name {
-            "web" => 0,
-            "worker" => 1,
-            "beat" => 2,
-            _ => 3,
-        };
-        let mut names: Vec<String> = self.services.keys().cloned().collect();
-        names.sort_by_key(|n| (rank(n), n.clone()));
-        names
-    }
-}
-
-impl ServiceConfig {
-    /// The role: explicit, or the service's name.
-    pub fn role_of(&self, name: &str) -> Option<Role> {
-        self.role.or(match name {
-            "web" => Some(Role::Web),
-            "worker" => Some(Role::Worker),
-            "beat" => Some(Role::Beat),
-            _ => None,
-        })
-    }
-
-    /// Whether at most one container may ever run.
-    pub fn is_singleton(&self, name: &str) -> bool {
-        self.singleton || self.role_of(name) == Some(Role::Beat)
-    }
-
-    fn validate(&self, at: &str, name: &str, problems: &mut Problems) {
-        let Some(role) = self.role_of(name) else {
-            problems.add(
-                format!("{at}.role"),
-                "required unless the service is named web, worker or beat",
-            );
-            return;
-        };
-        if self.command.as_ref().is_some_and(Vec::is_empty) {
-            problems.add(
-                format!("{at}.command"),
-                "must not be empty (omit it to use the image's CMD)",
-            );
-        }
-        if self.replicas == 0 {
-            problems.add(format!("{at}.replicas"), "must be at least 1");
-        }
-        if self.is_singleton(name) && self.replicas != 1 {
-            problems.add(
-                format!("{at}.replicas"),
-                "a singleton runs exactly one container",
-            );
-        }
-        match role {
-            Role::Web => {
-                if self.port.is_none() {
-                    problems.add(format!("{at}.port"), "web needs the port it listens on");
-                }
-                match &self.health {
-                    None => problems.add(format!("{at}.health"), "web needs a health check"),
-                    Some(h) if !h.path.starts_with('/') => {
-                        problems.add(format!("{at}.health.path"), "must start with /")
-                    }
-                    Some(h) if h.host.is_empty() || h.host.contains(['/', ' ']) => {
-                        problems.add(format!("{at}.health.host"), "must be a host name")
-                    }
-                    Some(_) => {}
-                }
-                if self.singleton {
-                    problems.add(
-                        format!("{at}.singleton"),
-                        "web is rolled start-first and cannot be a singleton",
-                    );
-                }
-            }
-            Role::Worker | Role::Beat => {
-                if self.port.is_some() || self.health.is_some() {
-                    problems.add(at, "port and health are for web services only");
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -748,5 +440,70 @@ mod tests {
         let text = "[apps.shop]\nimage = \"r.example/shop\"\nverify = \"ten seconds\"\n[apps.shop.services.worker]\n";
         let err = Config::from_toml(text).unwrap_err();
         assert!(err.to_string().contains("verify"), "{err}");
+    }
+
+    #[test]
+    fn env_names_and_health_headers_keep_their_case() {
+        let text = r#"
+            [apps.shop]
+            image = "r.example/shop"
+            env = { DJANGO_SETTINGS_MODULE = "config.settings.prod" }
+            [[apps.shop.release]]
+            name = "check"
+            command = ["python", "manage.py", "check"]
+            on = ["deploy"]
+            env = { Mixed_Case = "1" }
+            [apps.shop.services.web]
+            port = 8000
+            health = { path = "/healthz/", host = "shop.example", headers = { "X-Forwarded-Proto" = "https" }, expect = [200, 204] }
+            env = { WEB_CONCURRENCY = "4" }
+            [apps.shop.services.worker]
+        "#;
+        let config = Config::from_toml(text).unwrap();
+        let shop = &config.apps["shop"];
+        assert!(shop.env.0.contains_key("DJANGO_SETTINGS_MODULE"));
+        assert!(shop.release[0].env.0.contains_key("Mixed_Case"));
+        assert!(shop.release[0].runs_in(deployd_proto::DeploymentKind::Deploy));
+        assert!(!shop.release[0].runs_in(deployd_proto::DeploymentKind::Rollback));
+        let web = &shop.services["web"];
+        assert!(web.env.0.contains_key("WEB_CONCURRENCY"));
+        let health = web.health.as_ref().unwrap();
+        assert_eq!(health.headers["X-Forwarded-Proto"], "https");
+        assert!(health.accepts(204) && !health.accepts(301));
+        // Values may be secrets: Debug names the variables only.
+        assert_eq!(format!("{:?}", web.env), r#"{"WEB_CONCURRENCY"}"#);
+    }
+
+    #[test]
+    fn bad_env_names_health_headers_and_statuses_are_refused() {
+        let text = r#"
+            [apps.shop]
+            image = "r.example/shop"
+            env = { "A=B" = "1" }
+            [[apps.shop.release]]
+            name = "check"
+            command = ["python"]
+            on = []
+            [apps.shop.services.web]
+            port = 8000
+            health = { path = "/healthz/", host = "shop.example", headers = { "Bad Name" = "x", Host = "other", "X-Ok" = "a\u0001b" }, expect = [] }
+            [apps.shop.services.worker]
+            health = { path = "/", host = "h", expect = [99] }
+        "#;
+        let err = Config::from_toml(text).unwrap_err();
+        let problems: Vec<String> = err.0.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            problems,
+            [
+                "apps.shop.release[0].on: name when the task runs: deploy, rollback or both",
+                "apps.shop.env: \"A=B\" is not a variable name (A-Z, a-z, 0-9, _)",
+                "apps.shop.services.web.health.headers.Bad Name: is not a header name",
+                "apps.shop.services.web.health.headers.Host: the Host header is set by health.host",
+                "apps.shop.services.web.health.headers.X-Ok: is not a header value",
+                "apps.shop.services.web.health.expect: name at least one status",
+                "apps.shop.services.worker: port and health are for web services only",
+            ],
+            "{err}"
+        );
     }
 }

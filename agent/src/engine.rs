@@ -4,6 +4,7 @@
 //! app has a deployment running) and starts each deployment in a task of its
 //! own. Progress goes to the store first, then to live subscribers.
 
+mod common;
 mod health;
 mod observed;
 mod recover;
@@ -56,6 +57,8 @@ pub struct DeployRequest {
     /// Deploy exactly this image digest of the sha (rollbacks: what ran
     /// then, even if the tag was moved since).
     pub digest: Option<String>,
+    /// Run no release task (rollbacks only).
+    pub skip_tasks: bool,
 }
 
 /// Why the engine refused a request.
@@ -105,7 +108,7 @@ impl EngineError {
 pub(crate) struct Ctx {
     docker: Docker,
     store: Store,
-    http: reqwest::Client,
+    health: health::HealthCheck,
     events: broadcast::Sender<(DeploymentId, DeploymentEvent)>,
     freeze: Option<Freeze>,
     /// What runs, kept current for status.
@@ -209,15 +212,12 @@ impl EngineHandle {
         crate::install_crypto_provider();
         // Health checks are plain HTTP to containers: no TLS roots needed,
         // so none are loaded (a host without ca-certificates works too).
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .tls_certs_only(std::iter::empty())
-            .build()
-            .map_err(|e| EngineError::HttpClient(e.to_string()))?;
+        let health =
+            health::HealthCheck::new().map_err(|e| EngineError::HttpClient(e.to_string()))?;
         let ctx = Arc::new(Ctx {
             docker,
             store,
-            http,
+            health,
             events,
             freeze,
             observed: observed::Observed::default(),
@@ -351,6 +351,7 @@ impl EngineHandle {
         to: Option<CommitSha>,
         requested_by: &str,
         reason: Option<String>,
+        skip_tasks: bool,
     ) -> Result<Deployment, EngineError> {
         let cfg = self
             .apps
@@ -375,6 +376,7 @@ impl EngineHandle {
             reason,
             requested_by: requested_by.to_owned(),
             digest: Some(target.digest.clone()),
+            skip_tasks,
         };
         self.submit(request, DeploymentKind::Rollback).await
     }
@@ -498,6 +500,26 @@ impl Engine {
             });
         }
         let live = self.ctx.store.live_release(&request.app)?;
+        // A rollback leaves the schema as it is: say which migrations the
+        // release it goes back to did not see when it last ran.
+        let migrations_kept = match (kind, &request.digest) {
+            (DeploymentKind::Rollback, Some(digest)) => {
+                let target = self
+                    .ctx
+                    .store
+                    .live_releases(&request.app, app.retain)?
+                    .into_iter()
+                    .find(|r| r.sha == request.sha && &r.digest == digest);
+                match target {
+                    Some(target) => self
+                        .ctx
+                        .store
+                        .migrations_after(&request.app, &target.deployment)?,
+                    None => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        };
         let deployment = Deployment {
             id: DeploymentId(uuid::Uuid::now_v7().to_string()),
             app: request.app.clone(),
@@ -511,6 +533,8 @@ impl Engine {
             state: DeploymentState::Queued,
             error: None,
             migrations: Vec::new(),
+            migrations_kept,
+            skip_tasks: request.skip_tasks,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

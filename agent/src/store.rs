@@ -80,7 +80,7 @@ pub struct Release {
 
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
@@ -139,6 +139,13 @@ CREATE TABLE audit_forwarded (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL
 );
+";
+
+/// Rollbacks record the migrations that stay applied, and whether release
+/// tasks were skipped.
+const SCHEMA_V4: &str = "
+ALTER TABLE deployments ADD COLUMN migrations_kept TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE deployments ADD COLUMN skip_tasks INTEGER NOT NULL DEFAULT 0;
 ";
 
 fn enum_text<T: serde::Serialize>(value: T) -> String {
@@ -227,8 +234,9 @@ impl Store {
     pub fn insert(&self, d: &Deployment) -> Result<(), StoreError> {
         self.conn_changing().execute(
             "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
-                reason, force, state, error, migrations, created_at, finished_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                reason, force, state, error, migrations, created_at, finished_at,
+                migrations_kept, skip_tasks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 d.id.0,
                 d.app,
@@ -244,6 +252,8 @@ impl Store {
                 serde_json::to_string(&d.migrations).unwrap_or_else(|_| "[]".into()),
                 rfc3339(d.created_at),
                 d.finished_at.map(rfc3339),
+                serde_json::to_string(&d.migrations_kept).unwrap_or_else(|_| "[]".into()),
+                d.skip_tasks,
             ],
         )?;
         Ok(())
@@ -474,6 +484,32 @@ impl Store {
             .collect()
     }
 
+    /// Migrations the app's deployments after `after` applied, in order.
+    pub fn migrations_after(
+        &self,
+        app: &str,
+        after: &DeploymentId,
+    ) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT migrations FROM deployments WHERE app = ?1 AND id > ?2 ORDER BY id",
+        )?;
+        let lists = stmt
+            .query_map(params![app, after.0], |row| row.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut all: Vec<String> = Vec::new();
+        for list in lists {
+            let applied: Vec<String> =
+                serde_json::from_str(&list).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            for name in applied {
+                if !all.contains(&name) {
+                    all.push(name);
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// Every release image deployd pulled for an app: (sha, digest) pairs.
     pub fn pulled(&self, app: &str) -> Result<Vec<(String, String)>, StoreError> {
         let conn = self.conn();
@@ -540,7 +576,8 @@ impl Store {
 }
 
 const COLUMNS: &str = "id, app, kind, sha, digest, previous_sha, requested_by, reason, force, \
-                       state, error, migrations, created_at, finished_at";
+                       state, error, migrations, created_at, finished_at, migrations_kept, \
+                       skip_tasks";
 
 /// A `deployments` row as stored.
 struct Row {
@@ -558,6 +595,8 @@ struct Row {
     migrations: String,
     created_at: String,
     finished_at: Option<String>,
+    migrations_kept: String,
+    skip_tasks: bool,
 }
 
 impl Row {
@@ -577,6 +616,8 @@ impl Row {
             migrations: row.get(11)?,
             created_at: row.get(12)?,
             finished_at: row.get(13)?,
+            migrations_kept: row.get(14)?,
+            skip_tasks: row.get(15)?,
         })
     }
 
@@ -599,6 +640,9 @@ impl Row {
             error: self.error,
             migrations: serde_json::from_str(&self.migrations)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            migrations_kept: serde_json::from_str(&self.migrations_kept)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            skip_tasks: self.skip_tasks,
             steps: Vec::new(),
             created_at: parse_time(&self.created_at)?,
             finished_at: self.finished_at.as_deref().map(parse_time).transpose()?,
@@ -654,6 +698,8 @@ mod tests {
             state: DeploymentState::Running,
             error: None,
             migrations: Vec::new(),
+            migrations_kept: Vec::new(),
+            skip_tasks: false,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

@@ -11,7 +11,10 @@ use deployd::config::Config;
 use deployd::docker::{ContainerSpec, ImageRef};
 use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
 use deployd::store::Store;
-use deployd_proto::{CommitSha, ContainerPhase, Deployment, DeploymentState};
+use deployd::switch::{Routes, Serving, Switch};
+use deployd_proto::{
+    CommitSha, ContainerPhase, Deployment, DeploymentId, DeploymentState, EventKind,
+};
 use reqwest::header::HOST;
 use support::{Scope, Tuning, app_config, poll, scoped};
 
@@ -59,6 +62,7 @@ impl Agent {
             reason: Some(format!("test {variant}")),
             requested_by: "engine-test".into(),
             digest: None,
+            skip_tasks: false,
         }
     }
 
@@ -268,7 +272,7 @@ async fn deploy_broken(
     variant: &str,
     expected: DeploymentState,
     cause: &str,
-) {
+) -> Deployment {
     let d = agent.deploy(scope, variant).await;
     assert_eq!(d.state, expected, "{variant}: {d:#?}");
     let error = d.error.clone().unwrap_or_default();
@@ -276,6 +280,21 @@ async fn deploy_broken(
     settles_on(scope, &scope.app(), "release-1").await;
     let health = get(scope, "/healthz/").await;
     assert_eq!(health.status(), reqwest::StatusCode::OK, "{variant}");
+    d
+}
+
+/// The output lines a deployment recorded for `step`.
+fn outputs(engine: &EngineHandle, id: &DeploymentId, step: &str) -> Vec<String> {
+    engine
+        .store()
+        .events(id, 0)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Output { step: s, line } if s == step => Some(line),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -305,14 +324,22 @@ async fn failures_before_the_switch_leave_the_running_release_alone() {
             "{d:#?}"
         );
 
-        deploy_broken(
+        let failed = deploy_broken(
             &scope,
             &agent,
             "migrate-fails",
             DeploymentState::Failed,
+            // Migration 0002 applied before 0003 raised: the message says
+            // so, and never that nothing was changed.
             "release task migrate exited with 1",
         )
         .await;
+        let error = failed.error.unwrap();
+        assert!(
+            error.contains("migrations applied, which stay applied: shop.0002_heartbeat_queue"),
+            "{error}"
+        );
+        assert!(!error.contains("nothing running was changed"), "{error}");
         deploy_broken(
             &scope,
             &agent,
@@ -408,17 +435,52 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .unwrap();
         let back = agent
             .engine
-            .rollback(&agent.app, None, "ops", Some("test".into()))
+            .rollback(&agent.app, None, "ops", Some("test".into()), false)
             .await
             .unwrap();
         let back = agent.engine.wait(&back.id).await.unwrap();
         assert_eq!(back.state, DeploymentState::Succeeded, "{back:#?}");
         assert_eq!(back.digest, first.digest);
+        // `check` runs on deploy only; the rollback says which migrations
+        // release 1 never saw and stay applied.
+        let steps: Vec<&str> = back.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            steps[..4],
+            ["prepare", "pull", "task:migrate", "task:collectstatic"],
+            "{back:#?}"
+        );
+        assert_eq!(back.migrations_kept, ["shop.0002_heartbeat_queue"]);
+        let skipped = outputs(&agent.engine, &back.id, "task:check");
+        assert_eq!(
+            skipped,
+            ["skipped: it runs on deploy only (on = [\"deploy\"])"]
+        );
         settles_on(&scope, &scope.app(), "release-1").await;
         let app = agent.app.as_str();
         for c in scope.docker.containers(&[(label::APP, app)]).await.unwrap() {
             assert_eq!(c.labels.get(label::DIGEST), first.digest.as_ref(), "{c:?}");
         }
+
+        // An emergency rollback runs no release task at all.
+        let forth = agent
+            .engine
+            .rollback(
+                &agent.app,
+                Some(scope.bed.sha("release-2")),
+                "ops",
+                None,
+                true,
+            )
+            .await
+            .unwrap();
+        let forth = agent.engine.wait(&forth.id).await.unwrap();
+        assert_eq!(forth.state, DeploymentState::Succeeded, "{forth:#?}");
+        assert!(forth.skip_tasks);
+        assert!(
+            forth.steps.iter().all(|s| !s.name.starts_with("task:")),
+            "{forth:#?}"
+        );
+        settles_on(&scope, &scope.app(), "release-2").await;
 
         // A locked app refuses deployments until unlocked.
         agent
@@ -596,6 +658,7 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
             reason: None,
             requested_by: "engine-test".into(),
             digest: None,
+            skip_tasks: false,
         };
         let (r1, r2) = (scope.bed.sha("release-1"), scope.bed.sha("release-2"));
 
@@ -622,14 +685,14 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         // from rollback's reach; a release that never went live never was.
         for sha in [r1.clone(), scope.bed.sha("healthz-500")] {
             let err = engine
-                .rollback(&a, Some(sha), "ops", None)
+                .rollback(&a, Some(sha), "ops", None, false)
                 .await
                 .unwrap_err();
             assert!(matches!(err, EngineError::UnknownRelease { .. }), "{err:?}");
             assert!(err.to_string().contains("kept for rollback"), "{err}");
         }
         let back = engine
-            .rollback(&a, Some(r2.clone()), "ops", Some("named".into()))
+            .rollback(&a, Some(r2.clone()), "ops", Some("named".into()), false)
             .await
             .unwrap();
         let back = engine.wait(&back.id).await.unwrap();
@@ -678,4 +741,149 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         settles_on(&scope, &a, "release-2").await;
     })
     .await;
+}
+
+/// The sample app redirects plain HTTP to HTTPS (`SECURE_SSL_REDIRECT`), as
+/// real projects do. A health check that does not say it came through the
+/// TLS proxy is answered with that redirect: the deployment fails naming
+/// the 301 and where it points, never "connection refused". A first
+/// deployment that fails after the switch sent it traffic leaves the switch
+/// answering 503, not routing to removed containers. Every failure names
+/// the migrations it applied. Per-service env reaches that service only.
+#[tokio::test]
+async fn first_deployments_say_what_they_changed() {
+    scoped(|scope| async move {
+        let state = tempfile::tempdir().unwrap();
+        let repository = scope.publish_releases().await;
+        let app = scope.app();
+        let section = app_config(&scope, &app, &repository, Tuning::TEST);
+        let switched = |section: &str| {
+            format!(
+                "state_dir = \"{}\"\n{section}\n[apps.{app}.switch]\nlisten = \"127.0.0.1:0\"\ntrust_forwarded_headers = true\n",
+                state.path().display()
+            )
+        };
+        let plain_health = section
+            .replace(r#"headers = { "X-Forwarded-Proto" = "https" }, "#, "")
+            .replace(r#"timeout = "45s""#, r#"timeout = "30s""#);
+        assert_ne!(plain_health, section);
+        let request = |variant: &str| DeployRequest {
+            app: app.clone(),
+            sha: scope.bed.sha(variant),
+            force: false,
+            reason: None,
+            requested_by: "engine-test".into(),
+            digest: None,
+            skip_tasks: false,
+        };
+        let (engine, serving) = switched_engine(&scope, state.path(), &switched(&plain_health)).await;
+        scope.start_db().await;
+        scope.start_redis().await;
+
+        let d = deployed(&engine, request("release-1")).await;
+        assert_eq!(d.state, DeploymentState::Failed, "{d:#?}");
+        let error = d.error.unwrap();
+        assert!(
+            error.contains("not healthy within 30 s: GET /healthz/ (Host: ")
+                && error.contains(" answered HTTP 301 Location: https://"),
+            "{error}"
+        );
+        assert!(error.contains(r#"health.headers = { "X-Forwarded-Proto" = "https" }"#));
+        assert!(
+            error.contains("migrations applied, which stay applied: ")
+                && error.contains("shop.0001_initial"),
+            "{error}"
+        );
+        assert!(!error.contains("nothing running was changed"), "{error}");
+        assert!(running(&scope).await.is_empty());
+        drop((engine, serving));
+
+        // With the header the proxy sets, the same app is healthy; its
+        // worker then crashes, after the switch sent traffic to web.
+        let (engine, serving) = switched_engine(&scope, state.path(), &switched(&section)).await;
+        let public = serving.addr(&app).unwrap();
+        let d = deployed(&engine, request("worker-crash")).await;
+        assert_eq!(d.state, DeploymentState::Failed, "{d:#?}");
+        let error = d.error.unwrap();
+        assert!(
+            error.contains("the switch now answers 503")
+                && error.contains("migrations applied, which stay applied: shop.0002_heartbeat_queue"),
+            "{error}"
+        );
+        let healthy = outputs(&engine, &d.id, "roll:web");
+        assert!(
+            healthy.iter().any(|l| l.contains("healthy after")
+                && l.contains("X-Forwarded-Proto: https")
+                && l.contains("answered HTTP 200")),
+            "{healthy:?}"
+        );
+        let discard = outputs(&engine, &d.id, "discard");
+        assert!(
+            discard.iter().any(|l| l.starts_with("traffic switched to nothing")),
+            "{discard:?}"
+        );
+        assert!(running(&scope).await.is_empty());
+        let answer = reqwest::Client::new()
+            .get(format!("http://{public}/release/"))
+            .header(HOST, scope.bed.app_host())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.text().await.unwrap(), "no web container is live");
+
+        // A good release: the worker's own env reaches the worker alone.
+        let d = deployed(&engine, request("release-2")).await;
+        assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
+        for c in scope
+            .docker
+            .containers(&[(label::APP, app.as_str())])
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.running)
+        {
+            let env = container_env(&c.id);
+            let service = &c.labels[label::SERVICE];
+            let has = env.iter().any(|e| e == "SHOP_SERVICE_ENV=worker only");
+            assert_eq!(has, service == "worker", "{service}: {env:?}");
+            // The app's env file reaches every one of them.
+            assert!(env.iter().any(|e| e.starts_with("DATABASE_URL=")), "{service}");
+        }
+        let answer = reqwest::Client::new()
+            .get(format!("http://{public}/release/"))
+            .header(HOST, scope.bed.app_host())
+            .header("X-Forwarded-Proto", "https")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    })
+    .await;
+}
+
+/// An engine and its switch for `text`, on the store in `state_dir`.
+async fn switched_engine(
+    scope: &Scope,
+    state_dir: &std::path::Path,
+    text: &str,
+) -> (EngineHandle, Serving) {
+    let config = Config::from_toml(text).unwrap();
+    let routes = Routes::for_config(&config);
+    let serving = Switch::bind(&config, &routes).unwrap().serve().unwrap();
+    let store = Store::open(state_dir).unwrap();
+    let engine = EngineHandle::start_routed(&config, scope.docker.clone(), store, routes)
+        .await
+        .unwrap();
+    (engine, serving)
+}
+
+/// A container's environment, as Docker holds it.
+fn container_env(id: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "--format", "{{json .Config.Env}}", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker inspect {id}");
+    serde_json::from_slice(&out.stdout).unwrap()
 }

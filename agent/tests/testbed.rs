@@ -187,14 +187,20 @@ async fn one_off_timeout_kills_and_removes_the_container() {
 }
 
 #[tokio::test]
-async fn web_answers_healthz_only_for_its_own_host() {
+async fn web_answers_healthz_only_for_its_own_host_over_https() {
     scoped(|scope| async move {
         let pulled = scope.pull("release-1").await;
         scope.start_db().await;
+        scope.start_redis().await;
         let base = start_web(&scope, &pulled.pinned).await;
-        let http = reqwest::Client::new();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
         let healthz = format!("{base}/healthz/");
 
+        // As the TLS proxy in front forwards it: the database and the broker
+        // are checked.
         let body = poll(
             "web to answer /healthz/",
             Duration::from_secs(60),
@@ -202,6 +208,7 @@ async fn web_answers_healthz_only_for_its_own_host() {
                 let response = http
                     .get(&healthz)
                     .header(HOST, scope.bed.app_host())
+                    .header("X-Forwarded-Proto", "https")
                     .send()
                     .await
                     .ok()?;
@@ -209,7 +216,24 @@ async fn web_answers_healthz_only_for_its_own_host() {
             },
         )
         .await;
-        assert_eq!(body, r#"{"status": "ok"}"#);
+        assert_eq!(
+            body,
+            r#"{"status": "ok", "database": "ok", "broker": "ok"}"#
+        );
+
+        // Plain HTTP is redirected to HTTPS (SECURE_SSL_REDIRECT), nothing exempted.
+        let response = http
+            .get(&healthz)
+            .header(HOST, scope.bed.app_host())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+        let location = response.headers()["location"].to_str().unwrap();
+        assert_eq!(
+            location,
+            format!("https://{}/healthz/", scope.bed.app_host())
+        );
 
         // Without the app's Host header Django refuses: DJANGO_ALLOWED_HOSTS is strict.
         let response = http.get(&healthz).send().await.unwrap();

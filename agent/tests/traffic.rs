@@ -108,6 +108,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
                 reason: None,
                 requested_by: "traffic-test".into(),
                 digest: None,
+                skip_tasks: false,
             };
             let started = engine.deploy(request).await.unwrap();
             engine.wait(&started.id).await.unwrap()
@@ -133,7 +134,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         let broken = deploy("unhealthy-after-5-checks").await;
         assert_eq!(broken.state, DeploymentState::RolledBack, "{:?}", broken.error);
         let back = engine
-            .rollback(&app, None, "ops", Some("traffic test".into()))
+            .rollback(&app, None, "ops", Some("traffic test".into()), false)
             .await
             .unwrap();
         let back = engine.wait(&back.id).await.unwrap();

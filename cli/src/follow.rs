@@ -6,7 +6,9 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use deployd_proto::{Deployment, DeploymentEvent, DeploymentState, EventKind, StepState};
+use deployd_proto::{
+    Deployment, DeploymentEvent, DeploymentKind, DeploymentState, EventKind, StepState,
+};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -279,7 +281,8 @@ impl View {
         }
     }
 
-    /// After the end: why it failed, with the failing task's last lines.
+    /// After the end: why it failed, with the failing task's last lines;
+    /// the migrations it applied; for a rollback, those that stay applied.
     fn summary(
         &self,
         id: &str,
@@ -287,17 +290,15 @@ impl View {
         error: Option<&str>,
         d: Option<&Deployment>,
     ) {
-        if self.style == Style::Json || state == DeploymentState::Succeeded {
+        if self.style == Style::Json {
             return;
         }
         let mut err = std::io::stderr().lock();
-        let _ = writeln!(
-            err,
-            "deployment {id} {}: {}",
-            state_name(state),
-            error.unwrap_or("no reason recorded")
-        );
-        if let Some(step) = &self.failed_step
+        for line in summary_lines(id, state, error, d) {
+            let _ = writeln!(err, "{line}");
+        }
+        if state != DeploymentState::Succeeded
+            && let Some(step) = &self.failed_step
             && let Some(tail) = self.tails.get(step)
         {
             let _ = writeln!(err, "last lines of {step}:");
@@ -305,17 +306,44 @@ impl View {
                 let _ = writeln!(err, "  {line}");
             }
         }
-        if let Some(d) = d
-            && !d.migrations.is_empty()
-            && state != DeploymentState::Failed
-        {
-            let _ = writeln!(
-                err,
-                "migrations applied and not reversed: {}",
-                d.migrations.join(", ")
-            );
-        }
     }
+}
+
+/// The closing lines of a deployment's log, from its outcome and record.
+fn summary_lines(
+    id: &str,
+    state: DeploymentState,
+    error: Option<&str>,
+    d: Option<&Deployment>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    if state != DeploymentState::Succeeded {
+        lines.push(format!(
+            "deployment {id} {}: {}",
+            state_name(state),
+            error.unwrap_or("no reason recorded")
+        ));
+    }
+    let Some(d) = d else { return lines };
+    // A failure's message names them already.
+    let named = error.is_some_and(|e| d.migrations.iter().all(|m| e.contains(m.as_str())));
+    if !d.migrations.is_empty() && !named {
+        lines.push(format!("migrations applied: {}", d.migrations.join(", ")));
+    } else if d.migrations.is_empty() && state == DeploymentState::Succeeded {
+        lines.push("migrations applied: none".to_owned());
+    }
+    if d.kind == DeploymentKind::Rollback && !d.migrations_kept.is_empty() {
+        lines.push(format!(
+            "migrations applied since {} last ran, which stay applied (deployd never reverses a migration): {}",
+            short_sha(d.sha.as_str()),
+            d.migrations_kept.join(", ")
+        ));
+    }
+    lines
+}
+
+fn short_sha(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
 }
 
 fn seconds(ms: u64) -> String {

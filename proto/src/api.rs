@@ -37,6 +37,11 @@ pub struct RollbackRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(max_length = 500))]
     pub reason: Option<String>,
+    /// Run no release task, not even those marked for rollbacks: for an
+    /// emergency, when the tasks themselves are the trouble. Sent only
+    /// when true, so older agents keep accepting the request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_tasks: bool,
 }
 
 /// `PUT /v1/apps/{app}/lock`: refuse deployments until unlocked.

@@ -82,6 +82,15 @@ pub struct Deployment {
     /// Migrations this release applied (`app.0002_name`): rollback does not
     /// reverse them, so they are reported.
     pub migrations: Vec<String>,
+    /// Rollbacks: migrations applied since the release rolled back to; they
+    /// stay applied (deployd never reverses a migration). Older agents do
+    /// not send it.
+    #[serde(default)]
+    pub migrations_kept: Vec<String>,
+    /// Rollbacks: release tasks were skipped (`--skip-tasks`). Older agents
+    /// do not send it.
+    #[serde(default)]
+    pub skip_tasks: bool,
     pub steps: Vec<Step>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

@@ -79,7 +79,7 @@ command = ["python", "manage.py", "collectstatic", "--noinput"]
 [apps.$app.services.web]
 port = 8000
 replicas = 2
-health = { path = "/healthz/", host = "$DEPLOYD_TESTBED_APP_HOST", timeout = "30s" }
+health = { path = "/healthz/", host = "$DEPLOYD_TESTBED_APP_HOST", headers = { "X-Forwarded-Proto" = "https" }, timeout = "30s" }
 stop_timeout = "10s"
 [apps.$app.services.worker]
 command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]

@@ -16,7 +16,8 @@
 # Reference: the document's docker-compose.prod.yml and deploy.sh, as
 # written but for what an offline host forces (the test bed's images for
 # postgres and redis and its registry, python instead of curl in the
-# image's healthcheck, Debian's docker-compose for `docker compose`,
+# image's healthcheck, sending the X-Forwarded-Proto its TLS proxy would (the
+# app redirects plain HTTP), Debian's docker-compose for `docker compose`,
 # localhost in ALLOWED_HOSTS for deploy.sh's own curl, a loopback port);
 # under load it goes release 1 -> release 2, then back to release 1 with
 # deploy.sh (it has no rollback).

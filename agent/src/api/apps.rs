@@ -70,9 +70,15 @@ pub async fn rollback(
     let mut intent = AuditRecord::new("rollback", "requested");
     intent.app = Some(app.clone());
     intent.sha = body.to.as_ref().map(ToString::to_string);
-    intent.detail = reason.clone();
+    intent.detail = match (&reason, body.skip_tasks) {
+        (Some(reason), true) => Some(format!("{reason} (release tasks skipped)")),
+        (None, true) => Some("release tasks skipped".into()),
+        (reason, false) => reason.clone(),
+    };
     let spent = begin_change(&state, &who, source, intent)?;
-    let rollback = state.engine.rollback(&app, body.to, &who.subject, reason);
+    let rollback = state
+        .engine
+        .rollback(&app, body.to, &who.subject, reason, body.skip_tasks);
     started(&state, spent, rollback).await
 }
 

@@ -56,6 +56,7 @@ pub async fn create(
         reason,
         requested_by: who.subject,
         digest: None,
+        skip_tasks: false,
     };
     started(&state, spent, state.engine.deploy(request)).await
 }

@@ -1,14 +1,19 @@
 //! Is a new container up? HTTP health for web, staying alive for the rest.
 //!
-//! Polling starts at 50 ms and backs off to 1 s: a container that is ready
-//! fast is seen fast, and a slow one is not hammered. There is no fixed sleep.
+//! The HTTP check says what happened: it never follows a redirect (an app
+//! that redirects plain HTTP to HTTPS answers `301` with its `Location`, and
+//! that is what is reported), and a refused, reset or silent connection is
+//! told apart from an answer. Polling starts at 50 ms and backs off to 1 s:
+//! a container that is ready fast is seen fast, and a slow one is not
+//! hammered. There is no fixed sleep.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
-use reqwest::header::HOST;
+use reqwest::header::{CONTENT_TYPE, HOST, LOCATION};
 
 use super::Ctx;
-use super::run::Failure;
+use super::common::Failure;
 use crate::config::HealthConfig;
 use crate::docker::ContainerState;
 
@@ -19,33 +24,273 @@ const MAX_POLL: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lines of a dead container's output quoted in the failure.
 const LOG_LINES: usize = 5;
+/// Characters of a short text or JSON answer quoted in the log.
+const EXCERPT_CHARS: usize = 160;
+
+/// The HTTP health check: its own client, which never follows redirects,
+/// trusts no TLS root (it speaks plain HTTP to containers) and ignores
+/// proxy settings.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthCheck {
+    client: reqwest::Client,
+}
+
+/// What one health request got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// An HTTP answer, whatever its status.
+    Answer(Answer),
+    /// Nothing listens on the port (yet).
+    Refused,
+    /// The connection was reset or closed before an answer.
+    Reset,
+    /// No answer within [`REQUEST_TIMEOUT`].
+    Timeout,
+    /// Anything else, in the HTTP client's words.
+    Failed(String),
+}
+
+/// An HTTP answer to a health request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub status: u16,
+    pub location: Option<String>,
+    pub content_type: Option<String>,
+    /// The start of a short text or JSON body, on one line.
+    pub excerpt: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// A container that passed its HTTP health check: the answer that passed,
+/// after how many requests and how long.
+#[derive(Debug, Clone)]
+pub(crate) struct Healthy {
+    pub answer: Answer,
+    pub checks: u32,
+    pub after: Duration,
+}
+
+impl HealthCheck {
+    pub fn new() -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_certs_only(std::iter::empty())
+            .build()?;
+        Ok(Self { client })
+    }
+
+    /// One health request to a container's published port.
+    pub async fn probe(&self, port: u16, health: &HealthConfig) -> Probe {
+        let url = format!("http://127.0.0.1:{port}{}", health.path);
+        let mut request = self
+            .client
+            .get(&url)
+            .header(HOST, &health.host)
+            .timeout(REQUEST_TIMEOUT);
+        for (name, value) in &health.headers {
+            request = request.header(name, value);
+        }
+        let started = Instant::now();
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Probe::from_error(&e),
+        };
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let status = response.status().as_u16();
+        let location = header(LOCATION);
+        let content_type = header(CONTENT_TYPE);
+        let quotable = content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("text/plain") || t.contains("json"));
+        let excerpt = match quotable {
+            true => match response.text().await {
+                Ok(body) => excerpt(&body),
+                Err(e) if e.is_timeout() => return Probe::Timeout,
+                Err(_) => None,
+            },
+            false => None,
+        };
+        Probe::Answer(Answer {
+            status,
+            location,
+            content_type,
+            excerpt,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+impl Probe {
+    fn from_error(e: &reqwest::Error) -> Self {
+        if e.is_timeout() {
+            return Self::Timeout;
+        }
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(cause) = source {
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                match io.kind() {
+                    ConnectionRefused => return Self::Refused,
+                    ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => {
+                        return Self::Reset;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(hyper) = cause.downcast_ref::<hyper::Error>()
+                && (hyper.is_incomplete_message() || hyper.is_closed())
+            {
+                return Self::Reset;
+            }
+            source = cause.source();
+        }
+        let mut words = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            words = format!("{words}: {c}");
+            cause = c.source();
+        }
+        Self::Failed(words)
+    }
+
+    /// The answer, if it passed the check.
+    pub fn healthy(self, health: &HealthConfig) -> Result<Answer, Probe> {
+        match self {
+            Self::Answer(answer) if health.accepts(answer.status) => Ok(answer),
+            other => Err(other),
+        }
+    }
+
+    /// What to do about an answer that keeps failing, if anything is known.
+    fn hint(&self) -> Option<&'static str> {
+        let Self::Answer(answer) = self else {
+            return None;
+        };
+        let to_https = answer
+            .location
+            .as_deref()
+            .is_some_and(|l| l.starts_with("https://"));
+        if (300..400).contains(&answer.status) && to_https {
+            Some(
+                "the app redirects plain HTTP to HTTPS (Django: SECURE_SSL_REDIRECT); send the header \
+                 the TLS proxy in front sets: health.headers = { \"X-Forwarded-Proto\" = \"https\" }, \
+                 with SECURE_PROXY_SSL_HEADER in the app's settings",
+            )
+        } else if (300..400).contains(&answer.status) {
+            Some(
+                "redirects are never followed: point health.path at the page itself (Django: mind the trailing slash)",
+            )
+        } else if answer.status == 400 {
+            Some(
+                "Django answers 400 to a Host it does not allow: health.host must be in ALLOWED_HOSTS",
+            )
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Answer(answer) => answer.fmt(f),
+            Self::Refused => f.write_str("connection refused"),
+            Self::Reset => f.write_str("connection reset before an answer"),
+            Self::Timeout => write!(f, "no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+            Self::Failed(why) => write!(f, "request failed: {why}"),
+        }
+    }
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HTTP {}", self.status)?;
+        if let Some(location) = &self.location {
+            write!(f, " Location: {location}")?;
+        }
+        if let Some(content_type) = &self.content_type {
+            write!(f, " ({content_type})")?;
+        }
+        if let Some(excerpt) = &self.excerpt {
+            write!(f, " {excerpt}")?;
+        }
+        write!(f, " in {} ms", self.elapsed.as_millis())
+    }
+}
+
+/// A body's start on one line, if there is any.
+fn excerpt(body: &str) -> Option<String> {
+    let line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.is_empty() {
+        return None;
+    }
+    let mut cut: String = line.chars().take(EXCERPT_CHARS).collect();
+    if cut.len() < line.len() {
+        cut.push('…');
+    }
+    Some(cut)
+}
+
+/// The request a health check sends, for the log: path, Host and the extra
+/// headers, with the values of credentials left out.
+pub(crate) fn describe_request(health: &HealthConfig) -> String {
+    let mut line = format!("GET {} (Host: {}", health.path, health.host);
+    for (name, value) in &health.headers {
+        let lower = name.to_ascii_lowercase();
+        let secret = ["auth", "cookie", "token", "key", "secret"]
+            .iter()
+            .any(|s| lower.contains(s));
+        let value = if secret { "[not shown]" } else { value };
+        line.push_str(&format!(", {name}: {value}"));
+    }
+    line.push(')');
+    line
+}
 
 impl Ctx {
-    /// Waits until the container answers 200 on the health path, fails at
-    /// once if it exits or restarts.
+    /// Waits until the container's answer on the health path is one of the
+    /// accepted statuses; fails at once if it exits or restarts.
     pub(crate) async fn wait_healthy(
         &self,
         id: &str,
         port: u16,
         health: &HealthConfig,
-    ) -> Result<(), Failure> {
-        let deadline = Instant::now() + health.timeout;
+    ) -> Result<Healthy, Failure> {
+        let started = Instant::now();
+        let deadline = started + health.timeout;
         let mut delay = FIRST_POLL;
+        let mut checks = 0;
         loop {
             self.ensure_alive(id).await?;
-            let last = match self.probe(port, health).await {
-                Ok(()) => {
+            checks += 1;
+            let last = match self.health.probe(port, health).await.healthy(health) {
+                Ok(answer) => {
                     self.observed.set_health(id, "healthy".to_owned());
-                    return Ok(());
+                    return Ok(Healthy {
+                        answer,
+                        checks,
+                        after: started.elapsed(),
+                    });
                 }
-                Err(answer) => answer,
+                Err(probe) => probe,
             };
             if Instant::now() >= deadline {
-                return Err(Failure(format!(
-                    "not healthy within {} s (last answer to {}: {last})",
+                let mut why = format!(
+                    "not healthy within {} s: {} answered {last} (the last of {checks} checks)",
                     health.timeout.as_secs(),
-                    health.path
-                )));
+                    describe_request(health),
+                );
+                if let Some(hint) = last.hint() {
+                    why.push_str(&format!("; {hint}"));
+                }
+                return Err(Failure(why));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_POLL);
@@ -75,25 +320,6 @@ impl Ctx {
         }
     }
 
-    /// One health request; `Err` describes the answer.
-    pub(crate) async fn probe(&self, port: u16, health: &HealthConfig) -> Result<(), String> {
-        let url = format!("http://127.0.0.1:{port}{}", health.path);
-        match self
-            .http
-            .get(&url)
-            .header(HOST, &health.host)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await
-        {
-            Ok(r) if r.status() == reqwest::StatusCode::OK => Ok(()),
-            Ok(r) => Err(format!("HTTP {}", r.status().as_u16())),
-            Err(e) if e.is_timeout() => Err("no answer within 2 s".into()),
-            Err(e) if e.is_connect() => Err("connection refused".into()),
-            Err(_) => Err("connection failed".into()),
-        }
-    }
-
     /// Fails if the container exited or was restarted; returns its health.
     pub(crate) async fn ensure_alive(&self, id: &str) -> Result<Option<String>, Failure> {
         match self.docker.state(id).await? {
@@ -118,5 +344,65 @@ impl Ctx {
             Ok(lines) if !lines.is_empty() => format!(": {}", lines.join(" | ")),
             _ => String::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(headers: &[(&str, &str)]) -> HealthConfig {
+        HealthConfig {
+            path: "/healthz/".into(),
+            host: "shop.example".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            expect: vec![200],
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn an_answer_says_its_status_location_and_time() {
+        let answer = Answer {
+            status: 301,
+            location: Some("https://shop.example/healthz/".into()),
+            content_type: Some("text/html; charset=utf-8".into()),
+            excerpt: None,
+            elapsed: Duration::from_millis(7),
+        };
+        assert_eq!(
+            answer.to_string(),
+            "HTTP 301 Location: https://shop.example/healthz/ (text/html; charset=utf-8) in 7 ms"
+        );
+        let probe = Probe::Answer(answer);
+        assert!(probe.hint().unwrap().contains("X-Forwarded-Proto"));
+        assert!(probe.clone().healthy(&health(&[])).is_err());
+    }
+
+    #[test]
+    fn long_bodies_are_cut_on_one_line() {
+        assert_eq!(
+            excerpt(" {\"db\":\n \"ok\"} ").as_deref(),
+            Some("{\"db\": \"ok\"}")
+        );
+        assert_eq!(excerpt("  \n"), None);
+        let long = "é".repeat(EXCERPT_CHARS + 10);
+        assert_eq!(excerpt(&long).unwrap().chars().count(), EXCERPT_CHARS + 1);
+    }
+
+    #[test]
+    fn the_logged_request_leaves_credentials_out() {
+        let line = describe_request(&health(&[
+            ("X-Forwarded-Proto", "https"),
+            ("Authorization", "Bearer s3cret"),
+            ("X-Health-Token", "s3cret"),
+        ]));
+        assert_eq!(
+            line,
+            "GET /healthz/ (Host: shop.example, Authorization: [not shown], X-Forwarded-Proto: https, X-Health-Token: [not shown])"
+        );
     }
 }

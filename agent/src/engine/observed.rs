@@ -158,10 +158,12 @@ impl Ctx {
                     let ctx = self.clone();
                     probes.push(async move {
                         let answer = match c.published(port) {
-                            Some(published) => match ctx.probe(published, health).await {
-                                Ok(()) => "healthy".to_owned(),
-                                Err(why) => format!("unhealthy: {why}"),
-                            },
+                            Some(published) => {
+                                match ctx.health.probe(published, health).await.healthy(health) {
+                                    Ok(_) => "healthy".to_owned(),
+                                    Err(probe) => format!("unhealthy: {probe}"),
+                                }
+                            }
                             None => "unhealthy: no published port".to_owned(),
                         };
                         ctx.observed.set_health(&c.id, answer);

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
 use tracing::Instrument;
 
+use super::common::Failure;
 use super::roll::Placement;
-use super::run::Failure;
 use super::{Ctx, label};
 use crate::config::{AppConfig, Role, ServiceConfig};
 use crate::docker::ContainerInfo;
-use crate::env_file;
+use crate::env_file::AppEnv;
 use crate::store::StoreError;
 
 /// The release a service is converged to.
@@ -190,10 +190,7 @@ impl Ctx {
             },
             (_, _, None) => return self.remove_deployment(d, cfg).await,
         };
-        let env = match &cfg.env_file {
-            Some(path) => env_file::read(path)?,
-            None => Vec::new(),
-        };
+        let env = AppEnv::read(cfg)?;
         let place = Placement {
             app: &d.app,
             app_cfg: cfg,
@@ -215,6 +212,10 @@ impl Ctx {
     /// First deployment of an app: there is nothing to go back to. Its
     /// containers get their stop timeout, then are removed.
     async fn remove_deployment(&self, d: &Deployment, cfg: &AppConfig) -> Result<String, Failure> {
+        // Its web containers may have traffic: it goes nowhere first.
+        if let Some((web, _)) = cfg.switched_service() {
+            self.switch_traffic(&d.app, cfg, web, &[]).await?;
+        }
         for c in self
             .docker
             .containers(&[(label::APP, &d.app), (label::DEPLOYMENT, &d.id.0)])
@@ -226,7 +227,13 @@ impl Ctx {
                 None => self.docker.remove(&c.id).await?,
             }
         }
-        Ok("no earlier release ran; its containers were removed".into())
+        let switch = match cfg.switch {
+            Some(_) => " (the switch answers 503)",
+            None => "",
+        };
+        Ok(format!(
+            "no earlier release ran; its containers were removed{switch}"
+        ))
     }
 
     async fn converge_service(
@@ -264,7 +271,7 @@ impl Ctx {
             // A kept container may have been told to stop (a draining worker):
             // one that does not stay up is replaced.
             match self.wait_ready(&started, cfg).await {
-                Ok(()) => ready.push(started),
+                Ok(_) => ready.push(started),
                 Err(_) => self.docker.remove(&started.id).await?,
             }
         }

@@ -5,10 +5,12 @@ use std::collections::HashMap;
 
 use deployd_proto::EventKind;
 
+use super::common::{Failure, short_id};
 use super::label;
-use super::run::{Failure, Run};
+use super::run::Run;
 use crate::config::TaskConfig;
 use crate::docker::{ContainerSpec, PulledImage};
+use crate::env_file::AppEnv;
 
 impl Run {
     /// Runs one task to completion; its output goes to the deployment log.
@@ -16,7 +18,7 @@ impl Run {
         &self,
         task: &TaskConfig,
         image: &PulledImage,
-        env: &[(String, String)],
+        env: &AppEnv,
     ) -> Result<(), Failure> {
         let spec = ContainerSpec {
             name: Some(format!(
@@ -27,7 +29,7 @@ impl Run {
             )),
             image: image.pinned.clone(),
             cmd: Some(task.command.clone()),
-            env: env.to_vec(),
+            env: env.task(&task.name).to_vec(),
             network: self.cfg.network.clone(),
             volumes: self.cfg.volumes.clone(),
             labels: HashMap::from([
@@ -63,9 +65,7 @@ impl Run {
         for line in tail {
             self.emit(output_line(line.clone()));
         }
-        if !applied.is_empty() {
-            self.ctx.store.set_migrations(&self.id, &applied)?;
-        }
+        self.applied_migrations(applied)?;
         if output.exit_code != 0 {
             let last = output
                 .lines
@@ -92,11 +92,6 @@ fn unlogged_tail(seen: usize, last: &[String]) -> (usize, &[String]) {
     let unlogged = seen.saturating_sub(LOGGED_HEAD);
     let tail = &last[last.len().saturating_sub(unlogged.min(LOGGED_TAIL))..];
     (unlogged - tail.len(), tail)
-}
-
-/// The last characters of a deployment id: enough to keep names unique.
-pub(crate) fn short_id(id: &str) -> &str {
-    &id[id.len().saturating_sub(8)..]
 }
 
 /// A migration Django reports as applied (`Applying shop.0002_x... OK`).

@@ -15,11 +15,13 @@ use deployd_proto::EventKind;
 use futures_util::future::try_join_all;
 use tracing::Instrument;
 
+use super::common::{Failure, short_id};
+use super::health::{Healthy, describe_request};
 use super::label;
-use super::release::short_id;
-use super::run::{Failure, Run};
+use super::run::Run;
 use crate::config::{AppConfig, Role, ServiceConfig};
 use crate::docker::{ContainerInfo, ContainerSpec, PulledImage};
+use crate::env_file::AppEnv;
 use crate::switch::Upstream;
 
 /// A container this deployment started.
@@ -49,7 +51,7 @@ pub(crate) struct Placement<'p> {
     pub app: &'p str,
     pub app_cfg: &'p AppConfig,
     pub deployment: &'p str,
-    pub env: &'p [(String, String)],
+    pub env: &'p AppEnv,
 }
 
 /// Which release a service container runs.
@@ -79,7 +81,7 @@ pub(crate) fn service_spec(
         )),
         image: release.image.to_owned(),
         cmd: cfg.command.clone(),
-        env: place.env.to_vec(),
+        env: place.env.service(service).to_vec(),
         network: place.app_cfg.network.clone(),
         network_aliases: Vec::new(),
         volumes: place.app_cfg.volumes.clone(),
@@ -198,9 +200,12 @@ impl super::Ctx {
         let old = draining.containers().len();
         let started = std::time::Instant::now();
         let drained = draining.finish(switch.drain_timeout).await;
+        let to = match upstreams.len() {
+            0 => "nothing (the switch answers 503: no web container is live)".to_owned(),
+            n => format!("{n} container(s)"),
+        };
         let mut line = format!(
-            "traffic switched to {} container(s); {old} drained in {} ms",
-            upstreams.len(),
+            "traffic switched to {to}; {old} drained in {} ms",
             started.elapsed().as_millis()
         );
         if drained.cut > 0 {
@@ -214,11 +219,16 @@ impl super::Ctx {
         Ok(Some(line))
     }
 
-    /// Waits until a service container is ready: healthy for web, up for the rest.
-    pub(crate) async fn wait_ready(&self, c: &Started, cfg: &ServiceConfig) -> Result<(), Failure> {
+    /// Waits until a service container is ready: healthy for web (the
+    /// answer that passed is returned), up for the rest.
+    pub(crate) async fn wait_ready(
+        &self,
+        c: &Started,
+        cfg: &ServiceConfig,
+    ) -> Result<Option<Healthy>, Failure> {
         match (c.port, &cfg.health) {
-            (Some(port), Some(health)) => self.wait_healthy(&c.id, port, health).await,
-            _ => self.wait_up(&c.id, cfg.min_healthy).await,
+            (Some(port), Some(health)) => self.wait_healthy(&c.id, port, health).await.map(Some),
+            _ => self.wait_up(&c.id, cfg.min_healthy).await.map(|()| None),
         }
     }
 }
@@ -239,8 +249,10 @@ struct Change {
 pub(crate) struct Rollout<'a> {
     run: &'a Run,
     image: PulledImage,
-    env: Vec<(String, String)>,
+    env: AppEnv,
     changes: Vec<Change>,
+    /// Whether the switch sent traffic to this release's web containers.
+    traffic_moved: bool,
 }
 
 /// How a service's containers are replaced.
@@ -262,12 +274,13 @@ fn strategy(name: &str, cfg: &ServiceConfig) -> Strategy {
 }
 
 impl<'a> Rollout<'a> {
-    pub fn new(run: &'a Run, image: PulledImage, env: Vec<(String, String)>) -> Self {
+    pub fn new(run: &'a Run, image: PulledImage, env: AppEnv) -> Self {
         Self {
             run,
             image,
             env,
             changes: Vec::new(),
+            traffic_moved: false,
         }
     }
 
@@ -305,6 +318,7 @@ impl<'a> Rollout<'a> {
                     .switch_traffic(&self.run.app, &self.run.cfg, service, &new)
                     .await?
                 {
+                    self.traffic_moved = true;
                     self.run.emit(EventKind::Output {
                         step: format!("roll:{service}"),
                         line: done,
@@ -349,13 +363,29 @@ impl<'a> Rollout<'a> {
     }
 
     /// Waits until every new container of the service is ready (healthy
-    /// for web, up for the rest), failing with the first that is not.
+    /// for web, up for the rest), failing with the first that is not. The
+    /// answer each web container passed with goes to the log.
     async fn wait_new_ready(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
         let ctx = &self.run.ctx;
         let new = self.current().new.clone();
-        try_join_all(new.iter().map(|c| ctx.wait_ready(c, cfg)))
+        let ready = try_join_all(new.iter().map(|c| ctx.wait_ready(c, cfg)))
             .await
             .map_err(|f| Failure(format!("new {service} container: {}", f.0)))?;
+        for (c, healthy) in new.iter().zip(ready) {
+            if let (Some(healthy), Some(health)) = (healthy, &cfg.health) {
+                self.run.emit(EventKind::Output {
+                    step: format!("roll:{service}"),
+                    line: format!(
+                        "container {} healthy after {} check(s) in {} ms: {} answered {}",
+                        &c.id[..c.id.len().min(12)],
+                        healthy.checks,
+                        healthy.after.as_millis(),
+                        describe_request(health),
+                        healthy.answer
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -415,9 +445,13 @@ impl<'a> Rollout<'a> {
                     };
                     ctx.ensure_alive(&c.id).await.map_err(|f| fail(f.0))?;
                     if let (Some(port), Some(health)) = (c.port, &cfg.health) {
-                        ctx.probe(port, health)
+                        ctx.health
+                            .probe(port, health)
                             .await
-                            .map_err(|answer| fail(format!("{} answered {answer}", health.path)))?;
+                            .healthy(health)
+                            .map_err(|probe| {
+                                fail(format!("{} answered {probe}", describe_request(health)))
+                            })?;
                     }
                 }
             }
@@ -449,9 +483,29 @@ impl<'a> Rollout<'a> {
         Ok(())
     }
 
-    /// After a failure that changed nothing running: removes what was started.
+    /// Whether the switch sent traffic to this release's web containers.
+    pub fn traffic_moved(&self) -> bool {
+        self.traffic_moved
+    }
+
+    /// After a failure that changed nothing that ran before: removes what
+    /// was started. Traffic this release had taken (a first deployment's)
+    /// goes nowhere first: the switch answers 503, never a removed container.
     pub async fn discard(self) -> Result<(), Failure> {
         let docker = &self.run.ctx.docker;
+        if self.traffic_moved
+            && let Some((web, _)) = self.run.cfg.switched_service()
+            && let Some(done) = self
+                .run
+                .ctx
+                .switch_traffic(&self.run.app, &self.run.cfg, web, &[])
+                .await?
+        {
+            self.run.emit(EventKind::Output {
+                step: "discard".into(),
+                line: done,
+            });
+        }
         for change in self.changes.iter().rev() {
             for c in &change.new {
                 docker.remove(&c.id).await?;
@@ -479,7 +533,16 @@ impl<'a> Rollout<'a> {
             .as_ref()
             .map_or_else(|| "the previous release".to_owned(), |p| p.sha.to_string());
         if failed.is_empty() {
-            return Ok(format!("{} run {release} again", restored.join(", ")));
+            let traffic = match self.traffic_moved {
+                true => {
+                    format!("; traffic had moved to the new release and went back to {release}")
+                }
+                false => String::new(),
+            };
+            return Ok(format!(
+                "{} run {release} again{traffic}",
+                restored.join(", ")
+            ));
         }
         let back = if restored.is_empty() {
             "none".to_owned()

@@ -11,21 +11,12 @@ use deployd_proto::{
 use tracing::Instrument;
 
 use super::Ctx;
+use super::common::Failure;
 use super::roll::Rollout;
 use crate::config::AppConfig;
 use crate::docker::{ImageRef, PulledImage, RegistryAuth};
-use crate::env_file;
+use crate::env_file::AppEnv;
 use crate::store::Release;
-
-/// Why a step failed, as one sentence for the user.
-#[derive(Debug, Clone)]
-pub(crate) struct Failure(pub String);
-
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Self {
-        Self(e.to_string())
-    }
-}
 
 /// Everything a running deployment needs.
 #[derive(Debug)]
@@ -40,8 +31,12 @@ pub(crate) struct Run {
     /// The exact digest to deploy, when one was asked for (rollbacks).
     pub pin: Option<String>,
     pub kind: DeploymentKind,
+    /// Run no release task (a rollback's `--skip-tasks`).
+    skip_tasks: bool,
     /// When it began to run here, for its duration metric.
     started: Instant,
+    /// Migrations its release tasks applied, in order.
+    migrations: std::sync::Mutex<Vec<String>>,
 }
 
 impl Run {
@@ -60,8 +55,44 @@ impl Run {
             previous,
             pin: d.digest.clone(),
             kind: d.kind,
+            skip_tasks: d.skip_tasks,
             started: Instant::now(),
+            migrations: std::sync::Mutex::default(),
         }
+    }
+
+    /// Adds migrations a release task applied to the deployment's record.
+    pub fn applied_migrations(&self, applied: Vec<String>) -> Result<(), Failure> {
+        if applied.is_empty() {
+            return Ok(());
+        }
+        let mut all = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+        all.extend(applied);
+        self.ctx.store.set_migrations(&self.id, &all)?;
+        Ok(())
+    }
+
+    /// The final message of a deployment that failed because of `cause`:
+    /// what it changed (`changed`, in order), then the migrations it
+    /// applied, which stay applied whatever happens to the services.
+    fn account(&self, cause: &str, changed: &[String]) -> String {
+        let mut message = cause.to_owned();
+        let migrations = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+        if changed.is_empty() && migrations.is_empty() {
+            message.push_str("; nothing running was changed");
+            return message;
+        }
+        for change in changed {
+            message.push_str("; ");
+            message.push_str(change);
+        }
+        if !migrations.is_empty() {
+            message.push_str(&format!(
+                "; migrations applied, which stay applied: {}",
+                migrations.join(", ")
+            ));
+        }
+        message
     }
 
     pub fn emit(&self, kind: EventKind) {
@@ -196,19 +227,26 @@ impl Run {
         // Errors name the file and line, never its content.
         let (env, auth) = match self.step("prepare", self.prepare()).await {
             Ok(prepared) => prepared,
-            Err(f) => return failed(&f.0),
+            Err(f) => return self.failed(&f.0),
         };
         let image = match self.step("pull", self.pull(auth.as_ref())).await {
             Ok(image) => image,
-            Err(f) => return failed(&f.0),
+            Err(f) => return self.failed(&f.0),
         };
         if let Err(e) = self.ctx.store.set_digest(&self.id, &image.digest) {
-            return failed(&e.to_string());
+            return self.failed(&e.to_string());
         }
         for task in &self.cfg.release {
             let step = format!("task:{}", task.name);
+            if let Some(why) = self.skips(task) {
+                self.emit(EventKind::Output {
+                    step,
+                    line: format!("skipped: {why}"),
+                });
+                continue;
+            }
             if let Err(f) = self.step(&step, self.run_task(task, &image, &env)).await {
-                return failed(&f.0);
+                return self.failed(&f.0);
             }
         }
         let mut rollout = Rollout::new(self, image.clone(), env);
@@ -238,33 +276,56 @@ impl Run {
         cause: Failure,
     ) -> (DeploymentState, Option<String>) {
         if !rollout.touched_running() {
-            let cleaned = self.undo_step("discard", rollout.discard()).await;
-            let note = cleaned
-                .err()
-                .map(|f| format!(" (cleanup: {})", f.0))
-                .unwrap_or_default();
+            let mut changed = Vec::new();
+            if rollout.traffic_moved() {
+                changed.push(
+                    "its web containers had taken traffic and none ran before to go back to: \
+                     the switch now answers 503 (no web container is live) and they were removed"
+                        .to_owned(),
+                );
+            }
+            if let Err(f) = self.undo_step("discard", rollout.discard()).await {
+                changed.push(format!("removing its containers failed: {}", f.0));
+            }
             return (
                 DeploymentState::Failed,
-                Some(format!("{}; nothing running was changed{note}", cause.0)),
+                Some(self.account(&cause.0, &changed)),
             );
         }
         match self.undo_step("rollback", rollout.restore()).await {
             Ok(restored) => (
                 DeploymentState::RolledBack,
-                Some(format!("{}; rolled back: {restored}", cause.0)),
+                Some(self.account(&cause.0, &[format!("rolled back: {restored}")])),
             ),
             Err(f) => (
                 DeploymentState::RollbackFailed,
-                Some(format!("{}; rollback failed: {}", cause.0, f.0)),
+                Some(self.account(&cause.0, &[format!("rollback failed: {}", f.0)])),
             ),
         }
     }
 
-    async fn prepare(&self) -> Result<(Vec<(String, String)>, Option<RegistryAuth>), Failure> {
-        let env = match &self.cfg.env_file {
-            Some(path) => env_file::read(path)?,
-            None => Vec::new(),
-        };
+    /// Ends a deployment that failed before any service was rolled.
+    fn failed(&self, cause: &str) -> (DeploymentState, Option<String>) {
+        (DeploymentState::Failed, Some(self.account(cause, &[])))
+    }
+
+    /// Why a release task does not run in this deployment, if it does not.
+    fn skips(&self, task: &crate::config::TaskConfig) -> Option<String> {
+        if self.skip_tasks {
+            Some("this rollback was asked to skip release tasks (--skip-tasks)".into())
+        } else if !task.runs_in(self.kind) {
+            let other = match self.kind {
+                DeploymentKind::Deploy => "rollback",
+                DeploymentKind::Rollback => "deploy",
+            };
+            Some(format!("it runs on {other} only (on = [\"{other}\"])"))
+        } else {
+            None
+        }
+    }
+
+    async fn prepare(&self) -> Result<(AppEnv, Option<RegistryAuth>), Failure> {
+        let env = AppEnv::read(&self.cfg)?;
         let auth = match &self.cfg.registry_auth_file {
             Some(path) => Some(RegistryAuth::from_file(path)?),
             None => None,
@@ -310,11 +371,4 @@ impl Run {
         }
         Ok(())
     }
-}
-
-fn failed(reason: &str) -> (DeploymentState, Option<String>) {
-    (
-        DeploymentState::Failed,
-        Some(format!("{reason}; nothing running was changed")),
-    )
 }

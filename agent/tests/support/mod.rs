@@ -75,7 +75,8 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
             r#"
         [[apps.{app}.release]]
         name = "check"
-        command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]"#
+        command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+        on = ["deploy"]"#
         )
     } else {
         String::new()
@@ -99,12 +100,13 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
         command = ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]
         port = 8000
         replicas = {replicas}
-        health = {{ path = "/healthz/", host = "{host}", timeout = "45s" }}
+        health = {{ path = "/healthz/", host = "{host}", headers = {{ "X-Forwarded-Proto" = "https" }}, timeout = "45s" }}
         stop_timeout = "10s"
         [apps.{app}.services.worker]
         command = ["celery", "-A", "config", "worker", "-l", "info", "-Q", "default,etl"]
         stop_timeout = "30s"
         min_healthy = "3s"
+        env = {{ SHOP_SERVICE_ENV = "worker only" }}
         [apps.{app}.services.beat]
         command = ["celery", "-A", "config", "beat", "-l", "info"]
         singleton = true

@@ -4,9 +4,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use deployd_proto::{CommitSha, Deployment};
+use deployd_proto::{CommitSha, DeployRequest, Deployment};
 use reqwest::Method;
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::Ctx;
@@ -39,7 +38,11 @@ pub struct Deploy {
 impl Deploy {
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
-        let body = json!({"sha": self.sha, "force": self.force, "reason": self.reason});
+        let body = DeployRequest {
+            sha: self.sha.clone(),
+            force: self.force,
+            reason: self.reason,
+        };
         let path = format!("/v1/apps/{app}/deployments");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;
         start_following(
@@ -57,9 +60,11 @@ impl Deploy {
 pub async fn submit(
     ctx: &Ctx,
     path: &str,
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
     wait: Option<Duration>,
 ) -> Result<Deployment, CliError> {
+    let body = serde_json::to_value(body)
+        .map_err(|e| CliError::new(Exit::Other, format!("cannot write the request: {e}")))?;
     let deadline = match wait {
         Some(w) => Some(
             Instant::now()
@@ -71,7 +76,7 @@ pub async fn submit(
     loop {
         match ctx
             .client
-            .call::<Deployment>(Method::POST, path, Some(body))
+            .call::<Deployment>(Method::POST, path, Some(&body))
             .await
         {
             Ok(deployment) => return Ok(deployment),

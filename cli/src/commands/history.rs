@@ -32,8 +32,8 @@ impl History {
             return ctx.out_json(&page);
         }
         ctx.out(&format!(
-            "{:<12}  {:<20}  {:<9}  {:<15}  {:<12}  {:<16}  {}",
-            "ID", "WHEN (UTC)", "KIND", "STATE", "SHA", "BY", "REASON / ERROR"
+            "{:<12}  {:<20}  {:<9}  {:<15}  {:<12}  {:>10}  {:<16}  {}",
+            "ID", "WHEN (UTC)", "KIND", "STATE", "SHA", "MIGRATIONS", "BY", "REASON / ERROR"
         ));
         for d in &page.deployments {
             let when = d
@@ -49,10 +49,11 @@ impl History {
             let sha = d.sha.as_str();
             let why = d.error.as_deref().or(d.reason.as_deref()).unwrap_or("");
             ctx.out(&format!(
-                "{:<12}  {when:<20}  {kind:<9}  {:<15}  {:<12}  {:<16}  {why}",
+                "{:<12}  {when:<20}  {kind:<9}  {:<15}  {:<12}  {:>10}  {:<16}  {why}",
                 short_id(&d.id.0),
                 state_name(d.state),
                 &sha[..sha.len().min(12)],
+                d.migrations.len(),
                 d.requested_by,
             ));
         }

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use deployd_proto::CommitSha;
-use serde_json::json;
+use deployd_proto::{CommitSha, RollbackRequest};
 
 use super::Ctx;
 use super::deploy::{start_following, submit};
@@ -14,7 +13,7 @@ use crate::exit::{CliError, Exit};
 /// follow it until it ends.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  deployctl rollback --app shop --reason \"checkout errors\"\n  deployctl rollback --to 4f2a9c1"
+    after_help = "Examples:\n  deployctl rollback --app shop --reason \"checkout errors\"\n  deployctl rollback --to 4f2a9c1\n  deployctl rollback --skip-tasks --reason \"collectstatic hangs\""
 )]
 pub struct Rollback {
     /// A kept release to go back to (default: the one before the live one).
@@ -29,15 +28,26 @@ pub struct Rollback {
     /// Print the deployment id and return; do not follow.
     #[arg(long)]
     pub no_follow: bool,
+    /// Run no release task, not even those marked for rollbacks: for an
+    /// emergency, when the tasks themselves are the trouble.
+    #[arg(long)]
+    pub skip_tasks: bool,
 }
 
 impl Rollback {
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
-        let body = json!({"to": self.to, "reason": self.reason});
+        let body = RollbackRequest {
+            to: self.to,
+            reason: self.reason,
+            skip_tasks: self.skip_tasks,
+        };
         let path = format!("/v1/apps/{app}/rollback");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;
-        let what = format!("{app} back to {}", deployment.sha);
+        let mut what = format!("{app} back to {}", deployment.sha);
+        if deployment.skip_tasks {
+            what.push_str(", release tasks skipped");
+        }
         start_following(ctx, deployment, self.no_follow, &what).await
     }
 }

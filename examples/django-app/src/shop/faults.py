@@ -1,7 +1,7 @@
 """Fault injection for the broken builds (see config/build.py).
 
-Kept out of the views so that /healthz/ and /readiness/ stay exactly the
-reference document's code; good builds pass straight through.
+Kept out of the views so that /healthz/ and /readiness/ stay the code a
+real project would ship; good builds pass straight through.
 
 Faults trigger on events, never on wall time: a test machine three times
 slower than usual must see the same outcome.

@@ -2,6 +2,8 @@ import hashlib
 import json
 import time
 
+import redis
+from django.conf import settings
 from django.db import connection
 from django.http import JsonResponse
 from django.shortcuts import render
@@ -13,8 +15,35 @@ from shop.models import Heartbeat
 
 
 def healthz(request):
-    """Basic health check."""
-    return JsonResponse({"status": "ok"})
+    """Can this process serve? It answers, and reaches the database and the
+    broker (a web process that cannot enqueue tasks is not healthy either).
+    503 names what failed; each check gives up after a second, so a health
+    check never hangs a gunicorn worker for long."""
+    checks = {"database": _check_database, "broker": _check_broker}
+    failed = {}
+    for name, check in checks.items():
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - any failure is unhealthy
+            failed[name] = f"{type(e).__name__}: {e}"[:200]
+    if failed:
+        return JsonResponse({"status": "unhealthy", **failed}, status=503)
+    return JsonResponse({"status": "ok", "database": "ok", "broker": "ok"})
+
+
+def _check_database():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def _check_broker():
+    client = redis.Redis.from_url(
+        settings.CELERY_BROKER_URL, socket_connect_timeout=1, socket_timeout=1
+    )
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 def release(request):

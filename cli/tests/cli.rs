@@ -75,7 +75,9 @@ async fn every_outcome_has_its_exit_code_and_output() {
 
         // Success, in plain lines (not a terminal).
         let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
-        let (lines, _) = expect(&out, 0, "release 1");
+        let (lines, err) = expect(&out, 0, "release 1");
+        assert!(err.contains("migrations applied: "), "{err}");
+        assert!(err.contains("shop.0001_initial"), "{err}");
         assert!(lines.contains("✔ roll:web"), "{lines}");
         assert!(lines.contains("task:migrate | "), "{lines}");
         assert!(
@@ -92,6 +94,10 @@ async fn every_outcome_has_its_exit_code_and_output() {
         let (_, err) = expect(&out, 3, "migrate fails");
         assert!(err.contains("release task migrate exited with 1"), "{err}");
         assert!(err.contains("last lines of task:migrate:"), "{err}");
+        assert!(
+            err.contains("migrations applied, which stay applied: shop.0002_heartbeat_queue"),
+            "{err}"
+        );
 
         // Rolled back after a change.
         let out = deployctl(&agent, &url, &token(), &["deploy", &sha("worker-crash")]).await;
@@ -185,6 +191,7 @@ async fn every_outcome_has_its_exit_code_and_output() {
             table.contains("rolled_back") && table.contains("succeeded"),
             "{table}"
         );
+        assert!(table.lines().next().unwrap().contains("MIGRATIONS"), "{table}");
 
         // Settings from a named context of the config file alone.
         let token_file = agent.state.path().join("token");
@@ -234,8 +241,15 @@ async fn every_outcome_has_its_exit_code_and_output() {
         let (_, err) = expect(&out, 6, "DEPLOYCTL_TOKEN over the context's token file");
         assert!(err.contains("token"), "{err}");
 
-        // A rollback, followed in JSON: one DeploymentEvent per line.
-        let out = deployctl(&agent, &url, &token(), &["rollback", "--json"]).await;
+        // A rollback without release tasks, followed in JSON: one
+        // DeploymentEvent per line.
+        let out = deployctl(
+            &agent,
+            &url,
+            &token(),
+            &["rollback", "--json", "--skip-tasks"],
+        )
+        .await;
         let (lines, _) = expect(&out, 0, "rollback");
         let events: Vec<DeploymentEvent> = lines
             .lines()
@@ -247,6 +261,23 @@ async fn every_outcome_has_its_exit_code_and_output() {
             events.last().unwrap().kind,
             EventKind::State { .. }
         ));
+        assert!(
+            !events.iter().any(
+                |e| matches!(&e.kind, EventKind::StepStarted { step } if step.starts_with("task:"))
+            ),
+            "{lines}"
+        );
+        // Its log ends with the migrations that stay applied.
+        let out = deployctl(&agent, &url, &reader, &["history", "--json", "--limit", "1"]).await;
+        let page: DeploymentPage = serde_json::from_str(&expect(&out, 0, "history").0).unwrap();
+        let rollback = &page.deployments[0];
+        assert!(rollback.skip_tasks, "{rollback:#?}");
+        let out = deployctl(&agent, &url, &reader, &["logs", &rollback.id.0]).await;
+        let (_, err) = expect(&out, 0, "the rollback's log");
+        assert!(
+            err.contains("which stay applied (deployd never reverses a migration): shop.0002_heartbeat_queue"),
+            "{err}"
+        );
     })
     .await;
 }

@@ -71,6 +71,10 @@ volumes = ["$name-static:/app/static"]
 verify = "5s"
 retain = 10
 [[apps.$app.release]]
+name = "check"
+command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+on = ["deploy"]
+[[apps.$app.release]]
 name = "migrate"
 command = ["python", "manage.py", "migrate", "--noinput"]
 [[apps.$app.release]]

@@ -11,6 +11,7 @@ mod recover;
 mod release;
 mod roll;
 mod run;
+mod service;
 mod status;
 
 use std::collections::HashMap;

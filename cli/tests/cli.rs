@@ -191,7 +191,10 @@ async fn every_outcome_has_its_exit_code_and_output() {
             table.contains("rolled_back") && table.contains("succeeded"),
             "{table}"
         );
-        assert!(table.lines().next().unwrap().contains("MIGRATIONS"), "{table}");
+        assert!(
+            table.lines().next().unwrap().contains("MIGRATIONS"),
+            "{table}"
+        );
 
         // Settings from a named context of the config file alone.
         let token_file = agent.state.path().join("token");
@@ -268,14 +271,22 @@ async fn every_outcome_has_its_exit_code_and_output() {
             "{lines}"
         );
         // Its log ends with the migrations that stay applied.
-        let out = deployctl(&agent, &url, &reader, &["history", "--json", "--limit", "1"]).await;
+        let out = deployctl(
+            &agent,
+            &url,
+            &reader,
+            &["history", "--json", "--limit", "1"],
+        )
+        .await;
         let page: DeploymentPage = serde_json::from_str(&expect(&out, 0, "history").0).unwrap();
         let rollback = &page.deployments[0];
         assert!(rollback.skip_tasks, "{rollback:#?}");
         let out = deployctl(&agent, &url, &reader, &["logs", &rollback.id.0]).await;
         let (_, err) = expect(&out, 0, "the rollback's log");
         assert!(
-            err.contains("which stay applied (deployd never reverses a migration): shop.0002_heartbeat_queue"),
+            err.contains(
+                "which stay applied (deployd never reverses a migration): shop.0002_heartbeat_queue"
+            ),
             "{err}"
         );
     })

@@ -21,9 +21,9 @@ use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
 use tracing::Instrument;
 
 use super::common::Failure;
-use super::roll::Placement;
+use super::service::Placement;
 use super::{Ctx, label};
-use crate::config::{AppConfig, Role, ServiceConfig};
+use crate::config::{AppConfig, ServiceConfig};
 use crate::docker::ContainerInfo;
 use crate::env_file::AppEnv;
 use crate::store::StoreError;
@@ -297,29 +297,6 @@ impl Ctx {
                 self.retire(c, service, cfg).await?;
             }
         }
-        Ok(())
-    }
-
-    /// Gracefully ends a container that is not of the release a service
-    /// converges to: web is stopped, the others drain in the background.
-    async fn retire(
-        &self,
-        c: &ContainerInfo,
-        service: &str,
-        cfg: &ServiceConfig,
-    ) -> Result<(), Failure> {
-        if c.running && cfg.role_of(service) != Some(Role::Web) {
-            self.drain(c.id.clone(), cfg.stop_timeout);
-            return Ok(());
-        }
-        self.stop_and_remove(c, cfg).await
-    }
-
-    async fn stop_and_remove(&self, c: &ContainerInfo, cfg: &ServiceConfig) -> Result<(), Failure> {
-        if c.running {
-            self.docker.stop(&c.id, cfg.stop_timeout).await?;
-        }
-        self.docker.remove(&c.id).await?;
         Ok(())
     }
 

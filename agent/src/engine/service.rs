@@ -1,0 +1,252 @@
+//! Starting, readying, switching, draining, stopping and retiring service
+//! containers: what a roll, a rollback and crash recovery all do to them.
+//! Traffic always moves before containers go: a container is never removed
+//! while the switch may still send it a request.
+
+use std::collections::HashMap;
+
+use tracing::Instrument;
+
+use super::common::{Failure, short_id};
+use super::health::Healthy;
+use super::label;
+use crate::config::{AppConfig, Role, ServiceConfig};
+use crate::docker::{ContainerInfo, ContainerSpec};
+use crate::env_file::AppEnv;
+use crate::switch::Upstream;
+
+/// A container this deployment started.
+#[derive(Debug, Clone)]
+pub(crate) struct Started {
+    pub id: String,
+    /// Published host port, for web.
+    pub port: Option<u16>,
+    /// The web port at the container's own address, where the switch sends
+    /// traffic.
+    pub direct: Option<std::net::SocketAddr>,
+}
+
+impl Started {
+    /// Where the switch sends this container's share of traffic.
+    pub fn upstream(&self) -> Option<Upstream> {
+        self.direct.map(|addr| Upstream {
+            container: self.id.clone(),
+            addr,
+        })
+    }
+}
+
+/// Where a service container goes: which app, deployment and env. No
+/// `Debug`: the env holds secrets.
+pub(crate) struct Placement<'p> {
+    pub app: &'p str,
+    pub app_cfg: &'p AppConfig,
+    pub deployment: &'p str,
+    pub env: &'p AppEnv,
+}
+
+/// Which release a service container runs.
+#[derive(Debug)]
+pub(crate) struct ReleaseRef<'r> {
+    /// Pinned reference, `repo@sha256:...`.
+    pub image: &'r str,
+    pub sha: &'r str,
+    pub digest: &'r str,
+}
+
+/// The container of one replica of a service, labelled so that a restarted
+/// agent can tell what it is.
+pub(crate) fn service_spec(
+    place: &Placement<'_>,
+    service: &str,
+    cfg: &ServiceConfig,
+    release: &ReleaseRef<'_>,
+    index: u32,
+) -> ContainerSpec {
+    let short_sha = &release.sha[..release.sha.len().min(12)];
+    ContainerSpec {
+        name: Some(format!(
+            "{}-{service}-{short_sha}-{}-{index}",
+            place.app,
+            short_id(place.deployment)
+        )),
+        image: release.image.to_owned(),
+        cmd: cfg.command.clone(),
+        env: place.env.service(service).to_vec(),
+        network: place.app_cfg.network.clone(),
+        network_aliases: Vec::new(),
+        volumes: place.app_cfg.volumes.clone(),
+        labels: HashMap::from([
+            (label::APP.to_owned(), place.app.to_owned()),
+            (label::SERVICE.to_owned(), service.to_owned()),
+            (label::SHA.to_owned(), release.sha.to_owned()),
+            (label::DIGEST.to_owned(), release.digest.to_owned()),
+            (label::DEPLOYMENT.to_owned(), place.deployment.to_owned()),
+        ]),
+        publish: cfg.port,
+        stop_timeout: Some(cfg.stop_timeout),
+        restart: true,
+    }
+}
+
+impl super::Ctx {
+    /// Starts a service container; learns its published port.
+    pub(crate) async fn start_service(
+        &self,
+        spec: ContainerSpec,
+        cfg: &ServiceConfig,
+    ) -> Result<Started, Failure> {
+        let id = self.docker.start(spec).await?;
+        match self.started(&id, cfg).await {
+            Ok(started) => Ok(started),
+            Err(f) => {
+                // Not tracked anywhere yet: remove it here or it leaks.
+                let _ = self.docker.remove(&id).await;
+                Err(f)
+            }
+        }
+    }
+
+    /// A running container of a service, with where its web port is reached.
+    pub(crate) async fn started(&self, id: &str, cfg: &ServiceConfig) -> Result<Started, Failure> {
+        let addrs = match cfg.port {
+            Some(p) => Some(self.docker.port(id, p).await?),
+            None => None,
+        };
+        Ok(Started {
+            id: id.to_owned(),
+            port: addrs.map(|a| a.published),
+            direct: addrs.and_then(|a| a.direct),
+        })
+    }
+
+    /// Starts containers of an earlier release from its pinned digest, one per
+    /// index in `indexes` (which keeps their names apart).
+    pub(crate) async fn start_release(
+        &self,
+        place: &Placement<'_>,
+        service: &str,
+        cfg: &ServiceConfig,
+        (sha, digest): (&str, &str),
+        indexes: std::ops::Range<u32>,
+    ) -> Result<Vec<Started>, Failure> {
+        let image = format!("{}@{digest}", place.app_cfg.image);
+        let release = ReleaseRef {
+            image: &image,
+            sha,
+            digest,
+        };
+        let mut started = Vec::new();
+        for index in indexes {
+            let spec = service_spec(place, service, cfg, &release, index);
+            started.push(self.start_service(spec, cfg).await?);
+        }
+        Ok(started)
+    }
+
+    /// Stops a container in the background (SIGTERM, then `timeout` to finish
+    /// its work), then removes it.
+    pub(crate) fn drain(&self, id: String, timeout: std::time::Duration) {
+        let docker = self.docker.clone();
+        // In the deployment's span: its log lines name the deployment.
+        tokio::spawn(
+            async move {
+                if let Err(e) = docker.stop(&id, timeout).await {
+                    tracing::warn!(container = %id, error = %e, "draining container did not stop");
+                }
+                if let Err(e) = docker.remove(&id).await {
+                    tracing::warn!(container = %id, error = %e, "drained container not removed");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// If `service` is the app's switched web service: sends its traffic to
+    /// `to` from now on, then drains the containers that had it. Returns
+    /// what happened, for the deployment's log.
+    pub(crate) async fn switch_traffic(
+        &self,
+        app: &str,
+        app_cfg: &AppConfig,
+        service: &str,
+        to: &[Started],
+    ) -> Result<Option<String>, Failure> {
+        let (Some(route), Some(switch), Some((web, _))) = (
+            self.routes.get(app),
+            &app_cfg.switch,
+            app_cfg.switched_service(),
+        ) else {
+            return Ok(None);
+        };
+        if web != service {
+            return Ok(None);
+        }
+        let upstreams = to
+            .iter()
+            .map(Started::upstream)
+            .collect::<Option<Vec<Upstream>>>()
+            .ok_or_else(|| Failure("a web container has no address on its network".into()))?;
+        let draining = route.switch_to(&upstreams);
+        let old = draining.containers().len();
+        let started = std::time::Instant::now();
+        let drained = draining.finish(switch.drain_timeout).await;
+        let to = match upstreams.len() {
+            0 => "nothing (the switch answers 503: no web container is live)".to_owned(),
+            n => format!("{n} container(s)"),
+        };
+        let mut line = format!(
+            "traffic switched to {to}; {old} drained in {} ms",
+            started.elapsed().as_millis()
+        );
+        if drained.cut > 0 {
+            line.push_str(&format!(
+                ", {} request(s) still running at the {} s drain timeout were ended",
+                drained.cut,
+                switch.drain_timeout.as_secs()
+            ));
+            tracing::warn!(%app, cut = drained.cut, "drain timeout ended requests");
+        }
+        Ok(Some(line))
+    }
+
+    /// Waits until a service container is ready: healthy for web (the
+    /// answer that passed is returned), up for the rest.
+    pub(crate) async fn wait_ready(
+        &self,
+        c: &Started,
+        cfg: &ServiceConfig,
+    ) -> Result<Option<Healthy>, Failure> {
+        match (c.port, &cfg.health) {
+            (Some(port), Some(health)) => self.wait_healthy(&c.id, port, health).await.map(Some),
+            _ => self.wait_up(&c.id, cfg.min_healthy).await.map(|()| None),
+        }
+    }
+
+    /// Gracefully ends a container that is not of the release a service
+    /// converges to: web is stopped, the others drain in the background.
+    pub(crate) async fn retire(
+        &self,
+        c: &ContainerInfo,
+        service: &str,
+        cfg: &ServiceConfig,
+    ) -> Result<(), Failure> {
+        if c.running && cfg.role_of(service) != Some(Role::Web) {
+            self.drain(c.id.clone(), cfg.stop_timeout);
+            return Ok(());
+        }
+        self.stop_and_remove(c, cfg).await
+    }
+
+    pub(crate) async fn stop_and_remove(
+        &self,
+        c: &ContainerInfo,
+        cfg: &ServiceConfig,
+    ) -> Result<(), Failure> {
+        if c.running {
+            self.docker.stop(&c.id, cfg.stop_timeout).await?;
+        }
+        self.docker.remove(&c.id).await?;
+        Ok(())
+    }
+}

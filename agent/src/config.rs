@@ -12,12 +12,14 @@ use serde::Deserialize;
 
 mod api;
 mod app;
+mod health;
 mod switch;
 
 pub use api::{
     ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, PROJECT_CLAIMS, RuleConfig,
 };
-pub use app::{AppConfig, EnvVars, HealthConfig, Role, ServiceConfig, TaskConfig, TaskPhase};
+pub use app::{AppConfig, EnvVars, Role, ServiceConfig, TaskConfig};
+pub use health::HealthConfig;
 pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
@@ -486,7 +488,7 @@ mod tests {
             on = []
             [apps.shop.services.web]
             port = 8000
-            health = { path = "/healthz/", host = "shop.example", headers = { "Bad Name" = "x", Host = "other", "X-Ok" = "a\u0001b" }, expect = [] }
+            health = { path = "/healthz/", host = "shop.example", headers = { "Bad Name" = "x", Host = "other", "X-Ok" = "a\u0001b", "Content-Length" = "0", "X-Forwarded-Proto" = "https", "x-forwarded-proto" = "https" }, expect = [] }
             [apps.shop.services.worker]
             health = { path = "/", host = "h", expect = [99] }
         "#;
@@ -498,8 +500,10 @@ mod tests {
                 "apps.shop.release[0].on: name when the task runs: deploy, rollback or both",
                 "apps.shop.env: \"A=B\" is not a variable name (A-Z, a-z, 0-9, _)",
                 "apps.shop.services.web.health.headers.Bad Name: is not a header name",
+                "apps.shop.services.web.health.headers.Content-Length: framing and connection headers are the client's own",
                 "apps.shop.services.web.health.headers.Host: the Host header is set by health.host",
                 "apps.shop.services.web.health.headers.X-Ok: is not a header value",
+                "apps.shop.services.web.health.headers.x-forwarded-proto: names a header already given (names ignore case)",
                 "apps.shop.services.web.health.expect: name at least one status",
                 "apps.shop.services.worker: port and health are for web services only",
             ],

@@ -1,6 +1,8 @@
 //! Golden JSON fixtures pin the wire format: a change here is a protocol change.
 
-use deployd_proto::{CommitSha, ErrorBody};
+#![allow(clippy::unwrap_used)]
+
+use deployd_proto::{CommitSha, Deployment, DeploymentKind, ErrorBody, RollbackRequest};
 
 #[test]
 fn error_body_matches_fixture() {
@@ -27,4 +29,41 @@ fn commit_sha_is_a_plain_string_on_the_wire() {
 fn invalid_sha_is_refused_while_decoding() {
     let err = serde_json::from_str::<CommitSha>("\"HEAD\"").unwrap_err();
     assert!(err.to_string().contains("lowercase hex"), "{err}");
+}
+
+/// Decodes a fixture and checks that encoding gives it back.
+fn round_trips<T: serde::de::DeserializeOwned + serde::Serialize>(fixture: &str) -> T {
+    let value: T = serde_json::from_str(fixture).unwrap();
+    assert_eq!(
+        serde_json::to_value(&value).unwrap(),
+        serde_json::from_str::<serde_json::Value>(fixture).unwrap()
+    );
+    value
+}
+
+#[test]
+fn rollback_request_matches_fixture() {
+    let request: RollbackRequest = round_trips(include_str!("data/rollback_request.json"));
+    assert!(request.skip_tasks);
+    // Sent only when set, so that older agents keep accepting rollbacks.
+    let plain = RollbackRequest::default();
+    assert_eq!(
+        serde_json::to_string(&plain).unwrap(),
+        r#"{"to":null,"reason":null}"#
+    );
+}
+
+#[test]
+fn rollback_deployment_matches_fixture() {
+    let d: Deployment = round_trips(include_str!("data/rollback_deployment.json"));
+    assert_eq!(d.kind, DeploymentKind::Rollback);
+    assert_eq!(d.migrations_kept, ["shop.0002_heartbeat_queue"]);
+    // An older agent's record, without the newer fields, still decodes.
+    let mut older: serde_json::Value =
+        serde_json::from_str(include_str!("data/rollback_deployment.json")).unwrap();
+    let fields = older.as_object_mut().unwrap();
+    fields.remove("migrations_kept");
+    fields.remove("skip_tasks");
+    let d: Deployment = serde_json::from_value(older).unwrap();
+    assert!(d.migrations_kept.is_empty() && !d.skip_tasks);
 }

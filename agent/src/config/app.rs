@@ -9,7 +9,7 @@ use std::time::Duration;
 use deployd_proto::DeploymentKind;
 use serde::Deserialize;
 
-use super::{Problems, SwitchConfig, is_plain_name};
+use super::{HealthConfig, Problems, SwitchConfig, is_plain_name};
 
 /// One app: its image, its secrets, its release tasks and its services.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -66,7 +66,7 @@ pub struct TaskConfig {
     /// migrate adds nothing, while a host-local collectstatic must put the
     /// old release's files back.
     #[serde(default = "default_task_on")]
-    pub on: Vec<TaskPhase>,
+    pub on: Vec<DeploymentKind>,
     /// Env file for this task only, over the app's.
     pub env_file: Option<PathBuf>,
     /// Variables for this task only, over the app's and `env_file`'s.
@@ -74,22 +74,10 @@ pub struct TaskConfig {
     pub env: EnvVars,
 }
 
-/// The kinds of deployment a release task runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskPhase {
-    Deploy,
-    Rollback,
-}
-
 impl TaskConfig {
     /// Whether the task runs in a deployment of this kind.
     pub fn runs_in(&self, kind: DeploymentKind) -> bool {
-        let phase = match kind {
-            DeploymentKind::Deploy => TaskPhase::Deploy,
-            DeploymentKind::Rollback => TaskPhase::Rollback,
-        };
-        self.on.contains(&phase)
+        self.on.contains(&kind)
     }
 }
 
@@ -164,33 +152,8 @@ pub struct ServiceConfig {
     pub env: EnvVars,
 }
 
-/// The HTTP check a web container must pass.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// Path to GET, e.g. `/healthz/`. Redirects are never followed: a
-    /// status outside `expect` is reported as it is.
-    pub path: String,
-    /// Host header to send (Django's ALLOWED_HOSTS refuses others).
-    pub host: String,
-    /// More headers to send, to look like what the proxy in front
-    /// forwards, e.g. `{ "X-Forwarded-Proto" = "https" }` for an app that
-    /// redirects plain HTTP (`SECURE_SSL_REDIRECT`).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Statuses that mean healthy. Default: `[200]`.
-    #[serde(default = "default_expect")]
-    pub expect: Vec<u16>,
-    /// How long a new container may take to become healthy. Default: 60 s.
-    #[serde(default = "default_health_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-fn default_task_on() -> Vec<TaskPhase> {
-    vec![TaskPhase::Deploy, TaskPhase::Rollback]
-}
-fn default_expect() -> Vec<u16> {
-    vec![200]
+fn default_task_on() -> Vec<DeploymentKind> {
+    vec![DeploymentKind::Deploy, DeploymentKind::Rollback]
 }
 fn default_verify() -> Duration {
     Duration::from_secs(10)
@@ -209,9 +172,6 @@ fn default_stop_timeout() -> Duration {
 }
 fn default_min_healthy() -> Duration {
     Duration::from_secs(5)
-}
-fn default_health_timeout() -> Duration {
-    Duration::from_secs(60)
 }
 
 impl AppConfig {
@@ -403,45 +363,5 @@ impl ServiceConfig {
                 }
             }
         }
-    }
-}
-
-impl HealthConfig {
-    fn validate(&self, at: &str, problems: &mut Problems) {
-        if !self.path.starts_with('/') {
-            problems.add(format!("{at}.path"), "must start with /");
-        }
-        if self.host.is_empty() || self.host.contains(['/', ' ']) {
-            problems.add(format!("{at}.host"), "must be a host name");
-        }
-        for (name, value) in &self.headers {
-            let at = format!("{at}.headers.{name}");
-            match http::HeaderName::from_bytes(name.as_bytes()) {
-                Err(_) => problems.add(at, "is not a header name"),
-                Ok(header) if header == http::header::HOST => {
-                    problems.add(at, "the Host header is set by health.host")
-                }
-                Ok(_) if http::HeaderValue::from_str(value).is_err() => {
-                    problems.add(at, "is not a header value")
-                }
-                Ok(_) => {}
-            }
-        }
-        if self.expect.is_empty() {
-            problems.add(format!("{at}.expect"), "name at least one status");
-        }
-        for status in &self.expect {
-            if !(100..=599).contains(status) {
-                problems.add(
-                    format!("{at}.expect"),
-                    format!("{status} is not an HTTP status"),
-                );
-            }
-        }
-    }
-
-    /// Whether an answer with this status means healthy.
-    pub fn accepts(&self, status: u16) -> bool {
-        self.expect.contains(&status)
     }
 }

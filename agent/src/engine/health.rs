@@ -26,6 +26,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const LOG_LINES: usize = 5;
 /// Characters of a short text or JSON answer quoted in the log.
 const EXCERPT_CHARS: usize = 160;
+/// Bytes of an answer's body read to quote it.
+const EXCERPT_READ: usize = 4096;
+/// Request headers whose values the log shows: what proxies forward. Any
+/// other header's value may be a credential and is left out.
+const SHOWN_HEADERS: [&str; 6] = [
+    "accept",
+    "user-agent",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+];
 
 /// The HTTP health check: its own client, which never follows redirects,
 /// trusts no TLS root (it speaks plain HTTP to containers) and ignores
@@ -92,7 +104,7 @@ impl HealthCheck {
             request = request.header(name, value);
         }
         let started = Instant::now();
-        let response = match request.send().await {
+        let mut response = match request.send().await {
             Ok(response) => response,
             Err(e) => return Probe::from_error(&e),
         };
@@ -109,14 +121,17 @@ impl HealthCheck {
         let quotable = content_type
             .as_deref()
             .is_some_and(|t| t.starts_with("text/plain") || t.contains("json"));
-        let excerpt = match quotable {
-            true => match response.text().await {
-                Ok(body) => excerpt(&body),
+        let mut body = Vec::new();
+        while quotable && body.len() < EXCERPT_READ {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
                 Err(e) if e.is_timeout() => return Probe::Timeout,
-                Err(_) => None,
-            },
-            false => None,
-        };
+                Err(_) => break,
+            }
+        }
+        body.truncate(EXCERPT_READ);
+        let excerpt = excerpt(&String::from_utf8_lossy(&body));
         Probe::Answer(Answer {
             status,
             location,
@@ -239,15 +254,17 @@ fn excerpt(body: &str) -> Option<String> {
 }
 
 /// The request a health check sends, for the log: path, Host and the extra
-/// headers, with the values of credentials left out.
+/// headers. Only the values of headers proxies forward are shown, and no
+/// query string: either may carry a credential.
 pub(crate) fn describe_request(health: &HealthConfig) -> String {
-    let mut line = format!("GET {} (Host: {}", health.path, health.host);
+    let path = match health.path.split_once('?') {
+        Some((path, _)) => format!("{path}?[query not shown]"),
+        None => health.path.clone(),
+    };
+    let mut line = format!("GET {path} (Host: {}", health.host);
     for (name, value) in &health.headers {
-        let lower = name.to_ascii_lowercase();
-        let secret = ["auth", "cookie", "token", "key", "secret"]
-            .iter()
-            .any(|s| lower.contains(s));
-        let value = if secret { "[not shown]" } else { value };
+        let shown = SHOWN_HEADERS.contains(&name.to_ascii_lowercase().as_str());
+        let value = if shown { value.as_str() } else { "[not shown]" };
         line.push_str(&format!(", {name}: {value}"));
     }
     line.push(')');
@@ -395,14 +412,17 @@ mod tests {
 
     #[test]
     fn the_logged_request_leaves_credentials_out() {
-        let line = describe_request(&health(&[
+        let mut check = health(&[
             ("X-Forwarded-Proto", "https"),
             ("Authorization", "Bearer s3cret"),
-            ("X-Health-Token", "s3cret"),
-        ]));
+            ("X-Health-Password", "s3cret"),
+        ]);
+        assert!(!format!("{check:?}").contains("s3cret"));
+        check.path = "/healthz/?key=s3cret".into();
+        let line = describe_request(&check);
         assert_eq!(
             line,
-            "GET /healthz/ (Host: shop.example, Authorization: [not shown], X-Forwarded-Proto: https, X-Health-Token: [not shown])"
+            "GET /healthz/?[query not shown] (Host: shop.example, Authorization: [not shown], X-Forwarded-Proto: https, X-Health-Password: [not shown])"
         );
     }
 }

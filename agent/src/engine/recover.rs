@@ -213,8 +213,9 @@ impl Ctx {
     /// containers get their stop timeout, then are removed.
     async fn remove_deployment(&self, d: &Deployment, cfg: &AppConfig) -> Result<String, Failure> {
         // Its web containers may have traffic: it goes nowhere first.
+        let mut stopped = None;
         if let Some((web, _)) = cfg.switched_service() {
-            self.switch_traffic(&d.app, cfg, web, &[]).await?;
+            stopped = self.switch_traffic(&d.app, cfg, web, &[]).await?;
         }
         for c in self
             .docker
@@ -227,7 +228,7 @@ impl Ctx {
                 None => self.docker.remove(&c.id).await?,
             }
         }
-        let switch = match cfg.switch {
+        let switch = match stopped {
             Some(_) => " (the switch answers 503)",
             None => "",
         };
@@ -317,10 +318,22 @@ impl Ctx {
                 .docker
                 .containers(&[(label::APP, app), (label::SERVICE, &service)])
                 .await?;
-            for c in found.iter().filter(|c| {
-                c.labels.get(label::SHA) != Some(&sha)
-                    || c.labels.get(label::DIGEST) != Some(&digest)
-            }) {
+            let (live, other): (Vec<&ContainerInfo>, Vec<&ContainerInfo>) =
+                found.iter().partition(|c| {
+                    c.labels.get(label::SHA) == Some(&sha)
+                        && c.labels.get(label::DIGEST) == Some(&digest)
+                });
+            if other.is_empty() {
+                continue;
+            }
+            // Traffic the start gave to another release's web containers
+            // (no live one ran) goes to the live ones before those end.
+            let mut ready = Vec::new();
+            for c in live.iter().filter(|c| c.running) {
+                ready.push(self.started(&c.id, service_cfg).await?);
+            }
+            self.switch_traffic(app, cfg, &service, &ready).await?;
+            for c in other {
                 if service_cfg.is_singleton(&service) {
                     self.stop_and_remove(c, service_cfg).await?;
                 } else {

@@ -41,6 +41,8 @@ pub(crate) struct Rollout<'a> {
     changes: Vec<Change>,
     /// Whether the switch sent traffic to this release's web containers.
     traffic_moved: bool,
+    /// Whether a discard then sent the app's traffic nowhere (503).
+    traffic_stopped: bool,
 }
 
 /// How a service's containers are replaced.
@@ -69,6 +71,7 @@ impl<'a> Rollout<'a> {
             env,
             changes: Vec::new(),
             traffic_moved: false,
+            traffic_stopped: false,
         }
     }
 
@@ -271,15 +274,16 @@ impl<'a> Rollout<'a> {
         Ok(())
     }
 
-    /// Whether the switch sent traffic to this release's web containers.
-    pub fn traffic_moved(&self) -> bool {
-        self.traffic_moved
+    /// Whether a discard sent the app's traffic nowhere: the switch answers
+    /// 503 until a release is live.
+    pub fn traffic_stopped(&self) -> bool {
+        self.traffic_stopped
     }
 
     /// After a failure that changed nothing that ran before: removes what
     /// was started. Traffic this release had taken (a first deployment's)
     /// goes nowhere first: the switch answers 503, never a removed container.
-    pub async fn discard(self) -> Result<(), Failure> {
+    pub async fn discard(&mut self) -> Result<(), Failure> {
         let docker = &self.run.ctx.docker;
         if self.traffic_moved
             && let Some((web, _)) = self.run.cfg.switched_service()
@@ -289,6 +293,7 @@ impl<'a> Rollout<'a> {
                 .switch_traffic(&self.run.app, &self.run.cfg, web, &[])
                 .await?
         {
+            self.traffic_stopped = true;
             self.run.emit(EventKind::Output {
                 step: "discard".into(),
                 line: done,
@@ -307,30 +312,42 @@ impl<'a> Rollout<'a> {
     /// previous release; returns what runs now, or an account of what failed.
     pub async fn restore(self) -> Result<String, Failure> {
         let mut restored = Vec::new();
+        let mut emptied = Vec::new();
         let mut failed = Vec::new();
         for change in self.changes.iter().rev() {
             match self.restore_service(change).await {
-                Ok(()) => restored.push(change.service.clone()),
+                Ok(0) => emptied.push(change.service.clone()),
+                Ok(_) => restored.push(change.service.clone()),
                 Err(f) => failed.push(format!("{}: {}", change.service, f.0)),
             }
         }
         restored.reverse();
+        emptied.reverse();
         let release = self
             .run
             .previous
             .as_ref()
             .map_or_else(|| "the previous release".to_owned(), |p| p.sha.to_string());
         if failed.is_empty() {
-            let traffic = match self.traffic_moved {
-                true => {
-                    format!("; traffic had moved to the new release and went back to {release}")
-                }
-                false => String::new(),
-            };
-            return Ok(format!(
-                "{} run {release} again{traffic}",
-                restored.join(", ")
-            ));
+            let mut said = Vec::new();
+            if !restored.is_empty() {
+                said.push(format!("{} run {release} again", restored.join(", ")));
+            }
+            if !emptied.is_empty() {
+                said.push(format!(
+                    "{} had no container running before and have none now",
+                    emptied.join(", ")
+                ));
+            }
+            let web = self.run.cfg.switched_service().map(|(web, _)| web);
+            if self.traffic_moved {
+                let web_emptied = web.is_some_and(|w| emptied.iter().any(|e| e == w));
+                said.push(match web_emptied {
+                    false => format!("traffic had moved to the new release and went back to {release}"),
+                    true => "traffic had moved to the new release; the switch now answers 503 (no web container is live)".to_owned(),
+                });
+            }
+            return Ok(said.join("; "));
         }
         let back = if restored.is_empty() {
             "none".to_owned()
@@ -343,10 +360,11 @@ impl<'a> Rollout<'a> {
         )))
     }
 
-    /// One service back on the previous release. Singletons lose the new
-    /// container first; the others keep it until the old ones are ready, so
-    /// the service is never left with nothing.
-    async fn restore_service(&self, change: &Change) -> Result<(), Failure> {
+    /// One service back on the previous release; returns how many of its
+    /// containers run it. Singletons lose the new container first; the
+    /// others keep it until the old ones are ready, so the service is never
+    /// left with nothing that had something before.
+    async fn restore_service(&self, change: &Change) -> Result<usize, Failure> {
         let docker = &self.run.ctx.docker;
         let cfg = self.cfg(&change.service)?;
         let singleton = cfg.is_singleton(&change.service);
@@ -398,7 +416,7 @@ impl<'a> Rollout<'a> {
                 docker.remove(&c.id).await?;
             }
         }
-        Ok(())
+        Ok(back.len())
     }
 
     /// New containers of the previous release, from its pinned digest.

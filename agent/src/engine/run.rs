@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::Ctx;
 use super::common::Failure;
 use super::roll::Rollout;
-use crate::config::AppConfig;
+use crate::config::{AppConfig, TaskConfig};
 use crate::docker::{ImageRef, PulledImage, RegistryAuth};
 use crate::env_file::AppEnv;
 use crate::store::Release;
@@ -66,8 +66,11 @@ impl Run {
         if applied.is_empty() {
             return Ok(());
         }
-        let mut all = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
-        all.extend(applied);
+        let all = {
+            let mut all = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(applied);
+            all.clone()
+        };
         self.ctx.store.set_migrations(&self.id, &all)?;
         Ok(())
     }
@@ -272,25 +275,24 @@ impl Run {
 
     async fn roll_back(
         &self,
-        rollout: Rollout<'_>,
+        mut rollout: Rollout<'_>,
         cause: Failure,
     ) -> (DeploymentState, Option<String>) {
         if !rollout.touched_running() {
+            let discarded = self.undo_step("discard", rollout.discard()).await;
             let mut changed = Vec::new();
-            if rollout.traffic_moved() {
+            if rollout.traffic_stopped() {
                 changed.push(
                     "its web containers had taken traffic and none ran before to go back to: \
-                     the switch now answers 503 (no web container is live) and they were removed"
+                     the switch now answers 503 (no web container is live)"
                         .to_owned(),
                 );
             }
-            if let Err(f) = self.undo_step("discard", rollout.discard()).await {
-                changed.push(format!("removing its containers failed: {}", f.0));
+            let mut message = self.account(&cause.0, &changed);
+            if let Err(f) = discarded {
+                message.push_str(&format!(" (removing its new containers failed: {})", f.0));
             }
-            return (
-                DeploymentState::Failed,
-                Some(self.account(&cause.0, &changed)),
-            );
+            return (DeploymentState::Failed, Some(message));
         }
         match self.undo_step("rollback", rollout.restore()).await {
             Ok(restored) => (
@@ -310,15 +312,16 @@ impl Run {
     }
 
     /// Why a release task does not run in this deployment, if it does not.
-    fn skips(&self, task: &crate::config::TaskConfig) -> Option<String> {
+    fn skips(&self, task: &TaskConfig) -> Option<String> {
         if self.skip_tasks {
             Some("this rollback was asked to skip release tasks (--skip-tasks)".into())
         } else if !task.runs_in(self.kind) {
-            let other = match self.kind {
-                DeploymentKind::Deploy => "rollback",
-                DeploymentKind::Rollback => "deploy",
-            };
-            Some(format!("it runs on {other} only (on = [\"{other}\"])"))
+            let on: Vec<String> = task.on.iter().map(|k| format!("\"{k}\"")).collect();
+            Some(format!(
+                "it does not run on {} (on = [{}])",
+                self.kind,
+                on.join(", ")
+            ))
         } else {
             None
         }

@@ -42,10 +42,7 @@ impl History {
                     "[year]-[month]-[day] [hour]:[minute]:[second]"
                 ))
                 .unwrap_or_default();
-            let kind = match d.kind {
-                deployd_proto::DeploymentKind::Deploy => "deploy",
-                deployd_proto::DeploymentKind::Rollback => "rollback",
-            };
+            let kind = d.kind.as_str();
             let sha = d.sha.as_str();
             let why = d.error.as_deref().or(d.reason.as_deref()).unwrap_or("");
             ctx.out(&format!(

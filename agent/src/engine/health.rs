@@ -166,13 +166,18 @@ impl Probe {
             }
             source = cause.source();
         }
-        let mut words = e.to_string();
+        // The causes only: the error itself names the URL, whose query may
+        // hold a credential.
+        let mut words = Vec::new();
         let mut cause = std::error::Error::source(e);
         while let Some(c) = cause {
-            words = format!("{words}: {c}");
+            words.push(c.to_string());
             cause = c.source();
         }
-        Self::Failed(words)
+        if words.is_empty() {
+            words.push("no answer".to_owned());
+        }
+        Self::Failed(words.join(": "))
     }
 
     /// The answer, if it passed the check.

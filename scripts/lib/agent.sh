@@ -9,7 +9,9 @@
 #   agent_init DIR PORT          init into DIR, API on 127.0.0.1:PORT
 #   agent_services NAME          network NAME with db and redis (healthy)
 #   agent_add_app DIR APP NAME   the sample app APP, from the test bed's
-#                                repository, on network NAME
+#                                repository, on network NAME; its first
+#                                release task is `check --deploy` (on
+#                                deploys), unless AGENT_CHECK=0
 #   agent_start DIR              run deployd (AGENT_PID), wait until ready;
 #                                AGENT_ARGS are passed before `run`, and
 #                                AGENT_WRAP runs it (prlimit ..., say)
@@ -70,10 +72,16 @@ network = "$name"
 volumes = ["$name-static:/app/static"]
 verify = "5s"
 retain = 10
+EOF
+    if [ "${AGENT_CHECK:-1}" = 1 ]; then
+        cat >>"$dir/etc/deployd.toml" <<EOF
 [[apps.$app.release]]
 name = "check"
 command = ["python", "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
 on = ["deploy"]
+EOF
+    fi
+    cat >>"$dir/etc/deployd.toml" <<EOF
 [[apps.$app.release]]
 name = "migrate"
 command = ["python", "manage.py", "migrate", "--noinput"]

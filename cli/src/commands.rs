@@ -2,6 +2,7 @@
 
 pub mod completions;
 pub mod deploy;
+pub mod fleet;
 pub mod history;
 pub mod lock;
 pub mod logs;

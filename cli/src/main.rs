@@ -5,6 +5,7 @@
 mod client;
 mod commands;
 mod exit;
+mod fleet;
 mod follow;
 mod oidc;
 mod settings;
@@ -42,6 +43,7 @@ enum Command {
     Lock(lock::Lock),
     Unlock(lock::Unlock),
     Whoami(whoami::Whoami),
+    Fleet(commands::fleet::FleetCommand),
     Completions(completions::Completions),
     /// Print the manual page (roff), as the package installs it.
     #[command(hide = true)]
@@ -83,6 +85,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<Exit, CliError> {
+    // A fleet names its own hosts: no single agent URL is needed.
+    if let Command::Fleet(c) = cli.command {
+        return c.run(&cli.global, cli.json).await;
+    }
     let settings = cli.global.resolve()?;
     let ctx = Ctx {
         client: client::Client::new(settings)?,
@@ -97,6 +103,6 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Lock(c) => c.run(&ctx).await,
         Command::Unlock(c) => c.run(&ctx).await,
         Command::Whoami(c) => c.run(&ctx).await,
-        Command::Completions(_) | Command::Manpage => Ok(Exit::Success),
+        Command::Fleet(_) | Command::Completions(_) | Command::Manpage => Ok(Exit::Success),
     }
 }

@@ -98,6 +98,9 @@ struct ConfigFile {
     default_context: Option<String>,
     #[serde(default)]
     contexts: BTreeMap<String, Context>,
+    /// `[fleets.NAME]`: see `fleet`.
+    #[serde(default)]
+    fleets: crate::fleet::Fleets,
 }
 
 /// Everything resolved. Its `Debug` leaves the token out.
@@ -267,12 +270,13 @@ impl Global {
         })
     }
 
-    fn context_from_file(&self) -> Result<Context, CliError> {
+    /// The config file, if there is one: where it is and what it says.
+    fn config_file(&self) -> Result<Option<(PathBuf, ConfigFile)>, CliError> {
         let (path, explicit) = match &self.config {
             Some(path) => (path.clone(), true),
             None => match default_config_path() {
                 Some(path) => (path, false),
-                None => return Ok(Context::default()),
+                None => return Ok(None),
             },
         };
         if !path.exists() {
@@ -282,13 +286,45 @@ impl Global {
                     path.display()
                 )));
             }
-            return Ok(Context::default());
+            return Ok(None);
         }
         let file: ConfigFile = config::Config::builder()
             .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml))
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| CliError::usage(format!("config file {}: {e}", path.display())))?;
+        Ok(Some((path, file)))
+    }
+
+    /// The fleets of the config file, and the file's path.
+    pub fn fleets_from_file(&self) -> Result<Option<(PathBuf, crate::fleet::Fleets)>, CliError> {
+        Ok(self.config_file()?.map(|(path, file)| (path, file.fleets)))
+    }
+
+    /// These settings for one host of a fleet: its URL, app and trust
+    /// stand in for the flags; the token comes from the usual layers.
+    pub fn for_host(&self, host: &crate::fleet::Host) -> Self {
+        let mut global = self.clone();
+        global.url = Some(host.url.clone());
+        global.app = Some(host.app.clone());
+        match &host.trust {
+            crate::fleet::Trust::System => {}
+            crate::fleet::Trust::Ca(path) => {
+                global.ca_cert = Some(path.clone());
+                global.pin_sha256 = None;
+            }
+            crate::fleet::Trust::Pin(pin) => {
+                global.pin_sha256 = Some(pin.clone());
+                global.ca_cert = None;
+            }
+        }
+        global
+    }
+
+    fn context_from_file(&self) -> Result<Context, CliError> {
+        let Some((path, file)) = self.config_file()? else {
+            return Ok(Context::default());
+        };
         let Some(name) = self.context.clone().or(file.default_context) else {
             return Ok(Context::default());
         };

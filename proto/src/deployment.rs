@@ -205,6 +205,10 @@ pub struct AppLock {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServiceStatus {
     pub name: String,
+    /// At most one container ever runs (celery beat); a fleet runs it on
+    /// one host only. Older agents do not send it.
+    #[serde(default)]
+    pub singleton: bool,
     pub containers: Vec<ContainerStatus>,
 }
 

@@ -64,7 +64,12 @@ impl EngineHandle {
                 });
             }
             containers.sort_by(|a, b| a.name.cmp(&b.name));
-            services.push(ServiceStatus { name, containers });
+            let singleton = service.is_some_and(|s| s.is_singleton(&name));
+            services.push(ServiceStatus {
+                name,
+                singleton,
+                containers,
+            });
         }
         Ok(AppStatus {
             app: app.to_owned(),

@@ -73,6 +73,7 @@ async fn main() {
                 requested_by: "bench".into(),
                 digest: None,
                 skip_tasks: false,
+                fleet: None,
             };
             let started = Instant::now();
             let id = engine.deploy(request).await.unwrap().id;

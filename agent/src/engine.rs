@@ -60,6 +60,8 @@ pub struct DeployRequest {
     pub digest: Option<String>,
     /// Run no release task (rollbacks only).
     pub skip_tasks: bool,
+    /// One host's part of a fleet deployment.
+    pub fleet: Option<deployd_proto::FleetPart>,
 }
 
 /// Why the engine refused a request.
@@ -378,6 +380,7 @@ impl EngineHandle {
             requested_by: requested_by.to_owned(),
             digest: Some(target.digest.clone()),
             skip_tasks,
+            fleet: None,
         };
         self.submit(request, DeploymentKind::Rollback).await
     }
@@ -536,6 +539,7 @@ impl Engine {
             migrations: Vec::new(),
             migrations_kept,
             skip_tasks: request.skip_tasks,
+            fleet: request.fleet,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

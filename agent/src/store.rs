@@ -80,7 +80,7 @@ pub struct Release {
 
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
@@ -146,6 +146,12 @@ CREATE TABLE audit_forwarded (
 const SCHEMA_V4: &str = "
 ALTER TABLE deployments ADD COLUMN migrations_kept TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE deployments ADD COLUMN skip_tasks INTEGER NOT NULL DEFAULT 0;
+";
+
+/// A deployment that is one host's part of a fleet deployment says so
+/// (JSON of `FleetPart`, or NULL).
+const SCHEMA_V5: &str = "
+ALTER TABLE deployments ADD COLUMN fleet TEXT;
 ";
 
 fn enum_text<T: serde::Serialize>(value: T) -> String {
@@ -235,8 +241,8 @@ impl Store {
         self.conn_changing().execute(
             "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
                 reason, force, state, error, migrations, created_at, finished_at,
-                migrations_kept, skip_tasks)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                migrations_kept, skip_tasks, fleet)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 d.id.0,
                 d.app,
@@ -254,6 +260,7 @@ impl Store {
                 d.finished_at.map(rfc3339),
                 serde_json::to_string(&d.migrations_kept).unwrap_or_else(|_| "[]".into()),
                 d.skip_tasks,
+                d.fleet.as_ref().and_then(|f| serde_json::to_string(f).ok()),
             ],
         )?;
         Ok(())
@@ -577,7 +584,7 @@ impl Store {
 
 const COLUMNS: &str = "id, app, kind, sha, digest, previous_sha, requested_by, reason, force, \
                        state, error, migrations, created_at, finished_at, migrations_kept, \
-                       skip_tasks";
+                       skip_tasks, fleet";
 
 /// A `deployments` row as stored.
 struct Row {
@@ -597,6 +604,7 @@ struct Row {
     finished_at: Option<String>,
     migrations_kept: String,
     skip_tasks: bool,
+    fleet: Option<String>,
 }
 
 impl Row {
@@ -618,6 +626,7 @@ impl Row {
             finished_at: row.get(13)?,
             migrations_kept: row.get(14)?,
             skip_tasks: row.get(15)?,
+            fleet: row.get(16)?,
         })
     }
 
@@ -643,6 +652,12 @@ impl Row {
             migrations_kept: serde_json::from_str(&self.migrations_kept)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?,
             skip_tasks: self.skip_tasks,
+            fleet: self
+                .fleet
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
             steps: Vec::new(),
             created_at: parse_time(&self.created_at)?,
             finished_at: self.finished_at.as_deref().map(parse_time).transpose()?,
@@ -700,6 +715,7 @@ mod tests {
             migrations: Vec::new(),
             migrations_kept: Vec::new(),
             skip_tasks: false,
+            fleet: None,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

@@ -13,7 +13,7 @@ use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
 use deployd::store::Store;
 use deployd::switch::{Routes, Serving, Switch};
 use deployd_proto::{
-    CommitSha, ContainerPhase, Deployment, DeploymentId, DeploymentState, EventKind,
+    CommitSha, ContainerPhase, Deployment, DeploymentId, DeploymentState, EventKind, FleetPart,
 };
 use reqwest::header::HOST;
 use support::{Scope, Tuning, app_config, poll, scoped};
@@ -63,6 +63,7 @@ impl Agent {
             requested_by: "engine-test".into(),
             digest: None,
             skip_tasks: false,
+            fleet: None,
         }
     }
 
@@ -418,12 +419,27 @@ async fn failures_after_the_switch_roll_every_service_back() {
         )
         .await;
 
+        // One host's part of a fleet deployment: the fleet's first host
+        // runs the `once` tasks (migrate), this one skips them.
+        let part = DeployRequest {
+            fleet: Some(FleetPart {
+                id: "fleet-1".into(),
+                host: "web-2".into(),
+                once_tasks: false,
+            }),
+            ..agent.request(&scope, "release-2")
+        };
+        let part = deployed(&agent.engine, part).await;
+        assert_eq!(part.state, DeploymentState::Succeeded, "{part:#?}");
+        assert_eq!(
+            outputs(&agent.engine, &part.id, "task:migrate"),
+            ["skipped: a once task: the fleet deployment runs it on its first host"]
+        );
+        assert!(part.steps.iter().any(|s| s.name == "task:collectstatic"));
+        assert_eq!(part.fleet.as_ref().unwrap().host, "web-2");
+
         // A manual rollback goes back to the release before the live one,
         // by its digest: moving its tag (a force-push) changes nothing.
-        assert_eq!(
-            agent.deploy(&scope, "release-2").await.state,
-            DeploymentState::Succeeded
-        );
         let repository = agent.config.apps[&agent.app].image.clone();
         let moved = ImageRef::new(repository, scope.bed.sha("release-1"));
         let release_2 = scope.bed.image("release-2").to_string();
@@ -659,6 +675,7 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
             requested_by: "engine-test".into(),
             digest: None,
             skip_tasks: false,
+            fleet: None,
         };
         let (r1, r2) = (scope.bed.sha("release-1"), scope.bed.sha("release-2"));
 
@@ -775,6 +792,7 @@ async fn first_deployments_say_what_they_changed() {
             requested_by: "engine-test".into(),
             digest: None,
             skip_tasks: false,
+            fleet: None,
         };
         let (engine, serving) = switched_engine(&scope, state.path(), &switched(&plain_health)).await;
         scope.start_db().await;

@@ -109,6 +109,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
                 requested_by: "traffic-test".into(),
                 digest: None,
                 skip_tasks: false,
+                fleet: None,
             };
             let started = engine.deploy(request).await.unwrap();
             engine.wait(&started.id).await.unwrap()

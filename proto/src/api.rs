@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{CommitSha, Deployment};
+use crate::{CommitSha, Deployment, FleetPart};
 
 /// Longest `reason` accepted on a deployment, rollback or lock.
 pub const MAX_REASON_CHARS: usize = 500;
@@ -23,6 +23,15 @@ pub struct DeployRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(max_length = 500))]
     pub reason: Option<String>,
+    /// Deploy exactly this image digest of the sha (`sha256:` and 64 hex
+    /// digits): a fleet deploys the digest every host resolved the tag to.
+    /// Sent only when set, so older agents keep accepting the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// This deployment is one host's part of a fleet deployment. Sent only
+    /// when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetPart>,
 }
 
 /// `POST /v1/apps/{app}/rollback`: go back to an earlier release.

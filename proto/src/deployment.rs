@@ -74,6 +74,24 @@ impl fmt::Display for DeploymentKind {
     }
 }
 
+/// One host's part of a fleet deployment (several hosts deployed as one by
+/// deployctl).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FleetPart {
+    /// The fleet deployment's id, the same on every host (1 to 64 of
+    /// a-z, A-Z, 0-9, `-`, `_`, `.`, `:`).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 64))]
+    pub id: String,
+    /// This host's name in the fleet (the same characters).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 64))]
+    pub host: String,
+    /// Whether this host runs the release tasks marked `once` (migrate):
+    /// the fleet's first host does, the others skip them.
+    pub once_tasks: bool,
+}
+
 /// One deployment of one app, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -107,6 +125,10 @@ pub struct Deployment {
     /// do not send it.
     #[serde(default)]
     pub skip_tasks: bool,
+    /// The fleet deployment this is one host's part of, if any. Older
+    /// agents do not send it.
+    #[serde(default)]
+    pub fleet: Option<FleetPart>,
     pub steps: Vec<Step>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

@@ -15,7 +15,7 @@ pub use api::{
 };
 pub use deployment::{
     AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
-    DeploymentKind, DeploymentState, EventKind, ServiceStatus, Step, StepState,
+    DeploymentKind, DeploymentState, EventKind, FleetPart, ServiceStatus, Step, StepState,
 };
 pub use error::ErrorBody;
 pub use sha::{CommitSha, InvalidSha};

@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use deployd_proto::{CommitSha, Deployment, DeploymentKind, ErrorBody, RollbackRequest};
+use deployd_proto::{
+    CommitSha, DeployRequest, Deployment, DeploymentKind, ErrorBody, RollbackRequest,
+};
 
 #[test]
 fn error_body_matches_fixture() {
@@ -64,6 +66,26 @@ fn rollback_deployment_matches_fixture() {
     let fields = older.as_object_mut().unwrap();
     fields.remove("migrations_kept");
     fields.remove("skip_tasks");
+    fields.remove("fleet");
     let d: Deployment = serde_json::from_value(older).unwrap();
     assert!(d.migrations_kept.is_empty() && !d.skip_tasks);
+}
+
+#[test]
+fn deploy_request_matches_fixture() {
+    let request: DeployRequest = round_trips(include_str!("data/deploy_request.json"));
+    let fleet = request.fleet.unwrap();
+    assert_eq!((fleet.host.as_str(), fleet.once_tasks), ("web-2", false));
+    // Without digest and fleet, the request is what older agents accept.
+    let plain = DeployRequest {
+        sha: "4f2a9c1".parse().unwrap(),
+        force: false,
+        reason: None,
+        digest: None,
+        fleet: None,
+    };
+    assert_eq!(
+        serde_json::to_string(&plain).unwrap(),
+        r#"{"sha":"4f2a9c1","force":false,"reason":null}"#
+    );
 }

@@ -43,11 +43,25 @@ pub async fn create(
         ));
     }
     let reason = checked_reason(body.reason)?;
+    checked_digest(body.digest.as_deref())?;
+    checked_fleet(body.fleet.as_ref())?;
     state.engine.check_app(&app)?;
     let mut intent = AuditRecord::new("deploy", "requested");
     intent.app = Some(app.clone());
     intent.sha = Some(body.sha.to_string());
-    intent.detail = reason.clone();
+    intent.digest = body.digest.clone();
+    intent.detail = match &body.fleet {
+        Some(f) => Some(format!(
+            "{}fleet deployment {} on host {}",
+            reason
+                .as_ref()
+                .map(|r| format!("{r}; "))
+                .unwrap_or_default(),
+            f.id,
+            f.host
+        )),
+        None => reason.clone(),
+    };
     let spent = begin_change(&state, &who, source, intent)?;
     let request = engine::DeployRequest {
         app,
@@ -55,8 +69,9 @@ pub async fn create(
         force: body.force,
         reason,
         requested_by: who.subject,
-        digest: None,
+        digest: body.digest,
         skip_tasks: false,
+        fleet: body.fleet,
     };
     started(&state, spent, state.engine.deploy(request)).await
 }
@@ -141,4 +156,39 @@ pub(super) fn readable(
         .ok_or_else(|| engine::EngineError::UnknownDeployment(id.clone()))?;
     who.require(Scope::Read, &deployment.app)?;
     Ok(deployment)
+}
+
+/// `sha256:` and 64 lowercase hex digits, or a 400.
+fn checked_digest(digest: Option<&str>) -> Result<(), ApiError> {
+    let Some(digest) = digest else { return Ok(()) };
+    let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+    if hex.len() == 64
+        && hex
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "invalid_digest",
+        "digest must be sha256: and 64 lowercase hex digits",
+    ))
+}
+
+/// A fleet id and host name: 1 to 64 of a-z, A-Z, 0-9, `-`, `_`, `.`, `:`.
+fn checked_fleet(fleet: Option<&deployd_proto::FleetPart>) -> Result<(), ApiError> {
+    let Some(fleet) = fleet else { return Ok(()) };
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    };
+    if plain(&fleet.id) && plain(&fleet.host) {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "invalid_fleet",
+        "fleet id and host are 1 to 64 of a-z, A-Z, 0-9, -, _, . and :",
+    ))
 }

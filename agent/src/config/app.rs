@@ -67,6 +67,12 @@ pub struct TaskConfig {
     /// old release's files back.
     #[serde(default = "default_task_on")]
     pub on: Vec<DeploymentKind>,
+    /// In a fleet deployment (several hosts deployed as one), run it on the
+    /// first host only: for tasks that change shared state, such as
+    /// migrate. Default: false (it runs on every host, as collectstatic
+    /// into a host's own volume must).
+    #[serde(default)]
+    pub once: bool,
     /// Env file for this task only, over the app's.
     pub env_file: Option<PathBuf>,
     /// Variables for this task only, over the app's and `env_file`'s.

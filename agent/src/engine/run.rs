@@ -33,6 +33,8 @@ pub(crate) struct Run {
     pub kind: DeploymentKind,
     /// Run no release task (a rollback's `--skip-tasks`).
     skip_tasks: bool,
+    /// Skip the `once` release tasks: another host of the fleet runs them.
+    skip_once: bool,
     /// When it began to run here, for its duration metric.
     started: Instant,
     /// Migrations its release tasks applied, in order.
@@ -56,6 +58,7 @@ impl Run {
             pin: d.digest.clone(),
             kind: d.kind,
             skip_tasks: d.skip_tasks,
+            skip_once: d.fleet.as_ref().is_some_and(|f| !f.once_tasks),
             started: Instant::now(),
             migrations: std::sync::Mutex::default(),
         }
@@ -315,6 +318,8 @@ impl Run {
     fn skips(&self, task: &TaskConfig) -> Option<String> {
         if self.skip_tasks {
             Some("this rollback was asked to skip release tasks (--skip-tasks)".into())
+        } else if task.once && self.skip_once {
+            Some("a once task: the fleet deployment runs it on its first host".into())
         } else if !task.runs_in(self.kind) {
             let on: Vec<String> = task.on.iter().map(|k| format!("\"{k}\"")).collect();
             Some(format!(

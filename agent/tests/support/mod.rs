@@ -93,6 +93,7 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
         [[apps.{app}.release]]
         name = "migrate"
         command = ["python", "manage.py", "migrate", "--noinput"]
+        once = true
         [[apps.{app}.release]]
         name = "collectstatic"
         command = ["python", "manage.py", "collectstatic", "--noinput"]

@@ -42,6 +42,8 @@ impl Deploy {
             sha: self.sha.clone(),
             force: self.force,
             reason: self.reason,
+            digest: None,
+            fleet: None,
         };
         let path = format!("/v1/apps/{app}/deployments");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;

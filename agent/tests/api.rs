@@ -129,6 +129,25 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
             .await
             .unwrap();
         refused(r, StatusCode::BAD_REQUEST, "invalid_reason").await;
+        for (body, code) in [
+            (
+                serde_json::json!({"sha": sha, "digest": "sha256:ABC"}),
+                "invalid_digest",
+            ),
+            (
+                serde_json::json!({"sha": sha, "fleet": {"id": "f 1", "host": "web-1", "once_tasks": true}}),
+                "invalid_fleet",
+            ),
+        ] {
+            let r = http
+                .post(&deploy_url)
+                .bearer_auth(&admin)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            refused(r, StatusCode::BAD_REQUEST, code).await;
+        }
         let r = http
             .post(agent.at("/v1/apps/nope/deployments"))
             .bearer_auth(&admin)

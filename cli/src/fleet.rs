@@ -327,7 +327,7 @@ impl Which {
     }
 }
 
-/// Host names (`plain_host`) may hold dots and a port; app names follow the
+/// Host names may hold dots and a port (`host`); app names follow the
 /// agent's rule.
 fn is_plain(name: &str, host: bool) -> bool {
     if host {

@@ -56,7 +56,8 @@ pub struct DeployRequest {
     pub reason: Option<String>,
     pub requested_by: String,
     /// Deploy exactly this image digest of the sha (rollbacks: what ran
-    /// then, even if the tag was moved since).
+    /// then, even if the tag was moved since; a fleet: what its first host
+    /// resolved the tag to).
     pub digest: Option<String>,
     /// Run no release task (rollbacks only).
     pub skip_tasks: bool,

@@ -28,7 +28,8 @@ pub(crate) struct Run {
     pub sha: CommitSha,
     /// What ran before this deployment, from the store.
     pub previous: Option<Release>,
-    /// The exact digest to deploy, when one was asked for (rollbacks).
+    /// The exact digest to deploy, when one was asked for (rollbacks, and
+    /// the hosts of a fleet).
     pub pin: Option<String>,
     pub kind: DeploymentKind,
     /// Run no release task (a rollback's `--skip-tasks`).

@@ -143,15 +143,8 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/deployd")
 }
 
-/// Names end up in container names and labels: keep them plain.
-pub(super) fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-}
+/// Names end up in URLs, container names and labels: keep them plain.
+pub(super) use deployd_proto::is_plain_name;
 
 /// One thing wrong with a configuration, at a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]

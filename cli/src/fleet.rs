@@ -164,7 +164,7 @@ impl FleetDef {
                 );
             }
             let name = def.name.clone().unwrap_or_else(|| authority.to_owned());
-            if !is_plain(&name, true) {
+            if !is_host_name(&name) {
                 add(
                     format!("{at}.name"),
                     "1-64 of a-z, A-Z, 0-9, '.', ':' and '-'",
@@ -178,7 +178,7 @@ impl FleetDef {
             if hosts.iter().any(|h| h.url == url && h.app == def.app) {
                 add(at.clone(), "the same app on the same agent twice");
             }
-            if !is_plain(&def.app, false) {
+            if !deployd_proto::is_plain_name(&def.app) {
                 add(
                     format!("{at}.app"),
                     "an app name: 1-32 of a-z, 0-9 and -, starting with a letter",
@@ -327,23 +327,14 @@ impl Which {
     }
 }
 
-/// Host names may hold dots and a port (`host`); app names follow the
-/// agent's rule.
-fn is_plain(name: &str, host: bool) -> bool {
-    if host {
-        !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-'))
-    } else {
-        !name.is_empty()
-            && name.len() <= 32
-            && name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    }
+/// A host's name in a fleet: 1 to 64 of a-z, A-Z, 0-9, `.`, `:` and `-`
+/// (a host name and port by default).
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-'))
 }
 
 #[cfg(test)]
@@ -356,6 +347,15 @@ mod tests {
             .build()
             .and_then(config::Config::try_deserialize)
             .unwrap()
+    }
+
+    /// The problems `check` reports, as lines.
+    fn problems(def: &FleetDef, at: &str) -> Vec<String> {
+        def.check("prod", at, Path::new("."))
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]
@@ -410,14 +410,8 @@ mod tests {
             app = "shop"
             "#,
         );
-        let problems: Vec<String> = def
-            .check("prod", "fleets.prod", Path::new("."))
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         assert_eq!(
-            problems,
+            problems(&def, "fleets.prod"),
             [
                 "fleets.prod.hosts[0].url: must be https://host[:port], the agent's API",
                 "fleets.prod.hosts[0].name: 1-64 of a-z, A-Z, 0-9, '.', ':' and '-'",
@@ -446,14 +440,8 @@ mod tests {
             app = "shop"
             "#,
         );
-        let problems: Vec<String> = def
-            .check("prod", "", Path::new("."))
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         assert_eq!(
-            problems,
+            problems(&def, ""),
             [
                 "hosts[1].name: another host has this name (names default to the URL's host and port)",
                 "hosts[1]: the same app on the same agent twice",

@@ -7,6 +7,7 @@
 mod api;
 mod deployment;
 mod error;
+mod name;
 mod sha;
 
 pub use api::{
@@ -18,4 +19,5 @@ pub use deployment::{
     DeploymentKind, DeploymentState, EventKind, FleetPart, ServiceStatus, Step, StepState,
 };
 pub use error::ErrorBody;
+pub use name::is_plain_name;
 pub use sha::{CommitSha, InvalidSha};

@@ -149,6 +149,9 @@ enum Command {
     Deploy {
         request: DeployRequest,
         kind: DeploymentKind,
+        /// Rollbacks: the deployment that last made the target release
+        /// live; migrations applied after it stay applied.
+        target: Option<DeploymentId>,
         reply: oneshot::Sender<Result<Deployment, EngineError>>,
     },
     Finished {
@@ -324,7 +327,7 @@ impl EngineHandle {
 
     /// Starts a deployment; returns it as recorded, before it runs.
     pub async fn deploy(&self, request: DeployRequest) -> Result<Deployment, EngineError> {
-        self.submit(request, DeploymentKind::Deploy).await
+        self.submit(request, DeploymentKind::Deploy, None).await
     }
 
     /// Like [`EngineHandle::deploy`], but while another deployment of the app
@@ -383,13 +386,15 @@ impl EngineHandle {
             skip_tasks,
             fleet: None,
         };
-        self.submit(request, DeploymentKind::Rollback).await
+        let target = Some(target.deployment.clone());
+        self.submit(request, DeploymentKind::Rollback, target).await
     }
 
     async fn submit(
         &self,
         request: DeployRequest,
         kind: DeploymentKind,
+        target: Option<DeploymentId>,
     ) -> Result<Deployment, EngineError> {
         // Shutting down: a deployment accepted now would only freeze.
         if self.ctx.stopping.is_cancelled() {
@@ -400,6 +405,7 @@ impl EngineHandle {
             .send(Command::Deploy {
                 request,
                 kind,
+                target,
                 reply,
             })
             .await
@@ -460,9 +466,10 @@ impl Engine {
                 Command::Deploy {
                     request,
                     kind,
+                    target,
                     reply,
                 } => {
-                    let _ = reply.send(self.accept(request, kind));
+                    let _ = reply.send(self.accept(request, kind, target.as_ref()));
                 }
                 Command::Finished { app } => {
                     self.running.remove(&app);
@@ -476,6 +483,7 @@ impl Engine {
         &mut self,
         request: DeployRequest,
         kind: DeploymentKind,
+        target: Option<&DeploymentId>,
     ) -> Result<Deployment, EngineError> {
         let app = self
             .apps
@@ -507,23 +515,9 @@ impl Engine {
         let live = self.ctx.store.live_release(&request.app)?;
         // A rollback leaves the schema as it is: say which migrations the
         // release it goes back to did not see when it last ran.
-        let migrations_kept = match (kind, &request.digest) {
-            (DeploymentKind::Rollback, Some(digest)) => {
-                let target = self
-                    .ctx
-                    .store
-                    .live_releases(&request.app, app.retain)?
-                    .into_iter()
-                    .find(|r| r.sha == request.sha && &r.digest == digest);
-                match target {
-                    Some(target) => self
-                        .ctx
-                        .store
-                        .migrations_after(&request.app, &target.deployment)?,
-                    None => Vec::new(),
-                }
-            }
-            _ => Vec::new(),
+        let migrations_kept = match target {
+            Some(target) => self.ctx.store.migrations_after(&request.app, target)?,
+            None => Vec::new(),
         };
         let deployment = Deployment {
             id: DeploymentId(uuid::Uuid::now_v7().to_string()),

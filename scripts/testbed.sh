@@ -36,6 +36,7 @@ VARIANTS=(
     "worker-crash 2 -"
     "slow-boot 2 -"
     "unhealthy-after-5-checks 2 -"
+    "needs-feature-key 2 -"
 )
 
 log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }

@@ -137,6 +137,7 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/rollback", post(apps::rollback))
         .route("/apps/{app}/status", get(apps::status))
         .route("/apps/{app}/lock", put(apps::lock).delete(apps::unlock))
+        .route("/apps/{app}/prepare", post(apps::prepare))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))
         .route("/whoami", get(whoami));

@@ -7,6 +7,7 @@
 mod common;
 mod health;
 mod observed;
+mod prepare;
 mod recover;
 mod release;
 mod roll;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deployd_proto::{
-    CommitSha, Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState,
+    AppLock, CommitSha, Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState,
     EventKind,
 };
 use time::OffsetDateTime;
@@ -73,7 +74,7 @@ pub enum EngineError {
     #[error("deployment {running} of {app} is still running")]
     Conflict { app: String, running: DeploymentId },
     #[error("{app} is locked by {}: {}", lock.locked_by, lock.reason)]
-    Locked { app: String, lock: Lock },
+    Locked { app: String, lock: Box<Lock> },
     #[error("{0} has no earlier successful release to roll back to")]
     NoPreviousRelease(String),
     #[error("{sha} is not among the releases of {app} kept for rollback")]
@@ -126,6 +127,8 @@ pub(crate) struct Ctx {
     metrics: Arc<Metrics>,
     /// Fires at shutdown: no deployment starts another step.
     stopping: CancellationToken,
+    /// Each app's latest prepare (pull and pin ahead of a deployment).
+    prepares: prepare::Prepares,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -233,6 +236,7 @@ impl EngineHandle {
             metrics: Arc::new(Metrics::new(&routes)),
             routes,
             stopping: CancellationToken::new(),
+            prepares: prepare::Prepares::default(),
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
@@ -359,6 +363,7 @@ impl EngineHandle {
         requested_by: &str,
         reason: Option<String>,
         skip_tasks: bool,
+        fleet: Option<deployd_proto::FleetPart>,
     ) -> Result<Deployment, EngineError> {
         let cfg = self
             .apps
@@ -384,7 +389,7 @@ impl EngineHandle {
             requested_by: requested_by.to_owned(),
             digest: Some(target.digest.clone()),
             skip_tasks,
-            fleet: None,
+            fleet,
         };
         let target = Some(target.deployment.clone());
         self.submit(request, DeploymentKind::Rollback, target).await
@@ -440,6 +445,88 @@ impl EngineHandle {
     /// The Docker engine deployments run on.
     pub fn docker(&self) -> &Docker {
         &self.ctx.docker
+    }
+
+    /// Locks `app` (an admin's lock, replacing any other).
+    pub fn lock(&self, app: &str, reason: &str, by: &str) -> Result<AppLock, EngineError> {
+        self.check_app(app)?;
+        self.ctx.store.lock(app, reason, by)?;
+        self.lock_of(app)?
+            .ok_or_else(|| EngineError::Store(StoreError::Corrupt("a lock vanished".into())))
+    }
+
+    /// Locks `app` for a fleet deployment, held by the token `holder`
+    /// (issuer, id): refused while another lock holds it or a deployment
+    /// not of that fleet runs. Locking again for the same fleet deployment
+    /// (a resumed one) replaces the holder.
+    pub fn lock_for_fleet(
+        &self,
+        app: &str,
+        by: &str,
+        fleet: &deployd_proto::FleetLock,
+        holder: (&str, &str),
+    ) -> Result<AppLock, EngineError> {
+        self.check_app(app)?;
+        if let Some((running, _)) = self.ctx.store.in_flight(app)?
+            && self
+                .ctx
+                .store
+                .get(&running)?
+                .is_none_or(|d| d.fleet.is_none_or(|f| f.id != fleet.id))
+        {
+            return Err(EngineError::Conflict {
+                app: app.to_owned(),
+                running,
+            });
+        }
+        let what = if fleet.rollback {
+            "rollback"
+        } else {
+            "deployment"
+        };
+        let reason = format!(
+            "fleet {what} {} of {} (fleet {}) holds it",
+            fleet.id, fleet.sha, fleet.name
+        );
+        if let Err(lock) = self
+            .ctx
+            .store
+            .lock_for_fleet(app, &reason, by, fleet, holder)?
+        {
+            return Err(EngineError::Locked {
+                app: app.to_owned(),
+                lock: Box::new(lock),
+            });
+        }
+        self.lock_of(app)?
+            .ok_or_else(|| EngineError::Store(StoreError::Corrupt("a lock vanished".into())))
+    }
+
+    /// Lifts `app`'s lock; with `fleet`, only a lock held for that fleet
+    /// deployment (another is refused, unchanged). Whether there was one.
+    pub fn unlock(&self, app: &str, fleet: Option<&str>) -> Result<bool, EngineError> {
+        self.check_app(app)?;
+        match fleet {
+            None => Ok(self.ctx.store.unlock(app)?),
+            Some(id) => self
+                .ctx
+                .store
+                .unlock_fleet(app, id)?
+                .map_err(|lock| EngineError::Locked {
+                    app: app.to_owned(),
+                    lock: Box::new(lock),
+                }),
+        }
+    }
+
+    /// The app's lock, as the API shows it.
+    pub fn lock_of(&self, app: &str) -> Result<Option<AppLock>, EngineError> {
+        Ok(self.ctx.store.lock_of(app)?.map(AppLock::from))
+    }
+
+    /// The app's lock as recorded, with its holder.
+    pub(crate) fn held_lock(&self, app: &str) -> Result<Option<Lock>, EngineError> {
+        Ok(self.ctx.store.lock_of(app)?)
     }
 
     /// `Ok` if `app` is configured.
@@ -506,10 +593,12 @@ impl Engine {
             }
             self.running.remove(&request.app);
         }
-        if let Some(lock) = self.ctx.store.lock_of(&request.app)? {
+        if let Some(lock) = self.ctx.store.lock_of(&request.app)?
+            && !lock.lets_in(request.fleet.as_ref().map(|f| f.id.as_str()))
+        {
             return Err(EngineError::Locked {
                 app: request.app,
-                lock,
+                lock: Box::new(lock),
             });
         }
         let live = self.ctx.store.live_release(&request.app)?;

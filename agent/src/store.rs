@@ -68,6 +68,31 @@ pub struct Lock {
     pub reason: String,
     pub locked_by: String,
     pub locked_at: OffsetDateTime,
+    /// The fleet deployment it is held for, if any.
+    pub fleet: Option<deployd_proto::FleetLock>,
+    /// The token that took a fleet lock: its issuer and id. Changes that
+    /// name the fleet and carry this token do not spend it again.
+    pub holder: Option<(String, String)>,
+}
+
+impl From<Lock> for deployd_proto::AppLock {
+    fn from(l: Lock) -> Self {
+        Self {
+            reason: l.reason,
+            locked_by: l.locked_by,
+            locked_at: l.locked_at,
+            fleet: l.fleet,
+        }
+    }
+}
+
+impl Lock {
+    /// Whether a change naming `fleet` passes this lock.
+    pub fn lets_in(&self, fleet: Option<&str>) -> bool {
+        self.fleet
+            .as_ref()
+            .is_some_and(|held| Some(held.id.as_str()) == fleet)
+    }
 }
 
 /// The release an app runs, as the store knows it: its last success.
@@ -80,7 +105,9 @@ pub struct Release {
 
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+const MIGRATIONS: &[&str] = &[
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
@@ -152,6 +179,14 @@ ALTER TABLE deployments ADD COLUMN skip_tasks INTEGER NOT NULL DEFAULT 0;
 /// (JSON of `FleetPart`, or NULL).
 const SCHEMA_V5: &str = "
 ALTER TABLE deployments ADD COLUMN fleet TEXT;
+";
+
+/// A lock may be a fleet deployment's (JSON of `FleetLock`), held by the
+/// token that took it (its issuer and id).
+const SCHEMA_V6: &str = "
+ALTER TABLE locks ADD COLUMN fleet TEXT;
+ALTER TABLE locks ADD COLUMN holder_issuer TEXT;
+ALTER TABLE locks ADD COLUMN holder_jti TEXT;
 ";
 
 fn enum_text<T: serde::Serialize>(value: T) -> String {
@@ -531,38 +566,131 @@ impl Store {
 
     /// The app's lock, if any.
     pub fn lock_of(&self, app: &str) -> Result<Option<Lock>, StoreError> {
-        let row = self
+        type LockRow = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<LockRow> = self
             .conn()
             .query_row(
-                "SELECT reason, locked_by, locked_at FROM locks WHERE app = ?1",
+                "SELECT reason, locked_by, locked_at, fleet, holder_issuer, holder_jti
+                 FROM locks WHERE app = ?1",
                 params![app],
                 |row| {
                     Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
                     ))
                 },
             )
             .optional()?;
-        row.map(|(reason, locked_by, at)| {
+        row.map(|(reason, locked_by, at, fleet, issuer, jti)| {
+            let fleet = fleet
+                .map(|f| {
+                    serde_json::from_str(&f)
+                        .map_err(|_| StoreError::Corrupt(format!("bad fleet lock {f:?}")))
+                })
+                .transpose()?;
             Ok(Lock {
                 reason,
                 locked_by,
                 locked_at: parse_time(&at)?,
+                fleet,
+                holder: issuer.zip(jti),
             })
         })
         .transpose()
     }
 
-    /// Locks an app (replacing an earlier lock's reason).
+    /// Locks an app (replacing an earlier lock, whoever held it).
     pub fn lock(&self, app: &str, reason: &str, by: &str) -> Result<(), StoreError> {
         self.conn_changing().execute(
             "INSERT INTO locks (app, reason, locked_by, locked_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (app) DO UPDATE SET reason = ?2, locked_by = ?3, locked_at = ?4",
+             ON CONFLICT (app) DO UPDATE SET reason = ?2, locked_by = ?3, locked_at = ?4,
+                 fleet = NULL, holder_issuer = NULL, holder_jti = NULL",
             params![app, reason, by, rfc3339(OffsetDateTime::now_utc())],
         )?;
         Ok(())
+    }
+
+    /// Locks an app for a fleet deployment, held by the token `holder`
+    /// (issuer, id). Only where the app is not locked, or locked for the
+    /// same fleet deployment (whose holder it replaces); returns the lock
+    /// in the way otherwise, changing nothing.
+    pub fn lock_for_fleet(
+        &self,
+        app: &str,
+        reason: &str,
+        by: &str,
+        fleet: &deployd_proto::FleetLock,
+        holder: (&str, &str),
+    ) -> Result<Result<(), Lock>, StoreError> {
+        let mut conn = self.conn_changing();
+        let tx = conn.transaction()?;
+        let held: Option<Option<String>> = tx
+            .query_row(
+                "SELECT fleet FROM locks WHERE app = ?1",
+                params![app],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let same = |f: &Option<String>| {
+            f.as_deref()
+                .and_then(|f| serde_json::from_str::<deployd_proto::FleetLock>(f).ok())
+                .is_some_and(|f| f.id == fleet.id)
+        };
+        if let Some(f) = &held
+            && !same(f)
+        {
+            drop(tx);
+            drop(conn);
+            return Ok(Err(self.lock_of(app)?.ok_or_else(|| {
+                StoreError::Corrupt("a lock vanished while read".into())
+            })?));
+        }
+        let fleet_json = serde_json::to_string(fleet)
+            .map_err(|e| StoreError::Corrupt(format!("cannot write a fleet lock: {e}")))?;
+        tx.execute(
+            "INSERT INTO locks (app, reason, locked_by, locked_at, fleet, holder_issuer, holder_jti)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (app) DO UPDATE SET reason = ?2, locked_by = ?3, locked_at = ?4,
+                 fleet = ?5, holder_issuer = ?6, holder_jti = ?7",
+            params![
+                app,
+                reason,
+                by,
+                rfc3339(OffsetDateTime::now_utc()),
+                fleet_json,
+                holder.0,
+                holder.1
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// Lifts an app's lock if it is held for fleet deployment `id`: true if
+    /// it was, false if there was none; the lock in the way otherwise.
+    pub fn unlock_fleet(&self, app: &str, id: &str) -> Result<Result<bool, Lock>, StoreError> {
+        match self.lock_of(app)? {
+            None => Ok(Ok(false)),
+            Some(lock) if lock.lets_in(Some(id)) => {
+                let removed = self.conn_changing().execute(
+                    "DELETE FROM locks WHERE app = ?1 AND fleet = ?2",
+                    params![app, serde_json::to_string(&lock.fleet).unwrap_or_default()],
+                )?;
+                Ok(Ok(removed > 0))
+            }
+            Some(lock) => Ok(Err(lock)),
+        }
     }
 
     /// Lifts an app's lock; returns whether there was one.

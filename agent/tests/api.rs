@@ -301,6 +301,7 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
             "/v1/apps/{app}/rollback",
             "/v1/apps/{app}/status",
             "/v1/apps/{app}/lock",
+            "/v1/apps/{app}/prepare",
             "/v1/deployments/{id}",
             "/v1/deployments/{id}/events",
             "/v1/whoami",
@@ -775,6 +776,176 @@ async fn audit_sink(
     tokio::spawn(server.serve(app.into_make_service()));
     handle.listening().await.unwrap();
     handle
+}
+
+/// A fleet deployment on one host: prepare pins the digest without a
+/// token spent; the fleet lock refuses every change not of its fleet
+/// deployment; the token that took it makes that deployment's deploy and
+/// unlock without being spent again, and is spent for anything else.
+#[tokio::test]
+async fn a_fleet_lock_lets_in_its_own_deployment_and_spends_the_token_once() {
+    scoped(|scope| async move {
+        let agent = TestAgent::deploying(&scope).await;
+        let app = scope.app();
+        let http = agent.client();
+        let ci = || agent.token("ci-shop", &[S::Read, S::Deploy], &[&app]);
+        let admin = || agent.token("ops", &[S::Read, S::Admin], &[&app]);
+        let sha = scope.bed.sha("release-1");
+        let lock_url = agent.at(&format!("/v1/apps/{app}/lock"));
+        let fleet = |id: &str| serde_json::json!({"id": id, "name": "prod", "sha": sha});
+
+        // Prepare: pulled and pinned, asked again until ready; the token
+        // stays unspent (it then takes the lock).
+        let token = ci();
+        let prepared: deployd_proto::Prepared =
+            support::poll("the prepare to end", Duration::from_secs(180), || async {
+                let r = http
+                    .post(agent.at(&format!("/v1/apps/{app}/prepare")))
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({"sha": sha}))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                let p: deployd_proto::Prepared = r.json().await.unwrap();
+                (status == StatusCode::OK).then_some(p)
+            })
+            .await;
+        assert_eq!(
+            prepared.state,
+            deployd_proto::PrepareState::Ready,
+            "{prepared:?}"
+        );
+        let digest = prepared.digest.clone().unwrap();
+        assert!(digest.starts_with("sha256:"), "{digest}");
+
+        // A plain lock needs admin; a fleet lock needs deploy.
+        let plain = http
+            .put(&lock_url)
+            .bearer_auth(ci())
+            .json(&serde_json::json!({"reason": "mine"}))
+            .send()
+            .await
+            .unwrap();
+        refused(plain, StatusCode::FORBIDDEN, "forbidden").await;
+        let r = http
+            .put(&lock_url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"reason": "fleet prod", "fleet": fleet("f-1")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let lock: deployd_proto::AppLock = r.json().await.unwrap();
+        assert_eq!(lock.fleet.as_ref().unwrap().id, "f-1");
+        assert!(lock.reason.contains("f-1"), "{lock:?}");
+
+        // Another fleet deployment, and a single-host deployment: 423
+        // naming the fleet deployment; their tokens stay usable.
+        let other = ci();
+        let r = http
+            .put(&lock_url)
+            .bearer_auth(&other)
+            .json(&serde_json::json!({"reason": "fleet prod", "fleet": fleet("f-2")}))
+            .send()
+            .await
+            .unwrap();
+        let body = refused(r, StatusCode::LOCKED, "locked").await;
+        assert!(body.message.contains("f-1"), "{body:?}");
+        let deploy_url = agent.at(&format!("/v1/apps/{app}/deployments"));
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&other)
+            .json(&serde_json::json!({"sha": sha}))
+            .send()
+            .await
+            .unwrap();
+        let body = refused(r, StatusCode::LOCKED, "locked").await;
+        assert!(body.message.contains("fleet deployment f-1"), "{body:?}");
+        let r = http
+            .delete(format!("{lock_url}?fleet=f-2"))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::LOCKED, "locked").await;
+
+        // The fleet's own deploy passes, with the same token, pinned.
+        let part = serde_json::json!({"id": "f-1", "host": "web-1", "once_tasks": true});
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"sha": sha, "digest": digest, "fleet": part}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        let started: Deployment = r.json().await.unwrap();
+        let ended: Deployment = support::poll(
+            "the fleet deployment to end",
+            Duration::from_secs(300),
+            || async {
+                let d: Deployment = agent
+                    .get_json(&format!("/v1/deployments/{}", started.id), &ci())
+                    .await;
+                d.state.is_terminal().then_some(d)
+            },
+        )
+        .await;
+        assert_eq!(ended.state, DeploymentState::Succeeded, "{ended:?}");
+        assert_eq!(ended.digest.as_deref(), Some(digest.as_str()));
+        assert_eq!(ended.fleet.as_ref().unwrap().host, "web-1");
+
+        // Anything not naming the fleet is a replay of the spent token.
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"sha": sha, "force": true}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::UNAUTHORIZED, "token_replayed").await;
+        // Its unlock passes; after it, the token is spent for good.
+        let r = http
+            .delete(format!("{lock_url}?fleet=f-1"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        let status: AppStatus = agent
+            .get_json(&format!("/v1/apps/{app}/status"), &ci())
+            .await;
+        assert!(status.lock.is_none(), "{status:?}");
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"sha": sha, "force": true, "fleet": part}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::UNAUTHORIZED, "token_replayed").await;
+        // An admin's lock replaces a fleet lock (the emergency brake).
+        let r = http
+            .put(&lock_url)
+            .bearer_auth(ci())
+            .json(&serde_json::json!({"reason": "fleet prod", "fleet": fleet("f-3")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = http
+            .put(&lock_url)
+            .bearer_auth(admin())
+            .json(&serde_json::json!({"reason": "incident"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let lock: deployd_proto::AppLock = r.json().await.unwrap();
+        assert!(lock.fleet.is_none(), "{lock:?}");
+    })
+    .await;
 }
 
 #[tokio::test]

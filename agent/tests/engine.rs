@@ -451,7 +451,7 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .unwrap();
         let back = agent
             .engine
-            .rollback(&agent.app, None, "ops", Some("test".into()), false)
+            .rollback(&agent.app, None, "ops", Some("test".into()), false, None)
             .await
             .unwrap();
         let back = agent.engine.wait(&back.id).await.unwrap();
@@ -486,6 +486,7 @@ async fn failures_after_the_switch_roll_every_service_back() {
                 "ops",
                 None,
                 true,
+                None,
             )
             .await
             .unwrap();
@@ -702,14 +703,21 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         // from rollback's reach; a release that never went live never was.
         for sha in [r1.clone(), scope.bed.sha("healthz-500")] {
             let err = engine
-                .rollback(&a, Some(sha), "ops", None, false)
+                .rollback(&a, Some(sha), "ops", None, false, None)
                 .await
                 .unwrap_err();
             assert!(matches!(err, EngineError::UnknownRelease { .. }), "{err:?}");
             assert!(err.to_string().contains("kept for rollback"), "{err}");
         }
         let back = engine
-            .rollback(&a, Some(r2.clone()), "ops", Some("named".into()), false)
+            .rollback(
+                &a,
+                Some(r2.clone()),
+                "ops",
+                Some("named".into()),
+                false,
+                None,
+            )
             .await
             .unwrap();
         let back = engine.wait(&back.id).await.unwrap();

@@ -135,7 +135,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         let broken = deploy("unhealthy-after-5-checks").await;
         assert_eq!(broken.state, DeploymentState::RolledBack, "{:?}", broken.error);
         let back = engine
-            .rollback(&app, None, "ops", Some("traffic test".into()), false)
+            .rollback(&app, None, "ops", Some("traffic test".into()), false, None)
             .await
             .unwrap();
         let back = engine.wait(&back.id).await.unwrap();

@@ -19,6 +19,7 @@
 //! Loading checks the whole definition and reports every problem with its
 //! key path, as the agent's configuration does.
 
+pub mod execute;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -113,6 +114,30 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path, self.reason)
     }
+}
+
+/// A fleet-wide problem for every singleton service (celery beat) that
+/// more than one host runs; `hosts` gives each host's name and its
+/// singleton services.
+pub fn singleton_problems<'a>(
+    hosts: impl IntoIterator<Item = (&'a str, Vec<&'a str>)>,
+) -> Vec<String> {
+    let mut on: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (host, services) in hosts {
+        for service in services {
+            on.entry(service).or_default().push(host);
+        }
+    }
+    on.into_iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .map(|(service, hosts)| {
+            format!(
+                "{service} is a singleton but {} hosts run it ({}): keep it in one host's config",
+                hosts.len(),
+                hosts.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// The fleets of deployctl's config file, by name.
@@ -280,6 +305,28 @@ pub struct Which {
     /// A fleet file, e.g. one kept in the app's repository.
     #[arg(long)]
     pub fleet_file: Option<PathBuf>,
+}
+
+/// `--fleet NAME | --fleet-file F` on a command that also works on one
+/// host: neither means the one host of the usual settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MaybeFleet {
+    /// Every host of a fleet of the config file (`[fleets.NAME]`).
+    #[arg(long, conflicts_with = "fleet_file")]
+    pub fleet: Option<String>,
+    /// Every host of a fleet file, e.g. one kept in the app's repository.
+    #[arg(long)]
+    pub fleet_file: Option<PathBuf>,
+}
+
+impl MaybeFleet {
+    /// The fleet named, if one is.
+    pub fn which(&self) -> Option<Which> {
+        (self.fleet.is_some() || self.fleet_file.is_some()).then(|| Which {
+            fleet: self.fleet.clone(),
+            fleet_file: self.fleet_file.clone(),
+        })
+    }
 }
 
 impl Which {

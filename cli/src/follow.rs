@@ -52,7 +52,33 @@ const TAIL_LINES: usize = 10;
 
 /// Follows deployment `id` until its final state, and returns it.
 pub async fn follow(client: &Client, id: &str, style: Style) -> Result<DeploymentState, CliError> {
+    follow_host(client, id, style, None).await
+}
+
+/// One host's deployment in a fleet: plain lines start with the host's
+/// name, JSON events carry a `host` field, and on a terminal the host is a
+/// row of the fleet's table (its step and state) instead of a log.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub host: String,
+    /// The host's row of the live table (live style only).
+    pub row: Option<ProgressBar>,
+    /// Shown in the row before the step (`wave 2`).
+    pub wave: String,
+    /// Told when the deployment starts rolling a service: its release
+    /// tasks are done.
+    pub rolling: Option<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+/// Like [`follow`], for one host of a fleet.
+pub async fn follow_host(
+    client: &Client,
+    id: &str,
+    style: Style,
+    host: Option<HostView>,
+) -> Result<DeploymentState, CliError> {
     let mut view = View::new(style);
+    view.host = host;
     let mut last = 0;
     let mut end: Option<(DeploymentState, Option<String>)> = None;
     let mut down_since: Option<Instant> = None;
@@ -176,6 +202,7 @@ pub fn state_name(state: DeploymentState) -> String {
 
 struct View {
     style: Style,
+    host: Option<HostView>,
     bars: MultiProgress,
     steps: HashMap<String, ProgressBar>,
     /// The last lines each task printed, for a failure's account.
@@ -187,6 +214,7 @@ impl View {
     fn new(style: Style) -> Self {
         Self {
             style,
+            host: None,
             bars: MultiProgress::new(),
             steps: HashMap::new(),
             tails: HashMap::new(),
@@ -195,14 +223,36 @@ impl View {
     }
 
     fn print(&self, line: &str) {
-        match self.style {
-            Style::Live => {
+        match (self.style, &self.host) {
+            (Style::Live, Some(host)) => {
+                if let Some(row) = &host.row {
+                    row.println(format!("{}  {line}", host.host));
+                }
+            }
+            (Style::Live, None) => {
                 let _ = self.bars.println(line);
+            }
+            (Style::Plain, Some(host)) => {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}  {line}", host.host);
             }
             _ => {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{line}");
             }
+        }
+    }
+
+    /// A host's row of the fleet's live table: its step or state.
+    fn set_row(&self, what: &str) {
+        if let Some(HostView {
+            host,
+            row: Some(row),
+            wave,
+            ..
+        }) = &self.host
+        {
+            row.set_message(format!("{host:<20} {wave:<8} {what}"));
         }
     }
 
@@ -228,11 +278,19 @@ impl View {
         {
             self.failed_step.get_or_insert_with(|| step.clone());
         }
+        if let (EventKind::StepStarted { step }, Some(host)) = (&event.kind, &self.host)
+            && step.starts_with("roll:")
+            && let Some(rolling) = &host.rolling
+        {
+            rolling.notify_one();
+        }
         match self.style {
             Style::Json => {
-                if let Ok(line) = serde_json::to_string(event) {
-                    self.print(&line);
+                let mut value = serde_json::to_value(event).unwrap_or_default();
+                if let (Some(host), Some(fields)) = (&self.host, value.as_object_mut()) {
+                    fields.insert("host".into(), host.host.clone().into());
                 }
+                self.print(&value.to_string());
             }
             Style::Plain => {
                 let at = event
@@ -241,6 +299,11 @@ impl View {
                     .unwrap_or_default();
                 self.print(&format!("{at}  {}", describe(&event.kind)));
             }
+            Style::Live if self.host.is_some() => match &event.kind {
+                EventKind::StepStarted { step } => self.set_row(step),
+                EventKind::State { state, .. } => self.set_row(&state_name(*state)),
+                EventKind::StepFinished { .. } | EventKind::Output { .. } => {}
+            },
             Style::Live => self.show_live(&event.kind),
         }
     }
@@ -293,17 +356,27 @@ impl View {
         if self.style == Style::Json {
             return;
         }
-        let mut err = std::io::stderr().lock();
-        for line in summary_lines(id, state, error, d) {
-            let _ = writeln!(err, "{line}");
-        }
+        let mut lines = summary_lines(id, state, error, d);
         if state != DeploymentState::Succeeded
             && let Some(step) = &self.failed_step
             && let Some(tail) = self.tails.get(step)
         {
-            let _ = writeln!(err, "last lines of {step}:");
-            for line in tail {
-                let _ = writeln!(err, "  {line}");
+            lines.push(format!("last lines of {step}:"));
+            lines.extend(tail.iter().map(|line| format!("  {line}")));
+        }
+        let prefix = self
+            .host
+            .as_ref()
+            .map(|h| format!("{}  ", h.host))
+            .unwrap_or_default();
+        let row = self.host.as_ref().and_then(|h| h.row.as_ref());
+        let mut err = std::io::stderr().lock();
+        for line in lines {
+            match row {
+                Some(row) => row.println(format!("{prefix}{line}")),
+                None => {
+                    let _ = writeln!(err, "{prefix}{line}");
+                }
             }
         }
     }

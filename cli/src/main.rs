@@ -86,15 +86,32 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<Exit, CliError> {
     // A fleet names its own hosts: no single agent URL is needed.
-    if let Command::Fleet(c) = cli.command {
-        return c.run(&cli.global, cli.json).await;
-    }
+    let command = match cli.command {
+        Command::Fleet(c) => return c.run(&cli.global, cli.json).await,
+        Command::Deploy(c) => match c.fleet.which() {
+            Some(which) => return c.run_fleet(which, &cli.global, cli.json).await,
+            None => Command::Deploy(c),
+        },
+        Command::Rollback(c) => match c.fleet.which() {
+            Some(which) => return c.run_fleet(which, &cli.global, cli.json).await,
+            None => Command::Rollback(c),
+        },
+        Command::Status(c) => match c.fleet.which() {
+            Some(which) => return c.run_fleet(which, &cli.global, cli.json).await,
+            None => Command::Status(c),
+        },
+        Command::History(c) => match c.fleet.which() {
+            Some(which) => return c.run_fleet(which, &cli.global, cli.json).await,
+            None => Command::History(c),
+        },
+        other => other,
+    };
     let settings = cli.global.resolve()?;
     let ctx = Ctx {
         client: client::Client::new(settings)?,
         json: cli.json,
     };
-    match cli.command {
+    match command {
         Command::Deploy(c) => c.run(&ctx).await,
         Command::Rollback(c) => c.run(&ctx).await,
         Command::Status(c) => c.run(&ctx).await,

@@ -51,6 +51,10 @@ pub struct RollbackRequest {
     /// when true, so older agents keep accepting the request.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skip_tasks: bool,
+    /// This rollback is one host's part of a fleet rollback (or of the
+    /// revert of a fleet deployment). Sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetPart>,
 }
 
 /// `PUT /v1/apps/{app}/lock`: refuse deployments until unlocked.
@@ -65,6 +69,61 @@ pub struct LockRequest {
         schema(min_length = 1, max_length = 500, pattern = r"\S")
     )]
     pub reason: String,
+    /// Lock the app for a fleet deployment: deployments and rollbacks that
+    /// name it pass, every other is refused. Taken with the `deploy` or
+    /// `rollback` scope (a plain lock needs `admin`). Sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetLock>,
+}
+
+/// The fleet deployment an app is locked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FleetLock {
+    /// The fleet deployment's id (as in [`FleetPart`]).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 64))]
+    pub id: String,
+    /// The fleet's name, as deployctl knows it.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 64))]
+    pub name: String,
+    /// The release the fleet deployment ships.
+    pub sha: CommitSha,
+    /// Whether it is a rollback of the fleet rather than a deployment.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
+}
+
+/// `POST /v1/apps/{app}/prepare`: pull a release and pin its digest,
+/// changing nothing that runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    pub sha: CommitSha,
+}
+
+/// Where a prepare stands: 202 while `pulling`, 200 once `ready` (with the
+/// digest) or `failed` (with the error). Ask again with the same request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Prepared {
+    pub sha: CommitSha,
+    pub state: PrepareState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// See [`Prepared`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PrepareState {
+    Pulling,
+    Ready,
+    Failed,
 }
 
 /// One page of an app's deployments, newest first.

@@ -220,6 +220,9 @@ pub struct AppLock {
     pub locked_by: String,
     #[serde(with = "time::serde::rfc3339")]
     pub locked_at: OffsetDateTime,
+    /// The fleet deployment the app is locked for, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::FleetLock>,
 }
 
 /// One service's containers.

@@ -11,8 +11,8 @@ mod name;
 mod sha;
 
 pub use api::{
-    DeployRequest, DeploymentPage, Grant, LockRequest, MAX_REASON_CHARS, RollbackRequest, Scope,
-    WhoAmI,
+    DeployRequest, DeploymentPage, FleetLock, Grant, LockRequest, MAX_REASON_CHARS, PrepareRequest,
+    PrepareState, Prepared, RollbackRequest, Scope, WhoAmI,
 };
 pub use deployment::{
     AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,

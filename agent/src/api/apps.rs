@@ -4,11 +4,15 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{
-    AppLock, AppStatus, Deployment, ErrorBody, LockRequest, RollbackRequest, Scope,
+    AppLock, AppStatus, Deployment, ErrorBody, LockRequest, PrepareRequest, PrepareState, Prepared,
+    RollbackRequest, Scope,
 };
+use serde::Deserialize;
 
-use super::audit::{ClientAddr, Started, begin_change, started};
-use super::{ApiError, ApiState, Caller, Json, Path, checked_reason};
+use super::audit::{ClientAddr, Started, begin_change, begin_fleet_change, give_back, started};
+use super::deployments::{checked_bound_sha, checked_fleet};
+use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
+use crate::engine::EngineError;
 use crate::store::AuditRecord;
 
 /// What the app runs: release per service, containers, lock.
@@ -66,23 +70,34 @@ pub async fn rollback(
         ));
     }
     let reason = checked_reason(body.reason)?;
+    checked_fleet(body.fleet.as_ref())?;
     state.engine.check_app(&app)?;
     let mut intent = AuditRecord::new("rollback", "requested");
     intent.app = Some(app.clone());
     intent.sha = body.to.as_ref().map(ToString::to_string);
-    intent.detail = match (&reason, body.skip_tasks) {
-        (Some(reason), true) => Some(format!("{reason} (release tasks skipped)")),
-        (None, true) => Some("release tasks skipped".into()),
-        (reason, false) => reason.clone(),
-    };
-    let spent = begin_change(&state, &who, source, intent)?;
-    let rollback = state
-        .engine
-        .rollback(&app, body.to, &who.subject, reason, body.skip_tasks);
+    let mut detail: Vec<String> = reason.iter().cloned().collect();
+    if body.skip_tasks {
+        detail.push("release tasks skipped".into());
+    }
+    if let Some(f) = &body.fleet {
+        detail.push(format!("fleet rollback {} on host {}", f.id, f.host));
+    }
+    intent.detail = (!detail.is_empty()).then(|| detail.join("; "));
+    let fleet = body.fleet.as_ref().map(|f| (app.as_str(), f.id.as_str()));
+    let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
+    let rollback = state.engine.rollback(
+        &app,
+        body.to,
+        &who.subject,
+        reason,
+        body.skip_tasks,
+        body.fleet,
+    );
     started(&state, spent, rollback).await
 }
 
 /// Locks the app: deployments and rollbacks are refused until unlocked.
+/// A fleet deployment's lock lets in the changes that name it.
 #[utoipa::path(
     put, path = "/v1/apps/{app}/lock", tag = "apps",
     params(("app" = String, Path, description = "App name", example = "shop")),
@@ -91,6 +106,8 @@ pub async fn rollback(
         (status = 200, body = AppLock),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "A fleet lock: a deployment not of that fleet runs", body = ErrorBody),
+        (status = 423, description = "A fleet lock: another lock holds the app", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -101,7 +118,19 @@ pub async fn lock(
     Path(app): Path<String>,
     Json(body): Json<LockRequest>,
 ) -> Result<Json<AppLock>, ApiError> {
-    who.require(Scope::Admin, &app)?;
+    match &body.fleet {
+        Some(fleet) => {
+            let scope = if fleet.rollback {
+                Scope::Rollback
+            } else {
+                Scope::Deploy
+            };
+            who.require(scope, &app)?;
+            checked_bound_sha(&who, &fleet.sha)?;
+            checked_fleet_lock(fleet)?;
+        }
+        None => who.require(Scope::Admin, &app)?,
+    }
     state.engine.check_app(&app)?;
     let Some(reason) = checked_reason(Some(body.reason))? else {
         return Err(ApiError::bad_request(
@@ -111,28 +140,63 @@ pub async fn lock(
     };
     let mut intent = AuditRecord::new("lock", "requested");
     intent.app = Some(app.clone());
-    intent.detail = Some(reason.clone());
-    begin_change(&state, &who, source, intent)?;
-    let store = state.engine.store();
-    store.lock(&app, &reason, &who.subject)?;
-    let lock = store.lock_of(&app)?.ok_or_else(|| {
-        ApiError::internal("lock not recorded", &"the lock vanished after writing it")
-    })?;
-    Ok(Json(AppLock {
-        reason: lock.reason,
-        locked_by: lock.locked_by,
-        locked_at: lock.locked_at,
-    }))
+    intent.sha = body.fleet.as_ref().map(|f| f.sha.to_string());
+    intent.detail = Some(match &body.fleet {
+        Some(f) => format!("{reason} (fleet {} deployment {})", f.name, f.id),
+        None => reason.clone(),
+    });
+    let Some(fleet) = body.fleet else {
+        begin_change(&state, &who, source, intent)?;
+        return Ok(Json(state.engine.lock(&app, &reason, &who.subject)?));
+    };
+    let spent = begin_fleet_change(&state, &who, source, intent, Some((&app, &fleet.id)))?;
+    let jti = who.jti.as_deref().unwrap_or_default();
+    match state
+        .engine
+        .lock_for_fleet(&app, &who.subject, &fleet, (&who.issuer, jti))
+    {
+        Ok(lock) => Ok(Json(lock)),
+        Err(e) => {
+            if e.changed_nothing() {
+                give_back(&state, spent);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// A fleet lock's id and name: 1 to 64 of a-z, A-Z, 0-9, `-`, `_`, `.`, `:`.
+fn checked_fleet_lock(fleet: &deployd_proto::FleetLock) -> Result<(), ApiError> {
+    if super::deployments::plain_fleet_name(&fleet.id)
+        && super::deployments::plain_fleet_name(&fleet.name)
+    {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "invalid_fleet",
+        "fleet id and name are 1 to 64 of a-z, A-Z, 0-9, -, _, . and :",
+    ))
+}
+
+/// `DELETE /lock`'s query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockQuery {
+    /// Lift only the lock of this fleet deployment (with the `deploy` or
+    /// `rollback` scope); another lock is refused (423) and stays.
+    fleet: Option<String>,
 }
 
 /// Lifts the app's lock (204 also when there was none).
 #[utoipa::path(
     delete, path = "/v1/apps/{app}/lock", tag = "apps",
-    params(("app" = String, Path, description = "App name", example = "shop")),
+    params(("app" = String, Path, description = "App name", example = "shop"), UnlockQuery),
     responses(
         (status = 204, description = "Unlocked"),
+        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 423, description = "With `fleet`: another lock holds the app", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -141,12 +205,75 @@ pub async fn unlock(
     Caller(who): Caller,
     source: ClientAddr,
     Path(app): Path<String>,
+    Query(query): Query<UnlockQuery>,
 ) -> Result<StatusCode, ApiError> {
-    who.require(Scope::Admin, &app)?;
+    match &query.fleet {
+        Some(id) => {
+            if !who.may(Scope::Deploy, &app) {
+                who.require(Scope::Rollback, &app)?;
+            }
+            if !super::deployments::plain_fleet_name(id) {
+                return Err(ApiError::bad_request(
+                    "invalid_fleet",
+                    "fleet is 1 to 64 of a-z, A-Z, 0-9, -, _, . and :",
+                ));
+            }
+        }
+        None => who.require(Scope::Admin, &app)?,
+    }
     state.engine.check_app(&app)?;
     let mut intent = AuditRecord::new("unlock", "requested");
     intent.app = Some(app.clone());
-    begin_change(&state, &who, source, intent)?;
-    state.engine.store().unlock(&app)?;
-    Ok(StatusCode::NO_CONTENT)
+    intent.detail = query
+        .fleet
+        .as_ref()
+        .map(|id| format!("fleet deployment {id}"));
+    let fleet = query.fleet.as_deref().map(|id| (app.as_str(), id));
+    let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
+    match state.engine.unlock(&app, query.fleet.as_deref()) {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(e) => {
+            if e.changed_nothing() {
+                give_back(&state, spent);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Pulls a release and pins its digest, changing nothing that runs (a
+/// fleet prepares every host before deploying any). Waits up to 15 s for
+/// the pull; ask again with the same body until it is no longer `pulling`.
+/// Needs the `deploy` scope; spends no token.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/prepare", tag = "apps",
+    params(("app" = String, Path, description = "App name", example = "shop")),
+    request_body = PrepareRequest,
+    responses(
+        (status = 200, description = "Ready (with the digest) or failed (with the error)", body = Prepared),
+        (status = 202, description = "Pulling: ask again", body = Prepared),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn prepare(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(app): Path<String>,
+    Json(body): Json<PrepareRequest>,
+) -> Result<(StatusCode, Json<Prepared>), ApiError> {
+    who.require(Scope::Deploy, &app)?;
+    checked_bound_sha(&who, &body.sha)?;
+    let prepared = state
+        .engine
+        .prepare_waiting(&app, &body.sha)
+        .await
+        .map_err(|e: EngineError| ApiError::from(e))?;
+    let status = if prepared.state == PrepareState::Pulling {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(prepared)))
 }

@@ -79,12 +79,10 @@ fn attribute(record: &mut AuditRecord, who: Option<&Principal>, source: Option<I
     record.source = source.map(|ip| ip.to_string());
 }
 
-/// A token id spent on a change, to give back if the change is refused.
+/// A token id spent on a change, to give back if the change is refused;
+/// none for a change made under the fleet lock the token holds.
 #[derive(Debug)]
-pub(super) struct Spent {
-    issuer: String,
-    jti: String,
-}
+pub(super) struct Spent(Option<(String, String)>);
 
 /// Before a change: records it (or refuses it, 503, when the audit log
 /// cannot be written), then spends the token's `jti` (refusing a replay).
@@ -92,7 +90,22 @@ pub(super) fn begin_change(
     state: &ApiState,
     who: &Principal,
     source: ClientAddr,
+    intent: AuditRecord,
+) -> Result<Spent, ApiError> {
+    begin_fleet_change(state, who, source, intent, None)
+}
+
+/// Like [`begin_change`] for a change that names fleet deployment
+/// `fleet` of `app`: when the token is the one that took the app's lock
+/// for that fleet deployment, it is not spent again. One token thus makes
+/// one fleet deployment on each host: its lock, its deploy, its revert,
+/// its unlock.
+pub(super) fn begin_fleet_change(
+    state: &ApiState,
+    who: &Principal,
+    source: ClientAddr,
     mut intent: AuditRecord,
+    fleet: Option<(&str, &str)>,
 ) -> Result<Spent, ApiError> {
     attribute(&mut intent, Some(who), source.0);
     intent.outcome = "requested".into();
@@ -111,25 +124,31 @@ pub(super) fn begin_change(
     let jti = who.jti.clone().ok_or_else(|| {
         AuthError::Invalid("a token without an id (jti) cannot make changes".into())
     })?;
+    if let Some((app, id)) = fleet
+        && let Some(lock) = state.engine.held_lock(app)?
+        && lock.lets_in(Some(id))
+        && lock
+            .holder
+            .as_ref()
+            .is_some_and(|(i, j)| *i == who.issuer && *j == jti)
+    {
+        return Ok(Spent(None));
+    }
     // Remembered as long as the token still passes verification.
     let leeway = i64::try_from(state.authenticator().leeway().as_secs()).unwrap_or(i64::MAX);
     let expires = who.expires_at.unix_timestamp().saturating_add(leeway);
     if !store.spend_token(&who.issuer, &jti, expires)? {
         return Err(AuthError::Replayed.into());
     }
-    Ok(Spent {
-        issuer: who.issuer.clone(),
-        jti,
-    })
+    Ok(Spent(Some((who.issuer.clone(), jti))))
 }
 
 /// After a refused change: the token may try again.
 pub(super) fn give_back(state: &ApiState, spent: Spent) {
-    if let Err(e) = state
-        .engine
-        .store()
-        .unspend_token(&spent.issuer, &spent.jti)
-    {
+    let Spent(Some((issuer, jti))) = spent else {
+        return;
+    };
+    if let Err(e) = state.engine.store().unspend_token(&issuer, &jti) {
         tracing::warn!(error = %e, "token id not given back");
     }
 }

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use deployd_proto::{DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, Scope};
 use serde::Deserialize;
 
-use super::audit::{ClientAddr, Started, begin_change, started};
+use super::audit::{ClientAddr, Started, begin_fleet_change, started};
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
 use crate::engine;
 use crate::store::AuditRecord;
@@ -33,15 +33,7 @@ pub async fn create(
     Json(body): Json<DeployRequest>,
 ) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
     who.require(Scope::Deploy, &app)?;
-    if let Some(bound) = &who.sha
-        && bound != body.sha.as_str()
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this token may only deploy {bound}"),
-        ));
-    }
+    checked_bound_sha(&who, &body.sha)?;
     let reason = checked_reason(body.reason)?;
     checked_digest(body.digest.as_deref())?;
     checked_fleet(body.fleet.as_ref())?;
@@ -62,7 +54,8 @@ pub async fn create(
         )),
         None => reason.clone(),
     };
-    let spent = begin_change(&state, &who, source, intent)?;
+    let fleet = body.fleet.as_ref().map(|f| (app.as_str(), f.id.as_str()));
+    let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
     let request = engine::DeployRequest {
         app,
         sha: body.sha,
@@ -158,6 +151,22 @@ pub(super) fn readable(
     Ok(deployment)
 }
 
+/// A 403 unless the token may ship `sha` (a token bound to one sha may
+/// ship only that one).
+pub(super) fn checked_bound_sha(
+    who: &crate::auth::Principal,
+    sha: &deployd_proto::CommitSha,
+) -> Result<(), ApiError> {
+    match &who.sha {
+        Some(bound) if bound != sha.as_str() => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token may only deploy {bound}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `sha256:` and 64 lowercase hex digits, or a 400.
 fn checked_digest(digest: Option<&str>) -> Result<(), ApiError> {
     let Some(digest) = digest else { return Ok(()) };
@@ -175,16 +184,19 @@ fn checked_digest(digest: Option<&str>) -> Result<(), ApiError> {
     ))
 }
 
-/// A fleet id and host name: 1 to 64 of a-z, A-Z, 0-9, `-`, `_`, `.`, `:`.
-fn checked_fleet(fleet: Option<&deployd_proto::FleetPart>) -> Result<(), ApiError> {
+/// 1 to 64 of a-z, A-Z, 0-9, `-`, `_`, `.`, `:`: a fleet's id, name or
+/// host name.
+pub(super) fn plain_fleet_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+}
+
+/// A fleet id and host name: see [`plain_fleet_name`].
+pub(super) fn checked_fleet(fleet: Option<&deployd_proto::FleetPart>) -> Result<(), ApiError> {
     let Some(fleet) = fleet else { return Ok(()) };
-    let plain = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-    };
-    if plain(&fleet.id) && plain(&fleet.host) {
+    if plain_fleet_name(&fleet.id) && plain_fleet_name(&fleet.host) {
         return Ok(());
     }
     Err(ApiError::bad_request(

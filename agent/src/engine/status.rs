@@ -109,11 +109,7 @@ impl Ctx {
         let recorded = Recorded {
             live: store.live_release(app)?,
             running: store.in_flight(app)?,
-            lock: store.lock_of(app)?.map(|l| AppLock {
-                reason: l.reason,
-                locked_by: l.locked_by,
-                locked_at: l.locked_at,
-            }),
+            lock: store.lock_of(app)?.map(AppLock::from),
         };
         self.recorded
             .lock()

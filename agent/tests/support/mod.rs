@@ -20,7 +20,7 @@ use deployd::env_file;
 use deployd_proto::CommitSha;
 
 /// Every release the test bed pushes.
-pub const VARIANTS: [&str; 8] = [
+pub const VARIANTS: [&str; 9] = [
     "release-1",
     "release-2",
     "migrate-fails",
@@ -29,6 +29,7 @@ pub const VARIANTS: [&str; 8] = [
     "worker-crash",
     "slow-boot",
     "unhealthy-after-5-checks",
+    "needs-feature-key",
 ];
 
 /// The sample app's commands, as the example configuration runs them.

@@ -10,7 +10,10 @@ use tokio::time::Instant;
 
 use super::Ctx;
 use crate::exit::{CliError, Exit};
+use crate::fleet::MaybeFleet;
+use crate::fleet::{Which, execute};
 use crate::follow::{Style, exit_of, follow};
+use crate::settings::Global;
 
 /// Deploy a release and follow it until it ends.
 #[derive(Debug, Args)]
@@ -31,12 +34,47 @@ pub struct Deploy {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub wait_lock: Option<Duration>,
     /// Print the deployment id and return; do not follow.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["fleet", "fleet_file"])]
     pub no_follow: bool,
+    #[command(flatten)]
+    pub fleet: MaybeFleet,
+    /// With a fleet: refuse when its hosts run different releases.
+    #[arg(long)]
+    pub require_same: bool,
+    /// With a fleet: finish the fleet deployment of this sha that a
+    /// deployctl left behind (the hosts' locks name it).
+    #[arg(long)]
+    pub resume: bool,
 }
 
 impl Deploy {
+    /// Deploys every host of the fleet `which` names.
+    pub async fn run_fleet(
+        self,
+        which: Which,
+        global: &Global,
+        json: bool,
+    ) -> Result<Exit, CliError> {
+        if self.force || self.wait_lock.is_some() {
+            return Err(CliError::usage(
+                "--force and --wait-lock are for one host, not a fleet",
+            ));
+        }
+        let fleet = which.load(global)?;
+        let options = execute::DeployOptions {
+            sha: self.sha,
+            reason: self.reason,
+            require_same: self.require_same,
+            resume: self.resume,
+            json,
+        };
+        execute::deploy(global, &fleet, options).await
+    }
+
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
+        if self.require_same || self.resume {
+            return Err(CliError::usage("--require-same and --resume need --fleet"));
+        }
         let app = ctx.client.settings().app()?.to_owned();
         let body = DeployRequest {
             sha: self.sha.clone(),

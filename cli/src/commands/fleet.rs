@@ -1,8 +1,6 @@
 //! `deployctl fleet check`: a fleet's definition, checked against its live
 //! hosts.
 
-use std::collections::BTreeMap;
-
 use clap::{Args, Subcommand};
 use deployd_proto::AppStatus;
 use futures_util::future::join_all;
@@ -11,7 +9,7 @@ use serde::Serialize;
 
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
-use crate::fleet::{Fleet, Host, Which, waves};
+use crate::fleet::{Fleet, Host, Which, singleton_problems, waves};
 use crate::settings::Global;
 
 /// Fleets: several hosts running deployd, deployed as one.
@@ -24,6 +22,17 @@ pub struct FleetCommand {
 #[derive(Debug, Subcommand)]
 enum Command {
     Check(Check),
+    Status(FleetStatus),
+}
+
+/// Every host of a fleet: live release, health, the fleet deployment that
+/// holds it (one a deployctl left behind shows here), drift. The same as
+/// `deployctl status --fleet`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  deployctl fleet status --fleet prod")]
+pub struct FleetStatus {
+    #[command(flatten)]
+    which: Which,
 }
 
 /// Check a fleet: its definition, then every host at once (reachable,
@@ -68,6 +77,7 @@ impl FleetCommand {
     pub async fn run(self, global: &Global, json: bool) -> Result<Exit, CliError> {
         match self.command {
             Command::Check(c) => c.run(global, json).await,
+            Command::Status(c) => status(&c.which.load(global)?, global, json).await,
         }
     }
 }
@@ -137,22 +147,12 @@ async fn check_host(global: &Global, host: &Host) -> HostCheck {
 
 /// The fleet's waves and its fleet-wide problems, with every host's check.
 fn report(fleet: &Fleet, hosts: Vec<HostCheck>) -> Report {
-    let mut problems = Vec::new();
-    let mut singletons: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for h in &hosts {
-        for s in &h.singletons {
-            singletons.entry(s).or_default().push(&h.host);
-        }
-    }
-    for (service, on) in singletons {
-        if on.len() > 1 {
-            problems.push(format!(
-                "{service} is a singleton but {} hosts run it ({}): keep it in one host's config",
-                on.len(),
-                on.join(", ")
-            ));
-        }
-    }
+    let problems = singleton_problems(hosts.iter().map(|h| {
+        (
+            h.host.as_str(),
+            h.singletons.iter().map(String::as_str).collect(),
+        )
+    }));
     let waves = waves(fleet.hosts.len(), fleet.first_wave, fleet.max_parallel)
         .into_iter()
         .map(|wave| fleet.hosts[wave].iter().map(|h| h.name.clone()).collect())
@@ -210,5 +210,230 @@ fn print_report(report: &Report) {
     }
     for p in &report.problems {
         println!("problem: {p}");
+    }
+}
+
+/// One host's row of `status --fleet`.
+#[derive(Debug, Serialize)]
+struct HostStatus {
+    host: String,
+    app: String,
+    /// The host's status, or why it could not be read.
+    status: Option<AppStatus>,
+    error: Option<String>,
+}
+
+async fn status_of(global: &Global, host: &Host) -> HostStatus {
+    let read = async {
+        let client = Client::new(global.for_host(host).resolve()?)?;
+        client
+            .call::<AppStatus>(Method::GET, &format!("/v1/apps/{}/status", host.app), None)
+            .await
+    };
+    let (status, error) = match read.await {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e.message)),
+    };
+    HostStatus {
+        host: host.name.clone(),
+        app: host.app.clone(),
+        status,
+        error,
+    }
+}
+
+/// A host's health in a word: its running containers, and how many of
+/// those with a check are healthy.
+fn health(status: &AppStatus) -> String {
+    let running: Vec<&deployd_proto::ContainerStatus> = status
+        .services
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter(|c| c.state == deployd_proto::ContainerPhase::Running)
+        .collect();
+    let checked: Vec<_> = running.iter().filter(|c| c.health.is_some()).collect();
+    let healthy = checked
+        .iter()
+        .filter(|c| c.health.as_deref() == Some("healthy"))
+        .count();
+    if checked.is_empty() {
+        format!("{} running", running.len())
+    } else {
+        format!(
+            "{} running, {healthy}/{} healthy",
+            running.len(),
+            checked.len()
+        )
+    }
+}
+
+/// `deployctl status --fleet` and `deployctl fleet status`.
+pub async fn status(fleet: &Fleet, global: &Global, json: bool) -> Result<Exit, CliError> {
+    let hosts = join_all(fleet.hosts.iter().map(|h| status_of(global, h))).await;
+    if json {
+        let line = serde_json::json!({"fleet": fleet.name, "hosts": hosts});
+        println!("{line}");
+    } else {
+        let mut lives: Vec<String> = hosts
+            .iter()
+            .filter_map(|h| h.status.as_ref())
+            .map(|s| {
+                s.live_sha
+                    .as_ref()
+                    .map_or("none".into(), ToString::to_string)
+            })
+            .collect();
+        lives.sort_unstable();
+        lives.dedup();
+        // The release most hosts run; the others drift from it.
+        let common = lives
+            .iter()
+            .max_by_key(|sha| {
+                hosts
+                    .iter()
+                    .filter_map(|h| h.status.as_ref())
+                    .filter(|s| {
+                        s.live_sha
+                            .as_ref()
+                            .map_or("none".into(), ToString::to_string)
+                            == **sha
+                    })
+                    .count()
+            })
+            .cloned();
+        println!("fleet {}", fleet.name);
+        println!(
+            "{:<20}  {:<12}  {:<12}  {:<24}  {:<6}  LOCK",
+            "HOST", "APP", "LIVE", "HEALTH", "DRIFT"
+        );
+        for h in &hosts {
+            let Some(s) = &h.status else {
+                println!(
+                    "{:<20}  {:<12}  unreachable: {}",
+                    h.host,
+                    h.app,
+                    h.error.as_deref().unwrap_or("")
+                );
+                continue;
+            };
+            let live = s
+                .live_sha
+                .as_ref()
+                .map_or("none".to_owned(), ToString::to_string);
+            let drift = if lives.len() > 1 && Some(&live) != common.as_ref() {
+                "yes"
+            } else {
+                "-"
+            };
+            let lock = match (&s.lock, &s.running_deployment) {
+                (Some(l), _) => match &l.fleet {
+                    Some(f) => format!("fleet deployment {} of {}", f.id, short(f.sha.as_str())),
+                    None => format!("locked by {}: {}", l.locked_by, l.reason),
+                },
+                (None, Some(id)) => format!("deploying {id}"),
+                (None, None) => "-".to_owned(),
+            };
+            println!(
+                "{:<20}  {:<12}  {:<12}  {:<24}  {drift:<6}  {lock}",
+                h.host,
+                h.app,
+                short(&live),
+                health(s)
+            );
+        }
+        if lives.len() > 1 {
+            println!("drift: the hosts run {} releases", lives.len());
+        }
+    }
+    if hosts.iter().any(|h| h.status.is_none()) {
+        return Err(CliError::new(
+            Exit::Unreachable,
+            format!("fleet {}: a host could not be read", fleet.name),
+        ));
+    }
+    Ok(Exit::Success)
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+/// `deployctl history --fleet`: every host's deployments, newest first.
+pub async fn history(
+    fleet: &Fleet,
+    global: &Global,
+    limit: u16,
+    json: bool,
+) -> Result<Exit, CliError> {
+    let pages = join_all(fleet.hosts.iter().map(|host| async move {
+        let client = Client::new(global.for_host(host).resolve()?)?;
+        client
+            .call::<deployd_proto::DeploymentPage>(
+                Method::GET,
+                &format!("/v1/apps/{}/deployments?limit={limit}", host.app),
+                None,
+            )
+            .await
+    }))
+    .await;
+    let mut rows: Vec<(&str, deployd_proto::Deployment)> = Vec::new();
+    let mut unreadable = Vec::new();
+    for (host, page) in fleet.hosts.iter().zip(pages) {
+        match page {
+            Ok(page) => rows.extend(
+                page.deployments
+                    .into_iter()
+                    .map(|d| (host.name.as_str(), d)),
+            ),
+            Err(e) => unreadable.push(format!("{}: {}", host.name, e.message)),
+        }
+    }
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1.created_at));
+    rows.truncate(usize::from(limit) * fleet.hosts.len());
+    if json {
+        let hosts: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(host, d)| serde_json::json!({"host": host, "deployment": d}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"fleet": fleet.name, "deployments": hosts})
+        );
+    } else {
+        println!(
+            "{:<20}  {:<12}  {:<20}  {:<9}  {:<15}  {:<12}  {:<12}  REASON / ERROR",
+            "HOST", "ID", "WHEN (UTC)", "KIND", "STATE", "SHA", "FLEET"
+        );
+        for (host, d) in &rows {
+            let when = d
+                .created_at
+                .format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second]"
+                ))
+                .unwrap_or_default();
+            let fleet_id = d
+                .fleet
+                .as_ref()
+                .map_or("-".to_owned(), |f| super::short_id(&f.id).to_owned());
+            println!(
+                "{host:<20}  {:<12}  {when:<20}  {:<9}  {:<15}  {:<12}  {fleet_id:<12}  {}",
+                super::short_id(&d.id.0),
+                d.kind.as_str(),
+                crate::follow::state_name(d.state),
+                short(d.sha.as_str()),
+                d.error.as_deref().or(d.reason.as_deref()).unwrap_or("")
+            );
+        }
+    }
+    for line in &unreadable {
+        eprintln!("unreadable: {line}");
+    }
+    if unreadable.is_empty() {
+        Ok(Exit::Success)
+    } else {
+        Err(CliError::new(
+            Exit::Unreachable,
+            format!("fleet {}: a host could not be read", fleet.name),
+        ))
     }
 }

@@ -6,6 +6,7 @@ use reqwest::Method;
 
 use super::{Ctx, short_id};
 use crate::exit::{CliError, Exit};
+use crate::fleet::MaybeFleet;
 use crate::follow::state_name;
 
 /// The app's deployments, newest first.
@@ -15,9 +16,21 @@ pub struct History {
     /// How many (1 to 100).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=100))]
     pub limit: u16,
+    #[command(flatten)]
+    pub fleet: MaybeFleet,
 }
 
 impl History {
+    /// Every host of the fleet `which` names.
+    pub async fn run_fleet(
+        self,
+        which: crate::fleet::Which,
+        global: &crate::settings::Global,
+        json: bool,
+    ) -> Result<Exit, CliError> {
+        super::fleet::history(&which.load(global)?, global, self.limit, json).await
+    }
+
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
         let page: DeploymentPage = ctx

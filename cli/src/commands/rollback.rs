@@ -8,6 +8,9 @@ use deployd_proto::{CommitSha, RollbackRequest};
 use super::Ctx;
 use super::deploy::{start_following, submit};
 use crate::exit::{CliError, Exit};
+use crate::fleet::MaybeFleet;
+use crate::fleet::{Which, execute};
+use crate::settings::Global;
 
 /// Roll back to the release before the live one, or to a kept one, and
 /// follow it until it ends.
@@ -23,24 +26,38 @@ pub struct Rollback {
     #[arg(long)]
     pub reason: Option<String>,
     /// If a deployment runs or the app is locked, wait up to this long.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["fleet", "fleet_file"])]
     pub wait_lock: Option<Duration>,
     /// Print the deployment id and return; do not follow.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["fleet", "fleet_file"])]
     pub no_follow: bool,
     /// Run no release task, not even those marked for rollbacks: for an
     /// emergency, when the tasks themselves are the trouble.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["fleet", "fleet_file"])]
     pub skip_tasks: bool,
+    #[command(flatten)]
+    pub fleet: MaybeFleet,
 }
 
 impl Rollback {
+    /// Rolls back every host of the fleet `which` names.
+    pub async fn run_fleet(
+        self,
+        which: Which,
+        global: &Global,
+        json: bool,
+    ) -> Result<Exit, CliError> {
+        let fleet = which.load(global)?;
+        execute::rollback(global, &fleet, self.to, self.reason, json).await
+    }
+
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
         let body = RollbackRequest {
             to: self.to,
             reason: self.reason,
             skip_tasks: self.skip_tasks,
+            fleet: None,
         };
         let path = format!("/v1/apps/{app}/rollback");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;

@@ -6,12 +6,16 @@ use reqwest::Method;
 
 use super::Ctx;
 use crate::exit::{CliError, Exit};
+use crate::fleet::MaybeFleet;
 
 /// What the app runs now: live release, each service's containers with
 /// their release and health, a deployment in flight, a lock.
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  deployctl status --app shop --json")]
-pub struct Status {}
+pub struct Status {
+    #[command(flatten)]
+    pub fleet: MaybeFleet,
+}
 
 fn phase(p: ContainerPhase) -> &'static str {
     match p {
@@ -22,6 +26,16 @@ fn phase(p: ContainerPhase) -> &'static str {
 }
 
 impl Status {
+    /// Every host of the fleet `which` names.
+    pub async fn run_fleet(
+        self,
+        which: crate::fleet::Which,
+        global: &crate::settings::Global,
+        json: bool,
+    ) -> Result<Exit, CliError> {
+        super::fleet::status(&which.load(global)?, global, json).await
+    }
+
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
         let status: AppStatus = ctx

@@ -35,6 +35,9 @@ def _count_health_check():
 def health_is_broken():
     if BUILD.variant == "healthz-500":
         return True
+    # A host-specific fault: this build needs a setting one host lacks.
+    if BUILD.variant == "needs-feature-key":
+        return not os.environ.get("SHOP_FEATURE_KEY")
     if BUILD.variant == "unhealthy-after-5-checks":
         return _count_health_check() > HEALTHY_ANSWERS
     return False

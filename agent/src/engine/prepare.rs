@@ -1,0 +1,112 @@
+//! Preparing a release ahead of its deployment: pull it and pin its digest,
+//! changing nothing that runs. A fleet prepares every host at once and
+//! deploys only when they all resolved the tag to the same digest.
+//!
+//! A pull can outlast an API request, so a prepare runs as a task of its
+//! own and is asked again until it ends. Each app keeps its latest prepare
+//! only: asking for another sha starts over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use deployd_proto::{CommitSha, PrepareState, Prepared};
+
+use super::{EngineError, EngineHandle};
+use crate::docker::{ImageRef, RegistryAuth};
+
+/// Each app's latest prepare.
+#[derive(Debug, Default)]
+pub(super) struct Prepares(Mutex<HashMap<String, Prepared>>);
+
+impl Prepares {
+    fn get(&self) -> std::sync::MutexGuard<'_, HashMap<String, Prepared>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How long one ask waits for a pull to end before answering `pulling`:
+/// well inside the API's request timeout.
+const ASK_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl EngineHandle {
+    /// Like [`EngineHandle::prepare`], but waits up to 15 s for the pull to
+    /// end, so a caller asks a few times, not hundreds.
+    pub async fn prepare_waiting(
+        &self,
+        app: &str,
+        sha: &CommitSha,
+    ) -> Result<Prepared, EngineError> {
+        let deadline = tokio::time::Instant::now() + ASK_WAIT;
+        let mut prepared = self.prepare(app, sha)?;
+        while prepared.state == PrepareState::Pulling && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            prepared = match self.ctx.prepares.get().get(app) {
+                Some(p) if p.sha == *sha => p.clone(),
+                // Replaced by a prepare of another sha: start again.
+                _ => self.prepare(app, sha)?,
+            };
+        }
+        Ok(prepared)
+    }
+
+    /// Where the prepare of `sha` stands, starting it if the app's latest
+    /// prepare is of another sha or failed.
+    pub fn prepare(&self, app: &str, sha: &CommitSha) -> Result<Prepared, EngineError> {
+        let cfg = self
+            .apps
+            .get(app)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
+        let mut prepares = self.ctx.prepares.get();
+        if let Some(known) = prepares.get(app)
+            && known.sha == *sha
+            && known.state != PrepareState::Failed
+        {
+            return Ok(known.clone());
+        }
+        let pulling = Prepared {
+            sha: sha.clone(),
+            state: PrepareState::Pulling,
+            digest: None,
+            error: None,
+        };
+        prepares.insert(app.to_owned(), pulling.clone());
+        drop(prepares);
+        let ctx = Arc::clone(&self.ctx);
+        let (app, sha) = (app.to_owned(), sha.clone());
+        tokio::spawn(async move {
+            let image = ImageRef::new(cfg.image.clone(), sha.clone());
+            let pulled = async {
+                let auth = match &cfg.registry_auth_file {
+                    Some(path) => Some(RegistryAuth::from_file(path).map_err(|e| e.to_string())?),
+                    None => None,
+                };
+                ctx.docker
+                    .pull(&image, auth.as_ref())
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let ended = match pulled.await {
+                Ok(image) => Prepared {
+                    sha: sha.clone(),
+                    state: PrepareState::Ready,
+                    digest: Some(image.digest),
+                    error: None,
+                },
+                Err(error) => Prepared {
+                    sha: sha.clone(),
+                    state: PrepareState::Failed,
+                    digest: None,
+                    error: Some(error),
+                },
+            };
+            tracing::info!(%app, %sha, state = ?ended.state, "prepare ended");
+            let mut prepares = ctx.prepares.get();
+            // A newer prepare of another sha replaced this one: keep it.
+            if prepares.get(&app).is_some_and(|p| p.sha == sha) {
+                prepares.insert(app, ended);
+            }
+        });
+        Ok(pulling)
+    }
+}

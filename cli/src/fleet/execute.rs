@@ -1,0 +1,1143 @@
+//! Deploying and rolling back a fleet as one deployment.
+//!
+//! 1. Preflight, every host at once: reachable, token accepted, app not
+//!    locked, nothing running, no singleton on two hosts; drift shown.
+//! 2. Lock every host for the fleet deployment. The lock names it, so a
+//!    second fleet or a single-host deployment is refused, and the token
+//!    that took it makes the rest of this host's part without being spent
+//!    again (tokens are single use per host).
+//! 3. Prepare every host at once (pull and pin); all must resolve the tag
+//!    to one digest, or nothing starts.
+//! 4. Waves: the first host alone with the `once` tasks (migrate), the rest
+//!    of the first wave, then `max_parallel` at a time, pausing between.
+//! 5. Past the failure budget: no further host starts, hosts in flight
+//!    end, and every host this deployment changed goes back to the release
+//!    it ran before, in parallel.
+//! 6. Unlock every host.
+//!
+//! Everything a resumed run needs is on the hosts: the lock names the
+//! fleet deployment and its release, and each host's record of its part
+//! says what it ran before. A deployctl that dies leaves the hosts locked;
+//! `deploy --fleet --resume` or `rollback --fleet` finishes the job.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deployd_proto::{
+    AppStatus, CommitSha, DeployRequest, Deployment, DeploymentKind, DeploymentPage,
+    DeploymentState, FleetLock, FleetPart, LockRequest, PrepareRequest, PrepareState, Prepared,
+    RollbackRequest, Scope, WhoAmI,
+};
+use futures_util::future::join_all;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use super::{Fleet, Host, waves};
+use crate::client::Client;
+use crate::exit::{CliError, Exit};
+use crate::follow::{HostView, Style, follow_host, state_name};
+use crate::settings::Global;
+
+/// How long every host together may take to prepare (pull).
+const PREPARE_FOR: Duration = Duration::from_secs(30 * 60);
+
+/// One host of the fleet and its client.
+struct Member {
+    host: Host,
+    client: Client,
+}
+
+/// What preflight saw of one host.
+#[derive(Debug, Clone)]
+struct Seen {
+    status: AppStatus,
+    /// Its recent deployments, newest first.
+    history: Vec<Deployment>,
+}
+
+impl Seen {
+    /// Its latest part of fleet deployment `id`.
+    fn part_of(&self, id: &str) -> Option<&Deployment> {
+        self.history
+            .iter()
+            .find(|d| d.fleet.as_ref().is_some_and(|f| f.id == id))
+    }
+}
+
+/// What a fleet deployment asks for.
+#[derive(Debug)]
+pub struct DeployOptions {
+    pub sha: CommitSha,
+    pub reason: Option<String>,
+    /// Refuse when the hosts run different releases.
+    pub require_same: bool,
+    /// Finish the fleet deployment that holds the hosts' locks.
+    pub resume: bool,
+    pub json: bool,
+}
+
+/// How one host's part ended.
+#[derive(Debug, Clone, Serialize)]
+struct Outcome {
+    host: String,
+    deployment: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    /// For a host the fleet reverted: how the revert ended.
+    reverted: Option<String>,
+}
+
+impl Outcome {
+    /// A host's line: its part's record and end, or `none` if it has none.
+    fn of(host: &str, ended: Option<&Ended>, none: &str) -> Self {
+        let mut outcome = Self {
+            host: host.to_owned(),
+            deployment: None,
+            state: None,
+            error: None,
+            reverted: None,
+        };
+        match ended {
+            None => outcome.state = Some(none.to_owned()),
+            Some((d, result)) => {
+                outcome.deployment = d.as_ref().map(|d| d.id.0.clone());
+                match result {
+                    Ok(state) => outcome.state = Some(state_name(*state)),
+                    Err(e) => outcome.error = Some(e.message.clone()),
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// What `--json` prints last.
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    fleet: &'a str,
+    id: &'a str,
+    kind: &'a str,
+    sha: &'a str,
+    outcome: &'a str,
+    hosts: Vec<Outcome>,
+}
+
+/// Output for a fleet: notes (stderr, or nothing with `--json`) and the
+/// live table's rows.
+struct Out {
+    json: bool,
+    style: Style,
+    table: Option<MultiProgress>,
+    name: String,
+}
+
+impl Out {
+    fn new(fleet: &Fleet, json: bool) -> Self {
+        let style = Style::pick(json);
+        Self {
+            json,
+            style,
+            table: (style == Style::Live).then(MultiProgress::new),
+            name: fleet.name.clone(),
+        }
+    }
+
+    fn note(&self, line: &str) {
+        if self.json {
+            return;
+        }
+        let line = format!("fleet {}: {line}", self.name);
+        match &self.table {
+            Some(table) => {
+                let _ = table.println(line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// How one host's deployment is shown.
+    fn view(&self, host: &str, wave: &str) -> HostView {
+        let row = self.table.as_ref().map(|table| {
+            let row = table.add(ProgressBar::new_spinner());
+            row.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            row.set_message(format!("{host:<20} {wave:<8} starting"));
+            row.enable_steady_tick(Duration::from_millis(120));
+            row
+        });
+        HostView {
+            host: host.to_owned(),
+            row,
+            wave: wave.to_owned(),
+            rolling: None,
+        }
+    }
+
+    fn end_row(view: &HostView, state: &str) {
+        if let Some(row) = &view.row {
+            row.set_style(
+                ProgressStyle::with_template("  {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            row.finish_with_message(format!("{:<20} {:<8} {state}", view.host, view.wave));
+        }
+    }
+}
+
+/// Connects to every host (no request yet).
+fn connect(global: &Global, fleet: &Fleet) -> Result<Vec<Member>, CliError> {
+    fleet
+        .hosts
+        .iter()
+        .map(|host| {
+            let client = Client::new(global.for_host(host).resolve()?)?;
+            Ok(Member {
+                host: host.clone(),
+                client,
+            })
+        })
+        .collect()
+}
+
+impl Member {
+    fn app(&self) -> &str {
+        &self.host.app
+    }
+
+    /// Status, history and whether the token may `scope` the app.
+    async fn look(&self, scope: Scope) -> Result<Seen, CliError> {
+        let app = self.app();
+        let who: WhoAmI = self.client.call(Method::GET, "/v1/whoami", None).await?;
+        let may = who
+            .grants
+            .iter()
+            .any(|g| g.scopes.contains(&scope) && g.apps.iter().any(|a| a == "*" || a == app));
+        if !may {
+            return Err(CliError::new(
+                Exit::Auth,
+                format!("the token ({}) may not {scope:?} {app}", who.subject).to_lowercase(),
+            ));
+        }
+        let status: AppStatus = self
+            .client
+            .call(Method::GET, &format!("/v1/apps/{app}/status"), None)
+            .await?;
+        let page: DeploymentPage = self
+            .client
+            .call(
+                Method::GET,
+                &format!("/v1/apps/{app}/deployments?limit=50"),
+                None,
+            )
+            .await?;
+        Ok(Seen {
+            status,
+            history: page.deployments,
+        })
+    }
+
+    async fn lock(&self, lock: &FleetLock, reason: &str) -> Result<(), CliError> {
+        let body = json(&LockRequest {
+            reason: reason.to_owned(),
+            fleet: Some(lock.clone()),
+        })?;
+        let _: deployd_proto::AppLock = self
+            .client
+            .call(
+                Method::PUT,
+                &format!("/v1/apps/{}/lock", self.app()),
+                Some(&body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn unlock(&self, id: &str) -> Result<(), CliError> {
+        self.client
+            .call_empty(
+                Method::DELETE,
+                &format!("/v1/apps/{}/lock?fleet={id}", self.app()),
+            )
+            .await
+    }
+
+    /// Pulls and pins `sha`, asking until it ends.
+    async fn prepare(&self, sha: &CommitSha) -> Result<String, CliError> {
+        let body = json(&PrepareRequest { sha: sha.clone() })?;
+        let path = format!("/v1/apps/{}/prepare", self.app());
+        let deadline = tokio::time::Instant::now() + PREPARE_FOR;
+        loop {
+            let prepared: Prepared = self.client.call(Method::POST, &path, Some(&body)).await?;
+            match prepared.state {
+                PrepareState::Ready => {
+                    return prepared
+                        .digest
+                        .ok_or_else(|| CliError::new(Exit::Other, "the agent prepared no digest"));
+                }
+                PrepareState::Failed => {
+                    return Err(CliError::new(
+                        Exit::Failed,
+                        prepared
+                            .error
+                            .unwrap_or_else(|| "the pull failed".to_owned()),
+                    ));
+                }
+                PrepareState::Pulling if tokio::time::Instant::now() > deadline => {
+                    return Err(CliError::new(
+                        Exit::Failed,
+                        format!("still pulling after {} s", PREPARE_FOR.as_secs()),
+                    ));
+                }
+                PrepareState::Pulling => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+    }
+
+    /// POSTs a deployment or rollback.
+    async fn post(&self, path: &str, body: &impl Serialize) -> Result<Deployment, CliError> {
+        self.client
+            .call::<Deployment>(Method::POST, path, Some(&json(body)?))
+            .await
+    }
+
+    /// Starts this host's part and follows it to its end.
+    async fn run_part(&self, request: Part, out: &Out, view: HostView) -> Ended {
+        let app = self.app();
+        let started = match request {
+            Part::Deploy(body) => {
+                self.post(&format!("/v1/apps/{app}/deployments"), &body)
+                    .await
+            }
+            Part::Rollback(body) => self.post(&format!("/v1/apps/{app}/rollback"), &body).await,
+            Part::Follow(id) => {
+                self.client
+                    .call::<Deployment>(Method::GET, &format!("/v1/deployments/{id}"), None)
+                    .await
+            }
+        };
+        let deployment = match started {
+            Ok(d) => d,
+            Err(e) => {
+                Out::end_row(&view, "refused");
+                return (None, Err(e));
+            }
+        };
+        out.note(&format!(
+            "{}: {} {} started ({})",
+            self.host.name, deployment.kind, deployment.sha, deployment.id
+        ));
+        let ended = follow_host(
+            &self.client,
+            &deployment.id.0,
+            out.style,
+            Some(view.clone()),
+        )
+        .await;
+        Out::end_row(
+            &view,
+            &match &ended {
+                Ok(state) => state_name(*state),
+                Err(e) => e.message.clone(),
+            },
+        );
+        (Some(deployment), ended)
+    }
+}
+
+/// How a host's part ended: its record (if it started) and final state.
+type Ended = (Option<Deployment>, Result<DeploymentState, CliError>);
+
+/// What a host is asked to do.
+enum Part {
+    Deploy(DeployRequest),
+    Rollback(RollbackRequest),
+    /// A part already running (a resumed fleet deployment).
+    Follow(String),
+}
+
+fn json(value: &impl Serialize) -> Result<serde_json::Value, CliError> {
+    serde_json::to_value(value)
+        .map_err(|e| CliError::new(Exit::Other, format!("cannot write the request: {e}")))
+}
+
+/// The worse of two exit codes for a preflight refusal.
+fn worse(a: Exit, b: Exit) -> Exit {
+    let rank = |e: Exit| match e {
+        Exit::Conflict => 3,
+        Exit::Auth => 2,
+        Exit::Unreachable => 1,
+        _ => 0,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// A fresh fleet deployment id.
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Preflight: every host looked at; problems refuse the fleet deployment.
+struct Preflight {
+    seen: Vec<Seen>,
+    /// The fleet deployment of this fleet that holds the hosts' locks.
+    held: Option<FleetLock>,
+}
+
+async fn preflight(
+    members: &[Member],
+    fleet: &Fleet,
+    scope: Scope,
+    out: &Out,
+    require_same: bool,
+) -> Result<Preflight, CliError> {
+    let looked = join_all(members.iter().map(|m| m.look(scope))).await;
+    let mut problems = Vec::new();
+    let mut exit = Exit::Other;
+    let mut seen = Vec::new();
+    let mut held: Option<FleetLock> = None;
+    for (m, look) in members.iter().zip(looked) {
+        match look {
+            Ok(s) => seen.push(s),
+            Err(e) => {
+                exit = worse(exit, e.exit);
+                problems.push(format!("{}: {}", m.host.name, e.message));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(refusal(fleet, &problems, exit));
+    }
+    // The hosts' locks: this fleet's own deployment (to resume or revert),
+    // or another holder.
+    for (m, s) in members.iter().zip(&seen) {
+        let Some(lock) = &s.status.lock else { continue };
+        match &lock.fleet {
+            Some(f) if f.name == fleet.name => {
+                if held.as_ref().is_some_and(|h| h.id != f.id) {
+                    problems.push(format!(
+                        "{}: locked for fleet deployment {}, other hosts for {}",
+                        m.host.name,
+                        f.id,
+                        held.as_ref().map_or("", |h| h.id.as_str())
+                    ));
+                    exit = Exit::Conflict;
+                }
+                held.get_or_insert_with(|| f.clone());
+            }
+            _ => {
+                problems.push(format!(
+                    "{}: locked by {}: {}",
+                    m.host.name, lock.locked_by, lock.reason
+                ));
+                exit = Exit::Conflict;
+            }
+        }
+    }
+    for (m, s) in members.iter().zip(&seen) {
+        if let Some(running) = &s.status.running_deployment {
+            let ours = held
+                .as_ref()
+                .is_some_and(|h| s.part_of(&h.id).is_some_and(|d| d.id == *running));
+            if !ours {
+                problems.push(format!("{}: deployment {running} is running", m.host.name));
+                exit = Exit::Conflict;
+            }
+        }
+    }
+    problems.extend(super::singleton_problems(members.iter().zip(&seen).map(
+        |(m, s)| {
+            let singletons = s.status.services.iter().filter(|s| s.singleton);
+            (
+                m.host.name.as_str(),
+                singletons.map(|s| s.name.as_str()).collect(),
+            )
+        },
+    )));
+    let mut lives: Vec<String> = seen
+        .iter()
+        .map(|s| {
+            s.status
+                .live_sha
+                .as_ref()
+                .map_or("none".to_owned(), ToString::to_string)
+        })
+        .collect();
+    lives.sort_unstable();
+    lives.dedup();
+    if lives.len() > 1 {
+        let each: Vec<String> = members
+            .iter()
+            .zip(&seen)
+            .map(|(m, s)| {
+                format!(
+                    "{} {}",
+                    m.host.name,
+                    s.status.live_sha.as_ref().map_or("none", |s| s.as_str())
+                )
+            })
+            .collect();
+        let line = format!(
+            "drift: the hosts run {} releases ({})",
+            lives.len(),
+            each.join(", ")
+        );
+        if require_same {
+            problems.push(format!("{line}; --require-same refuses it"));
+        } else {
+            out.note(&line);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(refusal(fleet, &problems, exit));
+    }
+    Ok(Preflight { seen, held })
+}
+
+fn refusal(fleet: &Fleet, problems: &[String], exit: Exit) -> CliError {
+    let mut message = format!("fleet {}: nothing was changed:", fleet.name);
+    for p in problems {
+        let _ = write!(message, "\n  {p}");
+    }
+    let error = CliError::new(exit, message);
+    if exit == Exit::Conflict {
+        error.hint(
+            "a fleet deployment that deployctl left behind is finished by `deployctl deploy <sha> --fleet NAME --resume` or `deployctl rollback --fleet NAME`",
+        )
+    } else {
+        error
+    }
+}
+
+/// Locks every host for `lock`; on any refusal, lifts the locks taken.
+async fn lock_all(members: &[Member], lock: &FleetLock, out: &Out) -> Result<(), CliError> {
+    let what = if lock.rollback {
+        "rollback"
+    } else {
+        "deployment"
+    };
+    let reason = format!("fleet {what} {} of {}", lock.id, lock.sha);
+    let locked = join_all(members.iter().map(|m| m.lock(lock, &reason))).await;
+    let mut problems = Vec::new();
+    let mut exit = Exit::Other;
+    for (m, r) in members.iter().zip(&locked) {
+        if let Err(e) = r {
+            exit = worse(exit, e.exit);
+            problems.push(format!("{}: {}", m.host.name, e.message));
+        }
+    }
+    if problems.is_empty() {
+        out.note(&format!(
+            "{} hosts locked for fleet {what} {}",
+            members.len(),
+            lock.id
+        ));
+        return Ok(());
+    }
+    let taken: Vec<&Member> = members
+        .iter()
+        .zip(&locked)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(m, _)| m)
+        .collect();
+    join_all(taken.iter().map(|m| m.unlock(&lock.id))).await;
+    let mut message = format!(
+        "fleet {what} {}: nothing was changed: locking failed:",
+        lock.id
+    );
+    for p in problems {
+        let _ = write!(message, "\n  {p}");
+    }
+    Err(CliError::new(exit, message))
+}
+
+/// Lifts every host's lock for fleet deployment `id`.
+async fn unlock_all(members: &[Member], id: &str, out: &Out) {
+    let lifted = join_all(members.iter().map(|m| m.unlock(id))).await;
+    for (m, r) in members.iter().zip(lifted) {
+        if let Err(e) = r {
+            out.note(&format!(
+                "{}: its lock stays: {} (lift it with `deployctl unlock`)",
+                m.host.name, e.message
+            ));
+        }
+    }
+}
+
+/// Prepares every host; the one digest they all resolved `sha` to.
+async fn prepare_all(
+    members: &[Member],
+    sha: &CommitSha,
+    out: &Out,
+) -> Result<String, Vec<String>> {
+    out.note(&format!("preparing {sha} on {} hosts", members.len()));
+    let prepared = join_all(members.iter().map(|m| m.prepare(sha))).await;
+    let mut problems = Vec::new();
+    let mut digests: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (m, p) in members.iter().zip(&prepared) {
+        match p {
+            Ok(digest) => digests.entry(digest).or_default().push(&m.host.name),
+            Err(e) => problems.push(format!("{}: {}", m.host.name, e.message)),
+        }
+    }
+    if digests.len() > 1 {
+        for (digest, on) in &digests {
+            problems.push(format!("{} resolved {sha} to {digest}", on.join(", ")));
+        }
+        problems.push("every host must deploy the same image".to_owned());
+    }
+    match (problems.is_empty(), digests.keys().next()) {
+        (true, Some(digest)) => {
+            out.note(&format!("every host resolved {sha} to {digest}"));
+            Ok((*digest).to_owned())
+        }
+        _ => Err(problems),
+    }
+}
+
+/// `deployctl deploy <sha> --fleet NAME`.
+pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<Exit, CliError> {
+    let out = Out::new(fleet, o.json);
+    let members = connect(global, fleet)?;
+    let pre = preflight(&members, fleet, Scope::Deploy, &out, o.require_same).await?;
+    let lock = match (&pre.held, o.resume) {
+        (Some(held), true) if held.rollback => {
+            return Err(CliError::new(
+                Exit::Conflict,
+                format!(
+                    "fleet {}: a fleet rollback ({}) holds the hosts",
+                    fleet.name, held.id
+                ),
+            )
+            .hint(format!(
+                "finish it: deployctl rollback --fleet {}",
+                fleet.name
+            )));
+        }
+        (Some(held), true) if held.sha != o.sha => {
+            return Err(CliError::usage(format!(
+                "fleet {}: the fleet deployment to resume ({}) ships {}, not {}",
+                fleet.name, held.id, held.sha, o.sha
+            )));
+        }
+        (Some(held), true) => {
+            out.note(&format!("resuming fleet deployment {}", held.id));
+            held.clone()
+        }
+        (Some(held), false) => {
+            return Err(CliError::new(
+                Exit::Conflict,
+                format!(
+                    "fleet {}: fleet deployment {} of {} holds the hosts",
+                    fleet.name, held.id, held.sha
+                ),
+            )
+            .hint(format!(
+                "finish it: deployctl deploy {} --fleet {} --resume, or deployctl rollback --fleet {}",
+                held.sha, fleet.name, fleet.name
+            )));
+        }
+        (None, true) => {
+            return Err(CliError::usage(format!(
+                "fleet {}: there is no fleet deployment to resume (no host is locked for one)",
+                fleet.name
+            )));
+        }
+        (None, false) => FleetLock {
+            id: new_id(),
+            name: fleet.name.clone(),
+            sha: o.sha.clone(),
+            rollback: false,
+        },
+    };
+    let id = lock.id.clone();
+    lock_all(&members, &lock, &out).await?;
+    let digest = match prepare_all(&members, &o.sha, &out).await {
+        Ok(digest) => digest,
+        Err(problems) => {
+            unlock_all(&members, &id, &out).await;
+            return Err(refusal(fleet, &problems, Exit::Failed));
+        }
+    };
+
+    // Hosts still to do, in the fleet's order: a resumed deployment skips
+    // the hosts whose part succeeded and follows those still running.
+    let mut outcomes: Vec<Option<Ended>> = (0..members.len()).map(|_| None).collect();
+    let mut todo = Vec::new();
+    let mut once_done = false;
+    for (i, s) in pre.seen.iter().enumerate() {
+        match s.part_of(&id) {
+            Some(d)
+                if d.state == DeploymentState::Succeeded && d.kind == DeploymentKind::Deploy =>
+            {
+                once_done |= d.fleet.as_ref().is_some_and(|f| f.once_tasks);
+                out.note(&format!("{}: done before ({})", members[i].host.name, d.id));
+                outcomes[i] = Some((Some(d.clone()), Ok(DeploymentState::Succeeded)));
+            }
+            _ => todo.push(i),
+        }
+    }
+    let plan: Vec<Vec<usize>> = waves(todo.len(), fleet.first_wave, fleet.max_parallel)
+        .into_iter()
+        .map(|r| todo[r].to_vec())
+        .collect();
+    let part_for = |i: usize, once: bool| {
+        let running = pre.seen[i]
+            .part_of(&id)
+            .filter(|d| !d.state.is_terminal())
+            .map(|d| d.id.0.clone());
+        match running {
+            Some(running) => Part::Follow(running),
+            None => Part::Deploy(DeployRequest {
+                sha: o.sha.clone(),
+                force: false,
+                reason: o.reason.clone(),
+                digest: Some(digest.clone()),
+                fleet: Some(FleetPart {
+                    id: id.clone(),
+                    host: members[i].host.name.clone(),
+                    once_tasks: once,
+                }),
+            }),
+        }
+    };
+    let mut failures = 0usize;
+    for (n, wave) in plan.iter().enumerate() {
+        if n > 0 && !fleet.pause.is_zero() {
+            out.note(&format!("pausing {} s", fleet.pause.as_secs()));
+            tokio::time::sleep(fleet.pause).await;
+        }
+        let label = format!("wave {}", n + 1);
+        let start = |i: usize, once: bool, view: HostView| {
+            members[i].run_part(part_for(i, once), &out, view)
+        };
+        let mut ended: Vec<(usize, Ended)> = Vec::new();
+        let mut stop = false;
+        if n == 0 && !once_done {
+            // The host that runs the once tasks (migrate) starts first; the
+            // rest of its wave starts once those are done (it reached its
+            // roll), so no host runs the new code before its schema exists.
+            let (first, rest) = (wave[0], &wave[1..]);
+            let tasks_done = Arc::new(Notify::new());
+            let mut view = out.view(&members[first].host.name, &label);
+            view.rolling = Some(Arc::clone(&tasks_done));
+            let first_part = start(first, true, view);
+            tokio::pin!(first_part);
+            let early = tokio::select! {
+                result = &mut first_part => Some(result),
+                () = tasks_done.notified() => None,
+            };
+            let others = || {
+                join_all(
+                    rest.iter()
+                        .map(|&i| start(i, false, out.view(&members[i].host.name, &label))),
+                )
+            };
+            match early {
+                Some(result) if !matches!(result.1, Ok(DeploymentState::Succeeded)) => {
+                    out.note(&format!(
+                        "{}: the host running the once tasks failed: no other host starts",
+                        members[first].host.name
+                    ));
+                    ended.push((first, result));
+                    stop = true;
+                }
+                Some(result) => {
+                    ended.push((first, result));
+                    ended.extend(rest.iter().copied().zip(others().await));
+                }
+                None => {
+                    let (result, rest_ended) = tokio::join!(first_part, others());
+                    ended.push((first, result));
+                    ended.extend(rest.iter().copied().zip(rest_ended));
+                }
+            }
+        } else {
+            let parts = wave
+                .iter()
+                .map(|&i| start(i, false, out.view(&members[i].host.name, &label)));
+            ended.extend(wave.iter().copied().zip(join_all(parts).await));
+        }
+        for (i, result) in ended {
+            if matches!(result.1, Ok(DeploymentState::Succeeded)) {
+                once_done = true;
+            } else {
+                failures += 1;
+            }
+            outcomes[i] = Some(result);
+        }
+        if stop || failures > fleet.failure_budget {
+            stop = true;
+        }
+        if stop {
+            break;
+        }
+    }
+
+    let over = failures > fleet.failure_budget || outcomes.iter().any(Option::is_none);
+    let mut reverted: BTreeMap<usize, Result<DeploymentState, CliError>> = BTreeMap::new();
+    if over {
+        // Every host this deployment moved to the release goes back to what
+        // it ran before, all at once.
+        let changed: Vec<(usize, CommitSha)> = outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                Some((Some(d), Ok(DeploymentState::Succeeded)))
+                    if d.previous_sha.as_ref() != Some(&d.sha) =>
+                {
+                    d.previous_sha.clone().map(|p| (i, p))
+                }
+                _ => None,
+            })
+            .collect();
+        out.note(&format!(
+            "{failures} host(s) failed, past the failure budget of {}: reverting {} host(s)",
+            fleet.failure_budget,
+            changed.len()
+        ));
+        let reverts = changed.iter().map(|(i, previous)| {
+            let m = &members[*i];
+            let part = Part::Rollback(RollbackRequest {
+                to: Some(previous.clone()),
+                reason: Some(format!("fleet deployment {id} reverted")),
+                skip_tasks: false,
+                fleet: Some(FleetPart {
+                    id: id.clone(),
+                    host: m.host.name.clone(),
+                    once_tasks: false,
+                }),
+            });
+            m.run_part(part, &out, out.view(&m.host.name, "revert"))
+        });
+        let ended = join_all(reverts).await;
+        for ((i, _), (_, state)) in changed.iter().zip(ended) {
+            reverted.insert(*i, state);
+        }
+    }
+    unlock_all(&members, &id, &out).await;
+
+    let mut hosts = Vec::new();
+    let mut worst = Exit::Success;
+    let mut changed_any = false;
+    for (i, m) in members.iter().enumerate() {
+        let mut outcome = Outcome::of(&m.host.name, outcomes[i].as_ref(), "not started");
+        match &outcomes[i] {
+            None => {}
+            Some((_, Ok(state))) => match state {
+                DeploymentState::Succeeded => changed_any = true,
+                DeploymentState::RolledBack => {
+                    changed_any = true;
+                    worst = worst_exit(worst, Exit::RolledBack);
+                }
+                DeploymentState::RollbackFailed => {
+                    worst = worst_exit(worst, Exit::RollbackFailed);
+                }
+                _ => worst = worst_exit(worst, Exit::Failed),
+            },
+            Some((_, Err(_))) => worst = worst_exit(worst, Exit::Other),
+        }
+        if let Some(r) = reverted.get(&i) {
+            outcome.reverted = Some(match r {
+                Ok(state) => state_name(*state),
+                Err(e) => e.message.clone(),
+            });
+            worst = worst_exit(
+                worst,
+                if matches!(r, Ok(DeploymentState::Succeeded)) {
+                    Exit::RolledBack
+                } else {
+                    Exit::RollbackFailed
+                },
+            );
+        }
+        hosts.push(outcome);
+    }
+    let exit = match worst {
+        _ if !over => Exit::Success,
+        Exit::Failed if !changed_any => Exit::Failed,
+        Exit::Failed | Exit::RolledBack => Exit::RolledBack,
+        other => other,
+    };
+    let outcome = match exit {
+        Exit::Success if failures > 0 => "succeeded within the failure budget",
+        Exit::Success => "succeeded",
+        Exit::Failed => "failed, nothing running was changed",
+        Exit::RolledBack => "rolled back: every host runs its previous release",
+        Exit::RollbackFailed => "rollback failed on a host: see its line",
+        _ => "failed",
+    };
+    finish(
+        &out,
+        &Summary {
+            fleet: &fleet.name,
+            id: &id,
+            kind: "deploy",
+            sha: o.sha.as_str(),
+            outcome,
+            hosts,
+        },
+    )?;
+    Ok(exit)
+}
+
+/// The worse of two outcomes' exit codes.
+fn worst_exit(a: Exit, b: Exit) -> Exit {
+    let rank = |e: Exit| match e {
+        Exit::Success => 0,
+        Exit::Failed => 1,
+        Exit::RolledBack => 2,
+        Exit::Other => 3,
+        _ => 4,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
+/// The closing table (or JSON line).
+fn finish(out: &Out, summary: &Summary<'_>) -> Result<(), CliError> {
+    if out.json {
+        let line = serde_json::to_string(summary)
+            .map_err(|e| CliError::new(Exit::Other, format!("cannot print JSON: {e}")))?;
+        println!("{line}");
+        return Ok(());
+    }
+    let mut text = format!(
+        "fleet {} {} {} ({}): {}\n",
+        summary.fleet, summary.kind, summary.sha, summary.id, summary.outcome
+    );
+    let _ = writeln!(
+        text,
+        "  {:<20}  {:<16}  {:<20}  REVERTED",
+        "HOST", "STATE", "DEPLOYMENT"
+    );
+    for h in &summary.hosts {
+        let _ = writeln!(
+            text,
+            "  {:<20}  {:<16}  {:<20}  {}",
+            h.host,
+            h.state.as_deref().unwrap_or("-"),
+            h.deployment
+                .as_deref()
+                .map_or("-", crate::commands::short_id),
+            h.reverted.as_deref().unwrap_or("-")
+        );
+        if let Some(e) = &h.error {
+            let _ = writeln!(text, "    {e}");
+        }
+    }
+    eprint!("{text}");
+    Ok(())
+}
+
+/// The release each host ran before its live one was deployed: the
+/// previous release of the deployment that made it live.
+fn before_live(seen: &Seen) -> Option<CommitSha> {
+    let live = seen.status.live_sha.as_ref()?;
+    seen.history
+        .iter()
+        .find(|d| {
+            d.kind == DeploymentKind::Deploy
+                && d.state == DeploymentState::Succeeded
+                && d.sha == *live
+                && d.previous_sha.as_ref().is_some_and(|p| p != live)
+        })
+        .and_then(|d| d.previous_sha.clone())
+}
+
+/// `deployctl rollback --fleet NAME [--to SHA]`: every host back to one
+/// release, in the fleet's waves; or, when a fleet deployment deployctl
+/// left behind holds the hosts, the revert of that deployment.
+pub async fn rollback(
+    global: &Global,
+    fleet: &Fleet,
+    to: Option<CommitSha>,
+    reason: Option<String>,
+    json: bool,
+) -> Result<Exit, CliError> {
+    let out = Out::new(fleet, json);
+    let members = connect(global, fleet)?;
+    let pre = preflight(&members, fleet, Scope::Rollback, &out, false).await?;
+    // Per host: the release to go back to (none: leave it as it is).
+    let mut targets: Vec<Option<CommitSha>> = Vec::new();
+    let lock = match &pre.held {
+        Some(held) if !held.rollback => {
+            // Revert what the fleet deployment left behind: each host it
+            // changed goes back to what it ran before.
+            out.note(&format!(
+                "reverting fleet deployment {} of {}, left unfinished",
+                held.id, held.sha
+            ));
+            for s in &pre.seen {
+                targets.push(match s.part_of(&held.id) {
+                    Some(d)
+                        if d.kind == DeploymentKind::Deploy
+                            && matches!(
+                                d.state,
+                                DeploymentState::Succeeded
+                                    | DeploymentState::Running
+                                    | DeploymentState::Queued
+                            ) =>
+                    {
+                        d.previous_sha.clone()
+                    }
+                    _ => None,
+                });
+            }
+            FleetLock {
+                rollback: true,
+                ..held.clone()
+            }
+        }
+        held => {
+            let target = match &to {
+                Some(to) => to.clone(),
+                None => {
+                    let mut befores: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+                    for (m, s) in members.iter().zip(&pre.seen) {
+                        let before = before_live(s).map_or("none".to_owned(), |s| s.to_string());
+                        befores.entry(before).or_default().push(&m.host.name);
+                    }
+                    let mut agreed = befores.keys().filter(|k| *k != "none");
+                    match (agreed.next(), agreed.next(), befores.contains_key("none")) {
+                        (Some(sha), None, false) => sha.parse().map_err(|_| {
+                            CliError::new(Exit::Other, format!("a host reported sha {sha}"))
+                        })?,
+                        _ => {
+                            let each: Vec<String> = befores
+                                .iter()
+                                .map(|(sha, on)| format!("{}: {sha}", on.join(", ")))
+                                .collect();
+                            return Err(CliError::usage(format!(
+                                "fleet {}: the hosts ran different releases before their live one ({}); name one with --to",
+                                fleet.name,
+                                each.join("; ")
+                            )));
+                        }
+                    }
+                }
+            };
+            for s in &pre.seen {
+                targets.push((s.status.live_sha.as_ref() != Some(&target)).then(|| target.clone()));
+            }
+            match held {
+                Some(h) => h.clone(),
+                None => FleetLock {
+                    id: new_id(),
+                    name: fleet.name.clone(),
+                    sha: target,
+                    rollback: true,
+                },
+            }
+        }
+    };
+    let id = lock.id.clone();
+    lock_all(&members, &lock, &out).await?;
+    // Parts still running (a dead deployctl's) end first.
+    let mut outcomes: Vec<Option<Ended>> = (0..members.len()).map(|_| None).collect();
+    let running: Vec<usize> = (0..members.len())
+        .filter(|&i| {
+            pre.seen[i]
+                .part_of(&id)
+                .is_some_and(|d| !d.state.is_terminal())
+        })
+        .collect();
+    if !running.is_empty() {
+        let follows = running.iter().map(|&i| {
+            let m = &members[i];
+            let part = Part::Follow(
+                pre.seen[i]
+                    .part_of(&id)
+                    .map(|d| d.id.0.clone())
+                    .unwrap_or_default(),
+            );
+            m.run_part(part, &out, out.view(&m.host.name, "running"))
+        });
+        let ended = join_all(follows).await;
+        for (&i, (_, state)) in running.iter().zip(ended) {
+            // A part that did not succeed left its host as it was.
+            if !matches!(state, Ok(DeploymentState::Succeeded)) {
+                targets[i] = None;
+            }
+        }
+    }
+    let todo: Vec<usize> = (0..members.len())
+        .filter(|&i| targets[i].is_some())
+        .collect();
+    let plan: Vec<Vec<usize>> = waves(todo.len(), fleet.first_wave, fleet.max_parallel)
+        .into_iter()
+        .map(|r| todo[r].to_vec())
+        .collect();
+    let mut failures = 0usize;
+    for (n, wave) in plan.iter().enumerate() {
+        if n > 0 && !fleet.pause.is_zero() {
+            tokio::time::sleep(fleet.pause).await;
+        }
+        let label = format!("wave {}", n + 1);
+        let parts = wave.iter().map(|&i| {
+            let m = &members[i];
+            let part = Part::Rollback(RollbackRequest {
+                to: targets[i].clone(),
+                reason: reason.clone(),
+                skip_tasks: false,
+                fleet: Some(FleetPart {
+                    id: id.clone(),
+                    host: m.host.name.clone(),
+                    once_tasks: n == 0 && i == wave[0],
+                }),
+            });
+            m.run_part(part, &out, out.view(&m.host.name, &label))
+        });
+        let ended = join_all(parts).await;
+        for (&i, result) in wave.iter().zip(ended) {
+            if !matches!(result.1, Ok(DeploymentState::Succeeded)) {
+                failures += 1;
+            }
+            outcomes[i] = Some(result);
+        }
+        if failures > fleet.failure_budget {
+            break;
+        }
+    }
+    unlock_all(&members, &id, &out).await;
+    let mut worst = Exit::Success;
+    let hosts: Vec<Outcome> = members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let unchanged = if targets[i].is_none() {
+                "unchanged"
+            } else {
+                "not started"
+            };
+            let outcome = Outcome::of(&m.host.name, outcomes[i].as_ref(), unchanged);
+            match &outcomes[i] {
+                None => {}
+                Some((_, Ok(state))) => worst = worst_exit(worst, crate::follow::exit_of(*state)),
+                Some((_, Err(_))) => worst = worst_exit(worst, Exit::Other),
+            }
+            outcome
+        })
+        .collect();
+    let outcome = if worst == Exit::Success {
+        "every host runs the release"
+    } else {
+        "a host failed: see its line"
+    };
+    finish(
+        &out,
+        &Summary {
+            fleet: &fleet.name,
+            id: &id,
+            kind: "rollback",
+            sha: lock.sha.as_str(),
+            outcome,
+            hosts,
+        },
+    )?;
+    Ok(worst)
+}

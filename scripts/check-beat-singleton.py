@@ -1,5 +1,8 @@
 """Checks `docker events` JSON lines: no two beat containers of one app ran at once.
 
+With --fleet PREFIX, the apps whose names start with PREFIX are the hosts of
+one fleet (scripts/scenario/fleet.sh): no two beats among all of them.
+
 scripts/test.sh records the events of every container labelled
 deployd.service=beat for the whole suite, then runs this over them. Two
 celery beats of one app would send every periodic task twice; deployd
@@ -11,7 +14,7 @@ import sys
 from collections import defaultdict
 
 
-def main(path):
+def main(path, fleet=None):
     running = defaultdict(set)
     starts = 0
     with open(path, encoding="utf-8") as f:
@@ -22,6 +25,9 @@ def main(path):
         app, container = attrs.get("deployd.app"), event.get("id", "")[:12]
         if not app:
             continue
+        # A fleet's hosts run apps named PREFIX + host: one beat among all.
+        if fleet and app.startswith(fleet):
+            app = fleet
         action = event.get("Action") or event.get("status")
         if action == "start":
             starts += 1
@@ -34,4 +40,8 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    if args[:1] == ["--fleet"]:
+        main(args[2], fleet=args[1])
+    else:
+        main(args[0])

@@ -4,7 +4,8 @@
 # integration test of the workspace. Meanwhile it records Docker's events for
 # every beat container deployd starts, and checks afterwards that no two
 # beats of one app ever ran at once. Then deployd is stopped mid-deployment
-# and started again, the edge is attacked, the Debian package is installed and run under systemd,
+# and started again, the edge is attacked, a fleet of three agents is deployed
+# as one, the Debian package is installed and run under systemd,
 # and the unit's exposure scored; last, schemathesis fuzzes the API.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,11 @@ bash scripts/scenario/stop.sh
 # The public edge and the API against slow, idle and unauthenticated floods
 # (about three minutes).
 bash scripts/scenario/edge.sh
+
+# Three agents behind HAProxy deployed as one fleet: waves, a host-specific
+# failure reverted fleet-wide, a fleet rollback, deployctl killed and
+# resumed, under load (about ten minutes).
+bash scripts/scenario/fleet.sh
 
 # The Debian package, installed into a clean Debian image, then run by a
 # real systemd with the packaged unit (release build: about 5 minutes).

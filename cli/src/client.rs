@@ -13,6 +13,29 @@ use crate::exit::{CliError, Exit};
 use crate::settings::Settings;
 use crate::{oidc, tls};
 
+/// A job token this close to its expiry is fetched again.
+const RENEW_BEFORE: Duration = Duration::from_secs(60);
+
+/// Whether a JWT's `exp` is less than `margin` away (or unreadable). The
+/// token is not verified here: the agent does that; this only decides
+/// when to ask the CI for a new one.
+fn expires_within(token: &str, margin: Duration) -> bool {
+    use base64::Engine;
+    let exp = token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+        .and_then(|claims| claims.get("exp").and_then(serde_json::Value::as_i64));
+    let Some(exp) = exp else { return true };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    exp - now < i64::try_from(margin.as_secs()).unwrap_or(i64::MAX)
+}
+
 /// A connection to one agent, with the caller's token. Its `Debug` leaves
 /// the token out.
 pub struct Client {
@@ -87,11 +110,16 @@ impl Client {
         &self.settings
     }
 
-    /// The token: given, read from a file, or fetched from the CI, once.
+    /// The token: given, read from a file, or fetched from the CI, once;
+    /// a GitHub job token is fetched again when it nears its expiry (a
+    /// fleet deployment can outlast one).
     async fn token(&self) -> Result<String, CliError> {
         let mut cached = self.token.lock().await;
         if let Some(token) = cached.as_ref() {
-            return Ok(token.clone());
+            let renewable = self.settings.oidc == Some(crate::settings::Oidc::Github);
+            if !(renewable && expires_within(token, RENEW_BEFORE)) {
+                return Ok(token.clone());
+            }
         }
         let token = self.fresh_token().await?;
         *cached = Some(token.clone());
@@ -280,5 +308,33 @@ async fn error_from(response: reqwest::Response) -> CliError {
             CliError::new(Exit::Other, message).hint("the agent's log (journalctl -u deployd) has the details")
         }
         _ => CliError::new(Exit::Other, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn token_expiring_in(seconds: i64) -> String {
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + seconds;
+        let encode = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        format!(
+            "{}.{}.sig",
+            encode(serde_json::json!({"alg": "RS256"})),
+            encode(serde_json::json!({"exp": exp, "sub": "ci"}))
+        )
+    }
+
+    #[test]
+    fn job_tokens_are_renewed_only_near_their_expiry() {
+        let minute = Duration::from_secs(60);
+        assert!(!expires_within(&token_expiring_in(300), minute));
+        assert!(expires_within(&token_expiring_in(30), minute));
+        assert!(expires_within(&token_expiring_in(-10), minute));
+        // Unreadable: fetch a new one rather than send it.
+        assert!(expires_within("not a jwt", minute));
     }
 }

@@ -36,6 +36,7 @@ use reqwest::Method;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::plan::{HostEnd, fleet_exit, over_budget};
 use super::{Fleet, Host, waves};
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
@@ -306,13 +307,38 @@ impl Member {
             .await
     }
 
+    /// A refusal because a part of the same fleet deployment already runs
+    /// here (another deployctl resumed it too): that part, to follow.
+    async fn or_ours(
+        &self,
+        posted: Result<Deployment, CliError>,
+        fleet: Option<&FleetPart>,
+    ) -> Result<Deployment, CliError> {
+        let (Err(e), Some(fleet)) = (&posted, fleet) else {
+            return posted;
+        };
+        let Some(running) = e.running.as_deref().filter(|_| e.exit == Exit::Conflict) else {
+            return posted;
+        };
+        match self
+            .client
+            .call::<Deployment>(Method::GET, &format!("/v1/deployments/{running}"), None)
+            .await
+        {
+            Ok(d) if d.fleet.as_ref().is_some_and(|f| f.id == fleet.id) => Ok(d),
+            _ => posted,
+        }
+    }
+
     /// Starts this host's part and follows it to its end.
     async fn run_part(&self, request: Part, out: &Out, view: HostView) -> Ended {
         let app = self.app();
         let started = match request {
             Part::Deploy(body) => {
-                self.post(&format!("/v1/apps/{app}/deployments"), &body)
-                    .await
+                let posted = self
+                    .post(&format!("/v1/apps/{app}/deployments"), &body)
+                    .await;
+                self.or_ours(posted, body.fleet.as_ref()).await
             }
             Part::Rollback(body) => self.post(&format!("/v1/apps/{app}/rollback"), &body).await,
             Part::Follow(id) => {
@@ -771,7 +797,7 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
             }
             outcomes[i] = Some(result);
         }
-        if stop || failures > fleet.failure_budget {
+        if stop || over_budget(failures, fleet.failure_budget) {
             stop = true;
         }
         if stop {
@@ -779,23 +805,33 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         }
     }
 
-    let over = failures > fleet.failure_budget || outcomes.iter().any(Option::is_none);
+    let over = over_budget(failures, fleet.failure_budget) || outcomes.iter().any(Option::is_none);
+    // A host this deployment moved to the release, as the revert sees it:
+    // the release to go back to, or why it cannot.
     let mut reverted: BTreeMap<usize, Result<DeploymentState, CliError>> = BTreeMap::new();
     if over {
-        // Every host this deployment moved to the release goes back to what
-        // it ran before, all at once.
-        let changed: Vec<(usize, CommitSha)> = outcomes
-            .iter()
-            .enumerate()
-            .filter_map(|(i, o)| match o {
-                Some((Some(d), Ok(DeploymentState::Succeeded)))
-                    if d.previous_sha.as_ref() != Some(&d.sha) =>
-                {
-                    d.previous_sha.clone().map(|p| (i, p))
+        let mut changed: Vec<(usize, CommitSha)> = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            let Some((Some(d), Ok(DeploymentState::Succeeded))) = o else {
+                continue;
+            };
+            match &d.previous_sha {
+                // Already on the release before: nothing moved.
+                Some(previous) if *previous == d.sha => {
+                    reverted.insert(i, Ok(DeploymentState::Succeeded));
                 }
-                _ => None,
-            })
-            .collect();
+                Some(previous) => changed.push((i, previous.clone())),
+                None => {
+                    reverted.insert(
+                        i,
+                        Err(CliError::new(
+                            Exit::RollbackFailed,
+                            "it ran no release before: nothing to go back to",
+                        )),
+                    );
+                }
+            }
+        }
         out.note(&format!(
             "{failures} host(s) failed, past the failure budget of {}: reverting {} host(s)",
             fleet.failure_budget,
@@ -823,47 +859,28 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
     unlock_all(&members, &id, &out).await;
 
     let mut hosts = Vec::new();
-    let mut worst = Exit::Success;
-    let mut changed_any = false;
+    let mut ends = Vec::new();
     for (i, m) in members.iter().enumerate() {
         let mut outcome = Outcome::of(&m.host.name, outcomes[i].as_ref(), "not started");
-        match &outcomes[i] {
-            None => {}
-            Some((_, Ok(state))) => match state {
-                DeploymentState::Succeeded => changed_any = true,
-                DeploymentState::RolledBack => {
-                    changed_any = true;
-                    worst = worst_exit(worst, Exit::RolledBack);
-                }
-                DeploymentState::RollbackFailed => {
-                    worst = worst_exit(worst, Exit::RollbackFailed);
-                }
-                _ => worst = worst_exit(worst, Exit::Failed),
-            },
-            Some((_, Err(_))) => worst = worst_exit(worst, Exit::Other),
-        }
-        if let Some(r) = reverted.get(&i) {
+        let end = match &outcomes[i] {
+            None => HostEnd::NotStarted,
+            Some((_, Ok(DeploymentState::Succeeded))) => HostEnd::Succeeded,
+            Some((_, Ok(DeploymentState::Failed))) => HostEnd::Failed,
+            Some((_, Ok(DeploymentState::RolledBack))) => HostEnd::RolledBack,
+            Some((_, Ok(DeploymentState::RollbackFailed))) => HostEnd::RollbackFailed,
+            Some(_) => HostEnd::Unknown,
+        };
+        let revert = reverted.get(&i).map(|r| {
             outcome.reverted = Some(match r {
                 Ok(state) => state_name(*state),
                 Err(e) => e.message.clone(),
             });
-            worst = worst_exit(
-                worst,
-                if matches!(r, Ok(DeploymentState::Succeeded)) {
-                    Exit::RolledBack
-                } else {
-                    Exit::RollbackFailed
-                },
-            );
-        }
+            matches!(r, Ok(DeploymentState::Succeeded))
+        });
+        ends.push((end, revert));
         hosts.push(outcome);
     }
-    let exit = match worst {
-        _ if !over => Exit::Success,
-        Exit::Failed if !changed_any => Exit::Failed,
-        Exit::Failed | Exit::RolledBack => Exit::RolledBack,
-        other => other,
-    };
+    let exit = fleet_exit(&ends, fleet.failure_budget);
     let outcome = match exit {
         Exit::Success if failures > 0 => "succeeded within the failure budget",
         Exit::Success => "succeeded",
@@ -1099,7 +1116,7 @@ pub async fn rollback(
             }
             outcomes[i] = Some(result);
         }
-        if failures > fleet.failure_budget {
+        if over_budget(failures, fleet.failure_budget) {
             break;
         }
     }

@@ -7,6 +7,8 @@
 
 use std::ops::Range;
 
+use crate::exit::Exit;
+
 /// How many hosts deploy at once after the first wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parallel {
@@ -54,6 +56,62 @@ pub fn waves(hosts: usize, first_wave: usize, parallel: Parallel) -> Vec<Range<u
     waves
 }
 
+/// Whether a fleet stops and reverts: more hosts failed than the budget
+/// allows.
+pub fn over_budget(failed: usize, budget: usize) -> bool {
+    failed > budget
+}
+
+/// How one host's part of a fleet deployment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostEnd {
+    /// Never started: the fleet stopped first.
+    NotStarted,
+    Succeeded,
+    /// Failed before changing anything on the host.
+    Failed,
+    /// Failed, and the host put its previous release back itself.
+    RolledBack,
+    /// Failed, and so did putting its previous release back.
+    RollbackFailed,
+    /// Refused, interrupted, or its end could not be read.
+    Unknown,
+}
+
+/// A fleet deployment's exit code, from each host's end and, for a host
+/// the fleet reverted, whether the revert succeeded (`None`: not reverted).
+/// Within the budget the fleet succeeded; past it (or when a host was left
+/// unstarted), it rolled back, unless a host could not be put back.
+pub fn fleet_exit(ends: &[(HostEnd, Option<bool>)], budget: usize) -> Exit {
+    let failed = ends
+        .iter()
+        .filter(|(end, _)| !matches!(end, HostEnd::Succeeded | HostEnd::NotStarted))
+        .count();
+    let stopped = ends.iter().any(|(end, _)| *end == HostEnd::NotStarted);
+    if !over_budget(failed, budget) && !stopped {
+        return Exit::Success;
+    }
+    let left_changed = ends.iter().any(|&(end, reverted)| {
+        end == HostEnd::RollbackFailed
+            || reverted == Some(false)
+            || (end == HostEnd::Succeeded && reverted.is_none())
+    });
+    if left_changed {
+        return Exit::RollbackFailed;
+    }
+    if ends.iter().any(|(end, _)| *end == HostEnd::Unknown) {
+        return Exit::Other;
+    }
+    let changed = ends
+        .iter()
+        .any(|(end, _)| matches!(end, HostEnd::Succeeded | HostEnd::RolledBack));
+    if changed {
+        Exit::RolledBack
+    } else {
+        Exit::Failed
+    }
+}
+
 #[cfg(test)]
 // A wave is a range of hosts; a one-wave plan is a list of one range.
 #[allow(clippy::single_range_in_vec_init)]
@@ -87,6 +145,44 @@ mod tests {
             [0..1, 1..4, 4..7, 7..10]
         );
         assert_eq!(Parallel::Hosts(0).of(3), 1);
+    }
+
+    #[test]
+    fn a_fleet_reverts_only_past_its_budget() {
+        use HostEnd::*;
+        assert!(!over_budget(0, 0));
+        assert!(over_budget(1, 0));
+        assert!(!over_budget(1, 1));
+        assert!(over_budget(2, 1));
+        // Every host succeeded.
+        assert_eq!(fleet_exit(&[(Succeeded, None); 3], 0), Exit::Success);
+        // One host failed within a budget of one: the fleet goes on.
+        let within = [(Succeeded, None), (RolledBack, None), (Succeeded, None)];
+        assert_eq!(fleet_exit(&within, 1), Exit::Success);
+        // Past the budget: the first host reverted, the second put itself
+        // back, the third never touched.
+        let reverted = [
+            (Succeeded, Some(true)),
+            (RolledBack, None),
+            (NotStarted, None),
+        ];
+        assert_eq!(fleet_exit(&reverted, 0), Exit::RolledBack);
+        // The host with the once tasks failed before changing anything:
+        // no other host started, nothing changed.
+        let first = [(Failed, None), (NotStarted, None), (NotStarted, None)];
+        assert_eq!(fleet_exit(&first, 0), Exit::Failed);
+        assert_eq!(fleet_exit(&first, 2), Exit::Failed);
+        // A revert that failed, a host that could not put itself back, a
+        // host left on the release unreverted: rollback failed.
+        let revert_failed = [(Succeeded, Some(false)), (RolledBack, None)];
+        assert_eq!(fleet_exit(&revert_failed, 0), Exit::RollbackFailed);
+        let broken = [(Succeeded, Some(true)), (RollbackFailed, None)];
+        assert_eq!(fleet_exit(&broken, 0), Exit::RollbackFailed);
+        let left = [(Succeeded, None), (Failed, None)];
+        assert_eq!(fleet_exit(&left, 0), Exit::RollbackFailed);
+        // A host whose end is unknown.
+        let unknown = [(Succeeded, Some(true)), (Unknown, None)];
+        assert_eq!(fleet_exit(&unknown, 0), Exit::Other);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod audit;
 mod deployments;
 mod error;
 mod events;
+mod fleet;
 mod guard;
 mod health;
 pub mod metrics;

@@ -457,6 +457,50 @@ impl Store {
         rows.into_iter().map(|r| self.complete(r)).collect()
     }
 
+    /// The newest deployment of `app` that is its part of fleet deployment
+    /// `fleet` and of `kind`, if any.
+    pub fn fleet_part(
+        &self,
+        app: &str,
+        fleet: &str,
+        kind: DeploymentKind,
+    ) -> Result<Option<Deployment>, StoreError> {
+        let rows = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM deployments
+                 WHERE app = ?1 AND kind = ?2 AND fleet IS NOT NULL
+                 ORDER BY id DESC LIMIT 100"
+            ))?;
+            stmt.query_map(params![app, enum_text(kind)], Row::read)?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for row in rows {
+            let d = row.into_deployment()?;
+            if d.fleet.as_ref().is_some_and(|f| f.id == fleet) {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands a fleet deployment's lock to a newer token of its holder (a
+    /// CI job token fetched again): changes it makes are then not spent.
+    pub fn pass_fleet_lock(
+        &self,
+        app: &str,
+        fleet: &str,
+        holder: (&str, &str),
+    ) -> Result<(), StoreError> {
+        if self.lock_of(app)?.is_some_and(|l| l.lets_in(Some(fleet))) {
+            self.conn_changing().execute(
+                "UPDATE locks SET holder_issuer = ?2, holder_jti = ?3 WHERE app = ?1",
+                params![app, holder.0, holder.1],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Deployments that had not finished: what a crash interrupted.
     pub fn unfinished(&self) -> Result<Vec<Deployment>, StoreError> {
         let rows = {

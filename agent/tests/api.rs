@@ -780,8 +780,10 @@ async fn audit_sink(
 
 /// A fleet deployment on one host: prepare pins the digest without a
 /// token spent; the fleet lock refuses every change not of its fleet
-/// deployment; the token that took it makes that deployment's deploy and
-/// unlock without being spent again, and is spent for anything else.
+/// deployment, and changes in it from anyone but its holder; the token
+/// that took it makes that deployment's deploy and unlock without being
+/// spent again, only of its release, and is spent for anything else; a
+/// newer token of the holder takes the lock over.
 #[tokio::test]
 async fn a_fleet_lock_lets_in_its_own_deployment_and_spends_the_token_once() {
     scoped(|scope| async move {
@@ -896,6 +898,27 @@ async fn a_fleet_lock_lets_in_its_own_deployment_and_spends_the_token_once() {
         assert_eq!(ended.digest.as_deref(), Some(digest.as_str()));
         assert_eq!(ended.fleet.as_ref().unwrap().host, "web-1");
 
+        // Naming the fleet deployment is not enough: another subject gets
+        // 423, and its holder cannot ship another release in it.
+        let intruder = agent.token("intruder", &[S::Read, S::Deploy], &[&app]);
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&intruder)
+            .json(&serde_json::json!({"sha": sha, "force": true, "fleet": part}))
+            .send()
+            .await
+            .unwrap();
+        let body = refused(r, StatusCode::LOCKED, "locked").await;
+        assert!(body.message.contains("only its own deployctl"), "{body:?}");
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"sha": scope.bed.sha("release-2"), "fleet": part}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::CONFLICT, "fleet_mismatch").await;
+
         // Anything not naming the fleet is a replay of the spent token.
         let r = http
             .post(&deploy_url)
@@ -905,10 +928,28 @@ async fn a_fleet_lock_lets_in_its_own_deployment_and_spends_the_token_once() {
             .await
             .unwrap();
         refused(r, StatusCode::UNAUTHORIZED, "token_replayed").await;
-        // Its unlock passes; after it, the token is spent for good.
+        // A newer token of the same subject (a CI job token fetched again)
+        // is spent once and takes the lock over: the old one is then a
+        // replay, the new one unlocks.
+        let renewed = ci();
+        let r = http
+            .put(&lock_url)
+            .bearer_auth(&renewed)
+            .json(&serde_json::json!({"reason": "fleet prod", "fleet": fleet("f-1")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
         let r = http
             .delete(format!("{lock_url}?fleet=f-1"))
             .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::UNAUTHORIZED, "token_replayed").await;
+        let r = http
+            .delete(format!("{lock_url}?fleet=f-1"))
+            .bearer_auth(&renewed)
             .send()
             .await
             .unwrap();

@@ -56,6 +56,8 @@ cleanup() {
     for h in "${hosts[@]}"; do
         AGENT_PID='' agent_cleanup "$dir/$h" "$name$h" >/dev/null 2>&1 || true
     done
+    # By tag: the images are the test bed's, under another name.
+    docker images --format '{{.Repository}}:{{.Tag}}' "$repo" | xargs -r docker rmi >/dev/null 2>&1 || true
     AGENT_PID='' agent_cleanup "$dir" "$name"
 }
 trap cleanup EXIT
@@ -70,6 +72,19 @@ fail() {
 log() { printf '[fleet %s] %s\n' "$(date +%T)" "$*" >&2; }
 field() { python3 -c "import json, sys; print(json.loads(sys.argv[1])$2)" "$1"; }
 
+# The releases in a repository of the fleet's own: the agents prune what
+# they pulled, and must not prune the test bed's own tags.
+repo=$DEPLOYD_TESTBED_REGISTRY/$name
+mkdir -p "$dir/docker-config"
+python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["password"])' "$DEPLOYD_TESTBED_REGISTRY_AUTH" \
+    | docker --config "$dir/docker-config" login --password-stdin \
+        -u "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["username"])' "$DEPLOYD_TESTBED_REGISTRY_AUTH")" \
+        "$DEPLOYD_TESTBED_REGISTRY" >/dev/null
+for sha in "$DEPLOYD_TESTBED_SHA_RELEASE_1" "$DEPLOYD_TESTBED_SHA_RELEASE_2" "$DEPLOYD_TESTBED_SHA_NEEDS_FEATURE_KEY"; do
+    docker tag "$DEPLOYD_TESTBED_REPOSITORY:$sha" "$repo:$sha"
+    docker --config "$dir/docker-config" push -q "$repo:$sha" >/dev/null
+done
+
 # One PostgreSQL and one Redis for the fleet, reachable from each app's own
 # network by the names the app uses (db, redis).
 agent_services "$name"
@@ -78,7 +93,6 @@ redis=$(docker ps -q --filter "label=deployd.script=$name" --filter "ancestor=$D
 
 lb_port=$(agent_free_port)
 servers=""
-fleet_hosts=""
 for h in "${hosts[@]}"; do
     d=$dir/$h
     mkdir -p "$d"
@@ -93,7 +107,7 @@ for h in "${hosts[@]}"; do
     echo "DJANGO_SECURE_SSL_REDIRECT=false" >>"$d/app.env"
     # The host-specific fault of step 2: the second host lacks this key.
     [ "$h" = b ] || echo "SHOP_FEATURE_KEY=on" >>"$d/app.env"
-    sed -i "s|^env_file = .*|env_file = \"$d/app.env\"|" "$d/etc/deployd.toml"
+    sed -i "s|^env_file = .*|env_file = \"$d/app.env\"|; s|^image = .*|image = \"$repo\"|" "$d/etc/deployd.toml"
     # Migrate runs once per fleet deployment; beat only on the first host.
     sed -i "/^name = \"migrate\"/a once = true" "$d/etc/deployd.toml"
     [ "$h" = a ] || sed -i "/^\[apps\.$name$h\.services\.beat\]/,\$d" "$d/etc/deployd.toml"
@@ -107,24 +121,26 @@ for h in "${hosts[@]}"; do
     agent_start "$d"
     pids+=("$AGENT_PID")
     servers+="    server $h 127.0.0.1:$public_port check inter 500ms fall 2 rise 2"$'\n'
-    fleet_hosts+="
+    cat >"$d/host.toml" <<EOF
+
 [[hosts]]
-name = \"$h\"
-url = \"https://localhost:$api_port\"
-ca_cert = \"$d/etc/tls/cert.pem\"
-app = \"$name$h\"
-"
+name = "$h"
+url = "https://localhost:$api_port"
+ca_cert = "$d/etc/tls/cert.pem"
+app = "$name$h"
+EOF
 done
 AGENT_PID=
 log "three agents up"
 
-fleet_file() { # NAME MAX_PARALLEL FIRST_WAVE [HOSTS...]
-    local file=$dir/$1.toml
+fleet_file() { # NAME MAX_PARALLEL FIRST_WAVE HOST...
+    local file=$dir/$1.toml h
     printf 'max_parallel = %s\nfirst_wave = %s\nfailure_budget = 0\n' "$2" "$3" >"$file"
-    echo "$fleet_hosts" >>"$file"
+    shift 3
+    for h in "$@"; do cat "$dir/$h/host.toml" >>"$file"; done
     echo "$file"
 }
-prod=$(fleet_file prod 1 1)
+prod=$(fleet_file prod 1 1 a b c)
 export DEPLOYCTL_TOKEN_FILE=$dir/token
 token() { agent_token "$dir/a" read,deploy,rollback >"$dir/token"; }
 deployctl() { ./target/debug/deployctl "$@"; }
@@ -287,10 +303,8 @@ python3 scripts/check-beat-singleton.py --fleet "$name" "$dir/beat-events.ndjson
 # ---- wall time: one host alone, then three at once ---------------------------
 kill "$lb_pid"
 lb_pid=
-one=$dir/one.toml
-printf 'max_parallel = 1\n' >"$one"
-sed -n '/^\[\[hosts\]\]/,/^app = /p' <<<"$fleet_hosts" | head -n 6 >>"$one"
-all3=$(fleet_file all3 3 3)
+one=$(fleet_file one 1 1 a)
+all3=$(fleet_file all3 3 3 a b c)
 timed() { # LOG ARGS... -> seconds
     local log=$1 t0
     shift

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::audit::{ClientAddr, Started, begin_change, begin_fleet_change, give_back, started};
 use super::deployments::{checked_bound_sha, checked_fleet};
+use super::fleet::{self, FleetChange};
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
 use crate::engine::EngineError;
 use crate::store::AuditRecord;
@@ -57,8 +58,22 @@ pub async fn rollback(
     Path(app): Path<String>,
     Json(body): Json<RollbackRequest>,
 ) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
-    who.require(Scope::Rollback, &app)?;
+    // The holder of a fleet deployment reverts its own part of it with the
+    // scope and the sha binding that deployed it, as a host's own
+    // deployment rolls itself back.
+    let reverts_own = match &body.fleet {
+        Some(f) => fleet::reverts_own_part(&state, &who, &app, &f.id, body.to.as_ref())?,
+        None => false,
+    };
+    if reverts_own {
+        if !who.may(Scope::Deploy, &app) {
+            who.require(Scope::Rollback, &app)?;
+        }
+    } else {
+        who.require(Scope::Rollback, &app)?;
+    }
     if let Some(bound) = &who.sha
+        && !reverts_own
         && body.to.as_ref().is_none_or(|to| to.as_str() != bound)
     {
         return Err(ApiError::new(
@@ -83,7 +98,10 @@ pub async fn rollback(
         detail.push(format!("fleet rollback {} on host {}", f.id, f.host));
     }
     intent.detail = (!detail.is_empty()).then(|| detail.join("; "));
-    let fleet = body.fleet.as_ref().map(|f| (app.as_str(), f.id.as_str()));
+    let fleet = body.fleet.as_ref().map(|f| {
+        let change = FleetChange::Rollback(body.to.as_ref());
+        (app.as_str(), f.id.as_str(), change)
+    });
     let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
     let rollback = state.engine.rollback(
         &app,
@@ -120,12 +138,9 @@ pub async fn lock(
 ) -> Result<Json<AppLock>, ApiError> {
     match &body.fleet {
         Some(fleet) => {
-            let scope = if fleet.rollback {
-                Scope::Rollback
-            } else {
-                Scope::Deploy
-            };
-            who.require(scope, &app)?;
+            if !who.may(Scope::Deploy, &app) {
+                who.require(Scope::Rollback, &app)?;
+            }
             checked_bound_sha(&who, &fleet.sha)?;
             checked_fleet_lock(fleet)?;
         }
@@ -149,7 +164,8 @@ pub async fn lock(
         begin_change(&state, &who, source, intent)?;
         return Ok(Json(state.engine.lock(&app, &reason, &who.subject)?));
     };
-    let spent = begin_fleet_change(&state, &who, source, intent, Some((&app, &fleet.id)))?;
+    let change = Some((app.as_str(), fleet.id.as_str(), FleetChange::Lock));
+    let spent = begin_fleet_change(&state, &who, source, intent, change)?;
     let jti = who.jti.as_deref().unwrap_or_default();
     match state
         .engine
@@ -228,7 +244,10 @@ pub async fn unlock(
         .fleet
         .as_ref()
         .map(|id| format!("fleet deployment {id}"));
-    let fleet = query.fleet.as_deref().map(|id| (app.as_str(), id));
+    let fleet = query
+        .fleet
+        .as_deref()
+        .map(|id| (app.as_str(), id, FleetChange::Unlock));
     let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
     match state.engine.unlock(&app, query.fleet.as_deref()) {
         Ok(_) => Ok(StatusCode::NO_CONTENT),

@@ -21,6 +21,7 @@ use axum::http::request::Parts;
 use deployd_proto::Deployment;
 use time::OffsetDateTime;
 
+use super::fleet::{FleetChange, Standing, admit};
 use super::{ApiError, ApiState, Json};
 use crate::auth::{AuthError, Principal};
 use crate::engine::EngineError;
@@ -95,18 +96,21 @@ pub(super) fn begin_change(
     begin_fleet_change(state, who, source, intent, None)
 }
 
-/// Like [`begin_change`] for a change that names fleet deployment
-/// `fleet` of `app`: when the token is the one that took the app's lock
-/// for that fleet deployment, it is not spent again. One token thus makes
-/// one fleet deployment on each host: its lock, its deploy, its revert,
-/// its unlock.
+/// Like [`begin_change`] for a change that names a fleet deployment
+/// (`app`, its id, the change): see `super::fleet`. Its holder's token is
+/// not spent again; a caller who is neither its holder nor an admin is
+/// refused; a newer token of its holder takes the lock over.
 pub(super) fn begin_fleet_change(
     state: &ApiState,
     who: &Principal,
     source: ClientAddr,
     mut intent: AuditRecord,
-    fleet: Option<(&str, &str)>,
+    fleet: Option<(&str, &str, FleetChange<'_>)>,
 ) -> Result<Spent, ApiError> {
+    let standing = match fleet {
+        Some((app, id, change)) => Some((app, id, admit(state, who, app, id, change)?)),
+        None => None,
+    };
     attribute(&mut intent, Some(who), source.0);
     intent.outcome = "requested".into();
     let store = state.engine.store();
@@ -124,14 +128,7 @@ pub(super) fn begin_fleet_change(
     let jti = who.jti.clone().ok_or_else(|| {
         AuthError::Invalid("a token without an id (jti) cannot make changes".into())
     })?;
-    if let Some((app, id)) = fleet
-        && let Some(lock) = state.engine.held_lock(app)?
-        && lock.lets_in(Some(id))
-        && lock
-            .holder
-            .as_ref()
-            .is_some_and(|(i, j)| *i == who.issuer && *j == jti)
-    {
+    if let Some((_, _, Standing::Holder)) = standing {
         return Ok(Spent(None));
     }
     // Remembered as long as the token still passes verification.
@@ -139,6 +136,9 @@ pub(super) fn begin_fleet_change(
     let expires = who.expires_at.unix_timestamp().saturating_add(leeway);
     if !store.spend_token(&who.issuer, &jti, expires)? {
         return Err(AuthError::Replayed.into());
+    }
+    if let Some((app, id, Standing::Successor)) = standing {
+        store.pass_fleet_lock(app, id, (&who.issuer, &jti))?;
     }
     Ok(Spent(Some((who.issuer.clone(), jti))))
 }

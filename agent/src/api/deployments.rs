@@ -7,6 +7,7 @@ use deployd_proto::{DeployRequest, Deployment, DeploymentId, DeploymentPage, Err
 use serde::Deserialize;
 
 use super::audit::{ClientAddr, Started, begin_fleet_change, started};
+use super::fleet::FleetChange;
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
 use crate::engine;
 use crate::store::AuditRecord;
@@ -54,7 +55,10 @@ pub async fn create(
         )),
         None => reason.clone(),
     };
-    let fleet = body.fleet.as_ref().map(|f| (app.as_str(), f.id.as_str()));
+    let fleet = body
+        .fleet
+        .as_ref()
+        .map(|f| (app.as_str(), f.id.as_str(), FleetChange::Deploy(&body.sha)));
     let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
     let request = engine::DeployRequest {
         app,

@@ -61,6 +61,13 @@ struct Seen {
 }
 
 impl Seen {
+    /// Its latest part of fleet deployment `id` of `kind`.
+    fn part_of_kind(&self, id: &str, kind: DeploymentKind) -> Option<&Deployment> {
+        self.history
+            .iter()
+            .find(|d| d.kind == kind && d.fleet.as_ref().is_some_and(|f| f.id == id))
+    }
+
     /// Its latest part of fleet deployment `id`.
     fn part_of(&self, id: &str) -> Option<&Deployment> {
         self.history
@@ -90,6 +97,8 @@ struct Outcome {
     error: Option<String>,
     /// For a host the fleet reverted: how the revert ended.
     reverted: Option<String>,
+    /// Its lock stays: its part's end is not known, or lifting it failed.
+    locked: bool,
 }
 
 impl Outcome {
@@ -101,6 +110,7 @@ impl Outcome {
             state: None,
             error: None,
             reverted: None,
+            locked: false,
         };
         match ended {
             None => outcome.state = Some(none.to_owned()),
@@ -540,8 +550,15 @@ fn refusal(fleet: &Fleet, problems: &[String], exit: Exit) -> CliError {
     }
 }
 
-/// Locks every host for `lock`; on any refusal, lifts the locks taken.
-async fn lock_all(members: &[Member], lock: &FleetLock, out: &Out) -> Result<(), CliError> {
+/// Locks every host for `lock`. On any refusal, lifts the locks this run
+/// took, unless the hosts were already held for it (`held`: a resumed
+/// fleet deployment keeps its locks whatever happens).
+async fn lock_all(
+    members: &[Member],
+    lock: &FleetLock,
+    out: &Out,
+    held: bool,
+) -> Result<(), CliError> {
     let what = if lock.rollback {
         "rollback"
     } else {
@@ -565,34 +582,79 @@ async fn lock_all(members: &[Member], lock: &FleetLock, out: &Out) -> Result<(),
         ));
         return Ok(());
     }
+    let mut message = format!("fleet {what} {}: locking failed:", lock.id);
+    for p in problems {
+        let _ = write!(message, "\n  {p}");
+    }
+    if held {
+        let _ = write!(
+            message,
+            "\nthe hosts stay locked for it; nothing else was changed"
+        );
+        return Err(CliError::new(exit, message));
+    }
     let taken: Vec<&Member> = members
         .iter()
         .zip(&locked)
         .filter(|(_, r)| r.is_ok())
         .map(|(m, _)| m)
         .collect();
-    join_all(taken.iter().map(|m| m.unlock(&lock.id))).await;
-    let mut message = format!(
-        "fleet {what} {}: nothing was changed: locking failed:",
-        lock.id
-    );
-    for p in problems {
-        let _ = write!(message, "\n  {p}");
+    let lifted = join_all(taken.iter().map(|m| m.unlock(&lock.id))).await;
+    let stuck: Vec<&str> = taken
+        .iter()
+        .zip(lifted)
+        .filter(|(_, r)| r.is_err())
+        .map(|(m, _)| m.host.name.as_str())
+        .collect();
+    if stuck.is_empty() {
+        let _ = write!(message, "\nnothing was changed");
+    } else {
+        let _ = write!(
+            message,
+            "\nnothing was deployed, but these hosts stay locked for it: {} (deployctl unlock)",
+            stuck.join(", ")
+        );
     }
     Err(CliError::new(exit, message))
 }
 
-/// Lifts every host's lock for fleet deployment `id`.
-async fn unlock_all(members: &[Member], id: &str, out: &Out) {
-    let lifted = join_all(members.iter().map(|m| m.unlock(id))).await;
-    for (m, r) in members.iter().zip(lifted) {
+/// Lifts the lock of fleet deployment `id` on every host whose part has a
+/// known end; returns the hosts whose lock stays (said on stderr, also
+/// with `--json`). A host whose part's end is unknown keeps its lock, so
+/// that nothing else starts there before `--resume` or `rollback --fleet`.
+async fn unlock_all(
+    members: &[Member],
+    id: &str,
+    out: &Out,
+    outcomes: &[Option<Ended>],
+) -> Vec<usize> {
+    let unknown = |i: usize| matches!(outcomes.get(i), Some(Some((_, Err(_)))));
+    let lifted = join_all(
+        members
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !unknown(i))
+            .map(|(i, m)| async move { (i, m.unlock(id).await) }),
+    )
+    .await;
+    let mut kept: Vec<usize> = (0..members.len()).filter(|&i| unknown(i)).collect();
+    for i in &kept {
+        eprintln!(
+            "fleet {}: {}: stays locked for fleet deployment {id}: its part's end is not known \
+             (finish it: --resume, or rollback --fleet)",
+            out.name, members[*i].host.name
+        );
+    }
+    for (i, r) in lifted {
         if let Err(e) = r {
-            out.note(&format!(
-                "{}: its lock stays: {} (lift it with `deployctl unlock`)",
-                m.host.name, e.message
-            ));
+            eprintln!(
+                "fleet {}: {}: its lock stays: {} (deployctl unlock)",
+                out.name, members[i].host.name, e.message
+            );
+            kept.push(i);
         }
     }
+    kept
 }
 
 /// Prepares every host; the one digest they all resolved `sha` to.
@@ -663,10 +725,14 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
                     fleet.name, held.id, held.sha
                 ),
             )
-            .hint(format!(
-                "finish it: deployctl deploy {} --fleet {} --resume, or deployctl rollback --fleet {}",
-                held.sha, fleet.name, fleet.name
-            )));
+            .hint(if held.rollback {
+                format!("finish it: deployctl rollback --fleet {}", fleet.name)
+            } else {
+                format!(
+                    "finish it: deployctl deploy {} --fleet {} --resume, or deployctl rollback --fleet {}",
+                    held.sha, fleet.name, fleet.name
+                )
+            }));
         }
         (None, true) => {
             return Err(CliError::usage(format!(
@@ -682,11 +748,17 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         },
     };
     let id = lock.id.clone();
-    lock_all(&members, &lock, &out).await?;
+    let resumed = pre.held.is_some();
+    lock_all(&members, &lock, &out, resumed).await?;
     let digest = match prepare_all(&members, &o.sha, &out).await {
         Ok(digest) => digest,
-        Err(problems) => {
-            unlock_all(&members, &id, &out).await;
+        Err(mut problems) => {
+            // A resumed deployment keeps its hosts locked: it changed some.
+            if resumed {
+                problems.push(format!("the hosts stay locked for fleet deployment {id}"));
+            } else {
+                unlock_all(&members, &id, &out, &[]).await;
+            }
             return Err(refusal(fleet, &problems, Exit::Failed));
         }
     };
@@ -837,6 +909,15 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
             fleet.failure_budget,
             changed.len()
         ));
+        // The locks say the fleet deployment is being reverted: a deployctl
+        // that dies now is finished by `rollback --fleet`, not `--resume`.
+        let reverting = FleetLock {
+            rollback: true,
+            ..lock.clone()
+        };
+        if let Err(e) = lock_all(&members, &reverting, &out, true).await {
+            out.note(&e.message);
+        }
         let reverts = changed.iter().map(|(i, previous)| {
             let m = &members[*i];
             let part = Part::Rollback(RollbackRequest {
@@ -856,7 +937,7 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
             reverted.insert(*i, state);
         }
     }
-    unlock_all(&members, &id, &out).await;
+    let kept = unlock_all(&members, &id, &out, &outcomes).await;
 
     let mut hosts = Vec::new();
     let mut ends = Vec::new();
@@ -878,6 +959,7 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
             matches!(r, Ok(DeploymentState::Succeeded))
         });
         ends.push((end, revert));
+        outcome.locked = kept.contains(&i);
         hosts.push(outcome);
     }
     let exit = fleet_exit(&ends, fleet.failure_budget);
@@ -946,6 +1028,9 @@ fn finish(out: &Out, summary: &Summary<'_>) -> Result<(), CliError> {
         if let Some(e) = &h.error {
             let _ = writeln!(text, "    {e}");
         }
+        if h.locked {
+            let _ = writeln!(text, "    still locked for {}", summary.id);
+        }
     }
     eprint!("{text}");
     Ok(())
@@ -968,7 +1053,7 @@ fn before_live(seen: &Seen) -> Option<CommitSha> {
 
 /// `deployctl rollback --fleet NAME [--to SHA]`: every host back to one
 /// release, in the fleet's waves; or, when a fleet deployment deployctl
-/// left behind holds the hosts, the revert of that deployment.
+/// left behind holds the hosts, the revert of every host it changed.
 pub async fn rollback(
     global: &Global,
     fleet: &Fleet,
@@ -979,109 +1064,91 @@ pub async fn rollback(
     let out = Out::new(fleet, json);
     let members = connect(global, fleet)?;
     let pre = preflight(&members, fleet, Scope::Rollback, &out, false).await?;
-    // Per host: the release to go back to (none: leave it as it is).
-    let mut targets: Vec<Option<CommitSha>> = Vec::new();
-    let lock = match &pre.held {
-        Some(held) if !held.rollback => {
-            // Revert what the fleet deployment left behind: each host it
-            // changed goes back to what it ran before.
+    // A held fleet deployment with deploy parts is reverted; a held fleet
+    // rollback is finished, to its own release.
+    let reverting = pre.held.as_ref().filter(|held| {
+        pre.seen
+            .iter()
+            .any(|s| s.part_of_kind(&held.id, DeploymentKind::Deploy).is_some())
+    });
+    let lock = match (&pre.held, reverting) {
+        (Some(held), Some(_)) => {
             out.note(&format!(
                 "reverting fleet deployment {} of {}, left unfinished",
                 held.id, held.sha
             ));
-            for s in &pre.seen {
-                targets.push(match s.part_of(&held.id) {
-                    Some(d)
-                        if d.kind == DeploymentKind::Deploy
-                            && matches!(
-                                d.state,
-                                DeploymentState::Succeeded
-                                    | DeploymentState::Running
-                                    | DeploymentState::Queued
-                            ) =>
-                    {
-                        d.previous_sha.clone()
-                    }
-                    _ => None,
-                });
-            }
             FleetLock {
                 rollback: true,
                 ..held.clone()
             }
         }
-        held => {
-            let target = match &to {
-                Some(to) => to.clone(),
-                None => {
-                    let mut befores: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-                    for (m, s) in members.iter().zip(&pre.seen) {
-                        let before = before_live(s).map_or("none".to_owned(), |s| s.to_string());
-                        befores.entry(before).or_default().push(&m.host.name);
-                    }
-                    let mut agreed = befores.keys().filter(|k| *k != "none");
-                    match (agreed.next(), agreed.next(), befores.contains_key("none")) {
-                        (Some(sha), None, false) => sha.parse().map_err(|_| {
-                            CliError::new(Exit::Other, format!("a host reported sha {sha}"))
-                        })?,
-                        _ => {
-                            let each: Vec<String> = befores
-                                .iter()
-                                .map(|(sha, on)| format!("{}: {sha}", on.join(", ")))
-                                .collect();
-                            return Err(CliError::usage(format!(
-                                "fleet {}: the hosts ran different releases before their live one ({}); name one with --to",
-                                fleet.name,
-                                each.join("; ")
-                            )));
-                        }
-                    }
-                }
-            };
-            for s in &pre.seen {
-                targets.push((s.status.live_sha.as_ref() != Some(&target)).then(|| target.clone()));
+        (Some(held), None) => {
+            if to.as_ref().is_some_and(|to| *to != held.sha) {
+                return Err(CliError::usage(format!(
+                    "fleet {}: fleet rollback {} to {} holds the hosts; finish it without --to",
+                    fleet.name, held.id, held.sha
+                )));
             }
-            match held {
-                Some(h) => h.clone(),
-                None => FleetLock {
-                    id: new_id(),
-                    name: fleet.name.clone(),
-                    sha: target,
-                    rollback: true,
-                },
-            }
+            held.clone()
         }
+        (None, _) => FleetLock {
+            id: new_id(),
+            name: fleet.name.clone(),
+            sha: match &to {
+                Some(to) => to.clone(),
+                None => agreed_before(fleet, &members, &pre.seen)?,
+            },
+            rollback: true,
+        },
     };
     let id = lock.id.clone();
-    lock_all(&members, &lock, &out).await?;
-    // Parts still running (a dead deployctl's) end first.
+    lock_all(&members, &lock, &out, pre.held.is_some()).await?;
+    // Parts still running (a dead deployctl's) end first; then every host
+    // is looked at again, to know what each now runs.
     let mut outcomes: Vec<Option<Ended>> = (0..members.len()).map(|_| None).collect();
-    let running: Vec<usize> = (0..members.len())
-        .filter(|&i| {
-            pre.seen[i]
-                .part_of(&id)
-                .is_some_and(|d| !d.state.is_terminal())
+    let running: Vec<(usize, String)> = pre
+        .seen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.part_of(&id)
+                .filter(|d| !d.state.is_terminal())
+                .map(|d| (i, d.id.0.clone()))
         })
         .collect();
-    if !running.is_empty() {
-        let follows = running.iter().map(|&i| {
-            let m = &members[i];
-            let part = Part::Follow(
-                pre.seen[i]
-                    .part_of(&id)
-                    .map(|d| d.id.0.clone())
-                    .unwrap_or_default(),
-            );
-            m.run_part(part, &out, out.view(&m.host.name, "running"))
-        });
-        let ended = join_all(follows).await;
-        for (&i, (_, state)) in running.iter().zip(ended) {
-            // A part that did not succeed left its host as it was.
-            if !matches!(state, Ok(DeploymentState::Succeeded)) {
-                targets[i] = None;
-            }
-        }
+    let follows = running.iter().map(|(i, running)| {
+        let m = &members[*i];
+        m.run_part(
+            Part::Follow(running.clone()),
+            &out,
+            out.view(&m.host.name, "running"),
+        )
+    });
+    for ((i, _), ended) in running.iter().zip(join_all(follows).await) {
+        outcomes[*i] = Some(ended);
     }
+    let seen = if running.is_empty() {
+        pre.seen
+    } else {
+        let looked = join_all(members.iter().map(|m| m.look(Scope::Rollback))).await;
+        looked.into_iter().collect::<Result<Vec<_>, _>>()?
+    };
+    // Per host: the release to go back to (none: it stays as it is).
+    let targets: Vec<Option<CommitSha>> = seen
+        .iter()
+        .map(|s| {
+            let target = if reverting.is_some() {
+                // Only a host this deployment moved goes back, to what it ran
+                // before; a host whose part failed restored itself.
+                s.part_of_kind(&id, DeploymentKind::Deploy)
+                    .filter(|d| d.state == DeploymentState::Succeeded)
+                    .and_then(|d| d.previous_sha.clone())?
+            } else {
+                lock.sha.clone()
+            };
+            (s.status.live_sha.as_ref() != Some(&target)).then_some(target)
+        })
+        .collect();
     let todo: Vec<usize> = (0..members.len())
         .filter(|&i| targets[i].is_some())
         .collect();
@@ -1120,30 +1187,33 @@ pub async fn rollback(
             break;
         }
     }
-    unlock_all(&members, &id, &out).await;
+    let kept = unlock_all(&members, &id, &out, &outcomes).await;
     let mut worst = Exit::Success;
     let hosts: Vec<Outcome> = members
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let unchanged = if targets[i].is_none() {
+            let none = if targets[i].is_none() {
                 "unchanged"
             } else {
                 "not started"
             };
-            let outcome = Outcome::of(&m.host.name, outcomes[i].as_ref(), unchanged);
-            match &outcomes[i] {
-                None => {}
-                Some((_, Ok(state))) => worst = worst_exit(worst, crate::follow::exit_of(*state)),
-                Some((_, Err(_))) => worst = worst_exit(worst, Exit::Other),
-            }
+            let mut outcome = Outcome::of(&m.host.name, outcomes[i].as_ref(), none);
+            outcome.locked = kept.contains(&i);
+            let exit = match &outcomes[i] {
+                None if targets[i].is_some() => Exit::RollbackFailed,
+                None => Exit::Success,
+                Some((_, Ok(state))) => crate::follow::exit_of(*state),
+                Some((_, Err(_))) => Exit::Other,
+            };
+            worst = worst_exit(worst, exit);
             outcome
         })
         .collect();
     let outcome = if worst == Exit::Success {
         "every host runs the release"
     } else {
-        "a host failed: see its line"
+        "a host did not get there: see its line"
     };
     finish(
         &out,
@@ -1157,4 +1227,30 @@ pub async fn rollback(
         },
     )?;
     Ok(worst)
+}
+
+/// The release every host ran before its live one, when they agree.
+fn agreed_before(fleet: &Fleet, members: &[Member], seen: &[Seen]) -> Result<CommitSha, CliError> {
+    let mut befores: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (m, s) in members.iter().zip(seen) {
+        let before = before_live(s).map_or("none".to_owned(), |s| s.to_string());
+        befores.entry(before).or_default().push(&m.host.name);
+    }
+    let mut agreed = befores.keys().filter(|k| *k != "none");
+    match (agreed.next(), agreed.next(), befores.contains_key("none")) {
+        (Some(sha), None, false) => sha
+            .parse()
+            .map_err(|_| CliError::new(Exit::Other, format!("a host reported sha {sha}"))),
+        _ => {
+            let each: Vec<String> = befores
+                .iter()
+                .map(|(sha, on)| format!("{}: {sha}", on.join(", ")))
+                .collect();
+            Err(CliError::usage(format!(
+                "fleet {}: the hosts ran different releases before their live one ({}); name one with --to",
+                fleet.name,
+                each.join("; ")
+            )))
+        }
+    }
 }

@@ -88,6 +88,11 @@ pub fn fleet_exit(ends: &[(HostEnd, Option<bool>)], budget: usize) -> Exit {
         .filter(|(end, _)| !matches!(end, HostEnd::Succeeded | HostEnd::NotStarted))
         .count();
     let stopped = ends.iter().any(|(end, _)| *end == HostEnd::NotStarted);
+    // A host that could not put its previous release back is broken,
+    // within the budget or not.
+    if ends.iter().any(|(end, _)| *end == HostEnd::RollbackFailed) {
+        return Exit::RollbackFailed;
+    }
     if !over_budget(failed, budget) && !stopped {
         return Exit::Success;
     }
@@ -159,6 +164,9 @@ mod tests {
         // One host failed within a budget of one: the fleet goes on.
         let within = [(Succeeded, None), (RolledBack, None), (Succeeded, None)];
         assert_eq!(fleet_exit(&within, 1), Exit::Success);
+        // Within the budget too, a host left broken is said.
+        let broken = [(Succeeded, None), (RollbackFailed, None), (Succeeded, None)];
+        assert_eq!(fleet_exit(&broken, 1), Exit::RollbackFailed);
         // Past the budget: the first host reverted, the second put itself
         // back, the third never touched.
         let reverted = [

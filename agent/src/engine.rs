@@ -87,6 +87,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Docker(#[from] crate::docker::DockerError),
+    #[error("a prepare of {sha} is still pulling for {app}; ask again once it has ended")]
+    Preparing { app: String, sha: CommitSha },
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot set up the health check client: {0}")]
@@ -102,6 +104,7 @@ impl EngineError {
             Self::UnknownApp(_)
                 | Self::Conflict { .. }
                 | Self::Locked { .. }
+                | Self::Preparing { .. }
                 | Self::NoPreviousRelease(_)
                 | Self::UnknownRelease { .. }
         )

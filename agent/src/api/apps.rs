@@ -273,6 +273,7 @@ pub async fn unlock(
         (status = 202, description = "Pulling: ask again", body = Prepared),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "A prepare of another sha is still pulling", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

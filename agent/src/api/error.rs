@@ -99,6 +99,7 @@ impl From<EngineError> for ApiError {
                 return error;
             }
             EngineError::Locked { .. } => (StatusCode::LOCKED, "locked"),
+            EngineError::Preparing { .. } => (StatusCode::CONFLICT, "preparing"),
             EngineError::NoPreviousRelease(_) => (StatusCode::CONFLICT, "no_previous_release"),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             EngineError::Store(crate::store::StoreError::Full) => return Self::store_full(),

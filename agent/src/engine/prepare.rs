@@ -4,7 +4,8 @@
 //!
 //! A pull can outlast an API request, so a prepare runs as a task of its
 //! own and is asked again until it ends. Each app keeps its latest prepare
-//! only: asking for another sha starts over.
+//! only, and pulls one at a time: asking for another sha while one pulls
+//! is refused (409), once it has ended starts over.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,7 +43,7 @@ impl EngineHandle {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             prepared = match self.ctx.prepares.get().get(app) {
                 Some(p) if p.sha == *sha => p.clone(),
-                // Replaced by a prepare of another sha: start again.
+                // Replaced by a prepare of another sha (once ours ended).
                 _ => self.prepare(app, sha)?,
             };
         }
@@ -58,11 +59,17 @@ impl EngineHandle {
             .cloned()
             .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
         let mut prepares = self.ctx.prepares.get();
-        if let Some(known) = prepares.get(app)
-            && known.sha == *sha
-            && known.state != PrepareState::Failed
-        {
-            return Ok(known.clone());
+        if let Some(known) = prepares.get(app) {
+            if known.sha == *sha && known.state != PrepareState::Failed {
+                return Ok(known.clone());
+            }
+            // One pull at a time per app, whoever asks.
+            if known.state == PrepareState::Pulling {
+                return Err(EngineError::Preparing {
+                    app: app.to_owned(),
+                    sha: known.sha.clone(),
+                });
+            }
         }
         let pulling = Prepared {
             sha: sha.clone(),

@@ -102,6 +102,15 @@ impl Principal {
             .any(|g| g.scopes.contains(&scope) && g.apps.iter().any(|a| a == "*" || a == app))
     }
 
+    /// `Ok` if the caller holds any of `scopes` on `app`, else the 403 to
+    /// answer, naming the last.
+    pub fn require_any(&self, scopes: &[Scope], app: &str) -> Result<(), AuthError> {
+        if scopes.iter().any(|s| self.may(*s, app)) {
+            return Ok(());
+        }
+        self.require(scopes.last().copied().unwrap_or(Scope::Admin), app)
+    }
+
     /// `Ok` if the caller holds `scope` on `app`, else the 403 to answer.
     pub fn require(&self, scope: Scope, app: &str) -> Result<(), AuthError> {
         if self.may(scope, app) {

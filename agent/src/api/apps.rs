@@ -9,7 +9,7 @@ use deployd_proto::{
 };
 use serde::Deserialize;
 
-use super::audit::{ClientAddr, Started, begin_change, begin_fleet_change, give_back, started};
+use super::audit::{ClientAddr, Started, begin_change, begin_fleet_change, ended, started};
 use super::deployments::{checked_bound_sha, checked_fleet};
 use super::fleet::{self, FleetChange};
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
@@ -66,9 +66,7 @@ pub async fn rollback(
         None => false,
     };
     if reverts_own {
-        if !who.may(Scope::Deploy, &app) {
-            who.require(Scope::Rollback, &app)?;
-        }
+        who.require_any(&[Scope::Deploy, Scope::Rollback], &app)?;
     } else {
         who.require(Scope::Rollback, &app)?;
     }
@@ -138,9 +136,7 @@ pub async fn lock(
 ) -> Result<Json<AppLock>, ApiError> {
     match &body.fleet {
         Some(fleet) => {
-            if !who.may(Scope::Deploy, &app) {
-                who.require(Scope::Rollback, &app)?;
-            }
+            who.require_any(&[Scope::Deploy, Scope::Rollback], &app)?;
             checked_bound_sha(&who, &fleet.sha)?;
             checked_fleet_lock(fleet)?;
         }
@@ -167,18 +163,10 @@ pub async fn lock(
     let change = Some((app.as_str(), fleet.id.as_str(), FleetChange::Lock));
     let spent = begin_fleet_change(&state, &who, source, intent, change)?;
     let jti = who.jti.as_deref().unwrap_or_default();
-    match state
+    let locked = state
         .engine
-        .lock_for_fleet(&app, &who.subject, &fleet, (&who.issuer, jti))
-    {
-        Ok(lock) => Ok(Json(lock)),
-        Err(e) => {
-            if e.changed_nothing() {
-                give_back(&state, spent);
-            }
-            Err(e.into())
-        }
-    }
+        .lock_for_fleet(&app, &who.subject, &fleet, (&who.issuer, jti));
+    Ok(Json(ended(&state, spent, locked)?))
 }
 
 /// A fleet lock's id and name: 1 to 64 of a-z, A-Z, 0-9, `-`, `_`, `.`, `:`.
@@ -225,9 +213,7 @@ pub async fn unlock(
 ) -> Result<StatusCode, ApiError> {
     match &query.fleet {
         Some(id) => {
-            if !who.may(Scope::Deploy, &app) {
-                who.require(Scope::Rollback, &app)?;
-            }
+            who.require_any(&[Scope::Deploy, Scope::Rollback], &app)?;
             if !super::deployments::plain_fleet_name(id) {
                 return Err(ApiError::bad_request(
                     "invalid_fleet",
@@ -249,15 +235,12 @@ pub async fn unlock(
         .as_deref()
         .map(|id| (app.as_str(), id, FleetChange::Unlock));
     let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
-    match state.engine.unlock(&app, query.fleet.as_deref()) {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
-        Err(e) => {
-            if e.changed_nothing() {
-                give_back(&state, spent);
-            }
-            Err(e.into())
-        }
-    }
+    ended(
+        &state,
+        spent,
+        state.engine.unlock(&app, query.fleet.as_deref()),
+    )?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Pulls a release and pins its digest, changing nothing that runs (a

@@ -161,18 +161,24 @@ pub(super) async fn started(
     spent: Spent,
     start: impl Future<Output = Result<Deployment, EngineError>>,
 ) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
-    match start.await {
-        Ok(deployment) => {
-            let started = Started(deployment.id.0.clone());
-            Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
+    let deployment = ended(state, spent, start.await)?;
+    let started = Started(deployment.id.0.clone());
+    Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
+}
+
+/// The end of a change: its result, or its refusal, giving the token id
+/// back when nothing was changed.
+pub(super) fn ended<T>(
+    state: &ApiState,
+    spent: Spent,
+    result: Result<T, EngineError>,
+) -> Result<T, ApiError> {
+    result.map_err(|e| {
+        if e.changed_nothing() {
+            give_back(state, spent);
         }
-        Err(e) => {
-            if e.changed_nothing() {
-                give_back(state, spent);
-            }
-            Err(e.into())
-        }
-    }
+        e.into()
+    })
 }
 
 /// Whether an answer refused the caller: 401, 403 or 429.

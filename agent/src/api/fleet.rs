@@ -15,6 +15,7 @@ use deployd_proto::{CommitSha, DeploymentKind, Scope};
 
 use super::{ApiError, ApiState};
 use crate::auth::Principal;
+use crate::store::Lock;
 
 /// What a change naming a fleet deployment does.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +39,32 @@ pub(super) enum Standing {
     Successor,
 }
 
+/// The app's lock, if it is held for fleet deployment `id`.
+fn held_for(state: &ApiState, app: &str, id: &str) -> Result<Option<Lock>, ApiError> {
+    Ok(state
+        .engine
+        .held_lock(app)?
+        .filter(|lock| lock.fleet.as_ref().is_some_and(|f| f.id == id)))
+}
+
+/// Whether `who` is the lock's holder: the same issuer and subject,
+/// whichever of its tokens.
+fn held_by(lock: &Lock, who: &Principal) -> bool {
+    lock.holder
+        .as_ref()
+        .is_some_and(|(issuer, _)| *issuer == who.issuer)
+        && lock.locked_by == who.subject
+}
+
+/// The release this host ran before fleet deployment `id`.
+fn ran_before(state: &ApiState, app: &str, id: &str) -> Result<Option<CommitSha>, ApiError> {
+    Ok(state
+        .engine
+        .store()
+        .fleet_part(app, id, DeploymentKind::Deploy)?
+        .and_then(|d| d.previous_sha))
+}
+
 /// Whether `who` may make `change` in fleet deployment `id` of `app`, and
 /// how; a 423 for a caller who is neither its holder nor an admin, a 409
 /// for a change outside what the fleet deployment ships.
@@ -48,18 +75,13 @@ pub(super) fn admit(
     id: &str,
     change: FleetChange<'_>,
 ) -> Result<Standing, ApiError> {
-    let Some(lock) = state.engine.held_lock(app)? else {
+    let Some(lock) = held_for(state, app, id)? else {
         return Ok(Standing::Outside);
     };
-    let Some(held) = lock.fleet.as_ref().filter(|f| f.id == id) else {
+    let Some(held) = lock.fleet.as_ref() else {
         return Ok(Standing::Outside);
     };
-    let identity = lock
-        .holder
-        .as_ref()
-        .is_some_and(|(issuer, _)| *issuer == who.issuer)
-        && lock.locked_by == who.subject;
-    if !identity && !who.may(Scope::Admin, app) {
+    if !held_by(&lock, who) && !who.may(Scope::Admin, app) {
         return Err(ApiError::new(
             StatusCode::LOCKED,
             "locked",
@@ -82,11 +104,7 @@ pub(super) fn admit(
             return mismatch(format!("a deploy of {sha} is not part of it"));
         }
         FleetChange::Rollback(to) => {
-            let before = state
-                .engine
-                .store()
-                .fleet_part(app, id, DeploymentKind::Deploy)?
-                .and_then(|d| d.previous_sha);
+            let before = ran_before(state, app, id)?;
             let fits = to.is_some_and(|to| *to == held.sha || Some(to) == before.as_ref());
             if !fits {
                 return mismatch(format!(
@@ -118,25 +136,13 @@ pub(super) fn reverts_own_part(
     id: &str,
     to: Option<&CommitSha>,
 ) -> Result<bool, ApiError> {
-    let Some(lock) = state.engine.held_lock(app)? else {
+    let Some(lock) = held_for(state, app, id)? else {
         return Ok(false);
     };
-    let Some(held) = lock.fleet.as_ref().filter(|f| f.id == id) else {
-        return Ok(false);
-    };
-    let holder = lock
-        .holder
-        .as_ref()
-        .is_some_and(|(issuer, _)| *issuer == who.issuer)
-        && lock.locked_by == who.subject;
-    let bound = who
-        .sha
-        .as_deref()
-        .is_none_or(|bound| bound == held.sha.as_str());
-    let before = state
-        .engine
-        .store()
-        .fleet_part(app, id, DeploymentKind::Deploy)?
-        .and_then(|d| d.previous_sha);
-    Ok(holder && bound && to.is_some() && to == before.as_ref())
+    let bound = who.sha.as_deref().is_none_or(|bound| {
+        lock.fleet
+            .as_ref()
+            .is_some_and(|held| bound == held.sha.as_str())
+    });
+    Ok(held_by(&lock, who) && bound && to.is_some() && to == ran_before(state, app, id)?.as_ref())
 }

@@ -92,6 +92,14 @@ pub struct Host {
     pub label: Option<String>,
 }
 
+impl Host {
+    /// A client for this host: its URL, app and trust, the token from the
+    /// usual layers.
+    pub fn client(&self, global: &Global) -> Result<crate::client::Client, CliError> {
+        crate::client::Client::new(global.for_host(self).resolve()?)
+    }
+}
+
 /// How a host's certificate is trusted.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Trust {

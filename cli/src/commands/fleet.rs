@@ -7,7 +7,6 @@ use futures_util::future::join_all;
 use reqwest::Method;
 use serde::Serialize;
 
-use crate::client::Client;
 use crate::exit::{CliError, Exit};
 use crate::fleet::{Fleet, Host, Which, singleton_problems, waves};
 use crate::settings::Global;
@@ -106,6 +105,13 @@ impl Check {
     }
 }
 
+/// One host's app status.
+async fn host_status(global: &Global, host: &Host) -> Result<AppStatus, CliError> {
+    host.client(global)?
+        .call(Method::GET, &format!("/v1/apps/{}/status", host.app), None)
+        .await
+}
+
 async fn check_host(global: &Global, host: &Host) -> HostCheck {
     let mut check = HostCheck {
         host: host.name.clone(),
@@ -116,13 +122,7 @@ async fn check_host(global: &Global, host: &Host) -> HostCheck {
         singletons: Vec::new(),
         problems: Vec::new(),
     };
-    let status = async {
-        let client = Client::new(global.for_host(host).resolve()?)?;
-        client
-            .call::<AppStatus>(Method::GET, &format!("/v1/apps/{}/status", host.app), None)
-            .await
-    };
-    match status.await {
+    match host_status(global, host).await {
         Ok(status) => {
             check.live_sha = status.live_sha.map(|s| s.to_string());
             check.singletons = status
@@ -224,13 +224,7 @@ struct HostStatus {
 }
 
 async fn status_of(global: &Global, host: &Host) -> HostStatus {
-    let read = async {
-        let client = Client::new(global.for_host(host).resolve()?)?;
-        client
-            .call::<AppStatus>(Method::GET, &format!("/v1/apps/{}/status", host.app), None)
-            .await
-    };
-    let (status, error) = match read.await {
+    let (status, error) = match host_status(global, host).await {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(e.message)),
     };
@@ -366,8 +360,7 @@ pub async fn history(
     json: bool,
 ) -> Result<Exit, CliError> {
     let pages = join_all(fleet.hosts.iter().map(|host| async move {
-        let client = Client::new(global.for_host(host).resolve()?)?;
-        client
+        host.client(global)?
             .call::<deployd_proto::DeploymentPage>(
                 Method::GET,
                 &format!("/v1/apps/{}/deployments?limit={limit}", host.app),

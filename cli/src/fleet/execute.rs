@@ -207,10 +207,9 @@ fn connect(global: &Global, fleet: &Fleet) -> Result<Vec<Member>, CliError> {
         .hosts
         .iter()
         .map(|host| {
-            let client = Client::new(global.for_host(host).resolve()?)?;
             Ok(Member {
                 host: host.clone(),
-                client,
+                client: host.client(global)?,
             })
         })
         .collect()

@@ -30,7 +30,8 @@ bash scripts/scenario/edge.sh
 
 # Three agents behind HAProxy deployed as one fleet: waves, a host-specific
 # failure reverted fleet-wide, a fleet rollback, deployctl killed and
-# resumed, under load (about ten minutes).
+# resumed, beat moved from one host to another, under load (about twelve
+# minutes).
 bash scripts/scenario/fleet.sh
 
 # The Debian package, installed into a clean Debian image, then run by a

@@ -24,7 +24,7 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::routing::{get, post, put};
 use axum::{BoxError, Router};
-use deployd_proto::WhoAmI;
+use deployd_proto::{ErrorCode, WhoAmI};
 use tower::ServiceBuilder;
 
 pub use audit::{ClientAddr, RefusalLog};
@@ -208,13 +208,13 @@ async fn read_body(
             let mut response = if too_large {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    ErrorCode::PayloadTooLarge,
                     "request bodies are limited to 16 KiB",
                 )
             } else {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    "invalid_body",
+                    ErrorCode::InvalidBody,
                     "the request body could not be read",
                 )
             }
@@ -229,7 +229,11 @@ async fn read_body(
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "no such endpoint",
+    )
 }
 
 /// Load shedding and timeouts, as JSON errors.
@@ -237,13 +241,13 @@ async fn overloaded(error: BoxError) -> ApiError {
     if error.is::<tower::timeout::error::Elapsed>() {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
+            ErrorCode::Timeout,
             "the agent took too long to answer",
         )
     } else if error.is::<tower::load_shed::error::Overloaded>() {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
+            ErrorCode::Overloaded,
             "the agent is handling too many requests; try again",
         )
     } else {
@@ -309,9 +313,12 @@ async fn whoami(Caller(who): Caller) -> Json<WhoAmI> {
 /// A reason as given, or a 400 when it is too long.
 fn checked_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
     match reason {
-        Some(r) if r.chars().count() > deployd_proto::MAX_REASON_CHARS => Err(
-            ApiError::bad_request("invalid_reason", "a reason is at most 500 characters"),
-        ),
+        Some(r) if r.chars().count() > deployd_proto::MAX_REASON_CHARS => {
+            Err(ApiError::bad_request(
+                ErrorCode::InvalidReason,
+                "a reason is at most 500 characters",
+            ))
+        }
         Some(r) if r.trim().is_empty() => Ok(None),
         other => Ok(other),
     }

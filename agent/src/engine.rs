@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AppConfig, Config};
 use crate::docker::Docker;
 use crate::metrics::Metrics;
-use crate::store::{Lock, Store, StoreError};
+use crate::store::{FleetLocking, Lock, Store, StoreError};
 use crate::switch::Routes;
 
 /// How long a readiness check answers `/readiness` for.
@@ -41,6 +41,12 @@ const READINESS_FRESH: Duration = Duration::from_secs(2);
 pub mod label {
     pub const APP: &str = "deployd.app";
     pub const SERVICE: &str = "deployd.service";
+    /// `true` on a singleton service's containers (beat): what a fleet
+    /// reads once the service has left the config.
+    pub const SINGLETON: &str = "deployd.singleton";
+    /// The service's `stop_timeout` in seconds, for stopping its containers
+    /// once the service has left the config.
+    pub const STOP_TIMEOUT: &str = "deployd.stop-timeout";
     pub const SHA: &str = "deployd.sha";
     pub const DIGEST: &str = "deployd.digest";
     pub const DEPLOYMENT: &str = "deployd.deployment";
@@ -470,18 +476,6 @@ impl EngineHandle {
         holder: (&str, &str),
     ) -> Result<AppLock, EngineError> {
         self.check_app(app)?;
-        if let Some((running, _)) = self.ctx.store.in_flight(app)?
-            && self
-                .ctx
-                .store
-                .get(&running)?
-                .is_none_or(|d| d.fleet.is_none_or(|f| f.id != fleet.id))
-        {
-            return Err(EngineError::Conflict {
-                app: app.to_owned(),
-                running,
-            });
-        }
         let what = if fleet.rollback {
             "rollback"
         } else {
@@ -491,15 +485,24 @@ impl EngineHandle {
             "fleet {what} {} of {} (fleet {}) holds it",
             fleet.id, fleet.sha, fleet.name
         );
-        if let Err(lock) = self
+        match self
             .ctx
             .store
             .lock_for_fleet(app, &reason, by, fleet, holder)?
         {
-            return Err(EngineError::Locked {
-                app: app.to_owned(),
-                lock: Box::new(lock),
-            });
+            FleetLocking::Taken => {}
+            FleetLocking::Held(lock) => {
+                return Err(EngineError::Locked {
+                    app: app.to_owned(),
+                    lock,
+                });
+            }
+            FleetLocking::Running(running) => {
+                return Err(EngineError::Conflict {
+                    app: app.to_owned(),
+                    running,
+                });
+            }
         }
         self.lock_of(app)?
             .ok_or_else(|| EngineError::Store(StoreError::Corrupt("a lock vanished".into())))
@@ -596,14 +599,6 @@ impl Engine {
             }
             self.running.remove(&request.app);
         }
-        if let Some(lock) = self.ctx.store.lock_of(&request.app)?
-            && !lock.lets_in(request.fleet.as_ref().map(|f| f.id.as_str()))
-        {
-            return Err(EngineError::Locked {
-                app: request.app,
-                lock: Box::new(lock),
-            });
-        }
         let live = self.ctx.store.live_release(&request.app)?;
         // A rollback leaves the schema as it is: say which migrations the
         // release it goes back to did not see when it last ran.
@@ -631,7 +626,13 @@ impl Engine {
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,
         };
-        self.ctx.store.insert(&deployment)?;
+        let fleet = deployment.fleet.as_ref().map(|f| f.id.as_str());
+        if let Err(lock) = self.ctx.store.insert_unless_locked(&deployment, fleet)? {
+            return Err(EngineError::Locked {
+                app: request.app,
+                lock,
+            });
+        }
         if live.as_ref().is_some_and(|r| r.sha == request.sha) && !request.force {
             // Already live: a no-op success, recorded like any other.
             let run = run::Run::new(self.ctx.clone(), app, &deployment, live);

@@ -62,6 +62,16 @@ pub struct Store {
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// How taking a fleet lock went.
+#[derive(Debug)]
+pub enum FleetLocking {
+    Taken,
+    /// Another lock holds the app.
+    Held(Box<Lock>),
+    /// A deployment outside the fleet deployment is queued or running.
+    Running(DeploymentId),
+}
+
 /// An app's lock, refusing deployments until lifted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lock {
@@ -106,7 +116,7 @@ pub struct Release {
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
 const MIGRATIONS: &[&str] = &[
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const SCHEMA_V1: &str = "
@@ -188,6 +198,93 @@ ALTER TABLE locks ADD COLUMN fleet TEXT;
 ALTER TABLE locks ADD COLUMN holder_issuer TEXT;
 ALTER TABLE locks ADD COLUMN holder_jti TEXT;
 ";
+
+/// Images a prepare pulled, deployed or not: what pruning may remove once
+/// they are not among the releases it keeps.
+const SCHEMA_V7: &str = "
+CREATE TABLE prepared (
+    app TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    prepared_at TEXT NOT NULL,
+    PRIMARY KEY (app, sha, digest)
+);
+";
+
+/// Inserts a deployment's record.
+fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
+            reason, force, state, error, migrations, created_at, finished_at,
+            migrations_kept, skip_tasks, fleet)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+        params![
+            d.id.0,
+            d.app,
+            enum_text(d.kind),
+            d.sha.as_str(),
+            d.digest,
+            d.previous_sha.as_ref().map(CommitSha::as_str),
+            d.requested_by,
+            d.reason,
+            d.force,
+            enum_text(d.state),
+            d.error,
+            serde_json::to_string(&d.migrations).unwrap_or_else(|_| "[]".into()),
+            rfc3339(d.created_at),
+            d.finished_at.map(rfc3339),
+            serde_json::to_string(&d.migrations_kept).unwrap_or_else(|_| "[]".into()),
+            d.skip_tasks,
+            d.fleet.as_ref().and_then(|f| serde_json::to_string(f).ok()),
+        ],
+    )?;
+    Ok(())
+}
+
+/// An app's lock, read on `conn`.
+fn lock_in(conn: &Connection, app: &str) -> Result<Option<Lock>, StoreError> {
+    type LockRow = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let row: Option<LockRow> = conn
+        .query_row(
+            "SELECT reason, locked_by, locked_at, fleet, holder_issuer, holder_jti
+             FROM locks WHERE app = ?1",
+            params![app],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    row.map(|(reason, locked_by, at, fleet, issuer, jti)| {
+        let fleet = fleet
+            .map(|f| {
+                serde_json::from_str(&f)
+                    .map_err(|_| StoreError::Corrupt(format!("bad fleet lock {f:?}")))
+            })
+            .transpose()?;
+        Ok(Lock {
+            reason,
+            locked_by,
+            locked_at: parse_time(&at)?,
+            fleet,
+            holder: issuer.zip(jti),
+        })
+    })
+    .transpose()
+}
 
 fn enum_text<T: serde::Serialize>(value: T) -> String {
     match serde_json::to_value(value) {
@@ -273,32 +370,27 @@ impl Store {
 
     /// Records a new deployment.
     pub fn insert(&self, d: &Deployment) -> Result<(), StoreError> {
-        self.conn_changing().execute(
-            "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
-                reason, force, state, error, migrations, created_at, finished_at,
-                migrations_kept, skip_tasks, fleet)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            params![
-                d.id.0,
-                d.app,
-                enum_text(d.kind),
-                d.sha.as_str(),
-                d.digest,
-                d.previous_sha.as_ref().map(CommitSha::as_str),
-                d.requested_by,
-                d.reason,
-                d.force,
-                enum_text(d.state),
-                d.error,
-                serde_json::to_string(&d.migrations).unwrap_or_else(|_| "[]".into()),
-                rfc3339(d.created_at),
-                d.finished_at.map(rfc3339),
-                serde_json::to_string(&d.migrations_kept).unwrap_or_else(|_| "[]".into()),
-                d.skip_tasks,
-                d.fleet.as_ref().and_then(|f| serde_json::to_string(f).ok()),
-            ],
-        )?;
-        Ok(())
+        insert_in(&self.conn_changing(), d)
+    }
+
+    /// Records a new deployment unless the app's lock refuses it (a fleet
+    /// deployment's lock lets in its own parts, `fleet`): the look and the
+    /// insert in one transaction, so no lock is taken between them.
+    pub fn insert_unless_locked(
+        &self,
+        d: &Deployment,
+        fleet: Option<&str>,
+    ) -> Result<Result<(), Box<Lock>>, StoreError> {
+        let mut conn = self.conn_changing();
+        let tx = conn.transaction()?;
+        if let Some(lock) = lock_in(&tx, &d.app)?
+            && !lock.lets_in(fleet)
+        {
+            return Ok(Err(Box::new(lock)));
+        }
+        insert_in(&tx, d)?;
+        tx.commit()?;
+        Ok(Ok(()))
     }
 
     /// Sets the state (and error); terminal states also set `finished_at`.
@@ -600,7 +692,8 @@ impl Store {
     pub fn pulled(&self, app: &str) -> Result<Vec<(String, String)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT DISTINCT sha, digest FROM deployments WHERE app = ?1 AND digest IS NOT NULL",
+            "SELECT sha, digest FROM deployments WHERE app = ?1 AND digest IS NOT NULL
+             UNION SELECT sha, digest FROM prepared WHERE app = ?1",
         )?;
         let rows = stmt
             .query_map(params![app], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -608,50 +701,27 @@ impl Store {
         Ok(rows)
     }
 
+    /// Records an image a prepare pulled, so that pruning knows it.
+    pub fn prepared(&self, app: &str, sha: &str, digest: &str) -> Result<(), StoreError> {
+        self.conn_changing().execute(
+            "INSERT OR IGNORE INTO prepared (app, sha, digest, prepared_at) VALUES (?1, ?2, ?3, ?4)",
+            params![app, sha, digest, rfc3339(OffsetDateTime::now_utc())],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a prepared image once pruned.
+    pub fn forget_prepared(&self, app: &str, sha: &str, digest: &str) -> Result<(), StoreError> {
+        self.conn_changing().execute(
+            "DELETE FROM prepared WHERE app = ?1 AND sha = ?2 AND digest = ?3",
+            params![app, sha, digest],
+        )?;
+        Ok(())
+    }
+
     /// The app's lock, if any.
     pub fn lock_of(&self, app: &str) -> Result<Option<Lock>, StoreError> {
-        type LockRow = (
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
-        let row: Option<LockRow> = self
-            .conn()
-            .query_row(
-                "SELECT reason, locked_by, locked_at, fleet, holder_issuer, holder_jti
-                 FROM locks WHERE app = ?1",
-                params![app],
-                |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                        row.get(5)?,
-                    ))
-                },
-            )
-            .optional()?;
-        row.map(|(reason, locked_by, at, fleet, issuer, jti)| {
-            let fleet = fleet
-                .map(|f| {
-                    serde_json::from_str(&f)
-                        .map_err(|_| StoreError::Corrupt(format!("bad fleet lock {f:?}")))
-                })
-                .transpose()?;
-            Ok(Lock {
-                reason,
-                locked_by,
-                locked_at: parse_time(&at)?,
-                fleet,
-                holder: issuer.zip(jti),
-            })
-        })
-        .transpose()
+        lock_in(&self.conn(), app)
     }
 
     /// Locks an app (replacing an earlier lock, whoever held it).
@@ -676,9 +746,28 @@ impl Store {
         by: &str,
         fleet: &deployd_proto::FleetLock,
         holder: (&str, &str),
-    ) -> Result<Result<(), Lock>, StoreError> {
+    ) -> Result<FleetLocking, StoreError> {
         let mut conn = self.conn_changing();
         let tx = conn.transaction()?;
+        // In the same transaction as the lock, so no deployment is accepted
+        // between the look and the lock.
+        let running: Option<(String, Option<String>)> = tx
+            .query_row(
+                "SELECT id, fleet FROM deployments WHERE app = ?1 AND state IN ('queued', 'running')
+                 ORDER BY id LIMIT 1",
+                params![app],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        if let Some((id, part)) = running {
+            let ours = part
+                .as_deref()
+                .and_then(|p| serde_json::from_str::<deployd_proto::FleetPart>(p).ok())
+                .is_some_and(|p| p.id == fleet.id);
+            if !ours {
+                return Ok(FleetLocking::Running(DeploymentId(id)));
+            }
+        }
         let held: Option<Option<String>> = tx
             .query_row(
                 "SELECT fleet FROM locks WHERE app = ?1",
@@ -696,9 +785,10 @@ impl Store {
         {
             drop(tx);
             drop(conn);
-            return Ok(Err(self.lock_of(app)?.ok_or_else(|| {
-                StoreError::Corrupt("a lock vanished while read".into())
-            })?));
+            return Ok(FleetLocking::Held(Box::new(
+                self.lock_of(app)?
+                    .ok_or_else(|| StoreError::Corrupt("a lock vanished while read".into()))?,
+            )));
         }
         let fleet_json = serde_json::to_string(fleet)
             .map_err(|e| StoreError::Corrupt(format!("cannot write a fleet lock: {e}")))?;
@@ -718,7 +808,7 @@ impl Store {
             ],
         )?;
         tx.commit()?;
-        Ok(Ok(()))
+        Ok(FleetLocking::Taken)
     }
 
     /// Lifts an app's lock if it is held for fleet deployment `id`: true if
@@ -861,7 +951,7 @@ pub fn steps_from(events: &[DeploymentEvent]) -> Vec<Step> {
                     s.detail = detail.clone();
                 }
             }
-            EventKind::Output { .. } | EventKind::State { .. } => {}
+            EventKind::Output { .. } | EventKind::OnceTasksDone | EventKind::State { .. } => {}
         }
     }
     steps
@@ -963,6 +1053,73 @@ mod tests {
         );
         assert!(store.unlock("shop").unwrap());
         assert!(!store.unlock("shop").unwrap());
+    }
+
+    #[test]
+    fn prepared_images_are_known_to_pruning_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut d = deployment("shop", "01", "aaaaaaa");
+        d.digest = Some("sha256:aa".into());
+        store.insert(&d).unwrap();
+        store.prepared("shop", "bbbbbbb", "sha256:bb").unwrap();
+        // Twice (a prepare asked again) is once.
+        store.prepared("shop", "bbbbbbb", "sha256:bb").unwrap();
+        store.prepared("blog", "ccccccc", "sha256:cc").unwrap();
+        let mut pulled = store.pulled("shop").unwrap();
+        pulled.sort();
+        assert_eq!(
+            pulled,
+            [
+                ("aaaaaaa".to_owned(), "sha256:aa".to_owned()),
+                ("bbbbbbb".to_owned(), "sha256:bb".to_owned())
+            ]
+        );
+        store
+            .forget_prepared("shop", "bbbbbbb", "sha256:bb")
+            .unwrap();
+        assert_eq!(store.pulled("shop").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_fleet_lock_waits_for_no_deployment_but_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fleet = deployd_proto::FleetLock {
+            id: "f1".into(),
+            name: "prod".into(),
+            sha: "bbbbbbb".parse().unwrap(),
+            rollback: false,
+        };
+        let holder = ("issuer", "jti-1");
+        // A deployment of its own outside the fleet: refused, nothing locked.
+        store.insert(&deployment("shop", "01", "aaaaaaa")).unwrap();
+        let taken = store.lock_for_fleet("shop", "r", "ci", &fleet, holder);
+        assert!(matches!(taken, Ok(FleetLocking::Running(ref id)) if id.0 == "01"));
+        assert!(store.lock_of("shop").unwrap().is_none());
+        store
+            .set_state(&DeploymentId("01".into()), DeploymentState::Succeeded, None)
+            .unwrap();
+        // The fleet deployment's own part running: taken (a resumed fleet).
+        let mut part = deployment("shop", "02", "bbbbbbb");
+        part.fleet = Some(deployd_proto::FleetPart {
+            id: "f1".into(),
+            host: "a".into(),
+            once_tasks: true,
+        });
+        store.insert(&part).unwrap();
+        let taken = store.lock_for_fleet("shop", "r", "ci", &fleet, holder);
+        assert!(matches!(taken, Ok(FleetLocking::Taken)));
+        // Another fleet deployment: held.
+        let other = deployd_proto::FleetLock {
+            id: "f2".into(),
+            ..fleet.clone()
+        };
+        store
+            .set_state(&DeploymentId("02".into()), DeploymentState::Succeeded, None)
+            .unwrap();
+        let taken = store.lock_for_fleet("shop", "r", "ci", &other, holder);
+        assert!(matches!(taken, Ok(FleetLocking::Held(ref lock)) if lock.reason == "r"));
     }
 
     #[test]

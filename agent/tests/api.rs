@@ -28,7 +28,7 @@ async fn refused(response: reqwest::Response, status: StatusCode, code: &str) ->
         "{content_type}"
     );
     let body: ErrorBody = response.json().await.unwrap();
-    assert_eq!(body.code, code, "{body:?}");
+    assert_eq!(body.code.as_str(), code, "{body:?}");
     assert!(!body.message.is_empty());
     body
 }
@@ -644,7 +644,7 @@ async fn deploy_follow_rollback_and_lock_through_the_api() {
         ));
         // Replaying the token that made the rollback changes nothing.
         let replay = refused_json(rollback(&ops_token).await.unwrap(), StatusCode::UNAUTHORIZED).await;
-        assert_eq!(replay.code, "token_replayed");
+        assert_eq!(replay.code, deployd_proto::ErrorCode::TokenReplayed);
 
         // History pages, newest first.
         let page: DeploymentPage = agent.get_json(&format!("/v1/apps/{app}/deployments?limit=2"), &ci).await;

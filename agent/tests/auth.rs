@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use deployd_proto::{DeploymentPage, ErrorBody, WhoAmI};
+use deployd_proto::{DeploymentPage, ErrorBody, ErrorCode, WhoAmI};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -148,7 +148,10 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
             let r = deploy(token).await.unwrap();
             assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
             let body: ErrorBody = r.json().await.unwrap();
-            assert!(!body.code.is_empty() && !body.message.is_empty(), "{name}");
+            assert!(
+                body.code != ErrorCode::Unknown && !body.message.is_empty(),
+                "{name}"
+            );
         }
         let recorded: Vec<_> = store
             .audit_tail(100)
@@ -171,7 +174,10 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
             let r = deploy(token).await.unwrap();
             assert_eq!(r.status(), StatusCode::FORBIDDEN, "{name}");
             let body: ErrorBody = r.json().await.unwrap();
-            assert!(!body.code.is_empty() && !body.message.is_empty(), "{name}");
+            assert!(
+                body.code != ErrorCode::Unknown && !body.message.is_empty(),
+                "{name}"
+            );
             let last = store.audit_tail(1).unwrap().pop().unwrap();
             assert!(last.seq > before, "{name}: not audited");
             assert_eq!(last.record.outcome, "refused", "{name}");
@@ -206,7 +212,7 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
         assert_eq!(replay.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(
             replay.json::<ErrorBody>().await.unwrap().code,
-            "token_replayed"
+            ErrorCode::TokenReplayed
         );
         assert_eq!(store.lock_of(&app).unwrap().unwrap().reason, "first");
 
@@ -249,7 +255,7 @@ async fn the_attack_corpus_is_refused_recorded_and_changes_nothing() {
         assert_eq!(r.headers()["retry-after"], "60");
         assert_eq!(
             r.json::<ErrorBody>().await.unwrap().code,
-            "too_many_failures"
+            ErrorCode::TooManyFailures
         );
         let r = http
             .get(agent.at("/v1/whoami"))

@@ -654,8 +654,16 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
             "verify = \"8s\"\nretain = 2",
             1,
         );
+        // b's containers go under a cgroup of their own (`cgroup_parent`),
+        // named as the engine's cgroup driver wants it.
+        let parent = cgroup_parent();
         let section_b = app_config(&scope, &b, &repository_b, Tuning::TEST)
-            .replace(scope.bed.var("APP_ENV"), &env_b.display().to_string());
+            .replace(scope.bed.var("APP_ENV"), &env_b.display().to_string())
+            .replacen(
+                "verify = ",
+                &format!("cgroup_parent = \"{parent}\"\n        verify = "),
+                1,
+            );
         let text = format!(
             "state_dir = \"{}\"\n{section_a}\n{section_b}",
             state.path().display()
@@ -692,6 +700,11 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
             assert!(d.migrations.contains(&"shop.0001_initial".to_owned()));
         }
         settles_on(&scope, &a, "release-1").await;
+        for (app, want) in [(&a, ""), (&b, parent.as_str())] {
+            for c in scope.docker.containers(&[(label::APP, app)]).await.unwrap() {
+                assert_eq!(container_cgroup_parent(&c.id), want, "{}", c.name);
+            }
+        }
 
         for sha in [r2.clone(), third.clone()] {
             let d = deployed(&engine, request(&a, sha)).await;
@@ -904,6 +917,30 @@ async fn switched_engine(
     (engine, serving)
 }
 
+/// A cgroup for an app's containers in the form the engine's cgroup
+/// driver takes: a path (cgroupfs) or a slice (systemd).
+fn cgroup_parent() -> String {
+    let out = std::process::Command::new("docker")
+        .args(["info", "--format", "{{.CgroupDriver}}"])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&out.stdout).trim() == "systemd" {
+        "deployd-test.slice".to_owned()
+    } else {
+        "/deployd-test".to_owned()
+    }
+}
+
+/// The cgroup a container was put under (`--cgroup-parent`).
+fn container_cgroup_parent(id: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "--format", "{{.HostConfig.CgroupParent}}", id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker inspect {id}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A container's environment, as Docker holds it.
 fn container_env(id: &str) -> Vec<String> {
     let out = std::process::Command::new("docker")
@@ -912,4 +949,85 @@ fn container_env(id: &str) -> Vec<String> {
         .unwrap();
     assert!(out.status.success(), "docker inspect {id}");
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A service taken out of the config keeps its containers until the next
+/// deployment, which removes them: a singleton (beat) before anything
+/// rolls, any other once the release is verified. Status lists them as
+/// removed meanwhile.
+#[tokio::test]
+async fn services_taken_out_of_the_config_are_removed_by_the_next_deployment() {
+    scoped(|scope| async move {
+        let agent = agent(&scope).await;
+        let first = agent.deploy(&scope, "release-1").await;
+        assert_eq!(first.state, DeploymentState::Succeeded, "{first:#?}");
+        settles_on(&scope, &agent.app, "release-1").await;
+
+        // The same host, its config without worker and beat.
+        drop(agent.engine);
+        let mut config = agent.config.clone();
+        let app = config.apps.get_mut(&agent.app).unwrap();
+        app.services.remove("worker");
+        app.services.remove("beat");
+        app.order = None;
+        let store = Store::open(agent.state.path()).unwrap();
+        let engine = EngineHandle::start(&config, scope.docker.clone(), store)
+            .await
+            .unwrap();
+        let status = engine.status(&agent.app).await.unwrap();
+        let removed: Vec<(&str, bool)> = status
+            .services
+            .iter()
+            .filter(|s| s.removed)
+            .map(|s| (s.name.as_str(), s.singleton))
+            .collect();
+        assert_eq!(removed, [("beat", true), ("worker", false)], "{status:#?}");
+
+        let request = DeployRequest {
+            app: agent.app.clone(),
+            sha: scope.bed.sha("release-2"),
+            force: false,
+            reason: None,
+            requested_by: "engine-test".into(),
+            digest: None,
+            skip_tasks: false,
+            fleet: None,
+        };
+        let started = engine.deploy(request).await.unwrap();
+        let d = engine.wait(&started.id).await.unwrap();
+        assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
+        let steps: Vec<&str> = d.steps.iter().map(|s| s.name.as_str()).collect();
+        let at = |name: &str| steps.iter().position(|s| *s == name).unwrap_or(usize::MAX);
+        assert!(at("remove:beat") < at("roll:web"), "{steps:?}");
+        assert!(at("verify") < at("remove:worker"), "{steps:?}");
+        assert!(at("remove:worker") < usize::MAX, "{steps:?}");
+        let said = outputs(&engine, &d.id, "remove:beat");
+        assert!(
+            said.iter()
+                .any(|l| l.contains("1 of 1 running container(s) stopped")),
+            "{said:?}"
+        );
+        let sha = scope.bed.sha("release-2").to_string();
+        poll("only web to run", Duration::from_secs(90), || async {
+            let now = running(&scope).await;
+            (now == [
+                ("web".to_owned(), sha.clone()),
+                ("web".to_owned(), sha.clone()),
+            ])
+            .then_some(())
+        })
+        .await;
+        let left = scope
+            .docker
+            .containers(&[(label::APP, &agent.app)])
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.labels.get(label::SERVICE).is_some_and(|s| s != "web"))
+            .count();
+        assert_eq!(left, 0, "worker and beat containers remain");
+        let status = engine.status(&agent.app).await.unwrap();
+        assert!(status.services.iter().all(|s| !s.removed), "{status:#?}");
+    })
+    .await;
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use deployd_proto::ErrorBody;
+use deployd_proto::{ErrorBody, ErrorCode};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
@@ -271,25 +271,27 @@ impl Client {
 /// Turns an error answer into a [`CliError`].
 async fn error_from(response: reqwest::Response) -> CliError {
     let status = response.status();
-    let body = response
-        .json::<ErrorBody>()
-        .await
-        .unwrap_or_else(|_| ErrorBody::new("unknown", format!("the agent answered HTTP {status}")));
+    let body = response.json::<ErrorBody>().await.unwrap_or_else(|_| {
+        ErrorBody::new(
+            ErrorCode::Unknown,
+            format!("the agent answered HTTP {status}"),
+        )
+    });
     let message = body.message.clone();
-    match (status, body.code.as_str()) {
-        (_, "token_replayed") => CliError::new(Exit::Auth, message)
+    match (status, body.code) {
+        (_, ErrorCode::TokenReplayed) => CliError::new(Exit::Auth, message)
             .hint("a token makes one change; get a new one (deployd token issue, or the CI's OIDC token)"),
         (StatusCode::UNAUTHORIZED, _) => CliError::new(Exit::Auth, message)
             .hint("check the token (DEPLOYCTL_TOKEN / DEPLOYCTL_TOKEN_FILE / --oidc): expired, wrong audience or issuer?"),
         (StatusCode::FORBIDDEN, _) => CliError::new(Exit::Auth, message)
             .hint("`deployctl whoami` shows what this token may do"),
-        (StatusCode::TOO_MANY_REQUESTS, "too_many_streams") => CliError::new(Exit::Other, message)
+        (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyStreams) => CliError::new(Exit::Other, message)
             .hint("too many event streams are open for this token or address: end other --follow commands"),
         (StatusCode::TOO_MANY_REQUESTS, _) => CliError::new(Exit::Auth, message)
             .hint("too many failed logins from here; wait a minute"),
-        (_, "store_full") => CliError::new(Exit::Other, message)
+        (_, ErrorCode::StoreFull) => CliError::new(Exit::Other, message)
             .hint("free space on the disk of the agent's state directory (df /var/lib/deployd), then retry"),
-        (StatusCode::CONFLICT, "conflict") => {
+        (StatusCode::CONFLICT, ErrorCode::Conflict) => {
             let hint = match &body.deployment {
                 Some(id) => format!("follow it: deployctl logs {id} --follow; or retry with --wait-lock 10m"),
                 None => "retry with --wait-lock 10m".to_owned(),

@@ -148,6 +148,41 @@ pub fn singleton_problems<'a>(
         .collect()
 }
 
+/// A host's singleton services as its status reports them: those in its
+/// config, and those taken out of it whose containers still run (the host's
+/// next deployment stops them first).
+pub fn singletons(status: &deployd_proto::AppStatus) -> (Vec<&str>, Vec<&str>) {
+    let mut configured = Vec::new();
+    let mut leaving = Vec::new();
+    for s in status.services.iter().filter(|s| s.singleton) {
+        if !s.removed {
+            configured.push(s.name.as_str());
+        } else if s
+            .containers
+            .iter()
+            .any(|c| c.state != deployd_proto::ContainerPhase::Stopped)
+        {
+            leaving.push(s.name.as_str());
+        }
+    }
+    (configured, leaving)
+}
+
+/// Singletons moving between hosts, as `(first, then)` host index pairs: a
+/// host still running a singleton its config no longer has must stop it
+/// before the host whose config now has it starts one.
+pub fn singleton_moves(hosts: &[(Vec<&str>, Vec<&str>)]) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for (from, (_, leaving)) in hosts.iter().enumerate() {
+        for (to, (configured, _)) in hosts.iter().enumerate() {
+            if from != to && leaving.iter().any(|s| configured.contains(s)) {
+                pairs.push((from, to));
+            }
+        }
+    }
+    pairs
+}
+
 /// The fleets of deployctl's config file, by name.
 pub type Fleets = BTreeMap<String, FleetDef>;
 
@@ -411,6 +446,51 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_singleton_leaving_one_host_for_another_is_a_move() {
+        use deployd_proto::{AppStatus, ContainerPhase, ContainerStatus, ServiceStatus};
+        let service = |name: &str, removed: bool, state: Option<ContainerPhase>| ServiceStatus {
+            name: name.into(),
+            singleton: name == "beat",
+            removed,
+            containers: state
+                .map(|state| ContainerStatus {
+                    name: format!("shop-{name}-1"),
+                    sha: None,
+                    state,
+                    status: None,
+                    health: None,
+                })
+                .into_iter()
+                .collect(),
+        };
+        let status = |services: Vec<ServiceStatus>| AppStatus {
+            app: "shop".into(),
+            live_sha: None,
+            live_digest: None,
+            running_deployment: None,
+            lock: None,
+            services,
+        };
+        // a: beat out of its config, still running; b: web only; c: beat
+        // now in its config; d: beat out of its config, stopped already.
+        let a = status(vec![
+            service("web", false, Some(ContainerPhase::Running)),
+            service("beat", true, Some(ContainerPhase::Running)),
+        ]);
+        let b = status(vec![service("web", false, Some(ContainerPhase::Running))]);
+        let c = status(vec![service("beat", false, None)]);
+        let d = status(vec![service("beat", true, Some(ContainerPhase::Stopped))]);
+        assert_eq!(singletons(&a), (vec![], vec!["beat"]));
+        assert_eq!(singletons(&c), (vec!["beat"], vec![]));
+        assert_eq!(singletons(&d), (vec![], vec![]));
+        let all: Vec<_> = [&a, &b, &c, &d].map(singletons).into();
+        assert_eq!(singleton_moves(&all), [(0, 2)]);
+        // Configured on one host only: no problem, even while it moves.
+        let configured = [("a", all[0].0.clone()), ("c", all[2].0.clone())];
+        assert!(singleton_problems(configured).is_empty());
     }
 
     #[test]

@@ -65,9 +65,9 @@ pub struct HostView {
     pub row: Option<ProgressBar>,
     /// Shown in the row before the step (`wave 2`).
     pub wave: String,
-    /// Told when the deployment starts rolling a service: its release
-    /// tasks are done.
-    pub rolling: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Told when the part has run the fleet's `once` release tasks (or,
+    /// from an agent that does not say so, when it starts rolling).
+    pub once_done: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Like [`follow`], for one host of a fleet.
@@ -278,11 +278,13 @@ impl View {
         {
             self.failed_step.get_or_insert_with(|| step.clone());
         }
-        if let (EventKind::StepStarted { step }, Some(host)) = (&event.kind, &self.host)
-            && step.starts_with("roll:")
-            && let Some(rolling) = &host.rolling
-        {
-            rolling.notify_one();
+        let once_done = match &event.kind {
+            EventKind::OnceTasksDone => true,
+            EventKind::StepStarted { step } => step.starts_with("roll:"),
+            _ => false,
+        };
+        if once_done && let Some(notify) = self.host.as_ref().and_then(|h| h.once_done.as_ref()) {
+            notify.notify_one();
         }
         match self.style {
             Style::Json => {
@@ -302,7 +304,9 @@ impl View {
             Style::Live if self.host.is_some() => match &event.kind {
                 EventKind::StepStarted { step } => self.set_row(step),
                 EventKind::State { state, .. } => self.set_row(&state_name(*state)),
-                EventKind::StepFinished { .. } | EventKind::Output { .. } => {}
+                EventKind::StepFinished { .. }
+                | EventKind::Output { .. }
+                | EventKind::OnceTasksDone => {}
             },
             Style::Live => self.show_live(&event.kind),
         }
@@ -334,7 +338,7 @@ impl View {
                 }
             }
             EventKind::Output { step, line } => self.print(&format!("    {step} | {line}")),
-            EventKind::State { .. } => self.print(&describe(kind)),
+            EventKind::OnceTasksDone | EventKind::State { .. } => self.print(&describe(kind)),
         }
     }
 
@@ -440,6 +444,7 @@ pub fn describe(kind: &EventKind) -> String {
             _ => format!("✔ {step} ({})", seconds(*duration_ms)),
         },
         EventKind::Output { step, line } => format!("{step} | {line}"),
+        EventKind::OnceTasksDone => "once tasks done: the fleet's other hosts may start".into(),
         EventKind::State { state, error } => match error {
             Some(error) => format!("deployment {}: {error}", state_name(*state)),
             None => format!("deployment {}", state_name(*state)),

@@ -190,6 +190,10 @@ pub enum EventKind {
         step: String,
         line: String,
     },
+    /// A fleet part that runs the fleet's `once` release tasks has run
+    /// them all: the fleet's schema is the release's, and the fleet's other
+    /// hosts may start. Clients that do not know it skip it.
+    OnceTasksDone,
     /// The deployment reached `state`.
     State {
         state: DeploymentState,
@@ -234,6 +238,12 @@ pub struct ServiceStatus {
     /// one host only. Older agents do not send it.
     #[serde(default)]
     pub singleton: bool,
+    /// No longer in the app's config, yet its containers remain: the next
+    /// deployment stops and removes them (a singleton before it rolls
+    /// anything, others once the release is verified). Older agents do not
+    /// send it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
     pub containers: Vec<ContainerStatus>,
 }
 

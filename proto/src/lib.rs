@@ -18,6 +18,6 @@ pub use deployment::{
     AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
     DeploymentKind, DeploymentState, EventKind, FleetPart, ServiceStatus, Step, StepState,
 };
-pub use error::ErrorBody;
+pub use error::{ErrorBody, ErrorCode};
 pub use name::is_plain_name;
 pub use sha::{CommitSha, InvalidSha};

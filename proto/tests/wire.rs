@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use deployd_proto::{
-    CommitSha, DeployRequest, Deployment, DeploymentKind, ErrorBody, RollbackRequest,
+    CommitSha, DeployRequest, Deployment, DeploymentKind, ErrorBody, ErrorCode, RollbackRequest,
 };
 
 #[test]
@@ -12,7 +12,10 @@ fn error_body_matches_fixture() {
     let body: ErrorBody = serde_json::from_str(fixture).unwrap();
     assert_eq!(
         body,
-        ErrorBody::new("invalid_sha", "a commit sha has 7 to 40 hex digits, got 3")
+        ErrorBody::new(
+            ErrorCode::InvalidBody,
+            "a commit sha has 7 to 40 hex digits, got 3"
+        )
     );
     let round_trip: serde_json::Value = serde_json::to_value(&body).unwrap();
     assert_eq!(
@@ -87,5 +90,18 @@ fn deploy_request_matches_fixture() {
     assert_eq!(
         serde_json::to_string(&plain).unwrap(),
         r#"{"sha":"4f2a9c1","force":false,"reason":null}"#
+    );
+}
+
+#[test]
+fn once_tasks_done_is_a_bare_event_type() {
+    use deployd_proto::{DeploymentEvent, EventKind};
+    let line = r#"{"seq":7,"at":"2026-11-30T12:00:00Z","type":"once_tasks_done"}"#;
+    let event: DeploymentEvent = serde_json::from_str(line).unwrap();
+    assert_eq!(event.kind, EventKind::OnceTasksDone);
+    let back = serde_json::to_value(&event).unwrap();
+    assert_eq!(
+        back,
+        serde_json::from_str::<serde_json::Value>(line).unwrap()
     );
 }

@@ -18,144 +18,30 @@
 #    `fleet status` shows the fleet deployment holding the hosts; `deploy
 #    --fleet --resume` finishes it: floors: all on release 2, unlocked, 0
 #    failed requests.
+# 5. beat moved from host a to host c (taken out of a's config, put in
+#    c's, both agents restarted) and release 1 deployed with the hosts
+#    listed c, a, b: host a goes first and stops its beat, then c starts
+#    one; floors: all on release 1, beat runs on c only, 0 failed.
 # Beat: never two running fleet-wide (Docker events), across every step.
-# Then wall time, without load: release 1 -> 2 on one host alone, and on
-# the three hosts with max_parallel 3 and first_wave 3 (the once host
-# starts first, the other two once its migrations are done); both figures
-# and their ratio are printed.
+# The fleet's wall time is scripts/bench/fleet.sh.
 #
 #   scripts/scenario/fleet.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib/agent.sh
+. scripts/lib/fleet.sh
 
-agent_bed
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
     echo "installing haproxy (Debian package)" >&2
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q haproxy >/dev/null
 fi
 haproxy_bin=$(command -v haproxy || echo /usr/sbin/haproxy)
-
-dir=$(mktemp -d)
-name=fleet$$
-hosts=(a b c)
-pids=()
-lb_pid=
-load_pid=
-events_pid=
-cleanup() {
-    touch "$dir/stop-load"
-    [ -z "$load_pid" ] || wait "$load_pid" 2>/dev/null || true
-    [ -z "$lb_pid" ] || kill "$lb_pid" 2>/dev/null || true
-    [ -z "$events_pid" ] || kill "$events_pid" 2>/dev/null || true
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    for h in "${hosts[@]}"; do
-        AGENT_PID='' agent_cleanup "$dir/$h" "$name$h" >/dev/null 2>&1 || true
-    done
-    # By tag: the images are the test bed's, under another name.
-    docker images --format '{{.Repository}}:{{.Tag}}' "$repo" | xargs -r docker rmi >/dev/null 2>&1 || true
-    AGENT_PID='' agent_cleanup "$dir" "$name"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    for h in "${hosts[@]}"; do
-        echo "--- deployd $h" >&2
-        tail -n 15 "$dir/$h/deployd.log" >&2 || true
-    done
-    exit 1
-}
-log() { printf '[fleet %s] %s\n' "$(date +%T)" "$*" >&2; }
 field() { python3 -c "import json, sys; print(json.loads(sys.argv[1])$2)" "$1"; }
 
-# The releases in a repository of the fleet's own: the agents prune what
-# they pulled, and must not prune the test bed's own tags.
-repo=$DEPLOYD_TESTBED_REGISTRY/$name
-mkdir -p "$dir/docker-config"
-python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["password"])' "$DEPLOYD_TESTBED_REGISTRY_AUTH" \
-    | docker --config "$dir/docker-config" login --password-stdin \
-        -u "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["username"])' "$DEPLOYD_TESTBED_REGISTRY_AUTH")" \
-        "$DEPLOYD_TESTBED_REGISTRY" >/dev/null
-for sha in "$DEPLOYD_TESTBED_SHA_RELEASE_1" "$DEPLOYD_TESTBED_SHA_RELEASE_2" "$DEPLOYD_TESTBED_SHA_NEEDS_FEATURE_KEY"; do
-    docker tag "$DEPLOYD_TESTBED_REPOSITORY:$sha" "$repo:$sha"
-    docker --config "$dir/docker-config" push -q "$repo:$sha" >/dev/null
-done
-
-# One PostgreSQL and one Redis for the fleet, reachable from each app's own
-# network by the names the app uses (db, redis).
-agent_services "$name"
-db=$(docker ps -q --filter "label=deployd.script=$name" --filter "ancestor=$DEPLOYD_TESTBED_POSTGRES_IMAGE")
-redis=$(docker ps -q --filter "label=deployd.script=$name" --filter "ancestor=$DEPLOYD_TESTBED_REDIS_IMAGE")
-
-lb_port=$(agent_free_port)
-servers=""
-for h in "${hosts[@]}"; do
-    d=$dir/$h
-    mkdir -p "$d"
-    api_port=$(agent_free_port)
-    public_port=$(agent_free_port)
-    agent_init "$d" "$api_port"
-    echo "$api_port" >"$d/api_port"
-    # The app redirects plain HTTP; HAProxy and the switch speak plain HTTP
-    # on loopback here, so `check --deploy` (which refuses that) stays off.
-    AGENT_CHECK=0 agent_add_app "$d" "$name$h" "$name$h"
-    cp "$DEPLOYD_TESTBED_APP_ENV" "$d/app.env"
-    echo "DJANGO_SECURE_SSL_REDIRECT=false" >>"$d/app.env"
-    # The host-specific fault of step 2: the second host lacks this key.
-    [ "$h" = b ] || echo "SHOP_FEATURE_KEY=on" >>"$d/app.env"
-    sed -i "s|^env_file = .*|env_file = \"$d/app.env\"|; s|^image = .*|image = \"$repo\"|" "$d/etc/deployd.toml"
-    # Migrate runs once per fleet deployment; beat only on the first host.
-    sed -i "/^name = \"migrate\"/a once = true" "$d/etc/deployd.toml"
-    [ "$h" = a ] || sed -i "/^\[apps\.$name$h\.services\.beat\]/,\$d" "$d/etc/deployd.toml"
-    printf '[apps.%s.switch]\nlisten = "127.0.0.1:%s"\n' "$name$h" "$public_port" >>"$d/etc/deployd.toml"
-    # One signing key for the fleet, as ops would hand every host the same
-    # public key: a token of the first host's key is good on all three.
-    [ "$h" = a ] || cp "$dir/a/etc/keys/ops.key" "$dir/a/etc/keys/ops.pub" "$d/etc/keys/"
-    docker network create --label "deployd.script=$name$h" "$name$h" >/dev/null
-    docker network connect --alias db "$name$h" "$db"
-    docker network connect --alias redis "$name$h" "$redis"
-    agent_start "$d"
-    pids+=("$AGENT_PID")
-    servers+="    server $h 127.0.0.1:$public_port check inter 500ms fall 2 rise 2"$'\n'
-    cat >"$d/host.toml" <<EOF
-
-[[hosts]]
-name = "$h"
-url = "https://localhost:$api_port"
-ca_cert = "$d/etc/tls/cert.pem"
-app = "$name$h"
-EOF
-done
-AGENT_PID=
-log "three agents up"
-
-fleet_file() { # NAME MAX_PARALLEL FIRST_WAVE HOST...
-    local file=$dir/$1.toml h
-    printf 'max_parallel = %s\nfirst_wave = %s\nfailure_budget = 0\n' "$2" "$3" >"$file"
-    shift 3
-    for h in "$@"; do cat "$dir/$h/host.toml" >>"$file"; done
-    echo "$file"
-}
+fleet_up
 prod=$(fleet_file prod 1 1 a b c)
-export DEPLOYCTL_TOKEN_FILE=$dir/token
-token() { agent_token "$dir/a" read,deploy,rollback >"$dir/token"; }
-deployctl() { ./target/debug/deployctl "$@"; }
-live_of() { # HOST -> the sha its status says is live
-    local h=$1
-    DEPLOYCTL_URL=https://localhost:$(cat "$dir/$h/api_port") DEPLOYCTL_CA_CERT=$dir/$h/etc/tls/cert.pem DEPLOYCTL_APP=$name$h \
-        deployctl status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["live_sha"])'
-}
-all_on() { # SHA WHAT
-    local h live
-    for h in "${hosts[@]}"; do
-        live=$(live_of "$h")
-        [ "$live" = "$1" ] || fail "$2: host $h runs $live, not $1"
-    done
-}
+lb_port=$(agent_free_port)
 
 # Release 1 everywhere, before the load starts (HAProxy has nothing to
 # balance before it).
@@ -285,6 +171,36 @@ assert hosts == {"a", "b", "c"}, hosts
 assert len(fleets) == 5, fleets
 PY
 
+# ---- 5. beat moves from host a to host c -------------------------------------
+beat_of() { # HOST -> its beat section, named for HOST
+    sed -n "/^\[apps\.${name}a\.services\.beat\]/,/^\[apps\.${name}a\.switch\]/p" "$dir/a/etc/deployd.toml" \
+        | sed '$d' | sed "s/${name}a/${name}$1/"
+}
+beat_of c >"$dir/beat-c.toml"
+grep -q "^command" "$dir/beat-c.toml" || fail "step 5: no beat section in host a's config"
+sed -i "/^\[apps\.${name}a\.services\.beat\]/,/^\[apps\.${name}a\.switch\]/{/switch\]/!d}" "$dir/a/etc/deployd.toml"
+cat "$dir/beat-c.toml" >>"$dir/c/etc/deployd.toml"
+restart a
+restart c
+token
+deployctl fleet check --fleet-file "$prod" >"$dir/check-5.txt" 2>&1 \
+    || fail "step 5: fleet check refused the move: $(cat "$dir/check-5.txt")"
+grep -q "moves: beat: a -> c" "$dir/check-5.txt" || fail "step 5: fleet check shows no move: $(cat "$dir/check-5.txt")"
+moved=$(fleet_file moved 1 1 c a b)
+token
+start=$(date +%s.%N)
+deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1" --fleet-file "$moved" >"$dir/deploy-5.log" 2>&1 \
+    || fail "step 5: exit $?: $(tail -n 30 "$dir/deploy-5.log")"
+phase "5 beat moves a -> c" "$start" "$(date +%s.%N)"
+all_on "$DEPLOYD_TESTBED_SHA_RELEASE_1" "step 5"
+grep -q "beat moves from a to c" "$dir/deploy-5.log" || fail "step 5: the move was not planned: $(head -n 20 "$dir/deploy-5.log")"
+grep -q "^a .*remove:beat" "$dir/deploy-5.log" || fail "step 5: host a did not remove its beat"
+[ -z "$(docker ps -q --filter "label=deployd.app=${name}a" --filter label=deployd.service=beat)" ] \
+    || fail "step 5: host a still runs a beat"
+[ "$(docker ps -q --filter "label=deployd.app=${name}c" --filter label=deployd.service=beat | wc -l)" -eq 1 ] \
+    || fail "step 5: host c does not run one beat"
+log "step 5: beat moved from host a to host c; host a went first"
+
 sleep 2
 touch "$dir/stop-load"
 wait "$load_pid"
@@ -299,28 +215,4 @@ kill "$events_pid"
 events_pid=
 python3 scripts/check-beat-singleton.py --fleet "$name" "$dir/beat-events.ndjson" \
     || fail "two beats ran at once in the fleet"
-
-# ---- wall time: one host alone, then three at once ---------------------------
-kill "$lb_pid"
-lb_pid=
-one=$(fleet_file one 1 1 a)
-all3=$(fleet_file all3 3 3 a b c)
-timed() { # LOG ARGS... -> seconds
-    local log=$1 t0
-    shift
-    t0=$(date +%s.%N)
-    deployctl "$@" >"$log" 2>&1 || fail "timed run failed: $(tail -n 20 "$log")"
-    python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)"
-}
-token
-timed "$dir/w-back.log" rollback --fleet-file "$prod" >/dev/null
-token
-t_one=$(timed "$dir/w-one.log" deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2" --fleet-file "$one")
-token
-timed "$dir/w-back2.log" rollback --fleet-file "$one" >/dev/null
-token
-t_all=$(timed "$dir/w-all.log" deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2" --fleet-file "$all3")
-ratio=$(python3 -c "import sys; print(f'{float(sys.argv[2]) / float(sys.argv[1]):.2f}')" "$t_one" "$t_all")
-log "wall time release 1 -> 2: one host ${t_one} s, three hosts (max_parallel 3) ${t_all} s: ${ratio}x"
-echo "{\"one_host_s\": $t_one, \"three_hosts_s\": $t_all, \"ratio\": $ratio}"
 log "all fleet floors met"

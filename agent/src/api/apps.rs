@@ -4,8 +4,8 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{
-    AppLock, AppStatus, Deployment, ErrorBody, LockRequest, PrepareRequest, PrepareState, Prepared,
-    RollbackRequest, Scope,
+    AppLock, AppStatus, Deployment, ErrorBody, ErrorCode, LockRequest, PrepareRequest,
+    PrepareState, Prepared, RollbackRequest, Scope,
 };
 use serde::Deserialize;
 
@@ -76,7 +76,7 @@ pub async fn rollback(
     {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             format!(
                 "this token may only deploy {bound}: a rollback with it must name that release (to)"
             ),
@@ -145,7 +145,7 @@ pub async fn lock(
     state.engine.check_app(&app)?;
     let Some(reason) = checked_reason(Some(body.reason))? else {
         return Err(ApiError::bad_request(
-            "invalid_reason",
+            ErrorCode::InvalidReason,
             "a lock needs a reason",
         ));
     };
@@ -177,7 +177,7 @@ fn checked_fleet_lock(fleet: &deployd_proto::FleetLock) -> Result<(), ApiError> 
         return Ok(());
     }
     Err(ApiError::bad_request(
-        "invalid_fleet",
+        ErrorCode::InvalidFleet,
         "fleet id and name are 1 to 64 of a-z, A-Z, 0-9, -, _, . and :",
     ))
 }
@@ -216,7 +216,7 @@ pub async fn unlock(
             who.require_any(&[Scope::Deploy, Scope::Rollback], &app)?;
             if !super::deployments::plain_fleet_name(id) {
                 return Err(ApiError::bad_request(
-                    "invalid_fleet",
+                    ErrorCode::InvalidFleet,
                     "fleet is 1 to 64 of a-z, A-Z, 0-9, -, _, . and :",
                 ));
             }

@@ -18,7 +18,7 @@ use axum::Extension;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use deployd_proto::Deployment;
+use deployd_proto::{Deployment, ErrorCode};
 use time::OffsetDateTime;
 
 use super::fleet::{FleetChange, Standing, admit};
@@ -26,10 +26,6 @@ use super::{ApiError, ApiState, Json};
 use crate::auth::{AuthError, Principal};
 use crate::engine::EngineError;
 use crate::store::AuditRecord;
-
-/// The error code of an answer, for the audit record.
-#[derive(Debug, Clone)]
-pub(super) struct ErrorCode(pub String);
 
 /// The deployment a change started, for the audit record.
 #[derive(Debug, Clone)]
@@ -121,7 +117,7 @@ pub(super) fn begin_fleet_change(
         tracing::error!(error = %e, "audit log not writable: change refused");
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "audit_unavailable",
+            ErrorCode::AuditUnavailable,
             "the audit log cannot be written, so no change is made",
         ));
     }

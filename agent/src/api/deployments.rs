@@ -3,7 +3,9 @@
 use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
-use deployd_proto::{DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, Scope};
+use deployd_proto::{
+    DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, ErrorCode, Scope,
+};
 use serde::Deserialize;
 
 use super::audit::{ClientAddr, Started, begin_fleet_change, started};
@@ -104,7 +106,10 @@ pub async fn list(
     state.engine.check_app(&app)?;
     let limit = page.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit is 1 to 100"));
+        return Err(ApiError::bad_request(
+            ErrorCode::InvalidQuery,
+            "limit is 1 to 100",
+        ));
     }
     let before = page.before.map(DeploymentId);
     let mut deployments = state
@@ -164,7 +169,7 @@ pub(super) fn checked_bound_sha(
     match &who.sha {
         Some(bound) if bound != sha.as_str() => Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             format!("this token may only deploy {bound}"),
         )),
         _ => Ok(()),
@@ -183,7 +188,7 @@ fn checked_digest(digest: Option<&str>) -> Result<(), ApiError> {
         return Ok(());
     }
     Err(ApiError::bad_request(
-        "invalid_digest",
+        ErrorCode::InvalidDigest,
         "digest must be sha256: and 64 lowercase hex digits",
     ))
 }
@@ -204,7 +209,7 @@ pub(super) fn checked_fleet(fleet: Option<&deployd_proto::FleetPart>) -> Result<
         return Ok(());
     }
     Err(ApiError::bad_request(
-        "invalid_fleet",
+        ErrorCode::InvalidFleet,
         "fleet id and host are 1 to 64 of a-z, A-Z, 0-9, -, _, . and :",
     ))
 }

@@ -5,7 +5,7 @@
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use deployd_proto::ErrorBody;
+use deployd_proto::{ErrorBody, ErrorCode};
 
 use crate::auth::AuthError;
 use crate::engine::EngineError;
@@ -18,14 +18,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             body: ErrorBody::new(code, message),
         }
     }
 
-    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+    pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
@@ -34,7 +34,7 @@ impl ApiError {
         tracing::error!(%error, "{context}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "the agent failed to handle this request; its log has the details",
         )
     }
@@ -50,12 +50,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let code = super::audit::ErrorCode(self.body.code.clone());
+        let code = self.body.code;
         let mut response = (self.status, axum::Json(self.body)).into_response();
         let headers = response.headers_mut();
-        match (self.status, code.0.as_str()) {
+        match (self.status, code) {
             // RFC 6750: no error code when no credentials came at all.
-            (StatusCode::UNAUTHORIZED, "unauthenticated") => {
+            (StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             (StatusCode::UNAUTHORIZED, _) => {
@@ -77,11 +77,13 @@ impl IntoResponse for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let (status, code) = match e {
-            AuthError::Missing => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
-            AuthError::Replayed => (StatusCode::UNAUTHORIZED, "token_replayed"),
-            AuthError::TooManyFailures => (StatusCode::TOO_MANY_REQUESTS, "too_many_failures"),
-            AuthError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            AuthError::Missing => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated),
+            AuthError::Invalid(_) => (StatusCode::UNAUTHORIZED, ErrorCode::InvalidToken),
+            AuthError::Replayed => (StatusCode::UNAUTHORIZED, ErrorCode::TokenReplayed),
+            AuthError::TooManyFailures => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyFailures)
+            }
+            AuthError::Forbidden { .. } => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         };
         Self::new(status, code, e.to_string())
     }
@@ -90,18 +92,24 @@ impl From<AuthError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let (status, code) = match &e {
-            EngineError::UnknownApp(_) => (StatusCode::NOT_FOUND, "unknown_app"),
-            EngineError::UnknownDeployment(_) => (StatusCode::NOT_FOUND, "unknown_deployment"),
-            EngineError::UnknownRelease { .. } => (StatusCode::NOT_FOUND, "unknown_release"),
+            EngineError::UnknownApp(_) => (StatusCode::NOT_FOUND, ErrorCode::UnknownApp),
+            EngineError::UnknownDeployment(_) => {
+                (StatusCode::NOT_FOUND, ErrorCode::UnknownDeployment)
+            }
+            EngineError::UnknownRelease { .. } => {
+                (StatusCode::NOT_FOUND, ErrorCode::UnknownRelease)
+            }
             EngineError::Conflict { running, .. } => {
-                let mut error = Self::new(StatusCode::CONFLICT, "conflict", e.to_string());
+                let mut error = Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, e.to_string());
                 error.body.deployment = Some(running.0.clone());
                 return error;
             }
-            EngineError::Locked { .. } => (StatusCode::LOCKED, "locked"),
-            EngineError::Preparing { .. } => (StatusCode::CONFLICT, "preparing"),
-            EngineError::NoPreviousRelease(_) => (StatusCode::CONFLICT, "no_previous_release"),
-            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            EngineError::Locked { .. } => (StatusCode::LOCKED, ErrorCode::Locked),
+            EngineError::Preparing { .. } => (StatusCode::CONFLICT, ErrorCode::Preparing),
+            EngineError::NoPreviousRelease(_) => {
+                (StatusCode::CONFLICT, ErrorCode::NoPreviousRelease)
+            }
+            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             EngineError::Store(crate::store::StoreError::Full) => return Self::store_full(),
             EngineError::Config(_)
             | EngineError::Store(_)
@@ -130,7 +138,7 @@ impl ApiError {
         tracing::error!("the disk holding the deployment store is full: changes are refused");
         Self::new(
             StatusCode::INSUFFICIENT_STORAGE,
-            "store_full",
+            ErrorCode::StoreFull,
             "the disk holding the agent's state is full: no change is made until space is freed",
         )
     }
@@ -140,11 +148,11 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
         let code = match r {
-            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-            JsonRejection::JsonSyntaxError(_) => "malformed_json",
-            JsonRejection::JsonDataError(_) => "invalid_body",
-            _ if status == StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-            _ => "invalid_body",
+            JsonRejection::MissingJsonContentType(_) => ErrorCode::UnsupportedMediaType,
+            JsonRejection::JsonSyntaxError(_) => ErrorCode::MalformedJson,
+            JsonRejection::JsonDataError(_) => ErrorCode::InvalidBody,
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            _ => ErrorCode::InvalidBody,
         };
         Self::new(status, code, r.body_text())
     }
@@ -152,13 +160,13 @@ impl From<JsonRejection> for ApiError {
 
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", r.body_text())
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, r.body_text())
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
-        Self::bad_request("invalid_query", r.body_text())
+        Self::bad_request(ErrorCode::InvalidQuery, r.body_text())
     }
 }
 
@@ -175,19 +183,23 @@ pub async fn json_errors(response: Response) -> Response {
         return response;
     }
     let (code, message) = match status {
-        StatusCode::NOT_FOUND => ("not_found", "no such endpoint"),
+        StatusCode::NOT_FOUND => (ErrorCode::NotFound, "no such endpoint"),
         StatusCode::METHOD_NOT_ALLOWED => (
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             "this endpoint does not take that method",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ("payload_too_large", "request bodies are limited to 16 KiB")
-        }
-        StatusCode::REQUEST_TIMEOUT => ("timeout", "the request took too long"),
-        StatusCode::SERVICE_UNAVAILABLE => ("unavailable", "the agent is busy; try again"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "send JSON"),
-        s if s.is_server_error() => ("internal", "the agent failed to handle this request"),
-        _ => ("bad_request", "the request was refused"),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            ErrorCode::PayloadTooLarge,
+            "request bodies are limited to 16 KiB",
+        ),
+        StatusCode::REQUEST_TIMEOUT => (ErrorCode::Timeout, "the request took too long"),
+        StatusCode::SERVICE_UNAVAILABLE => (ErrorCode::Unavailable, "the agent is busy; try again"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (ErrorCode::UnsupportedMediaType, "send JSON"),
+        s if s.is_server_error() => (
+            ErrorCode::Internal,
+            "the agent failed to handle this request",
+        ),
+        _ => (ErrorCode::BadRequest, "the request was refused"),
     };
     let mut answer = ApiError::new(status, code, message).into_response();
     if matches!(

@@ -14,7 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use deployd_proto::{DeploymentEvent, DeploymentId, ErrorBody, EventKind};
+use deployd_proto::{DeploymentEvent, DeploymentId, ErrorBody, ErrorCode, EventKind};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -111,7 +111,7 @@ pub async fn stream(
         _ => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
+                ErrorCode::TooManyStreams,
                 "too many event streams are open for this token or address; close one",
             ));
         }
@@ -123,14 +123,17 @@ pub async fn stream(
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or_else(|| {
-                    ApiError::bad_request("invalid_last_event_id", "Last-Event-ID is an event seq")
+                    ApiError::bad_request(
+                        ErrorCode::InvalidLastEventId,
+                        "Last-Event-ID is an event seq",
+                    )
                 })?,
         ),
     };
     let after = last_event_id.or(resume.after).unwrap_or(0);
     if i64::try_from(after).is_err() {
         return Err(ApiError::bad_request(
-            "invalid_last_event_id",
+            ErrorCode::InvalidLastEventId,
             "no event has a seq that large",
         ));
     }
@@ -251,6 +254,7 @@ async fn send(tx: &Sink, event: &DeploymentEvent) -> bool {
         EventKind::StepStarted { .. } => "step_started",
         EventKind::StepFinished { .. } => "step_finished",
         EventKind::Output { .. } => "output",
+        EventKind::OnceTasksDone => "once_tasks_done",
         EventKind::State { .. } => "state",
     };
     let sse = match Event::default()

@@ -11,7 +11,7 @@
 //! and subject, a job token fetched again included) or an admin may.
 
 use axum::http::StatusCode;
-use deployd_proto::{CommitSha, DeploymentKind, Scope};
+use deployd_proto::{CommitSha, DeploymentKind, ErrorCode, Scope};
 
 use super::{ApiError, ApiState};
 use crate::auth::Principal;
@@ -84,7 +84,7 @@ pub(super) fn admit(
     if !held_by(&lock, who) && !who.may(Scope::Admin, app) {
         return Err(ApiError::new(
             StatusCode::LOCKED,
-            "locked",
+            ErrorCode::Locked,
             format!(
                 "{app} is locked for fleet deployment {id} by {}: only its own deployctl, or an \
                  admin, may act in it",
@@ -95,7 +95,7 @@ pub(super) fn admit(
     let mismatch = |what: String| {
         Err(ApiError::new(
             StatusCode::CONFLICT,
-            "fleet_mismatch",
+            ErrorCode::FleetMismatch,
             format!("fleet deployment {id} ships {}: {what}", held.sha),
         ))
     };

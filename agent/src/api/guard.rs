@@ -20,7 +20,9 @@ use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::audit::{self, ErrorCode, Started, refuses_caller};
+use deployd_proto::ErrorCode;
+
+use super::audit::{self, Started, refuses_caller};
 use super::{ApiError, ApiState};
 use crate::auth::{AuthError, Principal};
 use crate::switch::{HeadLimits, check_head};
@@ -51,7 +53,11 @@ pub(super) async fn admit(
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
     if let Err(too_large) = check_head(&method, request.uri(), request.headers(), head) {
-        let refusal = ApiError::new(too_large.status(), "header_too_large", too_large.message());
+        let refusal = ApiError::new(
+            too_large.status(),
+            ErrorCode::HeaderTooLarge,
+            too_large.message(),
+        );
         return refuse(&state, source, &action(&method, &path), refusal);
     }
     if !guarded(&path) {
@@ -113,7 +119,7 @@ fn record(
     if !(change || refuses_caller(status)) {
         return;
     }
-    let code = response.extensions().get::<ErrorCode>().map(|c| &c.0);
+    let code = response.extensions().get::<ErrorCode>();
     let outcome = if status.is_success() {
         "accepted"
     } else {

@@ -5,9 +5,9 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use deployd_proto::Scope;
+use deployd_proto::{ErrorCode, Scope};
 
-use super::audit::{ErrorCode, refuses_caller};
+use super::audit::refuses_caller;
 use super::{ApiState, Caller};
 use crate::metrics::Metrics;
 
@@ -44,7 +44,7 @@ pub(super) async fn count_refusals(
         let code = response
             .extensions()
             .get::<ErrorCode>()
-            .map_or("refused", |c| c.0.as_str());
+            .map_or("refused", |c| c.as_str());
         state.engine.metrics().auth_failure(code);
     }
     response

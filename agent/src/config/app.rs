@@ -48,6 +48,11 @@ pub struct AppConfig {
     /// The traffic switch on the app's public address; absent, it is off
     /// and web containers are only published on ephemeral local ports.
     pub switch: Option<SwitchConfig>,
+    /// The cgroup every container of the app (services and release tasks)
+    /// goes under, as Docker's `--cgroup-parent`: a CPU and memory budget
+    /// for the whole app, set on that cgroup. A path such as `/shop` with
+    /// the cgroupfs driver, a slice such as `shop.slice` with systemd's.
+    pub cgroup_parent: Option<String>,
 }
 
 /// A release task such as `migrate`.
@@ -205,6 +210,14 @@ impl AppConfig {
             problems.add(
                 format!("{at}.image"),
                 "a repository without tag or digest: the sha is the tag",
+            );
+        }
+        if let Some(parent) = &self.cgroup_parent
+            && (parent.is_empty() || parent.contains(char::is_whitespace) || parent.contains(".."))
+        {
+            problems.add(
+                format!("{at}.cgroup_parent"),
+                "a cgroup path such as /shop, or a slice such as shop.slice",
             );
         }
         let mut task_names = Vec::new();

@@ -14,7 +14,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
-use super::{Docker, DockerError, tolerate};
+use super::{Docker, DockerError, status_code, tolerate};
 
 /// How a container is created. Images are given pinned (`repo@sha256:...`).
 #[derive(Clone, Default)]
@@ -43,6 +43,8 @@ pub struct ContainerSpec {
     /// Restart the container when it dies or the engine restarts, unless
     /// it was stopped on purpose (service containers, not one-off tasks).
     pub restart: bool,
+    /// The cgroup it goes under (`--cgroup-parent`).
+    pub cgroup_parent: Option<String>,
 }
 
 impl fmt::Debug for ContainerSpec {
@@ -59,6 +61,7 @@ impl fmt::Debug for ContainerSpec {
             .field("labels", &self.labels)
             .field("publish", &self.publish)
             .field("stop_timeout", &self.stop_timeout)
+            .field("cgroup_parent", &self.cgroup_parent)
             .field("restart", &self.restart)
             .finish()
     }
@@ -103,6 +106,7 @@ impl ContainerSpec {
                     name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
                     maximum_retry_count: None,
                 }),
+                cgroup_parent: self.cgroup_parent,
                 ..Default::default()
             }),
             networking_config,
@@ -421,7 +425,8 @@ impl Docker {
     }
 
     /// Stops a container: SIGTERM (or the image's STOPSIGNAL), then SIGKILL
-    /// after `timeout`. Returns once it has exited.
+    /// after `timeout`. Returns once it has exited, or at once if it is
+    /// gone.
     pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), DockerError> {
         let seconds = i32::try_from(timeout.as_secs()).unwrap_or(i32::MAX);
         let options = StopContainerOptionsBuilder::default().t(seconds).build();
@@ -432,11 +437,11 @@ impl Docker {
             .api
             .clone()
             .with_timeout(timeout.saturating_add(Duration::from_secs(60)));
-        tolerate(
-            api.stop_container(id, Some(options)).await,
-            304,
-            "stop a container",
-        )
+        match api.stop_container(id, Some(options)).await {
+            // Gone already: it is not running either.
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            result => tolerate(result, 304, "stop a container"),
+        }
     }
 
     /// Starts an existing, stopped container again.

@@ -23,6 +23,15 @@ impl Prepares {
     fn get(&self) -> std::sync::MutexGuard<'_, HashMap<String, Prepared>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Forgets the app's prepare of `sha` (its image was pruned): asked
+    /// again, it pulls again.
+    pub(super) fn forget(&self, app: &str, sha: &str) {
+        let mut prepares = self.get();
+        if prepares.get(app).is_some_and(|p| p.sha.as_str() == sha) {
+            prepares.remove(app);
+        }
+    }
 }
 
 /// How long one ask waits for a pull to end before answering `pulling`:
@@ -94,6 +103,14 @@ impl EngineHandle {
                     .map_err(|e| e.to_string())
             };
             let ended = match pulled.await {
+                Ok(image) if let Err(e) = ctx.store.prepared(&app, sha.as_str(), &image.digest) => {
+                    Prepared {
+                        sha: sha.clone(),
+                        state: PrepareState::Failed,
+                        digest: None,
+                        error: Some(format!("cannot record the pull: {e}")),
+                    }
+                }
                 Ok(image) => Prepared {
                     sha: sha.clone(),
                     state: PrepareState::Ready,

@@ -38,6 +38,7 @@ impl Run {
                 (label::TASK.to_owned(), task.name.clone()),
                 (label::SHA.to_owned(), self.sha.to_string()),
             ]),
+            cgroup_parent: self.cfg.cgroup_parent.clone(),
             ..Default::default()
         };
         let step = format!("task:{}", task.name);

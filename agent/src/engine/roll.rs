@@ -10,13 +10,14 @@
 //!   created, in rollbacks too.
 
 use deployd_proto::EventKind;
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 
 use super::common::Failure;
 use super::health::describe_request;
 use super::label;
 use super::run::Run;
 use super::service::{Placement, ReleaseRef, Started, service_spec};
+use super::status::{removed_services, was_singleton};
 use crate::config::{Role, ServiceConfig};
 use crate::docker::{ContainerInfo, PulledImage};
 use crate::env_file::AppEnv;
@@ -43,6 +44,9 @@ pub(crate) struct Rollout<'a> {
     traffic_moved: bool,
     /// Whether a discard then sent the app's traffic nowhere (503).
     traffic_stopped: bool,
+    /// What it stopped and removed of services no longer configured, a
+    /// line per service; a rollback does not bring them back.
+    removed: Vec<String>,
 }
 
 /// How a service's containers are replaced.
@@ -51,6 +55,18 @@ enum Strategy {
     StartFirst,
     Overlap,
     StopFirst,
+}
+
+/// How long a container of a service no longer configured may take to stop:
+/// the `stop_timeout` it was started with (whole seconds, rounded up), else
+/// Docker's usual 10 s.
+fn removed_grace(c: &ContainerInfo) -> std::time::Duration {
+    let seconds = c
+        .labels
+        .get(label::STOP_TIMEOUT)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    std::time::Duration::from_secs(seconds)
 }
 
 fn strategy(name: &str, cfg: &ServiceConfig) -> Strategy {
@@ -72,7 +88,77 @@ impl<'a> Rollout<'a> {
             changes: Vec::new(),
             traffic_moved: false,
             traffic_stopped: false,
+            removed: Vec::new(),
         }
+    }
+
+    /// Services no longer in the config whose containers remain, and
+    /// whether each was a singleton.
+    pub async fn unconfigured(&self) -> Result<Vec<(String, bool)>, Failure> {
+        let found = self
+            .run
+            .ctx
+            .docker
+            .containers(&[(label::APP, &self.run.app)])
+            .await?;
+        Ok(removed_services(&self.run.cfg, &found)
+            .into_iter()
+            .map(|(service, found)| {
+                let singleton = found.iter().any(|c| was_singleton(service, c));
+                (service.to_owned(), singleton)
+            })
+            .collect())
+    }
+
+    /// Stops (each within its own `stop_timeout`) and removes the
+    /// containers of a service no longer configured. What it did is kept
+    /// for the deployment's account, whole or in part.
+    pub async fn remove(&mut self, service: &str) -> Result<(), Failure> {
+        let docker = &self.run.ctx.docker;
+        let found = docker
+            .containers(&[(label::APP, &self.run.app), (label::SERVICE, service)])
+            .await?;
+        let ended = join_all(found.iter().map(|c| async move {
+            let stopped = if c.running {
+                docker.stop(&c.id, removed_grace(c)).await.map(|()| true)
+            } else {
+                Ok(false)
+            };
+            match stopped {
+                Ok(stopped) => (stopped, docker.remove(&c.id).await.err()),
+                Err(e) => (false, Some(e)),
+            }
+        }))
+        .await;
+        let running = found.iter().filter(|c| c.running).count();
+        let stopped = ended.iter().filter(|(stopped, _)| *stopped).count();
+        let errors: Vec<String> = ended
+            .into_iter()
+            .filter_map(|(_, e)| e.map(|e| e.to_string()))
+            .collect();
+        let removed = found.len() - errors.len();
+        let did = format!(
+            "{service}: {stopped} of {running} running container(s) stopped, \
+             {removed} of {} removed",
+            found.len()
+        );
+        if stopped > 0 || removed > 0 {
+            self.removed.push(did.clone());
+        }
+        self.run.emit(EventKind::Output {
+            step: format!("remove:{service}"),
+            line: format!("{did}: the service is no longer in the config"),
+        });
+        match errors.first() {
+            None => Ok(()),
+            Some(first) => Err(Failure(format!("{did}: {first}"))),
+        }
+    }
+
+    /// What it stopped and removed of services that left the config, a
+    /// line per service.
+    pub fn removed(&self) -> &[String] {
+        &self.removed
     }
 
     fn cfg(&self, service: &str) -> Result<&'a ServiceConfig, Failure> {

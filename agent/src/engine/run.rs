@@ -36,6 +36,8 @@ pub(crate) struct Run {
     skip_tasks: bool,
     /// Skip the `once` release tasks: another host of the fleet runs them.
     skip_once: bool,
+    /// A fleet part that runs the `once` release tasks for the fleet.
+    runs_once: bool,
     /// When it began to run here, for its duration metric.
     started: Instant,
     /// Migrations its release tasks applied, in order.
@@ -60,6 +62,7 @@ impl Run {
             kind: d.kind,
             skip_tasks: d.skip_tasks,
             skip_once: d.fleet.as_ref().is_some_and(|f| !f.once_tasks),
+            runs_once: d.fleet.as_ref().is_some_and(|f| f.once_tasks),
             started: Instant::now(),
             migrations: std::sync::Mutex::default(),
         }
@@ -243,7 +246,19 @@ impl Run {
         if let Err(e) = self.ctx.store.set_digest(&self.id, &image.digest) {
             return self.failed(&e.to_string());
         }
-        for task in &self.cfg.release {
+        // Where the fleet's other hosts may start: after the last `once`
+        // task that runs here, when this part runs them.
+        let once_until = self.runs_once.then(|| {
+            self.cfg
+                .release
+                .iter()
+                .rposition(|t| t.once && self.skips(t).is_none())
+                .map_or(0, |i| i + 1)
+        });
+        if once_until == Some(0) {
+            self.emit(EventKind::OnceTasksDone);
+        }
+        for (n, task) in self.cfg.release.iter().enumerate() {
             let step = format!("task:{}", task.name);
             if let Some(why) = self.skips(task) {
                 self.emit(EventKind::Output {
@@ -255,8 +270,25 @@ impl Run {
             if let Err(f) = self.step(&step, self.run_task(task, &image, &env)).await {
                 return self.failed(&f.0);
             }
+            if once_until == Some(n + 1) {
+                self.emit(EventKind::OnceTasksDone);
+            }
         }
         let mut rollout = Rollout::new(self, image.clone(), env);
+        // Services taken out of the config: singletons go first,
+        // stop-first (a beat moving to another host has exited here before
+        // that host starts one); the others once the release is verified,
+        // as their replacements (a renamed service) must be up first.
+        let (singletons, others): (Vec<_>, Vec<_>) = match rollout.unconfigured().await {
+            Ok(found) => found.into_iter().partition(|(_, singleton)| *singleton),
+            Err(f) => return self.failed(&f.0),
+        };
+        for (service, _) in singletons {
+            let step = format!("remove:{service}");
+            if let Err(f) = self.step(&step, rollout.remove(&service)).await {
+                return self.roll_back(rollout, f).await;
+            }
+        }
         for service in self.cfg.roll_order() {
             let step = format!("roll:{service}");
             if let Err(f) = self.step(&step, rollout.roll(&service)).await {
@@ -265,6 +297,14 @@ impl Run {
         }
         if let Err(f) = self.step("verify", rollout.verify()).await {
             return self.roll_back(rollout, f).await;
+        }
+        for (service, _) in others {
+            let step = format!("remove:{service}");
+            if let Err(f) = self.step(&step, rollout.remove(&service)).await {
+                // The release runs and is healthy; the next deployment
+                // tries again.
+                tracing::warn!(error = %f.0, "containers of a removed service not removed");
+            }
         }
         if let Err(f) = self.step("cleanup", rollout.retire_old()).await {
             // The release runs and is healthy; leftovers are removed at the
@@ -282,9 +322,15 @@ impl Run {
         mut rollout: Rollout<'_>,
         cause: Failure,
     ) -> (DeploymentState, Option<String>) {
+        let removed = (!rollout.removed().is_empty()).then(|| {
+            format!(
+                "{} (no longer in the config; not brought back)",
+                rollout.removed().join("; ")
+            )
+        });
         if !rollout.touched_running() {
             let discarded = self.undo_step("discard", rollout.discard()).await;
-            let mut changed = Vec::new();
+            let mut changed: Vec<String> = removed.into_iter().collect();
             if rollout.traffic_stopped() {
                 changed.push(
                     "its web containers had taken traffic and none ran before to go back to: \
@@ -298,16 +344,18 @@ impl Run {
             }
             return (DeploymentState::Failed, Some(message));
         }
-        match self.undo_step("rollback", rollout.restore()).await {
+        let (state, undone) = match self.undo_step("rollback", rollout.restore()).await {
             Ok(restored) => (
                 DeploymentState::RolledBack,
-                Some(self.account(&cause.0, &[format!("rolled back: {restored}")])),
+                format!("rolled back: {restored}"),
             ),
             Err(f) => (
                 DeploymentState::RollbackFailed,
-                Some(self.account(&cause.0, &[format!("rollback failed: {}", f.0)])),
+                format!("rollback failed: {}", f.0),
             ),
-        }
+        };
+        let changed: Vec<String> = removed.into_iter().chain([undone]).collect();
+        (state, Some(self.account(&cause.0, &changed)))
     }
 
     /// Ends a deployment that failed before any service was rolled.
@@ -376,6 +424,8 @@ impl Run {
                 && docker.remove_image_ref(&format!("{repo}@{digest}")).await?
             {
                 tracing::info!(%sha, %digest, "pruned release image");
+                self.ctx.store.forget_prepared(&self.app, &sha, &digest)?;
+                self.ctx.prepares.forget(&self.app, &sha);
             }
         }
         Ok(())

@@ -82,10 +82,19 @@ pub(crate) fn service_spec(
             (label::SHA.to_owned(), release.sha.to_owned()),
             (label::DIGEST.to_owned(), release.digest.to_owned()),
             (label::DEPLOYMENT.to_owned(), place.deployment.to_owned()),
+            (
+                label::SINGLETON.to_owned(),
+                cfg.is_singleton(service).to_string(),
+            ),
+            (
+                label::STOP_TIMEOUT.to_owned(),
+                cfg.stop_timeout.as_secs_f64().ceil().to_string(),
+            ),
         ]),
         publish: cfg.port,
         stop_timeout: Some(cfg.stop_timeout),
         restart: true,
+        cgroup_parent: place.app_cfg.cgroup_parent.clone(),
     }
 }
 

@@ -6,7 +6,9 @@ use deployd_proto::{
 };
 
 use super::{Ctx, EngineError, EngineHandle, label};
-use crate::config::ServiceConfig;
+use std::collections::BTreeMap;
+
+use crate::config::{AppConfig, ServiceConfig};
 use crate::docker::ContainerInfo;
 
 impl EngineHandle {
@@ -38,7 +40,12 @@ impl EngineHandle {
             }
         };
         let mut services = Vec::new();
-        for name in cfg.roll_order() {
+        let removed = removed_services(cfg, &found);
+        let names = cfg
+            .roll_order()
+            .into_iter()
+            .chain(removed.keys().map(|s| (*s).to_owned()));
+        for name in names {
             let service = cfg.services.get(&name);
             let mut containers = Vec::new();
             for c in found
@@ -64,8 +71,14 @@ impl EngineHandle {
                 });
             }
             containers.sort_by(|a, b| a.name.cmp(&b.name));
-            let singleton = service.is_some_and(|s| s.is_singleton(&name));
+            let singleton = match service {
+                Some(service) => service.is_singleton(&name),
+                None => removed
+                    .get(name.as_str())
+                    .is_some_and(|found| found.iter().any(|c| was_singleton(&name, c))),
+            };
             services.push(ServiceStatus {
+                removed: service.is_none(),
                 name,
                 singleton,
                 containers,
@@ -79,6 +92,33 @@ impl EngineHandle {
             lock,
             services,
         })
+    }
+}
+
+/// Containers of services no longer in the app's config, by service: the
+/// next deployment stops and removes them.
+pub(crate) fn removed_services<'a>(
+    cfg: &AppConfig,
+    found: &'a [ContainerInfo],
+) -> BTreeMap<&'a str, Vec<&'a ContainerInfo>> {
+    let mut removed: BTreeMap<&str, Vec<&ContainerInfo>> = BTreeMap::new();
+    for c in found {
+        if let Some(service) = c.labels.get(label::SERVICE)
+            && !cfg.services.contains_key(service)
+        {
+            removed.entry(service.as_str()).or_default().push(c);
+        }
+    }
+    removed
+}
+
+/// Whether a container of a service no longer configured was a singleton's:
+/// its label says so, or, from an agent that did not label it, its name is
+/// beat.
+pub(crate) fn was_singleton(service: &str, c: &ContainerInfo) -> bool {
+    match c.labels.get(label::SINGLETON) {
+        Some(value) => value == "true",
+        None => service == "beat",
     }
 }
 
@@ -149,7 +189,51 @@ fn docker_health(status: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::docker_health;
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::{Config, EXAMPLE};
+
+    fn container(service: &str, singleton: Option<&str>) -> ContainerInfo {
+        let mut labels = HashMap::from([(label::SERVICE.to_owned(), service.to_owned())]);
+        if let Some(value) = singleton {
+            labels.insert(label::SINGLETON.to_owned(), value.to_owned());
+        }
+        ContainerInfo {
+            id: format!("{service}-1"),
+            name: format!("shop-{service}-1"),
+            labels,
+            running: true,
+            status: "Up 3 minutes".into(),
+            ports: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn services_taken_out_of_the_config_are_found_with_what_they_were() {
+        let config = Config::from_toml(EXAMPLE).unwrap();
+        let mut shop = config.apps["shop"].clone();
+        shop.services.remove("beat");
+        let found = [
+            container("web", Some("false")),
+            container("beat", Some("true")),
+            container("scheduler", Some("true")),
+            container("flower", Some("false")),
+            container("beat2", None),
+        ];
+        let removed = removed_services(&shop, &found);
+        assert_eq!(
+            removed.keys().copied().collect::<Vec<_>>(),
+            ["beat", "beat2", "flower", "scheduler"]
+        );
+        let singleton = |name: &str| was_singleton(name, removed[name][0]);
+        assert!(singleton("beat"));
+        assert!(singleton("scheduler"));
+        assert!(!singleton("flower"));
+        // Unlabelled (an older agent's container): by its name.
+        assert!(!singleton("beat2"));
+        assert!(was_singleton("beat", &container("beat", None)));
+    }
 
     #[test]
     fn docker_health_is_read_from_its_status_text() {

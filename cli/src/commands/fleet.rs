@@ -2,13 +2,15 @@
 //! hosts.
 
 use clap::{Args, Subcommand};
-use deployd_proto::AppStatus;
+use deployd_proto::{AppStatus, Scope};
 use futures_util::future::join_all;
 use reqwest::Method;
 use serde::Serialize;
 
 use crate::exit::{CliError, Exit};
-use crate::fleet::{Fleet, Host, Which, singleton_problems, waves};
+use crate::fleet::execute::{Assessment, inspect};
+use crate::fleet::plan::ordered_waves;
+use crate::fleet::{Fleet, Host, Which, singleton_moves, singletons, waves};
 use crate::settings::Global;
 
 /// Fleets: several hosts running deployd, deployed as one.
@@ -34,9 +36,10 @@ pub struct FleetStatus {
     which: Which,
 }
 
-/// Check a fleet: its definition, then every host at once (reachable,
-/// token accepted, app known, not locked, nothing deploying) and that no
-/// singleton service (celery beat) runs on more than one host.
+/// Check a fleet: its definition, then every host at once as a fleet
+/// deployment's preflight would (reachable, the token may deploy there, app
+/// known, not locked, nothing deploying), that no singleton service (celery
+/// beat) is configured on more than one host, and the waves it would take.
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  deployctl fleet check --fleet prod\n  deployctl fleet check --fleet-file deploy/fleet.toml --json"
@@ -57,6 +60,9 @@ struct HostCheck {
     live_sha: Option<String>,
     /// The singleton services configured on it.
     singletons: Vec<String>,
+    /// Singleton services taken out of its config that still run: its next
+    /// deployment stops them, before another host starts them.
+    leaving: Vec<String>,
     /// What is wrong with it, if anything.
     problems: Vec<String>,
 }
@@ -68,6 +74,11 @@ struct Report {
     /// Host names, wave by wave.
     waves: Vec<Vec<String>>,
     hosts: Vec<HostCheck>,
+    /// The hosts' live releases, when they differ.
+    drift: Option<String>,
+    /// Singletons moving between hosts, as `beat: a -> c`: the fleet
+    /// deployment takes the host they leave first.
+    moves: Vec<String>,
     /// Problems of the fleet as a whole.
     problems: Vec<String>,
 }
@@ -84,8 +95,8 @@ impl FleetCommand {
 impl Check {
     async fn run(self, global: &Global, json: bool) -> Result<Exit, CliError> {
         let fleet = self.which.load(global)?;
-        let hosts = join_all(fleet.hosts.iter().map(|h| check_host(global, h))).await;
-        let report = report(&fleet, hosts);
+        let (statuses, assessment) = inspect(global, &fleet, Scope::Deploy).await?;
+        let report = report(&fleet, &statuses, assessment);
         let ok = report.problems.is_empty() && report.hosts.iter().all(|h| h.problems.is_empty());
         if json {
             let line = serde_json::to_string(&report)
@@ -112,57 +123,97 @@ async fn host_status(global: &Global, host: &Host) -> Result<AppStatus, CliError
         .await
 }
 
-async fn check_host(global: &Global, host: &Host) -> HostCheck {
-    let mut check = HostCheck {
-        host: host.name.clone(),
-        app: host.app.clone(),
-        url: host.url.clone(),
-        label: host.label.clone(),
-        live_sha: None,
-        singletons: Vec::new(),
-        problems: Vec::new(),
-    };
-    match host_status(global, host).await {
-        Ok(status) => {
-            check.live_sha = status.live_sha.map(|s| s.to_string());
-            check.singletons = status
-                .services
-                .iter()
-                .filter(|s| s.singleton)
-                .map(|s| s.name.clone())
-                .collect();
-            if let Some(lock) = status.lock {
-                check
-                    .problems
-                    .push(format!("locked by {}: {}", lock.locked_by, lock.reason));
+/// The fleet's waves, every host as preflight sees it, and the fleet's
+/// problems.
+fn report(fleet: &Fleet, statuses: &[Option<AppStatus>], assessment: Assessment) -> Report {
+    let hosts: Vec<HostCheck> = fleet
+        .hosts
+        .iter()
+        .zip(statuses)
+        .zip(assessment.hosts)
+        .map(|((host, status), problems)| {
+            let (singletons, leaving) = status.as_ref().map(singletons).unwrap_or_default();
+            let owned = |list: Vec<&str>| list.into_iter().map(str::to_owned).collect();
+            HostCheck {
+                host: host.name.clone(),
+                app: host.app.clone(),
+                url: host.url.clone(),
+                label: host.label.clone(),
+                live_sha: status
+                    .as_ref()
+                    .and_then(|s| s.live_sha.as_ref())
+                    .map(ToString::to_string),
+                singletons: owned(singletons),
+                leaving: owned(leaving),
+                problems,
             }
-            if let Some(id) = status.running_deployment {
-                check.problems.push(format!("deployment {id} is running"));
-            }
-        }
-        Err(e) => check.problems.push(e.message),
+        })
+        .collect();
+    let mut problems = assessment.fleet;
+    if let Some(held) = &assessment.held {
+        problems.push(if held.rollback {
+            format!(
+                "fleet rollback {} to {} holds the hosts: finish it with `deployctl rollback --fleet {}`",
+                held.id, held.sha, fleet.name
+            )
+        } else {
+            format!(
+                "fleet deployment {} of {} holds the hosts: finish it with `deployctl deploy {} --fleet {} --resume` or `deployctl rollback --fleet {}`",
+                held.id, held.sha, held.sha, fleet.name, fleet.name
+            )
+        });
     }
-    check
-}
-
-/// The fleet's waves and its fleet-wide problems, with every host's check.
-fn report(fleet: &Fleet, hosts: Vec<HostCheck>) -> Report {
-    let problems = singleton_problems(hosts.iter().map(|h| {
-        (
-            h.host.as_str(),
-            h.singletons.iter().map(String::as_str).collect(),
-        )
-    }));
-    let waves = waves(fleet.hosts.len(), fleet.first_wave, fleet.max_parallel)
+    let each: Vec<(Vec<&str>, Vec<&str>)> = hosts
+        .iter()
+        .map(|h| (names(&h.singletons), names(&h.leaving)))
+        .collect();
+    let pairs = singleton_moves(&each);
+    let moves = pairs
+        .iter()
+        .map(|&(from, to)| {
+            let services: Vec<&str> = hosts[from]
+                .leaving
+                .iter()
+                .filter(|s| hosts[to].singletons.contains(s))
+                .map(String::as_str)
+                .collect();
+            format!(
+                "{}: {} -> {}",
+                services.join(", "),
+                hosts[from].host,
+                hosts[to].host
+            )
+        })
+        .collect();
+    let all: Vec<usize> = (0..fleet.hosts.len()).collect();
+    // A cycle is one of the assessment's problems: the fleet's order then.
+    let waves =
+        ordered_waves(&all, fleet.first_wave, fleet.max_parallel, &pairs).unwrap_or_else(|| {
+            waves(fleet.hosts.len(), fleet.first_wave, fleet.max_parallel)
+                .into_iter()
+                .map(|r| all[r].to_vec())
+                .collect()
+        });
+    let waves = waves
         .into_iter()
-        .map(|wave| fleet.hosts[wave].iter().map(|h| h.name.clone()).collect())
+        .map(|wave| {
+            wave.into_iter()
+                .map(|i| fleet.hosts[i].name.clone())
+                .collect()
+        })
         .collect();
     Report {
         fleet: fleet.name.clone(),
         waves,
         hosts,
+        drift: assessment.drift,
+        moves,
         problems,
     }
+}
+
+fn names(list: &[String]) -> Vec<&str> {
+    list.iter().map(String::as_str).collect()
 }
 
 fn print_report(report: &Report) {
@@ -198,15 +249,11 @@ fn print_report(report: &Report) {
             h.label.as_deref().unwrap_or("-"),
         );
     }
-    let mut lives: Vec<&str> = report
-        .hosts
-        .iter()
-        .filter_map(|h| h.live_sha.as_deref())
-        .collect();
-    lives.sort_unstable();
-    lives.dedup();
-    if lives.len() > 1 {
-        println!("drift: the hosts run {} different releases", lives.len());
+    if let Some(drift) = &report.drift {
+        println!("{drift}");
+    }
+    for m in &report.moves {
+        println!("moves: {m} (its host deploys first)");
     }
     for p in &report.problems {
         println!("problem: {p}");

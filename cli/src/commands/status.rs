@@ -58,7 +58,14 @@ impl Status {
             ctx.out(&format!("locked by {}: {}", lock.locked_by, lock.reason));
         }
         for service in &status.services {
-            ctx.out(&format!("{}:", service.name));
+            if service.removed {
+                ctx.out(&format!(
+                    "{}: no longer in the config; the next deployment stops and removes it",
+                    service.name
+                ));
+            } else {
+                ctx.out(&format!("{}:", service.name));
+            }
             if service.containers.is_empty() {
                 ctx.out("  (no containers)");
             }

@@ -36,8 +36,8 @@ use reqwest::Method;
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::plan::{HostEnd, fleet_exit, over_budget};
-use super::{Fleet, Host, waves};
+use super::plan::{HostEnd, fleet_exit, ordered_waves, over_budget};
+use super::{Fleet, Host};
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
 use crate::follow::{HostView, Style, follow_host, state_name};
@@ -186,7 +186,7 @@ impl Out {
             host: host.to_owned(),
             row,
             wave: wave.to_owned(),
-            rolling: None,
+            once_done: None,
         }
     }
 
@@ -424,6 +424,146 @@ struct Preflight {
     held: Option<FleetLock>,
 }
 
+/// What every host looked like, and what is in the way of a fleet
+/// deployment: one reading for `fleet check` and for preflight.
+pub(crate) struct Assessment {
+    /// What is in the way on each host, in the fleet's order.
+    pub hosts: Vec<Vec<String>>,
+    /// Problems of the fleet as a whole.
+    pub fleet: Vec<String>,
+    /// The fleet deployment of this fleet that holds the hosts' locks:
+    /// one to resume or revert.
+    pub held: Option<FleetLock>,
+    /// The hosts' live releases, when they differ.
+    pub drift: Option<String>,
+    /// The exit code a refusal gets.
+    pub exit: Exit,
+}
+
+impl Assessment {
+    /// Every problem, each host's named.
+    fn problems(&self, members: &[Member]) -> Vec<String> {
+        let mut problems: Vec<String> = members
+            .iter()
+            .zip(&self.hosts)
+            .flat_map(|(m, host)| host.iter().map(|p| format!("{}: {p}", m.host.name)))
+            .collect();
+        problems.extend(self.fleet.iter().cloned());
+        problems
+    }
+}
+
+fn assess(fleet: &Fleet, looked: &[Result<Seen, CliError>]) -> Assessment {
+    let mut a = Assessment {
+        hosts: vec![Vec::new(); looked.len()],
+        fleet: Vec::new(),
+        held: None,
+        drift: None,
+        exit: Exit::Other,
+    };
+    let names: Vec<&str> = fleet.hosts.iter().map(|h| h.name.as_str()).collect();
+    // The hosts' locks: this fleet's own deployment (to resume or revert),
+    // or another holder.
+    for (i, look) in looked.iter().enumerate() {
+        let s = match look {
+            Ok(s) => s,
+            Err(e) => {
+                a.exit = worse(a.exit, e.exit);
+                a.hosts[i].push(e.message.clone());
+                continue;
+            }
+        };
+        let Some(lock) = &s.status.lock else { continue };
+        match &lock.fleet {
+            Some(f) if f.name == fleet.name => {
+                if let Some(held) = a.held.as_ref().filter(|h| h.id != f.id) {
+                    a.hosts[i].push(format!(
+                        "locked for fleet deployment {}, other hosts for {}",
+                        f.id, held.id
+                    ));
+                    a.exit = Exit::Conflict;
+                }
+                a.held.get_or_insert_with(|| f.clone());
+            }
+            _ => {
+                a.hosts[i].push(format!("locked by {}: {}", lock.locked_by, lock.reason));
+                a.exit = Exit::Conflict;
+            }
+        }
+    }
+    for (i, look) in looked.iter().enumerate() {
+        let Ok(s) = look else { continue };
+        if let Some(running) = &s.status.running_deployment {
+            let ours = a
+                .held
+                .as_ref()
+                .is_some_and(|h| s.part_of(&h.id).is_some_and(|d| d.id == *running));
+            if !ours {
+                a.hosts[i].push(format!("deployment {running} is running"));
+                a.exit = Exit::Conflict;
+            }
+        }
+    }
+    a.fleet.extend(super::singleton_problems(
+        looked.iter().zip(&names).filter_map(|(look, name)| {
+            look.as_ref()
+                .ok()
+                .map(|s| (*name, super::singletons(&s.status).0))
+        }),
+    ));
+    let singletons: Vec<(Vec<&str>, Vec<&str>)> = looked
+        .iter()
+        .map(|look| {
+            look.as_ref()
+                .map(|s| super::singletons(&s.status))
+                .unwrap_or_default()
+        })
+        .collect();
+    let all: Vec<usize> = (0..looked.len()).collect();
+    let pairs = super::singleton_moves(&singletons);
+    if ordered_waves(&all, fleet.first_wave, fleet.max_parallel, &pairs).is_none() {
+        a.fleet
+            .push("singletons trade places between hosts: move one per deployment".into());
+    }
+    let lives: Vec<(&str, String)> = looked
+        .iter()
+        .zip(&names)
+        .filter_map(|(look, name)| {
+            let live = look.as_ref().ok()?.status.live_sha.as_ref();
+            Some((*name, live.map_or("none".to_owned(), ToString::to_string)))
+        })
+        .collect();
+    let mut distinct: Vec<&str> = lives.iter().map(|(_, sha)| sha.as_str()).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() > 1 {
+        let each: Vec<String> = lives.iter().map(|(h, sha)| format!("{h} {sha}")).collect();
+        a.drift = Some(format!(
+            "drift: the hosts run {} releases ({})",
+            distinct.len(),
+            each.join(", ")
+        ));
+    }
+    a
+}
+
+/// Looks at every host of a fleet at once, as the deployment would with
+/// `scope`: for `fleet check`.
+pub(crate) async fn inspect(
+    global: &Global,
+    fleet: &Fleet,
+    scope: Scope,
+) -> Result<(Vec<Option<AppStatus>>, Assessment), CliError> {
+    let members = connect(global, fleet)?;
+    let looked = join_all(members.iter().map(|m| m.look(scope))).await;
+    let assessment = assess(fleet, &looked);
+    let statuses = looked
+        .into_iter()
+        .map(|l| l.ok().map(|s| s.status))
+        .collect();
+    Ok((statuses, assessment))
+}
+
 async fn preflight(
     members: &[Member],
     fleet: &Fleet,
@@ -432,106 +572,94 @@ async fn preflight(
     require_same: bool,
 ) -> Result<Preflight, CliError> {
     let looked = join_all(members.iter().map(|m| m.look(scope))).await;
-    let mut problems = Vec::new();
-    let mut exit = Exit::Other;
-    let mut seen = Vec::new();
-    let mut held: Option<FleetLock> = None;
-    for (m, look) in members.iter().zip(looked) {
-        match look {
-            Ok(s) => seen.push(s),
-            Err(e) => {
-                exit = worse(exit, e.exit);
-                problems.push(format!("{}: {}", m.host.name, e.message));
-            }
-        }
-    }
-    if !problems.is_empty() {
-        return Err(refusal(fleet, &problems, exit));
-    }
-    // The hosts' locks: this fleet's own deployment (to resume or revert),
-    // or another holder.
-    for (m, s) in members.iter().zip(&seen) {
-        let Some(lock) = &s.status.lock else { continue };
-        match &lock.fleet {
-            Some(f) if f.name == fleet.name => {
-                if held.as_ref().is_some_and(|h| h.id != f.id) {
-                    problems.push(format!(
-                        "{}: locked for fleet deployment {}, other hosts for {}",
-                        m.host.name,
-                        f.id,
-                        held.as_ref().map_or("", |h| h.id.as_str())
-                    ));
-                    exit = Exit::Conflict;
-                }
-                held.get_or_insert_with(|| f.clone());
-            }
-            _ => {
-                problems.push(format!(
-                    "{}: locked by {}: {}",
-                    m.host.name, lock.locked_by, lock.reason
-                ));
-                exit = Exit::Conflict;
-            }
-        }
-    }
-    for (m, s) in members.iter().zip(&seen) {
-        if let Some(running) = &s.status.running_deployment {
-            let ours = held
-                .as_ref()
-                .is_some_and(|h| s.part_of(&h.id).is_some_and(|d| d.id == *running));
-            if !ours {
-                problems.push(format!("{}: deployment {running} is running", m.host.name));
-                exit = Exit::Conflict;
-            }
-        }
-    }
-    problems.extend(super::singleton_problems(members.iter().zip(&seen).map(
-        |(m, s)| {
-            let singletons = s.status.services.iter().filter(|s| s.singleton);
-            (
-                m.host.name.as_str(),
-                singletons.map(|s| s.name.as_str()).collect(),
-            )
-        },
-    )));
-    let mut lives: Vec<String> = seen
-        .iter()
-        .map(|s| {
-            s.status
-                .live_sha
-                .as_ref()
-                .map_or("none".to_owned(), ToString::to_string)
-        })
-        .collect();
-    lives.sort_unstable();
-    lives.dedup();
-    if lives.len() > 1 {
-        let each: Vec<String> = members
-            .iter()
-            .zip(&seen)
-            .map(|(m, s)| {
-                format!(
-                    "{} {}",
-                    m.host.name,
-                    s.status.live_sha.as_ref().map_or("none", |s| s.as_str())
-                )
-            })
-            .collect();
-        let line = format!(
-            "drift: the hosts run {} releases ({})",
-            lives.len(),
-            each.join(", ")
-        );
+    let a = assess(fleet, &looked);
+    let mut problems = a.problems(members);
+    if let Some(drift) = &a.drift {
         if require_same {
-            problems.push(format!("{line}; --require-same refuses it"));
+            problems.push(format!("{drift}; --require-same refuses it"));
         } else {
-            out.note(&line);
+            out.note(drift);
         }
     }
     if !problems.is_empty() {
-        return Err(refusal(fleet, &problems, exit));
+        return Err(refusal(fleet, &problems, a.exit));
     }
-    Ok(Preflight { seen, held })
+    let seen = looked.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(Preflight { seen, held: a.held })
+}
+
+/// The waves for the hosts still to do, and the singleton moves among
+/// them. A singleton (beat) moving between hosts is stopped where it
+/// leaves before it starts where it arrives: that host goes first, and the
+/// other waits for it (see [`startable`]).
+fn plan(
+    fleet: &Fleet,
+    todo: &[usize],
+    seen: &[Seen],
+    members: &[Member],
+    out: &Out,
+) -> Result<(Vec<Vec<usize>>, Vec<Move>), CliError> {
+    let singletons: Vec<_> = seen.iter().map(|s| super::singletons(&s.status)).collect();
+    let pairs = super::singleton_moves(&singletons);
+    let mut moves = Vec::new();
+    for &(from, to) in &pairs {
+        let services: Vec<&str> = singletons[from]
+            .1
+            .iter()
+            .copied()
+            .filter(|s| singletons[to].0.contains(s))
+            .collect();
+        out.note(&format!(
+            "{} moves from {} to {}: {} stops it first",
+            services.join(", "),
+            members[from].host.name,
+            members[to].host.name,
+            members[from].host.name
+        ));
+        moves.push(Move {
+            from,
+            to,
+            services: services.join(", "),
+        });
+    }
+    // Preflight refused a cycle, and the hosts to do are some of those.
+    let waves = ordered_waves(todo, fleet.first_wave, fleet.max_parallel, &pairs)
+        .ok_or_else(|| CliError::new(Exit::Other, "singletons trade places between hosts"))?;
+    Ok((waves, moves))
+}
+
+/// A singleton leaving one host for another.
+struct Move {
+    from: usize,
+    to: usize,
+    services: String,
+}
+
+/// The hosts of `wave` that may start, and how many may not: a host that
+/// would start a singleton still running on a host whose part did not
+/// succeed in this run (`ran`) is held back, and said so.
+fn startable(
+    wave: &[usize],
+    moves: &[Move],
+    ran: &[bool],
+    members: &[Member],
+    out: &Out,
+) -> (Vec<usize>, usize) {
+    let mut start = Vec::new();
+    let mut held = 0;
+    for &i in wave {
+        match moves.iter().find(|m| m.to == i && !ran[m.from]) {
+            Some(m) => {
+                out.note(&format!(
+                    "{}: not started: {} still runs on {}, whose part did not succeed here",
+                    members[i].host.name, m.services, members[m.from].host.name
+                ));
+                held += 1;
+            }
+            None => start.push(i),
+        }
+    }
+    (start, held)
 }
 
 fn refusal(fleet: &Fleet, problems: &[String], exit: Exit) -> CliError {
@@ -779,10 +907,8 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
             _ => todo.push(i),
         }
     }
-    let plan: Vec<Vec<usize>> = waves(todo.len(), fleet.first_wave, fleet.max_parallel)
-        .into_iter()
-        .map(|r| todo[r].to_vec())
-        .collect();
+    let (plan, moves) = plan(fleet, &todo, &pre.seen, &members, &out)?;
+    let mut ran = vec![false; members.len()];
     let part_for = |i: usize, once: bool| {
         let running = pre.seen[i]
             .part_of(&id)
@@ -813,16 +939,18 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         let start = |i: usize, once: bool, view: HostView| {
             members[i].run_part(part_for(i, once), &out, view)
         };
+        let (wave, held_back) = startable(wave, &moves, &ran, &members, &out);
+        failures += held_back;
         let mut ended: Vec<(usize, Ended)> = Vec::new();
         let mut stop = false;
         if n == 0 && !once_done {
             // The host that runs the once tasks (migrate) starts first; the
-            // rest of its wave starts once those are done (it reached its
-            // roll), so no host runs the new code before its schema exists.
+            // rest of its wave starts once those are done, so no host runs
+            // the new code before its schema exists.
             let (first, rest) = (wave[0], &wave[1..]);
             let tasks_done = Arc::new(Notify::new());
             let mut view = out.view(&members[first].host.name, &label);
-            view.rolling = Some(Arc::clone(&tasks_done));
+            view.once_done = Some(Arc::clone(&tasks_done));
             let first_part = start(first, true, view);
             tokio::pin!(first_part);
             let early = tokio::select! {
@@ -863,6 +991,7 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         for (i, result) in ended {
             if matches!(result.1, Ok(DeploymentState::Succeeded)) {
                 once_done = true;
+                ran[i] = true;
             } else {
                 failures += 1;
             }
@@ -1151,16 +1280,17 @@ pub async fn rollback(
     let todo: Vec<usize> = (0..members.len())
         .filter(|&i| targets[i].is_some())
         .collect();
-    let plan: Vec<Vec<usize>> = waves(todo.len(), fleet.first_wave, fleet.max_parallel)
-        .into_iter()
-        .map(|r| todo[r].to_vec())
-        .collect();
+    let (plan, moves) = plan(fleet, &todo, &seen, &members, &out)?;
+    let mut ran = vec![false; members.len()];
     let mut failures = 0usize;
     for (n, wave) in plan.iter().enumerate() {
         if n > 0 && !fleet.pause.is_zero() {
             tokio::time::sleep(fleet.pause).await;
         }
         let label = format!("wave {}", n + 1);
+        let (wave, held_back) = startable(wave, &moves, &ran, &members, &out);
+        failures += held_back;
+        let wave = &wave;
         let parts = wave.iter().map(|&i| {
             let m = &members[i];
             let part = Part::Rollback(RollbackRequest {
@@ -1177,7 +1307,9 @@ pub async fn rollback(
         });
         let ended = join_all(parts).await;
         for (&i, result) in wave.iter().zip(ended) {
-            if !matches!(result.1, Ok(DeploymentState::Succeeded)) {
+            if matches!(result.1, Ok(DeploymentState::Succeeded)) {
+                ran[i] = true;
+            } else {
                 failures += 1;
             }
             outcomes[i] = Some(result);
@@ -1250,6 +1382,141 @@ fn agreed_before(fleet: &Fleet, members: &[Member], seen: &[Seen]) -> Result<Com
                 fleet.name,
                 each.join("; ")
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deployd_proto::{AppLock, DeploymentId, FleetPart, ServiceStatus};
+
+    use super::*;
+    use crate::fleet::Trust;
+    use crate::fleet::plan::Parallel;
+
+    fn fleet() -> Fleet {
+        let host = |name: &str| Host {
+            name: name.into(),
+            url: format!("https://{name}:8443"),
+            trust: Trust::System,
+            app: "shop".into(),
+            label: None,
+        };
+        Fleet {
+            name: "prod".into(),
+            hosts: vec![host("a"), host("b"), host("c")],
+            max_parallel: Parallel::Hosts(1),
+            first_wave: 1,
+            failure_budget: 0,
+            pause: Duration::ZERO,
+        }
+    }
+
+    fn seen(live: &str) -> Seen {
+        Seen {
+            status: AppStatus {
+                app: "shop".into(),
+                live_sha: Some(live.parse().unwrap()),
+                live_digest: None,
+                running_deployment: None,
+                lock: None,
+                services: vec![ServiceStatus {
+                    name: "beat".into(),
+                    singleton: true,
+                    removed: false,
+                    containers: Vec::new(),
+                }],
+            },
+            history: Vec::new(),
+        }
+    }
+
+    fn lock(fleet: Option<FleetLock>) -> Option<AppLock> {
+        Some(AppLock {
+            reason: "held".into(),
+            locked_by: "ops".into(),
+            locked_at: time::OffsetDateTime::UNIX_EPOCH,
+            fleet,
+        })
+    }
+
+    #[test]
+    fn preflight_and_fleet_check_read_the_hosts_alike() {
+        let prod = fleet();
+        let held = FleetLock {
+            id: "f1".into(),
+            name: "prod".into(),
+            sha: "bbbbbbb".parse().unwrap(),
+            rollback: false,
+        };
+        // a: held by this fleet's deployment, its part running; b: locked
+        // by hand; c: unreachable.
+        let mut a = seen("aaaaaaa");
+        a.status.lock = lock(Some(held.clone()));
+        a.status.running_deployment = Some(DeploymentId("d1".into()));
+        let mut part = deployment("d1");
+        part.fleet = Some(FleetPart {
+            id: "f1".into(),
+            host: "a".into(),
+            once_tasks: true,
+        });
+        a.history.push(part);
+        let mut b = seen("bbbbbbb");
+        b.status.lock = lock(None);
+        b.status.services[0].singleton = false;
+        let looked = vec![
+            Ok(a),
+            Ok(b),
+            Err(CliError::new(Exit::Unreachable, "cannot connect")),
+        ];
+        let got = assess(&prod, &looked);
+        assert_eq!(got.held.as_ref().map(|h| h.id.as_str()), Some("f1"));
+        assert!(got.hosts[0].is_empty(), "{:?}", got.hosts[0]);
+        assert_eq!(got.hosts[1], ["locked by ops: held"]);
+        assert_eq!(got.hosts[2], ["cannot connect"]);
+        assert_eq!(got.exit, Exit::Conflict);
+        assert!(got.fleet.is_empty(), "{:?}", got.fleet);
+        assert_eq!(
+            got.drift.as_deref(),
+            Some("drift: the hosts run 2 releases (a aaaaaaa, b bbbbbbb)")
+        );
+
+        // Beat in two hosts' configs; a deployment running outside any
+        // fleet deployment.
+        let mut c = seen("aaaaaaa");
+        c.status.running_deployment = Some(DeploymentId("d9".into()));
+        let looked = vec![Ok(seen("aaaaaaa")), Ok(seen("aaaaaaa")), Ok(c)];
+        let got = assess(&prod, &looked);
+        assert_eq!(got.hosts[2], ["deployment d9 is running"]);
+        assert_eq!(got.fleet.len(), 1);
+        assert!(
+            got.fleet[0].starts_with("beat is a singleton but 3 hosts"),
+            "{:?}",
+            got.fleet
+        );
+        assert!(got.drift.is_none());
+    }
+
+    fn deployment(id: &str) -> Deployment {
+        Deployment {
+            id: DeploymentId(id.into()),
+            app: "shop".into(),
+            kind: DeploymentKind::Deploy,
+            sha: "bbbbbbb".parse().unwrap(),
+            digest: None,
+            previous_sha: None,
+            requested_by: "ci".into(),
+            reason: None,
+            force: false,
+            state: DeploymentState::Running,
+            error: None,
+            migrations: Vec::new(),
+            migrations_kept: Vec::new(),
+            skip_tasks: false,
+            fleet: None,
+            steps: Vec::new(),
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            finished_at: None,
         }
     }
 }

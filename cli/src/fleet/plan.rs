@@ -56,6 +56,58 @@ pub fn waves(hosts: usize, first_wave: usize, parallel: Parallel) -> Vec<Range<u
     waves
 }
 
+/// The waves of the hosts in `todo` (indices into the fleet's host list,
+/// in its order) where some host must have finished before another starts:
+/// `after` holds such pairs `(first, then)`, a singleton service (beat) one
+/// host stops and another starts. Such a `first` moves ahead of its `then`
+/// in the order, and a `then` that would share a wave with its `first`
+/// starts a wave of its own after it. `None` when the pairs form a cycle
+/// (two hosts trading singletons): no order satisfies them.
+pub fn ordered_waves(
+    todo: &[usize],
+    first_wave: usize,
+    parallel: Parallel,
+    after: &[(usize, usize)],
+) -> Option<Vec<Vec<usize>>> {
+    let edges: Vec<(usize, usize)> = after
+        .iter()
+        .copied()
+        .filter(|(a, b)| todo.contains(a) && todo.contains(b))
+        .collect();
+    // The fleet's order, except that a host some other waits for goes
+    // ahead, and a host waits for its firsts.
+    let mut order: Vec<usize> = Vec::with_capacity(todo.len());
+    while order.len() < todo.len() {
+        let ready = |h: &usize| {
+            !order.contains(h) && edges.iter().all(|(a, b)| b != h || order.contains(a))
+        };
+        let first = |h: &usize| edges.iter().any(|(a, _)| a == h);
+        let next = todo
+            .iter()
+            .copied()
+            .find(|h| ready(h) && first(h))
+            .or_else(|| todo.iter().copied().find(ready))?;
+        order.push(next);
+    }
+    let mut plan: Vec<Vec<usize>> = waves(order.len(), first_wave, parallel)
+        .into_iter()
+        .map(|r| order[r].to_vec())
+        .collect();
+    let mut n = 0;
+    while n < plan.len() {
+        let wave = &plan[n];
+        let (now, later): (Vec<usize>, Vec<usize>) = wave
+            .iter()
+            .partition(|h| !edges.iter().any(|(a, b)| b == *h && wave.contains(a)));
+        if !later.is_empty() {
+            plan[n] = now;
+            plan.insert(n + 1, later);
+        }
+        n += 1;
+    }
+    Some(plan)
+}
+
 /// Whether a fleet stops and reverts: more hosts failed than the budget
 /// allows.
 pub fn over_budget(failed: usize, budget: usize) -> bool {
@@ -135,6 +187,46 @@ mod tests {
         assert_eq!(waves(3, 9, Parallel::Hosts(1)), [0..3]);
         assert_eq!(waves(1, 1, Parallel::Hosts(1)), [0..1]);
         assert!(waves(0, 1, Parallel::Hosts(1)).is_empty());
+    }
+
+    #[test]
+    fn a_host_stopping_a_singleton_goes_before_the_host_starting_it() {
+        let all = [0, 1, 2];
+        // No pairs: the fleet's order and waves.
+        assert_eq!(
+            ordered_waves(&all, 1, Parallel::Hosts(1), &[]),
+            Some(vec![vec![0], vec![1], vec![2]])
+        );
+        // Beat moves from the last host to the first: the last goes first.
+        assert_eq!(
+            ordered_waves(&all, 1, Parallel::Hosts(1), &[(2, 0)]),
+            Some(vec![vec![2], vec![0], vec![1]])
+        );
+        // One wave for all: the host starting beat waits in a wave of its
+        // own after the one stopping it.
+        assert_eq!(
+            ordered_waves(&all, 3, Parallel::Hosts(3), &[(0, 2)]),
+            Some(vec![vec![0, 1], vec![2]])
+        );
+        assert_eq!(
+            ordered_waves(&all, 1, Parallel::Hosts(3), &[(2, 0)]),
+            Some(vec![vec![2], vec![0, 1]])
+        );
+        // Pairs with a host not to do (done before) are moot.
+        assert_eq!(
+            ordered_waves(&[1, 2], 1, Parallel::Hosts(2), &[(0, 2)]),
+            Some(vec![vec![1], vec![2]])
+        );
+        // A chain splits a wave twice.
+        assert_eq!(
+            ordered_waves(&all, 3, Parallel::Hosts(3), &[(0, 1), (1, 2)]),
+            Some(vec![vec![0], vec![1], vec![2]])
+        );
+        // Two hosts trading singletons: no order.
+        assert_eq!(
+            ordered_waves(&all, 1, Parallel::Hosts(1), &[(0, 1), (1, 0)]),
+            None
+        );
     }
 
     #[test]

@@ -1094,7 +1094,9 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
     let outcome = match exit {
         Exit::Success if failures > 0 => "succeeded within the failure budget",
         Exit::Success => "succeeded",
-        Exit::Failed => "failed, nothing running was changed",
+        Exit::Failed => {
+            "failed before any host ran the release (each host's line says what it changed)"
+        }
         Exit::RolledBack => "rolled back: every host runs its previous release",
         Exit::RollbackFailed => "rollback failed on a host: see its line",
         _ => "failed",

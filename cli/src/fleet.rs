@@ -168,19 +168,45 @@ pub fn singletons(status: &deployd_proto::AppStatus) -> (Vec<&str>, Vec<&str>) {
     (configured, leaving)
 }
 
-/// Singletons moving between hosts, as `(first, then)` host index pairs: a
-/// host still running a singleton its config no longer has must stop it
-/// before the host whose config now has it starts one.
-pub fn singleton_moves(hosts: &[(Vec<&str>, Vec<&str>)]) -> Vec<(usize, usize)> {
-    let mut pairs = Vec::new();
+/// A singleton leaving one host for another: a host still running a
+/// singleton its config no longer has must stop it before the host whose
+/// config now has it starts one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// The host it leaves (an index into the fleet's hosts).
+    pub from: usize,
+    /// The host it arrives on.
+    pub to: usize,
+    /// The singleton services that move, joined (`beat`).
+    pub services: String,
+}
+
+/// Every singleton move among `hosts` (each host's configured and leaving
+/// singletons, as [`singletons`] reads them).
+pub fn singleton_moves(hosts: &[(Vec<&str>, Vec<&str>)]) -> Vec<Move> {
+    let mut moves = Vec::new();
     for (from, (_, leaving)) in hosts.iter().enumerate() {
         for (to, (configured, _)) in hosts.iter().enumerate() {
-            if from != to && leaving.iter().any(|s| configured.contains(s)) {
-                pairs.push((from, to));
+            let services: Vec<&str> = leaving
+                .iter()
+                .copied()
+                .filter(|s| configured.contains(s))
+                .collect();
+            if from != to && !services.is_empty() {
+                moves.push(Move {
+                    from,
+                    to,
+                    services: services.join(", "),
+                });
             }
         }
     }
-    pairs
+    moves
+}
+
+/// The `(first, then)` host pairs of `moves`, as wave planning takes them.
+pub fn move_pairs(moves: &[Move]) -> Vec<(usize, usize)> {
+    moves.iter().map(|m| (m.from, m.to)).collect()
 }
 
 /// The fleets of deployctl's config file, by name.
@@ -487,7 +513,9 @@ mod tests {
         assert_eq!(singletons(&c), (vec!["beat"], vec![]));
         assert_eq!(singletons(&d), (vec![], vec![]));
         let all: Vec<_> = [&a, &b, &c, &d].map(singletons).into();
-        assert_eq!(singleton_moves(&all), [(0, 2)]);
+        let moves = singleton_moves(&all);
+        assert_eq!(move_pairs(&moves), [(0, 2)]);
+        assert_eq!(moves[0].services, "beat");
         // Configured on one host only: no problem, even while it moves.
         let configured = [("a", all[0].0.clone()), ("c", all[2].0.clone())];
         assert!(singleton_problems(configured).is_empty());

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::exit::{CliError, Exit};
 use crate::fleet::execute::{Assessment, inspect};
 use crate::fleet::plan::ordered_waves;
-use crate::fleet::{Fleet, Host, Which, singleton_moves, singletons, waves};
+use crate::fleet::{Fleet, Host, Which, move_pairs, singleton_moves, singletons, waves};
 use crate::settings::Global;
 
 /// Fleets: several hosts running deployd, deployed as one.
@@ -167,21 +167,14 @@ fn report(fleet: &Fleet, statuses: &[Option<AppStatus>], assessment: Assessment)
         .iter()
         .map(|h| (names(&h.singletons), names(&h.leaving)))
         .collect();
-    let pairs = singleton_moves(&each);
-    let moves = pairs
+    let found = singleton_moves(&each);
+    let pairs = move_pairs(&found);
+    let moves = found
         .iter()
-        .map(|&(from, to)| {
-            let services: Vec<&str> = hosts[from]
-                .leaving
-                .iter()
-                .filter(|s| hosts[to].singletons.contains(s))
-                .map(String::as_str)
-                .collect();
+        .map(|m| {
             format!(
                 "{}: {} -> {}",
-                services.join(", "),
-                hosts[from].host,
-                hosts[to].host
+                m.services, hosts[m.from].host, hosts[m.to].host
             )
         })
         .collect();

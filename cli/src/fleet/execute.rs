@@ -37,7 +37,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::plan::{HostEnd, fleet_exit, ordered_waves, over_budget};
-use super::{Fleet, Host};
+use super::{Fleet, Host, Move};
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
 use crate::follow::{HostView, Style, follow_host, state_name};
@@ -520,7 +520,7 @@ fn assess(fleet: &Fleet, looked: &[Result<Seen, CliError>]) -> Assessment {
         })
         .collect();
     let all: Vec<usize> = (0..looked.len()).collect();
-    let pairs = super::singleton_moves(&singletons);
+    let pairs = super::move_pairs(&super::singleton_moves(&singletons));
     if ordered_waves(&all, fleet.first_wave, fleet.max_parallel, &pairs).is_none() {
         a.fleet
             .push("singletons trade places between hosts: move one per deployment".into());
@@ -600,39 +600,21 @@ fn plan(
     out: &Out,
 ) -> Result<(Vec<Vec<usize>>, Vec<Move>), CliError> {
     let singletons: Vec<_> = seen.iter().map(|s| super::singletons(&s.status)).collect();
-    let pairs = super::singleton_moves(&singletons);
-    let mut moves = Vec::new();
-    for &(from, to) in &pairs {
-        let services: Vec<&str> = singletons[from]
-            .1
-            .iter()
-            .copied()
-            .filter(|s| singletons[to].0.contains(s))
-            .collect();
+    let moves = super::singleton_moves(&singletons);
+    for m in &moves {
         out.note(&format!(
             "{} moves from {} to {}: {} stops it first",
-            services.join(", "),
-            members[from].host.name,
-            members[to].host.name,
-            members[from].host.name
+            m.services,
+            members[m.from].host.name,
+            members[m.to].host.name,
+            members[m.from].host.name
         ));
-        moves.push(Move {
-            from,
-            to,
-            services: services.join(", "),
-        });
     }
+    let pairs = super::move_pairs(&moves);
     // Preflight refused a cycle, and the hosts to do are some of those.
     let waves = ordered_waves(todo, fleet.first_wave, fleet.max_parallel, &pairs)
         .ok_or_else(|| CliError::new(Exit::Other, "singletons trade places between hosts"))?;
     Ok((waves, moves))
-}
-
-/// A singleton leaving one host for another.
-struct Move {
-    from: usize,
-    to: usize,
-    services: String,
 }
 
 /// The hosts of `wave` that may start, and how many may not: a host that

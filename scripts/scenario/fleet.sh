@@ -64,6 +64,10 @@ defaults
     timeout server 60s
     retries 3
     option redispatch
+    # As a load balancer in front of agents that restart (step 5): an
+    # idempotent request whose connection a stopping switch closed
+    # unanswered goes to another host.
+    retry-on conn-failure empty-response response-timeout
     option http-server-close
 frontend site
     bind 127.0.0.1:$lb_port

@@ -11,8 +11,9 @@ deployd's failure handling can be tested against a real app:
 - slow-boot: the WSGI module takes SHOP_SLOW_BOOT_SECONDS (default 20) to
   load, so web is healthy late;
 - unhealthy-after-5-checks: /healthz/ answers 200 five times (counted across
-  the container's workers), then 500: it passes the health gate, then fails
-  verification, whatever the speed of the machine.
+  the container's workers, and only to a client still waiting), then 500: it
+  passes the health gate, then fails verification, whatever the speed of the
+  machine.
 """
 
 import json

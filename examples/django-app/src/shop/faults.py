@@ -9,12 +9,17 @@ slower than usual must see the same outcome.
 
 import fcntl
 import os
+import socket
 
 from django.http import JsonResponse
 
 from config.build import BUILD
 
 # unhealthy-after-5-checks: this many /healthz/ answers are 200, then 500.
+# Only answers a client still waits for count: on a loaded machine a health
+# check can give up on a booting container whose worker later serves the
+# abandoned request, and counting those would spend the healthy answers
+# before any check saw one.
 HEALTHY_ANSWERS = 5
 # Shared by the container's gunicorn workers (each is its own process).
 COUNTER_FILE = os.environ.get("SHOP_HEALTH_COUNTER", "/tmp/shop-healthz-count")
@@ -32,14 +37,27 @@ def _count_health_check():
         return count
 
 
+def _client_gone(request):
+    """Whether the client closed its connection before the answer: gunicorn
+    hands the socket over in the environ; a peek that reads end-of-file
+    means the client gave up."""
+    sock = request.META.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def health_is_broken():
     if BUILD.variant == "healthz-500":
         return True
     # A host-specific fault: this build needs a setting one host lacks.
     if BUILD.variant == "needs-feature-key":
         return not os.environ.get("SHOP_FEATURE_KEY")
-    if BUILD.variant == "unhealthy-after-5-checks":
-        return _count_health_check() > HEALTHY_ANSWERS
     return False
 
 
@@ -48,6 +66,20 @@ class BrokenHealthMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        if request.path == "/healthz/" and health_is_broken():
-            return JsonResponse({"status": "broken", "variant": BUILD.variant}, status=500)
-        return self.get_response(request)
+        if request.path != "/healthz/":
+            return self.get_response(request)
+        if health_is_broken():
+            return self._broken()
+        response = self.get_response(request)
+        if (
+            BUILD.variant == "unhealthy-after-5-checks"
+            and response.status_code == 200
+            and not _client_gone(request)
+            and _count_health_check() > HEALTHY_ANSWERS
+        ):
+            return self._broken()
+        return response
+
+    @staticmethod
+    def _broken():
+        return JsonResponse({"status": "broken", "variant": BUILD.variant}, status=500)

@@ -37,6 +37,10 @@ VARIANTS=(
     "slow-boot 2 -"
     "unhealthy-after-5-checks 2 -"
     "needs-feature-key 2 -"
+    "drop-column 2 variants/drop-column"
+    "not-null-no-default 2 variants/not-null-no-default"
+    "expand 2 variants/expand"
+    "irreversible-data 2 variants/irreversible-data"
 )
 
 log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }

@@ -34,6 +34,7 @@ fn config(scope: &Scope, state: &std::path::Path) -> Config {
         verify: "0s",
         web_replicas: 1,
         check: false,
+        migrations: None,
     };
     let section = app_config(scope, &scope.app(), scope.bed.var("REPOSITORY"), tuning);
     Config::from_toml(&format!("state_dir = \"{}\"\n{section}", state.display())).unwrap()
@@ -74,6 +75,8 @@ async fn main() {
                 digest: None,
                 skip_tasks: false,
                 fleet: None,
+                plan: None,
+                allow_unsafe_migrations: false,
             };
             let started = Instant::now();
             let id = engine.deploy(request).await.unwrap().id;

@@ -13,6 +13,7 @@ mod guard;
 mod health;
 pub mod metrics;
 mod openapi;
+mod plans;
 mod server;
 mod tls;
 
@@ -139,6 +140,8 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/status", get(apps::status))
         .route("/apps/{app}/lock", put(apps::lock).delete(apps::unlock))
         .route("/apps/{app}/prepare", post(apps::prepare))
+        .route("/apps/{app}/plans", post(plans::create))
+        .route("/plans/{id}", get(plans::get))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))
         .route("/whoami", get(whoami));

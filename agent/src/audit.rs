@@ -162,13 +162,16 @@ async fn retention(store: Store, retain_days: u32, forwarding: bool, stopping: C
             None
         };
         match store.compact(OffsetDateTime::now_utc() - keep, keep_from) {
-            Ok(done) if done.events > 0 || done.audit.is_some() => tracing::info!(
-                events = done.events,
-                audit_through = done.audit.map(|(through, _)| through),
-                checkpoint = done.audit.map(|(_, at)| at),
-                retain_days,
-                "store compacted"
-            ),
+            Ok(done) if done.events > 0 || done.plans > 0 || done.audit.is_some() => {
+                tracing::info!(
+                    events = done.events,
+                    plans = done.plans,
+                    audit_through = done.audit.map(|(through, _)| through),
+                    checkpoint = done.audit.map(|(_, at)| at),
+                    retain_days,
+                    "store compacted"
+                )
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "store compaction failed; tried again later"),
         }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 mod api;
 mod app;
 mod health;
+mod migrations;
 mod switch;
 
 pub use api::{
@@ -20,6 +21,7 @@ pub use api::{
 };
 pub use app::{AppConfig, EnvVars, Role, ServiceConfig, TaskConfig};
 pub use health::HealthConfig;
+pub use migrations::{MigrationsConfig, UnsafeMigrations};
 pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
@@ -60,7 +62,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Deployment events (logs) and audit records older than this many
+    /// Deployment events (logs), audit records and plans no deployment
+    /// made older than this many
     /// days are removed, daily and at start; deployments themselves stay
     /// in the history. A checkpoint record keeps the audit chain
     /// verifiable. Default: 90.

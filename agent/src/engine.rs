@@ -7,6 +7,7 @@
 mod common;
 mod health;
 mod observed;
+mod plan;
 mod prepare;
 mod recover;
 mod release;
@@ -70,6 +71,11 @@ pub struct DeployRequest {
     pub skip_tasks: bool,
     /// One host's part of a fleet deployment.
     pub fleet: Option<deployd_proto::FleetPart>,
+    /// The plan to hold to: fail if the release, the live release or the
+    /// pending migrations changed since it was made.
+    pub plan: Option<String>,
+    /// Go on past migrations that break the running release.
+    pub allow_unsafe_migrations: bool,
 }
 
 /// Why the engine refused a request.
@@ -87,6 +93,8 @@ pub enum EngineError {
     UnknownRelease { app: String, sha: CommitSha },
     #[error("no deployment {0}")]
     UnknownDeployment(DeploymentId),
+    #[error("no plan {0} on this host")]
+    UnknownPlan(String),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -138,6 +146,8 @@ pub(crate) struct Ctx {
     stopping: CancellationToken,
     /// Each app's latest prepare (pull and pin ahead of a deployment).
     prepares: prepare::Prepares,
+    /// Plans being made, by id.
+    planning: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -159,7 +169,7 @@ pub struct EngineHandle {
 #[derive(Debug)]
 enum Command {
     Deploy {
-        request: DeployRequest,
+        request: Box<DeployRequest>,
         kind: DeploymentKind,
         /// Rollbacks: the deployment that last made the target release
         /// live; migrations applied after it stay applied.
@@ -246,6 +256,7 @@ impl EngineHandle {
             routes,
             stopping: CancellationToken::new(),
             prepares: prepare::Prepares::default(),
+            planning: Mutex::default(),
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
@@ -399,6 +410,8 @@ impl EngineHandle {
             digest: Some(target.digest.clone()),
             skip_tasks,
             fleet,
+            plan: None,
+            allow_unsafe_migrations: false,
         };
         let target = Some(target.deployment.clone());
         self.submit(request, DeploymentKind::Rollback, target).await
@@ -417,7 +430,7 @@ impl EngineHandle {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Deploy {
-                request,
+                request: Box::new(request),
                 kind,
                 target,
                 reply,
@@ -562,7 +575,7 @@ impl Engine {
                     target,
                     reply,
                 } => {
-                    let _ = reply.send(self.accept(request, kind, target.as_ref()));
+                    let _ = reply.send(self.accept(*request, kind, target.as_ref()));
                 }
                 Command::Finished { app } => {
                     self.running.remove(&app);
@@ -622,6 +635,9 @@ impl Engine {
             migrations_kept,
             skip_tasks: request.skip_tasks,
             fleet: request.fleet,
+            plan: None,
+            reviewed_plan: request.plan,
+            allow_unsafe_migrations: request.allow_unsafe_migrations,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

@@ -15,6 +15,7 @@ use deployd_proto::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 mod audit;
+mod plans;
 
 pub use audit::{
     AuditEntry, AuditHead, AuditRecord, ChainCheck, Checkpoint, Compacted, StoredRecord,
@@ -116,7 +117,7 @@ pub struct Release {
 /// Schema migrations, in order: the store's `user_version` says how many
 /// have been applied. Never edit one that shipped; append a new one.
 const MIGRATIONS: &[&str] = &[
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
 ];
 
 const SCHEMA_V1: &str = "
@@ -211,13 +212,31 @@ CREATE TABLE prepared (
 );
 ";
 
+/// Migration plans (JSON of `Plan`), and what a deployment did with one:
+/// the plan its `plan` step made, the plan it held to, and whether unsafe
+/// migrations were allowed.
+const SCHEMA_V8: &str = "
+CREATE TABLE plans (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    deployment TEXT,
+    created_at TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX plans_by_deployment ON plans (deployment);
+ALTER TABLE deployments ADD COLUMN plan TEXT;
+ALTER TABLE deployments ADD COLUMN reviewed_plan TEXT;
+ALTER TABLE deployments ADD COLUMN allow_unsafe_migrations INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Inserts a deployment's record.
 fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
             reason, force, state, error, migrations, created_at, finished_at,
-            migrations_kept, skip_tasks, fleet)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            migrations_kept, skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+            ?18, ?19, ?20)",
         params![
             d.id.0,
             d.app,
@@ -236,6 +255,9 @@ fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
             serde_json::to_string(&d.migrations_kept).unwrap_or_else(|_| "[]".into()),
             d.skip_tasks,
             d.fleet.as_ref().and_then(|f| serde_json::to_string(f).ok()),
+            d.plan,
+            d.reviewed_plan,
+            d.allow_unsafe_migrations,
         ],
     )?;
     Ok(())
@@ -846,7 +868,7 @@ impl Store {
 
 const COLUMNS: &str = "id, app, kind, sha, digest, previous_sha, requested_by, reason, force, \
                        state, error, migrations, created_at, finished_at, migrations_kept, \
-                       skip_tasks, fleet";
+                       skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations";
 
 /// A `deployments` row as stored.
 struct Row {
@@ -867,6 +889,9 @@ struct Row {
     migrations_kept: String,
     skip_tasks: bool,
     fleet: Option<String>,
+    plan: Option<String>,
+    reviewed_plan: Option<String>,
+    allow_unsafe_migrations: bool,
 }
 
 impl Row {
@@ -889,6 +914,9 @@ impl Row {
             migrations_kept: row.get(14)?,
             skip_tasks: row.get(15)?,
             fleet: row.get(16)?,
+            plan: row.get(17)?,
+            reviewed_plan: row.get(18)?,
+            allow_unsafe_migrations: row.get(19)?,
         })
     }
 
@@ -920,6 +948,9 @@ impl Row {
                 .map(serde_json::from_str)
                 .transpose()
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            plan: self.plan,
+            reviewed_plan: self.reviewed_plan,
+            allow_unsafe_migrations: self.allow_unsafe_migrations,
             steps: Vec::new(),
             created_at: parse_time(&self.created_at)?,
             finished_at: self.finished_at.as_deref().map(parse_time).transpose()?,
@@ -978,6 +1009,9 @@ mod tests {
             migrations_kept: Vec::new(),
             skip_tasks: false,
             fleet: None,
+            plan: None,
+            reviewed_plan: None,
+            allow_unsafe_migrations: false,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

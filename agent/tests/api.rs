@@ -10,7 +10,7 @@ use std::time::Duration;
 use deployd::auth::TokenRequest;
 use deployd_proto::{
     AppStatus, Deployment, DeploymentEvent, DeploymentPage, DeploymentState, ErrorBody, EventKind,
-    Scope as S, WhoAmI,
+    Plan, PlanState, Scope as S, Verdict, WhoAmI,
 };
 use reqwest::StatusCode;
 use support::agent::TestAgent;
@@ -1071,4 +1071,190 @@ async fn audit_records_reach_the_sink_in_order_and_survive_its_outage() {
     for task in tasks {
         task.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn plans_are_made_read_and_held_to_and_only_an_admin_allows_unsafe_migrations() {
+    scoped(|scope| async move {
+        let agent = TestAgent::planning(&scope).await;
+        let app = scope.app();
+        let http = agent.client();
+        let ci = || agent.token("ci-shop", &[S::Read, S::Deploy], &[&app]);
+        let admin = || agent.token("ops", &[S::Read, S::Deploy, S::Admin], &[&app]);
+        let deploy = |token: String, body: serde_json::Value| {
+            http.post(agent.at(&format!("/v1/apps/{app}/deployments")))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+        };
+        let ended = async |r: reqwest::Response| {
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            let d: Deployment = r.json().await.unwrap();
+            agent.engine.wait(&d.id).await.unwrap()
+        };
+        let plan = async |variant: &str| -> Plan {
+            let r = http
+                .post(agent.at(&format!("/v1/apps/{app}/plans")))
+                .bearer_auth(ci())
+                .json(&serde_json::json!({"sha": scope.bed.sha(variant)}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            let mut plan: Plan = r.json().await.unwrap();
+            assert_eq!(plan.requested_by, "ci-shop");
+            let token = ci();
+            while plan.state == PlanState::Planning {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                plan = agent
+                    .get_json(&format!("/v1/plans/{}", plan.id), &token)
+                    .await;
+            }
+            assert_eq!(plan.state, PlanState::Ready, "{plan:#?}");
+            plan
+        };
+        let sha = |variant: &str| scope.bed.sha(variant).to_string();
+
+        let two = ended(
+            deploy(ci(), serde_json::json!({"sha": sha("release-2")}))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(two.state, DeploymentState::Succeeded, "{:?}", two.error);
+
+        // A plan changes nothing: the live release and its schema stay.
+        let reviewed = plan("drop-column").await;
+        let live = reviewed.live.clone().unwrap();
+        assert_eq!(
+            (live.0.to_string(), Some(live.1)),
+            (sha("release-2"), two.digest.clone())
+        );
+        let migrations = reviewed.migrations.clone().unwrap();
+        assert_eq!(migrations.labels(), ["shop.0003_remove_heartbeat_queue"]);
+        assert_eq!(migrations.migrations[0].verdict(), Verdict::Breaks);
+        assert_eq!(reviewed.unsafe_migrations, "refuse");
+        let services: Vec<&str> = reviewed.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(services, ["web", "worker", "beat"]);
+        let again = plan("drop-column").await;
+        assert_eq!(again.migrations, reviewed.migrations, "nothing was applied");
+
+        // Reading plans: by scope, by id.
+        let other = agent.token("ci-other", &[S::Read], &["other"]);
+        let r = http
+            .get(agent.at(&format!("/v1/plans/{}", reviewed.id)))
+            .bearer_auth(other)
+            .send();
+        refused(r.await.unwrap(), StatusCode::FORBIDDEN, "forbidden").await;
+        let unknown = "0193a1b2-0000-7000-8000-000000000001";
+        let r = http
+            .get(agent.at(&format!("/v1/plans/{unknown}")))
+            .bearer_auth(ci())
+            .send();
+        refused(r.await.unwrap(), StatusCode::NOT_FOUND, "unknown_plan").await;
+        let r = http
+            .get(agent.at("/v1/plans/..%2Fetc"))
+            .bearer_auth(ci())
+            .send();
+        refused(r.await.unwrap(), StatusCode::BAD_REQUEST, "invalid_body").await;
+
+        // The override is an admin's, with a reason; refused, nothing is
+        // recorded.
+        let unsafe_body = |reason: Option<&str>| {
+            serde_json::json!({
+                "sha": sha("drop-column"), "allow_unsafe_migrations": true, "reason": reason,
+            })
+        };
+        let before = agent.engine.store().history(&app, 100, None).unwrap().len();
+        let r = deploy(ci(), unsafe_body(Some("drop it"))).await.unwrap();
+        refused(r, StatusCode::FORBIDDEN, "forbidden").await;
+        let r = deploy(admin(), unsafe_body(None)).await.unwrap();
+        refused(r, StatusCode::BAD_REQUEST, "invalid_reason").await;
+        assert_eq!(
+            agent.engine.store().history(&app, 100, None).unwrap().len(),
+            before
+        );
+
+        // Held to the reviewed plan, and refused by the app's rule.
+        let held = serde_json::json!({"sha": sha("drop-column"), "plan": reviewed.id});
+        let refused_deploy = ended(deploy(ci(), held).await.unwrap()).await;
+        assert_eq!(refused_deploy.state, DeploymentState::Failed);
+        assert_eq!(
+            refused_deploy.reviewed_plan.as_deref(),
+            Some(reviewed.id.as_str())
+        );
+        assert!(
+            refused_deploy
+                .error
+                .as_deref()
+                .unwrap()
+                .starts_with("refused: ")
+        );
+
+        // The live release moves on: the reviewed plan is stale.
+        let expand = ended(
+            deploy(ci(), serde_json::json!({"sha": sha("expand")}))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            expand.state,
+            DeploymentState::Succeeded,
+            "{:?}",
+            expand.error
+        );
+        let mut body = unsafe_body(Some("column unused since release 2"));
+        body["plan"] = serde_json::json!(reviewed.id);
+        let stale = ended(deploy(admin(), body.clone()).await.unwrap()).await;
+        assert_eq!(stale.state, DeploymentState::Failed);
+        let error = stale.error.unwrap();
+        assert!(
+            error.starts_with(&format!(
+                "plan {} is stale: the live release changed ({} then, {} now)",
+                reviewed.id,
+                &sha("release-2")[..12],
+                &sha("expand")[..12]
+            )) && error.ends_with("; nothing running was changed"),
+            "{error}"
+        );
+
+        // A fresh plan, reviewed and allowed: it goes on, audited.
+        let fresh = plan("drop-column").await;
+        body["plan"] = serde_json::json!(fresh.id);
+        let allowed = ended(deploy(admin(), body).await.unwrap()).await;
+        assert_eq!(
+            allowed.state,
+            DeploymentState::Succeeded,
+            "{:?}",
+            allowed.error
+        );
+        assert!(allowed.allow_unsafe_migrations);
+        let said = agent.engine.store().events(&allowed.id, 0).unwrap();
+        assert!(
+            said.iter().any(|e| matches!(&e.kind, EventKind::Output { step, line }
+                if step == "plan" && line.starts_with(
+                    "allowed for this deployment (--allow-unsafe-migrations): a migration would break"
+                ))),
+            "{said:#?}"
+        );
+        let log = agent.engine.store().audit_tail(100).unwrap();
+        let request = log
+            .iter()
+            .rev()
+            .find(|e| e.record.action == "deploy" && e.record.subject.as_deref() == Some("ops"))
+            .unwrap();
+        assert_eq!(
+            request.record.detail.as_deref(),
+            Some(
+                format!(
+                    "column unused since release 2; holds to plan {}; allows migrations that \
+                     break the running release",
+                    fresh.id
+                )
+                .as_str()
+            )
+        );
+    })
+    .await;
 }

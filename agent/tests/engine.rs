@@ -19,11 +19,16 @@ use reqwest::header::HOST;
 use support::{Scope, Tuning, app_config, poll, scoped};
 
 /// The test config: one app, tuned for tests.
-fn config(scope: &Scope, state_dir: &std::path::Path, repository: &str) -> Config {
+fn config_tuned(
+    scope: &Scope,
+    state_dir: &std::path::Path,
+    repository: &str,
+    tuning: Tuning,
+) -> Config {
     let text = format!(
         "state_dir = \"{}\"\n{}",
         state_dir.display(),
-        app_config(scope, &scope.app(), repository, Tuning::TEST)
+        app_config(scope, &scope.app(), repository, tuning)
     );
     Config::from_toml(&text).unwrap()
 }
@@ -36,9 +41,13 @@ struct Agent {
 }
 
 async fn agent(scope: &Scope) -> Agent {
+    agent_tuned(scope, Tuning::TEST).await
+}
+
+async fn agent_tuned(scope: &Scope, tuning: Tuning) -> Agent {
     let state = tempfile::tempdir().unwrap();
     let repository = scope.publish_releases().await;
-    let config = config(scope, state.path(), &repository);
+    let config = config_tuned(scope, state.path(), &repository, tuning);
     let store = Store::open(state.path()).unwrap();
     let engine = EngineHandle::start(&config, scope.docker.clone(), store)
         .await
@@ -64,6 +73,8 @@ impl Agent {
             digest: None,
             skip_tasks: false,
             fleet: None,
+            plan: None,
+            allow_unsafe_migrations: false,
         }
     }
 
@@ -685,6 +696,8 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
             digest: None,
             skip_tasks: false,
             fleet: None,
+            plan: None,
+            allow_unsafe_migrations: false,
         };
         let (r1, r2) = (scope.bed.sha("release-1"), scope.bed.sha("release-2"));
 
@@ -814,6 +827,8 @@ async fn first_deployments_say_what_they_changed() {
             digest: None,
             skip_tasks: false,
             fleet: None,
+            plan: None,
+            allow_unsafe_migrations: false,
         };
         let (engine, serving) = switched_engine(&scope, state.path(), &switched(&plain_health)).await;
         scope.start_db().await;
@@ -992,6 +1007,8 @@ async fn services_taken_out_of_the_config_are_removed_by_the_next_deployment() {
             digest: None,
             skip_tasks: false,
             fleet: None,
+            plan: None,
+            allow_unsafe_migrations: false,
         };
         let started = engine.deploy(request).await.unwrap();
         let d = engine.wait(&started.id).await.unwrap();
@@ -1028,6 +1045,160 @@ async fn services_taken_out_of_the_config_are_removed_by_the_next_deployment() {
         assert_eq!(left, 0, "worker and beat containers remain");
         let status = engine.status(&agent.app).await.unwrap();
         assert!(status.services.iter().all(|s| !s.removed), "{status:#?}");
+    })
+    .await;
+}
+
+/// The migrations of `app` the database has applied, as `app.name`,
+/// asked of Django in a one-off container of `variant`.
+async fn applied_migrations(scope: &Scope, variant: &str) -> Vec<String> {
+    let image = scope.pull(variant).await;
+    let spec = scope.app_container(
+        &image.pinned,
+        &["python", "manage.py", "showmigrations", "shop"],
+    );
+    let output = scope
+        .docker
+        .run_oneoff(spec, Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(output.exit_code, 0, "{:?}", output.lines);
+    output
+        .lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("[X] "))
+        .map(|name| format!("shop.{name}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrations_are_planned_and_those_that_break_the_running_release_refused() {
+    scoped(|scope| async move {
+        let agent = agent_tuned(&scope, Tuning::PLANNED).await;
+        let plan_of = |d: &Deployment| {
+            let id = d.plan.as_deref().expect("the deployment made a plan");
+            agent.engine.store().plan(id).unwrap().unwrap()
+        };
+        // "app.migration Operation verdict" of each operation on the app.
+        let verdicts = |d: &Deployment| -> Vec<String> {
+            let plan = plan_of(d).migrations.unwrap();
+            plan.migrations
+                .iter()
+                .filter(|m| m.app == "shop")
+                .flat_map(|m| {
+                    m.operations
+                        .iter()
+                        .map(|o| format!("{} {} {}", m.label(), o.operation, o.verdict))
+                })
+                .collect()
+        };
+
+        // A first deployment: every migration is pending, nothing runs.
+        let two = agent.deploy(&scope, "release-2").await;
+        assert_eq!(two.state, DeploymentState::Succeeded, "{:?}", two.error);
+        assert_eq!(
+            verdicts(&two),
+            [
+                "shop.0001_initial CreateModel safe",
+                "shop.0002_heartbeat_queue AddField safe"
+            ]
+        );
+        let plan = plan_of(&two);
+        assert_eq!(plan.deployment.as_ref(), Some(&two.id));
+        assert_eq!(plan.digest, two.digest);
+        assert!(plan.live.is_none());
+        let schema = plan.migrations.unwrap();
+        assert_eq!(schema.vendor, "postgresql");
+        assert!(
+            schema
+                .leaves
+                .contains(&("shop".into(), "0002_heartbeat_queue".into()))
+        );
+        let logged = outputs(&agent.engine, &two.id, "plan");
+        assert!(
+            logged
+                .iter()
+                .any(|l| l.contains("shop.0002_heartbeat_queue: safe")),
+            "{logged:#?}"
+        );
+        let steps: Vec<&str> = two.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(&steps[..4], ["prepare", "pull", "plan", "task:check"]);
+
+        // Irreversible, but harmless to release 2: it goes through.
+        let data = agent.deploy(&scope, "irreversible-data").await;
+        assert_eq!(data.state, DeploymentState::Succeeded, "{:?}", data.error);
+        assert_eq!(
+            verdicts(&data),
+            ["shop.0003_fill_queue RunPython irreversible"]
+        );
+        let operation = &plan_of(&data).migrations.unwrap().migrations[0].operations[0];
+        assert!(!operation.reversible);
+
+        // Refused before anything runs, naming what breaks.
+        for (variant, operation, why) in [
+            ("drop-column", "RemoveField", "drops column heartbeat.queue"),
+            (
+                "not-null-no-default",
+                "AddField",
+                "heartbeat.priority is NOT NULL without a database default",
+            ),
+        ] {
+            let refused = agent.deploy(&scope, variant).await;
+            assert_eq!(refused.state, DeploymentState::Failed, "{variant}");
+            let error = refused.error.clone().unwrap();
+            let live = scope.bed.sha("irreversible-data").to_string();
+            assert!(
+                error.starts_with(&format!(
+                    "refused: a migration would break release {} while it still runs",
+                    &live[..12]
+                )) && error.contains(operation)
+                    && error.contains(why)
+                    && error.contains("expand, then contract")
+                    && error.ends_with("; nothing running was changed"),
+                "{variant}: {error}"
+            );
+            assert_eq!(
+                verdicts(&refused),
+                [format!(
+                    "{} {operation} breaks",
+                    plan_of(&refused).migrations.unwrap().labels()[0]
+                )],
+                "{variant}"
+            );
+            let last = refused.steps.last().unwrap();
+            assert_eq!(last.name, "plan", "{variant}: no task ran");
+            let sql = plan_of(&refused).migrations.unwrap().migrations[0]
+                .sql
+                .join("\n");
+            assert!(
+                sql.contains(r#"ALTER TABLE "shop_heartbeat""#),
+                "{variant}: {sql}"
+            );
+            settles_on(&scope, &scope.app(), "irreversible-data").await;
+        }
+        assert_eq!(
+            applied_migrations(&scope, "irreversible-data").await,
+            [
+                "shop.0001_initial",
+                "shop.0002_heartbeat_queue",
+                "shop.0003_fill_queue"
+            ]
+        );
+
+        // Safe: a nullable column.
+        let expand = agent.deploy(&scope, "expand").await;
+        assert_eq!(
+            expand.state,
+            DeploymentState::Succeeded,
+            "{:?}",
+            expand.error
+        );
+        assert_eq!(
+            verdicts(&expand),
+            ["shop.0003_heartbeat_note AddField safe"]
+        );
+
+        drop(agent);
     })
     .await;
 }

@@ -110,6 +110,8 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
                 digest: None,
                 skip_tasks: false,
                 fleet: None,
+                plan: None,
+                allow_unsafe_migrations: false,
             };
             let started = engine.deploy(request).await.unwrap();
             engine.wait(&started.id).await.unwrap()

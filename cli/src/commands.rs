@@ -6,6 +6,7 @@ pub mod fleet;
 pub mod history;
 pub mod lock;
 pub mod logs;
+pub mod plan;
 pub mod rollback;
 pub mod status;
 pub mod whoami;

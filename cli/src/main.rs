@@ -16,7 +16,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::commands::{Ctx, completions, deploy, history, lock, logs, rollback, status, whoami};
+use crate::commands::{
+    Ctx, completions, deploy, history, lock, logs, plan, rollback, status, whoami,
+};
 use crate::exit::{CliError, EXIT_CODES_HELP, Exit};
 use crate::settings::Global;
 
@@ -36,6 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Deploy(deploy::Deploy),
+    Plan(plan::PlanCommand),
     Rollback(rollback::Rollback),
     Status(status::Status),
     History(history::History),
@@ -113,6 +116,7 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
     };
     match command {
         Command::Deploy(c) => c.run(&ctx).await,
+        Command::Plan(c) => c.run(&ctx).await,
         Command::Rollback(c) => c.run(&ctx).await,
         Command::Status(c) => c.run(&ctx).await,
         Command::History(c) => c.run(&ctx).await,

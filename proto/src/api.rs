@@ -32,6 +32,15 @@ pub struct DeployRequest {
     /// when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetPart>,
+    /// Hold to this plan (`POST /v1/apps/{app}/plans`): fail, changing
+    /// nothing, if the release's digest, the live release or the pending
+    /// migrations differ from what it showed. Sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// Go on even when a migration breaks the running release and the app
+    /// refuses those (`admin` scope; needs a reason). Sent only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unsafe_migrations: bool,
 }
 
 /// `POST /v1/apps/{app}/rollback`: go back to an earlier release.
@@ -100,6 +109,15 @@ pub struct FleetLock {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
+    pub sha: CommitSha,
+}
+
+/// `POST /v1/apps/{app}/plans`: plan a deployment of a release (pull it,
+/// pin its digest, inspect its migrations), changing nothing that runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
     pub sha: CommitSha,
 }
 

@@ -129,6 +129,20 @@ pub struct Deployment {
     /// agents do not send it.
     #[serde(default)]
     pub fleet: Option<FleetPart>,
+    /// The migration plan its `plan` step made (`GET /v1/plans/{id}`), if
+    /// the app makes plans. Older agents do not send it.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// The plan it was asked to hold to (`deployctl deploy --plan`): it
+    /// failed if the release, the live release or the pending migrations
+    /// had changed since. Older agents do not send it.
+    #[serde(default)]
+    pub reviewed_plan: Option<String>,
+    /// Migrations that break the running release were allowed for this
+    /// deployment (`--allow-unsafe-migrations`). Older agents do not send
+    /// it.
+    #[serde(default)]
+    pub allow_unsafe_migrations: bool,
     pub steps: Vec<Step>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

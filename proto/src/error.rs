@@ -63,6 +63,7 @@ pub enum ErrorCode {
     UnknownApp,
     UnknownDeployment,
     UnknownRelease,
+    UnknownPlan,
     // The app's state.
     /// A deployment is running (`deployment` names it).
     Conflict,
@@ -110,6 +111,7 @@ impl ErrorCode {
             Self::UnknownApp => "unknown_app",
             Self::UnknownDeployment => "unknown_deployment",
             Self::UnknownRelease => "unknown_release",
+            Self::UnknownPlan => "unknown_plan",
             Self::Conflict => "conflict",
             Self::Locked => "locked",
             Self::Preparing => "preparing",
@@ -161,6 +163,7 @@ mod tests {
             ErrorCode::UnknownApp,
             ErrorCode::UnknownDeployment,
             ErrorCode::UnknownRelease,
+            ErrorCode::UnknownPlan,
             ErrorCode::Conflict,
             ErrorCode::Locked,
             ErrorCode::Preparing,

@@ -8,11 +8,12 @@ mod api;
 mod deployment;
 mod error;
 mod name;
+mod plan;
 mod sha;
 
 pub use api::{
-    DeployRequest, DeploymentPage, FleetLock, Grant, LockRequest, MAX_REASON_CHARS, PrepareRequest,
-    PrepareState, Prepared, RollbackRequest, Scope, WhoAmI,
+    DeployRequest, DeploymentPage, FleetLock, Grant, LockRequest, MAX_REASON_CHARS, PlanRequest,
+    PrepareRequest, PrepareState, Prepared, RollbackRequest, Scope, WhoAmI,
 };
 pub use deployment::{
     AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
@@ -20,4 +21,8 @@ pub use deployment::{
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use name::is_plain_name;
+pub use plan::{
+    MigrationPlan, Plan, PlanState, PlannedMigration, PlannedOperation, PlannedService,
+    PlannedTask, Verdict,
+};
 pub use sha::{CommitSha, InvalidSha};

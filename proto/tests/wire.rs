@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 use deployd_proto::{
-    CommitSha, DeployRequest, Deployment, DeploymentKind, ErrorBody, ErrorCode, RollbackRequest,
+    CommitSha, DeployRequest, Deployment, DeploymentKind, ErrorBody, ErrorCode, Plan, PlanState,
+    RollbackRequest, Verdict,
 };
 
 #[test]
@@ -70,6 +71,9 @@ fn rollback_deployment_matches_fixture() {
     fields.remove("migrations_kept");
     fields.remove("skip_tasks");
     fields.remove("fleet");
+    fields.remove("plan");
+    fields.remove("reviewed_plan");
+    fields.remove("allow_unsafe_migrations");
     let d: Deployment = serde_json::from_value(older).unwrap();
     assert!(d.migrations_kept.is_empty() && !d.skip_tasks);
 }
@@ -79,13 +83,16 @@ fn deploy_request_matches_fixture() {
     let request: DeployRequest = round_trips(include_str!("data/deploy_request.json"));
     let fleet = request.fleet.unwrap();
     assert_eq!((fleet.host.as_str(), fleet.once_tasks), ("web-2", false));
-    // Without digest and fleet, the request is what older agents accept.
+    assert!(request.plan.is_some() && request.allow_unsafe_migrations);
+    // Without digest, fleet, plan and override, the request is what older agents accept.
     let plain = DeployRequest {
         sha: "4f2a9c1".parse().unwrap(),
         force: false,
         reason: None,
         digest: None,
         fleet: None,
+        plan: None,
+        allow_unsafe_migrations: false,
     };
     assert_eq!(
         serde_json::to_string(&plain).unwrap(),
@@ -104,4 +111,15 @@ fn once_tasks_done_is_a_bare_event_type() {
         back,
         serde_json::from_str::<serde_json::Value>(line).unwrap()
     );
+}
+
+#[test]
+fn plan_matches_fixture() {
+    let plan: Plan = round_trips(include_str!("data/plan.json"));
+    assert_eq!(plan.state, PlanState::Ready);
+    let migrations = plan.migrations.unwrap();
+    assert_eq!(migrations.labels(), ["shop.0003_remove_heartbeat_queue"]);
+    assert_eq!(migrations.migrations[0].verdict(), Verdict::Breaks);
+    // Verdicts order by harm: a migration is as bad as its worst operation.
+    assert!(Verdict::Safe < Verdict::Locking && Verdict::Irreversible < Verdict::Breaks);
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::audit::{ClientAddr, Started, begin_fleet_change, started};
 use super::fleet::FleetChange;
+use super::plans::checked_plan_id;
 use super::{ApiError, ApiState, Caller, Json, Path, Query, checked_reason};
 use crate::engine;
 use crate::store::AuditRecord;
@@ -40,23 +41,35 @@ pub async fn create(
     let reason = checked_reason(body.reason)?;
     checked_digest(body.digest.as_deref())?;
     checked_fleet(body.fleet.as_ref())?;
+    if let Some(plan) = &body.plan {
+        checked_plan_id(plan)?;
+    }
     state.engine.check_app(&app)?;
+    if body.allow_unsafe_migrations {
+        // An override of the app's own rule: an admin's, and said why.
+        who.require(Scope::Admin, &app)?;
+        if reason.is_none() {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidReason,
+                "allowing unsafe migrations needs a reason",
+            ));
+        }
+    }
     let mut intent = AuditRecord::new("deploy", "requested");
     intent.app = Some(app.clone());
     intent.sha = Some(body.sha.to_string());
     intent.digest = body.digest.clone();
-    intent.detail = match &body.fleet {
-        Some(f) => Some(format!(
-            "{}fleet deployment {} on host {}",
-            reason
-                .as_ref()
-                .map(|r| format!("{r}; "))
-                .unwrap_or_default(),
-            f.id,
-            f.host
-        )),
-        None => reason.clone(),
-    };
+    let mut detail: Vec<String> = reason.iter().cloned().collect();
+    if let Some(f) = &body.fleet {
+        detail.push(format!("fleet deployment {} on host {}", f.id, f.host));
+    }
+    if let Some(plan) = &body.plan {
+        detail.push(format!("holds to plan {plan}"));
+    }
+    if body.allow_unsafe_migrations {
+        detail.push("allows migrations that break the running release".into());
+    }
+    intent.detail = (!detail.is_empty()).then(|| detail.join("; "));
     let fleet = body
         .fleet
         .as_ref()
@@ -71,6 +84,8 @@ pub async fn create(
         digest: body.digest,
         skip_tasks: false,
         fleet: body.fleet,
+        plan: body.plan,
+        allow_unsafe_migrations: body.allow_unsafe_migrations,
     };
     started(&state, spent, state.engine.deploy(request)).await
 }

@@ -96,6 +96,7 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownDeployment(_) => {
                 (StatusCode::NOT_FOUND, ErrorCode::UnknownDeployment)
             }
+            EngineError::UnknownPlan(_) => (StatusCode::NOT_FOUND, ErrorCode::UnknownPlan),
             EngineError::UnknownRelease { .. } => {
                 (StatusCode::NOT_FOUND, ErrorCode::UnknownRelease)
             }

@@ -13,7 +13,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::deployments::create, super::deployments::list, super::deployments::get,
         super::events::stream,
         super::apps::status, super::apps::rollback, super::apps::lock, super::apps::unlock,
-        super::apps::prepare,
+        super::apps::prepare, super::plans::create, super::plans::get,
         super::whoami, super::health::healthz, super::health::readiness,
     ),
     components(schemas(deployd_proto::DeploymentEvent)),

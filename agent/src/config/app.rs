@@ -9,7 +9,7 @@ use std::time::Duration;
 use deployd_proto::DeploymentKind;
 use serde::Deserialize;
 
-use super::{HealthConfig, Problems, SwitchConfig, is_plain_name};
+use super::{HealthConfig, MigrationsConfig, Problems, SwitchConfig, is_plain_name};
 
 /// One app: its image, its secrets, its release tasks and its services.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -53,6 +53,9 @@ pub struct AppConfig {
     /// for the whole app, set on that cgroup. A path such as `/shop` with
     /// the cgroupfs driver, a slice such as `shop.slice` with systemd's.
     pub cgroup_parent: Option<String>,
+    /// The migration plan each deployment makes first, and the unsafe
+    /// migrations it refuses. Absent: no plan.
+    pub migrations: Option<MigrationsConfig>,
 }
 
 /// A release task such as `migrate`.
@@ -129,6 +132,16 @@ pub enum Role {
     Worker,
     /// Strict singleton: the old one exits before the new one starts.
     Beat,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Web => "web",
+            Self::Worker => "worker",
+            Self::Beat => "beat",
+        }
+    }
 }
 
 /// One service of an app.
@@ -244,6 +257,9 @@ impl AppConfig {
             task.env.validate(&path, problems);
         }
         self.env.validate(at, problems);
+        if let Some(migrations) = &self.migrations {
+            migrations.validate(&format!("{at}.migrations"), &task_names, problems);
+        }
         if self.services.is_empty() {
             problems.add(
                 format!("{at}.services"),

@@ -42,6 +42,12 @@ pub(crate) struct Run {
     started: Instant,
     /// Migrations its release tasks applied, in order.
     migrations: std::sync::Mutex<Vec<String>>,
+    /// Who asked, for the plan it makes.
+    pub requested_by: String,
+    /// The plan it must hold to.
+    pub reviewed_plan: Option<String>,
+    /// Migrations that break the running release are allowed.
+    pub allow_unsafe_migrations: bool,
 }
 
 impl Run {
@@ -65,6 +71,9 @@ impl Run {
             runs_once: d.fleet.as_ref().is_some_and(|f| f.once_tasks),
             started: Instant::now(),
             migrations: std::sync::Mutex::default(),
+            requested_by: d.requested_by.clone(),
+            reviewed_plan: d.reviewed_plan.clone(),
+            allow_unsafe_migrations: d.allow_unsafe_migrations,
         }
     }
 
@@ -245,6 +254,12 @@ impl Run {
         };
         if let Err(e) = self.ctx.store.set_digest(&self.id, &image.digest) {
             return self.failed(&e.to_string());
+        }
+        if let Some(migrations) = &self.cfg.migrations
+            && self.kind == DeploymentKind::Deploy
+            && let Err(f) = self.step("plan", self.plan(&image, &env, migrations)).await
+        {
+            return self.failed(&f.0);
         }
         // Where the fleet's other hosts may start: after the last `once`
         // task that runs here, when this part runs them.

@@ -181,6 +181,9 @@ pub(crate) struct Anchors {
 pub struct Compacted {
     /// Events of deployments that ended before the cut.
     pub events: usize,
+    /// Plans made before the cut by `deployctl plan` (a deployment's own
+    /// plan stays: it records the migration state its release left).
+    pub plans: usize,
     /// Audit records up to this one, and the checkpoint's own number.
     pub audit: Option<(i64, i64)>,
 }
@@ -373,7 +376,8 @@ impl Store {
     }
 
     /// Removes what is older than `cut`: the events of deployments that
-    /// ended before it (their records stay), and the audit records written
+    /// ended before it (their records stay), plans no deployment made, and
+    /// the audit records written
     /// before it, which a checkpoint record then closes. The newest audit
     /// record always stays. One transaction: all of it or nothing.
     /// `keep_from`: no audit record from this one on is removed (those a
@@ -392,8 +396,13 @@ impl Store {
                  (SELECT id FROM deployments WHERE finished_at IS NOT NULL AND finished_at < ?1)",
                 params![cut_text],
             )?;
+            let plans = tx.execute(
+                "DELETE FROM plans WHERE deployment IS NULL AND created_at < ?1",
+                params![cut_text],
+            )?;
             let mut compacted = Compacted {
                 events,
+                plans,
                 audit: None,
             };
             let through = old_prefix(&tx, cut, keep_from)?;

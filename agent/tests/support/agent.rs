@@ -38,6 +38,16 @@ impl TestAgent {
         agent
     }
 
+    /// Like [`TestAgent::deploying`], with deployments that make a
+    /// migration plan and refuse unsafe migrations.
+    pub async fn planning(scope: &Scope) -> Self {
+        let repository = scope.publish_releases().await;
+        let agent = Self::start_tuned(scope, &repository, "", "", Tuning::PLANNED).await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        agent
+    }
+
     /// Starts an agent for the scope's app, deploying from `repository`.
     /// `extra_api` is appended to the `[api]` section (`client_ca = ...`).
     pub async fn start(scope: &Scope, repository: &str, extra_api: &str) -> Self {
@@ -51,6 +61,16 @@ impl TestAgent {
         repository: &str,
         extra_api: &str,
         extra_auth: &str,
+    ) -> Self {
+        Self::start_tuned(scope, repository, extra_api, extra_auth, Tuning::TEST).await
+    }
+
+    async fn start_tuned(
+        scope: &Scope,
+        repository: &str,
+        extra_api: &str,
+        extra_auth: &str,
+        tuning: Tuning,
     ) -> Self {
         deployd::install_crypto_provider();
         let pki = Pki::new();
@@ -80,7 +100,7 @@ impl TestAgent {
             key = tls.key.display(),
             public = public.display(),
             private = private.display(),
-            app = app_config(scope, &scope.app(), repository, Tuning::TEST),
+            app = app_config(scope, &scope.app(), repository, tuning),
         );
         let config = Config::from_toml(&text).unwrap();
         let store = Store::open(state.path()).unwrap();

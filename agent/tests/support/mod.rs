@@ -20,7 +20,7 @@ use deployd::env_file;
 use deployd_proto::CommitSha;
 
 /// Every release the test bed pushes.
-pub const VARIANTS: [&str; 9] = [
+pub const VARIANTS: [&str; 13] = [
     "release-1",
     "release-2",
     "migrate-fails",
@@ -30,6 +30,10 @@ pub const VARIANTS: [&str; 9] = [
     "slow-boot",
     "unhealthy-after-5-checks",
     "needs-feature-key",
+    "drop-column",
+    "not-null-no-default",
+    "expand",
+    "irreversible-data",
 ];
 
 /// The sample app's commands, as the example configuration runs them.
@@ -55,6 +59,8 @@ pub struct Tuning {
     pub web_replicas: u32,
     /// Whether `manage.py check --deploy` runs as the first release task.
     pub check: bool,
+    /// `[migrations] unsafe`, when deployments make a migration plan.
+    pub migrations: Option<&'static str>,
 }
 
 impl Tuning {
@@ -63,6 +69,14 @@ impl Tuning {
         verify: "8s",
         web_replicas: 2,
         check: true,
+        migrations: None,
+    };
+
+    /// Like [`Tuning::TEST`], with a migration plan that refuses unsafe
+    /// migrations, as the example config has it.
+    pub const PLANNED: Tuning = Tuning {
+        migrations: Some("refuse"),
+        ..Self::TEST
     };
 }
 
@@ -82,6 +96,14 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
     } else {
         String::new()
     };
+    let migrations = match tuning.migrations {
+        Some(unsafe_migrations) => format!(
+            r#"
+        [apps.{app}.migrations]
+        unsafe = "{unsafe_migrations}""#
+        ),
+        None => String::new(),
+    };
     format!(
         r#"
         [apps.{app}]
@@ -90,7 +112,7 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
         env_file = "{env}"
         network = "{network}"
         volumes = ["{volume}:/app/static"]
-        verify = "{verify}"{check}
+        verify = "{verify}"{migrations}{check}
         [[apps.{app}.release]]
         name = "migrate"
         command = ["python", "manage.py", "migrate", "--noinput"]

@@ -45,6 +45,14 @@ pub struct Deploy {
     /// deployctl left behind (the hosts' locks name it).
     #[arg(long)]
     pub resume: bool,
+    /// Hold to a reviewed plan (`deployctl plan`): fail, changing nothing,
+    /// if the image, the live release or the pending migrations changed.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["fleet", "fleet_file"])]
+    pub plan: Option<String>,
+    /// Go on even if a migration breaks the running release and the app
+    /// refuses those (needs the admin scope and --reason; audited).
+    #[arg(long, requires = "reason")]
+    pub allow_unsafe_migrations: bool,
 }
 
 impl Deploy {
@@ -66,6 +74,7 @@ impl Deploy {
             reason: self.reason,
             require_same: self.require_same,
             resume: self.resume,
+            allow_unsafe_migrations: self.allow_unsafe_migrations,
             json,
         };
         execute::deploy(global, &fleet, options).await
@@ -82,6 +91,8 @@ impl Deploy {
             reason: self.reason,
             digest: None,
             fleet: None,
+            plan: self.plan,
+            allow_unsafe_migrations: self.allow_unsafe_migrations,
         };
         let path = format!("/v1/apps/{app}/deployments");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;

@@ -85,6 +85,8 @@ pub struct DeployOptions {
     pub require_same: bool,
     /// Finish the fleet deployment that holds the hosts' locks.
     pub resume: bool,
+    /// Every host goes on past migrations that break the running release.
+    pub allow_unsafe_migrations: bool,
     pub json: bool,
 }
 
@@ -908,6 +910,8 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
                     host: members[i].host.name.clone(),
                     once_tasks: once,
                 }),
+                plan: None,
+                allow_unsafe_migrations: o.allow_unsafe_migrations,
             }),
         }
     };
@@ -1496,6 +1500,9 @@ mod tests {
             error: None,
             migrations: Vec::new(),
             migrations_kept: Vec::new(),
+            plan: None,
+            reviewed_plan: None,
+            allow_unsafe_migrations: false,
             skip_tasks: false,
             fleet: None,
             steps: Vec::new(),

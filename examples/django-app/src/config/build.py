@@ -13,7 +13,12 @@ deployd's failure handling can be tested against a real app:
 - unhealthy-after-5-checks: /healthz/ answers 200 five times (counted across
   the container's workers, and only to a client still waiting), then 500: it
   passes the health gate, then fails verification, whatever the speed of the
-  machine.
+  machine;
+- needs-feature-key: /healthz/ answers 500 where SHOP_FEATURE_KEY is unset.
+
+Four builds only add a migration on top of release 2, for deployd's
+migration plan: drop-column and not-null-no-default break release 2 while it
+still runs, expand is safe, irreversible-data has no reverse code.
 """
 
 import json

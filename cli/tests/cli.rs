@@ -475,3 +475,96 @@ async fn keyless_ci_deploys_with_the_jobs_own_oidc_token() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_plan_is_reviewed_then_deployed_as_reviewed() {
+    scoped(|scope| async move {
+        let agent = TestAgent::planning(&scope).await;
+        let url = agent.url.clone();
+        let ci = || agent.token("ci", &[S::Read, S::Deploy], &[]);
+        let sha = |variant: &str| scope.bed.sha(variant).to_string();
+        let out = deployctl(&agent, &url, &ci(), &["deploy", &sha("release-2")]).await;
+        let (lines, _) = expect(&out, 0, "release 2");
+        assert!(lines.contains("plan | 16 migrations to apply"), "{lines}");
+
+        // The plan for humans: what breaks, and how to deploy it as
+        // reviewed.
+        let out = deployctl(&agent, &url, &ci(), &["plan", &sha("drop-column")]).await;
+        let (plan, err) = expect(&out, 0, "plan");
+        println!("{plan}");
+        assert!(err.starts_with("plan "), "{err}");
+        assert!(
+            plan.contains("  shop.0003_remove_heartbeat_queue  [breaks]"),
+            "{plan}"
+        );
+        assert!(plan.contains(r#"| ALTER TABLE "shop_heartbeat" DROP COLUMN "queue""#));
+        assert!(plan.contains("verdict   REFUSED: 1 operation(s)"), "{plan}");
+        let last = plan.lines().last().unwrap();
+        let id = last
+            .strip_prefix(&format!(
+                "deploy it as reviewed: deployctl deploy {} --plan ",
+                &sha("drop-column")[..12]
+            ))
+            .unwrap_or_else(|| panic!("{last}"));
+
+        // The same plan as JSON, by id.
+        let out = deployctl(
+            &agent,
+            &url,
+            &ci(),
+            &["plan", &sha("drop-column"), "--show", id, "--json"],
+        )
+        .await;
+        let (json, _) = expect(&out, 0, "plan --json");
+        let shown: deployd_proto::Plan = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(shown.id, id);
+        assert_eq!(
+            shown.migrations.unwrap().migrations[0].operations[0].verdict,
+            deployd_proto::Verdict::Breaks
+        );
+
+        // Refused by the app's rule; the override needs a reason.
+        let out = deployctl(
+            &agent,
+            &url,
+            &ci(),
+            &["deploy", &sha("drop-column"), "--plan", id],
+        )
+        .await;
+        let (_, err) = expect(&out, 3, "refused");
+        assert!(
+            err.contains("refused: a migration would break release"),
+            "{err}"
+        );
+        let out = deployctl(
+            &agent,
+            &url,
+            &ci(),
+            &["deploy", &sha("drop-column"), "--allow-unsafe-migrations"],
+        )
+        .await;
+        expect(&out, 2, "override without a reason");
+
+        // A safe release, reviewed, then deployed as reviewed.
+        let out = deployctl(&agent, &url, &ci(), &["plan", &sha("expand")]).await;
+        let (plan, _) = expect(&out, 0, "plan expand");
+        assert!(
+            plan.contains("verdict   nothing breaks the running release"),
+            "{plan}"
+        );
+        let id = plan.lines().last().unwrap().rsplit(' ').next().unwrap();
+        let out = deployctl(
+            &agent,
+            &url,
+            &ci(),
+            &["deploy", &sha("expand"), "--plan", id],
+        )
+        .await;
+        let (lines, _) = expect(&out, 0, "deploy as reviewed");
+        assert!(
+            lines.contains(&format!("holds to the reviewed plan {id}")),
+            "{lines}"
+        );
+    })
+    .await;
+}

@@ -77,6 +77,7 @@ async fn main() {
                 fleet: None,
                 plan: None,
                 allow_unsafe_migrations: false,
+                schema: deployd_proto::SchemaRollback::Check,
             };
             let started = Instant::now();
             let id = engine.deploy(request).await.unwrap().id;

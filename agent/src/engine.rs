@@ -13,6 +13,7 @@ mod recover;
 mod release;
 mod roll;
 mod run;
+mod schema;
 mod service;
 mod status;
 
@@ -76,6 +77,8 @@ pub struct DeployRequest {
     pub plan: Option<String>,
     /// Go on past migrations that break the running release.
     pub allow_unsafe_migrations: bool,
+    /// Rollbacks: what to do about migrations applied since.
+    pub schema: deployd_proto::SchemaRollback,
 }
 
 /// Why the engine refused a request.
@@ -266,6 +269,7 @@ impl EngineHandle {
         ctx.metrics.register_apps(apps.keys());
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
+        ctx.remove_plan_leftovers(apps.keys()).await;
         ctx.seed_metrics(&apps);
         ctx.relist().await;
         tokio::spawn(ctx.clone().observe());
@@ -374,17 +378,22 @@ impl EngineHandle {
         }
     }
 
-    /// Rolls `app` back to `to`, or to the release live before the current
-    /// one. Only the last `retain` releases qualify: older images are pruned.
+    /// Rolls `app` back to `request.to`, or to the release live before the
+    /// current one. Only the last `retain` releases qualify: older images
+    /// are pruned.
     pub async fn rollback(
         &self,
         app: &str,
-        to: Option<CommitSha>,
         requested_by: &str,
-        reason: Option<String>,
-        skip_tasks: bool,
-        fleet: Option<deployd_proto::FleetPart>,
+        request: deployd_proto::RollbackRequest,
     ) -> Result<Deployment, EngineError> {
+        let deployd_proto::RollbackRequest {
+            to,
+            reason,
+            skip_tasks,
+            fleet,
+            schema,
+        } = request;
         let cfg = self
             .apps
             .get(app)
@@ -412,6 +421,7 @@ impl EngineHandle {
             fleet,
             plan: None,
             allow_unsafe_migrations: false,
+            schema,
         };
         let target = Some(target.deployment.clone());
         self.submit(request, DeploymentKind::Rollback, target).await
@@ -638,6 +648,7 @@ impl Engine {
             plan: None,
             reviewed_plan: request.plan,
             allow_unsafe_migrations: request.allow_unsafe_migrations,
+            schema: request.schema,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

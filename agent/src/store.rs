@@ -213,8 +213,8 @@ CREATE TABLE prepared (
 ";
 
 /// Migration plans (JSON of `Plan`), and what a deployment did with one:
-/// the plan its `plan` step made, the plan it held to, and whether unsafe
-/// migrations were allowed.
+/// the plan its `plan` step made, the plan it held to, whether unsafe
+/// migrations were allowed, and a rollback's choice about the schema.
 const SCHEMA_V8: &str = "
 CREATE TABLE plans (
     id TEXT PRIMARY KEY,
@@ -227,6 +227,7 @@ CREATE INDEX plans_by_deployment ON plans (deployment);
 ALTER TABLE deployments ADD COLUMN plan TEXT;
 ALTER TABLE deployments ADD COLUMN reviewed_plan TEXT;
 ALTER TABLE deployments ADD COLUMN allow_unsafe_migrations INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deployments ADD COLUMN schema TEXT NOT NULL DEFAULT 'check';
 ";
 
 /// Inserts a deployment's record.
@@ -234,9 +235,10 @@ fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
             reason, force, state, error, migrations, created_at, finished_at,
-            migrations_kept, skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations)
+            migrations_kept, skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations,
+            schema)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            ?18, ?19, ?20)",
+            ?18, ?19, ?20, ?21)",
         params![
             d.id.0,
             d.app,
@@ -258,6 +260,7 @@ fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
             d.plan,
             d.reviewed_plan,
             d.allow_unsafe_migrations,
+            enum_text(d.schema),
         ],
     )?;
     Ok(())
@@ -462,6 +465,21 @@ impl Store {
         let json = serde_json::to_string(migrations).unwrap_or_else(|_| "[]".into());
         self.conn_changing().execute(
             "UPDATE deployments SET migrations = ?2 WHERE id = ?1",
+            params![id.0, json],
+        )?;
+        Ok(())
+    }
+
+    /// Records the migrations a rollback leaves applied (after it reversed
+    /// some, fewer than it found).
+    pub fn set_migrations_kept(
+        &self,
+        id: &DeploymentId,
+        kept: &[String],
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(kept).unwrap_or_else(|_| "[]".into());
+        self.conn_changing().execute(
+            "UPDATE deployments SET migrations_kept = ?2 WHERE id = ?1",
             params![id.0, json],
         )?;
         Ok(())
@@ -868,7 +886,7 @@ impl Store {
 
 const COLUMNS: &str = "id, app, kind, sha, digest, previous_sha, requested_by, reason, force, \
                        state, error, migrations, created_at, finished_at, migrations_kept, \
-                       skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations";
+                       skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations, schema";
 
 /// A `deployments` row as stored.
 struct Row {
@@ -892,6 +910,7 @@ struct Row {
     plan: Option<String>,
     reviewed_plan: Option<String>,
     allow_unsafe_migrations: bool,
+    schema: String,
 }
 
 impl Row {
@@ -917,6 +936,7 @@ impl Row {
             plan: row.get(17)?,
             reviewed_plan: row.get(18)?,
             allow_unsafe_migrations: row.get(19)?,
+            schema: row.get(20)?,
         })
     }
 
@@ -951,6 +971,7 @@ impl Row {
             plan: self.plan,
             reviewed_plan: self.reviewed_plan,
             allow_unsafe_migrations: self.allow_unsafe_migrations,
+            schema: enum_parse(&self.schema)?,
             steps: Vec::new(),
             created_at: parse_time(&self.created_at)?,
             finished_at: self.finished_at.as_deref().map(parse_time).transpose()?,
@@ -1012,6 +1033,7 @@ mod tests {
             plan: None,
             reviewed_plan: None,
             allow_unsafe_migrations: false,
+            schema: Default::default(),
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

@@ -1104,7 +1104,10 @@ async fn plans_are_made_read_and_held_to_and_only_an_admin_allows_unsafe_migrati
             let mut plan: Plan = r.json().await.unwrap();
             assert_eq!(plan.requested_by, "ci-shop");
             let token = ci();
+            // A pull and an inspection: minutes at most, however slow.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
             while plan.state == PlanState::Planning {
+                assert!(tokio::time::Instant::now() < deadline, "plan not made in 5 min");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 plan = agent
                     .get_json(&format!("/v1/plans/{}", plan.id), &token)

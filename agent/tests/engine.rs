@@ -14,6 +14,7 @@ use deployd::store::Store;
 use deployd::switch::{Routes, Serving, Switch};
 use deployd_proto::{
     CommitSha, ContainerPhase, Deployment, DeploymentId, DeploymentState, EventKind, FleetPart,
+    RollbackRequest,
 };
 use reqwest::header::HOST;
 use support::{Scope, Tuning, app_config, poll, scoped};
@@ -75,6 +76,7 @@ impl Agent {
             fleet: None,
             plan: None,
             allow_unsafe_migrations: false,
+            schema: deployd_proto::SchemaRollback::Check,
         }
     }
 
@@ -462,7 +464,14 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .unwrap();
         let back = agent
             .engine
-            .rollback(&agent.app, None, "ops", Some("test".into()), false, None)
+            .rollback(
+                &agent.app,
+                "ops",
+                RollbackRequest {
+                    reason: Some("test".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         let back = agent.engine.wait(&back.id).await.unwrap();
@@ -493,11 +502,12 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .engine
             .rollback(
                 &agent.app,
-                Some(scope.bed.sha("release-2")),
                 "ops",
-                None,
-                true,
-                None,
+                RollbackRequest {
+                    to: Some(scope.bed.sha("release-2")),
+                    skip_tasks: true,
+                    ..Default::default()
+                },
             )
             .await
             .unwrap();
@@ -698,6 +708,7 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
             fleet: None,
             plan: None,
             allow_unsafe_migrations: false,
+            schema: deployd_proto::SchemaRollback::Check,
         };
         let (r1, r2) = (scope.bed.sha("release-1"), scope.bed.sha("release-2"));
 
@@ -729,7 +740,14 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         // from rollback's reach; a release that never went live never was.
         for sha in [r1.clone(), scope.bed.sha("healthz-500")] {
             let err = engine
-                .rollback(&a, Some(sha), "ops", None, false, None)
+                .rollback(
+                    &a,
+                    "ops",
+                    RollbackRequest {
+                        to: Some(sha),
+                        ..Default::default()
+                    },
+                )
                 .await
                 .unwrap_err();
             assert!(matches!(err, EngineError::UnknownRelease { .. }), "{err:?}");
@@ -738,11 +756,12 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         let back = engine
             .rollback(
                 &a,
-                Some(r2.clone()),
                 "ops",
-                Some("named".into()),
-                false,
-                None,
+                RollbackRequest {
+                    to: Some(r2.clone()),
+                    reason: Some("named".into()),
+                    ..Default::default()
+                },
             )
             .await
             .unwrap();
@@ -829,6 +848,7 @@ async fn first_deployments_say_what_they_changed() {
             fleet: None,
             plan: None,
             allow_unsafe_migrations: false,
+            schema: deployd_proto::SchemaRollback::Check,
         };
         let (engine, serving) = switched_engine(&scope, state.path(), &switched(&plain_health)).await;
         scope.start_db().await;
@@ -1009,6 +1029,7 @@ async fn services_taken_out_of_the_config_are_removed_by_the_next_deployment() {
             fleet: None,
             plan: None,
             allow_unsafe_migrations: false,
+            schema: deployd_proto::SchemaRollback::Check,
         };
         let started = engine.deploy(request).await.unwrap();
         let d = engine.wait(&started.id).await.unwrap();
@@ -1199,6 +1220,100 @@ async fn migrations_are_planned_and_those_that_break_the_running_release_refused
         );
 
         drop(agent);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
+    use deployd_proto::SchemaRollback;
+    scoped(|scope| async move {
+        let agent = agent_tuned(&scope, Tuning::PLANNED).await;
+        let r2 = scope.bed.sha("release-2");
+        let rollback = async |schema: SchemaRollback| {
+            let started = agent
+                .engine
+                .rollback(
+                    &agent.app,
+                    "ops",
+                    RollbackRequest {
+                        to: Some(r2.clone()),
+                        schema,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            agent.engine.wait(&started.id).await.unwrap()
+        };
+        let succeeded = |d: &Deployment| {
+            assert_eq!(d.state, DeploymentState::Succeeded, "{:?}", d.error);
+        };
+        succeeded(&agent.deploy(&scope, "release-2").await);
+        succeeded(&agent.deploy(&scope, "expand").await);
+
+        // Back past a nullable column: it stays applied, said so.
+        let back = rollback(SchemaRollback::Check).await;
+        succeeded(&back);
+        assert_eq!(back.migrations_kept, ["shop.0003_heartbeat_note"]);
+        let said = outputs(&agent.engine, &back.id, "schema");
+        assert!(
+            said.iter().any(|l| l.starts_with(&format!(
+                "they stay applied: none breaks release {}",
+                &r2.as_str()[..12]
+            ))),
+            "{said:#?}"
+        );
+
+        // A NOT NULL column release 2 does not set, allowed in.
+        let mut request = agent.request(&scope, "not-null-no-default");
+        request.allow_unsafe_migrations = true;
+        succeeded(&deployed(&agent.engine, request).await);
+
+        // Back past it: refused, nothing changed.
+        let refused = rollback(SchemaRollback::Check).await;
+        assert_eq!(refused.state, DeploymentState::Failed);
+        let error = refused.error.unwrap();
+        assert!(
+            error.starts_with(&format!(
+                "refused: migrations applied since release {} last ran would break it: \
+                 shop.0003_heartbeat_priority AddField",
+                &r2.as_str()[..12]
+            )) && error.ends_with("; nothing running was changed"),
+            "{error}"
+        );
+        assert_eq!(refused.steps.last().unwrap().name, "schema");
+        settles_on(&scope, &scope.app(), "not-null-no-default").await;
+
+        // Reversed first, in the live release's image; then release 2 runs.
+        let back = rollback(SchemaRollback::MigrateBack).await;
+        succeeded(&back);
+        assert_eq!(back.schema, SchemaRollback::MigrateBack);
+        assert!(back.migrations_kept.is_empty(), "{back:#?}");
+        let said = outputs(&agent.engine, &back.id, "migrate-back");
+        assert!(
+            said.iter()
+                .any(|l| l.contains("Unapplying shop.0003_heartbeat_priority... OK")),
+            "{said:#?}"
+        );
+        assert_eq!(
+            applied_migrations(&scope, "not-null-no-default").await,
+            ["shop.0001_initial", "shop.0002_heartbeat_queue"]
+        );
+        settles_on(&scope, &scope.app(), "release-2").await;
+
+        // A data migration without reverse code cannot be migrated back.
+        succeeded(&agent.deploy(&scope, "irreversible-data").await);
+        let refused = rollback(SchemaRollback::MigrateBack).await;
+        assert_eq!(refused.state, DeploymentState::Failed);
+        let error = refused.error.unwrap();
+        assert!(
+            error.starts_with(
+                "cannot migrate back: shop.0003_fill_queue cannot be reversed (no reverse code)"
+            ),
+            "{error}"
+        );
+        settles_on(&scope, &scope.app(), "irreversible-data").await;
     })
     .await;
 }

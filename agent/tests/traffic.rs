@@ -16,7 +16,7 @@ use deployd::config::Config;
 use deployd::engine::{DeployRequest, EngineHandle};
 use deployd::store::Store;
 use deployd::switch::{Routes, Switch};
-use deployd_proto::DeploymentState;
+use deployd_proto::{DeploymentState, RollbackRequest};
 use reqwest::header::HOST;
 use support::{Tuning, app_config, scoped};
 
@@ -112,6 +112,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
                 fleet: None,
                 plan: None,
                 allow_unsafe_migrations: false,
+                schema: deployd_proto::SchemaRollback::Check,
             };
             let started = engine.deploy(request).await.unwrap();
             engine.wait(&started.id).await.unwrap()
@@ -137,7 +138,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         let broken = deploy("unhealthy-after-5-checks").await;
         assert_eq!(broken.state, DeploymentState::RolledBack, "{:?}", broken.error);
         let back = engine
-            .rollback(&app, None, "ops", Some("traffic test".into()), false, None)
+            .rollback(&app, "ops", RollbackRequest { reason: Some("traffic test".into()), ..Default::default() })
             .await
             .unwrap();
         let back = engine.wait(&back.id).await.unwrap();

@@ -45,7 +45,8 @@ Exit codes:
   1    other error (the agent failed, unknown app or deployment, ...)
   2    usage: bad arguments or settings
   3    the deployment failed before anything running was changed (but a
-       singleton taken out of the config, removed first: its message says)
+       singleton taken out of the config, removed first: its message says);
+       plan: the app would refuse the release's migrations
   4    the deployment failed and was rolled back: the previous release runs
   5    the deployment failed and so did its rollback: see its error
   6    authentication or authorization refused (401, 403)

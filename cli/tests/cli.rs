@@ -490,7 +490,7 @@ async fn a_plan_is_reviewed_then_deployed_as_reviewed() {
         // The plan for humans: what breaks, and how to deploy it as
         // reviewed.
         let out = deployctl(&agent, &url, &ci(), &["plan", &sha("drop-column")]).await;
-        let (plan, err) = expect(&out, 0, "plan");
+        let (plan, err) = expect(&out, 3, "plan of a refused release");
         println!("{plan}");
         assert!(err.starts_with("plan "), "{err}");
         assert!(
@@ -508,14 +508,8 @@ async fn a_plan_is_reviewed_then_deployed_as_reviewed() {
             .unwrap_or_else(|| panic!("{last}"));
 
         // The same plan as JSON, by id.
-        let out = deployctl(
-            &agent,
-            &url,
-            &ci(),
-            &["plan", &sha("drop-column"), "--show", id, "--json"],
-        )
-        .await;
-        let (json, _) = expect(&out, 0, "plan --json");
+        let out = deployctl(&agent, &url, &ci(), &["plan", "--show", id, "--json"]).await;
+        let (json, _) = expect(&out, 3, "plan --json");
         let shown: deployd_proto::Plan = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(shown.id, id);
         assert_eq!(

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{CommitSha, Deployment, FleetPart};
+use crate::{CommitSha, Deployment, FleetPart, SchemaRollback};
 
 /// Longest `reason` accepted on a deployment, rollback or lock.
 pub const MAX_REASON_CHARS: usize = 500;
@@ -64,6 +64,10 @@ pub struct RollbackRequest {
     /// revert of a fleet deployment). Sent only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetPart>,
+    /// What to do about migrations applied since the release last ran (for
+    /// apps that make migration plans). Sent only when not `check`.
+    #[serde(default, skip_serializing_if = "SchemaRollback::is_check")]
+    pub schema: SchemaRollback,
 }
 
 /// `PUT /v1/apps/{app}/lock`: refuse deployments until unlocked.

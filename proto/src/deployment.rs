@@ -143,6 +143,10 @@ pub struct Deployment {
     /// it.
     #[serde(default)]
     pub allow_unsafe_migrations: bool,
+    /// Rollbacks: what it did about migrations applied since its release
+    /// last ran. Older agents do not send it.
+    #[serde(default)]
+    pub schema: crate::SchemaRollback,
     pub steps: Vec<Step>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

@@ -23,6 +23,6 @@ pub use error::{ErrorBody, ErrorCode};
 pub use name::is_plain_name;
 pub use plan::{
     MigrationPlan, Plan, PlanState, PlannedMigration, PlannedOperation, PlannedService,
-    PlannedTask, Verdict,
+    PlannedTask, SchemaRollback, Verdict,
 };
 pub use sha::{CommitSha, InvalidSha};

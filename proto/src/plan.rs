@@ -194,3 +194,25 @@ pub struct Plan {
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
+
+/// What a rollback does about migrations applied since the release it goes
+/// back to last ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaRollback {
+    /// Keep them applied, unless one breaks the older release: then refuse.
+    #[default]
+    Check,
+    /// Reverse them first (`migrate <app> <migration>`, newest first);
+    /// refused if one cannot be reversed.
+    MigrateBack,
+    /// Keep them applied, whatever they do to the older release.
+    Force,
+}
+
+impl SchemaRollback {
+    pub fn is_check(&self) -> bool {
+        *self == Self::Check
+    }
+}

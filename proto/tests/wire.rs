@@ -4,7 +4,7 @@
 
 use deployd_proto::{
     CommitSha, DeployRequest, Deployment, DeploymentKind, ErrorBody, ErrorCode, Plan, PlanState,
-    RollbackRequest, Verdict,
+    RollbackRequest, SchemaRollback, Verdict,
 };
 
 #[test]
@@ -63,6 +63,7 @@ fn rollback_request_matches_fixture() {
 fn rollback_deployment_matches_fixture() {
     let d: Deployment = round_trips(include_str!("data/rollback_deployment.json"));
     assert_eq!(d.kind, DeploymentKind::Rollback);
+    assert_eq!(d.schema, SchemaRollback::MigrateBack);
     assert_eq!(d.migrations_kept, ["shop.0002_heartbeat_queue"]);
     // An older agent's record, without the newer fields, still decodes.
     let mut older: serde_json::Value =
@@ -74,8 +75,10 @@ fn rollback_deployment_matches_fixture() {
     fields.remove("plan");
     fields.remove("reviewed_plan");
     fields.remove("allow_unsafe_migrations");
+    fields.remove("schema");
     let d: Deployment = serde_json::from_value(older).unwrap();
     assert!(d.migrations_kept.is_empty() && !d.skip_tasks);
+    assert_eq!(d.schema, SchemaRollback::Check);
 }
 
 #[test]

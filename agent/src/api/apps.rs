@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{
     AppLock, AppStatus, Deployment, ErrorBody, ErrorCode, LockRequest, PrepareRequest,
-    PrepareState, Prepared, RollbackRequest, Scope,
+    PrepareState, Prepared, RollbackRequest, SchemaRollback, Scope,
 };
 use serde::Deserialize;
 
@@ -85,6 +85,10 @@ pub async fn rollback(
     let reason = checked_reason(body.reason)?;
     checked_fleet(body.fleet.as_ref())?;
     state.engine.check_app(&app)?;
+    if body.schema == SchemaRollback::Force {
+        // Past the schema check: an admin's, as the deploy override is.
+        who.require(Scope::Admin, &app)?;
+    }
     let mut intent = AuditRecord::new("rollback", "requested");
     intent.app = Some(app.clone());
     intent.sha = body.to.as_ref().map(ToString::to_string);
@@ -95,20 +99,19 @@ pub async fn rollback(
     if let Some(f) = &body.fleet {
         detail.push(format!("fleet rollback {} on host {}", f.id, f.host));
     }
+    match body.schema {
+        SchemaRollback::Check => {}
+        SchemaRollback::MigrateBack => detail.push("migrations applied since reversed".into()),
+        SchemaRollback::Force => detail.push("schema check skipped (force)".into()),
+    }
     intent.detail = (!detail.is_empty()).then(|| detail.join("; "));
     let fleet = body.fleet.as_ref().map(|f| {
         let change = FleetChange::Rollback(body.to.as_ref());
         (app.as_str(), f.id.as_str(), change)
     });
     let spent = begin_fleet_change(&state, &who, source, intent, fleet)?;
-    let rollback = state.engine.rollback(
-        &app,
-        body.to,
-        &who.subject,
-        reason,
-        body.skip_tasks,
-        body.fleet,
-    );
+    let request = RollbackRequest { reason, ..body };
+    let rollback = state.engine.rollback(&app, &who.subject, request);
     started(&state, spent, rollback).await
 }
 

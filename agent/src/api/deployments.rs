@@ -86,6 +86,7 @@ pub async fn create(
         fleet: body.fleet,
         plan: body.plan,
         allow_unsafe_migrations: body.allow_unsafe_migrations,
+        schema: deployd_proto::SchemaRollback::Check,
     };
     started(&state, spent, state.engine.deploy(request)).await
 }

@@ -143,14 +143,23 @@ impl Ctx {
             None => serde_json::json!({}),
         };
         env.push(("DEPLOYD_INSPECT".into(), request.to_string()));
+        // In the environment, not the command line: a timeout's message
+        // quotes the command.
+        env.push(("DEPLOYD_INSPECTOR".into(), INSPECTOR.into()));
         let mut cmd = i.migrations.manage.clone();
-        cmd.extend(["shell".into(), "-c".into(), INSPECTOR.into()]);
+        cmd.extend([
+            "shell".into(),
+            "-c".into(),
+            "import os; exec(os.environ['DEPLOYD_INSPECTOR'], {'__name__': 'deployd'})".into(),
+        ]);
         let spec = ContainerSpec {
             name: Some(format!("{}-plan-{}", i.app, short_id(i.id))),
             image: i.image.to_owned(),
             cmd: Some(cmd),
             env,
             network: i.cfg.network.clone(),
+            // Settings may read files from them.
+            volumes: i.cfg.volumes.clone(),
             labels: HashMap::from([
                 (label::APP.to_owned(), i.app.to_owned()),
                 (label::TASK.to_owned(), "plan".to_owned()),
@@ -168,14 +177,36 @@ impl Ctx {
 }
 
 impl Run {
-    /// The `plan` step of a deployment: inspects the release, records the
-    /// plan, holds it to the reviewed plan if there is one, and refuses
-    /// migrations that break the running release if the app does.
+    /// Inspects `image` for this run's app, forward or back to `targets`.
+    pub(crate) async fn inspect(
+        &self,
+        migrations: &MigrationsConfig,
+        image: &str,
+        env: &AppEnv,
+        targets: Option<&[(String, String)]>,
+        id: &str,
+    ) -> Result<MigrationPlan, Failure> {
+        let inspection = Inspection {
+            app: &self.app,
+            cfg: &self.cfg,
+            migrations,
+            image,
+            env,
+            targets,
+            id,
+        };
+        self.ctx.inspect_migrations(inspection).await
+    }
+
+    /// The `plan` step of a deployment: inspects the release (an app with
+    /// `[migrations]`), records the plan, holds it to the reviewed plan if
+    /// there is one, and refuses migrations that break the running release
+    /// if the app does.
     pub(crate) async fn plan(
         &self,
         image: &PulledImage,
         env: &AppEnv,
-        migrations: &MigrationsConfig,
+        migrations: Option<&MigrationsConfig>,
     ) -> Result<(), Failure> {
         let id = uuid::Uuid::now_v7().to_string();
         let live = self
@@ -192,26 +223,19 @@ impl Run {
         );
         plan.deployment = Some(self.id.clone());
         plan.digest = Some(image.digest.clone());
-        let inspected = self
-            .ctx
-            .inspect_migrations(Inspection {
-                app: &self.app,
-                cfg: &self.cfg,
-                migrations,
-                image: &image.pinned,
-                env,
-                targets: None,
-                id: &plan.id,
-            })
-            .await?;
-        for line in describe(&inspected) {
-            self.emit(EventKind::Output {
-                step: "plan".into(),
-                line,
-            });
+        if let Some(migrations) = migrations {
+            let inspected = self
+                .inspect(migrations, &image.pinned, env, None, &plan.id)
+                .await?;
+            for line in describe(&inspected) {
+                self.emit(EventKind::Output {
+                    step: "plan".into(),
+                    line,
+                });
+            }
+            plan.migrations = Some(inspected);
         }
         plan.state = PlanState::Ready;
-        plan.migrations = Some(inspected);
         self.ctx.store.put_plan(&plan)?;
         self.ctx.store.set_plan(&self.id, &plan.id)?;
         if let Some(reviewed) = &self.reviewed_plan {
@@ -229,9 +253,9 @@ impl Run {
             });
         }
         let breaking = plan.migrations.as_ref().map(breaking).unwrap_or_default();
-        if breaking.is_empty() {
+        let Some(migrations) = migrations.filter(|_| !breaking.is_empty()) else {
             return Ok(());
-        }
+        };
         let Some(running) = &self.previous else {
             self.emit(EventKind::Output {
                 step: "plan".into(),
@@ -263,10 +287,11 @@ impl Run {
                 Ok(())
             }
             UnsafeMigrations::Refuse => Err(Failure(format!(
-                "refused: {what}. Ship such a change in steps (expand, then contract): \
-                 first a release that no longer uses what the migration drops, renames or \
-                 makes required, then the migration in a later release; or allow it for one \
-                 deployment with --allow-unsafe-migrations --reason (admin scope)"
+                "refused: {what}. Ship such a change in steps (expand, then contract): first \
+                 what the new code needs, nullable or with a database default; the drop or \
+                 rename once no release reads the old, allowed then for that deployment with \
+                 --allow-unsafe-migrations --reason (admin scope), since deployd judges the \
+                 migration, not the code"
             ))),
             UnsafeMigrations::Warn => {
                 line(format!("warning: {what} ([migrations] unsafe = \"warn\")"));
@@ -312,6 +337,26 @@ impl EngineHandle {
 }
 
 impl Ctx {
+    /// Removes inspection containers a stop or crash left behind: no plan
+    /// outlives a restart (it reads as failed).
+    pub(super) async fn remove_plan_leftovers(&self, apps: impl Iterator<Item = &String>) {
+        for app in apps {
+            let labels = [(label::APP, app.as_str()), (label::TASK, "plan")];
+            let found = match self.docker.containers(&labels).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(%app, error = %e, "cannot list leftover plan containers");
+                    continue;
+                }
+            };
+            for c in found {
+                if let Err(e) = self.docker.remove(&c.id).await {
+                    tracing::warn!(%app, container = %c.name, error = %e, "leftover plan container not removed");
+                }
+            }
+        }
+    }
+
     fn planning(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
         self.planning.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -418,24 +463,19 @@ pub(crate) fn new_plan(
 /// The plan as log lines: each migration, each operation with its verdict.
 pub(crate) fn describe(plan: &MigrationPlan) -> Vec<String> {
     let mut lines = Vec::new();
-    let pending = plan.migrations.len();
-    lines.push(match pending {
-        0 => format!(
-            "no migration to apply (Django {}, {})",
-            plan.django, plan.vendor
-        ),
-        1 => format!(
-            "1 migration to apply (Django {}, {}):",
-            plan.django, plan.vendor
-        ),
-        n => format!(
-            "{n} migrations to apply (Django {}, {}):",
-            plan.django, plan.vendor
-        ),
+    let what = if plan.migrations.iter().any(|m| m.backwards) {
+        "to unapply"
+    } else {
+        "to apply"
+    };
+    let on = format!("(Django {}, {})", plan.django, plan.vendor);
+    lines.push(match plan.migrations.len() {
+        0 => format!("no migration {what} {on}"),
+        1 => format!("1 migration {what} {on}:"),
+        n => format!("{n} migrations {what} {on}:"),
     });
     for m in &plan.migrations {
-        let back = if m.backwards { " (unapplied)" } else { "" };
-        lines.push(format!("  {}{back}: {}", m.label(), m.verdict()));
+        lines.push(format!("  {}: {}", m.label(), m.verdict()));
         for o in &m.operations {
             lines.push(format!(
                 "    {} {}: {}: {}",

@@ -20,28 +20,59 @@ impl Run {
         image: &PulledImage,
         env: &AppEnv,
     ) -> Result<(), Failure> {
+        let mut applied = Vec::new();
+        let oneoff = OneOff {
+            step: format!("task:{}", task.name),
+            name: &task.name,
+            command: task.command.clone(),
+            image: &image.pinned,
+            env: env.task(&task.name).to_vec(),
+            timeout: task.timeout,
+        };
+        let ended = self
+            .run_logged(oneoff, |line| applied.extend(applied_migration(line)))
+            .await;
+        self.applied_migrations(applied)?;
+        let (exit_code, last) = ended?;
+        if exit_code != 0 {
+            return Err(Failure(format!(
+                "release task {} exited with {exit_code}: {last}",
+                task.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs a one-off container of the app to its end, its output in the
+    /// log under `step`, each line also to `on_line`; its exit code and
+    /// last output line.
+    pub(crate) async fn run_logged(
+        &self,
+        o: OneOff<'_>,
+        mut on_line: impl FnMut(&str) + Send,
+    ) -> Result<(i64, String), Failure> {
         let spec = ContainerSpec {
             name: Some(format!(
                 "{}-task-{}-{}",
                 self.app,
-                task.name,
+                o.name,
                 short_id(&self.id.0)
             )),
-            image: image.pinned.clone(),
-            cmd: Some(task.command.clone()),
-            env: env.task(&task.name).to_vec(),
+            image: o.image.to_owned(),
+            cmd: Some(o.command),
+            env: o.env,
             network: self.cfg.network.clone(),
             volumes: self.cfg.volumes.clone(),
             labels: HashMap::from([
                 (label::APP.to_owned(), self.app.clone()),
                 (label::DEPLOYMENT.to_owned(), self.id.0.clone()),
-                (label::TASK.to_owned(), task.name.clone()),
+                (label::TASK.to_owned(), o.name.to_owned()),
                 (label::SHA.to_owned(), self.sha.to_string()),
             ]),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
             ..Default::default()
         };
-        let step = format!("task:{}", task.name);
+        let step = o.step;
         let output_line = |line: String| EventKind::Output {
             step: step.clone(),
             line,
@@ -49,15 +80,14 @@ impl Run {
         // The log keeps a task's first lines as they come and, when it says
         // more, a note and its last lines at the end: where a cause is.
         let mut seen = 0usize;
-        let mut applied = Vec::new();
         let live = |line: &str| {
             seen += 1;
             if seen <= LOGGED_HEAD {
                 self.emit(output_line(line.to_owned()));
             }
-            applied.extend(applied_migration(line));
+            on_line(line);
         };
-        let output = self.ctx.docker.run_oneoff(spec, task.timeout, live).await?;
+        let output = self.ctx.docker.run_oneoff(spec, o.timeout, live).await?;
         let (omitted, tail) = unlogged_tail(seen, &output.lines);
         if omitted > 0 {
             let note = format!("[deployd: {omitted} lines of output not kept]");
@@ -66,20 +96,26 @@ impl Run {
         for line in tail {
             self.emit(output_line(line.clone()));
         }
-        self.applied_migrations(applied)?;
-        if output.exit_code != 0 {
-            let last = output
-                .lines
-                .last()
-                .map(String::as_str)
-                .unwrap_or("no output");
-            return Err(Failure(format!(
-                "release task {} exited with {}: {last}",
-                task.name, output.exit_code
-            )));
-        }
-        Ok(())
+        let last = output
+            .lines
+            .last()
+            .map_or_else(|| "no output".to_owned(), Clone::clone);
+        Ok((output.exit_code, last))
     }
+}
+
+/// A one-off container of a deployment: a release task, or a migration
+/// reversed before a rollback.
+pub(crate) struct OneOff<'a> {
+    /// The step its output is logged under.
+    pub step: String,
+    /// Names the container and labels it.
+    pub name: &'a str,
+    pub command: Vec<String>,
+    /// Pinned by digest.
+    pub image: &'a str,
+    pub env: Vec<(String, String)>,
+    pub timeout: std::time::Duration,
 }
 
 /// Output lines of a task kept in the deployment log from its start...

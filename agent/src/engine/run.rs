@@ -48,6 +48,10 @@ pub(crate) struct Run {
     pub reviewed_plan: Option<String>,
     /// Migrations that break the running release are allowed.
     pub allow_unsafe_migrations: bool,
+    /// Rollbacks: what to do about migrations applied since.
+    pub schema: deployd_proto::SchemaRollback,
+    /// Migrations a rollback's `migrate-back` reversed, in order.
+    unapplied: std::sync::Mutex<Vec<String>>,
 }
 
 impl Run {
@@ -74,6 +78,8 @@ impl Run {
             requested_by: d.requested_by.clone(),
             reviewed_plan: d.reviewed_plan.clone(),
             allow_unsafe_migrations: d.allow_unsafe_migrations,
+            schema: d.schema,
+            unapplied: std::sync::Mutex::default(),
         }
     }
 
@@ -91,13 +97,22 @@ impl Run {
         Ok(())
     }
 
+    /// Adds migrations a rollback's `migrate-back` reversed.
+    pub fn unapplied_migrations(&self, unapplied: Vec<String>) {
+        self.unapplied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(unapplied);
+    }
+
     /// The final message of a deployment that failed because of `cause`:
     /// what it changed (`changed`, in order), then the migrations it
     /// applied, which stay applied whatever happens to the services.
     fn account(&self, cause: &str, changed: &[String]) -> String {
         let mut message = cause.to_owned();
         let migrations = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
-        if changed.is_empty() && migrations.is_empty() {
+        let unapplied = self.unapplied.lock().unwrap_or_else(|e| e.into_inner());
+        if changed.is_empty() && migrations.is_empty() && unapplied.is_empty() {
             message.push_str("; nothing running was changed");
             return message;
         }
@@ -109,6 +124,12 @@ impl Run {
             message.push_str(&format!(
                 "; migrations applied, which stay applied: {}",
                 migrations.join(", ")
+            ));
+        }
+        if !unapplied.is_empty() {
+            message.push_str(&format!(
+                "; migrations reversed (--migrate-back), which stay reversed: {}",
+                unapplied.join(", ")
             ));
         }
         message
@@ -255,11 +276,28 @@ impl Run {
         if let Err(e) = self.ctx.store.set_digest(&self.id, &image.digest) {
             return self.failed(&e.to_string());
         }
-        if let Some(migrations) = &self.cfg.migrations
-            && self.kind == DeploymentKind::Deploy
+        // A reviewed plan is held to even where no migration is planned.
+        let migrations = self.cfg.migrations.as_ref();
+        if self.kind == DeploymentKind::Deploy
+            && (migrations.is_some() || self.reviewed_plan.is_some())
             && let Err(f) = self.step("plan", self.plan(&image, &env, migrations)).await
         {
             return self.failed(&f.0);
+        }
+        if let Some(migrations) = &self.cfg.migrations
+            && self.kind == DeploymentKind::Rollback
+        {
+            let checked = self.check_schema(&env, auth.as_ref(), migrations);
+            match self.step("schema", checked).await {
+                Ok(None) => {}
+                Ok(Some(reversal)) => {
+                    let reversed = self.migrate_back(&reversal, &env, migrations);
+                    if let Err(f) = self.step("migrate-back", reversed).await {
+                        return self.failed(&f.0);
+                    }
+                }
+                Err(f) => return self.failed(&f.0),
+            }
         }
         // Where the fleet's other hosts may start: after the last `once`
         // task that runs here, when this part runs them.

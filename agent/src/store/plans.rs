@@ -1,6 +1,6 @@
 //! Migration plans, kept as JSON: those `deployctl plan` asked for, to be
 //! held to by id, and those deployments made, whose `leaves` are the
-//! migration state each release left (what a rollback checks against).
+//! migration state each release left: what a rollback to it plans back to.
 
 use deployd_proto::{DeploymentId, Plan};
 use rusqlite::{OptionalExtension, params};
@@ -40,13 +40,16 @@ impl Store {
         body.as_deref().map(parse).transpose()
     }
 
-    /// The plan a deployment's `plan` step made, if it made one.
-    pub fn plan_of(&self, deployment: &DeploymentId) -> Result<Option<Plan>, StoreError> {
+    /// The plan the last deployment of this image of the app made: what
+    /// its release's migration state is (its `leaves`).
+    pub fn plan_of_release(&self, app: &str, digest: &str) -> Result<Option<Plan>, StoreError> {
         let body: Option<String> = self
             .conn()
             .query_row(
-                "SELECT body FROM plans WHERE deployment = ?1 ORDER BY id DESC LIMIT 1",
-                params![deployment.0],
+                "SELECT p.body FROM plans p JOIN deployments d ON p.deployment = d.id
+                 WHERE d.app = ?1 AND d.digest = ?2 AND d.kind = 'deploy'
+                 ORDER BY p.id DESC LIMIT 1",
+                params![app, digest],
                 |row| row.get(0),
             )
             .optional()?;
@@ -90,14 +93,6 @@ mod tests {
         failed.error = Some("pull failed".into());
         store.put_plan(&failed).unwrap();
         assert_eq!(store.plan("p1").unwrap(), Some(failed));
-        assert_eq!(
-            store
-                .plan_of(&DeploymentId("d1".into()))
-                .unwrap()
-                .unwrap()
-                .id,
-            "p2"
-        );
         let cut = OffsetDateTime::now_utc() - time::Duration::days(90);
         assert_eq!(store.compact(cut, None).unwrap().plans, 1);
         assert_eq!(store.plan("p1").unwrap(), None);

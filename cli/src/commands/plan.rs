@@ -22,12 +22,14 @@ const SQL_LINES: usize = 12;
 #[command(
     after_help = "Deploy exactly what was reviewed with `deployctl deploy <sha> --plan <id>`: it \
                   fails, changing nothing, if the image, the live release or the pending \
-                  migrations changed since.\n\nExamples:\n  deployctl plan 4f2a9c1 --app shop\n  \
+                  migrations changed since.\n\nExits 0 when a deployment of the plan would go \
+                  on, 3 when the app would refuse its migrations, 1 when the plan failed.\n\nExamples:\n  deployctl plan 4f2a9c1 --app shop\n  \
                   deployctl plan $CI_COMMIT_SHA --json"
 )]
 pub struct PlanCommand {
     /// The commit to plan: 7 to 40 lowercase hex digits (the image tag).
-    pub sha: CommitSha,
+    #[arg(required_unless_present = "show")]
+    pub sha: Option<CommitSha>,
     /// Show a plan made before, by id, instead of making one.
     #[arg(long, value_name = "ID")]
     pub show: Option<String>,
@@ -36,18 +38,17 @@ pub struct PlanCommand {
 impl PlanCommand {
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
-        let mut plan: Plan = match &self.show {
-            Some(id) => get(ctx, id).await?,
-            None => {
-                let body = serde_json::to_value(PlanRequest {
-                    sha: self.sha.clone(),
-                })
-                .map_err(|e| CliError::new(Exit::Other, e.to_string()))?;
+        let mut plan: Plan = match (&self.show, self.sha) {
+            (Some(id), _) => get(ctx, id).await?,
+            (None, None) => return Err(CliError::usage("name the sha to plan, or --show ID")),
+            (None, Some(sha)) => {
+                let body = serde_json::to_value(PlanRequest { sha })
+                    .map_err(|e| CliError::new(Exit::Other, e.to_string()))?;
                 let path = format!("/v1/apps/{app}/plans");
                 ctx.client.call(Method::POST, &path, Some(&body)).await?
             }
         };
-        ctx.note(&format!("plan {}: {app} {}", plan.id, self.sha));
+        ctx.note(&format!("plan {}: {} {}", plan.id, plan.app, plan.sha));
         let deadline = Instant::now() + PLAN_WAIT;
         while plan.state == PlanState::Planning {
             if Instant::now() >= deadline {
@@ -72,6 +73,7 @@ impl PlanCommand {
             }
         }
         match plan.state {
+            PlanState::Ready if refused(&plan) => Ok(Exit::Failed),
             PlanState::Failed => Err(CliError::new(
                 Exit::Other,
                 format!(
@@ -89,6 +91,16 @@ async fn get(ctx: &Ctx, id: &str) -> Result<Plan, CliError> {
     ctx.client
         .call(Method::GET, &format!("/v1/plans/{id}"), None)
         .await
+}
+
+/// Whether a deployment of the plan would be refused for its migrations.
+fn refused(plan: &Plan) -> bool {
+    plan.live.is_some()
+        && plan.unsafe_migrations == "refuse"
+        && plan
+            .migrations
+            .iter()
+            .any(|m| m.operations_judged(Verdict::Breaks).next().is_some())
 }
 
 fn short(text: &str) -> &str {
@@ -184,7 +196,7 @@ pub fn render(plan: &Plan) -> Vec<String> {
     lines.push(match (breaking, plan.live.is_some(), plan.unsafe_migrations.as_str()) {
         (0, _, _) => "verdict   nothing breaks the running release".to_owned(),
         (_, false, _) => "verdict   no release runs yet: nothing for these to break".to_owned(),
-        (n, true, "refuse") => format!(
+        (n, true, _) if refused(plan) => format!(
             "verdict   REFUSED: {n} operation(s) break the running release; ship them in \
              steps (expand, then contract), or --allow-unsafe-migrations --reason (admin)"
         ),

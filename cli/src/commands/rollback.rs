@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use deployd_proto::{CommitSha, RollbackRequest};
+use deployd_proto::{CommitSha, RollbackRequest, SchemaRollback};
 
 use super::Ctx;
 use super::deploy::{start_following, submit};
@@ -35,6 +35,15 @@ pub struct Rollback {
     /// emergency, when the tasks themselves are the trouble.
     #[arg(long, conflicts_with_all = ["fleet", "fleet_file"])]
     pub skip_tasks: bool,
+    /// First reverse the migrations applied since the release last ran
+    /// (newest first), in the live release's image; refused if one cannot
+    /// be reversed. For apps that make migration plans.
+    #[arg(long, conflicts_with_all = ["fleet", "fleet_file", "force"])]
+    pub migrate_back: bool,
+    /// Roll back even though migrations applied since break the release
+    /// (they stay applied). Needs the admin scope.
+    #[arg(long, conflicts_with_all = ["fleet", "fleet_file"])]
+    pub force: bool,
     #[command(flatten)]
     pub fleet: MaybeFleet,
 }
@@ -58,6 +67,11 @@ impl Rollback {
             reason: self.reason,
             skip_tasks: self.skip_tasks,
             fleet: None,
+            schema: match (self.migrate_back, self.force) {
+                (true, _) => SchemaRollback::MigrateBack,
+                (_, true) => SchemaRollback::Force,
+                _ => SchemaRollback::Check,
+            },
         };
         let path = format!("/v1/apps/{app}/rollback");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;

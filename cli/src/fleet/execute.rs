@@ -1035,6 +1035,7 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         let reverts = changed.iter().map(|(i, previous)| {
             let m = &members[*i];
             let part = Part::Rollback(RollbackRequest {
+                schema: Default::default(),
                 to: Some(previous.clone()),
                 reason: Some(format!("fleet deployment {id} reverted")),
                 skip_tasks: false,
@@ -1282,6 +1283,7 @@ pub async fn rollback(
         let parts = wave.iter().map(|&i| {
             let m = &members[i];
             let part = Part::Rollback(RollbackRequest {
+                schema: Default::default(),
                 to: targets[i].clone(),
                 reason: reason.clone(),
                 skip_tasks: false,
@@ -1503,6 +1505,7 @@ mod tests {
             plan: None,
             reviewed_plan: None,
             allow_unsafe_migrations: false,
+            schema: Default::default(),
             skip_tasks: false,
             fleet: None,
             steps: Vec::new(),

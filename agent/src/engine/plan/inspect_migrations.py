@@ -1,10 +1,15 @@
 """deployd's migration inspector, run with `manage.py shell -c` in a one-off
-container of a release's image, with the app's env and network.
+container of a release's image, with the app's env and network (the
+program itself comes in the environment variable DEPLOYD_INSPECTOR).
 
 It asks Django what `migrate` would do from the live migration state and
-judges each operation by what it does to the release still running. It
-never writes: the session is made read-only first, no migration is run
-(RunPython code is never called), and the SQL is collected, not executed.
+judges each operation by what it does to the release still running: a
+table or column that release never had (made earlier in the same plan) is
+no concern of it. It never writes: everything runs in one read-only
+transaction that is rolled back (PostgreSQL, MySQL; SQLite: query_only),
+no migration is run (RunPython code is never called), and the SQL is
+collected, not executed. A backend deployd cannot make read-only is
+refused.
 
 The request comes in the environment variable DEPLOYD_INSPECT (JSON):
   {"targets": [[app, name-or-null], ...]}   absent: every app's leaf (deploy)
@@ -22,9 +27,10 @@ import re
 import sys
 
 import django
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django.db.migrations import operations as ops
 from django.db.migrations.executor import MigrationExecutor
+from django.db.migrations.state import ProjectState
 from django.db.models import NOT_PROVIDED
 
 MARKER = "deployd-migration-plan: "
@@ -32,6 +38,8 @@ MIGRATION = "deployd-migration: "
 END = "deployd-migration-plan-end"
 SQL_LINES = 200
 SQL_LINE_CHARS = 2000
+# deployd cuts output lines at 64 KiB: a migration's line stays under this.
+DOCUMENT_CHARS = 48_000
 
 # Verdicts, from harmless to harmful to the release that still runs.
 SAFE, LOCKING, REVIEW, IRREVERSIBLE, BREAKS = (
@@ -43,10 +51,27 @@ SAFE, LOCKING, REVIEW, IRREVERSIBLE, BREAKS = (
 )
 ORDER = [SAFE, LOCKING, REVIEW, IRREVERSIBLE, BREAKS]
 
+# The first statement of the inspection's transaction; SQLite's pragma holds
+# for the connection, closed at the end. MySQL takes SET TRANSACTION only
+# before a transaction starts, so it is the session's (the connection is
+# closed at the end, never handed back to a pool of the app's).
 READ_ONLY = {
-    "postgresql": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-    "mysql": "SET SESSION TRANSACTION READ ONLY",
+    "postgresql": "SET TRANSACTION READ ONLY",
     "sqlite": "PRAGMA query_only = ON",
+}
+READ_ONLY_SESSION = {
+    "mysql": "SET SESSION TRANSACTION READ ONLY",
+}
+# Column types a change between does not break the code that reads them
+# (Python sees the same values); the table is rewritten meanwhile.
+WIDENED = {
+    ("smallint", "integer"),
+    ("smallint", "bigint"),
+    ("integer", "bigint"),
+    ("serial", "bigserial"),
+    ("varchar", "text"),
+    ("char", "varchar"),
+    ("char", "text"),
 }
 
 
@@ -69,6 +94,11 @@ def field_type(field, connection):
 
 def base_type(text):
     return re.sub(r"\(.*\)", "", text).strip()
+
+
+def size(text):
+    found = re.search(r"\((\d+)", text)
+    return int(found.group(1)) if found else None
 
 
 def has_db_default(field):
@@ -145,10 +175,22 @@ def judge(op, app, state, connection):
         if old.null and not new.null:
             return BREAKS, f"makes {where} NOT NULL: the running release may write NULL"
         old_type, new_type = field_type(old, connection), field_type(new, connection)
-        if base_type(old_type) != base_type(new_type):
+        old_base, new_base = base_type(old_type), base_type(new_type)
+        if (old_base, new_base) in WIDENED:
+            return LOCKING, (
+                f"widens {where} from {old_type} to {new_type}: the running release "
+                "reads it as before, but the table is rewritten meanwhile"
+            )
+        if old_base != new_base:
             return BREAKS, (
                 f"changes the type of {where} from {old_type} to {new_type}, "
                 "which the running release reads and writes"
+            )
+        old_size, new_size = size(old_type), size(new_type)
+        if old_size and new_size and new_size < old_size:
+            return BREAKS, (
+                f"shortens {where} from {old_type} to {new_type}: longer values the "
+                "running release writes are refused"
             )
         if postgres and (
             (new.db_index and not old.db_index) or (new.unique and not old.unique)
@@ -194,6 +236,32 @@ def judge(op, app, state, connection):
     return REVIEW, f"deployd does not know {type(op).__name__}: read its SQL"
 
 
+def known_to(base, op, app):
+    """Whether the release that runs (its schema: `base`) has what a harmful
+    operation touches: a table or column made earlier in the same plan is
+    no concern of it."""
+    model = (getattr(op, "model_name_lower", None) or getattr(op, "name_lower", "") or "").lower()
+    if isinstance(op, ops.RenameModel):
+        model = op.old_name_lower
+    state = base.models.get((app, model))
+    if state is None:
+        return False
+    if isinstance(op, (ops.RemoveField, ops.AlterField)):
+        return op.name in state.fields
+    if isinstance(op, ops.RenameField):
+        return op.old_name in state.fields
+    return True
+
+
+def judge_against(base, op, app, state, connection):
+    if not router.allow_migrate(connection.alias, app):
+        return SAFE, f"{app} is not migrated on the database {connection.alias}"
+    verdict, why = judge(op, app, state, connection)
+    if verdict == BREAKS and not known_to(base, op, app):
+        return SAFE, "on a table or column the running release does not have (made by this plan)"
+    return verdict, why
+
+
 def inspect(connection, request):
     executor = MigrationExecutor(connection)
     loader = executor.loader
@@ -214,13 +282,20 @@ def inspect(connection, request):
             if name is not None and (app, name) not in graph.nodes:
                 return {"error": f"this release does not know the migration {app}.{name}"}
     plan = executor.migration_plan(targets)
+    # The schema of the release that runs meanwhile: what is applied now
+    # (a deployment), or the state gone back to (a rollback).
+    if request.get("targets") is None:
+        applied = [key for key in loader.applied_migrations if key in graph.nodes]
+    else:
+        applied = [(app, name) for app, name in targets if name is not None]
+    base = loader.project_state(applied, at_end=True) if applied else ProjectState()
     migrations = []
     for migration, backwards in plan:
         app = migration.app_label
         state = loader.project_state((app, migration.name), at_end=False)
         operations = []
         for op in migration.operations:
-            verdict, why = judge(op, app, state, connection)
+            verdict, why = judge_against(base, op, app, state, connection)
             operations.append(
                 {
                     "operation": type(op).__name__,
@@ -236,18 +311,22 @@ def inspect(connection, request):
         except Exception as e:  # noqa: BLE001 - irreversible backwards
             sql = [f"-- cannot be written as SQL: {type(e).__name__}: {e}"]
         sql = [line if len(line) <= SQL_LINE_CHARS else line[:SQL_LINE_CHARS] + " [...]" for line in sql]
-        if len(sql) > SQL_LINES:
-            more = len(sql) - SQL_LINES
-            sql = sql[:SQL_LINES] + [f"-- [deployd: {more} more lines; see manage.py sqlmigrate]"]
-        migrations.append(
-            {
-                "app": app,
-                "name": migration.name,
-                "backwards": backwards,
-                "operations": operations,
-                "sql": sql,
-            }
-        )
+        document = {
+            "app": app,
+            "name": migration.name,
+            "backwards": backwards,
+            "operations": operations,
+            "sql": sql[:SQL_LINES],
+        }
+        while len(json.dumps(document)) > DOCUMENT_CHARS and document["sql"]:
+            document["sql"] = document["sql"][: len(document["sql"]) // 2]
+        for operation in document["operations"]:
+            operation["why"] = operation["why"][:SQL_LINE_CHARS]
+            operation["description"] = operation["description"][:SQL_LINE_CHARS]
+        more = len(sql) - len(document["sql"])
+        if more:
+            document["sql"].append(f"-- [deployd: {more} more lines; see manage.py sqlmigrate]")
+        migrations.append(document)
     return {
         "django": django.get_version(),
         "vendor": connection.vendor,
@@ -260,17 +339,32 @@ def say(prefix, document):
     sys.stdout.write(prefix + json.dumps(document) + "\n")
 
 
+def read_only_inspection(connection, request):
+    vendor = connection.vendor
+    if vendor not in READ_ONLY and vendor not in READ_ONLY_SESSION:
+        return {"error": f"deployd cannot make a {vendor} session read-only, so it plans nothing"}
+    if vendor in READ_ONLY_SESSION:
+        with connection.cursor() as cursor:
+            cursor.execute(READ_ONLY_SESSION[vendor])
+    with transaction.atomic(using=connection.alias):
+        if vendor in READ_ONLY:
+            with connection.cursor() as cursor:
+                cursor.execute(READ_ONLY[vendor])
+        answer = inspect(connection, request)
+        transaction.set_rollback(True, using=connection.alias)
+    return answer
+
+
 def main():
-    # One stream, written in order: nothing can land inside a line.
+    # One stream, written in order: nothing can land inside a line (logging
+    # handlers made at setup hold the old stderr: its descriptor goes too).
+    sys.stdout.flush()
+    os.dup2(1, 2)
     sys.stderr = sys.stdout
     request = json.loads(os.environ.get("DEPLOYD_INSPECT") or "{}")
     connection = connections[request.get("database") or DEFAULT_DB_ALIAS]
-    statement = READ_ONLY.get(connection.vendor)
     try:
-        if statement:
-            with connection.cursor() as cursor:
-                cursor.execute(statement)
-        answer = inspect(connection, request)
+        answer = read_only_inspection(connection, request)
     except Exception as e:  # noqa: BLE001 - reported, not raised
         answer = {"error": f"{type(e).__name__}: {e}"}
     finally:

@@ -411,7 +411,7 @@ fn summary_lines(
     }
     if d.kind == DeploymentKind::Rollback && !d.migrations_kept.is_empty() {
         lines.push(format!(
-            "migrations applied since {} last ran, which stay applied (deployd never reverses a migration): {}",
+            "migrations applied since {} last ran, which stay applied: {}",
             short_sha(d.sha.as_str()),
             d.migrations_kept.join(", ")
         ));

@@ -85,8 +85,9 @@ pub async fn rollback(
     let reason = checked_reason(body.reason)?;
     checked_fleet(body.fleet.as_ref())?;
     state.engine.check_app(&app)?;
-    if body.schema == SchemaRollback::Force {
-        // Past the schema check: an admin's, as the deploy override is.
+    if body.schema != SchemaRollback::Check && !reverts_own {
+        // Past the schema check, or reversing migrations (and the data
+        // the newer release wrote to them): an admin's.
         who.require(Scope::Admin, &app)?;
     }
     let mut intent = AuditRecord::new("rollback", "requested");

@@ -464,7 +464,7 @@ pub(crate) fn new_plan(
 pub(crate) fn describe(plan: &MigrationPlan) -> Vec<String> {
     let mut lines = Vec::new();
     let what = if plan.migrations.iter().any(|m| m.backwards) {
-        "to unapply"
+        "applied since"
     } else {
         "to apply"
     };

@@ -128,7 +128,8 @@ impl Run {
         }
         if !unapplied.is_empty() {
             message.push_str(&format!(
-                "; migrations reversed (--migrate-back), which stay reversed: {}",
+                "; migrations reversed (--migrate-back), which stay reversed: {} (a release \
+                 that had them needs them applied again: deploy it)",
                 unapplied.join(", ")
             ));
         }

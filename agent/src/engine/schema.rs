@@ -26,8 +26,6 @@ pub(crate) struct Reversal {
     /// unapplies them (`zero`: every migration of an app the older release
     /// did not have).
     targets: Vec<(String, String)>,
-    /// What it reverses, as `app.name`.
-    labels: Vec<String>,
 }
 
 fn short(sha: &str) -> &str {
@@ -56,6 +54,14 @@ impl Run {
             return Ok(None);
         };
         let target = short(self.sha.as_str());
+        if self.schema == SchemaRollback::Force {
+            // Forced: not even the live release's Django must start.
+            self.say(
+                "schema",
+                "not checked (--force): migrations applied since stay applied".into(),
+            );
+            return Ok(None);
+        }
         let recorded = self
             .ctx
             .store
@@ -89,7 +95,13 @@ impl Run {
                 Some(&recorded.leaves),
                 &self.id.0,
             )
-            .await?;
+            .await
+            .map_err(|f| {
+                Failure(format!(
+                    "cannot check the schema: {}; --force rolls back without checking (admin scope)",
+                    f.0
+                ))
+            })?;
         if back.migrations.is_empty() {
             self.say(
                 "schema",
@@ -145,11 +157,7 @@ impl Run {
                         .map_or_else(|| "zero".to_owned(), |(_, name)| name.clone());
                     targets.push((m.app.clone(), to));
                 }
-                Ok(Some(Reversal {
-                    image,
-                    targets,
-                    labels,
-                }))
+                Ok(Some(Reversal { image, targets }))
             }
             SchemaRollback::Check if !breaking.is_empty() => Err(Failure(format!(
                 "refused: migrations applied since release {target} last ran would break it: \
@@ -172,15 +180,8 @@ impl Run {
                 );
                 Ok(None)
             }
-            SchemaRollback::Force => {
-                let also = if breaking.is_empty() {
-                    String::new()
-                } else {
-                    format!("; these break release {target}: {}", breaking.join("; "))
-                };
-                self.say("schema", format!("they stay applied (--force){also}"));
-                Ok(None)
-            }
+            // Decided before any inspection.
+            SchemaRollback::Force => Ok(None),
         }
     }
 
@@ -213,6 +214,18 @@ impl Run {
             let ended = self
                 .run_logged(oneoff, |line| unapplied.extend(unapplied_migration(line)))
                 .await;
+            // What Django reported reversed is no longer kept, even if the
+            // command then failed.
+            let kept: Vec<String> = self
+                .ctx
+                .store
+                .get(&self.id)?
+                .map(|d| d.migrations_kept)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| !unapplied.contains(m))
+                .collect();
+            self.ctx.store.set_migrations_kept(&self.id, &kept)?;
             self.unapplied_migrations(unapplied);
             let (exit_code, last) = ended?;
             if exit_code != 0 {
@@ -221,16 +234,6 @@ impl Run {
                 )));
             }
         }
-        let kept: Vec<String> = self
-            .ctx
-            .store
-            .get(&self.id)?
-            .map(|d| d.migrations_kept)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| !reversal.labels.contains(m))
-            .collect();
-        self.ctx.store.set_migrations_kept(&self.id, &kept)?;
         Ok(())
     }
 }

@@ -48,6 +48,7 @@ impl Store {
             .query_row(
                 "SELECT p.body FROM plans p JOIN deployments d ON p.deployment = d.id
                  WHERE d.app = ?1 AND d.digest = ?2 AND d.kind = 'deploy'
+                   AND json_extract(p.body, '$.migrations') IS NOT NULL
                  ORDER BY p.id DESC LIMIT 1",
                 params![app, digest],
                 |row| row.get(0),

@@ -28,7 +28,7 @@ use std::time::Duration;
 use deployd_proto::{
     AppStatus, CommitSha, DeployRequest, Deployment, DeploymentKind, DeploymentPage,
     DeploymentState, FleetLock, FleetPart, LockRequest, PrepareRequest, PrepareState, Prepared,
-    RollbackRequest, Scope, WhoAmI,
+    RollbackRequest, SchemaRollback, Scope, WhoAmI,
 };
 use futures_util::future::join_all;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -1035,7 +1035,9 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         let reverts = changed.iter().map(|(i, previous)| {
             let m = &members[*i];
             let part = Part::Rollback(RollbackRequest {
-                schema: Default::default(),
+                // Undoing its own change, as a host's own rollback does:
+                // the migrations stay applied, unchecked, as before.
+                schema: SchemaRollback::Force,
                 to: Some(previous.clone()),
                 reason: Some(format!("fleet deployment {id} reverted")),
                 skip_tasks: false,

@@ -40,6 +40,9 @@ SQL_LINES = 200
 SQL_LINE_CHARS = 2000
 # deployd cuts output lines at 64 KiB: a migration's line stays under this.
 DOCUMENT_CHARS = 48_000
+# Operations listed one by one per migration (with their texts cut at
+# SQL_LINE_CHARS, 10 fit in a document however long they are).
+OPERATIONS = 10
 
 # Verdicts, from harmless to harmful to the release that still runs.
 SAFE, LOCKING, REVIEW, IRREVERSIBLE, BREAKS = (
@@ -240,7 +243,14 @@ def known_to(base, op, app):
     """Whether the release that runs (its schema: `base`) has what a harmful
     operation touches: a table or column made earlier in the same plan is
     no concern of it."""
+    if isinstance(op, ops.SeparateDatabaseAndState):
+        # Its inner operations were judged without the running schema: the
+        # verdict stands.
+        return True
     model = (getattr(op, "model_name_lower", None) or getattr(op, "name_lower", "") or "").lower()
+    if not model:
+        # It names no model: deployd cannot tell, so it keeps the verdict.
+        return True
     if isinstance(op, ops.RenameModel):
         model = op.old_name_lower
     state = base.models.get((app, model))
@@ -251,6 +261,27 @@ def known_to(base, op, app):
     if isinstance(op, ops.RenameField):
         return op.old_name in state.fields
     return True
+
+
+def inner(op):
+    """The operation, and those a SeparateDatabaseAndState runs on the
+    database."""
+    yield op
+    if isinstance(op, ops.SeparateDatabaseAndState):
+        for sub in op.database_operations:
+            yield from inner(sub)
+
+
+def reversible(op):
+    return all(getattr(sub, "reversible", True) for sub in inner(op))
+
+
+def runs_code(migration):
+    """Whether collecting its SQL would call Python code of the project
+    (a RunPython, also inside SeparateDatabaseAndState)."""
+    return any(
+        not getattr(sub, "reduces_to_sql", True) for op in migration.operations for sub in inner(op)
+    )
 
 
 def judge_against(base, op, app, state, connection):
@@ -299,17 +330,34 @@ def inspect(connection, request):
             operations.append(
                 {
                     "operation": type(op).__name__,
-                    "description": op.describe(),
+                    "description": op.describe()[:SQL_LINE_CHARS],
                     "verdict": verdict,
-                    "why": why,
-                    "reversible": bool(getattr(op, "reversible", True)),
+                    "why": why[:SQL_LINE_CHARS],
+                    "reversible": reversible(op),
                 }
             )
             op.state_forwards(app, state)
-        try:
-            sql = loader.collect_sql([(migration, backwards)])
-        except Exception as e:  # noqa: BLE001 - irreversible backwards
-            sql = [f"-- cannot be written as SQL: {type(e).__name__}: {e}"]
+        if len(operations) > OPERATIONS:
+            # The most harmful first, then a summary of the rest.
+            operations.sort(key=lambda o: ORDER.index(o["verdict"]), reverse=True)
+            rest = operations[OPERATIONS - 1 :]
+            operations = operations[: OPERATIONS - 1] + [
+                {
+                    "operation": "More",
+                    "description": f"{len(rest)} more operations",
+                    "verdict": worst(o["verdict"] for o in rest),
+                    "why": "not listed one by one: see manage.py sqlmigrate",
+                    "reversible": all(o["reversible"] for o in rest),
+                }
+            ]
+        if runs_code(migration):
+            # Collecting it would run the code: nothing of the project runs.
+            sql = ["-- runs Python code (RunPython): no SQL shown, nothing was run"]
+        else:
+            try:
+                sql = loader.collect_sql([(migration, backwards)])
+            except Exception as e:  # noqa: BLE001 - irreversible backwards
+                sql = [f"-- cannot be written as SQL: {type(e).__name__}: {e}"[:SQL_LINE_CHARS]]
         sql = [line if len(line) <= SQL_LINE_CHARS else line[:SQL_LINE_CHARS] + " [...]" for line in sql]
         document = {
             "app": app,
@@ -320,9 +368,6 @@ def inspect(connection, request):
         }
         while len(json.dumps(document)) > DOCUMENT_CHARS and document["sql"]:
             document["sql"] = document["sql"][: len(document["sql"]) // 2]
-        for operation in document["operations"]:
-            operation["why"] = operation["why"][:SQL_LINE_CHARS]
-            operation["description"] = operation["description"][:SQL_LINE_CHARS]
         more = len(sql) - len(document["sql"])
         if more:
             document["sql"].append(f"-- [deployd: {more} more lines; see manage.py sqlmigrate]")
@@ -366,7 +411,7 @@ def main():
     try:
         answer = read_only_inspection(connection, request)
     except Exception as e:  # noqa: BLE001 - reported, not raised
-        answer = {"error": f"{type(e).__name__}: {e}"}
+        answer = {"error": f"{type(e).__name__}: {e}"[:SQL_LINE_CHARS]}
     finally:
         connection.close()
     migrations = answer.pop("migrations", [])

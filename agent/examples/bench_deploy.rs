@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use deployd::config::Config;
 use deployd::docker::{ContainerSpec, PulledImage};
-use deployd::engine::{DeployRequest, EngineHandle};
+use deployd::engine::EngineHandle;
 use deployd::store::Store;
 use deployd_proto::DeploymentState;
 use reqwest::header::HOST;
-use support::{BEAT, COLLECTSTATIC, MIGRATE, Scope, Tuning, WORKER, app_config, scoped};
+use support::{
+    BEAT, COLLECTSTATIC, MIGRATE, Scope, Tuning, WORKER, app_config, deploy_request, scoped,
+};
 
 const MIN_HEALTHY: Duration = Duration::from_secs(3);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,19 +68,7 @@ async fn main() {
         let mut deployd_times = Vec::new();
         for round in 0..runs + 2 {
             let variant = releases[round % 2];
-            let request = DeployRequest {
-                app: scope.app(),
-                sha: scope.bed.sha(variant),
-                force: false,
-                reason: None,
-                requested_by: "bench".into(),
-                digest: None,
-                skip_tasks: false,
-                fleet: None,
-                plan: None,
-                allow_unsafe_migrations: false,
-                schema: deployd_proto::SchemaRollback::Check,
-            };
+            let request = deploy_request(&scope.app(), scope.bed.sha(variant), "bench");
             let started = Instant::now();
             let id = engine.deploy(request).await.unwrap().id;
             let d = engine.wait(&id).await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use deployd::auth::TokenRequest;
 use deployd_proto::{
     AppStatus, Deployment, DeploymentEvent, DeploymentPage, DeploymentState, ErrorBody, EventKind,
-    Plan, PlanState, Scope as S, Verdict, WhoAmI,
+    Plan, PlanState, Scope as S, UnsafeMigrations, Verdict, WhoAmI,
 };
 use reqwest::StatusCode;
 use support::agent::TestAgent;
@@ -1136,7 +1136,7 @@ async fn plans_are_made_read_and_held_to_and_only_an_admin_allows_unsafe_migrati
         let migrations = reviewed.migrations.clone().unwrap();
         assert_eq!(migrations.labels(), ["shop.0003_remove_heartbeat_queue"]);
         assert_eq!(migrations.migrations[0].verdict(), Verdict::Breaks);
-        assert_eq!(reviewed.unsafe_migrations, "refuse");
+        assert_eq!(reviewed.unsafe_migrations, UnsafeMigrations::Refuse);
         let services: Vec<&str> = reviewed.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(services, ["web", "worker", "beat"]);
         let again = plan("drop-column").await;

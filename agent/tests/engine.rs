@@ -14,10 +14,10 @@ use deployd::store::Store;
 use deployd::switch::{Routes, Serving, Switch};
 use deployd_proto::{
     CommitSha, ContainerPhase, Deployment, DeploymentId, DeploymentState, EventKind, FleetPart,
-    RollbackRequest,
+    RollbackRequest, Verdict,
 };
 use reqwest::header::HOST;
-use support::{Scope, Tuning, app_config, poll, scoped};
+use support::{Scope, Tuning, app_config, deploy_request, poll, scoped};
 
 /// The test config: one app, tuned for tests.
 fn config_tuned(
@@ -66,17 +66,8 @@ async fn agent_tuned(scope: &Scope, tuning: Tuning) -> Agent {
 impl Agent {
     fn request(&self, scope: &Scope, variant: &str) -> DeployRequest {
         DeployRequest {
-            app: self.app.clone(),
-            sha: scope.bed.sha(variant),
-            force: false,
             reason: Some(format!("test {variant}")),
-            requested_by: "engine-test".into(),
-            digest: None,
-            skip_tasks: false,
-            fleet: None,
-            plan: None,
-            allow_unsafe_migrations: false,
-            schema: deployd_proto::SchemaRollback::Check,
+            ..deploy_request(&self.app, scope.bed.sha(variant), "engine-test")
         }
     }
 
@@ -250,20 +241,7 @@ async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
         // Release 2's page, and its beat and worker, at work.
         let page = get(&scope, "/").await.text().await.unwrap();
         assert!(page.contains("heartbeats now record their queue"), "{page}");
-        let tick = poll(
-            "a tick scheduled and run by release 2",
-            Duration::from_secs(60),
-            || async {
-                let body: serde_json::Value =
-                    get(&scope, "/heartbeats/").await.json().await.ok()?;
-                let first = body["heartbeats"].as_array()?.first()?.clone();
-                first["scheduled_by"]
-                    .as_str()?
-                    .starts_with("2/good@")
-                    .then_some(first)
-            },
-        )
-        .await;
+        let tick = release_2_ticks(&scope, 0).await;
         assert!(
             tick["run_by"].as_str().unwrap().starts_with("2/good@"),
             "{tick}"
@@ -276,6 +254,30 @@ async fn release_1_then_release_2_moves_every_service_and_beat_keeps_ticking() {
         assert!(again.steps.is_empty(), "{again:#?}");
     })
     .await;
+}
+
+/// The newest heartbeat row once release 2's beat scheduled it (and a
+/// worker wrote it) with an id above `after`: beat, worker, database and
+/// the page reading them all work together.
+async fn release_2_ticks(scope: &Scope, after: i64) -> serde_json::Value {
+    poll(
+        "a tick scheduled by release 2, written to the database",
+        Duration::from_secs(60),
+        || async {
+            let body: serde_json::Value = get(scope, "/heartbeats/").await.json().await.ok()?;
+            let first = body["heartbeats"].as_array()?.first()?.clone();
+            (first["scheduled_by"].as_str()?.starts_with("2/good@")
+                && first["id"].as_i64()? > after)
+                .then_some(first)
+        },
+    )
+    .await
+}
+
+/// The id of the newest heartbeat row, 0 when there is none.
+async fn newest_tick(scope: &Scope) -> i64 {
+    let body: serde_json::Value = get(scope, "/heartbeats/").await.json().await.unwrap();
+    body["heartbeats"][0]["id"].as_i64().unwrap_or(0)
 }
 
 /// Deploys `variant` on top of release 1 and checks the outcome and that
@@ -697,19 +699,7 @@ async fn apps_share_a_host_and_roll_back_to_a_named_kept_release() {
         scope.start_db().await;
         scope.start_db_as("db-b").await;
         scope.start_redis().await;
-        let request = |app: &str, sha: CommitSha| DeployRequest {
-            app: app.to_owned(),
-            sha,
-            force: false,
-            reason: None,
-            requested_by: "engine-test".into(),
-            digest: None,
-            skip_tasks: false,
-            fleet: None,
-            plan: None,
-            allow_unsafe_migrations: false,
-            schema: deployd_proto::SchemaRollback::Check,
-        };
+        let request = |app: &str, sha: CommitSha| deploy_request(app, sha, "engine-test");
         let (r1, r2) = (scope.bed.sha("release-1"), scope.bed.sha("release-2"));
 
         // Both apps deploy at once: one app's deployment is no conflict for
@@ -837,19 +827,7 @@ async fn first_deployments_say_what_they_changed() {
         let plain_health =
             section.replace(r#"headers = { "X-Forwarded-Proto" = "https" }, "#, "");
         assert_ne!(plain_health, section);
-        let request = |variant: &str| DeployRequest {
-            app: app.clone(),
-            sha: scope.bed.sha(variant),
-            force: false,
-            reason: None,
-            requested_by: "engine-test".into(),
-            digest: None,
-            skip_tasks: false,
-            fleet: None,
-            plan: None,
-            allow_unsafe_migrations: false,
-            schema: deployd_proto::SchemaRollback::Check,
-        };
+        let request = |variant: &str| deploy_request(&app, scope.bed.sha(variant), "engine-test");
         let (engine, serving) = switched_engine(&scope, state.path(), &switched(&plain_health)).await;
         scope.start_db().await;
         scope.start_redis().await;
@@ -1018,19 +996,7 @@ async fn services_taken_out_of_the_config_are_removed_by_the_next_deployment() {
             .collect();
         assert_eq!(removed, [("beat", true), ("worker", false)], "{status:#?}");
 
-        let request = DeployRequest {
-            app: agent.app.clone(),
-            sha: scope.bed.sha("release-2"),
-            force: false,
-            reason: None,
-            requested_by: "engine-test".into(),
-            digest: None,
-            skip_tasks: false,
-            fleet: None,
-            plan: None,
-            allow_unsafe_migrations: false,
-            schema: deployd_proto::SchemaRollback::Check,
-        };
+        let request = deploy_request(&agent.app, scope.bed.sha("release-2"), "engine-test");
         let started = engine.deploy(request).await.unwrap();
         let d = engine.wait(&started.id).await.unwrap();
         assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
@@ -1225,6 +1191,73 @@ async fn migrations_are_planned_and_those_that_break_the_running_release_refused
 }
 
 #[tokio::test]
+async fn warn_lets_a_breaking_migration_through_and_says_so() {
+    breaking_migration_goes_through("warn").await;
+}
+
+#[tokio::test]
+async fn allow_lets_a_breaking_migration_through() {
+    breaking_migration_goes_through("allow").await;
+}
+
+/// With `[migrations] unsafe = policy` (warn or allow), a release that
+/// drops a column release 2 reads is deployed; the plan still judges it,
+/// and only `warn` says so in the log.
+async fn breaking_migration_goes_through(policy: &'static str) {
+    scoped(|scope| async move {
+        let tuning = Tuning {
+            migrations: Some(policy),
+            ..Tuning::TEST
+        };
+        let agent = agent_tuned(&scope, tuning).await;
+        let two = agent.deploy(&scope, "release-2").await;
+        assert_eq!(two.state, DeploymentState::Succeeded, "{:?}", two.error);
+        let dropped = agent.deploy(&scope, "drop-column").await;
+        assert_eq!(
+            dropped.state,
+            DeploymentState::Succeeded,
+            "{policy}: {:?}",
+            dropped.error
+        );
+        let id = dropped.plan.as_deref().expect("the deployment made a plan");
+        let plan = agent.engine.store().plan(id).unwrap().unwrap();
+        assert_eq!(plan.unsafe_migrations.as_str(), policy);
+        let judged: Vec<String> = plan
+            .migrations
+            .unwrap()
+            .operations_judged(Verdict::Breaks)
+            .map(|(m, o)| format!("{} {}", m.label(), o.operation))
+            .collect();
+        assert_eq!(judged, ["shop.0003_remove_heartbeat_queue RemoveField"]);
+        let warned: Vec<String> = outputs(&agent.engine, &dropped.id, "plan")
+            .into_iter()
+            .filter(|l| l.starts_with("warning: "))
+            .collect();
+        let r2 = scope.bed.sha("release-2").to_string();
+        match policy {
+            "warn" => assert_eq!(
+                warned,
+                [format!(
+                    "warning: a migration would break release {} while it still runs: \
+                     shop.0003_remove_heartbeat_queue RemoveField (drops column \
+                     heartbeat.queue, which the running release still selects and writes) \
+                     ([migrations] unsafe = \"warn\")",
+                    &r2[..12]
+                )]
+            ),
+            _ => assert!(warned.is_empty(), "{warned:#?}"),
+        }
+        assert!(
+            applied_migrations(&scope, "drop-column")
+                .await
+                .contains(&"shop.0003_remove_heartbeat_queue".to_owned())
+        );
+        settles_on(&scope, &scope.app(), "drop-column").await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
     use deployd_proto::SchemaRollback;
     scoped(|scope| async move {
@@ -1285,7 +1318,9 @@ async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
         assert_eq!(refused.steps.last().unwrap().name, "schema");
         settles_on(&scope, &scope.app(), "not-null-no-default").await;
 
-        // Reversed first, in the live release's image; then release 2 runs.
+        // Reversed first, in the live release's image; then release 2 runs,
+        // and writes: its beat's ticks insert rows without `priority`.
+        let before = newest_tick(&scope).await;
         let back = rollback(SchemaRollback::MigrateBack).await;
         succeeded(&back);
         assert_eq!(back.schema, SchemaRollback::MigrateBack);
@@ -1301,6 +1336,11 @@ async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
             ["shop.0001_initial", "shop.0002_heartbeat_queue"]
         );
         settles_on(&scope, &scope.app(), "release-2").await;
+        let tick = release_2_ticks(&scope, before).await;
+        assert!(
+            tick["run_by"].as_str().unwrap().starts_with("2/good@"),
+            "{tick}"
+        );
 
         // A data migration without reverse code cannot be migrated back.
         succeeded(&agent.deploy(&scope, "irreversible-data").await);

@@ -13,12 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use deployd::config::Config;
-use deployd::engine::{DeployRequest, EngineHandle};
+use deployd::engine::EngineHandle;
 use deployd::store::Store;
 use deployd::switch::{Routes, Switch};
 use deployd_proto::{DeploymentState, RollbackRequest};
 use reqwest::header::HOST;
-use support::{Tuning, app_config, scoped};
+use support::{Tuning, app_config, deploy_request, scoped};
 
 /// One answered (or failed) request: when it started and ended, and which
 /// release served it (`1/good`, say), or why it failed.
@@ -101,19 +101,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         scope.start_redis().await;
 
         let deploy = async |variant: &str| {
-            let request = DeployRequest {
-                app: app.clone(),
-                sha: scope.bed.sha(variant),
-                force: false,
-                reason: None,
-                requested_by: "traffic-test".into(),
-                digest: None,
-                skip_tasks: false,
-                fleet: None,
-                plan: None,
-                allow_unsafe_migrations: false,
-                schema: deployd_proto::SchemaRollback::Check,
-            };
+            let request = deploy_request(&app, scope.bed.sha(variant), "traffic-test");
             let started = engine.deploy(request).await.unwrap();
             engine.wait(&started.id).await.unwrap()
         };

@@ -45,6 +45,39 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// What a deployment does with a migration that would break the release
+/// still running while it runs (a dropped or renamed column, a NOT NULL
+/// column without a database default, ...): an app's `[migrations] unsafe`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum UnsafeMigrations {
+    /// Fail before anything runs, unless the deployment is explicitly
+    /// allowed (`--allow-unsafe-migrations`, admin scope).
+    #[default]
+    Refuse,
+    /// Say so in the deployment's log and go on.
+    Warn,
+    /// Go on; the plan still lists them.
+    Allow,
+}
+
+impl UnsafeMigrations {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::Warn => "warn",
+            Self::Allow => "allow",
+        }
+    }
+}
+
+impl std::fmt::Display for UnsafeMigrations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One operation of a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -179,9 +212,8 @@ pub struct Plan {
     pub digest: Option<String>,
     /// The release live when it was made, and its digest.
     pub live: Option<(CommitSha, String)>,
-    /// What the app does with a migration that breaks the running release:
-    /// `refuse`, `warn` or `allow`.
-    pub unsafe_migrations: String,
+    /// What the app does with a migration that breaks the running release.
+    pub unsafe_migrations: UnsafeMigrations,
     /// Absent until inspected.
     pub migrations: Option<MigrationPlan>,
     /// Services in the order they roll.

@@ -5,33 +5,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use deployd_proto::UnsafeMigrations;
+
 use super::Problems;
-
-/// What a deployment does with a migration that would break the release
-/// still running while it runs (a dropped or renamed column, a NOT NULL
-/// column without a database default, ...).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnsafeMigrations {
-    /// Fail before anything runs, unless the deployment is explicitly
-    /// allowed (`--allow-unsafe-migrations`, admin scope).
-    #[default]
-    Refuse,
-    /// Say so in the deployment's log and go on.
-    Warn,
-    /// Go on; the plan still lists them.
-    Allow,
-}
-
-impl UnsafeMigrations {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Refuse => "refuse",
-            Self::Warn => "warn",
-            Self::Allow => "allow",
-        }
-    }
-}
 
 /// How the plan is made. Present, every deployment of the app makes one;
 /// absent, none does (an app without Django migrations).

@@ -6,198 +6,28 @@
 //! passed to `manage.py shell -c` in a one-off container of the release's
 //! image with the app's env and network: nothing is installed in the image,
 //! and the program makes its database session read-only before it reads
-//! the migration state. A deployment's `plan` step makes one and refuses
-//! what the app refuses; `deployctl plan` makes one to review first.
+//! the migration state (`plan/inspect.rs`). A deployment's `plan` step
+//! makes one and refuses what the app refuses; `deployctl plan` makes one
+//! to review first.
 
-use std::collections::HashMap;
+mod inspect;
+
 use std::sync::Arc;
 
 use deployd_proto::{
-    CommitSha, MigrationPlan, Plan, PlanState, PlannedMigration, PlannedService, PlannedTask,
-    Verdict,
+    CommitSha, MigrationPlan, Plan, PlanState, PlannedService, PlannedTask, Verdict,
 };
-use serde::Deserialize;
 
-use deployd_proto::EventKind;
-
-use super::common::{Failure, short_id};
+use super::common::{Failure, short_sha};
 use super::label;
 use super::run::Run;
 use super::{Ctx, EngineError, EngineHandle};
 use crate::config::{AppConfig, MigrationsConfig, UnsafeMigrations};
-use crate::docker::{ContainerSpec, ImageRef, PulledImage, RegistryAuth};
+use crate::docker::PulledImage;
 use crate::env_file::AppEnv;
-
-const INSPECTOR: &str = include_str!("plan/inspect_migrations.py");
-const HEADER: &str = "deployd-migration-plan: ";
-const MIGRATION: &str = "deployd-migration: ";
-const END: &str = "deployd-migration-plan-end";
-/// Output lines of a failed inspection quoted in its failure.
-const QUOTED_LINES: usize = 3;
-
-/// One inspection of a release's migrations.
-pub(crate) struct Inspection<'a> {
-    pub app: &'a str,
-    pub cfg: &'a AppConfig,
-    pub migrations: &'a MigrationsConfig,
-    /// The image, pinned by digest.
-    pub image: &'a str,
-    pub env: &'a AppEnv,
-    /// Plan back to this migration state (`[app, name]`); absent, forward
-    /// to the release's own leaves.
-    pub targets: Option<&'a [(String, String)]>,
-    /// Names the container (`<app>-plan-<id>`) and labels it.
-    pub id: &'a str,
-}
-
-/// The inspector's first line.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Header {
-    Failed {
-        error: String,
-    },
-    Planned {
-        django: String,
-        vendor: String,
-        leaves: Vec<(String, String)>,
-        count: usize,
-    },
-}
-
-/// What the inspector printed, taken line by line.
-#[derive(Default)]
-struct Answer {
-    header: Option<Header>,
-    migrations: Vec<PlannedMigration>,
-    ended: bool,
-    /// A line of the answer that could not be read.
-    unreadable: Option<String>,
-}
-
-impl Answer {
-    /// Takes the answer's lines; other output (the app's own) is left.
-    fn take(&mut self, line: &str) {
-        let read = if let Some(json) = line.strip_prefix(HEADER) {
-            serde_json::from_str(json).map(|h| self.header = Some(h))
-        } else if let Some(json) = line.strip_prefix(MIGRATION) {
-            serde_json::from_str(json).map(|m| self.migrations.push(m))
-        } else {
-            if line == END {
-                self.ended = true;
-            }
-            Ok(())
-        };
-        if let Err(e) = read {
-            self.unreadable.get_or_insert(e.to_string());
-        }
-    }
-
-    fn finish(self, exit_code: i64, output: &[String]) -> Result<MigrationPlan, Failure> {
-        let quoted = || {
-            let last = &output[output.len().saturating_sub(QUOTED_LINES)..];
-            if last.is_empty() {
-                "no output".to_owned()
-            } else {
-                last.join(" | ")
-            }
-        };
-        match self.header {
-            Some(Header::Failed { error }) => {
-                Err(Failure(format!("the migration plan failed: {error}")))
-            }
-            Some(Header::Planned {
-                django,
-                vendor,
-                leaves,
-                count,
-            }) if self.ended && self.migrations.len() == count && self.unreadable.is_none() => {
-                Ok(MigrationPlan {
-                    django,
-                    vendor,
-                    leaves,
-                    migrations: self.migrations,
-                })
-            }
-            _ if let Some(e) = self.unreadable => Err(Failure(format!(
-                "the migration plan's answer cannot be read ({e})"
-            ))),
-            _ => Err(Failure(format!(
-                "the migration plan did not finish (manage.py shell exited with {exit_code}): {}",
-                quoted()
-            ))),
-        }
-    }
-}
-
-impl Ctx {
-    /// Runs the inspector; what `migrate` would do, judged.
-    pub(crate) async fn inspect_migrations(
-        &self,
-        i: Inspection<'_>,
-    ) -> Result<MigrationPlan, Failure> {
-        let task = i.migrations.env_of_task.as_deref().unwrap_or("migrate");
-        let mut env = i.env.task(task).to_vec();
-        let request = match i.targets {
-            Some(targets) => serde_json::json!({ "targets": targets }),
-            None => serde_json::json!({}),
-        };
-        env.push(("DEPLOYD_INSPECT".into(), request.to_string()));
-        // In the environment, not the command line: a timeout's message
-        // quotes the command.
-        env.push(("DEPLOYD_INSPECTOR".into(), INSPECTOR.into()));
-        let mut cmd = i.migrations.manage.clone();
-        cmd.extend([
-            "shell".into(),
-            "-c".into(),
-            "import os; exec(os.environ['DEPLOYD_INSPECTOR'], {'__name__': 'deployd'})".into(),
-        ]);
-        let spec = ContainerSpec {
-            name: Some(format!("{}-plan-{}", i.app, short_id(i.id))),
-            image: i.image.to_owned(),
-            cmd: Some(cmd),
-            env,
-            network: i.cfg.network.clone(),
-            // Settings may read files from them.
-            volumes: i.cfg.volumes.clone(),
-            labels: HashMap::from([
-                (label::APP.to_owned(), i.app.to_owned()),
-                (label::TASK.to_owned(), "plan".to_owned()),
-            ]),
-            cgroup_parent: i.cfg.cgroup_parent.clone(),
-            ..Default::default()
-        };
-        let mut answer = Answer::default();
-        let output = self
-            .docker
-            .run_oneoff(spec, i.migrations.timeout, |line| answer.take(line))
-            .await?;
-        answer.finish(output.exit_code, &output.lines)
-    }
-}
+pub(crate) use inspect::Inspection;
 
 impl Run {
-    /// Inspects `image` for this run's app, forward or back to `targets`.
-    pub(crate) async fn inspect(
-        &self,
-        migrations: &MigrationsConfig,
-        image: &str,
-        env: &AppEnv,
-        targets: Option<&[(String, String)]>,
-        id: &str,
-    ) -> Result<MigrationPlan, Failure> {
-        let inspection = Inspection {
-            app: &self.app,
-            cfg: &self.cfg,
-            migrations,
-            image,
-            env,
-            targets,
-            id,
-        };
-        self.ctx.inspect_migrations(inspection).await
-    }
-
     /// The `plan` step of a deployment: inspects the release (an app with
     /// `[migrations]`), records the plan, holds it to the reviewed plan if
     /// there is one, and refuses migrations that break the running release
@@ -228,10 +58,7 @@ impl Run {
                 .inspect(migrations, &image.pinned, env, None, &plan.id)
                 .await?;
             for line in describe(&inspected) {
-                self.emit(EventKind::Output {
-                    step: "plan".into(),
-                    line,
-                });
+                self.say("plan", line);
             }
             plan.migrations = Some(inspected);
         }
@@ -247,23 +74,23 @@ impl Run {
             if let Some(why) = stale(&reviewed, &plan) {
                 return Err(Failure(why));
             }
-            self.emit(EventKind::Output {
-                step: "plan".into(),
-                line: format!("holds to the reviewed plan {}", reviewed.id),
-            });
+            self.say(
+                "plan",
+                format!("holds to the reviewed plan {}", reviewed.id),
+            );
         }
         let breaking = plan.migrations.as_ref().map(breaking).unwrap_or_default();
         let Some(migrations) = migrations.filter(|_| !breaking.is_empty()) else {
             return Ok(());
         };
         let Some(running) = &self.previous else {
-            self.emit(EventKind::Output {
-                step: "plan".into(),
-                line: "no release runs yet: nothing for these migrations to break".into(),
-            });
+            self.say(
+                "plan",
+                "no release runs yet: nothing for these migrations to break".into(),
+            );
             return Ok(());
         };
-        let running = running.sha.as_str().chars().take(12).collect::<String>();
+        let running = short_sha(running.sha.as_str());
         let what = format!(
             "{} would break release {running} while it still runs: {}",
             if breaking.len() == 1 {
@@ -273,32 +100,37 @@ impl Run {
             },
             breaking.join("; ")
         );
-        let line = |line: String| {
-            self.emit(EventKind::Output {
-                step: "plan".into(),
-                line,
-            })
-        };
-        match migrations.unsafe_migrations {
-            UnsafeMigrations::Refuse if self.allow_unsafe_migrations => {
-                line(format!(
-                    "allowed for this deployment (--allow-unsafe-migrations): {what}"
-                ));
-                Ok(())
-            }
-            UnsafeMigrations::Refuse => Err(Failure(format!(
-                "refused: {what}. Ship such a change in steps (expand, then contract): first \
-                 what the new code needs, nullable or with a database default; the drop or \
-                 rename once no release reads the old, allowed then for that deployment with \
-                 --allow-unsafe-migrations --reason (admin scope), since deployd judges the \
-                 migration, not the code"
-            ))),
-            UnsafeMigrations::Warn => {
-                line(format!("warning: {what} ([migrations] unsafe = \"warn\")"));
-                Ok(())
-            }
-            UnsafeMigrations::Allow => Ok(()),
+        let said = gate(
+            migrations.unsafe_migrations,
+            self.allow_unsafe_migrations,
+            &what,
+        )?;
+        if let Some(line) = said {
+            self.say("plan", line);
         }
+        Ok(())
+    }
+}
+
+/// What a deployment does about migrations that would break the running
+/// release (`what` names them), by the app's policy and whether an admin
+/// allowed them for this deployment: fails, or goes on, saying why.
+fn gate(policy: UnsafeMigrations, allowed: bool, what: &str) -> Result<Option<String>, Failure> {
+    match policy {
+        UnsafeMigrations::Refuse if allowed => Ok(Some(format!(
+            "allowed for this deployment (--allow-unsafe-migrations): {what}"
+        ))),
+        UnsafeMigrations::Refuse => Err(Failure(format!(
+            "refused: {what}. Ship such a change in steps (expand, then contract): first \
+             what the new code needs, nullable or with a database default; the drop or \
+             rename once no release reads the old, allowed then for that deployment with \
+             --allow-unsafe-migrations --reason (admin scope), since deployd judges the \
+             migration, not the code"
+        ))),
+        UnsafeMigrations::Warn => Ok(Some(format!(
+            "warning: {what} ([migrations] unsafe = \"warn\")"
+        ))),
+        UnsafeMigrations::Allow => Ok(None),
     }
 }
 
@@ -365,15 +197,7 @@ impl Ctx {
     async fn make_plan(self: Arc<Self>, cfg: Arc<AppConfig>, mut plan: Plan) {
         let made = async {
             let env = AppEnv::read(&cfg)?;
-            let auth = match &cfg.registry_auth_file {
-                Some(path) => Some(RegistryAuth::from_file(path)?),
-                None => None,
-            };
-            let image = ImageRef::new(cfg.image.clone(), plan.sha.clone());
-            let image = self.docker.pull(&image, auth.as_ref()).await?;
-            // Pruned with the app's other unused images.
-            self.store
-                .prepared(&plan.app, plan.sha.as_str(), &image.digest)?;
+            let image = self.pull_recorded(&plan.app, &cfg, &plan.sha).await?;
             plan.digest = Some(image.digest.clone());
             if let Some(migrations) = &cfg.migrations {
                 let inspected = self
@@ -427,9 +251,7 @@ pub(crate) fn new_plan(
         unsafe_migrations: cfg
             .migrations
             .as_ref()
-            .map_or(UnsafeMigrations::Allow, |m| m.unsafe_migrations)
-            .as_str()
-            .to_owned(),
+            .map_or(UnsafeMigrations::Allow, |m| m.unsafe_migrations),
         migrations: None,
         services: cfg
             .roll_order()
@@ -500,7 +322,7 @@ pub(crate) fn breaking(plan: &MigrationPlan) -> Vec<String> {
 /// Why a deployment may not hold to the plan it was reviewed with: what
 /// differs between `reviewed` and the plan its own step made.
 pub(crate) fn stale(reviewed: &Plan, fresh: &Plan) -> Option<String> {
-    let short = |sha: &CommitSha| sha.as_str().chars().take(12).collect::<String>();
+    let short = |sha: &CommitSha| short_sha(sha.as_str()).to_owned();
     let live = |p: &Plan| {
         p.live
             .as_ref()
@@ -566,9 +388,10 @@ pub(crate) fn stale(reviewed: &Plan, fresh: &Plan) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deployd_proto::PlannedMigration;
     use deployd_proto::PlannedOperation;
 
-    fn migration(name: &str, verdict: Verdict) -> PlannedMigration {
+    pub(super) fn migration(name: &str, verdict: Verdict) -> PlannedMigration {
         PlannedMigration {
             app: "shop".into(),
             name: name.into(),
@@ -582,53 +405,6 @@ mod tests {
             }],
             sql: vec!["ALTER TABLE ...".into()],
         }
-    }
-
-    fn lines(output: &[&str]) -> Answer {
-        let mut answer = Answer::default();
-        for line in output {
-            answer.take(line);
-        }
-        answer
-    }
-
-    #[test]
-    fn reads_the_inspectors_answer_among_the_apps_own_output() {
-        let m = serde_json::to_string(&migration("0003_x", Verdict::Breaks)).unwrap();
-        let header = r#"deployd-migration-plan: {"django": "5.2", "vendor": "postgresql", "leaves": [["shop", "0003_x"]], "count": 1}"#;
-        let output = [
-            "5 objects imported automatically (use -v 2 for details).",
-            header,
-            &format!("deployd-migration: {m}"),
-            "deployd-migration-plan-end",
-        ];
-        let plan = lines(&output).finish(0, &[]).unwrap();
-        assert_eq!(plan.leaves, [("shop".to_owned(), "0003_x".to_owned())]);
-        assert_eq!(plan.labels(), ["shop.0003_x"]);
-        assert_eq!(
-            breaking(&plan),
-            ["shop.0003_x RemoveField (drops column heartbeat.queue)"]
-        );
-    }
-
-    #[test]
-    fn an_unfinished_or_failed_inspection_says_why() {
-        let error = lines(&[r#"deployd-migration-plan: {"error": "OperationalError: no db"}"#]);
-        let why = error.finish(0, &[]).unwrap_err().0;
-        assert_eq!(why, "the migration plan failed: OperationalError: no db");
-        // Cut short: a migration line is missing.
-        let header = r#"deployd-migration-plan: {"django": "5.2", "vendor": "sqlite", "leaves": [], "count": 1}"#;
-        let cut = lines(&[header, "deployd-migration-plan-end"]);
-        let why = cut
-            .finish(1, &["Traceback".into(), "ImportError: x".into()])
-            .unwrap_err()
-            .0;
-        assert_eq!(
-            why,
-            "the migration plan did not finish (manage.py shell exited with 1): Traceback | ImportError: x"
-        );
-        let none = lines(&["Unknown command: 'shell'"]);
-        assert!(none.finish(1, &[]).unwrap_err().0.ends_with(": no output"));
     }
 
     /// The wire fixture's plan (live: bbbb..., sha aaaa...), with these
@@ -684,5 +460,29 @@ mod tests {
                 "    RemoveField Remove field queue from heartbeat: BREAKS: drops column heartbeat.queue",
             ]
         );
+    }
+
+    #[test]
+    fn the_gate_refuses_warns_or_lets_through_by_policy() {
+        let what = "a migration would break release 0123456789ab while it still runs: x";
+        let refused = gate(UnsafeMigrations::Refuse, false, what).unwrap_err().0;
+        assert!(
+            refused.starts_with(&format!("refused: {what}. "))
+                && refused.contains("expand, then contract"),
+            "{refused}"
+        );
+        assert_eq!(
+            gate(UnsafeMigrations::Refuse, true, what).unwrap(),
+            Some(format!(
+                "allowed for this deployment (--allow-unsafe-migrations): {what}"
+            ))
+        );
+        for allowed in [false, true] {
+            assert_eq!(
+                gate(UnsafeMigrations::Warn, allowed, what).unwrap(),
+                Some(format!("warning: {what} ([migrations] unsafe = \"warn\")"))
+            );
+            assert_eq!(gate(UnsafeMigrations::Allow, allowed, what).unwrap(), None);
+        }
     }
 }

@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use deployd_proto::{CommitSha, PrepareState, Prepared};
 
-use super::{EngineError, EngineHandle};
-use crate::docker::{ImageRef, RegistryAuth};
+use super::common::Failure;
+use super::{Ctx, EngineError, EngineHandle};
+use crate::config::AppConfig;
+use crate::docker::{ImageRef, PulledImage, RegistryAuth};
 
 /// Each app's latest prepare.
 #[derive(Debug, Default)]
@@ -91,33 +93,14 @@ impl EngineHandle {
         let ctx = Arc::clone(&self.ctx);
         let (app, sha) = (app.to_owned(), sha.clone());
         tokio::spawn(async move {
-            let image = ImageRef::new(cfg.image.clone(), sha.clone());
-            let pulled = async {
-                let auth = match &cfg.registry_auth_file {
-                    Some(path) => Some(RegistryAuth::from_file(path).map_err(|e| e.to_string())?),
-                    None => None,
-                };
-                ctx.docker
-                    .pull(&image, auth.as_ref())
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            let ended = match pulled.await {
-                Ok(image) if let Err(e) = ctx.store.prepared(&app, sha.as_str(), &image.digest) => {
-                    Prepared {
-                        sha: sha.clone(),
-                        state: PrepareState::Failed,
-                        digest: None,
-                        error: Some(format!("cannot record the pull: {e}")),
-                    }
-                }
+            let ended = match ctx.pull_recorded(&app, &cfg, &sha).await {
                 Ok(image) => Prepared {
                     sha: sha.clone(),
                     state: PrepareState::Ready,
                     digest: Some(image.digest),
                     error: None,
                 },
-                Err(error) => Prepared {
+                Err(Failure(error)) => Prepared {
                     sha: sha.clone(),
                     state: PrepareState::Failed,
                     digest: None,
@@ -132,5 +115,35 @@ impl EngineHandle {
             }
         });
         Ok(pulling)
+    }
+}
+
+/// The app's registry credentials, read from their file on every use (a
+/// rotated password needs no restart). Errors name the file, never its
+/// content.
+pub(crate) fn registry_auth(cfg: &AppConfig) -> Result<Option<RegistryAuth>, Failure> {
+    Ok(match &cfg.registry_auth_file {
+        Some(path) => Some(RegistryAuth::from_file(path)?),
+        None => None,
+    })
+}
+
+impl Ctx {
+    /// Pulls release `sha` of the app ahead of a deployment (a prepare, a
+    /// plan) and records the pull, so that an image no deployment ends up
+    /// using is pruned with the app's other unused images.
+    pub(crate) async fn pull_recorded(
+        &self,
+        app: &str,
+        cfg: &AppConfig,
+        sha: &CommitSha,
+    ) -> Result<PulledImage, Failure> {
+        let auth = registry_auth(cfg)?;
+        let image = ImageRef::new(cfg.image.clone(), sha.clone());
+        let image = self.docker.pull(&image, auth.as_ref()).await?;
+        self.store
+            .prepared(app, sha.as_str(), &image.digest)
+            .map_err(|e| Failure(format!("cannot record the pull: {e}")))?;
+        Ok(image)
     }
 }

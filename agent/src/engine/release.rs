@@ -30,7 +30,9 @@ impl Run {
             timeout: task.timeout,
         };
         let ended = self
-            .run_logged(oneoff, |line| applied.extend(applied_migration(line)))
+            .run_logged(oneoff, |line| {
+                applied.extend(migration_done("Applying", line))
+            })
             .await;
         self.applied_migrations(applied)?;
         let (exit_code, last) = ended?;
@@ -131,9 +133,10 @@ fn unlogged_tail(seen: usize, last: &[String]) -> (usize, &[String]) {
     (unlogged - tail.len(), tail)
 }
 
-/// A migration Django reports as applied (`Applying shop.0002_x... OK`).
-fn applied_migration(line: &str) -> Option<String> {
-    let rest = line.trim().strip_prefix("Applying ")?;
+/// A migration `manage.py migrate` reports done, by its `verb`:
+/// `Applying shop.0002_x... OK` or, migrating back, `Unapplying ...`.
+pub(crate) fn migration_done(verb: &str, line: &str) -> Option<String> {
+    let rest = line.trim().strip_prefix(verb)?.strip_prefix(' ')?;
     let name = rest.strip_suffix("... OK")?;
     Some(name.trim().to_owned())
 }
@@ -153,8 +156,22 @@ mod tests {
         ]
         .map(String::from)
         .into();
-        let applied: Vec<String> = lines.iter().filter_map(|l| applied_migration(l)).collect();
+        let applied: Vec<String> = lines
+            .iter()
+            .filter_map(|l| migration_done("Applying", l))
+            .collect();
         assert_eq!(applied, ["shop.0002_heartbeat_queue"]);
+        assert_eq!(
+            migration_done(
+                "Unapplying",
+                "  Unapplying shop.0003_heartbeat_priority... OK"
+            ),
+            Some("shop.0003_heartbeat_priority".into())
+        );
+        assert_eq!(
+            migration_done("Unapplying", "  Applying shop.0003_x... OK"),
+            None
+        );
     }
 
     #[test]

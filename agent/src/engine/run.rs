@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::Ctx;
 use super::common::Failure;
+use super::prepare::registry_auth;
 use super::roll::Rollout;
 use crate::config::{AppConfig, TaskConfig};
 use crate::docker::{ImageRef, PulledImage, RegistryAuth};
@@ -138,6 +139,14 @@ impl Run {
 
     pub fn emit(&self, kind: EventKind) {
         self.ctx.emit(&self.id, kind);
+    }
+
+    /// A line of the step's output in the deployment's log.
+    pub fn say(&self, step: &str, line: String) {
+        self.emit(EventKind::Output {
+            step: step.to_owned(),
+            line,
+        });
     }
 
     /// Records the terminal state, in the store first, then in the audit log.
@@ -436,12 +445,7 @@ impl Run {
     }
 
     async fn prepare(&self) -> Result<(AppEnv, Option<RegistryAuth>), Failure> {
-        let env = AppEnv::read(&self.cfg)?;
-        let auth = match &self.cfg.registry_auth_file {
-            Some(path) => Some(RegistryAuth::from_file(path)?),
-            None => None,
-        };
-        Ok((env, auth))
+        Ok((AppEnv::read(&self.cfg)?, registry_auth(&self.cfg)?))
     }
 
     async fn pull(&self, auth: Option<&RegistryAuth>) -> Result<PulledImage, Failure> {

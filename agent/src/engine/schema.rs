@@ -8,11 +8,11 @@
 //! Which migrations: the live release's Django plans back to the migration
 //! state the older release left, as its deployment's plan recorded it.
 
-use deployd_proto::{DeploymentKind, EventKind, MigrationPlan, SchemaRollback};
+use deployd_proto::{DeploymentKind, MigrationPlan, SchemaRollback};
 
-use super::common::Failure;
+use super::common::{Failure, short_sha};
 use super::plan::{breaking, describe};
-use super::release::OneOff;
+use super::release::{OneOff, migration_done};
 use super::run::Run;
 use crate::config::MigrationsConfig;
 use crate::docker::{ImageRef, PulledImage, RegistryAuth};
@@ -28,18 +28,7 @@ pub(crate) struct Reversal {
     targets: Vec<(String, String)>,
 }
 
-fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
-}
-
 impl Run {
-    fn say(&self, step: &str, line: String) {
-        self.emit(EventKind::Output {
-            step: step.to_owned(),
-            line,
-        });
-    }
-
     /// The `schema` step of a rollback: what migrations applied since its
     /// release last ran do to that release, and whether it may go on. The
     /// migrations to reverse first, with `--migrate-back`.
@@ -53,7 +42,7 @@ impl Run {
         let (Some(live), Some(digest)) = (&self.previous, &self.pin) else {
             return Ok(None);
         };
-        let target = short(self.sha.as_str());
+        let target = short_sha(self.sha.as_str());
         if self.schema == SchemaRollback::Force {
             // Forced: not even the live release's Django must start.
             self.say(
@@ -113,7 +102,7 @@ impl Run {
             "schema",
             format!(
                 "applied since release {target} last ran, as the live release {} sees them:",
-                short(live.sha.as_str())
+                short_sha(live.sha.as_str())
             ),
         );
         for line in describe(&back) {
@@ -212,7 +201,9 @@ impl Run {
             };
             let mut unapplied = Vec::new();
             let ended = self
-                .run_logged(oneoff, |line| unapplied.extend(unapplied_migration(line)))
+                .run_logged(oneoff, |line| {
+                    unapplied.extend(migration_done("Unapplying", line))
+                })
                 .await;
             // What Django reported reversed is no longer kept, even if the
             // command then failed.
@@ -235,26 +226,5 @@ impl Run {
             }
         }
         Ok(())
-    }
-}
-
-/// A migration Django reports as unapplied (`Unapplying shop.0003_x... OK`).
-fn unapplied_migration(line: &str) -> Option<String> {
-    let rest = line.trim().strip_prefix("Unapplying ")?;
-    let name = rest.strip_suffix("... OK")?;
-    Some(name.trim().to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_unapplied_migrations_in_django_output() {
-        assert_eq!(
-            unapplied_migration("  Unapplying shop.0003_heartbeat_priority... OK"),
-            Some("shop.0003_heartbeat_priority".into())
-        );
-        assert_eq!(unapplied_migration("  Applying shop.0003_x... OK"), None);
     }
 }

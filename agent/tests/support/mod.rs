@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deployd::docker::{ContainerSpec, ContainerState, Docker, ImageRef, RegistryAuth};
+use deployd::engine::DeployRequest;
 use deployd::env_file;
-use deployd_proto::CommitSha;
+use deployd_proto::{CommitSha, SchemaRollback};
 
 /// Every release the test bed pushes.
 pub const VARIANTS: [&str; 13] = [
@@ -78,6 +79,24 @@ impl Tuning {
         migrations: Some("refuse"),
         ..Self::TEST
     };
+}
+
+/// A plain deployment of `sha` to `app`, as an API request makes one: no
+/// pin, no fleet, no plan, nothing skipped or allowed.
+pub fn deploy_request(app: &str, sha: CommitSha, requested_by: &str) -> DeployRequest {
+    DeployRequest {
+        app: app.to_owned(),
+        sha,
+        force: false,
+        reason: None,
+        requested_by: requested_by.to_owned(),
+        digest: None,
+        skip_tasks: false,
+        fleet: None,
+        plan: None,
+        allow_unsafe_migrations: false,
+        schema: SchemaRollback::Check,
+    }
 }
 
 /// The example config's app section for the sample app, pointed at this

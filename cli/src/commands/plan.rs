@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use deployd_proto::{CommitSha, Plan, PlanRequest, PlanState, Verdict};
+use deployd_proto::{CommitSha, Plan, PlanRequest, PlanState, UnsafeMigrations, Verdict};
 use reqwest::Method;
 use tokio::time::Instant;
 
@@ -96,7 +96,7 @@ async fn get(ctx: &Ctx, id: &str) -> Result<Plan, CliError> {
 /// Whether a deployment of the plan would be refused for its migrations.
 fn refused(plan: &Plan) -> bool {
     plan.live.is_some()
-        && plan.unsafe_migrations == "refuse"
+        && plan.unsafe_migrations == UnsafeMigrations::Refuse
         && plan
             .migrations
             .iter()
@@ -193,7 +193,7 @@ pub fn render(plan: &Plan) -> Vec<String> {
         .iter()
         .flat_map(|m| m.operations_judged(Verdict::Breaks))
         .count();
-    lines.push(match (breaking, plan.live.is_some(), plan.unsafe_migrations.as_str()) {
+    lines.push(match (breaking, plan.live.is_some(), plan.unsafe_migrations) {
         (0, _, _) => "verdict   nothing breaks the running release".to_owned(),
         (_, false, _) => "verdict   no release runs yet: nothing for these to break".to_owned(),
         (n, true, _) if refused(plan) => format!(

@@ -106,6 +106,11 @@ pub enum EngineError {
     Docker(#[from] crate::docker::DockerError),
     #[error("a prepare of {sha} is still pulling for {app}; ask again once it has ended")]
     Preparing { app: String, sha: CommitSha },
+    #[error(
+        "plan {id} of {app} is still being made; read it (deployctl plan --show {id}) and ask \
+         again once it has ended"
+    )]
+    Planning { app: String, id: String },
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot set up the health check client: {0}")]
@@ -122,6 +127,7 @@ impl EngineError {
                 | Self::Conflict { .. }
                 | Self::Locked { .. }
                 | Self::Preparing { .. }
+                | Self::Planning { .. }
                 | Self::NoPreviousRelease(_)
                 | Self::UnknownRelease { .. }
         )
@@ -149,8 +155,8 @@ pub(crate) struct Ctx {
     stopping: CancellationToken,
     /// Each app's latest prepare (pull and pin ahead of a deployment).
     prepares: prepare::Prepares,
-    /// Plans being made, by id.
-    planning: Mutex<std::collections::HashSet<String>>,
+    /// Plans made by this process that no deployment made, by id.
+    planning: Mutex<HashMap<String, plan::Making>>,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the

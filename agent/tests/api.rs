@@ -1092,17 +1092,25 @@ async fn plans_are_made_read_and_held_to_and_only_an_admin_allows_unsafe_migrati
             let d: Deployment = r.json().await.unwrap();
             agent.engine.wait(&d.id).await.unwrap()
         };
-        let plan = async |variant: &str| -> Plan {
-            let r = http
-                .post(agent.at(&format!("/v1/apps/{app}/plans")))
+        let ask = async |variant: &str| {
+            http.post(agent.at(&format!("/v1/apps/{app}/plans")))
                 .bearer_auth(ci())
                 .json(&serde_json::json!({"sha": scope.bed.sha(variant)}))
                 .send()
                 .await
-                .unwrap();
+                .unwrap()
+        };
+        let plan = async |variant: &str| -> Plan {
+            let r = ask(variant).await;
             assert_eq!(r.status(), StatusCode::ACCEPTED);
             let mut plan: Plan = r.json().await.unwrap();
             assert_eq!(plan.requested_by, "ci-shop");
+            // One plan at a time per app (each pulls and runs a container).
+            let again = ask(variant).await;
+            assert_eq!(again.status(), StatusCode::CONFLICT);
+            let again: ErrorBody = again.json().await.unwrap();
+            assert_eq!(again.code, deployd_proto::ErrorCode::Preparing);
+            assert!(again.message.contains(&plan.id), "{}", again.message);
             let token = ci();
             // A pull and an inspection: minutes at most, however slow.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(300);

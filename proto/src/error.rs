@@ -68,7 +68,7 @@ pub enum ErrorCode {
     /// A deployment is running (`deployment` names it).
     Conflict,
     Locked,
-    /// Another release is being prepared.
+    /// Another release is being prepared, or another plan made.
     Preparing,
     /// Outside the fleet deployment that holds the app.
     FleetMismatch,

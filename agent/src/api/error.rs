@@ -106,7 +106,9 @@ impl From<EngineError> for ApiError {
                 return error;
             }
             EngineError::Locked { .. } => (StatusCode::LOCKED, ErrorCode::Locked),
-            EngineError::Preparing { .. } => (StatusCode::CONFLICT, ErrorCode::Preparing),
+            EngineError::Preparing { .. } | EngineError::Planning { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::Preparing)
+            }
             EngineError::NoPreviousRelease(_) => {
                 (StatusCode::CONFLICT, ErrorCode::NoPreviousRelease)
             }

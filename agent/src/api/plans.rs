@@ -18,6 +18,7 @@ use super::{ApiError, ApiState, Caller, Json, Path};
         (status = 202, description = "Recorded; being made", body = Plan),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Another plan of the app is being made", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

@@ -12,6 +12,7 @@
 
 mod inspect;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use deployd_proto::{
@@ -134,6 +135,14 @@ fn gate(policy: UnsafeMigrations, allowed: bool, what: &str) -> Result<Option<St
     }
 }
 
+/// A plan this process makes outside a deployment.
+#[derive(Debug)]
+pub(super) struct Making {
+    app: String,
+    /// Why its end could not be recorded, if it could not.
+    unrecorded: Option<String>,
+}
+
 impl EngineHandle {
     /// Starts a plan of `sha`: recorded as `planning`, then pulled and
     /// inspected in a task of its own. Changes nothing that runs.
@@ -146,23 +155,56 @@ impl EngineHandle {
         let live = self.ctx.store.live_release(app)?.map(|r| (r.sha, r.digest));
         let id = uuid::Uuid::now_v7().to_string();
         let plan = new_plan(id, app, &cfg, sha, live, requested_by);
+        // One at a time per app: each pulls and runs a container.
+        let mut planning = self.ctx.planning();
+        let busy = planning
+            .iter()
+            .find(|(_, m)| m.app == app && m.unrecorded.is_none());
+        if let Some((id, _)) = busy {
+            return Err(EngineError::Planning {
+                app: app.to_owned(),
+                id: id.clone(),
+            });
+        }
         self.ctx.store.put_plan(&plan)?;
-        self.ctx.planning().insert(plan.id.clone());
+        planning.insert(
+            plan.id.clone(),
+            Making {
+                app: app.to_owned(),
+                unrecorded: None,
+            },
+        );
+        drop(planning);
         tokio::spawn(Arc::clone(&self.ctx).make_plan(cfg, plan.clone()));
         Ok(plan)
     }
 
-    /// A plan by id. One still `planning` that no task makes any more (deployd
-    /// restarted meanwhile) is told as failed.
+    /// A plan by id. One still `planning` that no task makes any more is
+    /// told as failed: deployd restarted meanwhile, or its end could not be
+    /// recorded.
     pub fn plan_by_id(&self, id: &str) -> Result<Plan, EngineError> {
         let mut plan = self
             .ctx
             .store
             .plan(id)?
             .ok_or_else(|| EngineError::UnknownPlan(id.to_owned()))?;
-        if plan.state == PlanState::Planning && !self.ctx.planning().contains(id) {
-            plan.state = PlanState::Failed;
-            plan.error = Some("deployd restarted while the plan was being made".into());
+        if plan.state == PlanState::Planning {
+            match self.ctx.planning().get(id) {
+                Some(Making {
+                    unrecorded: None, ..
+                }) => {}
+                Some(Making {
+                    unrecorded: Some(why),
+                    ..
+                }) => {
+                    plan.state = PlanState::Failed;
+                    plan.error = Some(format!("the plan ended, but could not be recorded: {why}"));
+                }
+                None => {
+                    plan.state = PlanState::Failed;
+                    plan.error = Some("deployd restarted while the plan was being made".into());
+                }
+            }
         }
         Ok(plan)
     }
@@ -189,7 +231,7 @@ impl Ctx {
         }
     }
 
-    fn planning(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    fn planning(&self) -> std::sync::MutexGuard<'_, HashMap<String, Making>> {
         self.planning.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -223,10 +265,19 @@ impl Ctx {
             }
         }
         tracing::info!(app = %plan.app, plan = %plan.id, state = ?plan.state, "plan ended");
-        if let Err(e) = self.store.put_plan(&plan) {
-            tracing::error!(plan = %plan.id, error = %e, "cannot record the plan");
+        let mut planning = self.planning();
+        match self.store.put_plan(&plan) {
+            Ok(()) => {
+                planning.remove(&plan.id);
+            }
+            Err(e) => {
+                tracing::error!(plan = %plan.id, error = %e, "cannot record the plan");
+                // Told as failed with the reason until deployd restarts.
+                if let Some(making) = planning.get_mut(&plan.id) {
+                    making.unrecorded = Some(e.to_string());
+                }
+            }
         }
-        self.planning().remove(&plan.id);
     }
 }
 

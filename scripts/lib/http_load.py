@@ -13,6 +13,8 @@
       seconds), and which releases served each phase, as JSON.
   http_load.py compare DEPLOYD.json REFERENCE.json
       Both reports side by side; exits 1 if the first failed any request.
+  http_load.py table NAME REPORT.json
+      One report as a table.
 
 Standard library only: it runs on any host with Python 3.
 """
@@ -113,24 +115,30 @@ def report(args):
     print()
 
 
+def print_side(name, path):
+    """One report as a table; returns its failed requests."""
+    result = json.load(open(path))
+    print(f"\n{name}")
+    print(f"  {'phase':40} {'s':>6} {'requests':>9} {'failed':>7}  served by")
+    for p in result["phases"]:
+        served = ", ".join(f"{k}: {v}" for k, v in sorted(p["served"].items()))
+        print(f"  {p['phase']:40} {p['seconds']:>6} {p['requests']:>9} {p['failed']:>7}  {served}")
+        for error in p["errors"]:
+            print(f"  {'':66}! {error}")
+    total = result["total"]
+    print(f"  {'whole run':40} {'':>6} {total['requests']:>9} {total['failed']:>7}")
+    return total["failed"]
+
+
 def compare(args):
-    sides = [("deployd", args[0]), ("reference deploy.sh + docker-compose", args[1])]
-    failed_first = None
-    for name, path in sides:
-        result = json.load(open(path))
-        print(f"\n{name}")
-        print(f"  {'phase':32} {'s':>6} {'requests':>9} {'failed':>7}  served by")
-        for p in result["phases"]:
-            served = ", ".join(f"{k}: {v}" for k, v in sorted(p["served"].items()))
-            print(f"  {p['phase']:32} {p['seconds']:>6} {p['requests']:>9} {p['failed']:>7}  {served}")
-            for error in p["errors"]:
-                print(f"  {'':58}! {error}")
-        total = result["total"]
-        print(f"  {'whole run':32} {'':>6} {total['requests']:>9} {total['failed']:>7}")
-        if failed_first is None:
-            failed_first = total["failed"]
-    sys.exit(1 if failed_first else 0)
+    failed = print_side("deployd", args[0])
+    print_side("reference deploy.sh + docker-compose", args[1])
+    sys.exit(1 if failed else 0)
+
+
+def table(args):
+    print_side(args[0], args[1])
 
 
 if __name__ == "__main__":
-    {"run": run, "report": report, "compare": compare}[sys.argv[1]](sys.argv[2:])
+    {"run": run, "report": report, "compare": compare, "table": table}[sys.argv[1]](sys.argv[2:])

@@ -13,6 +13,13 @@
 # verification after the switch (rolled back automatically), deployctl
 # rollback, then a restart of deployd itself.
 #
+# Then why deployd plans migrations: the app has `[migrations] unsafe =
+# "refuse"`, release 2 runs, and the load moves to GET /heartbeats/, which
+# reads the column `queue`. The drop-column build, which drops it, is
+# refused by the plan; then forced through with --allow-unsafe-migrations:
+# between its migrate and the switch, release 2 answers 500 for a column
+# that is gone.
+#
 # Reference: the document's docker-compose.prod.yml and deploy.sh, as
 # written but for what an offline host forces (the test bed's images for
 # postgres and redis and its registry, python instead of curl in the
@@ -69,9 +76,10 @@ phase() {
     "$@"
     printf '%s\t%s\t%s\n' "$label" "$start" "$(now)" >>"$phases"
 }
+# start_load PORT OUT [PATH]: clients loop on GET PATH (/release/).
 start_load() {
     rm -f "$dir/stop"
-    python3 scripts/lib/http_load.py run "http://127.0.0.1:$1/release/" "$DEPLOYD_TESTBED_APP_HOST" \
+    python3 scripts/lib/http_load.py run "http://127.0.0.1:$1${3:-/release/}" "$DEPLOYD_TESTBED_APP_HOST" \
         "$2" "$dir/stop" --keep-alive 2 --fresh 2 &
     load=$!
 }
@@ -89,6 +97,7 @@ agent_init "$dir" "$api_port"
 agent_add_app "$dir" "$name" "$name"
 printf '[apps.%s.switch]\nlisten = "127.0.0.1:%s"\ntrust_forwarded_headers = true\n' \
     "$name" "$public_port" >>"$dir/etc/deployd.toml"
+printf '[apps.%s.migrations]\nunsafe = "refuse"\n' "$name" >>"$dir/etc/deployd.toml"
 agent_services "$name"
 python3 scripts/lib/socket_holder.py "127.0.0.1:$public_port" -- \
     "$PWD/$AGENT_BIN" run --config "$dir/etc/deployd.toml" 2>"$dir/deployd.log" &
@@ -107,6 +116,17 @@ ready 1
 export DEPLOYCTL_URL=https://localhost:$api_port DEPLOYCTL_CA_CERT=$dir/etc/tls/cert.pem DEPLOYCTL_APP=$name
 deployctl() {
     DEPLOYCTL_TOKEN=$(agent_token "$dir" read,deploy,rollback) ./target/debug/deployctl "$@" \
+        >>"$dir/deployctl.log" 2>&1
+}
+# deployctl exits 3 when the deployment failed before changing anything.
+refused() {
+    local code=0
+    deployctl deploy "$1" || code=$?
+    [ "$code" = 3 ]
+}
+forced() {
+    DEPLOYCTL_TOKEN=$(agent_token "$dir" read,deploy,admin) ./target/debug/deployctl deploy "$1" \
+        --allow-unsafe-migrations --reason "availability scenario: what the gate prevents" \
         >>"$dir/deployctl.log" 2>&1
 }
 # deployctl exits 4 when the deployment was rolled back.
@@ -132,6 +152,17 @@ phase "after" settle
 phase "deployctl rollback (-> 1)" deployctl rollback
 phase "after" settle
 phase "restart deployd" restart
+phase "after" settle
+stop_load
+
+say "deployd: release 2 again, then the load moves to /heartbeats/"
+deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2"
+phases=$dir/schema-phases.tsv
+start_load "$public_port" "$dir/schema-load.ndjson" /heartbeats/
+phase "before" settle
+phase "drop-column, refused by the plan" refused "$DEPLOYD_TESTBED_SHA_DROP_COLUMN"
+phase "after" settle
+phase "drop-column, forced through" forced "$DEPLOYD_TESTBED_SHA_DROP_COLUMN"
 phase "after" settle
 stop_load
 
@@ -177,4 +208,13 @@ stop_load
 # ---- report -----------------------------------------------------------------
 python3 scripts/lib/http_load.py report "$dir/deployd-load.ndjson" "$dir/deployd-phases.tsv" >"$dir/deployd.json"
 python3 scripts/lib/http_load.py report "$dir/reference-load.ndjson" "$dir/reference-phases.tsv" >"$dir/reference.json"
+python3 scripts/lib/http_load.py report "$dir/schema-load.ndjson" "$dir/schema-phases.tsv" >"$dir/schema.json"
+python3 scripts/lib/http_load.py table "deployd, a column release 2 reads dropped (GET /heartbeats/)" \
+    "$dir/schema.json"
+# The refused deployment must have cost nothing.
+python3 -c '
+import json, sys
+phases = json.load(open(sys.argv[1]))["phases"]
+sys.exit(1 if any(p["failed"] for p in phases if p["phase"].endswith("refused by the plan")) else 0)
+' "$dir/schema.json"
 python3 scripts/lib/http_load.py compare "$dir/deployd.json" "$dir/reference.json"

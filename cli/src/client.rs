@@ -302,6 +302,8 @@ async fn error_from(response: reqwest::Response) -> CliError {
         }
         (StatusCode::LOCKED, _) => CliError::new(Exit::Conflict, message)
             .hint("deployctl unlock lifts it (admin scope), or retry with --wait-lock"),
+        (StatusCode::CONFLICT, ErrorCode::Preparing) => CliError::new(Exit::Conflict, message)
+            .hint("a pull or plan of the app is under way; retry once it has ended"),
         (StatusCode::CONFLICT, _) => CliError::new(Exit::Other, message),
         (StatusCode::SERVICE_UNAVAILABLE, _) => {
             CliError::new(Exit::Other, message).hint("the agent is busy or degraded; try again shortly")

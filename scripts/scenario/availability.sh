@@ -30,7 +30,9 @@
 # deploy.sh (it has no rollback).
 #
 # Prints requests and failed requests per phase for both, and which
-# releases served them. Exits non-zero if deployd failed any request.
+# releases served them. Exits non-zero if deployd failed any request in
+# its release phases or while refusing drop-column (the forced deploy's
+# failures are what the plan prevents: counted, not checked).
 #
 #   scripts/scenario/availability.sh
 set -euo pipefail
@@ -119,10 +121,13 @@ deployctl() {
         >>"$dir/deployctl.log" 2>&1
 }
 # deployctl exits 3 when the deployment failed before changing anything.
+# refused SHA: the deployment failed, changing nothing, because of its plan.
 refused() {
-    local code=0
+    local code=0 before
+    before=$(grep -c 'refused: a migration would break' "$dir/deployctl.log" || true)
     deployctl deploy "$1" || code=$?
-    [ "$code" = 3 ]
+    [ "$code" = 3 ] &&
+        [ "$(grep -c 'refused: a migration would break' "$dir/deployctl.log")" -gt "$before" ]
 }
 forced() {
     DEPLOYCTL_TOKEN=$(agent_token "$dir" read,deploy,admin) ./target/debug/deployctl deploy "$1" \
@@ -211,10 +216,15 @@ python3 scripts/lib/http_load.py report "$dir/reference-load.ndjson" "$dir/refer
 python3 scripts/lib/http_load.py report "$dir/schema-load.ndjson" "$dir/schema-phases.tsv" >"$dir/schema.json"
 python3 scripts/lib/http_load.py table "deployd, a column release 2 reads dropped (GET /heartbeats/)" \
     "$dir/schema.json"
+code=0
+python3 scripts/lib/http_load.py compare "$dir/deployd.json" "$dir/reference.json" || code=$?
 # The refused deployment must have cost nothing.
-python3 -c '
+if ! python3 -c '
 import json, sys
 phases = json.load(open(sys.argv[1]))["phases"]
 sys.exit(1 if any(p["failed"] for p in phases if p["phase"].endswith("refused by the plan")) else 0)
-' "$dir/schema.json"
-python3 scripts/lib/http_load.py compare "$dir/deployd.json" "$dir/reference.json"
+' "$dir/schema.json"; then
+    echo "deployd failed requests while refusing drop-column" >&2
+    code=1
+fi
+exit "$code"

@@ -175,7 +175,14 @@ impl EngineHandle {
             },
         );
         drop(planning);
-        tokio::spawn(Arc::clone(&self.ctx).make_plan(cfg, plan.clone()));
+        let made = tokio::spawn(Arc::clone(&self.ctx).make_plan(cfg, plan.clone()));
+        let (ctx, id) = (Arc::clone(&self.ctx), plan.id.clone());
+        tokio::spawn(async move {
+            // A plan that panicked frees its app for the next one.
+            if made.await.is_err() {
+                ctx.planning().remove(&id);
+            }
+        });
         Ok(plan)
     }
 
@@ -183,13 +190,16 @@ impl EngineHandle {
     /// told as failed: deployd restarted meanwhile, or its end could not be
     /// recorded.
     pub fn plan_by_id(&self, id: &str) -> Result<Plan, EngineError> {
+        // Read under the lock a plan's end is recorded under, so that a plan
+        // ending meanwhile is seen either still making or recorded.
+        let planning = self.ctx.planning();
         let mut plan = self
             .ctx
             .store
             .plan(id)?
             .ok_or_else(|| EngineError::UnknownPlan(id.to_owned()))?;
         if plan.state == PlanState::Planning {
-            match self.ctx.planning().get(id) {
+            match planning.get(id) {
                 Some(Making {
                     unrecorded: None, ..
                 }) => {}

@@ -52,9 +52,12 @@ impl EngineHandle {
         let mut prepared = self.prepare(app, sha)?;
         while prepared.state == PrepareState::Pulling && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            prepared = match self.ctx.prepares.get().get(app) {
-                Some(p) if p.sha == *sha => p.clone(),
-                // Replaced by a prepare of another sha (once ours ended).
+            // The guard is dropped here: `prepare` takes the lock again.
+            let latest = self.ctx.prepares.get().get(app).cloned();
+            prepared = match latest {
+                Some(p) if p.sha == *sha => p,
+                // Replaced by a prepare of another sha (once ours ended),
+                // or forgotten (its image was pruned).
                 _ => self.prepare(app, sha)?,
             };
         }

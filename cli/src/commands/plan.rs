@@ -23,7 +23,8 @@ const SQL_LINES: usize = 12;
     after_help = "Deploy exactly what was reviewed with `deployctl deploy <sha> --plan <id>`: it \
                   fails, changing nothing, if the image, the live release or the pending \
                   migrations changed since.\n\nExits 0 when a deployment of the plan would go \
-                  on, 3 when the app would refuse its migrations, 1 when the plan failed.\n\nExamples:\n  deployctl plan 4f2a9c1 --app shop\n  \
+                  on, 3 when the app would refuse its migrations, 1 when the plan failed, 7 \
+                  when another plan of the app is being made.\n\nExamples:\n  deployctl plan 4f2a9c1 --app shop\n  \
                   deployctl plan $CI_COMMIT_SHA --json"
 )]
 pub struct PlanCommand {

@@ -25,8 +25,9 @@ APP_DIR=$ROOT/examples/django-app
 # Containers, networks and volumes made by tests carry this label.
 TEST_LABEL=deployd.test
 
-# Release variants pushed to the registry: name, release, overlay directory.
-# Broken builds sit on top of release 2, as the commit after it would.
+# Release variants pushed to the registry: name, release, overlay directory,
+# and a file of the overlay left out, if any. Broken builds sit on top of
+# release 2, as the commit after it would.
 VARIANTS=(
     "release-1 1 -"
     "release-2 2 -"
@@ -38,6 +39,7 @@ VARIANTS=(
     "unhealthy-after-5-checks 2 -"
     "needs-feature-key 2 -"
     "drop-column 2 variants/drop-column"
+    "stop-reading 2 variants/drop-column src/shop/migrations/0003_remove_heartbeat_queue.py"
     "not-null-no-default 2 variants/not-null-no-default"
     "expand 2 variants/expand"
     "irreversible-data 2 variants/irreversible-data"
@@ -229,15 +231,16 @@ build_service_images() {
 # One build context per variant: the app, the release 2 overlay for releases
 # >= 2, then the variant's own overlay, like checking out successive commits.
 build_app_images() {
-    local line name release overlay ctx
+    local line name release overlay without ctx
     for line in "${VARIANTS[@]}"; do
-        read -r name release overlay <<<"$line"
+        read -r name release overlay without <<<"$line"
         ctx=$STATE/build/$name
         rm -rf "$ctx"; mkdir -p "$ctx"
         cp -a "$APP_DIR/Dockerfile" "$APP_DIR/.dockerignore" "$APP_DIR/requirements.txt" \
             "$APP_DIR/manage.py" "$APP_DIR/gunicorn.conf.py" "$APP_DIR/src" "$ctx/"
         if [ "$release" -ge 2 ]; then cp -a "$APP_DIR/releases/2/." "$ctx/"; fi
         if [ "$overlay" != - ]; then cp -a "$APP_DIR/$overlay/." "$ctx/"; fi
+        if [ -n "$without" ]; then rm "$ctx/$without"; fi
         local variant=$name tag key
         case $name in release-*) variant=good ;; esac
         tag=$REPOSITORY:$(variant_sha "$name")

@@ -79,6 +79,16 @@ impl Agent {
             .unwrap();
         self.engine.wait(&started.id).await.unwrap()
     }
+
+    /// Rolls back as `ops` and waits for the end.
+    async fn rollback(&self, request: RollbackRequest) -> Deployment {
+        let started = self
+            .engine
+            .rollback(&self.app, "ops", request)
+            .await
+            .unwrap();
+        self.engine.wait(&started.id).await.unwrap()
+    }
 }
 
 /// (service, sha) of every running container of the app, sorted.
@@ -465,18 +475,11 @@ async fn failures_after_the_switch_roll_every_service_back() {
             .await
             .unwrap();
         let back = agent
-            .engine
-            .rollback(
-                &agent.app,
-                "ops",
-                RollbackRequest {
-                    reason: Some("test".into()),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        let back = agent.engine.wait(&back.id).await.unwrap();
+            .rollback(RollbackRequest {
+                reason: Some("test".into()),
+                ..Default::default()
+            })
+            .await;
         assert_eq!(back.state, DeploymentState::Succeeded, "{back:#?}");
         assert_eq!(back.digest, first.digest);
         // `check` runs on deploy only; the rollback says which migrations
@@ -501,19 +504,12 @@ async fn failures_after_the_switch_roll_every_service_back() {
 
         // An emergency rollback runs no release task at all.
         let forth = agent
-            .engine
-            .rollback(
-                &agent.app,
-                "ops",
-                RollbackRequest {
-                    to: Some(scope.bed.sha("release-2")),
-                    skip_tasks: true,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        let forth = agent.engine.wait(&forth.id).await.unwrap();
+            .rollback(RollbackRequest {
+                to: Some(scope.bed.sha("release-2")),
+                skip_tasks: true,
+                ..Default::default()
+            })
+            .await;
         assert_eq!(forth.state, DeploymentState::Succeeded, "{forth:#?}");
         assert!(forth.skip_tasks);
         assert!(
@@ -1185,6 +1181,54 @@ async fn migrations_are_planned_and_those_that_break_the_running_release_refused
             ["shop.0003_heartbeat_note AddField safe"]
         );
 
+        // The contract step: a release whose models no longer use the
+        // column, then the migration that drops it, safe while it runs.
+        let stopped = agent.deploy(&scope, "stop-reading").await;
+        assert_eq!(
+            stopped.state,
+            DeploymentState::Succeeded,
+            "{:?}",
+            stopped.error
+        );
+        let tables = plan_of(&stopped).migrations.unwrap().tables.unwrap();
+        assert!(!tables["shop_heartbeat"].contains("queue"), "{tables:?}");
+        let contract = agent.deploy(&scope, "drop-column").await;
+        assert_eq!(
+            contract.state,
+            DeploymentState::Succeeded,
+            "{:?}",
+            contract.error
+        );
+        assert_eq!(
+            verdicts(&contract),
+            ["shop.0003_remove_heartbeat_queue RemoveField safe"]
+        );
+        let operation = &plan_of(&contract).migrations.unwrap().migrations[0].operations[0];
+        let stopped = scope.bed.sha("stop-reading").to_string();
+        assert_eq!(
+            operation.why,
+            format!(
+                "release {} does not use shop_heartbeat.queue (not in its models): no concern of it",
+                &stopped[..12]
+            )
+        );
+        // Back to the release that stopped reading it: the drop stays.
+        let back = agent
+            .rollback(RollbackRequest {
+                    to: Some(scope.bed.sha("stop-reading")),
+                    schema: deployd_proto::SchemaRollback::Check,
+                    ..Default::default()
+                })
+            .await;
+        assert_eq!(back.state, DeploymentState::Succeeded, "{:?}", back.error);
+        assert_eq!(back.migrations_kept, ["shop.0003_remove_heartbeat_queue"]);
+        let said = outputs(&agent.engine, &back.id, "schema").join("\n");
+        assert!(
+            said.contains("does not use shop_heartbeat.queue (not in its models)")
+                && said.contains("they stay applied: none breaks release"),
+            "{said}"
+        );
+
         drop(agent);
     })
     .await;
@@ -1264,20 +1308,13 @@ async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
         let agent = agent_tuned(&scope, Tuning::PLANNED).await;
         let r2 = scope.bed.sha("release-2");
         let rollback = async |schema: SchemaRollback| {
-            let started = agent
-                .engine
-                .rollback(
-                    &agent.app,
-                    "ops",
-                    RollbackRequest {
-                        to: Some(r2.clone()),
-                        schema,
-                        ..Default::default()
-                    },
-                )
+            agent
+                .rollback(RollbackRequest {
+                    to: Some(r2.clone()),
+                    schema,
+                    ..Default::default()
+                })
                 .await
-                .unwrap();
-            agent.engine.wait(&started.id).await.unwrap()
         };
         let succeeded = |d: &Deployment| {
             assert_eq!(d.state, DeploymentState::Succeeded, "{:?}", d.error);

@@ -412,15 +412,11 @@ fn summary_lines(
     if d.kind == DeploymentKind::Rollback && !d.migrations_kept.is_empty() {
         lines.push(format!(
             "migrations applied since {} last ran, which stay applied: {}",
-            short_sha(d.sha.as_str()),
+            d.sha.short(),
             d.migrations_kept.join(", ")
         ));
     }
     lines
-}
-
-fn short_sha(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
 }
 
 fn seconds(ms: u64) -> String {

@@ -23,6 +23,6 @@ pub use error::{ErrorBody, ErrorCode};
 pub use name::is_plain_name;
 pub use plan::{
     MigrationPlan, Plan, PlanState, PlannedMigration, PlannedOperation, PlannedService,
-    PlannedTask, SchemaRollback, UnsafeMigrations, Verdict,
+    PlannedTask, SchemaRollback, Touches, UnsafeMigrations, Verdict,
 };
-pub use sha::{CommitSha, InvalidSha};
+pub use sha::{CommitSha, InvalidSha, short_sha};

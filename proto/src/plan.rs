@@ -1,6 +1,8 @@
 //! Migration plans: what `migrate` would do to the database, judged by what
 //! each operation does to the release that still runs while it is applied.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -91,6 +93,30 @@ pub struct PlannedOperation {
     pub why: String,
     /// Whether Django can migrate it back.
     pub reversible: bool,
+    /// Of an operation that `breaks`: the table (and column) it breaks the
+    /// running release through, where the inspector can tell. A release
+    /// whose models use neither is not broken by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub touches: Option<Touches>,
+}
+
+/// A table, or one column of it, as the database names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Touches {
+    pub table: String,
+    /// Absent: the table as a whole (dropped, renamed, or inserted into).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+}
+
+impl std::fmt::Display for Touches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.column {
+            Some(column) => write!(f, "{}.{column}", self.table),
+            None => f.write_str(&self.table),
+        }
+    }
 }
 
 /// One migration `migrate` would apply (or, going back, unapply).
@@ -141,6 +167,11 @@ pub struct MigrationPlan {
     pub leaves: Vec<(String, String)>,
     /// In the order `migrate` runs them; empty when nothing is pending.
     pub migrations: Vec<PlannedMigration>,
+    /// The tables the release's own models use, each with its columns:
+    /// what a later release's migrations must leave alone while this one
+    /// runs. Absent from plans made before deployd recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl MigrationPlan {

@@ -36,6 +36,17 @@ impl CommitSha {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The first 12 digits, as messages and container names show a sha.
+    pub fn short(&self) -> &str {
+        short_sha(&self.0)
+    }
+}
+
+/// The first 12 characters of a sha (or of whatever stands in for one, such
+/// as `none`), as messages show it.
+pub fn short_sha(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
 }
 
 impl FromStr for CommitSha {

@@ -123,6 +123,9 @@ fn plan_matches_fixture() {
     let migrations = plan.migrations.unwrap();
     assert_eq!(migrations.labels(), ["shop.0003_remove_heartbeat_queue"]);
     assert_eq!(migrations.migrations[0].verdict(), Verdict::Breaks);
+    let touches = migrations.migrations[0].operations[0].touches.as_ref();
+    assert_eq!(touches.unwrap().to_string(), "shop_heartbeat.queue");
+    assert!(migrations.tables.unwrap()["shop_heartbeat"].contains("queue"));
     // Verdicts order by harm: a migration is as bad as its worst operation.
     assert!(Verdict::Safe < Verdict::Locking && Verdict::Irreversible < Verdict::Breaks);
 }

@@ -12,14 +12,14 @@
 
 mod inspect;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use deployd_proto::{
-    CommitSha, MigrationPlan, Plan, PlanState, PlannedService, PlannedTask, Verdict,
+    CommitSha, MigrationPlan, Plan, PlanState, PlannedService, PlannedTask, Touches, Verdict,
 };
 
-use super::common::{Failure, short_sha};
+use super::common::Failure;
 use super::label;
 use super::run::Run;
 use super::{Ctx, EngineError, EngineHandle};
@@ -55,9 +55,13 @@ impl Run {
         plan.deployment = Some(self.id.clone());
         plan.digest = Some(image.digest.clone());
         if let Some(migrations) = migrations {
-            let inspected = self
+            let mut inspected = self
                 .inspect(migrations, &image.pinned, env, None, &plan.id)
                 .await?;
+            if let Some(live) = &self.previous {
+                let tables = self.ctx.tables_of(&self.app, &live.digest)?;
+                judge_by_models(&mut inspected, tables.as_ref(), live.sha.short());
+            }
             for line in describe(&inspected) {
                 self.say("plan", line);
             }
@@ -91,7 +95,7 @@ impl Run {
             );
             return Ok(());
         };
-        let running = short_sha(running.sha.as_str());
+        let running = running.sha.short();
         let what = format!(
             "{} would break release {running} while it still runs: {}",
             if breaking.len() == 1 {
@@ -175,14 +179,7 @@ impl EngineHandle {
             },
         );
         drop(planning);
-        let made = tokio::spawn(Arc::clone(&self.ctx).make_plan(cfg, plan.clone()));
-        let (ctx, id) = (Arc::clone(&self.ctx), plan.id.clone());
-        tokio::spawn(async move {
-            // A plan that panicked frees its app for the next one.
-            if made.await.is_err() {
-                ctx.planning().remove(&id);
-            }
-        });
+        tokio::spawn(Arc::clone(&self.ctx).make_plan(cfg, plan.clone()));
         Ok(plan)
     }
 
@@ -241,18 +238,29 @@ impl Ctx {
         }
     }
 
+    /// The tables the models of an app's release use, as its deployment's
+    /// plan recorded them; `None` if no plan did.
+    pub(super) fn tables_of(&self, app: &str, digest: &str) -> Result<Option<Tables>, Failure> {
+        let plan = self.store.plan_of_release(app, digest)?;
+        Ok(plan.and_then(|p| p.migrations).and_then(|m| m.tables))
+    }
+
     fn planning(&self) -> std::sync::MutexGuard<'_, HashMap<String, Making>> {
         self.planning.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Pulls and inspects a plan's release; records how it ended.
     async fn make_plan(self: Arc<Self>, cfg: Arc<AppConfig>, mut plan: Plan) {
+        let mut guard = Unfinished {
+            ctx: Arc::clone(&self),
+            id: Some(plan.id.clone()),
+        };
         let made = async {
             let env = AppEnv::read(&cfg)?;
             let image = self.pull_recorded(&plan.app, &cfg, &plan.sha).await?;
             plan.digest = Some(image.digest.clone());
             if let Some(migrations) = &cfg.migrations {
-                let inspected = self
+                let mut inspected = self
                     .inspect_migrations(Inspection {
                         app: &plan.app,
                         cfg: &cfg,
@@ -263,6 +271,10 @@ impl Ctx {
                         id: &plan.id,
                     })
                     .await?;
+                if let Some((sha, digest)) = &plan.live {
+                    let tables = self.tables_of(&plan.app, digest)?;
+                    judge_by_models(&mut inspected, tables.as_ref(), sha.short());
+                }
                 plan.migrations = Some(inspected);
             }
             Ok::<_, Failure>(())
@@ -275,6 +287,7 @@ impl Ctx {
             }
         }
         tracing::info!(app = %plan.app, plan = %plan.id, state = ?plan.state, "plan ended");
+        guard.id = None;
         let mut planning = self.planning();
         match self.store.put_plan(&plan) {
             Ok(()) => {
@@ -287,6 +300,22 @@ impl Ctx {
                     making.unrecorded = Some(e.to_string());
                 }
             }
+        }
+    }
+}
+
+/// Frees a plan's app if the task making it panics, so that the next plan
+/// is not refused as `preparing` until deployd restarts.
+struct Unfinished {
+    ctx: Arc<Ctx>,
+    /// Taken once the plan's end is being recorded.
+    id: Option<String>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(id) = &self.id {
+            self.ctx.planning().remove(id);
         }
     }
 }
@@ -372,6 +401,30 @@ pub(crate) fn describe(plan: &MigrationPlan) -> Vec<String> {
     lines
 }
 
+/// The tables a release's models use, each with its columns.
+pub(crate) type Tables = BTreeMap<String, BTreeSet<String>>;
+
+/// Clears the operations judged to break `release` that touch nothing its
+/// models use (`tables`, recorded by its own plan): a column it stopped
+/// reading may be dropped while it runs. Without a record, every verdict
+/// stands.
+pub(crate) fn judge_by_models(plan: &mut MigrationPlan, tables: Option<&Tables>, release: &str) {
+    let Some(tables) = tables else { return };
+    let uses = |t: &Touches| {
+        tables
+            .get(&t.table)
+            .is_some_and(|columns| t.column.as_ref().is_none_or(|c| columns.contains(c)))
+    };
+    let operations = plan.migrations.iter_mut().flat_map(|m| &mut m.operations);
+    for o in operations.filter(|o| o.verdict == Verdict::Breaks) {
+        if let Some(t) = o.touches.as_ref().filter(|t| !uses(t)) {
+            o.verdict = Verdict::Safe;
+            o.why =
+                format!("release {release} does not use {t} (not in its models): no concern of it");
+        }
+    }
+}
+
 /// The operations that break the running release, each as
 /// `app.migration Operation (why)`.
 pub(crate) fn breaking(plan: &MigrationPlan) -> Vec<String> {
@@ -383,11 +436,10 @@ pub(crate) fn breaking(plan: &MigrationPlan) -> Vec<String> {
 /// Why a deployment may not hold to the plan it was reviewed with: what
 /// differs between `reviewed` and the plan its own step made.
 pub(crate) fn stale(reviewed: &Plan, fresh: &Plan) -> Option<String> {
-    let short = |sha: &CommitSha| short_sha(sha.as_str()).to_owned();
     let live = |p: &Plan| {
         p.live
             .as_ref()
-            .map_or_else(|| "none".to_owned(), |(sha, _)| short(sha))
+            .map_or_else(|| "none".to_owned(), |(sha, _)| sha.short().to_owned())
     };
     let mut changes = Vec::new();
     if reviewed.app != fresh.app || reviewed.sha != fresh.sha {
@@ -395,7 +447,7 @@ pub(crate) fn stale(reviewed: &Plan, fresh: &Plan) -> Option<String> {
             "plan {} is of {} {}, not of this deployment",
             reviewed.id,
             reviewed.app,
-            short(&reviewed.sha)
+            reviewed.sha.short()
         ));
     }
     if reviewed.state != PlanState::Ready {
@@ -441,7 +493,7 @@ pub(crate) fn stale(reviewed: &Plan, fresh: &Plan) -> Option<String> {
             "plan {} is stale: {}; review a new plan (deployctl plan {})",
             reviewed.id,
             changes.join("; "),
-            short(&fresh.sha)
+            fresh.sha.short()
         )
     })
 }
@@ -463,6 +515,10 @@ mod tests {
                 verdict,
                 why: "drops column heartbeat.queue".into(),
                 reversible: true,
+                touches: (verdict == Verdict::Breaks).then(|| Touches {
+                    table: "shop_heartbeat".into(),
+                    column: Some("queue".into()),
+                }),
             }],
             sql: vec!["ALTER TABLE ...".into()],
         }
@@ -507,6 +563,45 @@ mod tests {
                 .unwrap()
                 .contains("not of this deployment")
         );
+    }
+
+    #[test]
+    fn a_drop_is_no_concern_of_a_release_whose_models_do_not_use_it() {
+        let schema = |m| plan(vec![m]).migrations.unwrap();
+        let tables = |columns: &[&str]| -> Tables {
+            let columns = columns.iter().map(|c| (*c).to_owned()).collect();
+            BTreeMap::from([("shop_heartbeat".to_owned(), columns)])
+        };
+        // Its models still read the column: it breaks.
+        let mut reads = schema(migration("0003_x", Verdict::Breaks));
+        judge_by_models(&mut reads, Some(&tables(&["id", "queue"])), "bbbbbbbbbbbb");
+        assert_eq!(breaking(&reads).len(), 1);
+        // No record of its models: the verdict stands.
+        judge_by_models(&mut reads, None, "bbbbbbbbbbbb");
+        assert_eq!(breaking(&reads).len(), 1);
+        // It stopped reading it.
+        let mut stopped = schema(migration("0003_x", Verdict::Breaks));
+        judge_by_models(&mut stopped, Some(&tables(&["id"])), "bbbbbbbbbbbb");
+        assert!(breaking(&stopped).is_empty());
+        let o = &stopped.migrations[0].operations[0];
+        assert_eq!(o.verdict, Verdict::Safe);
+        assert_eq!(
+            o.why,
+            "release bbbbbbbbbbbb does not use shop_heartbeat.queue (not in its models): no concern of it"
+        );
+        // A whole table it has no model on.
+        let mut table = schema(migration("0003_x", Verdict::Breaks));
+        table.migrations[0].operations[0].touches = Some(Touches {
+            table: "shop_order".into(),
+            column: None,
+        });
+        judge_by_models(&mut table, Some(&tables(&["id", "queue"])), "bbbbbbbbbbbb");
+        assert!(breaking(&table).is_empty());
+        // Breaks, but the inspector could not say through what.
+        let mut unknown = schema(migration("0003_x", Verdict::Breaks));
+        unknown.migrations[0].operations[0].touches = None;
+        judge_by_models(&mut unknown, Some(&tables(&[])), "bbbbbbbbbbbb");
+        assert_eq!(breaking(&unknown).len(), 1);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 
 use deployd_proto::{DeploymentKind, MigrationPlan, SchemaRollback};
 
-use super::common::{Failure, short_sha};
-use super::plan::{breaking, describe};
+use super::common::Failure;
+use super::plan::{breaking, describe, judge_by_models};
 use super::release::{OneOff, migration_done};
 use super::run::Run;
 use crate::config::MigrationsConfig;
@@ -42,7 +42,7 @@ impl Run {
         let (Some(live), Some(digest)) = (&self.previous, &self.pin) else {
             return Ok(None);
         };
-        let target = short_sha(self.sha.as_str());
+        let target = self.sha.short();
         if self.schema == SchemaRollback::Force {
             // Forced: not even the live release's Django must start.
             self.say(
@@ -76,7 +76,7 @@ impl Run {
             .docker
             .pull_digest(&image, &live.digest, auth)
             .await?;
-        let back = self
+        let mut back = self
             .inspect(
                 migrations,
                 &image.pinned,
@@ -91,6 +91,7 @@ impl Run {
                     f.0
                 ))
             })?;
+        judge_by_models(&mut back, recorded.tables.as_ref(), target);
         if back.migrations.is_empty() {
             self.say(
                 "schema",
@@ -102,7 +103,7 @@ impl Run {
             "schema",
             format!(
                 "applied since release {target} last ran, as the live release {} sees them:",
-                short_sha(live.sha.as_str())
+                live.sha.short()
             ),
         );
         for line in describe(&back) {
@@ -183,6 +184,12 @@ impl Run {
         migrations: &MigrationsConfig,
     ) -> Result<(), Failure> {
         let task = migrations.env_of_task.as_deref().unwrap_or("migrate");
+        let mut kept = self
+            .ctx
+            .store
+            .get(&self.id)?
+            .map(|d| d.migrations_kept)
+            .unwrap_or_default();
         for (app, to) in &reversal.targets {
             let mut command = migrations.manage.clone();
             command.extend([
@@ -207,15 +214,7 @@ impl Run {
                 .await;
             // What Django reported reversed is no longer kept, even if the
             // command then failed.
-            let kept: Vec<String> = self
-                .ctx
-                .store
-                .get(&self.id)?
-                .map(|d| d.migrations_kept)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|m| !unapplied.contains(m))
-                .collect();
+            kept.retain(|m| !unapplied.contains(m));
             self.ctx.store.set_migrations_kept(&self.id, &kept)?;
             self.unapplied_migrations(unapplied);
             let (exit_code, last) = ended?;

@@ -63,7 +63,7 @@ pub(crate) fn service_spec(
     release: &ReleaseRef<'_>,
     index: u32,
 ) -> ContainerSpec {
-    let short_sha = &release.sha[..release.sha.len().min(12)];
+    let short_sha = deployd_proto::short_sha(release.sha);
     ContainerSpec {
         name: Some(format!(
             "{}-{service}-{short_sha}-{}-{index}",

@@ -21,7 +21,7 @@ use deployd::env_file;
 use deployd_proto::{CommitSha, SchemaRollback};
 
 /// Every release the test bed pushes.
-pub const VARIANTS: [&str; 13] = [
+pub const VARIANTS: [&str; 14] = [
     "release-1",
     "release-2",
     "migrate-fails",
@@ -32,6 +32,7 @@ pub const VARIANTS: [&str; 13] = [
     "unhealthy-after-5-checks",
     "needs-feature-key",
     "drop-column",
+    "stop-reading",
     "not-null-no-default",
     "expand",
     "irreversible-data",

@@ -361,7 +361,7 @@ pub async fn status(fleet: &Fleet, global: &Global, json: bool) -> Result<Exit, 
             };
             let lock = match (&s.lock, &s.running_deployment) {
                 (Some(l), _) => match &l.fleet {
-                    Some(f) => format!("fleet deployment {} of {}", f.id, short(f.sha.as_str())),
+                    Some(f) => format!("fleet deployment {} of {}", f.id, f.sha.short()),
                     None => format!("locked by {}: {}", l.locked_by, l.reason),
                 },
                 (None, Some(id)) => format!("deploying {id}"),
@@ -371,7 +371,7 @@ pub async fn status(fleet: &Fleet, global: &Global, json: bool) -> Result<Exit, 
                 "{:<20}  {:<12}  {:<12}  {:<24}  {drift:<6}  {lock}",
                 h.host,
                 h.app,
-                short(&live),
+                deployd_proto::short_sha(&live),
                 health(s)
             );
         }
@@ -386,10 +386,6 @@ pub async fn status(fleet: &Fleet, global: &Global, json: bool) -> Result<Exit, 
         ));
     }
     Ok(Exit::Success)
-}
-
-fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
 }
 
 /// `deployctl history --fleet`: every host's deployments, newest first.
@@ -453,7 +449,7 @@ pub async fn history(
                 super::short_id(&d.id.0),
                 d.kind.as_str(),
                 crate::follow::state_name(d.state),
-                short(d.sha.as_str()),
+                d.sha.short(),
                 d.error.as_deref().or(d.reason.as_deref()).unwrap_or("")
             );
         }

@@ -104,10 +104,6 @@ fn refused(plan: &Plan) -> bool {
             .any(|m| m.operations_judged(Verdict::Breaks).next().is_some())
 }
 
-fn short(text: &str) -> &str {
-    &text[..text.len().min(12)]
-}
-
 /// The plan for humans: the release, each migration with its operations,
 /// verdicts and SQL, what rolls and runs, and what a deployment would do.
 pub fn render(plan: &Plan) -> Vec<String> {
@@ -207,7 +203,7 @@ pub fn render(plan: &Plan) -> Vec<String> {
     });
     lines.push(format!(
         "deploy it as reviewed: deployctl deploy {} --plan {}",
-        short(plan.sha.as_str()),
+        plan.sha.short(),
         plan.id
     ));
     lines

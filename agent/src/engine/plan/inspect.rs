@@ -2,22 +2,23 @@
 //! in a one-off container, and its answer read from the container's
 //! output among whatever the app itself prints.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use deployd_proto::{MigrationPlan, PlannedMigration};
 use serde::Deserialize;
 
-use super::super::Ctx;
-use super::super::common::{Failure, short_id};
-use super::super::label;
-use super::super::run::Run;
 use crate::config::{AppConfig, MigrationsConfig};
 use crate::docker::ContainerSpec;
+use crate::engine::Ctx;
+use crate::engine::common::{Failure, short_id};
+use crate::engine::label;
+use crate::engine::run::Run;
 use crate::env_file::AppEnv;
 
 const INSPECTOR: &str = include_str!("inspect_migrations.py");
 const HEADER: &str = "deployd-migration-plan: ";
 const MIGRATION: &str = "deployd-migration: ";
+const TABLE: &str = "deployd-table: ";
 const END: &str = "deployd-migration-plan-end";
 /// Output lines of a failed inspection quoted in its failure.
 const QUOTED_LINES: usize = 3;
@@ -49,7 +50,15 @@ enum Header {
         vendor: String,
         leaves: Vec<(String, String)>,
         count: usize,
+        tables: usize,
     },
+}
+
+/// A table the release's models use, and its columns.
+#[derive(Deserialize)]
+struct Table {
+    table: String,
+    columns: BTreeSet<String>,
 }
 
 /// What the inspector printed, taken line by line.
@@ -57,6 +66,7 @@ enum Header {
 struct Answer {
     header: Option<Header>,
     migrations: Vec<PlannedMigration>,
+    tables: Vec<Table>,
     ended: bool,
     /// A line of the answer that could not be read.
     unreadable: Option<String>,
@@ -69,6 +79,8 @@ impl Answer {
             serde_json::from_str(json).map(|h| self.header = Some(h))
         } else if let Some(json) = line.strip_prefix(MIGRATION) {
             serde_json::from_str(json).map(|m| self.migrations.push(m))
+        } else if let Some(json) = line.strip_prefix(TABLE) {
+            serde_json::from_str(json).map(|t| self.tables.push(t))
         } else {
             if line == END {
                 self.ended = true;
@@ -98,12 +110,23 @@ impl Answer {
                 vendor,
                 leaves,
                 count,
-            }) if self.ended && self.migrations.len() == count && self.unreadable.is_none() => {
+                tables,
+            }) if self.ended
+                && self.migrations.len() == count
+                && self.tables.len() == tables
+                && self.unreadable.is_none() =>
+            {
                 Ok(MigrationPlan {
                     django,
                     vendor,
                     leaves,
                     migrations: self.migrations,
+                    tables: Some(
+                        self.tables
+                            .into_iter()
+                            .map(|t| (t.table, t.columns))
+                            .collect(),
+                    ),
                 })
             }
             _ if let Some(e) = self.unreadable => Err(Failure(format!(
@@ -204,15 +227,18 @@ mod tests {
     #[test]
     fn reads_the_inspectors_answer_among_the_apps_own_output() {
         let m = serde_json::to_string(&migration("0003_x", Verdict::Breaks)).unwrap();
-        let header = r#"deployd-migration-plan: {"django": "5.2", "vendor": "postgresql", "leaves": [["shop", "0003_x"]], "count": 1}"#;
+        let header = r#"deployd-migration-plan: {"django": "5.2", "vendor": "postgresql", "leaves": [["shop", "0003_x"]], "count": 1, "tables": 1}"#;
         let output = [
             "5 objects imported automatically (use -v 2 for details).",
             header,
             &format!("deployd-migration: {m}"),
+            r#"deployd-table: {"table": "shop_heartbeat", "columns": ["id", "queue"]}"#,
             "deployd-migration-plan-end",
         ];
         let plan = lines(&output).finish(0, &[]).unwrap();
         assert_eq!(plan.leaves, [("shop".to_owned(), "0003_x".to_owned())]);
+        let tables = plan.tables.as_ref().unwrap();
+        assert_eq!(tables["shop_heartbeat"].len(), 2);
         assert_eq!(plan.labels(), ["shop.0003_x"]);
         assert_eq!(
             breaking(&plan),
@@ -226,7 +252,7 @@ mod tests {
         let why = error.finish(0, &[]).unwrap_err().0;
         assert_eq!(why, "the migration plan failed: OperationalError: no db");
         // Cut short: a migration line is missing.
-        let header = r#"deployd-migration-plan: {"django": "5.2", "vendor": "sqlite", "leaves": [], "count": 1}"#;
+        let header = r#"deployd-migration-plan: {"django": "5.2", "vendor": "sqlite", "leaves": [], "count": 1, "tables": 0}"#;
         let cut = lines(&[header, "deployd-migration-plan-end"]);
         let why = cut
             .finish(1, &["Traceback".into(), "ImportError: x".into()])

@@ -14,10 +14,12 @@ refused.
 The request comes in the environment variable DEPLOYD_INSPECT (JSON):
   {"targets": [[app, name-or-null], ...]}   absent: every app's leaf (deploy)
 The answer is on stdout, one JSON document a line, so that no line gets
-long: `deployd-migration-plan: {..., "count": N}`, then N lines
-`deployd-migration: {...}` in the order `migrate` runs them, then
-`deployd-migration-plan-end`. A failure is `deployd-migration-plan:
-{"error": "..."}`. The SQL of one migration is cut at SQL_LINES lines.
+long: `deployd-migration-plan: {..., "count": N, "tables": T}`, then N
+lines `deployd-migration: {...}` in the order `migrate` runs them, T lines
+`deployd-table: {"table": ..., "columns": [...]}` (what the release's own
+models use), then `deployd-migration-plan-end`. A failure is
+`deployd-migration-plan: {"error": "..."}`. The SQL of one migration is cut
+at SQL_LINES lines.
 Works with Django 4.2 and later; imports nothing outside Django.
 """
 
@@ -27,14 +29,17 @@ import re
 import sys
 
 import django
+from django.apps import apps as django_apps
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db.backends.utils import truncate_name
 from django.db.migrations import operations as ops
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.state import ProjectState
-from django.db.models import NOT_PROVIDED
+from django.db.models import NOT_PROVIDED, ForeignKey
 
 MARKER = "deployd-migration-plan: "
 MIGRATION = "deployd-migration: "
+TABLE = "deployd-table: "
 END = "deployd-migration-plan-end"
 SQL_LINES = 200
 SQL_LINE_CHARS = 2000
@@ -263,6 +268,64 @@ def known_to(base, op, app):
     return True
 
 
+def table_of(state, app, model, connection):
+    """The table of a model as the migration state has it before an
+    operation, named as Django names it."""
+    found = state.models.get((app, model.lower()))
+    if found is not None and found.options.get("db_table"):
+        return found.options["db_table"]
+    return truncate_name(f"{app}_{model.lower()}", connection.ops.max_name_length())
+
+
+def column_of(state, app, model, name):
+    """The column of a field as the migration state has it, or None."""
+    found = state.models.get((app, model.lower()))
+    field = found.fields.get(name) if found is not None else None
+    if field is None or field.many_to_many:
+        return None
+    if field.db_column:
+        return field.db_column
+    return f"{name}_id" if isinstance(field, ForeignKey) else name
+
+
+def touches(op, app, state, connection):
+    """The table (and column) a harmful operation harms the running release
+    through, if it uses them: {"table": ..., "column": ... or None}. None
+    where deployd cannot tell: the verdict stands whatever the running
+    release's models are."""
+    if isinstance(op, (ops.RemoveField, ops.AlterField)):
+        model, name = op.model_name, op.name
+    elif isinstance(op, ops.RenameField):
+        model, name = op.model_name, op.old_name
+    elif isinstance(op, ops.AddField):
+        # Its inserts fail only if it has a model on the table.
+        return {"table": table_of(state, app, op.model_name, connection), "column": None}
+    elif isinstance(op, (ops.DeleteModel, ops.AlterModelTable)):
+        return {"table": table_of(state, app, op.name, connection), "column": None}
+    elif isinstance(op, ops.RenameModel):
+        return {"table": table_of(state, app, op.old_name, connection), "column": None}
+    else:
+        return None
+    column = column_of(state, app, model, name)
+    if column is None:
+        return None
+    return {"table": table_of(state, app, model, connection), "column": column}
+
+
+def used_tables():
+    """The tables and columns this release's own models read and write:
+    with a later release's plan, what its migrations may drop or change
+    without breaking this one."""
+    tables = {}
+    for model in django_apps.get_models(include_auto_created=True):
+        meta = model._meta
+        if meta.proxy:
+            continue
+        columns = tables.setdefault(meta.db_table, set())
+        columns.update(f.column for f in meta.concrete_fields if f.column)
+    return [{"table": t, "columns": sorted(c)} for t, c in sorted(tables.items())]
+
+
 def inner(op):
     """The operation, and those a SeparateDatabaseAndState runs on the
     database."""
@@ -327,15 +390,16 @@ def inspect(connection, request):
         operations = []
         for op in migration.operations:
             verdict, why = judge_against(base, op, app, state, connection)
-            operations.append(
-                {
-                    "operation": type(op).__name__,
-                    "description": op.describe()[:SQL_LINE_CHARS],
-                    "verdict": verdict,
-                    "why": why[:SQL_LINE_CHARS],
-                    "reversible": reversible(op),
-                }
-            )
+            operation = {
+                "operation": type(op).__name__,
+                "description": op.describe()[:SQL_LINE_CHARS],
+                "verdict": verdict,
+                "why": why[:SQL_LINE_CHARS],
+                "reversible": reversible(op),
+            }
+            if verdict == BREAKS:
+                operation["touches"] = touches(op, app, state, connection)
+            operations.append(operation)
             op.state_forwards(app, state)
         if len(operations) > OPERATIONS:
             # The most harmful first, then a summary of the rest.
@@ -376,6 +440,7 @@ def inspect(connection, request):
         "django": django.get_version(),
         "vendor": connection.vendor,
         "leaves": [list(leaf) for leaf in leaves],
+        "tables": used_tables(),
         "migrations": migrations,
     }
 
@@ -415,9 +480,12 @@ def main():
     finally:
         connection.close()
     migrations = answer.pop("migrations", [])
-    say(MARKER, {**answer, "count": len(migrations)})
+    tables = answer.pop("tables", [])
+    say(MARKER, {**answer, "count": len(migrations), "tables": len(tables)})
     for migration in migrations:
         say(MIGRATION, migration)
+    for table in tables:
+        say(TABLE, table)
     sys.stdout.write(END + "\n")
     sys.stdout.flush()
 

@@ -58,9 +58,15 @@ impl Run {
             let mut inspected = self
                 .inspect(migrations, &image.pinned, env, None, &plan.id)
                 .await?;
-            if let Some(live) = &self.previous {
-                let tables = self.ctx.tables_of(&self.app, &live.digest)?;
-                judge_by_models(&mut inspected, tables.as_ref(), live.sha.short());
+            match &self.previous {
+                // Another host may run another release: only the schema
+                // is known to be the same everywhere.
+                Some(_) if self.in_fleet => {}
+                Some(live) => {
+                    let tables = self.ctx.tables_of(&self.app, &live.digest)?;
+                    judge_by_models(&mut inspected, tables.as_ref(), live.sha.short());
+                }
+                None => {}
             }
             for line in describe(&inspected) {
                 self.say("plan", line);
@@ -127,10 +133,10 @@ fn gate(policy: UnsafeMigrations, allowed: bool, what: &str) -> Result<Option<St
         ))),
         UnsafeMigrations::Refuse => Err(Failure(format!(
             "refused: {what}. Ship such a change in steps (expand, then contract): first \
-             what the new code needs, nullable or with a database default; the drop or \
-             rename once no release reads the old, allowed then for that deployment with \
-             --allow-unsafe-migrations --reason (admin scope), since deployd judges the \
-             migration, not the code"
+             what the new code needs, nullable or with a database default; then a release \
+             whose models no longer use the old, its migration left out; then the drop or \
+             rename, safe once the running release's models do not use what it changes. \
+             To go on now: --allow-unsafe-migrations --reason (admin scope)"
         ))),
         UnsafeMigrations::Warn => Ok(Some(format!(
             "warning: {what} ([migrations] unsafe = \"warn\")"

@@ -39,6 +39,8 @@ pub(crate) struct Run {
     skip_once: bool,
     /// A fleet part that runs the `once` release tasks for the fleet.
     runs_once: bool,
+    /// A fleet part: the other hosts may run other releases than this one.
+    pub in_fleet: bool,
     /// When it began to run here, for its duration metric.
     started: Instant,
     /// Migrations its release tasks applied, in order.
@@ -74,6 +76,7 @@ impl Run {
             skip_tasks: d.skip_tasks,
             skip_once: d.fleet.as_ref().is_some_and(|f| !f.once_tasks),
             runs_once: d.fleet.as_ref().is_some_and(|f| f.once_tasks),
+            in_fleet: d.fleet.is_some(),
             started: Instant::now(),
             migrations: std::sync::Mutex::default(),
             requested_by: d.requested_by.clone(),

@@ -91,7 +91,9 @@ impl Run {
                     f.0
                 ))
             })?;
-        judge_by_models(&mut back, recorded.tables.as_ref(), target);
+        if !self.in_fleet {
+            judge_by_models(&mut back, recorded.tables.as_ref(), target);
+        }
         if back.migrations.is_empty() {
             self.say(
                 "schema",

@@ -100,6 +100,23 @@ def field_type(field, connection):
         return type(field).__name__
 
 
+def field_column(field, name):
+    """The column of a (possibly unbound) field named `name`, as Django
+    names it; None for a many-to-many field, which has none."""
+    if field.many_to_many:
+        return None
+    if field.db_column:
+        return field.db_column
+    return f"{name}_id" if isinstance(field, ForeignKey) else name
+
+
+def makes_not_null(op, state, app):
+    """Whether an AlterField makes a nullable column NOT NULL."""
+    found = state.models.get((app, op.model_name_lower))
+    old = found.fields.get(op.name) if found is not None else None
+    return old is not None and old.null and not op.field.null
+
+
 def base_type(text):
     return re.sub(r"\(.*\)", "", text).strip()
 
@@ -180,6 +197,11 @@ def judge(op, app, state, connection):
         except KeyError:
             return REVIEW, f"cannot find {where} as it was before"
         new = op.field
+        if field_column(old, op.name) != field_column(new, op.name):
+            return BREAKS, (
+                f"renames the column of {where} from {field_column(old, op.name)} to "
+                f"{field_column(new, op.name)}: the running release uses the old name"
+            )
         if old.null and not new.null:
             return BREAKS, f"makes {where} NOT NULL: the running release may write NULL"
         old_type, new_type = field_type(old, connection), field_type(new, connection)
@@ -244,10 +266,10 @@ def judge(op, app, state, connection):
     return REVIEW, f"deployd does not know {type(op).__name__}: read its SQL"
 
 
-def known_to(base, op, app):
+def known_to(base, op, app, before):
     """Whether the release that runs (its schema: `base`) has what a harmful
-    operation touches: a table or column made earlier in the same plan is
-    no concern of it."""
+    operation touches (`before`: the state just before it): a table or
+    column made earlier in the same plan is no concern of it."""
     if isinstance(op, ops.SeparateDatabaseAndState):
         # Its inner operations were judged without the running schema: the
         # verdict stands.
@@ -261,6 +283,9 @@ def known_to(base, op, app):
     state = base.models.get((app, model))
     if state is None:
         return False
+    if isinstance(op, ops.AlterField) and makes_not_null(op, before, app):
+        # Its inserts leave a column they do not know NULL, and fail.
+        return True
     if isinstance(op, (ops.RemoveField, ops.AlterField)):
         return op.name in state.fields
     if isinstance(op, ops.RenameField):
@@ -274,18 +299,16 @@ def table_of(state, app, model, connection):
     found = state.models.get((app, model.lower()))
     if found is not None and found.options.get("db_table"):
         return found.options["db_table"]
-    return truncate_name(f"{app}_{model.lower()}", connection.ops.max_name_length())
+    # As Django's model options name it: by the default database's limit.
+    limit = connections[DEFAULT_DB_ALIAS].ops.max_name_length()
+    return truncate_name(f"{app}_{model.lower()}", limit)
 
 
 def column_of(state, app, model, name):
     """The column of a field as the migration state has it, or None."""
     found = state.models.get((app, model.lower()))
     field = found.fields.get(name) if found is not None else None
-    if field is None or field.many_to_many:
-        return None
-    if field.db_column:
-        return field.db_column
-    return f"{name}_id" if isinstance(field, ForeignKey) else name
+    return None if field is None else field_column(field, name)
 
 
 def touches(op, app, state, connection):
@@ -293,12 +316,14 @@ def touches(op, app, state, connection):
     through, if it uses them: {"table": ..., "column": ... or None}. None
     where deployd cannot tell: the verdict stands whatever the running
     release's models are."""
-    if isinstance(op, (ops.RemoveField, ops.AlterField)):
+    if isinstance(op, ops.RemoveField):
         model, name = op.model_name, op.name
     elif isinstance(op, ops.RenameField):
         model, name = op.model_name, op.old_name
-    elif isinstance(op, ops.AddField):
-        # Its inserts fail only if it has a model on the table.
+    elif isinstance(op, (ops.AddField, ops.AlterField)):
+        # Inserts that leave out a NOT NULL column fail, and a retyped
+        # column rewrites or scans the table under a lock: harmless only to
+        # a release with no model on the table at all.
         return {"table": table_of(state, app, op.model_name, connection), "column": None}
     elif isinstance(op, (ops.DeleteModel, ops.AlterModelTable)):
         return {"table": table_of(state, app, op.name, connection), "column": None}
@@ -322,7 +347,7 @@ def used_tables():
         if meta.proxy:
             continue
         columns = tables.setdefault(meta.db_table, set())
-        columns.update(f.column for f in meta.concrete_fields if f.column)
+        columns.update(f.column for f in meta.local_concrete_fields if f.column)
     return [{"table": t, "columns": sorted(c)} for t, c in sorted(tables.items())]
 
 
@@ -351,7 +376,7 @@ def judge_against(base, op, app, state, connection):
     if not router.allow_migrate(connection.alias, app):
         return SAFE, f"{app} is not migrated on the database {connection.alias}"
     verdict, why = judge(op, app, state, connection)
-    if verdict == BREAKS and not known_to(base, op, app):
+    if verdict == BREAKS and not known_to(base, op, app, state):
         return SAFE, "on a table or column the running release does not have (made by this plan)"
     return verdict, why
 

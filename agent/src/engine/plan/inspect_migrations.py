@@ -293,7 +293,7 @@ def known_to(base, op, app, before):
     return True
 
 
-def table_of(state, app, model, connection):
+def table_of(state, app, model):
     """The table of a model as the migration state has it before an
     operation, named as Django names it."""
     found = state.models.get((app, model.lower()))
@@ -311,7 +311,7 @@ def column_of(state, app, model, name):
     return None if field is None else field_column(field, name)
 
 
-def touches(op, app, state, connection):
+def touches(op, app, state):
     """The table (and column) a harmful operation harms the running release
     through, if it uses them: {"table": ..., "column": ... or None}. None
     where deployd cannot tell: the verdict stands whatever the running
@@ -324,17 +324,17 @@ def touches(op, app, state, connection):
         # Inserts that leave out a NOT NULL column fail, and a retyped
         # column rewrites or scans the table under a lock: harmless only to
         # a release with no model on the table at all.
-        return {"table": table_of(state, app, op.model_name, connection), "column": None}
+        return {"table": table_of(state, app, op.model_name), "column": None}
     elif isinstance(op, (ops.DeleteModel, ops.AlterModelTable)):
-        return {"table": table_of(state, app, op.name, connection), "column": None}
+        return {"table": table_of(state, app, op.name), "column": None}
     elif isinstance(op, ops.RenameModel):
-        return {"table": table_of(state, app, op.old_name, connection), "column": None}
+        return {"table": table_of(state, app, op.old_name), "column": None}
     else:
         return None
     column = column_of(state, app, model, name)
     if column is None:
         return None
-    return {"table": table_of(state, app, model, connection), "column": column}
+    return {"table": table_of(state, app, model), "column": column}
 
 
 def used_tables():
@@ -423,7 +423,7 @@ def inspect(connection, request):
                 "reversible": reversible(op),
             }
             if verdict == BREAKS:
-                operation["touches"] = touches(op, app, state, connection)
+                operation["touches"] = touches(op, app, state)
             operations.append(operation)
             op.state_forwards(app, state)
         if len(operations) > OPERATIONS:

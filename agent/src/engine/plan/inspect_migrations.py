@@ -408,10 +408,18 @@ def inspect(connection, request):
     else:
         applied = [(app, name) for app, name in targets if name is not None]
     base = loader.project_state(applied, at_end=True) if applied else ProjectState()
+    # Forwards, each migration starts where the one before left the schema:
+    # one pass over the plan, however long the history (rebuilding the
+    # state of each from the first migration costs the square of it).
+    forwards = request.get("targets") is None and not any(b for _, b in plan)
+    running = loader.project_state(applied, at_end=True)
     migrations = []
     for migration, backwards in plan:
         app = migration.app_label
-        state = loader.project_state((app, migration.name), at_end=False)
+        if forwards:
+            state = running
+        else:
+            state = loader.project_state((app, migration.name), at_end=False)
         operations = []
         for op in migration.operations:
             verdict, why = judge_against(base, op, app, state, connection)

@@ -412,7 +412,8 @@ def inspect(connection, request):
     # one pass over the plan, however long the history (rebuilding the
     # state of each from the first migration costs the square of it).
     forwards = request.get("targets") is None and not any(b for _, b in plan)
-    running = loader.project_state(applied, at_end=True)
+    # Built only for a plan that has migrations: most deployments have none.
+    running = loader.project_state(applied, at_end=True) if forwards and plan else None
     migrations = []
     for migration, backwards in plan:
         app = migration.app_label

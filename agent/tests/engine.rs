@@ -1129,11 +1129,11 @@ async fn migrations_are_planned_and_those_that_break_the_running_release_refused
             let refused = agent.deploy(&scope, variant).await;
             assert_eq!(refused.state, DeploymentState::Failed, "{variant}");
             let error = refused.error.clone().unwrap();
-            let live = scope.bed.sha("irreversible-data").to_string();
+            let live = scope.bed.sha("irreversible-data");
             assert!(
                 error.starts_with(&format!(
                     "refused: a migration would break release {} while it still runs",
-                    &live[..12]
+                    live.short()
                 )) && error.contains(operation)
                     && error.contains(why)
                     && error.contains("expand, then contract")
@@ -1204,21 +1204,21 @@ async fn migrations_are_planned_and_those_that_break_the_running_release_refused
             ["shop.0003_remove_heartbeat_queue RemoveField safe"]
         );
         let operation = &plan_of(&contract).migrations.unwrap().migrations[0].operations[0];
-        let stopped = scope.bed.sha("stop-reading").to_string();
+        let stopped = scope.bed.sha("stop-reading");
         assert_eq!(
             operation.why,
             format!(
                 "release {} does not use shop_heartbeat.queue (not in its models): no concern of it",
-                &stopped[..12]
+                stopped.short()
             )
         );
         // Back to the release that stopped reading it: the drop stays.
         let back = agent
             .rollback(RollbackRequest {
-                    to: Some(scope.bed.sha("stop-reading")),
-                    schema: deployd_proto::SchemaRollback::Check,
-                    ..Default::default()
-                })
+                to: Some(stopped),
+                schema: deployd_proto::SchemaRollback::Check,
+                ..Default::default()
+            })
             .await;
         assert_eq!(back.state, DeploymentState::Succeeded, "{:?}", back.error);
         assert_eq!(back.migrations_kept, ["shop.0003_remove_heartbeat_queue"]);
@@ -1330,7 +1330,7 @@ async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
         assert!(
             said.iter().any(|l| l.starts_with(&format!(
                 "they stay applied: none breaks release {}",
-                &r2.as_str()[..12]
+                r2.short()
             ))),
             "{said:#?}"
         );
@@ -1348,7 +1348,7 @@ async fn rollbacks_refuse_or_reverse_migrations_that_break_the_older_release() {
             error.starts_with(&format!(
                 "refused: migrations applied since release {} last ran would break it: \
                  shop.0003_heartbeat_priority AddField",
-                &r2.as_str()[..12]
+                r2.short()
             )) && error.ends_with("; nothing running was changed"),
             "{error}"
         );

@@ -58,15 +58,11 @@ impl Run {
             let mut inspected = self
                 .inspect(migrations, &image.pinned, env, None, &plan.id)
                 .await?;
-            match &self.previous {
-                // Another host may run another release: only the schema
-                // is known to be the same everywhere.
-                Some(_) if self.in_fleet => {}
-                Some(live) => {
-                    let tables = self.ctx.tables_of(&self.app, &live.digest)?;
-                    judge_by_models(&mut inspected, tables.as_ref(), live.sha.short());
-                }
-                None => {}
+            // In a fleet another host may run another release: only the
+            // schema is known to be the same everywhere.
+            if let Some(live) = self.previous.as_ref().filter(|_| !self.in_fleet) {
+                let tables = self.ctx.tables_of(&self.app, &live.digest)?;
+                judge_by_models(&mut inspected, tables.as_ref(), live.sha.short());
             }
             for line in describe(&inspected) {
                 self.say("plan", line);

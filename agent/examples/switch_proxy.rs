@@ -38,6 +38,7 @@ async fn main() {
     let _ = routes.get("bench").unwrap().switch_to(&[Upstream {
         container: "backend".into(),
         addr: upstream,
+        release: "bench".into(),
     }]);
     println!("switch on {listen} -> {upstream}");
     let mut term =

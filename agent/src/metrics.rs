@@ -423,8 +423,87 @@ impl Collector for SwitchCollector {
                 "reason",
             ),
             |stats| stats.shortfalls().collect(),
-        )
+        )?;
+        release_figures(&mut encoder, routes)
     }
+}
+
+/// The per-release figures of each switched app: answers, upstream errors,
+/// abandoned requests and latency, labelled with the release's sha.
+fn release_figures(
+    encoder: &mut DescriptorEncoder,
+    routes: &Routes,
+) -> Result<(), std::fmt::Error> {
+    let figures: Vec<(&String, String, crate::switch::Figures)> = routes
+        .iter()
+        .flat_map(|(app, route)| {
+            route
+                .releases()
+                .into_iter()
+                .map(move |r| (app, r.release().to_owned(), r.figures()))
+        })
+        .collect();
+    type Counts = fn(&crate::switch::Figures) -> Vec<(&'static str, u64)>;
+    let counters: [(&str, &str, Option<&str>, Counts); 3] = [
+        (
+            "switch_release_requests",
+            "Requests answered per release, by status class (the switch's own 502 and 504 \
+             for that release's failures included)",
+            Some("code"),
+            |f| f.answers_by_class().collect(),
+        ),
+        (
+            "switch_release_upstream_errors",
+            "Web container failures per release: refused, failed, timeout, drained",
+            Some("error"),
+            |f| f.upstream_errors_by_kind().collect(),
+        ),
+        (
+            "switch_release_abandoned",
+            "Requests per release whose client left before the answer came",
+            None,
+            |f| vec![("", f.abandoned)],
+        ),
+    ];
+    for (name, help, key, counts) in counters {
+        let mut metric = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (app, sha, f) in &figures {
+            for (value, n) in counts(f) {
+                let mut labels = vec![("app", app.as_str()), ("sha", sha.as_str())];
+                labels.extend(key.map(|key| (key, value)));
+                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+    }
+    let mut metric = encoder.encode_descriptor(
+        "switch_release_request_duration_seconds",
+        "Per release, from a request being whole at the switch to its answer's head",
+        None,
+        prometheus_client::metrics::MetricType::Histogram,
+    )?;
+    for (app, sha, f) in &figures {
+        let labels = [("app", app.as_str()), ("sha", sha.as_str())];
+        let buckets: Vec<(f64, u64)> = crate::switch::LATENCY_BOUNDS_US
+            .iter()
+            .map(|&us| us as f64 / 1e6)
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(f.buckets)
+            .collect();
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                f.latency_sum_us as f64 / 1e6,
+                f.buckets.iter().sum(),
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -475,5 +554,45 @@ mod tests {
         }
         // The release before is no longer exported.
         assert!(!text.contains(r#"sha="aaa""#), "{text}");
+    }
+
+    #[test]
+    fn the_switch_figures_of_each_release_are_exported() {
+        let config = crate::config::Config::from_toml(
+            r#"
+            [apps.shop]
+            image = "registry.example/shop"
+            [apps.shop.services.web]
+            port = 8000
+            health = { path = "/healthz/", host = "shop.example" }
+            [apps.shop.switch]
+            listen = "127.0.0.1:0"
+            "#,
+        )
+        .unwrap();
+        let routes = Routes::for_config(&config);
+        let route = routes.get("shop").unwrap();
+        let _ = route.switch_to(&[crate::switch::Upstream {
+            container: "c1".into(),
+            addr: std::net::SocketAddr::from(([10, 0, 0, 1], 8000)),
+            release: "abc".into(),
+        }]);
+        let stats = route.release("abc").unwrap();
+        stats.answered(http::StatusCode::OK, Duration::from_millis(4));
+        stats.answered(http::StatusCode::BAD_GATEWAY, Duration::from_millis(40));
+        let text = Metrics::new(&routes).render();
+        for line in [
+            r#"deployd_switch_release_requests_total{app="shop",sha="abc",code="2xx"} 1"#,
+            r#"deployd_switch_release_requests_total{app="shop",sha="abc",code="5xx"} 1"#,
+            r#"deployd_switch_release_upstream_errors_total{app="shop",sha="abc",error="timeout"} 0"#,
+            r#"deployd_switch_release_abandoned_total{app="shop",sha="abc"} 0"#,
+            r#"deployd_switch_release_request_duration_seconds_bucket{app="shop",sha="abc",le="0.005"} 1"#,
+            r#"deployd_switch_release_request_duration_seconds_bucket{app="shop",sha="abc",le="0.05"} 2"#,
+            r#"deployd_switch_release_request_duration_seconds_bucket{app="shop",sha="abc",le="+Inf"} 2"#,
+            r#"deployd_switch_release_request_duration_seconds_count{app="shop",sha="abc"} 2"#,
+            r#"deployd_switch_release_request_duration_seconds_sum{app="shop",sha="abc"} 0.044"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

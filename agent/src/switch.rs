@@ -13,6 +13,7 @@ mod listener;
 mod pool;
 mod proxy;
 mod route;
+mod stats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use headers::{HeadLimits, HeadTooLarge, check_head};
-pub use route::{Drained, Draining, Refusal, Route, SwitchStats, Upstream};
+pub use route::{Drained, Draining, Route, Upstream};
+pub use stats::{Figures, LATENCY_BOUNDS_US, Refusal, ReleaseStats, SwitchStats};
 
 use crate::config::{Config, SwitchConfig};
 use crate::limit::{self, Admission};

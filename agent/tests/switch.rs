@@ -103,6 +103,7 @@ async fn backend(name: &'static str) -> Upstream {
     Upstream {
         container: name.to_owned(),
         addr,
+        release: name.into(),
     }
 }
 
@@ -128,6 +129,7 @@ async fn ws_backend(name: &'static str) -> Upstream {
     Upstream {
         container: name.to_owned(),
         addr,
+        release: name.into(),
     }
 }
 
@@ -247,6 +249,10 @@ async fn the_drain_timeout_ends_a_stuck_request_with_504() {
         .unwrap()
         .unwrap();
     assert_eq!(status, 504, "{body}");
+    // Held against the release it was sent to.
+    let figures = route.release("a").unwrap().figures();
+    assert_eq!(figures.upstream_errors, [0, 0, 0, 1], "{figures:?}");
+    assert_eq!(figures.errors(), 1);
 }
 
 #[tokio::test]
@@ -262,9 +268,134 @@ async fn the_upstream_timeout_answers_504() {
         r#"deployd_switch_requests_total{app="shop",code="5xx"} 1"#,
         r#"deployd_switch_upstream_errors_total{app="shop",error="timeout"} 1"#,
         r#"deployd_switch_upstream_errors_total{app="shop",error="refused"} 0"#,
+        r#"deployd_switch_release_requests_total{app="shop",sha="a",code="5xx"} 1"#,
+        r#"deployd_switch_release_upstream_errors_total{app="shop",sha="a",error="timeout"} 1"#,
     ] {
         assert!(text.contains(line), "{line} missing from:\n{text}");
     }
+}
+
+/// A GET with `cookie`, if any: the status, the body and the `Set-Cookie`.
+async fn get_with_cookie(
+    addr: SocketAddr,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, String, Option<String>) {
+    let mut sender = connect(addr).await;
+    sender.ready().await.unwrap();
+    let mut request = hyper::Request::get(path).header("host", "shop.test");
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    let response = sender
+        .send_request(request.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let set_cookie = response
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        set_cookie,
+    )
+}
+
+#[tokio::test]
+async fn a_canary_client_keeps_its_release_by_the_cookie_the_switch_sets() {
+    let (routes, _serving, addr) = switch("");
+    let route = routes.get("shop").unwrap();
+    let (stable, canary) = (backend("old").await, backend("new").await);
+    let _ = route.switch_to(std::slice::from_ref(&stable));
+    assert_eq!(
+        get_with_cookie(addr, "/name", None).await,
+        (200, "old".into(), None)
+    );
+
+    let _ = route.split(
+        std::slice::from_ref(&stable),
+        std::slice::from_ref(&canary),
+        50.0,
+    );
+    // Every connection comes from 127.0.0.1: by address, all go one way.
+    let (_, first, set_cookie) = get_with_cookie(addr, "/name", None).await;
+    let set_cookie = set_cookie.expect("a client not pinned yet gets the cookie");
+    assert!(set_cookie.starts_with("deployd_release="), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    for percent in [100.0, 0.01, 50.0] {
+        let _ = route.split(
+            std::slice::from_ref(&stable),
+            std::slice::from_ref(&canary),
+            percent,
+        );
+        for _ in 0..5 {
+            let cookies = format!("theme=dark; {cookie}");
+            assert_eq!(
+                get_with_cookie(addr, "/name", Some(&cookies)).await,
+                (200, first.clone(), None),
+                "at {percent}%"
+            );
+        }
+    }
+    // Promoted: everyone on the new release, and no more cookies.
+    let draining = route.switch_to(std::slice::from_ref(&canary));
+    assert_eq!(draining.finish(Duration::from_secs(5)).await.cut, 0);
+    assert_eq!(
+        get_with_cookie(addr, "/name", Some(&cookie)).await,
+        (200, "new".into(), None)
+    );
+    let old = route.release("old").unwrap().figures().requests();
+    let new = route.release("new").unwrap().figures().requests();
+    assert_eq!(old + new, 18, "old {old}, new {new}");
+}
+
+#[tokio::test]
+async fn each_release_has_its_own_answers_latency_and_abandoned_requests() {
+    let (routes, _serving, addr) = switch("");
+    let route = routes.get("shop").unwrap();
+    let (mut one, mut two) = (backend("one").await, backend("two").await);
+    (one.release, two.release) = ("r1".into(), "r2".into());
+    // Both releases live side by side: round-robin sends each every other
+    // request.
+    let _ = route.switch_to(&[one, two]);
+    let mut client = connect(addr).await;
+    for _ in 0..10 {
+        assert_eq!(get_on(&mut client, "/slow?ms=1").await.0, 200);
+    }
+    // Release r2 also gets a slow request (200 ms) and one its client gives
+    // up on.
+    let _ = route.switch_to(&[route.upstreams()[1].clone()]);
+    assert_eq!(get_on(&mut client, "/slow?ms=200").await.0, 200);
+    let given_up = tokio::spawn(async move { get(addr, "/slow?ms=60000").await });
+    in_flight(route, 1).await;
+    given_up.abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while route.release("r2").unwrap().figures().abandoned == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned request was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let r1 = route.release("r1").unwrap().figures();
+    let r2 = route.release("r2").unwrap().figures();
+    assert_eq!((r1.requests(), r2.requests()), (5, 6), "{r1:?} {r2:?}");
+    assert_eq!((r1.errors(), r2.errors()), (0, 0));
+    assert_eq!(r2.abandoned, 1);
+    // Latency is at least what the container took: a lower bound only, as a
+    // busy machine adds to it.
+    assert!(
+        r2.quantile(1.0).unwrap() >= Duration::from_millis(150),
+        "{r2:?}"
+    );
+    assert!(
+        r1.quantile(0.5).unwrap() >= Duration::from_micros(500),
+        "{r1:?}"
+    );
 }
 
 #[tokio::test]
@@ -301,6 +432,7 @@ async fn a_container_refusing_connections_is_skipped() {
     let dead = Upstream {
         container: "dead".into(),
         addr: closed.local_addr().unwrap(),
+        release: "b".into(),
     };
     drop(closed);
     let _ = routes
@@ -619,6 +751,7 @@ async fn body_backend() -> (Upstream, std::sync::Arc<Seen>) {
         Upstream {
             container: "bodies".into(),
             addr,
+            release: "bodies".into(),
         },
         seen,
     )

@@ -94,7 +94,7 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
         let public = Switch::bind(&config, &routes).unwrap().serve().unwrap();
         let addr = public.addr(&app).unwrap();
         let store = Store::open(state.path()).unwrap();
-        let engine = EngineHandle::start_routed(&config, scope.docker.clone(), store, routes)
+        let engine = EngineHandle::start_routed(&config, scope.docker.clone(), store, routes.clone())
             .await
             .unwrap();
         scope.start_db().await;
@@ -178,6 +178,21 @@ async fn no_request_fails_across_deploys_and_rollbacks() {
                 .any(|s| s.outcome.as_deref() == Ok("1/good") && s.started < first_two && s.ended > first_two),
             "no request to release 1 spanned the switch"
         );
+        // The switch's own figures per release agree with what the clients
+        // got, answer for answer.
+        let route = routes.get(&app).unwrap();
+        for (variant, served_by) in [
+            ("release-1", "1/good"),
+            ("release-2", "2/good"),
+            ("unhealthy-after-5-checks", "2/unhealthy-after-5-checks"),
+        ] {
+            let figures = route.release(scope.bed.sha(variant).as_str()).unwrap().figures();
+            assert_eq!(
+                (figures.answers[1], figures.requests(), figures.abandoned),
+                (served(served_by) as u64, served(served_by) as u64, 0),
+                "{variant}: {figures:?}"
+            );
+        }
         // And the manual rollback put release 1 back.
         let last = all.iter().max_by_key(|s| s.started).unwrap();
         assert_eq!(last.outcome.as_deref(), Ok("1/good"));

@@ -7,12 +7,15 @@
 #   throughput: wrk -t2 -c64 for 10 s (requests/s);
 #   latency:    wrk -t1 -c1  for 10 s (p50/p99 of one request at a time).
 # Prints medians, the switch/nginx throughput ratio and the p99 the
-# switch adds over going direct.
+# switch adds over going direct. With a git revision as BASE, the switch as
+# it was there runs too, as a fourth side ("base"): a change's cost,
+# measured side by side.
 #
-#   scripts/bench/switch.sh [rounds, default 7]
+#   scripts/bench/switch.sh [rounds, default 7] [BASE]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 rounds=${1:-7}
+base_rev=${2:-}
 
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
     echo "installing nginx-light and wrk (Debian packages)" >&2
@@ -25,9 +28,24 @@ cargo build --release --locked -q -p deployd --example switch_proxy
 backend_port=$(agent_free_port)
 nginx_port=$(agent_free_port)
 switch_port=$(agent_free_port)
+base_port=$(agent_free_port)
 dir=$(mktemp -d)
+sides="direct switch nginx"
+if [ -n "$base_rev" ]; then
+    # Built in a worktree of that revision, sharing this target directory's
+    # dependencies.
+    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+    git worktree add -q --detach "$dir/base" "$base_rev"
+    (cd "$dir/base" && cargo build --release --locked -q -p deployd --example switch_proxy --target-dir "$target")
+    cp "$target/release/examples/switch_proxy" "$dir/switch_proxy_base"
+    git worktree remove --force "$dir/base"
+    # The target directory holds the base's build now: this one's again.
+    cargo build --release --locked -q -p deployd --example switch_proxy
+    sides="direct switch base nginx"
+fi
 cleanup() {
     [ -n "${switch_pid:-}" ] && kill "$switch_pid" 2>/dev/null
+    [ -n "${base_pid:-}" ] && kill "$base_pid" 2>/dev/null
     for conf in backend proxy; do
         [ -f "$dir/$conf.pid" ] && kill "$(cat "$dir/$conf.pid")" 2>/dev/null
     done
@@ -70,7 +88,13 @@ nginx -c "$dir/backend.conf" -p "$dir"
 nginx -c "$dir/proxy.conf" -p "$dir"
 target/release/examples/switch_proxy "127.0.0.1:$switch_port" "127.0.0.1:$backend_port" >/dev/null &
 switch_pid=$!
-for port in $backend_port $nginx_port $switch_port; do
+ports="$backend_port $nginx_port $switch_port"
+if [ -n "$base_rev" ]; then
+    "$dir/switch_proxy_base" "127.0.0.1:$base_port" "127.0.0.1:$backend_port" >/dev/null &
+    base_pid=$!
+    ports+=" $base_port"
+fi
+for port in $ports; do
     for _ in $(seq 1 100); do
         curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break
         sleep 0.1
@@ -101,13 +125,14 @@ to_ms() {
 }
 
 declare -A tput p50 p99
-for side in direct switch nginx; do tput[$side]=""; p50[$side]=""; p99[$side]=""; done
+for side in $sides; do tput[$side]=""; p50[$side]=""; p99[$side]=""; done
 ratios=""
 for round in $(seq 1 "$rounds"); do
-    for side in direct switch nginx; do
+    for side in $sides; do
         case $side in
             direct) port=$backend_port ;;
             switch) port=$switch_port ;;
+            base) port=$base_port ;;
             nginx) port=$nginx_port ;;
         esac
         result=$(run_wrk -t2 -c64 -d10s "http://127.0.0.1:$port/")
@@ -125,7 +150,7 @@ done
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo
 printf '%-8s %12s %10s %10s\n' side "req/s" "p50 ms" "p99 ms"
-for side in direct switch nginx; do
+for side in $sides; do
     printf '%-8s %12s %10s %10s\n' "$side" "$(median "${tput[$side]}")" "$(median "${p50[$side]}")" "$(median "${p99[$side]}")"
 done
 ratio=$(awk -v s="$(median "${tput[switch]}")" -v n="$(median "${tput[nginx]}")" 'BEGIN {printf "%.2f", s / n}')
@@ -133,6 +158,9 @@ added=$(awk -v s="$(median "${p99[switch]}")" -v d="$(median "${p99[direct]}")" 
 added_nginx=$(awk -v s="$(median "${p99[nginx]}")" -v d="$(median "${p99[direct]}")" 'BEGIN {printf "%.3f", s - d}')
 echo
 echo "switch throughput / nginx throughput: $ratio (floor 0.9); per round: ${ratios% }"
+if [ -n "$base_rev" ]; then
+    echo "switch throughput / base ($base_rev) throughput: $(awk -v s="$(median "${tput[switch]}")" -v b="$(median "${tput[base]}")" 'BEGIN {printf "%.2f", s / b}')"
+fi
 echo "p99 added over direct: switch $added ms, nginx $added_nginx ms (floor: switch at most 1 ms)"
 awk -v r="$ratio" -v a="$added" 'BEGIN { exit !(r >= 0.9 && a <= 1.0) }' || {
     echo "below the floor" >&2

@@ -115,13 +115,14 @@ impl ContainerSpec {
     }
 }
 
-/// Where a service container's port is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a service container's port is reached, and its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortAddrs {
     /// The ephemeral port on 127.0.0.1 it is published on.
     pub published: u16,
     /// The container's address on its network (none for host networking).
     pub direct: Option<std::net::SocketAddr>,
+    pub labels: HashMap<String, String>,
 }
 
 /// What a one-off container did.
@@ -313,7 +314,12 @@ impl Docker {
             .filter_map(|n| n.ip_address)
             .find_map(|ip| ip.parse::<std::net::IpAddr>().ok())
             .map(|ip| std::net::SocketAddr::new(ip, port));
-        Ok(PortAddrs { published, direct })
+        let labels = inspect.config.and_then(|c| c.labels).unwrap_or_default();
+        Ok(PortAddrs {
+            published,
+            direct,
+            labels,
+        })
     }
 
     /// Whether a container runs, and how healthy it is.

@@ -22,16 +22,17 @@ pub(crate) struct Started {
     /// Published host port, for web.
     pub port: Option<u16>,
     /// The web port at the container's own address, where the switch sends
-    /// traffic.
-    pub direct: Option<std::net::SocketAddr>,
+    /// traffic, and the release it runs (its `deployd.sha` label).
+    pub direct: Option<(std::net::SocketAddr, std::sync::Arc<str>)>,
 }
 
 impl Started {
     /// Where the switch sends this container's share of traffic.
     pub fn upstream(&self) -> Option<Upstream> {
-        self.direct.map(|addr| Upstream {
+        self.direct.as_ref().map(|(addr, release)| Upstream {
             container: self.id.clone(),
-            addr,
+            addr: *addr,
+            release: release.clone(),
         })
     }
 }
@@ -124,8 +125,11 @@ impl super::Ctx {
         };
         Ok(Started {
             id: id.to_owned(),
-            port: addrs.map(|a| a.published),
-            direct: addrs.and_then(|a| a.direct),
+            port: addrs.as_ref().map(|a| a.published),
+            direct: addrs.and_then(|mut a| {
+                let release = a.labels.remove(label::SHA).unwrap_or_default();
+                a.direct.map(|addr| (addr, release.into()))
+            }),
         })
     }
 

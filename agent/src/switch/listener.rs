@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::proxy::Proxy;
-use super::route::Refusal;
+use super::stats::Refusal;
 use crate::limit::{Admission, Admitted, Full};
 
 /// How long a keep-alive connection may stay idle once shutdown began: a

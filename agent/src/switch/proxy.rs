@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::body::{self, BodyLimits, ProxyBody, Refused, RequestBody, Tracked, Whole};
 use super::headers::{self, ConnectionHeaders, HeadLimits};
 use super::pool::Conn;
-use super::route::{Backend, InFlight, Refusal, Route, Shortfall, UpstreamError};
+use super::route::{Backend, Client, InFlight, Route};
+use super::stats::{Refusal, ReleaseStats, Shortfall, UpstreamError};
 use crate::limit::Admitted;
 
 /// The 504 of a request still unanswered when its release's drain gave up.
@@ -67,6 +68,46 @@ enum Sent {
     Cancelled,
 }
 
+/// A request in the hands of a release: counted in its figures when the
+/// answer's head is back, or as abandoned if the client leaves first (the
+/// request's future is dropped with this in it).
+struct Timed {
+    stats: Arc<ReleaseStats>,
+    since: Instant,
+    settled: bool,
+}
+
+impl Timed {
+    /// Counts the request against `backend`'s release from now on (a retry
+    /// on another release's container moves it there, uncounted).
+    fn on(slot: &mut Option<Self>, backend: &Backend, since: Instant) {
+        if let Some(timed) = slot {
+            if Arc::ptr_eq(&timed.stats, &backend.stats) {
+                return;
+            }
+            timed.settled = true;
+        }
+        *slot = Some(Self {
+            stats: backend.stats.clone(),
+            since,
+            settled: false,
+        });
+    }
+
+    fn answered(mut self, status: StatusCode) {
+        self.settled = true;
+        self.stats.answered(status, self.since.elapsed());
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.stats.abandoned();
+        }
+    }
+}
+
 impl Proxy {
     /// Forwards one request of the client at `peer` (its address as a
     /// header value, made once per connection).
@@ -76,9 +117,25 @@ impl Proxy {
         admitted: &Arc<Admitted>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let response = self.answer(peer, admitted, req).await;
+        let mut timed = None;
+        let mut pin = None;
+        let mut response = self
+            .answer(peer, admitted, req, (&mut timed, &mut pin))
+            .await;
         self.route.stats.answered(response.status());
+        if let Some(timed) = timed {
+            timed.answered(response.status());
+        }
+        if let Some(pin) = pin {
+            response.headers_mut().append(header::SET_COOKIE, pin);
+        }
         response
+    }
+
+    /// Counts a failure of `backend` for the app and for its release.
+    fn upstream_error(&self, backend: &Backend, error: UpstreamError) {
+        self.route.stats.upstream_error(error);
+        backend.stats.upstream_error(error);
     }
 
     async fn answer(
@@ -86,6 +143,7 @@ impl Proxy {
         peer: &HeaderValue,
         admitted: &Arc<Admitted>,
         mut req: Request<Incoming>,
+        (timed, pin): (&mut Option<Timed>, &mut Option<HeaderValue>),
     ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT {
             return answer(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied");
@@ -114,6 +172,7 @@ impl Proxy {
                 parts.method,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
             );
+        let client = Client::of(&parts.headers, peer, self.trust_forwarded);
         let mut sent_headers = headers::upstream_headers(
             parts.headers,
             &connection,
@@ -144,7 +203,10 @@ impl Proxy {
             sent_headers,
             body,
         ));
-        let candidates = self.route.candidates();
+        // The release's latency: from the request being whole to its answer.
+        let since = Instant::now();
+        let candidates;
+        (candidates, *pin) = self.route.candidates(&client);
         if candidates.len() == 0 {
             return answer(StatusCode::SERVICE_UNAVAILABLE, "no web container is live");
         }
@@ -155,11 +217,12 @@ impl Proxy {
             let Some(backend) = candidates.get(index) else {
                 break;
             };
+            Timed::on(timed, backend, since);
             let pooled = if fresh { None } else { backend.pool.take() };
             let (conn, reused) = match pooled {
                 Some(conn) => (conn, true),
                 None if backend.cancel.is_cancelled() => {
-                    self.route.stats.upstream_error(UpstreamError::Drained);
+                    self.upstream_error(backend, UpstreamError::Drained);
                     return answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN);
                 }
                 None => match backend.pool.connect(backend.upstream.addr).await {
@@ -167,7 +230,7 @@ impl Proxy {
                     Err(e) => {
                         tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
                             error = %e, "web container refused a connection; trying the next");
-                        self.route.stats.upstream_error(UpstreamError::Refused);
+                        self.upstream_error(backend, UpstreamError::Refused);
                         backend.mark_down();
                         index += 1;
                         fresh = false;
@@ -197,21 +260,21 @@ impl Proxy {
                 (Sent::Failed(e), _) => {
                     tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
                         error = %e, "web container failed the request");
-                    self.route.stats.upstream_error(UpstreamError::Failed);
+                    self.upstream_error(backend, UpstreamError::Failed);
                     return answer(
                         StatusCode::BAD_GATEWAY,
                         "the web container failed the request",
                     );
                 }
                 (Sent::TimedOut, _) => {
-                    self.route.stats.upstream_error(UpstreamError::Timeout);
+                    self.upstream_error(backend, UpstreamError::Timeout);
                     return answer(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the web container did not answer in time",
                     );
                 }
                 (Sent::Cancelled, _) => {
-                    self.route.stats.upstream_error(UpstreamError::Drained);
+                    self.upstream_error(backend, UpstreamError::Drained);
                     return answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN);
                 }
             }
@@ -327,13 +390,13 @@ impl Proxy {
             }
             // Nothing went to the client yet: the answer can still be honest.
             Err(_) if backend.cancel.is_cancelled() => {
-                self.route.stats.upstream_error(UpstreamError::Drained);
+                self.upstream_error(backend, UpstreamError::Drained);
                 answer(StatusCode::GATEWAY_TIMEOUT, OUTLIVED_DRAIN)
             }
             Err(e) => {
                 tracing::warn!(app = %self.route.app(), upstream = %backend.upstream.addr,
                     error = %e, "web container broke off its answer");
-                self.route.stats.upstream_error(UpstreamError::Failed);
+                self.upstream_error(backend, UpstreamError::Failed);
                 answer(
                     StatusCode::BAD_GATEWAY,
                     "the web container broke off its answer",

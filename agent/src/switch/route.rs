@@ -9,13 +9,15 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use http::{HeaderMap, HeaderValue, header};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::pool::Pool;
+use super::stats::{ReleaseStats, SwitchStats};
 
 /// A web container traffic can go to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,161 +25,16 @@ pub struct Upstream {
     pub container: String,
     /// The container's address on its network, and its web port.
     pub addr: SocketAddr,
-}
-
-/// Why a request got no answer from a web container.
-#[derive(Debug, Clone, Copy)]
-pub enum UpstreamError {
-    /// The container refused the connection (the next one was tried).
-    Refused,
-    /// The connection failed under the request: 502.
-    Failed,
-    /// No answer within `upstream_timeout`: 504.
-    Timeout,
-    /// Its release's drain gave up on it: 504.
-    Drained,
-}
-
-impl UpstreamError {
-    pub const ALL: [Self; 4] = [Self::Refused, Self::Failed, Self::Timeout, Self::Drained];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Refused => "refused",
-            Self::Failed => "failed",
-            Self::Timeout => "timeout",
-            Self::Drained => "drained",
-        }
-    }
-}
-
-/// Why the switch refused a client before any container saw its request.
-#[derive(Debug, Clone, Copy)]
-pub enum Refusal {
-    /// A request line or header past `max_header_line`/`max_header_size`.
-    HeadTooLarge,
-    /// A body past `max_body`: 413.
-    BodyTooLarge,
-    /// A body not whole within `body_timeout`: 408.
-    BodyTimeout,
-    /// A body the client broke off.
-    BodyBroken,
-    /// A body that could not be spooled to a temporary file: 503.
-    BodySpool,
-    /// A connection past `max_connections`, closed at once.
-    Connections,
-    /// A connection past `max_connections_per_address`, closed at once.
-    ConnectionsPerAddress,
-}
-
-impl Refusal {
-    pub const ALL: [Self; 7] = [
-        Self::HeadTooLarge,
-        Self::BodyTooLarge,
-        Self::BodyTimeout,
-        Self::BodyBroken,
-        Self::BodySpool,
-        Self::Connections,
-        Self::ConnectionsPerAddress,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::HeadTooLarge => "head_too_large",
-            Self::BodyTooLarge => "body_too_large",
-            Self::BodyTimeout => "body_timeout",
-            Self::BodyBroken => "body_broken",
-            Self::BodySpool => "body_spool",
-            Self::Connections => "max_connections",
-            Self::ConnectionsPerAddress => "max_connections_per_address",
-        }
-    }
-}
-
-/// When buffering fell back because `buffer_memory` was short.
-#[derive(Debug, Clone, Copy)]
-pub enum Shortfall {
-    /// A request body spooled to disk although it fit `max_buffered_body`.
-    Spooled,
-    /// An answer passed at its client's pace, not read ahead.
-    Unbuffered,
-}
-
-impl Shortfall {
-    pub const ALL: [Self; 2] = [Self::Spooled, Self::Unbuffered];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Spooled => "spooled",
-            Self::Unbuffered => "unbuffered",
-        }
-    }
-}
-
-/// A route's request counts: one relaxed atomic add per request.
-#[derive(Debug, Default)]
-pub struct SwitchStats {
-    /// Answers by status class: 1xx to 5xx.
-    answers: [AtomicU64; 5],
-    upstream_errors: [AtomicU64; 4],
-    refusals: [AtomicU64; 7],
-    shortfalls: [AtomicU64; 2],
-}
-
-impl SwitchStats {
-    pub(crate) fn answered(&self, status: http::StatusCode) {
-        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.answers[class].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn upstream_error(&self, error: UpstreamError) {
-        self.upstream_errors[error as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn refused(&self, refusal: Refusal) {
-        self.refusals[refusal as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn short(&self, shortfall: Shortfall) {
-        self.shortfalls[shortfall as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `("spooled", n)` and `("unbuffered", n)`.
-    pub fn shortfalls(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        Shortfall::ALL
-            .into_iter()
-            .zip(&self.shortfalls)
-            .map(|(s, n)| (s.label(), n.load(Ordering::Relaxed)))
-    }
-
-    /// `("body_timeout", n)`, ... for every refusal.
-    pub fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        Refusal::ALL
-            .into_iter()
-            .zip(&self.refusals)
-            .map(|(r, n)| (r.label(), n.load(Ordering::Relaxed)))
-    }
-
-    /// `("2xx", n)`, ... for every class.
-    pub fn answers(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        ["1xx", "2xx", "3xx", "4xx", "5xx"]
-            .into_iter()
-            .zip(&self.answers)
-            .map(|(class, n)| (class, n.load(Ordering::Relaxed)))
-    }
-
-    pub fn upstream_errors(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        UpstreamError::ALL
-            .into_iter()
-            .zip(&self.upstream_errors)
-            .map(|(e, n)| (e.label(), n.load(Ordering::Relaxed)))
-    }
+    /// The release (commit sha) it runs: its traffic is counted under it.
+    pub release: Arc<str>,
 }
 
 /// One web container, with its idle connections and requests in flight.
 #[derive(Debug)]
 pub(crate) struct Backend {
     pub upstream: Upstream,
+    /// Its release's figures.
+    pub stats: Arc<ReleaseStats>,
     pub pool: Pool,
     in_flight: AtomicUsize,
     idle: Notify,
@@ -203,9 +60,10 @@ fn now_ms() -> u64 {
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
 impl Backend {
-    fn new(upstream: Upstream) -> Self {
+    fn new(upstream: Upstream, stats: Arc<ReleaseStats>) -> Self {
         Self {
             upstream,
+            stats,
             pool: Pool::default(),
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -267,13 +125,79 @@ impl Drop for InFlight {
     }
 }
 
+/// The containers an app's traffic goes to: the live release's, and
+/// during a canary the new release's too, with the share of clients sent
+/// there.
+#[derive(Debug, Default)]
+struct Live {
+    stable: Vec<Arc<Backend>>,
+    canary: Option<Canary>,
+}
+
+#[derive(Debug)]
+struct Canary {
+    backends: Vec<Arc<Backend>>,
+    /// The share of clients not yet pinned that go to it, in basis points.
+    share: u32,
+    /// The cookie values that pin a client to the canary, or to the stable
+    /// release, for this canary (another canary has other values).
+    pin_canary: HeaderValue,
+    pin_stable: HeaderValue,
+}
+
+/// The name of the cookie that keeps a client on its release during a
+/// canary.
+pub const PIN_COOKIE: &str = "deployd_release";
+
+/// Which client a request comes from, as far as a canary cares: the
+/// release its cookie pins it to, else its address.
+#[derive(Debug)]
+pub(crate) struct Client {
+    pin: Option<String>,
+    addr: HeaderValue,
+}
+
+impl Client {
+    /// The client of a request from `peer`; behind a trusted load balancer,
+    /// the address it put last in `X-Forwarded-For`.
+    pub fn of(headers: &HeaderMap, peer: &HeaderValue, trust_forwarded: bool) -> Self {
+        let pin = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (name, value) = pair.trim().split_once('=')?;
+                (name == PIN_COOKIE).then(|| value.to_owned())
+            });
+        let forwarded = trust_forwarded
+            .then(|| {
+                headers
+                    .get_all(super::headers::X_FORWARDED_FOR)
+                    .iter()
+                    .next_back()
+            })
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|last| HeaderValue::from_str(last.trim()).ok());
+        Self {
+            pin,
+            addr: forwarded.unwrap_or_else(|| peer.clone()),
+        }
+    }
+}
+
 /// The traffic of one app: where new requests go.
 #[derive(Debug)]
 pub struct Route {
     app: String,
     /// Counted per request, read by `/metrics`.
     pub(crate) stats: SwitchStats,
-    live: RwLock<Arc<Vec<Arc<Backend>>>>,
+    live: RwLock<Arc<Live>>,
+    /// The figures of the releases served lately, oldest first: the live
+    /// ones and up to [`KEPT_RELEASES`] before them.
+    releases: Mutex<Vec<Arc<ReleaseStats>>>,
     next: AtomicUsize,
     /// Set once the live containers are known (at start, from Docker);
     /// requests wait for it rather than being refused.
@@ -285,7 +209,8 @@ impl Route {
         Self {
             app: app.to_owned(),
             stats: SwitchStats::default(),
-            live: RwLock::new(Arc::new(Vec::new())),
+            live: RwLock::new(Arc::new(Live::default())),
+            releases: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
             known: watch::Sender::new(false),
         }
@@ -295,48 +220,132 @@ impl Route {
         &self.app
     }
 
-    /// Sends every new request to `upstreams` from now on. Backends that are
-    /// no longer live are returned, to be drained; one that stays (same
-    /// container and address) keeps its connections and requests.
+    /// Sends every new request to `upstreams` from now on (a canary, if
+    /// any, ends). Backends that are no longer live are returned, to be
+    /// drained; one that stays (same container and address) keeps its
+    /// connections and requests.
     pub fn switch_to(&self, upstreams: &[Upstream]) -> Draining {
+        self.split(upstreams, &[], 0.0)
+    }
+
+    /// Sends `percent` of the clients to `canary` and the rest to `stable`
+    /// from now on. A client stays where it went first for as long as this
+    /// canary lasts (its release's cookie, set by the switch), whatever the
+    /// share becomes; a client without cookies goes by a hash of its
+    /// address, so a growing share only ever moves clients onto the
+    /// canary. With no `canary`, this is [`Route::switch_to`].
+    pub fn split(&self, stable: &[Upstream], canary: &[Upstream], percent: f64) -> Draining {
         let Ok(mut live) = self.live.write() else {
             return Draining::default();
         };
         let old = live.clone();
-        let new: Vec<Arc<Backend>> = upstreams
-            .iter()
-            .map(|u| {
-                old.iter()
-                    .find(|b| &b.upstream == u)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(u.clone())))
-            })
-            .collect();
+        let backends = |upstreams: &[Upstream]| -> Vec<Arc<Backend>> {
+            upstreams
+                .iter()
+                .map(|u| {
+                    old.backends()
+                        .find(|b| &b.upstream == u)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Arc::new(Backend::new(u.clone(), self.stats_of(&u.release)))
+                        })
+                })
+                .collect()
+        };
+        let new = Live {
+            stable: backends(stable),
+            canary: (!canary.is_empty()).then(|| {
+                let pin = |role: &str| pin_value(stable, canary, role);
+                Canary {
+                    backends: backends(canary),
+                    share: (percent.clamp(0.0, 100.0) * 100.0).round() as u32,
+                    pin_canary: pin("canary"),
+                    pin_stable: pin("stable"),
+                }
+            }),
+        };
         let gone = old
-            .iter()
-            .filter(|b| !upstreams.contains(&b.upstream))
+            .backends()
+            .filter(|b| !stable.contains(&b.upstream) && !canary.contains(&b.upstream))
             .cloned()
             .collect();
+        let kept: Vec<Arc<Backend>> = new.backends().cloned().collect();
+        self.forget_releases(&kept);
         *live = Arc::new(new);
         drop(live);
         self.known.send_replace(true);
-        tracing::info!(
-            app = %self.app,
-            containers = ?upstreams.iter().map(|u| short(&u.container)).collect::<Vec<_>>(),
-            "traffic switched"
-        );
+        fn containers(u: &[Upstream]) -> Vec<&str> {
+            u.iter().map(|u| short(&u.container)).collect()
+        }
+        if canary.is_empty() {
+            tracing::info!(app = %self.app, containers = ?containers(stable), "traffic switched");
+        } else {
+            tracing::info!(app = %self.app, percent, canary = ?containers(canary),
+                stable = ?containers(stable), "traffic split");
+        }
         Draining { backends: gone }
+    }
+
+    /// The share of clients a canary gets now, in percent; `None` without
+    /// one.
+    pub fn canary_share(&self) -> Option<f64> {
+        let live = self.snapshot();
+        live.canary.as_ref().map(|c| f64::from(c.share) / 100.0)
+    }
+
+    /// The figures of `release`, created empty if it has none yet.
+    fn stats_of(&self, release: &Arc<str>) -> Arc<ReleaseStats> {
+        let mut releases = lock(&self.releases);
+        let stats = match releases.iter().position(|r| r.release() == &**release) {
+            Some(i) => releases.remove(i),
+            None => Arc::new(ReleaseStats::new(release.clone())),
+        };
+        releases.push(stats.clone());
+        stats
+    }
+
+    /// Drops the figures of releases neither live nor among the
+    /// [`KEPT_RELEASES`] served last.
+    fn forget_releases(&self, live: &[Arc<Backend>]) {
+        let mut releases = lock(&self.releases);
+        let is_live = |r: &ReleaseStats| live.iter().any(|b| b.stats.release() == r.release());
+        let mut others = releases.iter().filter(|r| !is_live(r)).count();
+        releases.retain(|r| {
+            if others <= KEPT_RELEASES || is_live(r) {
+                return true;
+            }
+            others -= 1;
+            false
+        });
+    }
+
+    /// The figures of `release` (a commit sha), if the switch sent it
+    /// traffic lately.
+    pub fn release(&self, release: &str) -> Option<Arc<ReleaseStats>> {
+        lock(&self.releases)
+            .iter()
+            .find(|r| r.release() == release)
+            .cloned()
+    }
+
+    /// The figures of every release served lately, oldest first.
+    pub fn releases(&self) -> Vec<Arc<ReleaseStats>> {
+        lock(&self.releases).clone()
     }
 
     /// Requests in flight on the live containers now (sent to one and not
     /// yet answered to its end).
     pub fn in_flight(&self) -> usize {
-        self.snapshot().iter().map(|b| b.in_flight()).sum()
+        self.snapshot().backends().map(|b| b.in_flight()).sum()
     }
 
-    /// The live containers, as a snapshot.
+    /// The live containers, as a snapshot: the stable ones, then a
+    /// canary's.
     pub fn upstreams(&self) -> Vec<Upstream> {
-        self.snapshot().iter().map(|b| b.upstream.clone()).collect()
+        self.snapshot()
+            .backends()
+            .map(|b| b.upstream.clone())
+            .collect()
     }
 
     /// Waits until the live containers are known, up to `wait`.
@@ -350,54 +359,141 @@ impl Route {
             .is_ok_and(|r| r.is_ok())
     }
 
-    fn snapshot(&self) -> Arc<Vec<Arc<Backend>>> {
+    fn snapshot(&self) -> Arc<Live> {
         match self.live.read() {
             Ok(live) => live.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// The backends to try for one request: round-robin, those recently
-    /// refusing connections last.
-    pub(crate) fn candidates(&self) -> Candidates {
+    /// The backends to try for one request of `client`: those of its
+    /// release (during a canary), round-robin, those recently refusing
+    /// connections last. During a canary, a client not yet pinned to a
+    /// release also gets the cookie that pins it (a `Set-Cookie` value).
+    pub(crate) fn candidates(&self, client: &Client) -> (Candidates, Option<HeaderValue>) {
         let live = self.snapshot();
-        let start = match live.len() {
+        let (canary, pin) = match &live.canary {
+            None => (false, None),
+            // A canary has containers; the stable release may have none.
+            Some(c) => {
+                let (canary, pin) = c.assign(client);
+                (canary || live.stable.is_empty(), pin)
+            }
+        };
+        let group = Candidates::group_of(&live, canary);
+        let start = match group.len() {
             0 => 0,
             n => self.next.fetch_add(1, Ordering::Relaxed) % n,
         };
-        let order = live.iter().any(|b| b.is_down()).then(|| {
-            let mut order: Vec<usize> = (0..live.len()).map(|i| (start + i) % live.len()).collect();
-            order.sort_by_key(|&i| live[i].is_down());
+        let order = group.iter().any(|b| b.is_down()).then(|| {
+            let mut order: Vec<usize> = (0..group.len())
+                .map(|i| (start + i) % group.len())
+                .collect();
+            order.sort_by_key(|&i| group[i].is_down());
             order
         });
-        Candidates { live, start, order }
+        (
+            Candidates {
+                live,
+                canary,
+                start,
+                order,
+            },
+            pin,
+        )
     }
+}
+
+impl Live {
+    fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.stable
+            .iter()
+            .chain(self.canary.iter().flat_map(|c| &c.backends))
+    }
+}
+
+impl Canary {
+    /// Whether `client` goes to the canary, and the cookie that pins it
+    /// there (or to the stable release) if it is not pinned yet.
+    fn assign(&self, client: &Client) -> (bool, Option<HeaderValue>) {
+        match client.pin.as_deref() {
+            Some(pin) if pin.as_bytes() == self.pin_canary.as_bytes() => return (true, None),
+            Some(pin) if pin.as_bytes() == self.pin_stable.as_bytes() => return (false, None),
+            _ => {}
+        }
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(client.addr.as_bytes(), &mut hasher);
+        std::hash::Hash::hash(self.pin_canary.as_bytes(), &mut hasher);
+        let point = std::hash::Hasher::finish(&hasher) % 10_000;
+        let canary = point < u64::from(self.share);
+        let pin = if canary {
+            &self.pin_canary
+        } else {
+            &self.pin_stable
+        };
+        let cookie = format!(
+            "{PIN_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax",
+            pin.to_str().unwrap_or_default()
+        );
+        (canary, HeaderValue::from_str(&cookie).ok())
+    }
+}
+
+/// The cookie value that pins a client to `role` in the canary of
+/// `canary` next to `stable`: the same for the same releases (so it holds
+/// across a restart of deployd), and telling nothing of them.
+fn pin_value(stable: &[Upstream], canary: &[Upstream], role: &str) -> HeaderValue {
+    use sha2::Digest;
+    let release = |u: &[Upstream]| u.first().map(|u| u.release.clone()).unwrap_or_default();
+    let digest = sha2::Sha256::new()
+        .chain_update(release(stable).as_bytes())
+        .chain_update(b"\0")
+        .chain_update(release(canary).as_bytes())
+        .chain_update(b"\0")
+        .chain_update(role.as_bytes())
+        .finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The backends one request may try, in order; a snapshot, so a switch
 /// during the request does not change them.
 #[derive(Debug)]
 pub(crate) struct Candidates {
-    live: Arc<Vec<Arc<Backend>>>,
+    live: Arc<Live>,
+    /// Whether they are the canary's.
+    canary: bool,
     start: usize,
     /// Set only when some backend is down (rare): the order with those last.
     order: Option<Vec<usize>>,
 }
 
 impl Candidates {
+    fn group_of(live: &Live, canary: bool) -> &[Arc<Backend>] {
+        match &live.canary {
+            Some(c) if canary => &c.backends,
+            _ => &live.stable,
+        }
+    }
+
+    fn group(&self) -> &[Arc<Backend>] {
+        Self::group_of(&self.live, self.canary)
+    }
+
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.group().len()
     }
 
     pub fn get(&self, attempt: usize) -> Option<&Arc<Backend>> {
-        if attempt >= self.live.len() {
+        let group = self.group();
+        if attempt >= group.len() {
             return None;
         }
         let index = match &self.order {
             Some(order) => order[attempt],
-            None => (self.start + attempt) % self.live.len(),
+            None => (self.start + attempt) % group.len(),
         };
-        self.live.get(index)
+        group.get(index)
     }
 }
 
@@ -451,6 +547,16 @@ impl Draining {
     }
 }
 
+/// Releases no longer live whose figures are kept (for a rollback to look
+/// back on, and for `/metrics`).
+const KEPT_RELEASES: usize = 3;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -463,7 +569,122 @@ mod tests {
         Upstream {
             container: format!("c{n}"),
             addr: SocketAddr::from(([10, 0, 0, n], 8000)),
+            release: format!("r{n}").into(),
         }
+    }
+
+    fn client(addr: &str, pin: Option<&str>) -> Client {
+        Client {
+            pin: pin.map(str::to_owned),
+            addr: HeaderValue::from_str(addr).unwrap(),
+        }
+    }
+
+    fn anyone() -> Client {
+        client("192.0.2.1", None)
+    }
+
+    /// Where a request of `client` goes: its release and the cookie set.
+    fn goes(route: &Route, client: &Client) -> (String, Option<String>) {
+        let (candidates, pin) = route.candidates(client);
+        let release = candidates.get(0).unwrap().upstream.release.to_string();
+        let pin = pin.map(|p| p.to_str().unwrap().to_owned());
+        (release, pin)
+    }
+
+    /// The cookie's value in a `Set-Cookie`.
+    fn pin_of(set_cookie: &str) -> &str {
+        let (pair, _) = set_cookie.split_once(';').unwrap();
+        pair.strip_prefix("deployd_release=").unwrap()
+    }
+
+    #[test]
+    fn a_canary_gets_its_share_of_clients_and_keeps_them() {
+        let route = Route::new("shop");
+        let (stable, canary) = ([upstream(1)], [upstream(3)]);
+        let _ = route.switch_to(&stable);
+        assert_eq!(goes(&route, &anyone()), ("r1".into(), None));
+        assert_eq!(route.canary_share(), None);
+
+        let draining = route.split(&stable, &canary, 25.0);
+        assert!(draining.containers().is_empty());
+        assert_eq!(route.canary_share(), Some(25.0));
+        let clients: Vec<Client> = (0..2000)
+            .map(|n| client(&format!("10.{}.{}.1", n / 256, n % 256), None))
+            .collect();
+        let on_canary = |route: &Route| -> Vec<bool> {
+            clients.iter().map(|c| goes(route, c).0 == "r3").collect()
+        };
+        let at_25 = on_canary(&route);
+        let share = at_25.iter().filter(|&&c| c).count();
+        assert!(
+            (400..600).contains(&share),
+            "{share} of 2000 on the canary at 25%"
+        );
+        // By address: the same client, the same release, and a growing
+        // share only moves clients onto the canary.
+        assert_eq!(on_canary(&route), at_25);
+        let _ = route.split(&stable, &canary, 50.0);
+        let at_50 = on_canary(&route);
+        assert!(at_25.iter().zip(&at_50).all(|(&then, &now)| !then || now));
+        let share = at_50.iter().filter(|&&c| c).count();
+        assert!(
+            (900..1100).contains(&share),
+            "{share} of 2000 on the canary at 50%"
+        );
+
+        // A client's first answer pins it; pinned, it stays whatever the
+        // share becomes, and gets no new cookie.
+        let (release, cookie) = goes(&route, &clients[0]);
+        let pin = pin_of(cookie.as_deref().unwrap()).to_owned();
+        assert!(
+            cookie
+                .unwrap()
+                .ends_with("; Path=/; HttpOnly; SameSite=Lax")
+        );
+        assert!(!pin.contains('r'), "the cookie names no release: {pin}");
+        let pinned = client("203.0.113.9", Some(&pin));
+        for percent in [0.01, 50.0, 100.0] {
+            let _ = route.split(&stable, &canary, percent);
+            assert_eq!(
+                goes(&route, &pinned),
+                (release.clone(), None),
+                "at {percent}%"
+            );
+        }
+        // At 100% every client not pinned goes to the canary.
+        assert!(on_canary(&route).iter().all(|&c| c));
+
+        // Another canary: other pins, so earlier cookies count for nothing.
+        let _ = route.split(&stable, &[upstream(4)], 100.0);
+        let (release, cookie) = goes(&route, &pinned);
+        assert_eq!(release, "r4");
+        assert_ne!(pin_of(cookie.as_deref().unwrap()), pin);
+
+        // The end of a canary (promoted or aborted) drains what is left.
+        let draining = route.switch_to(&[upstream(4)]);
+        assert_eq!(draining.containers(), ["c1"]);
+        assert_eq!(route.canary_share(), None);
+        assert_eq!(goes(&route, &pinned), ("r4".into(), None));
+    }
+
+    #[test]
+    fn behind_a_trusted_balancer_the_client_is_the_address_it_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("198.51.100.7, 10.0.0.1"),
+        );
+        headers.append(
+            "cookie",
+            HeaderValue::from_static("a=b; deployd_release=abc; c=d"),
+        );
+        let peer = HeaderValue::from_static("127.0.0.1");
+        let trusted = Client::of(&headers, &peer, true);
+        assert_eq!(trusted.addr, "10.0.0.1");
+        assert_eq!(trusted.pin.as_deref(), Some("abc"));
+        assert_eq!(Client::of(&headers, &peer, false).addr, "127.0.0.1");
+        assert_eq!(Client::of(&HeaderMap::new(), &peer, true).addr, "127.0.0.1");
     }
 
     #[test]
@@ -473,7 +694,8 @@ mod tests {
         let firsts: Vec<String> = (0..3)
             .map(|_| {
                 route
-                    .candidates()
+                    .candidates(&anyone())
+                    .0
                     .get(0)
                     .unwrap()
                     .upstream
@@ -482,9 +704,9 @@ mod tests {
             })
             .collect();
         assert_eq!(firsts, ["c1", "c2", "c3"]);
-        route.candidates().get(1).unwrap().mark_down();
+        route.candidates(&anyone()).0.get(1).unwrap().mark_down();
         // c1's turn to go first; c2 was marked down and goes last.
-        let candidates = route.candidates();
+        let (candidates, _) = route.candidates(&anyone());
         let order: Vec<String> = (0..candidates.len())
             .map(|i| candidates.get(i).unwrap().upstream.container.clone())
             .collect();
@@ -500,11 +722,39 @@ mod tests {
         assert_eq!(route.upstreams(), [upstream(2), upstream(3)]);
     }
 
+    #[test]
+    fn figures_are_kept_per_release_for_the_live_ones_and_the_last_few() {
+        let route = Route::new("shop");
+        for n in 1..=6 {
+            let _ = route.switch_to(&[upstream(n)]);
+            route
+                .candidates(&anyone())
+                .0
+                .get(0)
+                .unwrap()
+                .stats
+                .abandoned();
+        }
+        let kept = |route: &Route| -> Vec<String> {
+            route
+                .releases()
+                .iter()
+                .map(|r| r.release().to_owned())
+                .collect()
+        };
+        assert_eq!(kept(&route), ["r3", "r4", "r5", "r6"]);
+        // Back to an earlier release: the same figures, now the newest.
+        let _ = route.switch_to(&[upstream(4), upstream(6)]);
+        assert_eq!(kept(&route), ["r3", "r5", "r6", "r4"]);
+        assert_eq!(route.release("r4").unwrap().figures().abandoned, 1);
+        assert!(route.release("r1").is_none());
+    }
+
     #[tokio::test]
     async fn a_drain_waits_for_requests_then_cuts_the_stragglers() {
         let route = Route::new("shop");
         let _ = route.switch_to(&[upstream(1)]);
-        let backend = route.candidates().get(0).unwrap().clone();
+        let backend = route.candidates(&anyone()).0.get(0).unwrap().clone();
         let quick = InFlight::new(backend.clone());
         let draining = route.switch_to(&[upstream(2)]);
         tokio::spawn(async move {
@@ -514,7 +764,7 @@ mod tests {
         assert_eq!(draining.finish(Duration::from_secs(5)).await.cut, 0);
 
         let _ = route.switch_to(&[upstream(1)]);
-        let backend = route.candidates().get(0).unwrap().clone();
+        let backend = route.candidates(&anyone()).0.get(0).unwrap().clone();
         let stuck = InFlight::new(backend.clone());
         let cancel = backend.cancel.clone();
         tokio::spawn(async move {

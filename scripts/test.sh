@@ -35,7 +35,10 @@ bash scripts/scenario/edge.sh
 bash scripts/scenario/fleet.sh
 
 # The Debian package, installed into a clean Debian image, then run by a
-# real systemd with the packaged unit (release build: about 5 minutes).
+# real systemd with the packaged unit. Of the debug build, already made
+# for the tests above (scripts/package/deb.sh alone packages a release
+# build, five more minutes).
+export DEPLOYD_DEB_PROFILE=${DEPLOYD_DEB_PROFILE:-dev}
 bash scripts/package/test-deb.sh
 bash scripts/package/test-systemd.sh
 bash scripts/systemd/security.sh

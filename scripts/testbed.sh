@@ -43,6 +43,8 @@ VARIANTS=(
     "not-null-no-default 2 variants/not-null-no-default"
     "expand 2 variants/expand"
     "irreversible-data 2 variants/irreversible-data"
+    "errors-10pct 2 -"
+    "slow-3x 2 -"
 )
 
 log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }

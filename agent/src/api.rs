@@ -140,6 +140,7 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/status", get(apps::status))
         .route("/apps/{app}/lock", put(apps::lock).delete(apps::unlock))
         .route("/apps/{app}/prepare", post(apps::prepare))
+        .route("/apps/{app}/canary/{order}", post(apps::canary))
         .route("/apps/{app}/plans", post(plans::create))
         .route("/plans/{id}", get(plans::get))
         .route("/deployments/{id}", get(deployments::get))

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 mod api;
 mod app;
+mod canary;
 mod health;
 mod migrations;
 mod switch;
@@ -20,6 +21,7 @@ pub use api::{
     ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, PROJECT_CLAIMS, RuleConfig,
 };
 pub use app::{AppConfig, EnvVars, Role, ServiceConfig, TaskConfig};
+pub use canary::CanaryConfig;
 pub use health::HealthConfig;
 pub use migrations::{MigrationsConfig, UnsafeMigrations};
 pub use switch::SwitchConfig;

@@ -4,6 +4,7 @@
 //! app has a deployment running) and starts each deployment in a task of its
 //! own. Progress goes to the store first, then to live subscribers.
 
+mod canary;
 mod common;
 mod health;
 mod observed;
@@ -28,6 +29,8 @@ use deployd_proto::{
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+pub use canary::Order as CanaryOrder;
 
 use crate::config::{AppConfig, Config};
 use crate::docker::Docker;
@@ -79,6 +82,8 @@ pub struct DeployRequest {
     pub allow_unsafe_migrations: bool,
     /// Rollbacks: what to do about migrations applied since.
     pub schema: deployd_proto::SchemaRollback,
+    /// Run it as a canary, or not; `None`: as the app's `[canary] default`.
+    pub canary: Option<bool>,
 }
 
 /// Why the engine refused a request.
@@ -111,6 +116,13 @@ pub enum EngineError {
          again once it has ended"
     )]
     Planning { app: String, id: String },
+    #[error(
+        "{0} has no [apps.{0}.canary] in deployd's config: a canary deployment needs one \
+         (and the switch)"
+    )]
+    CanaryNotConfigured(String),
+    #[error("no canary of {0} is running")]
+    NoCanary(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot set up the health check client: {0}")]
@@ -130,6 +142,8 @@ impl EngineError {
                 | Self::Planning { .. }
                 | Self::NoPreviousRelease(_)
                 | Self::UnknownRelease { .. }
+                | Self::CanaryNotConfigured(_)
+                | Self::NoCanary(_)
         )
     }
 }
@@ -157,6 +171,8 @@ pub(crate) struct Ctx {
     prepares: prepare::Prepares,
     /// Plans made by this process that no deployment made, by id.
     planning: Mutex<HashMap<String, plan::Making>>,
+    /// The canaries running, where promote and abort go.
+    canaries: canary::Canaries,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -266,6 +282,7 @@ impl EngineHandle {
             stopping: CancellationToken::new(),
             prepares: prepare::Prepares::default(),
             planning: Mutex::default(),
+            canaries: canary::Canaries::default(),
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
@@ -428,6 +445,7 @@ impl EngineHandle {
             plan: None,
             allow_unsafe_migrations: false,
             schema,
+            canary: Some(false),
         };
         let target = Some(target.deployment.clone());
         self.submit(request, DeploymentKind::Rollback, target).await
@@ -572,6 +590,15 @@ impl EngineHandle {
             Err(EngineError::UnknownApp(app.to_owned()))
         }
     }
+
+    /// Promotes or aborts `app`'s running canary; its deployment.
+    pub fn canary_order(&self, app: &str, order: CanaryOrder) -> Result<DeploymentId, EngineError> {
+        self.check_app(app)?;
+        self.ctx
+            .canaries
+            .order(app, order)
+            .ok_or_else(|| EngineError::NoCanary(app.to_owned()))
+    }
 }
 
 struct Engine {
@@ -628,6 +655,12 @@ impl Engine {
             }
             self.running.remove(&request.app);
         }
+        let canary = match (request.canary, &app.canary) {
+            (Some(true), None) => return Err(EngineError::CanaryNotConfigured(request.app)),
+            (Some(asked), _) => asked,
+            (None, Some(canary)) => canary.by_default && kind == DeploymentKind::Deploy,
+            (None, None) => false,
+        };
         let live = self.ctx.store.live_release(&request.app)?;
         // A rollback leaves the schema as it is: say which migrations the
         // release it goes back to did not see when it last ran.
@@ -655,6 +688,7 @@ impl Engine {
             reviewed_plan: request.plan,
             allow_unsafe_migrations: request.allow_unsafe_migrations,
             schema: request.schema,
+            canary,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

@@ -118,6 +118,7 @@ pub struct Release {
 /// have been applied. Never edit one that shipped; append a new one.
 const MIGRATIONS: &[&str] = &[
     SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 const SCHEMA_V1: &str = "
@@ -230,15 +231,20 @@ ALTER TABLE deployments ADD COLUMN allow_unsafe_migrations INTEGER NOT NULL DEFA
 ALTER TABLE deployments ADD COLUMN schema TEXT NOT NULL DEFAULT 'check';
 ";
 
+/// A deployment says whether it is a canary.
+const SCHEMA_V9: &str = "
+ALTER TABLE deployments ADD COLUMN canary INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Inserts a deployment's record.
 fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO deployments (id, app, kind, sha, digest, previous_sha, requested_by,
             reason, force, state, error, migrations, created_at, finished_at,
             migrations_kept, skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations,
-            schema)
+            schema, canary)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-            ?18, ?19, ?20, ?21)",
+            ?18, ?19, ?20, ?21, ?22)",
         params![
             d.id.0,
             d.app,
@@ -261,6 +267,7 @@ fn insert_in(conn: &Connection, d: &Deployment) -> Result<(), StoreError> {
             d.reviewed_plan,
             d.allow_unsafe_migrations,
             enum_text(d.schema),
+            d.canary,
         ],
     )?;
     Ok(())
@@ -886,7 +893,8 @@ impl Store {
 
 const COLUMNS: &str = "id, app, kind, sha, digest, previous_sha, requested_by, reason, force, \
                        state, error, migrations, created_at, finished_at, migrations_kept, \
-                       skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations, schema";
+                       skip_tasks, fleet, plan, reviewed_plan, allow_unsafe_migrations, schema, \
+                       canary";
 
 /// A `deployments` row as stored.
 struct Row {
@@ -911,6 +919,7 @@ struct Row {
     reviewed_plan: Option<String>,
     allow_unsafe_migrations: bool,
     schema: String,
+    canary: bool,
 }
 
 impl Row {
@@ -937,6 +946,7 @@ impl Row {
             reviewed_plan: row.get(18)?,
             allow_unsafe_migrations: row.get(19)?,
             schema: row.get(20)?,
+            canary: row.get(21)?,
         })
     }
 
@@ -972,6 +982,7 @@ impl Row {
             reviewed_plan: self.reviewed_plan,
             allow_unsafe_migrations: self.allow_unsafe_migrations,
             schema: enum_parse(&self.schema)?,
+            canary: self.canary,
             steps: Vec::new(),
             created_at: parse_time(&self.created_at)?,
             finished_at: self.finished_at.as_deref().map(parse_time).transpose()?,
@@ -1003,7 +1014,10 @@ pub fn steps_from(events: &[DeploymentEvent]) -> Vec<Step> {
                     s.detail = detail.clone();
                 }
             }
-            EventKind::Output { .. } | EventKind::OnceTasksDone | EventKind::State { .. } => {}
+            EventKind::Output { .. }
+            | EventKind::OnceTasksDone
+            | EventKind::Canary { .. }
+            | EventKind::State { .. } => {}
         }
     }
     steps
@@ -1034,6 +1048,7 @@ mod tests {
             reviewed_plan: None,
             allow_unsafe_migrations: false,
             schema: Default::default(),
+            canary: false,
             steps: Vec::new(),
             created_at: OffsetDateTime::now_utc(),
             finished_at: None,

@@ -302,6 +302,7 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
             "/v1/apps/{app}/status",
             "/v1/apps/{app}/lock",
             "/v1/apps/{app}/prepare",
+            "/v1/apps/{app}/canary/{order}",
             "/v1/deployments/{id}",
             "/v1/deployments/{id}/events",
             "/v1/whoami",
@@ -310,6 +311,40 @@ async fn every_refusal_has_the_json_error_shape_and_changes_nothing() {
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} not documented");
         }
+
+        // Orders to a canary when none runs, a canary asked of an app
+        // without one, and an order without the scope: refused.
+        let before = agent.engine.store().history(&app, 100, None).unwrap().len();
+        for what in ["promote", "abort"] {
+            let r = http
+                .post(agent.at(&format!("/v1/apps/{app}/canary/{what}")))
+                .bearer_auth(agent.token("ops", &all, &[]))
+                .json(&serde_json::json!({"reason": "by hand"}))
+                .send()
+                .await
+                .unwrap();
+            let body = refused(r, StatusCode::CONFLICT, "no_canary").await;
+            assert_eq!(body.message, format!("no canary of {app} is running"));
+        }
+        let reader = agent.token("viewer", &[S::Read], &[]);
+        let r = http
+            .post(agent.at(&format!("/v1/apps/{app}/canary/promote")))
+            .bearer_auth(&reader)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap();
+        refused(r, StatusCode::FORBIDDEN, "forbidden").await;
+        let r = http
+            .post(&deploy_url)
+            .bearer_auth(agent.token("ops", &all, &[]))
+            .json(&serde_json::json!({"sha": sha, "canary": true}))
+            .send()
+            .await
+            .unwrap();
+        let body = refused(r, StatusCode::BAD_REQUEST, "canary_not_configured").await;
+        assert!(body.message.contains("canary"), "{body:?}");
+        assert_eq!(agent.engine.store().history(&app, 100, None).unwrap().len(), before);
     })
     .await;
 }

@@ -304,6 +304,10 @@ async fn error_from(response: reqwest::Response) -> CliError {
             .hint("deployctl unlock lifts it (admin scope), or retry with --wait-lock"),
         (StatusCode::CONFLICT, ErrorCode::Preparing) => CliError::new(Exit::Conflict, message)
             .hint("a pull or plan of the app is under way; retry once it has ended"),
+        (_, ErrorCode::NoCanary) => CliError::new(Exit::Other, message)
+            .hint("a canary runs only during `deployctl deploy --canary`; deployctl status shows what runs"),
+        (_, ErrorCode::CanaryNotConfigured) => CliError::new(Exit::Usage, message)
+            .hint("add an [apps.NAME.canary] table to deployd's config, or deploy without --canary"),
         (StatusCode::CONFLICT, _) => CliError::new(Exit::Other, message),
         (StatusCode::SERVICE_UNAVAILABLE, _) => {
             CliError::new(Exit::Other, message).hint("the agent is busy or degraded; try again shortly")

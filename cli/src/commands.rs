@@ -1,5 +1,6 @@
 //! One module per subcommand: its arguments and what it does.
 
+pub mod canary;
 pub mod completions;
 pub mod deploy;
 pub mod fleet;

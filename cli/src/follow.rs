@@ -7,7 +7,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use deployd_proto::{
-    Deployment, DeploymentEvent, DeploymentKind, DeploymentState, EventKind, StepState,
+    CanaryDecision, Deployment, DeploymentEvent, DeploymentKind, DeploymentState, EventKind,
+    StepState,
 };
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -306,6 +307,7 @@ impl View {
                 EventKind::State { state, .. } => self.set_row(&state_name(*state)),
                 EventKind::StepFinished { .. }
                 | EventKind::Output { .. }
+                | EventKind::Canary { .. }
                 | EventKind::OnceTasksDone => {}
             },
             Style::Live => self.show_live(&event.kind),
@@ -338,6 +340,7 @@ impl View {
                 }
             }
             EventKind::Output { step, line } => self.print(&format!("    {step} | {line}")),
+            EventKind::Canary { .. } => self.print(&format!("    {}", describe(kind))),
             EventKind::OnceTasksDone | EventKind::State { .. } => self.print(&describe(kind)),
         }
     }
@@ -441,6 +444,18 @@ pub fn describe(kind: &EventKind) -> String {
         },
         EventKind::Output { step, line } => format!("{step} | {line}"),
         EventKind::OnceTasksDone => "once tasks done: the fleet's other hosts may start".into(),
+        EventKind::Canary {
+            step,
+            decision,
+            by,
+            why,
+            ..
+        } => match decision {
+            CanaryDecision::Step => format!("canary | {why}"),
+            CanaryDecision::Passed => format!("canary | step {step} passed: {why}"),
+            CanaryDecision::Promoted => format!("canary | promoted by {by}: {why}"),
+            CanaryDecision::Aborted => format!("canary | aborted by {by}: {why}"),
+        },
         EventKind::State { state, error } => match error {
             Some(error) => format!("deployment {}: {error}", state_name(*state)),
             None => format!("deployment {}", state_name(*state)),

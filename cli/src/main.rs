@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands::{
-    Ctx, completions, deploy, history, lock, logs, plan, rollback, status, whoami,
+    Ctx, canary, completions, deploy, history, lock, logs, plan, rollback, status, whoami,
 };
 use crate::exit::{CliError, EXIT_CODES_HELP, Exit};
 use crate::settings::Global;
@@ -40,6 +40,8 @@ enum Command {
     Deploy(deploy::Deploy),
     Plan(plan::PlanCommand),
     Rollback(rollback::Rollback),
+    Promote(canary::Promote),
+    Abort(canary::Abort),
     Status(status::Status),
     History(history::History),
     Logs(logs::Logs),
@@ -118,6 +120,8 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Deploy(c) => c.run(&ctx).await,
         Command::Plan(c) => c.run(&ctx).await,
         Command::Rollback(c) => c.run(&ctx).await,
+        Command::Promote(c) => c.run(&ctx).await,
+        Command::Abort(c) => c.run(&ctx).await,
         Command::Status(c) => c.run(&ctx).await,
         Command::History(c) => c.run(&ctx).await,
         Command::Logs(c) => c.run(&ctx).await,

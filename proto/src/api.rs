@@ -41,6 +41,10 @@ pub struct DeployRequest {
     /// refuses those (`admin` scope; needs a reason). Sent only when true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unsafe_migrations: bool,
+    /// Run it as a canary (`true`) or not (`false`); absent: as the app's
+    /// `[canary] default` says. Sent only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<bool>,
 }
 
 /// `POST /v1/apps/{app}/rollback`: go back to an earlier release.

@@ -147,6 +147,11 @@ pub struct Deployment {
     /// last ran. Older agents do not send it.
     #[serde(default)]
     pub schema: crate::SchemaRollback,
+    /// A canary deployment: the new release got a share of the traffic
+    /// first (its `canary` events say how that went). Older agents do not
+    /// send it, nor this one when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canary: bool,
     pub steps: Vec<Step>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -212,6 +217,22 @@ pub enum EventKind {
     /// them all: the fleet's schema is the release's, and the fleet's other
     /// hosts may start. Clients that do not know it skip it.
     OnceTasksDone,
+    /// A canary's share of clients changed, or a step was judged. Clients
+    /// that do not know it skip it.
+    Canary {
+        /// Which step, from 1; past the last once promoted.
+        step: usize,
+        /// The new release's share of clients now, in percent.
+        percent: f64,
+        decision: crate::CanaryDecision,
+        /// Who decided: `deployd` (by the figures) or who asked.
+        by: String,
+        /// Why, in words, with the figures that decided.
+        why: String,
+        /// Both releases' figures over the step, once it was judged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<crate::CanaryWindow>,
+    },
     /// The deployment reached `state`.
     State {
         state: DeploymentState,

@@ -73,6 +73,10 @@ pub enum ErrorCode {
     /// Outside the fleet deployment that holds the app.
     FleetMismatch,
     NoPreviousRelease,
+    /// A canary was asked of an app without `[apps.NAME.canary]`.
+    CanaryNotConfigured,
+    /// A canary order (promote, abort) with no canary running.
+    NoCanary,
     // The agent.
     TooManyStreams,
     StoreFull,
@@ -117,6 +121,8 @@ impl ErrorCode {
             Self::Preparing => "preparing",
             Self::FleetMismatch => "fleet_mismatch",
             Self::NoPreviousRelease => "no_previous_release",
+            Self::CanaryNotConfigured => "canary_not_configured",
+            Self::NoCanary => "no_canary",
             Self::TooManyStreams => "too_many_streams",
             Self::StoreFull => "store_full",
             Self::AuditUnavailable => "audit_unavailable",
@@ -169,6 +175,8 @@ mod tests {
             ErrorCode::Preparing,
             ErrorCode::FleetMismatch,
             ErrorCode::NoPreviousRelease,
+            ErrorCode::CanaryNotConfigured,
+            ErrorCode::NoCanary,
             ErrorCode::TooManyStreams,
             ErrorCode::StoreFull,
             ErrorCode::AuditUnavailable,

@@ -5,6 +5,7 @@
 //! agree on (what a commit sha looks like, for instance).
 
 mod api;
+mod canary;
 mod deployment;
 mod error;
 mod name;
@@ -15,6 +16,7 @@ pub use api::{
     DeployRequest, DeploymentPage, FleetLock, Grant, LockRequest, MAX_REASON_CHARS, PlanRequest,
     PrepareRequest, PrepareState, Prepared, RollbackRequest, Scope, WhoAmI,
 };
+pub use canary::{CanaryDecision, CanaryOrder, CanaryWindow, ReleaseWindow};
 pub use deployment::{
     AppLock, AppStatus, ContainerPhase, ContainerStatus, Deployment, DeploymentEvent, DeploymentId,
     DeploymentKind, DeploymentState, EventKind, FleetPart, ServiceStatus, Step, StepState,

@@ -87,7 +87,9 @@ fn deploy_request_matches_fixture() {
     let fleet = request.fleet.unwrap();
     assert_eq!((fleet.host.as_str(), fleet.once_tasks), ("web-2", false));
     assert!(request.plan.is_some() && request.allow_unsafe_migrations);
-    // Without digest, fleet, plan and override, the request is what older agents accept.
+    assert_eq!(request.canary, Some(true));
+    // Without digest, fleet, plan, override and canary, the request is what
+    // older agents accept.
     let plain = DeployRequest {
         sha: "4f2a9c1".parse().unwrap(),
         force: false,
@@ -96,6 +98,7 @@ fn deploy_request_matches_fixture() {
         fleet: None,
         plan: None,
         allow_unsafe_migrations: false,
+        canary: None,
     };
     assert_eq!(
         serde_json::to_string(&plain).unwrap(),
@@ -114,6 +117,22 @@ fn once_tasks_done_is_a_bare_event_type() {
         back,
         serde_json::from_str::<serde_json::Value>(line).unwrap()
     );
+}
+
+#[test]
+fn a_canary_event_carries_both_releases_figures() {
+    use deployd_proto::{CanaryDecision, DeploymentEvent, EventKind};
+    let event: DeploymentEvent = round_trips(include_str!("data/canary_event.json"));
+    let EventKind::Canary {
+        decision, window, ..
+    } = event.kind
+    else {
+        panic!("not a canary event: {event:?}");
+    };
+    assert_eq!(decision, CanaryDecision::Aborted);
+    let window = window.unwrap();
+    assert_eq!(window.canary.error_rate(), Some(0.1));
+    assert_eq!(window.stable.p95_ms, Some(41.0));
 }
 
 #[test]

@@ -31,10 +31,10 @@ switch_port=$(agent_free_port)
 base_port=$(agent_free_port)
 dir=$(mktemp -d)
 sides="direct switch nginx"
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 if [ -n "$base_rev" ]; then
     # Built in a worktree of that revision, sharing this target directory's
     # dependencies.
-    target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
     git worktree add -q --detach "$dir/base" "$base_rev"
     (cd "$dir/base" && cargo build --release --locked -q -p deployd --example switch_proxy --target-dir "$target")
     cp "$target/release/examples/switch_proxy" "$dir/switch_proxy_base"
@@ -86,7 +86,8 @@ http { access_log off; $temps
 NGINX
 nginx -c "$dir/backend.conf" -p "$dir"
 nginx -c "$dir/proxy.conf" -p "$dir"
-target/release/examples/switch_proxy "127.0.0.1:$switch_port" "127.0.0.1:$backend_port" >/dev/null &
+cp "$target/release/examples/switch_proxy" "$dir/switch_proxy"
+"$dir/switch_proxy" "127.0.0.1:$switch_port" "127.0.0.1:$backend_port" >/dev/null &
 switch_pid=$!
 ports="$backend_port $nginx_port $switch_port"
 if [ -n "$base_rev" ]; then

@@ -1,10 +1,11 @@
-//! `/v1/apps/{app}/...`: status, rollback, lock.
+//! `/v1/apps/{app}/...`: status, rollback, lock, prepare, and the orders
+//! to a running canary.
 
 use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{
-    AppLock, AppStatus, Deployment, ErrorBody, ErrorCode, LockRequest, PrepareRequest,
+    AppLock, AppStatus, CanaryOrder, Deployment, ErrorBody, ErrorCode, LockRequest, PrepareRequest,
     PrepareState, Prepared, RollbackRequest, SchemaRollback, Scope,
 };
 use serde::Deserialize;
@@ -283,4 +284,68 @@ pub async fn prepare(
         StatusCode::OK
     };
     Ok((status, Json(prepared)))
+}
+
+/// Decides the app's running canary by hand. `promote` (the `deploy`
+/// scope): the new release takes every client now, and the deployment goes
+/// on to its other services. `abort` (`deploy` or `rollback`): every client
+/// goes back to the running release at once, the new web containers drain
+/// and stop, and the deployment ends `rolled_back`.
+#[utoipa::path(
+    post, path = "/v1/apps/{app}/canary/{order}", tag = "apps",
+    params(
+        ("app" = String, Path, description = "App name", example = "shop"),
+        ("order" = String, Path, description = "`promote` or `abort`", example = "promote"),
+    ),
+    request_body = CanaryOrder,
+    responses(
+        (status = 202, description = "Handed to the running canary", body = Deployment),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "Unknown app, or an order other than promote or abort", body = ErrorBody),
+        (status = 409, description = "No canary of the app runs", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn canary(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    source: ClientAddr,
+    Path((app, order)): Path<(String, String)>,
+    Json(body): Json<CanaryOrder>,
+) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+    let promote = match order.as_str() {
+        "promote" => true,
+        "abort" => false,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "a canary order is promote or abort",
+            ));
+        }
+    };
+    if promote {
+        who.require(Scope::Deploy, &app)?;
+    } else {
+        who.require_any(&[Scope::Deploy, Scope::Rollback], &app)?;
+    }
+    state.engine.check_app(&app)?;
+    let reason = checked_reason(body.reason)?;
+    let mut intent = AuditRecord::new(format!("canary_{order}"), "requested");
+    intent.app = Some(app.clone());
+    intent.detail = reason.clone();
+    let spent = begin_change(&state, &who, source, intent)?;
+    let order = crate::engine::CanaryOrder {
+        promote,
+        by: who.subject.clone(),
+        reason,
+    };
+    let id = ended(&state, spent, state.engine.canary_order(&app, order))?;
+    let deployment = state
+        .engine
+        .store()
+        .get(&id)?
+        .ok_or(EngineError::UnknownDeployment(id))?;
+    Ok((StatusCode::ACCEPTED, Json(deployment)))
 }

@@ -87,6 +87,7 @@ pub async fn create(
         plan: body.plan,
         allow_unsafe_migrations: body.allow_unsafe_migrations,
         schema: deployd_proto::SchemaRollback::Check,
+        canary: body.canary,
     };
     started(&state, spent, state.engine.deploy(request)).await
 }

@@ -112,6 +112,10 @@ impl From<EngineError> for ApiError {
             EngineError::NoPreviousRelease(_) => {
                 (StatusCode::CONFLICT, ErrorCode::NoPreviousRelease)
             }
+            EngineError::CanaryNotConfigured(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::CanaryNotConfigured)
+            }
+            EngineError::NoCanary(_) => (StatusCode::CONFLICT, ErrorCode::NoCanary),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             EngineError::Store(crate::store::StoreError::Full) => return Self::store_full(),
             EngineError::Config(_)

@@ -255,6 +255,7 @@ async fn send(tx: &Sink, event: &DeploymentEvent) -> bool {
         EventKind::StepFinished { .. } => "step_finished",
         EventKind::Output { .. } => "output",
         EventKind::OnceTasksDone => "once_tasks_done",
+        EventKind::Canary { .. } => "canary",
         EventKind::State { .. } => "state",
     };
     let sse = match Event::default()

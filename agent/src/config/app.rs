@@ -9,7 +9,7 @@ use std::time::Duration;
 use deployd_proto::DeploymentKind;
 use serde::Deserialize;
 
-use super::{HealthConfig, MigrationsConfig, Problems, SwitchConfig, is_plain_name};
+use super::{CanaryConfig, HealthConfig, MigrationsConfig, Problems, SwitchConfig, is_plain_name};
 
 /// One app: its image, its secrets, its release tasks and its services.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -56,6 +56,9 @@ pub struct AppConfig {
     /// The migration plan each deployment makes first, and the unsafe
     /// migrations it refuses. Absent: no plan.
     pub migrations: Option<MigrationsConfig>,
+    /// Canary deployments: the new release gets a share of real traffic
+    /// first, judged by the switch's figures. Needs the switch.
+    pub canary: Option<CanaryConfig>,
 }
 
 /// A release task such as `migrate`.
@@ -300,6 +303,16 @@ impl AppConfig {
                 .count();
             if web != 1 {
                 problems.add(at, "the switch sends traffic to exactly one web service");
+            }
+        }
+        if let Some(canary) = &self.canary {
+            let at = format!("{at}.canary");
+            canary.validate(&at, problems);
+            if self.switch.is_none() {
+                problems.add(
+                    at,
+                    "a canary's traffic goes through the switch: set [apps.NAME.switch] too",
+                );
             }
         }
         if self.retain < 2 {

@@ -47,6 +47,8 @@ pub(crate) struct Rollout<'a> {
     /// What it stopped and removed of services no longer configured, a
     /// line per service; a rollback does not bring them back.
     removed: Vec<String>,
+    /// The release a canary of this deployment was aborted back to.
+    canary_aborted: Option<deployd_proto::CommitSha>,
 }
 
 /// How a service's containers are replaced.
@@ -89,6 +91,7 @@ impl<'a> Rollout<'a> {
             traffic_moved: false,
             traffic_stopped: false,
             removed: Vec::new(),
+            canary_aborted: None,
         }
     }
 
@@ -189,6 +192,7 @@ impl<'a> Rollout<'a> {
                 self.start_new(service, cfg).await?;
                 self.wait_new_ready(service, cfg).await?;
                 let new = self.current().new.clone();
+                self.canary(service, &new).await?;
                 if let Some(done) = self
                     .run
                     .ctx
@@ -217,6 +221,58 @@ impl<'a> Rollout<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A canary deployment's steps, for the switched web service: returns
+    /// once the new release may take every client.
+    async fn canary(&mut self, service: &str, new: &[Started]) -> Result<(), Failure> {
+        let run = self.run;
+        let (true, Some(cfg), Some(route), Some(switch), Some((web, _))) = (
+            run.canary,
+            &run.cfg.canary,
+            run.ctx.routes.get(&run.app),
+            &run.cfg.switch,
+            run.cfg.switched_service(),
+        ) else {
+            return Ok(());
+        };
+        if web != service {
+            return Ok(());
+        }
+        let step = format!("roll:{service}");
+        let stable = route.upstreams();
+        // The release the switch sends clients to now.
+        let old = stable
+            .first()
+            .and_then(|u| u.release.parse().ok())
+            .or_else(|| run.previous.as_ref().map(|p| p.sha.clone()));
+        let Some(old) = old.filter(|_| !stable.is_empty()) else {
+            run.say(
+                &step,
+                "canary: no release takes clients yet, so there is nothing to judge the new \
+                 one against: it takes every client at once"
+                    .into(),
+            );
+            return Ok(());
+        };
+        let canary = new
+            .iter()
+            .map(Started::upstream)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Failure("a web container has no address on its network".into()))?;
+        let place = (stable.as_slice(), canary.as_slice(), &old);
+        match super::canary::run(run, cfg, route, place, switch.drain_timeout).await {
+            Ok(_) => Ok(()),
+            Err(f) => {
+                self.canary_aborted = Some(old);
+                Err(f)
+            }
+        }
+    }
+
+    /// The release an aborted canary sent every client back to.
+    pub fn canary_aborted(&self) -> Option<&deployd_proto::CommitSha> {
+        self.canary_aborted.as_ref()
     }
 
     fn current(&mut self) -> &mut Change {

@@ -55,6 +55,8 @@ pub(crate) struct Run {
     pub schema: deployd_proto::SchemaRollback,
     /// Migrations a rollback's `migrate-back` reversed, in order.
     unapplied: std::sync::Mutex<Vec<String>>,
+    /// A canary: the new web containers get a share of clients first.
+    pub canary: bool,
 }
 
 impl Run {
@@ -84,6 +86,7 @@ impl Run {
             allow_unsafe_migrations: d.allow_unsafe_migrations,
             schema: d.schema,
             unapplied: std::sync::Mutex::default(),
+            canary: d.canary,
         }
     }
 
@@ -397,6 +400,17 @@ impl Run {
         if !rollout.touched_running() {
             let discarded = self.undo_step("discard", rollout.discard()).await;
             let mut changed: Vec<String> = removed.into_iter().collect();
+            // A canary had real clients: it was rolled back, not refused.
+            let state = match rollout.canary_aborted() {
+                Some(old) => {
+                    changed.push(format!(
+                        "every client went back to {old} at once, and the new web \
+                         containers drained and were removed"
+                    ));
+                    DeploymentState::RolledBack
+                }
+                None => DeploymentState::Failed,
+            };
             if rollout.traffic_stopped() {
                 changed.push(
                     "its web containers had taken traffic and none ran before to go back to: \
@@ -408,7 +422,7 @@ impl Run {
             if let Err(f) = discarded {
                 message.push_str(&format!(" (removing its new containers failed: {})", f.0));
             }
-            return (DeploymentState::Failed, Some(message));
+            return (state, Some(message));
         }
         let (state, undone) = match self.undo_step("rollback", rollout.restore()).await {
             Ok(restored) => (

@@ -21,7 +21,7 @@ use deployd::env_file;
 use deployd_proto::{CommitSha, SchemaRollback};
 
 /// Every release the test bed pushes.
-pub const VARIANTS: [&str; 14] = [
+pub const VARIANTS: [&str; 16] = [
     "release-1",
     "release-2",
     "migrate-fails",
@@ -36,6 +36,8 @@ pub const VARIANTS: [&str; 14] = [
     "not-null-no-default",
     "expand",
     "irreversible-data",
+    "errors-10pct",
+    "slow-3x",
 ];
 
 /// The sample app's commands, as the example configuration runs them.
@@ -97,6 +99,7 @@ pub fn deploy_request(app: &str, sha: CommitSha, requested_by: &str) -> DeployRe
         plan: None,
         allow_unsafe_migrations: false,
         schema: SchemaRollback::Check,
+        canary: None,
     }
 }
 

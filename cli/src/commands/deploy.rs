@@ -53,6 +53,15 @@ pub struct Deploy {
     /// refuses those (needs the admin scope and --reason; audited).
     #[arg(long, requires = "reason")]
     pub allow_unsafe_migrations: bool,
+    /// Run it as a canary: the new release gets a share of clients first,
+    /// step by step, judged by the switch's figures (the app needs a
+    /// `[canary]` table). Without this flag or --no-canary, the app's
+    /// `[canary] default` decides.
+    #[arg(long, conflicts_with = "no_canary")]
+    pub canary: bool,
+    /// Not as a canary, whatever the app's default.
+    #[arg(long)]
+    pub no_canary: bool,
 }
 
 impl Deploy {
@@ -63,9 +72,9 @@ impl Deploy {
         global: &Global,
         json: bool,
     ) -> Result<Exit, CliError> {
-        if self.force || self.wait_lock.is_some() {
+        if self.force || self.wait_lock.is_some() || self.canary {
             return Err(CliError::usage(
-                "--force and --wait-lock are for one host, not a fleet",
+                "--force, --wait-lock and --canary are for one host, not a fleet",
             ));
         }
         let fleet = which.load(global)?;
@@ -93,6 +102,11 @@ impl Deploy {
             fleet: None,
             plan: self.plan,
             allow_unsafe_migrations: self.allow_unsafe_migrations,
+            canary: match (self.canary, self.no_canary) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
         };
         let path = format!("/v1/apps/{app}/deployments");
         let deployment = submit(ctx, &path, &body, self.wait_lock).await?;

@@ -912,6 +912,8 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
                 }),
                 plan: None,
                 allow_unsafe_migrations: o.allow_unsafe_migrations,
+                // A fleet moves host by host; a canary is one host's.
+                canary: Some(false),
             }),
         }
     };
@@ -1510,6 +1512,7 @@ mod tests {
             schema: Default::default(),
             skip_tasks: false,
             fleet: None,
+            canary: false,
             steps: Vec::new(),
             created_at: time::OffsetDateTime::UNIX_EPOCH,
             finished_at: None,

@@ -14,7 +14,11 @@ deployd's failure handling can be tested against a real app:
   the container's workers, and only to a client still waiting), then 500: it
   passes the health gate, then fails verification, whatever the speed of the
   machine;
-- needs-feature-key: /healthz/ answers 500 where SHOP_FEATURE_KEY is unset.
+- needs-feature-key: /healthz/ answers 500 where SHOP_FEATURE_KEY is unset;
+- errors-10pct: healthy, but every tenth page request (counted across the
+  container's workers; /healthz/ and /readiness/ are not pages) answers 500;
+- slow-3x: healthy, but every page takes three times as long: after the
+  view, it waits twice what the request took.
 
 Four builds only add a migration on top of release 2, for deployd's
 migration plan: drop-column and not-null-no-default break release 2 while it

@@ -10,6 +10,7 @@ slower than usual must see the same outcome.
 import fcntl
 import os
 import socket
+import time
 
 from django.http import JsonResponse
 
@@ -23,11 +24,21 @@ from config.build import BUILD
 HEALTHY_ANSWERS = 5
 # Shared by the container's gunicorn workers (each is its own process).
 COUNTER_FILE = os.environ.get("SHOP_HEALTH_COUNTER", "/tmp/shop-healthz-count")
+PAGE_COUNTER_FILE = os.environ.get("SHOP_PAGE_COUNTER", "/tmp/shop-page-count")
+# errors-10pct: one page request in this many answers 500.
+FAILING_ONE_IN = 10
+# Paths that are checks, not pages: the page faults leave them alone.
+CHECKS = ("/healthz/", "/readiness/")
 
 
 def _count_health_check():
     """Counts one /healthz/ request across every worker; returns the count."""
-    with open(COUNTER_FILE, "a+", encoding="ascii") as f:
+    return _count(COUNTER_FILE)
+
+
+def _count(path):
+    """Adds one to the count in `path`, across every worker; returns it."""
+    with open(path, "a+", encoding="ascii") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         count = int(f.read() or "0") + 1
@@ -83,3 +94,23 @@ class BrokenHealthMiddleware:
     @staticmethod
     def _broken():
         return JsonResponse({"status": "broken", "variant": BUILD.variant}, status=500)
+
+
+class PageFaultsMiddleware:
+    """errors-10pct and slow-3x: faults on pages only, so that the build
+    passes every health check and only what real users get tells it apart."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if BUILD.variant not in ("errors-10pct", "slow-3x") or request.path in CHECKS:
+            return self.get_response(request)
+        if BUILD.variant == "errors-10pct":
+            if _count(PAGE_COUNTER_FILE) % FAILING_ONE_IN == 0:
+                return JsonResponse({"error": "injected", "variant": BUILD.variant}, status=500)
+            return self.get_response(request)
+        started = time.monotonic()
+        response = self.get_response(request)
+        time.sleep(2 * (time.monotonic() - started))
+        return response

@@ -49,6 +49,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "shop.faults.BrokenHealthMiddleware",
+    "shop.faults.PageFaultsMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

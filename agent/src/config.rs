@@ -302,6 +302,54 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_needs_the_switch_rising_steps_and_web_rolled_first() {
+        let app = |keys: &str, tables: &str| {
+            format!(
+                r#"
+                [apps.shop]
+                image = "registry.example/shop"
+                {keys}
+                [apps.shop.services.web]
+                port = 8000
+                health = {{ path = "/healthz/", host = "shop.example" }}
+                [apps.shop.services.worker]
+                {tables}
+                "#
+            )
+        };
+        let switch = "[apps.shop.switch]\nlisten = \"127.0.0.1:8000\"\n";
+        let good = app("", &format!("{switch}[apps.shop.canary]\nsteps = [1, 10]"));
+        let canary = Config::from_toml(&good).unwrap().apps["shop"]
+            .canary
+            .clone();
+        assert_eq!(canary.unwrap().steps, [1.0, 10.0]);
+        let paths = |text: String| -> Vec<String> {
+            let problems = Config::from_toml(&text).unwrap_err().0;
+            problems.into_iter().map(|p| p.path).collect()
+        };
+        assert_eq!(paths(app("", "[apps.shop.canary]")), ["apps.shop.canary"]);
+        let bad = format!(
+            "{switch}[apps.shop.canary]\nsteps = [50, 25, 100]\nmin_requests = 0\n\
+             max_error_rate = 2.0\nmax_latency_ratio = 0.5"
+        );
+        assert_eq!(
+            paths(app("", &bad)),
+            [
+                "apps.shop.canary.steps[1]",
+                "apps.shop.canary.steps[2]",
+                "apps.shop.canary.min_requests",
+                "apps.shop.canary.max_error_rate",
+                "apps.shop.canary.max_latency_ratio",
+            ]
+        );
+        let worker_first = app(
+            r#"order = ["worker", "web"]"#,
+            &format!("{switch}[apps.shop.canary]"),
+        );
+        assert_eq!(paths(worker_first), ["apps.shop.canary"]);
+    }
+
+    #[test]
     fn an_oidc_rule_must_bind_the_audience_and_a_claim() {
         let text = r#"
             [[auth.oidc]]

@@ -123,6 +123,8 @@ pub enum EngineError {
     CanaryNotConfigured(String),
     #[error("no canary of {0} is running")]
     NoCanary(String),
+    #[error("a fleet deployment of {0} runs no canary: deploy the hosts one by one for that")]
+    CanaryInFleet(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot set up the health check client: {0}")]
@@ -143,6 +145,7 @@ impl EngineError {
                 | Self::NoPreviousRelease(_)
                 | Self::UnknownRelease { .. }
                 | Self::CanaryNotConfigured(_)
+                | Self::CanaryInFleet(_)
                 | Self::NoCanary(_)
         )
     }
@@ -591,6 +594,15 @@ impl EngineHandle {
         }
     }
 
+    /// The release `app`'s running canary deploys, if one runs.
+    pub fn canary_sha(&self, app: &str) -> Result<CommitSha, EngineError> {
+        self.check_app(app)?;
+        self.ctx
+            .canaries
+            .sha(app)
+            .ok_or_else(|| EngineError::NoCanary(app.to_owned()))
+    }
+
     /// Promotes or aborts `app`'s running canary; its deployment.
     pub fn canary_order(&self, app: &str, order: CanaryOrder) -> Result<DeploymentId, EngineError> {
         self.check_app(app)?;
@@ -655,10 +667,17 @@ impl Engine {
             }
             self.running.remove(&request.app);
         }
+        // A fleet moves host by host: one host's canary would be judged
+        // alone, so fleet parts never run one.
         let canary = match (request.canary, &app.canary) {
+            (Some(true), _) if request.fleet.is_some() => {
+                return Err(EngineError::CanaryInFleet(request.app));
+            }
             (Some(true), None) => return Err(EngineError::CanaryNotConfigured(request.app)),
             (Some(asked), _) => asked,
-            (None, Some(canary)) => canary.by_default && kind == DeploymentKind::Deploy,
+            (None, Some(canary)) => {
+                canary.by_default && kind == DeploymentKind::Deploy && request.fleet.is_none()
+            }
             (None, None) => false,
         };
         let live = self.ctx.store.live_release(&request.app)?;

@@ -139,6 +139,30 @@ async fn every_outcome_has_its_exit_code_and_output() {
         let out = deployctl(&agent, &url, &token(), &["unlock"]).await;
         expect(&out, 0, "unlock");
 
+        // A canary order with none running, and a canary the app has no
+        // table for: refused, with what to do.
+        let out = deployctl(
+            &agent,
+            &url,
+            &token(),
+            &["promote", "--reason", "looks fine"],
+        )
+        .await;
+        let (_, err) = expect(&out, 1, "promote with no canary");
+        assert!(
+            err.contains("no canary of") && err.contains("hint:"),
+            "{err}"
+        );
+        let out = deployctl(
+            &agent,
+            &url,
+            &token(),
+            &["deploy", &sha("release-2"), "--canary"],
+        )
+        .await;
+        let (_, err) = expect(&out, 2, "canary not configured");
+        assert!(err.contains("[apps."), "{err}");
+
         // Authentication and authorization.
         let out = deployctl(&agent, &url, "not-a-token", &["status"]).await;
         let (_, err) = expect(&out, 6, "bad token");

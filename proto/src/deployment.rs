@@ -147,9 +147,10 @@ pub struct Deployment {
     /// last ran. Older agents do not send it.
     #[serde(default)]
     pub schema: crate::SchemaRollback,
-    /// A canary deployment: the new release got a share of the traffic
-    /// first (its `canary` events say how that went). Older agents do not
-    /// send it, nor this one when false.
+    /// Asked to run as a canary: the new release gets a share of the
+    /// clients first. Its `canary` events say how that went; without any,
+    /// no canary ran (a first deployment, or the live release again: its
+    /// log says why). Older agents do not send it, nor this one when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub canary: bool,
     pub steps: Vec<Step>,

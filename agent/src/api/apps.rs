@@ -313,7 +313,7 @@ pub async fn canary(
     source: ClientAddr,
     Path((app, order)): Path<(String, String)>,
     Json(body): Json<CanaryOrder>,
-) -> Result<(StatusCode, Json<Deployment>), ApiError> {
+) -> Result<(StatusCode, Extension<Started>, Json<Deployment>), ApiError> {
     let promote = match order.as_str() {
         "promote" => true,
         "abort" => false,
@@ -330,10 +330,13 @@ pub async fn canary(
     } else {
         who.require_any(&[Scope::Deploy, Scope::Rollback], &app)?;
     }
-    state.engine.check_app(&app)?;
+    // A token bound to one release decides only that release's canary.
+    let sha = state.engine.canary_sha(&app)?;
+    checked_bound_sha(&who, &sha)?;
     let reason = checked_reason(body.reason)?;
     let mut intent = AuditRecord::new(format!("canary_{order}"), "requested");
     intent.app = Some(app.clone());
+    intent.sha = Some(sha.to_string());
     intent.detail = reason.clone();
     let spent = begin_change(&state, &who, source, intent)?;
     let order = crate::engine::CanaryOrder {
@@ -347,5 +350,6 @@ pub async fn canary(
         .store()
         .get(&id)?
         .ok_or(EngineError::UnknownDeployment(id))?;
-    Ok((StatusCode::ACCEPTED, Json(deployment)))
+    let started = Started(deployment.id.0.clone());
+    Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
 }

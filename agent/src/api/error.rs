@@ -115,6 +115,7 @@ impl From<EngineError> for ApiError {
             EngineError::CanaryNotConfigured(_) => {
                 (StatusCode::BAD_REQUEST, ErrorCode::CanaryNotConfigured)
             }
+            EngineError::CanaryInFleet(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             EngineError::NoCanary(_) => (StatusCode::CONFLICT, ErrorCode::NoCanary),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             EngineError::Store(crate::store::StoreError::Full) => return Self::store_full(),

@@ -313,6 +313,16 @@ impl AppConfig {
                     at,
                     "a canary's traffic goes through the switch: set [apps.NAME.switch] too",
                 );
+            } else if let Some((web, _)) = self.switched_service()
+                && self.roll_order().first().map(String::as_str) != Some(web)
+            {
+                problems.add(
+                    at,
+                    format!(
+                        "a canary is judged before anything else changes: {web} must come first \
+                         in the roll order"
+                    ),
+                );
             }
         }
         if self.retain < 2 {

@@ -72,6 +72,12 @@ impl CanaryConfig {
                 problems.add(format!("{at}.steps[{i}]"), "steps must rise");
             }
         }
+        if self.min_requests == 0 {
+            problems.add(
+                format!("{at}.min_requests"),
+                "at least 1: a step with no answer from the new release says nothing of it",
+            );
+        }
         if self.step_time.is_zero() {
             problems.add(format!("{at}.step_time"), "must be more than 0 s");
         }

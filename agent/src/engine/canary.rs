@@ -37,16 +37,19 @@ pub(crate) struct Canaries(Arc<Mutex<HashMap<String, Running>>>);
 #[derive(Debug)]
 struct Running {
     deployment: DeploymentId,
+    /// The release it deploys.
+    sha: CommitSha,
     orders: mpsc::UnboundedSender<Order>,
 }
 
 impl Canaries {
     /// Opens `app`'s canary to orders for as long as the returned
     /// receiver lives.
-    fn open(&self, app: &str, deployment: &DeploymentId) -> Orders {
+    fn open(&self, app: &str, deployment: &DeploymentId, sha: &CommitSha) -> Orders {
         let (orders, rx) = mpsc::unbounded_channel();
         let running = Running {
             deployment: deployment.clone(),
+            sha: sha.clone(),
             orders,
         };
         self.lock().insert(app.to_owned(), running);
@@ -57,8 +60,13 @@ impl Canaries {
         }
     }
 
+    /// The release `app`'s running canary deploys, if one runs.
+    pub fn sha(&self, app: &str) -> Option<CommitSha> {
+        self.lock().get(app).map(|r| r.sha.clone())
+    }
+
     /// Hands `order` to `app`'s running canary; its deployment, or `None`
-    /// when no canary of the app runs.
+    /// when no canary of the app takes orders.
     pub fn order(&self, app: &str, order: Order) -> Option<DeploymentId> {
         let canaries = self.lock();
         let running = canaries.get(app)?;
@@ -94,6 +102,9 @@ pub(crate) struct Verdict {
     /// The figures that decided, in words.
     pub why: String,
 }
+
+/// Who decides by the figures, in the record.
+const DEPLOYD: &str = "deployd";
 
 /// Latency differences smaller than this are noise, whatever their ratio.
 const LATENCY_NOISE_MS: f64 = 5.0;
@@ -154,7 +165,8 @@ pub(crate) fn judge(cfg: &CanaryConfig, window: &CanaryWindow) -> Verdict {
             }
             said
         }
-        _ => "no latency of the running release to compare with".to_owned(),
+        (Some(_), None) => "no latency of the running release to compare with".to_owned(),
+        (None, _) => "no latency of the new release".to_owned(),
     };
     Verdict {
         pass: true,
@@ -212,7 +224,7 @@ pub(crate) async fn run(
     (stable, canary, old): (&[Upstream], &[Upstream], &CommitSha),
     drain: Duration,
 ) -> Result<Ended, Failure> {
-    let mut orders = run.ctx.canaries.open(&run.app, &run.id);
+    let mut orders = run.ctx.canaries.open(&run.app, &run.id, &run.sha);
     let (new_sha, old_sha) = (&run.sha, old);
     let event =
         |n: usize, percent: f64, decision: CanaryDecision, by: &str, why: String, window| {
@@ -251,7 +263,7 @@ pub(crate) async fn run(
             n,
             percent,
             CanaryDecision::Step,
-            "deployd",
+            DEPLOYD,
             format!(
                 "step {n} of {}: {percent}% of clients to the new release for {}",
                 cfg.steps.len(),
@@ -259,10 +271,19 @@ pub(crate) async fn run(
             ),
             None,
         );
-        let order = tokio::select! {
+        let mut order = tokio::select! {
             () = tokio::time::sleep(cfg.step_time) => None,
             order = orders.rx.recv() => order,
         };
+        if order.is_none() {
+            // After the last step, no order is taken any more (it would be
+            // refused: no canary runs); one that came while the step ended
+            // still decides.
+            if n == cfg.steps.len() {
+                orders.rx.close();
+            }
+            order = orders.rx.try_recv().ok();
+        }
         let (new_now, old_now) = figures();
         let window = CanaryWindow {
             seconds: began.elapsed().as_secs_f64(),
@@ -273,38 +294,44 @@ pub(crate) async fn run(
             Some(order) => {
                 let reason = order.reason.map_or_else(String::new, |r| format!(" ({r})"));
                 let said = format!("by hand{reason}");
-                (order.promote, order.by, said)
+                (order.promote, Some(order.by), said)
             }
             None => {
                 let verdict = judge(cfg, &window);
-                (verdict.pass, "deployd".to_owned(), verdict.why)
+                (verdict.pass, None, verdict.why)
             }
         };
+        let decided_by = by.as_deref().unwrap_or(DEPLOYD);
         if !pass {
-            let _drained = route.switch_to(stable).finish(drain).await;
+            // Decided: later orders are refused (no canary runs), not lost.
+            orders.rx.close();
+            let draining = route.switch_to(stable);
             let why = format!("at step {n} ({percent}%): {why}");
-            event(
-                n,
-                0.0,
-                CanaryDecision::Aborted,
-                &by,
-                why.clone(),
-                Some(window),
-            );
+            let aborted = CanaryDecision::Aborted;
+            event(n, 0.0, aborted, decided_by, why.clone(), Some(window));
+            let _drained = draining.finish(drain).await;
             return Err(Failure(format!("canary aborted {why}")));
         }
-        if by != "deployd" {
-            event(n, 100.0, CanaryDecision::Promoted, &by, why, Some(window));
+        if by.is_some() {
+            let promoted = CanaryDecision::Promoted;
+            event(n, 100.0, promoted, decided_by, why, Some(window));
             return Ok(Ended::Promoted);
         }
-        event(n, percent, CanaryDecision::Passed, &by, why, Some(window));
+        event(
+            n,
+            percent,
+            CanaryDecision::Passed,
+            DEPLOYD,
+            why,
+            Some(window),
+        );
     }
     let why = format!("all {} step(s) passed", cfg.steps.len());
     event(
         cfg.steps.len() + 1,
         100.0,
         CanaryDecision::Promoted,
-        "deployd",
+        DEPLOYD,
         why,
         None,
     );

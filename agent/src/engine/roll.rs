@@ -31,6 +31,8 @@ struct Change {
     stopped: Vec<String>,
     /// Old containers sent to drain; a rollback recreates them instead.
     draining: Vec<String>,
+    /// Old containers running when the roll began.
+    old_running: usize,
 }
 
 /// The services rolled so far, in order, and how. No `Debug`: it holds the
@@ -186,6 +188,7 @@ impl<'a> Rollout<'a> {
             new: Vec::new(),
             stopped: Vec::new(),
             draining: Vec::new(),
+            old_running: old.len(),
         });
         match strategy(service, cfg) {
             Strategy::StartFirst => {
@@ -249,12 +252,23 @@ impl<'a> Rollout<'a> {
         let Some(old) = old.filter(|_| !stable.is_empty()) else {
             run.say(
                 &step,
-                "canary: no release takes clients yet, so there is nothing to judge the new \
+                "no canary: no release takes clients yet, so there is nothing to judge the new \
                  one against: it takes every client at once"
                     .into(),
             );
             return Ok(());
         };
+        if old == run.sha {
+            run.say(
+                &step,
+                format!(
+                    "no canary: {} takes the clients already, and a release is not judged \
+                     against itself: it takes every client at once",
+                    old.short()
+                ),
+            );
+            return Ok(());
+        }
         let canary = new
             .iter()
             .map(Started::upstream)
@@ -509,6 +523,16 @@ impl<'a> Rollout<'a> {
     async fn restore_service(&self, change: &Change) -> Result<usize, Failure> {
         let docker = &self.run.ctx.docker;
         let cfg = self.cfg(&change.service)?;
+        let touched = !change.stopped.is_empty() || !change.draining.is_empty();
+        if !touched && change.old_running > 0 {
+            // What ran still runs, with the traffic (a web service that
+            // failed its health check, or a canary aborted, before its old
+            // containers stopped): only the new ones go.
+            for c in &change.new {
+                docker.remove(&c.id).await?;
+            }
+            return Ok(change.old_running);
+        }
         let singleton = cfg.is_singleton(&change.service);
         if singleton {
             for c in &change.new {
@@ -527,7 +551,6 @@ impl<'a> Rollout<'a> {
                 Err(_) => docker.remove(id).await?,
             }
         }
-        let touched = !change.stopped.is_empty() || !change.draining.is_empty();
         let missing = (cfg.replicas as usize).saturating_sub(back.len());
         if touched && missing > 0 {
             back.extend(

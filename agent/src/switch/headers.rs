@@ -292,6 +292,18 @@ pub fn check_head(
     Ok(())
 }
 
+/// Whether a shared cache (a CDN in front) may keep this answer:
+/// `Cache-Control` with `public` or `s-maxage`.
+pub(crate) fn shared_cacheable(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+        .any(|d| d == "public" || d.starts_with("s-maxage"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,5 +540,18 @@ mod tests {
         many.remove("x-h7");
         many.remove("x-h6");
         assert_eq!(check("/", &many), Ok(()));
+    }
+
+    #[test]
+    fn answers_a_shared_cache_may_keep_are_told_apart() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static(v));
+            h
+        };
+        assert!(shared_cacheable(&with("public, max-age=600")));
+        assert!(shared_cacheable(&with("max-age=0, S-MAXAGE=60")));
+        assert!(!shared_cacheable(&with("private, max-age=600")));
+        assert!(!shared_cacheable(&HeaderMap::new()));
     }
 }

@@ -81,12 +81,15 @@ impl Timed {
     /// Counts the request against `backend`'s release from now on (a retry
     /// on another release's container moves it there, uncounted).
     fn on(slot: &mut Option<Self>, backend: &Backend, since: Instant) {
-        if let Some(timed) = slot {
-            if Arc::ptr_eq(&timed.stats, &backend.stats) {
-                return;
+        let since = match slot {
+            Some(timed) if Arc::ptr_eq(&timed.stats, &backend.stats) => return,
+            // The other release's time is not this one's.
+            Some(timed) => {
+                timed.settled = true;
+                Instant::now()
             }
-            timed.settled = true;
-        }
+            None => since,
+        };
         *slot = Some(Self {
             stats: backend.stats.clone(),
             since,
@@ -126,7 +129,11 @@ impl Proxy {
         if let Some(timed) = timed {
             timed.answered(response.status());
         }
-        if let Some(pin) = pin {
+        // Not on an answer a shared cache may keep: it would hand one
+        // client's place to everyone.
+        if let Some(pin) = pin
+            && !headers::shared_cacheable(response.headers())
+        {
             response.headers_mut().append(header::SET_COOKIE, pin);
         }
         response

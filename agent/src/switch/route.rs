@@ -137,12 +137,12 @@ struct Live {
 #[derive(Debug)]
 struct Canary {
     backends: Vec<Arc<Backend>>,
-    /// The share of clients not yet pinned that go to it, in basis points.
+    /// The share of clients that go to it, in basis points: those whose
+    /// point (0 to 9999) is below it.
     share: u32,
-    /// The cookie values that pin a client to the canary, or to the stable
-    /// release, for this canary (another canary has other values).
-    pin_canary: HeaderValue,
-    pin_stable: HeaderValue,
+    /// Random, one per canary: a cookie of another canary counts for
+    /// nothing.
+    id: String,
 }
 
 /// The name of the cookie that keeps a client on its release during a
@@ -229,11 +229,11 @@ impl Route {
     }
 
     /// Sends `percent` of the clients to `canary` and the rest to `stable`
-    /// from now on. A client stays where it went first for as long as this
-    /// canary lasts (its release's cookie, set by the switch), whatever the
-    /// share becomes; a client without cookies goes by a hash of its
-    /// address, so a growing share only ever moves clients onto the
-    /// canary. With no `canary`, this is [`Route::switch_to`].
+    /// from now on. Each client has a point from 0 to 9999 for the whole
+    /// canary, in a cookie the switch sets (else a hash of its address) and
+    /// goes to the canary while its point is below the share: as the share
+    /// grows, clients move onto the canary once and never back. With no
+    /// `canary`, this is [`Route::switch_to`].
     pub fn split(&self, stable: &[Upstream], canary: &[Upstream], percent: f64) -> Draining {
         let Ok(mut live) = self.live.write() else {
             return Draining::default();
@@ -254,14 +254,16 @@ impl Route {
         };
         let new = Live {
             stable: backends(stable),
-            canary: (!canary.is_empty()).then(|| {
-                let pin = |role: &str| pin_value(stable, canary, role);
-                Canary {
-                    backends: backends(canary),
-                    share: (percent.clamp(0.0, 100.0) * 100.0).round() as u32,
-                    pin_canary: pin("canary"),
-                    pin_stable: pin("stable"),
-                }
+            canary: (!canary.is_empty()).then(|| Canary {
+                backends: backends(canary),
+                share: (percent.clamp(0.0, 100.0) * 100.0).round() as u32,
+                // The same canary from step to step keeps its id.
+                id: match &old.canary {
+                    Some(c) if c.backends.iter().map(|b| &b.upstream).eq(canary.iter()) => {
+                        c.id.clone()
+                    }
+                    _ => uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+                },
             }),
         };
         let gone = old
@@ -413,47 +415,35 @@ impl Live {
 }
 
 impl Canary {
-    /// Whether `client` goes to the canary, and the cookie that pins it
-    /// there (or to the stable release) if it is not pinned yet.
+    /// Whether `client` goes to the canary, and the cookie that keeps it
+    /// where it is if it has none for this canary yet. A client's point
+    /// (0 to 9999) comes from its cookie, else from a hash of its address;
+    /// it goes to the canary while its point is below the share, so a
+    /// growing share moves clients onto the canary once and never back.
     fn assign(&self, client: &Client) -> (bool, Option<HeaderValue>) {
-        match client.pin.as_deref() {
-            Some(pin) if pin.as_bytes() == self.pin_canary.as_bytes() => return (true, None),
-            Some(pin) if pin.as_bytes() == self.pin_stable.as_bytes() => return (false, None),
-            _ => {}
+        let pinned = client
+            .pin
+            .as_deref()
+            .and_then(|pin| pin.split_once('.'))
+            .filter(|(id, _)| *id == self.id)
+            .and_then(|(_, point)| point.parse::<u32>().ok())
+            .filter(|point| *point < 10_000);
+        if let Some(point) = pinned {
+            return (point < self.share, None);
         }
         let mut hasher = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(client.addr.as_bytes(), &mut hasher);
-        std::hash::Hash::hash(self.pin_canary.as_bytes(), &mut hasher);
+        std::hash::Hash::hash(self.id.as_bytes(), &mut hasher);
         let point = std::hash::Hasher::finish(&hasher) % 10_000;
-        let canary = point < u64::from(self.share);
-        let pin = if canary {
-            &self.pin_canary
-        } else {
-            &self.pin_stable
-        };
         let cookie = format!(
-            "{PIN_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax",
-            pin.to_str().unwrap_or_default()
+            "{PIN_COOKIE}={}.{point}; Path=/; HttpOnly; SameSite=Lax",
+            self.id
         );
-        (canary, HeaderValue::from_str(&cookie).ok())
+        (
+            point < u64::from(self.share),
+            HeaderValue::from_str(&cookie).ok(),
+        )
     }
-}
-
-/// The cookie value that pins a client to `role` in the canary of
-/// `canary` next to `stable`: the same for the same releases (so it holds
-/// across a restart of deployd), and telling nothing of them.
-fn pin_value(stable: &[Upstream], canary: &[Upstream], role: &str) -> HeaderValue {
-    use sha2::Digest;
-    let release = |u: &[Upstream]| u.first().map(|u| u.release.clone()).unwrap_or_default();
-    let digest = sha2::Sha256::new()
-        .chain_update(release(stable).as_bytes())
-        .chain_update(b"\0")
-        .chain_update(release(canary).as_bytes())
-        .chain_update(b"\0")
-        .chain_update(role.as_bytes())
-        .finalize();
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// The backends one request may try, in order; a snapshot, so a switch
@@ -633,29 +623,37 @@ mod tests {
             "{share} of 2000 on the canary at 50%"
         );
 
-        // A client's first answer pins it; pinned, it stays whatever the
-        // share becomes, and gets no new cookie.
+        // A client's first answer sets its cookie; with it, the client keeps
+        // its point from any address, gets no new cookie, and as the share
+        // grows it moves to the canary once and never back.
         let (release, cookie) = goes(&route, &clients[0]);
-        let pin = pin_of(cookie.as_deref().unwrap()).to_owned();
+        let cookie = cookie.unwrap();
         assert!(
-            cookie
-                .unwrap()
-                .ends_with("; Path=/; HttpOnly; SameSite=Lax")
+            cookie.ends_with("; Path=/; HttpOnly; SameSite=Lax"),
+            "{cookie}"
         );
-        assert!(!pin.contains('r'), "the cookie names no release: {pin}");
+        let pin = pin_of(&cookie).to_owned();
+        assert!(
+            !pin.contains("r3") && !pin.contains("r1"),
+            "the cookie names no release: {pin}"
+        );
         let pinned = client("203.0.113.9", Some(&pin));
-        for percent in [0.01, 50.0, 100.0] {
+        assert_eq!(goes(&route, &pinned), (release.clone(), None));
+        let mut on = release == "r3";
+        for percent in [60.0, 80.0, 100.0] {
             let _ = route.split(&stable, &canary, percent);
-            assert_eq!(
-                goes(&route, &pinned),
-                (release.clone(), None),
-                "at {percent}%"
+            let (now, set) = goes(&route, &pinned);
+            assert!(set.is_none());
+            assert!(
+                !on || now == "r3",
+                "back to the stable release at {percent}%"
             );
+            on = now == "r3";
         }
-        // At 100% every client not pinned goes to the canary.
-        assert!(on_canary(&route).iter().all(|&c| c));
+        // At 100% every client goes to the canary.
+        assert!(on && on_canary(&route).iter().all(|&c| c));
 
-        // Another canary: other pins, so earlier cookies count for nothing.
+        // Another canary: another id, so earlier cookies count for nothing.
         let _ = route.split(&stable, &[upstream(4)], 100.0);
         let (release, cookie) = goes(&route, &pinned);
         assert_eq!(release, "r4");

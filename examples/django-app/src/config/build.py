@@ -15,8 +15,9 @@ deployd's failure handling can be tested against a real app:
   passes the health gate, then fails verification, whatever the speed of the
   machine;
 - needs-feature-key: /healthz/ answers 500 where SHOP_FEATURE_KEY is unset;
-- errors-10pct: healthy, but every tenth page request (counted across the
-  container's workers; /healthz/ and /readiness/ are not pages) answers 500;
+- errors-10pct: healthy, but one page request in ten answers 500: the
+  first, the eleventh, ... (counted across the container's workers;
+  /healthz/ and /readiness/ are not pages);
 - slow-3x: healthy, but every page takes three times as long: after the
   view, it waits twice what the request took.
 

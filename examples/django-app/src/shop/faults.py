@@ -107,7 +107,9 @@ class PageFaultsMiddleware:
         if BUILD.variant not in ("errors-10pct", "slow-3x") or request.path in CHECKS:
             return self.get_response(request)
         if BUILD.variant == "errors-10pct":
-            if _count(PAGE_COUNTER_FILE) % FAILING_ONE_IN == 0:
+            # The first, the eleventh, ...: a container that serves any page
+            # serves an error, however few pages reach it.
+            if _count(PAGE_COUNTER_FILE) % FAILING_ONE_IN == 1:
                 return JsonResponse({"error": "injected", "variant": BUILD.variant}, status=500)
             return self.get_response(request)
         started = time.monotonic()

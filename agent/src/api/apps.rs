@@ -343,6 +343,7 @@ pub async fn canary(
         promote,
         by: who.subject.clone(),
         reason,
+        sha: Some(sha),
     };
     let id = ended(&state, spent, state.engine.canary_order(&app, order))?;
     let deployment = state

@@ -320,7 +320,7 @@ impl AppConfig {
                     at,
                     format!(
                         "a canary is judged before anything else changes: {web} must come first \
-                         in the roll order"
+                         in the roll order (set order = [\"{web}\", ...])"
                     ),
                 );
             }

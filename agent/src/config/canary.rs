@@ -63,10 +63,10 @@ impl CanaryConfig {
             problems.add(format!("{at}.steps"), "needs at least one step");
         }
         for (i, step) in self.steps.iter().enumerate() {
-            if !(*step > 0.0 && *step < 100.0) {
+            if !(*step >= 0.01 && *step < 100.0) {
                 problems.add(
                     format!("{at}.steps[{i}]"),
-                    "a share of clients in percent, more than 0 and less than 100",
+                    "a share of clients in percent, from 0.01 and less than 100",
                 );
             } else if i > 0 && *step <= self.steps[i - 1] {
                 problems.add(format!("{at}.steps[{i}]"), "steps must rise");

@@ -28,6 +28,9 @@ pub struct Order {
     /// Who asked.
     pub by: String,
     pub reason: Option<String>,
+    /// Only for the canary of this release (what the caller's token was
+    /// checked against); any running canary when `None`.
+    pub sha: Option<CommitSha>,
 }
 
 /// The canaries running now, by app: where an order goes.
@@ -70,6 +73,9 @@ impl Canaries {
     pub fn order(&self, app: &str, order: Order) -> Option<DeploymentId> {
         let canaries = self.lock();
         let running = canaries.get(app)?;
+        if order.sha.as_ref().is_some_and(|sha| *sha != running.sha) {
+            return None;
+        }
         running.orders.send(order).ok()?;
         Some(running.deployment.clone())
     }
@@ -363,6 +369,31 @@ mod tests {
             canary,
             stable,
         }
+    }
+
+    #[test]
+    fn orders_reach_only_the_canary_they_were_checked_for() {
+        let canaries = Canaries::default();
+        let (one, two): (CommitSha, CommitSha) =
+            ("aaaaaaa".parse().unwrap(), "bbbbbbb".parse().unwrap());
+        let id = DeploymentId("d1".into());
+        let order = |sha: Option<&CommitSha>| Order {
+            promote: true,
+            by: "ops".into(),
+            reason: None,
+            sha: sha.cloned(),
+        };
+        assert_eq!(canaries.order("shop", order(None)), None);
+        let mut orders = canaries.open("shop", &id, &one);
+        assert_eq!(canaries.sha("shop"), Some(one.clone()));
+        assert_eq!(canaries.order("shop", order(Some(&two))), None);
+        assert_eq!(canaries.order("shop", order(Some(&one))), Some(id.clone()));
+        assert!(orders.rx.try_recv().is_ok());
+        // Decided: closed to orders, which are refused rather than lost.
+        orders.rx.close();
+        assert_eq!(canaries.order("shop", order(None)), None);
+        drop(orders);
+        assert_eq!(canaries.sha("shop"), None);
     }
 
     #[test]

@@ -292,16 +292,34 @@ pub fn check_head(
     Ok(())
 }
 
-/// Whether a shared cache (a CDN in front) may keep this answer:
-/// `Cache-Control` with `public` or `s-maxage`.
+/// Whether a shared cache (a CDN in front) may keep this answer: marked
+/// `public`, `s-maxage` or a `max-age` above 0, or with `Expires`, unless
+/// `private` or `no-store` says otherwise.
 pub(crate) fn shared_cacheable(headers: &HeaderMap) -> bool {
-    headers
+    let directives: Vec<String> = headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|d| d.trim().to_ascii_lowercase())
-        .any(|d| d == "public" || d.starts_with("s-maxage"))
+        .collect();
+    let has = |name: &str| {
+        directives
+            .iter()
+            .any(|d| d == name || d.starts_with(&format!("{name}=")))
+    };
+    if has("private") || has("no-store") {
+        return false;
+    }
+    let max_age = directives
+        .iter()
+        .filter_map(|d| d.strip_prefix("max-age="))
+        .any(|age| {
+            age.trim_matches('"')
+                .parse::<u64>()
+                .is_ok_and(|age| age > 0)
+        });
+    has("public") || has("s-maxage") || max_age || headers.contains_key(header::EXPIRES)
 }
 
 #[cfg(test)]
@@ -551,7 +569,16 @@ mod tests {
         };
         assert!(shared_cacheable(&with("public, max-age=600")));
         assert!(shared_cacheable(&with("max-age=0, S-MAXAGE=60")));
+        assert!(shared_cacheable(&with("max-age=600")));
+        assert!(!shared_cacheable(&with("max-age=0")));
         assert!(!shared_cacheable(&with("private, max-age=600")));
+        assert!(!shared_cacheable(&with("public, no-store")));
         assert!(!shared_cacheable(&HeaderMap::new()));
+        let mut expires = HeaderMap::new();
+        expires.insert(
+            header::EXPIRES,
+            HeaderValue::from_static("Wed, 21 Oct 2026 07:28:00 GMT"),
+        );
+        assert!(shared_cacheable(&expires));
     }
 }

@@ -150,10 +150,11 @@ struct Canary {
 pub const PIN_COOKIE: &str = "deployd_release";
 
 /// Which client a request comes from, as far as a canary cares: the
-/// release its cookie pins it to, else its address.
+/// values of its `deployd_release` cookie (a stale one may come next to the
+/// current one), and its address.
 #[derive(Debug)]
 pub(crate) struct Client {
-    pin: Option<String>,
+    pins: Vec<String>,
     addr: HeaderValue,
 }
 
@@ -161,15 +162,18 @@ impl Client {
     /// The client of a request from `peer`; behind a trusted load balancer,
     /// the address it put last in `X-Forwarded-For`.
     pub fn of(headers: &HeaderMap, peer: &HeaderValue, trust_forwarded: bool) -> Self {
-        let pin = headers
+        let pins = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
-            .find_map(|pair| {
+            .filter_map(|pair| {
                 let (name, value) = pair.trim().split_once('=')?;
-                (name == PIN_COOKIE).then(|| value.to_owned())
-            });
+                // A value may come quoted (RFC 6265).
+                let value = value.trim().trim_matches('"');
+                (name.trim() == PIN_COOKIE).then(|| value.to_owned())
+            })
+            .collect();
         let forwarded = trust_forwarded
             .then(|| {
                 headers
@@ -182,7 +186,7 @@ impl Client {
             .and_then(|v| v.rsplit(',').next())
             .and_then(|last| HeaderValue::from_str(last.trim()).ok());
         Self {
-            pin,
+            pins,
             addr: forwarded.unwrap_or_else(|| peer.clone()),
         }
     }
@@ -422,12 +426,11 @@ impl Canary {
     /// growing share moves clients onto the canary once and never back.
     fn assign(&self, client: &Client) -> (bool, Option<HeaderValue>) {
         let pinned = client
-            .pin
-            .as_deref()
-            .and_then(|pin| pin.split_once('.'))
+            .pins
+            .iter()
+            .filter_map(|pin| pin.split_once('.'))
             .filter(|(id, _)| *id == self.id)
-            .and_then(|(_, point)| point.parse::<u32>().ok())
-            .filter(|point| *point < 10_000);
+            .find_map(|(_, point)| point.parse::<u32>().ok().filter(|p| *p < 10_000));
         if let Some(point) = pinned {
             return (point < self.share, None);
         }
@@ -565,7 +568,7 @@ mod tests {
 
     fn client(addr: &str, pin: Option<&str>) -> Client {
         Client {
-            pin: pin.map(str::to_owned),
+            pins: pin.map(str::to_owned).into_iter().collect(),
             addr: HeaderValue::from_str(addr).unwrap(),
         }
     }
@@ -677,10 +680,14 @@ mod tests {
             "cookie",
             HeaderValue::from_static("a=b; deployd_release=abc; c=d"),
         );
+        headers.append(
+            "cookie",
+            HeaderValue::from_static("deployd_release=\"def.12\""),
+        );
         let peer = HeaderValue::from_static("127.0.0.1");
         let trusted = Client::of(&headers, &peer, true);
         assert_eq!(trusted.addr, "10.0.0.1");
-        assert_eq!(trusted.pin.as_deref(), Some("abc"));
+        assert_eq!(trusted.pins, ["abc", "def.12"]);
         assert_eq!(Client::of(&headers, &peer, false).addr, "127.0.0.1");
         assert_eq!(Client::of(&HeaderMap::new(), &peer, true).addr, "127.0.0.1");
     }

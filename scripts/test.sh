@@ -4,9 +4,10 @@
 # integration test of the workspace. Meanwhile it records Docker's events for
 # every beat container deployd starts, and checks afterwards that no two
 # beats of one app ever ran at once. Then deployd is stopped mid-deployment
-# and started again, the edge is attacked, a fleet of three agents is deployed
-# as one, the Debian package is installed and run under systemd,
-# and the unit's exposure scored; last, schemathesis fuzzes the API.
+# and started again (once mid-canary, under load), the edge is attacked, a
+# fleet of three agents is deployed as one, the Debian package is installed
+# and run under systemd, and the unit's exposure scored; last, schemathesis
+# fuzzes the API.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -23,6 +24,10 @@ cargo test --workspace --locked "$@"
 # The real binary stopped (SIGTERM) mid-deployment and started again, with
 # JSON logs and the plain-HTTP metrics listener (about a minute).
 bash scripts/scenario/stop.sh
+# The same mid-canary, under load through the switch, its socket held as
+# systemd holds it: no request fails, the canary ends safely (about a
+# minute).
+bash scripts/scenario/canary-stop.sh
 
 # The public edge and the API against slow, idle and unauthenticated floods
 # (about three minutes).

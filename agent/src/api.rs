@@ -82,19 +82,13 @@ impl ApiState {
 
     /// The token checks in force now.
     pub fn authenticator(&self) -> Arc<Authenticator> {
-        self.auth
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::read(&self.auth).clone()
     }
 
     /// New token checks, for requests from now on (spent token ids are in
     /// the store: a reload does not make a used token usable again).
     pub fn replace_authenticator(&self, auth: Authenticator) {
-        *self
-            .auth
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(auth);
+        *crate::sync::write(&self.auth) = Arc::new(auth);
     }
 }
 

@@ -350,7 +350,7 @@ impl EngineHandle {
             failing.push("store");
         }
         self.ctx.metrics.readiness(&failing);
-        *self.ctx.readiness.lock().unwrap_or_else(|e| e.into_inner()) =
+        *crate::sync::lock(&self.ctx.readiness) =
             Some((std::time::Instant::now(), failing.clone()));
         failing
     }
@@ -360,11 +360,7 @@ impl EngineHandle {
     /// asked as often as a load balancer likes without asking Docker as
     /// often.
     pub async fn readiness_recent(&self) -> Vec<&'static str> {
-        let recent = self
-            .ctx
-            .readiness
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let recent = crate::sync::lock(&self.ctx.readiness)
             .as_ref()
             .filter(|(at, _)| at.elapsed() < READINESS_FRESH)
             .map(|(_, failing)| failing.clone());
@@ -761,11 +757,7 @@ impl Ctx {
         if freeze.before_step != step {
             return;
         }
-        let reached = freeze
-            .reached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let reached = crate::sync::lock(&freeze.reached).take();
         if let Some(reached) = reached {
             let _ = reached.send(());
         }

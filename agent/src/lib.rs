@@ -17,6 +17,7 @@ pub mod limit;
 pub mod metrics;
 pub mod store;
 pub mod switch;
+mod sync;
 pub mod systemd;
 
 use std::time::Duration;

@@ -95,7 +95,7 @@ impl<K: Hash + Eq + Clone> Tally<K> {
 
     /// Counts one more for `key`, until the guard drops; `None` past the cap.
     pub fn take(self: &Arc<Self>, key: K) -> Option<Counted<K>> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = crate::sync::lock(&self.open);
         let count = open.entry(key.clone()).or_insert(0);
         if *count >= self.cap {
             return None;
@@ -109,7 +109,7 @@ impl<K: Hash + Eq + Clone> Tally<K> {
 
     /// Keys with something open.
     pub fn keys(&self) -> usize {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
+        crate::sync::lock(&self.open).len()
     }
 }
 
@@ -122,7 +122,7 @@ pub struct Counted<K: Hash + Eq> {
 
 impl<K: Hash + Eq> Drop for Counted<K> {
     fn drop(&mut self) {
-        let mut open = self.tally.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = crate::sync::lock(&self.tally.open);
         if let Some(count) = open.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {

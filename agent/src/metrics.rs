@@ -300,10 +300,7 @@ impl Metrics {
     ) {
         // Only the live sha of each service is exported: the series of
         // the one before goes.
-        let mut shown = self
-            .release_shown
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut shown = crate::sync::lock(&self.release_shown);
         for service in services {
             let labels = ReleaseLabels {
                 app: app.to_owned(),
@@ -355,6 +352,24 @@ impl Metrics {
 #[derive(Debug)]
 struct SwitchCollector(Routes);
 
+/// One counter family: a counter per label set.
+fn counter_family<'a>(
+    encoder: &mut DescriptorEncoder,
+    (name, help): (&str, &str),
+    counters: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, n) in counters {
+        ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// One counter family of the switch: for each app, a counter per value of
 /// `key` (`counts` gives each value and its count).
 fn switch_counters(
@@ -363,19 +378,13 @@ fn switch_counters(
     (name, help, key): (&str, &str, &'static str),
     counts: impl Fn(&crate::switch::SwitchStats) -> Vec<(&'static str, u64)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut metric = encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Counter,
-    )?;
-    for (app, route) in routes.iter() {
-        for (value, n) in counts(&route.stats) {
-            let labels = [("app", app.as_str()), (key, value)];
-            ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
-        }
-    }
-    Ok(())
+    let counts = &counts;
+    let counters = routes.iter().flat_map(|(app, route)| {
+        counts(&route.stats)
+            .into_iter()
+            .map(move |(value, n)| (vec![("app", app.as_str()), (key, value)], n))
+    });
+    counter_family(encoder, (name, help), counters)
 }
 
 impl Collector for SwitchCollector {
@@ -466,19 +475,14 @@ fn release_figures(
         ),
     ];
     for (name, help, key, counts) in counters {
-        let mut metric = encoder.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (app, sha, f) in &figures {
-            for (value, n) in counts(f) {
+        let per_release = figures.iter().flat_map(|(app, sha, f)| {
+            counts(f).into_iter().map(move |(value, n)| {
                 let mut labels = vec![("app", app.as_str()), ("sha", sha.as_str())];
                 labels.extend(key.map(|key| (key, value)));
-                ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
-            }
-        }
+                (labels, n)
+            })
+        });
+        counter_family(encoder, (name, help), per_release)?;
     }
     let mut metric = encoder.encode_descriptor(
         "switch_release_request_duration_seconds",

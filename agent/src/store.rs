@@ -397,7 +397,7 @@ impl Store {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (each call is one transaction), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.conn)
     }
 
     /// Records a new deployment.

@@ -22,8 +22,6 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
     sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo
     DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q nginx-light wrk >/dev/null
 fi
-cargo build --release --locked -q -p deployd --example switch_proxy
-
 . scripts/lib/agent.sh
 backend_port=$(agent_free_port)
 nginx_port=$(agent_free_port)
@@ -32,6 +30,8 @@ base_port=$(agent_free_port)
 dir=$(mktemp -d)
 sides="direct switch nginx"
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+cargo build --release --locked -q -p deployd --example switch_proxy
+cp "$target/release/examples/switch_proxy" "$dir/switch_proxy"
 if [ -n "$base_rev" ]; then
     # Built in a worktree of that revision, sharing this target directory's
     # dependencies.
@@ -39,8 +39,6 @@ if [ -n "$base_rev" ]; then
     (cd "$dir/base" && cargo build --release --locked -q -p deployd --example switch_proxy --target-dir "$target")
     cp "$target/release/examples/switch_proxy" "$dir/switch_proxy_base"
     git worktree remove --force "$dir/base"
-    # The target directory holds the base's build now: this one's again.
-    cargo build --release --locked -q -p deployd --example switch_proxy
     sides="direct switch base nginx"
 fi
 cleanup() {
@@ -86,7 +84,6 @@ http { access_log off; $temps
 NGINX
 nginx -c "$dir/backend.conf" -p "$dir"
 nginx -c "$dir/proxy.conf" -p "$dir"
-cp "$target/release/examples/switch_proxy" "$dir/switch_proxy"
 "$dir/switch_proxy" "127.0.0.1:$switch_port" "127.0.0.1:$backend_port" >/dev/null &
 switch_pid=$!
 ports="$backend_port $nginx_port $switch_port"

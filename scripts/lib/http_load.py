@@ -1,13 +1,16 @@
 """Continuous HTTP load for the availability scenario, and its report.
 
   http_load.py run URL HOST OUT.ndjson STOPFILE [--keep-alive N] [--fresh N]
+                   [--users N]
       Clients loop on GET URL until STOPFILE exists: N keep-alive clients
       (one connection, reused; reopened only when the server closes it
       cleanly) and N clients opening a new connection per request. Each
       request is one JSON line: start, end, ok, status or error, and the
       release that served it (the `served_by` of the sample app, host
       part dropped). Sends X-Forwarded-Proto: https as the TLS terminator
-      in front of a real site would.
+      in front of a real site would; with --users N, also the
+      X-Forwarded-For of one of N users picked at random per request, so
+      a switch that trusts it splits them as it would a site's visitors.
   http_load.py report OUT.ndjson PHASES.tsv
       Requests and failures per phase (PHASES: name, start, end in epoch
       seconds), and which releases served each phase, as JSON.
@@ -22,26 +25,27 @@ Standard library only: it runs on any host with Python 3.
 import http.client
 import json
 import os
+import random
 import sys
 import threading
 import time
 import urllib.parse
 
 
-def client(url, host, out, lock, stop, keep_alive):
+def client(url, host, out, lock, stop, keep_alive, users):
     parts = urllib.parse.urlsplit(url)
     conn = None
     while not os.path.exists(stop):
         started = time.time()
         record = {"start": started, "keep_alive": keep_alive}
+        headers = {"Host": host, "X-Forwarded-Proto": "https"}
+        if users:
+            user = random.randrange(users)
+            headers["X-Forwarded-For"] = f"10.{user >> 16 & 255}.{user >> 8 & 255}.{user & 255}"
         try:
             if conn is None:
                 conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-            conn.request(
-                "GET",
-                parts.path or "/",
-                headers={"Host": host, "X-Forwarded-Proto": "https"},
-            )
+            conn.request("GET", parts.path or "/", headers=headers)
             response = conn.getresponse()
             body = response.read()
             record["status"] = response.status
@@ -65,14 +69,17 @@ def client(url, host, out, lock, stop, keep_alive):
 
 def run(args):
     url, host, path, stop = args[:4]
-    counts = {"--keep-alive": 2, "--fresh": 2}
+    counts = {"--keep-alive": 2, "--fresh": 2, "--users": 0}
     rest = args[4:]
     for i in range(0, len(rest), 2):
         counts[rest[i]] = int(rest[i + 1])
     lock = threading.Lock()
     with open(path, "w", buffering=1) as out:
         threads = [
-            threading.Thread(target=client, args=(url, host, out, lock, stop, keep_alive))
+            threading.Thread(
+                target=client,
+                args=(url, host, out, lock, stop, keep_alive, counts["--users"]),
+            )
             for keep_alive, n in ((True, counts["--keep-alive"]), (False, counts["--fresh"]))
             for _ in range(n)
         ]

@@ -284,7 +284,7 @@ impl RefusalLog {
         detail: &str,
     ) -> Vec<AuditRecord> {
         let window = crate::auth::gate::WINDOW;
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut windows = crate::sync::lock(&self.windows);
         let mut key = source.map(crate::limit::bucket);
         let firsts = match windows.firsts {
             Some((began, n)) if now.saturating_duration_since(began) < window => (began, n),
@@ -331,7 +331,7 @@ impl RefusalLog {
 
     fn flush_at(&self, now: Instant, all: bool) -> Vec<AuditRecord> {
         let window = crate::auth::gate::WINDOW;
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut windows = crate::sync::lock(&self.windows);
         let mut written = Vec::new();
         windows.open.retain(|key, open| {
             let over = all || now.saturating_duration_since(open.opened) >= window;

@@ -45,7 +45,7 @@ impl FailureGate {
 
     fn is_blocked_at(&self, ip: IpAddr, now: Instant) -> bool {
         let ip = bucket(ip);
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = crate::sync::lock(&self.failures);
         let Some(times) = failures.get_mut(&ip) else {
             return false;
         };
@@ -59,7 +59,7 @@ impl FailureGate {
 
     fn failed_at(&self, ip: IpAddr, now: Instant) {
         let ip = bucket(ip);
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = crate::sync::lock(&self.failures);
         if failures.len() >= MAX_ADDRESSES && !failures.contains_key(&ip) {
             failures.retain(|_, times| {
                 expire(times, now);

@@ -142,11 +142,11 @@ impl Issuer {
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
-        self.cache.read().unwrap_or_else(|e| e.into_inner())
+        crate::sync::read(&self.cache)
     }
 
     fn write_cache(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
-        self.cache.write().unwrap_or_else(|e| e.into_inner())
+        crate::sync::write(&self.cache)
     }
 
     /// What the token's claims earn under the issuer's rules.
@@ -172,7 +172,7 @@ async fn refresh(http: reqwest::Client, url: String, issuer: String, cache: Arc<
     match fetch(&http, &url).await {
         Ok(keys) => {
             tracing::info!(%issuer, keys = keys.len(), "issuer keys fetched");
-            let mut cache = cache.write().unwrap_or_else(|e| e.into_inner());
+            let mut cache = crate::sync::write(&cache);
             cache.keys = keys;
             cache.fetched_at = Some(Instant::now());
         }

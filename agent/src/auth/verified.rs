@@ -35,7 +35,7 @@ impl Verified {
     /// The principal of `token`, if it verified less than a minute ago and
     /// is still usable.
     pub fn get(&self, token: &str) -> Option<Principal> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = crate::sync::lock(&self.entries);
         let (principal, until) = entries.get(token)?;
         (Instant::now() < *until).then(|| principal.clone())
     }
@@ -49,7 +49,7 @@ impl Verified {
         };
         let now = Instant::now();
         let until = now + Duration::from_secs(left).min(REVERIFY_AFTER);
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = crate::sync::lock(&self.entries);
         if entries.len() >= MAX_ENTRIES {
             entries.retain(|_, (_, until)| now < *until);
             if entries.len() >= MAX_ENTRIES {

@@ -55,7 +55,7 @@ impl Canaries {
             sha: sha.clone(),
             orders,
         };
-        self.lock().insert(app.to_owned(), running);
+        crate::sync::lock(&self.0).insert(app.to_owned(), running);
         Orders {
             rx,
             app: app.to_owned(),
@@ -65,25 +65,19 @@ impl Canaries {
 
     /// The release `app`'s running canary deploys, if one runs.
     pub fn sha(&self, app: &str) -> Option<CommitSha> {
-        self.lock().get(app).map(|r| r.sha.clone())
+        crate::sync::lock(&self.0).get(app).map(|r| r.sha.clone())
     }
 
     /// Hands `order` to `app`'s running canary; its deployment, or `None`
     /// when no canary of the app takes orders.
     pub fn order(&self, app: &str, order: Order) -> Option<DeploymentId> {
-        let canaries = self.lock();
+        let canaries = crate::sync::lock(&self.0);
         let running = canaries.get(app)?;
         if order.sha.as_ref().is_some_and(|sha| *sha != running.sha) {
             return None;
         }
         running.orders.send(order).ok()?;
         Some(running.deployment.clone())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -97,7 +91,7 @@ struct Orders {
 
 impl Drop for Orders {
     fn drop(&mut self) {
-        self.canaries.lock().remove(&self.app);
+        crate::sync::lock(&self.canaries.0).remove(&self.app);
     }
 }
 

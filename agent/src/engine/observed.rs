@@ -42,29 +42,18 @@ impl Observed {
         if !self.listed.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
-        let all = self
-            .containers
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let all = crate::sync::read(&self.containers).clone();
         Some(all.get(app).cloned().unwrap_or_default())
     }
 
     /// The last health answer of a running container with a health check.
     pub fn health(&self, id: &str) -> Option<String> {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        crate::sync::lock(&self.health).get(id).cloned()
     }
 
     /// Keeps an answer the engine got itself (a roll's health gate).
     pub fn set_health(&self, id: &str, answer: String) {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_owned(), answer);
+        crate::sync::lock(&self.health).insert(id.to_owned(), answer);
     }
 
     fn replace(&self, found: Vec<ContainerInfo>) {
@@ -75,13 +64,10 @@ impl Observed {
             }
         }
         {
-            let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            let mut health = crate::sync::lock(&self.health);
             health.retain(|id, _| by_app.values().flatten().any(|c| c.running && &c.id == id));
         }
-        *self
-            .containers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(by_app);
+        *crate::sync::write(&self.containers) = Arc::new(by_app);
         self.listed
             .store(true, std::sync::atomic::Ordering::Release);
     }

@@ -248,7 +248,7 @@ impl Ctx {
     }
 
     fn planning(&self) -> std::sync::MutexGuard<'_, HashMap<String, Making>> {
-        self.planning.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.planning)
     }
 
     /// Pulls and inspects a plan's release; records how it ended.

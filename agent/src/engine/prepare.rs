@@ -23,7 +23,7 @@ pub(super) struct Prepares(Mutex<HashMap<String, Prepared>>);
 
 impl Prepares {
     fn get(&self) -> std::sync::MutexGuard<'_, HashMap<String, Prepared>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.0)
     }
 
     /// Forgets the app's prepare of `sha` (its image was pruned): asked

@@ -206,7 +206,21 @@ impl Ctx {
         if target.new {
             self.store.mark_live(&d.id)?;
         }
-        Ok(format!("every service runs {} again", target.sha))
+        // A canary cut short ends as an abort would: every client back on
+        // the running release, the canary's containers drained.
+        let canary_ran = d.canary
+            && !target.new
+            && self
+                .store
+                .events(&d.id, 0)?
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Canary { .. }));
+        let canary = if canary_ran {
+            "its canary ended, every client back on the running release; "
+        } else {
+            ""
+        };
+        Ok(format!("{canary}every service runs {} again", target.sha))
     }
 
     /// First deployment of an app: there is nothing to go back to. Its

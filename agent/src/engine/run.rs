@@ -96,7 +96,7 @@ impl Run {
             return Ok(());
         }
         let all = {
-            let mut all = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+            let mut all = crate::sync::lock(&self.migrations);
             all.extend(applied);
             all.clone()
         };
@@ -106,10 +106,7 @@ impl Run {
 
     /// Adds migrations a rollback's `migrate-back` reversed.
     pub fn unapplied_migrations(&self, unapplied: Vec<String>) {
-        self.unapplied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(unapplied);
+        crate::sync::lock(&self.unapplied).extend(unapplied);
     }
 
     /// The final message of a deployment that failed because of `cause`:
@@ -117,8 +114,8 @@ impl Run {
     /// applied, which stay applied whatever happens to the services.
     fn account(&self, cause: &str, changed: &[String]) -> String {
         let mut message = cause.to_owned();
-        let migrations = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
-        let unapplied = self.unapplied.lock().unwrap_or_else(|e| e.into_inner());
+        let migrations = crate::sync::lock(&self.migrations);
+        let unapplied = crate::sync::lock(&self.unapplied);
         if changed.is_empty() && migrations.is_empty() && unapplied.is_empty() {
             message.push_str("; nothing running was changed");
             return message;
@@ -344,25 +341,34 @@ impl Run {
             }
         }
         let mut rollout = Rollout::new(self, image.clone(), env);
-        // Services taken out of the config: singletons go first,
-        // stop-first (a beat moving to another host has exited here before
-        // that host starts one); the others once the release is verified,
-        // as their replacements (a renamed service) must be up first.
+        // Services taken out of the config: singletons go before any other
+        // service rolls, stop-first (a beat moving to another host has
+        // exited here before that host starts one), but with a canary only
+        // once it passed (web rolls first then), so that an abort leaves
+        // them running; the others once the release is verified, as their
+        // replacements (a renamed service) must be up first.
         let (singletons, others): (Vec<_>, Vec<_>) = match rollout.unconfigured().await {
             Ok(found) => found.into_iter().partition(|(_, singleton)| *singleton),
             Err(f) => return self.failed(&f.0),
         };
-        for (service, _) in singletons {
-            let step = format!("remove:{service}");
-            if let Err(f) = self.step(&step, rollout.remove(&service)).await {
+        let mut singletons = Some(singletons);
+        let canary = self.canary && self.cfg.canary.is_some();
+        for (n, service) in self.cfg.roll_order().into_iter().enumerate() {
+            if n == usize::from(canary)
+                && let Some(singletons) = singletons.take()
+                && let Err(f) = self.remove_singletons(&mut rollout, singletons).await
+            {
                 return self.roll_back(rollout, f).await;
             }
-        }
-        for service in self.cfg.roll_order() {
             let step = format!("roll:{service}");
             if let Err(f) = self.step(&step, rollout.roll(&service)).await {
                 return self.roll_back(rollout, f).await;
             }
+        }
+        if let Some(singletons) = singletons.take()
+            && let Err(f) = self.remove_singletons(&mut rollout, singletons).await
+        {
+            return self.roll_back(rollout, f).await;
         }
         if let Err(f) = self.step("verify", rollout.verify()).await {
             return self.roll_back(rollout, f).await;
@@ -475,6 +481,19 @@ impl Run {
 }
 
 impl Run {
+    /// Stops and removes singletons no longer in the config, one step each.
+    async fn remove_singletons(
+        &self,
+        rollout: &mut Rollout<'_>,
+        singletons: Vec<(String, bool)>,
+    ) -> Result<(), Failure> {
+        for (service, _) in singletons {
+            let step = format!("remove:{service}");
+            self.step(&step, rollout.remove(&service)).await?;
+        }
+        Ok(())
+    }
+
     /// Keeps the images of the last `retain` releases (this one, the
     /// previous, ...) and removes the other images deployd pulled for the
     /// app, failed releases' included. An image a container still uses is

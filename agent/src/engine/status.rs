@@ -136,11 +136,7 @@ impl Ctx {
     /// store or, when nothing was written since they were read, from then.
     fn recorded(&self, app: &str) -> Result<Recorded, EngineError> {
         let generation = self.store.generation();
-        if let Some((at, recorded)) = self
-            .recorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(app)
+        if let Some((at, recorded)) = crate::sync::lock(&self.recorded).get(app)
             && *at == generation
         {
             return Ok(recorded.clone());
@@ -151,10 +147,7 @@ impl Ctx {
             running: store.in_flight(app)?,
             lock: store.lock_of(app)?.map(AppLock::from),
         };
-        self.recorded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(app.to_owned(), (generation, recorded.clone()));
+        crate::sync::lock(&self.recorded).insert(app.to_owned(), (generation, recorded.clone()));
         Ok(recorded)
     }
 

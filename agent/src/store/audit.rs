@@ -273,11 +273,7 @@ impl Store {
             "audit record"
         );
         if let Some(path) = self.anchors.head_file.get() {
-            let mut written = self
-                .anchors
-                .written
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut written = crate::sync::lock(&self.anchors.written);
             if head.seq > *written {
                 match write_replacing(path, head.line().as_bytes()) {
                     Ok(()) => *written = head.seq,

@@ -179,7 +179,11 @@ impl Proxy {
                 parts.method,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
             );
-        let client = Client::of(&parts.headers, peer, self.trust_forwarded);
+        let client = if self.route.splits() {
+            Client::of(&parts.headers, peer, self.trust_forwarded)
+        } else {
+            Client::unknown()
+        };
         let mut sent_headers = headers::upstream_headers(
             parts.headers,
             &connection,

@@ -8,7 +8,7 @@
 //! guards, then cancels the stragglers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -159,6 +159,17 @@ pub(crate) struct Client {
 }
 
 impl Client {
+    /// A client not told apart from others: while no canary runs, who sent
+    /// a request does not matter, and its headers are not read. A canary
+    /// that begins meanwhile sends it to the stable release, without a
+    /// cookie.
+    pub fn unknown() -> Self {
+        Self {
+            pins: Vec::new(),
+            addr: HeaderValue::from_static(""),
+        }
+    }
+
     /// The client of a request from `peer`; behind a trusted load balancer,
     /// the address it put last in `X-Forwarded-For`.
     pub fn of(headers: &HeaderMap, peer: &HeaderValue, trust_forwarded: bool) -> Self {
@@ -203,6 +214,9 @@ pub struct Route {
     /// ones and up to [`KEPT_RELEASES`] before them.
     releases: Mutex<Vec<Arc<ReleaseStats>>>,
     next: AtomicUsize,
+    /// Whether a canary splits the traffic now: only then is a request's
+    /// client read from its headers.
+    splitting: AtomicBool,
     /// Set once the live containers are known (at start, from Docker);
     /// requests wait for it rather than being refused.
     known: watch::Sender<bool>,
@@ -216,6 +230,7 @@ impl Route {
             live: RwLock::new(Arc::new(Live::default())),
             releases: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
+            splitting: AtomicBool::new(false),
             known: watch::Sender::new(false),
         }
     }
@@ -239,9 +254,7 @@ impl Route {
     /// grows, clients move onto the canary once and never back. With no
     /// `canary`, this is [`Route::switch_to`].
     pub fn split(&self, stable: &[Upstream], canary: &[Upstream], percent: f64) -> Draining {
-        let Ok(mut live) = self.live.write() else {
-            return Draining::default();
-        };
+        let mut live = crate::sync::write(&self.live);
         let old = live.clone();
         let backends = |upstreams: &[Upstream]| -> Vec<Arc<Backend>> {
             upstreams
@@ -277,6 +290,8 @@ impl Route {
             .collect();
         let kept: Vec<Arc<Backend>> = new.backends().cloned().collect();
         self.forget_releases(&kept);
+        self.splitting
+            .store(new.canary.is_some(), Ordering::Relaxed);
         *live = Arc::new(new);
         drop(live);
         self.known.send_replace(true);
@@ -292,6 +307,12 @@ impl Route {
         Draining { backends: gone }
     }
 
+    /// Whether a canary splits the traffic now, so that who sends a request
+    /// matters ([`Client::of`]); else [`Client::unknown`] will do.
+    pub(crate) fn splits(&self) -> bool {
+        self.splitting.load(Ordering::Relaxed)
+    }
+
     /// The share of clients a canary gets now, in percent; `None` without
     /// one.
     pub fn canary_share(&self) -> Option<f64> {
@@ -301,7 +322,7 @@ impl Route {
 
     /// The figures of `release`, created empty if it has none yet.
     fn stats_of(&self, release: &Arc<str>) -> Arc<ReleaseStats> {
-        let mut releases = lock(&self.releases);
+        let mut releases = crate::sync::lock(&self.releases);
         let stats = match releases.iter().position(|r| r.release() == &**release) {
             Some(i) => releases.remove(i),
             None => Arc::new(ReleaseStats::new(release.clone())),
@@ -313,7 +334,7 @@ impl Route {
     /// Drops the figures of releases neither live nor among the
     /// [`KEPT_RELEASES`] served last.
     fn forget_releases(&self, live: &[Arc<Backend>]) {
-        let mut releases = lock(&self.releases);
+        let mut releases = crate::sync::lock(&self.releases);
         let is_live = |r: &ReleaseStats| live.iter().any(|b| b.stats.release() == r.release());
         let mut others = releases.iter().filter(|r| !is_live(r)).count();
         releases.retain(|r| {
@@ -328,7 +349,7 @@ impl Route {
     /// The figures of `release` (a commit sha), if the switch sent it
     /// traffic lately.
     pub fn release(&self, release: &str) -> Option<Arc<ReleaseStats>> {
-        lock(&self.releases)
+        crate::sync::lock(&self.releases)
             .iter()
             .find(|r| r.release() == release)
             .cloned()
@@ -336,7 +357,7 @@ impl Route {
 
     /// The figures of every release served lately, oldest first.
     pub fn releases(&self) -> Vec<Arc<ReleaseStats>> {
-        lock(&self.releases).clone()
+        crate::sync::lock(&self.releases).clone()
     }
 
     /// Requests in flight on the live containers now (sent to one and not
@@ -366,10 +387,7 @@ impl Route {
     }
 
     fn snapshot(&self) -> Arc<Live> {
-        match self.live.read() {
-            Ok(live) => live.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        crate::sync::read(&self.live).clone()
     }
 
     /// The backends to try for one request of `client`: those of its
@@ -425,6 +443,9 @@ impl Canary {
     /// it goes to the canary while its point is below the share, so a
     /// growing share moves clients onto the canary once and never back.
     fn assign(&self, client: &Client) -> (bool, Option<HeaderValue>) {
+        if client.addr.is_empty() {
+            return (false, None);
+        }
         let pinned = client
             .pins
             .iter()
@@ -544,12 +565,6 @@ impl Draining {
 /// back on, and for `/metrics`).
 const KEPT_RELEASES: usize = 3;
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -598,10 +613,14 @@ mod tests {
         let _ = route.switch_to(&stable);
         assert_eq!(goes(&route, &anyone()), ("r1".into(), None));
         assert_eq!(route.canary_share(), None);
+        assert!(!route.splits());
 
         let draining = route.split(&stable, &canary, 25.0);
         assert!(draining.containers().is_empty());
         assert_eq!(route.canary_share(), Some(25.0));
+        assert!(route.splits());
+        // A request read before the split began: stable, and no cookie.
+        assert_eq!(goes(&route, &Client::unknown()), ("r1".into(), None));
         let clients: Vec<Client> = (0..2000)
             .map(|n| client(&format!("10.{}.{}.1", n / 256, n % 256), None))
             .collect();
@@ -666,6 +685,7 @@ mod tests {
         let draining = route.switch_to(&[upstream(4)]);
         assert_eq!(draining.containers(), ["c1"]);
         assert_eq!(route.canary_share(), None);
+        assert!(!route.splits());
         assert_eq!(goes(&route, &pinned), ("r4".into(), None));
     }
 

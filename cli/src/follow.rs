@@ -451,7 +451,7 @@ pub fn describe(kind: &EventKind) -> String {
             why,
             ..
         } => match decision {
-            CanaryDecision::Step => format!("canary | {why}"),
+            CanaryDecision::Step | CanaryDecision::Progress => format!("canary | {why}"),
             CanaryDecision::Passed => format!("canary | step {step} passed: {why}"),
             CanaryDecision::Promoted => format!("canary | promoted by {by}: {why}"),
             CanaryDecision::Aborted => format!("canary | aborted by {by}: {why}"),

@@ -12,6 +12,9 @@ use crate::CommitSha;
 pub enum CanaryDecision {
     /// The new release gets a step's share of clients.
     Step,
+    /// A step goes on: its figures so far (every 10 s), and whether they
+    /// would pass now. Nothing is decided.
+    Progress,
     /// A step's figures met the bar: on to the next.
     Passed,
     /// The new release gets every client: by its figures, or by hand
@@ -26,6 +29,7 @@ impl CanaryDecision {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Step => "step",
+            Self::Progress => "progress",
             Self::Passed => "passed",
             Self::Promoted => "promoted",
             Self::Aborted => "aborted",

@@ -33,11 +33,12 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, 
 cargo build --release --locked -q -p deployd --example switch_proxy
 cp "$target/release/examples/switch_proxy" "$dir/switch_proxy"
 if [ -n "$base_rev" ]; then
-    # Built in a worktree of that revision, sharing this target directory's
-    # dependencies.
+    # Built in a worktree of that revision, in a target directory of its
+    # own: cargo names a workspace's artifacts by their path inside it, so
+    # a shared one would mix the two revisions' crates.
     git worktree add -q --detach "$dir/base" "$base_rev"
-    (cd "$dir/base" && cargo build --release --locked -q -p deployd --example switch_proxy --target-dir "$target")
-    cp "$target/release/examples/switch_proxy" "$dir/switch_proxy_base"
+    (cd "$dir/base" && cargo build --release --locked -q -p deployd --example switch_proxy --target-dir "$target/bench-base")
+    cp "$target/bench-base/release/examples/switch_proxy" "$dir/switch_proxy_base"
     git worktree remove --force "$dir/base"
     sides="direct switch base nginx"
 fi

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deployd_proto::{
     CanaryDecision, CanaryWindow, CommitSha, DeploymentId, EventKind, ReleaseWindow,
@@ -105,6 +105,9 @@ pub(crate) struct Verdict {
 
 /// Who decides by the figures, in the record.
 const DEPLOYD: &str = "deployd";
+
+/// How often a step's figures so far are told while it runs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Latency differences smaller than this are noise, whatever their ratio.
 const LATENCY_NOISE_MS: f64 = 5.0;
@@ -258,7 +261,15 @@ pub(crate) async fn run(
             (of(new_sha), of(old_sha))
         };
         let (new_before, old_before) = figures();
-        let began = Instant::now();
+        let began = tokio::time::Instant::now();
+        let window = || {
+            let (new_now, old_now) = figures();
+            CanaryWindow {
+                seconds: began.elapsed().as_secs_f64(),
+                canary: window_of(new_sha, &new_now.since(&new_before)),
+                stable: window_of(old_sha, &old_now.since(&old_before)),
+            }
+        };
         event(
             n,
             percent,
@@ -271,9 +282,28 @@ pub(crate) async fn run(
             ),
             None,
         );
-        let mut order = tokio::select! {
-            () = tokio::time::sleep(cfg.step_time) => None,
-            order = orders.rx.recv() => order,
+        // The figures so far, every PROGRESS_EVERY, for whoever watches
+        // (and may decide by hand); the step's end decides.
+        let ends = began + cfg.step_time;
+        let mut order = loop {
+            let next = (tokio::time::Instant::now() + PROGRESS_EVERY).min(ends);
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {
+                    if next >= ends {
+                        break None;
+                    }
+                    let so_far = window();
+                    let verdict = judge(cfg, &so_far);
+                    let why = format!(
+                        "step {n} ({percent}%), {} of {} so far: {}",
+                        humantime::format_duration(Duration::from_secs(so_far.seconds.round() as u64)),
+                        humantime::format_duration(cfg.step_time),
+                        verdict.why
+                    );
+                    event(n, percent, CanaryDecision::Progress, DEPLOYD, why, Some(so_far));
+                }
+                order = orders.rx.recv() => break order,
+            }
         };
         if order.is_none() {
             // After the last step, no order is taken any more (it would be
@@ -284,12 +314,7 @@ pub(crate) async fn run(
             }
             order = orders.rx.try_recv().ok();
         }
-        let (new_now, old_now) = figures();
-        let window = CanaryWindow {
-            seconds: began.elapsed().as_secs_f64(),
-            canary: window_of(new_sha, &new_now.since(&new_before)),
-            stable: window_of(old_sha, &old_now.since(&old_before)),
-        };
+        let window = window();
         let (pass, by, why) = match order {
             Some(order) => {
                 let reason = order.reason.map_or_else(String::new, |r| format!(" ({r})"));

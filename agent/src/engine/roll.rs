@@ -258,6 +258,23 @@ impl<'a> Rollout<'a> {
             );
             return Ok(());
         };
+        let mut releases: Vec<&str> = stable
+            .iter()
+            .map(|u| &u.release[..u.release.len().min(12)])
+            .collect();
+        releases.sort_unstable();
+        releases.dedup();
+        if releases.len() > 1 {
+            run.say(
+                &step,
+                format!(
+                    "no canary: clients go to several releases now ({}), so there is no one \
+                     release to judge the new one against: it takes every client at once",
+                    releases.join(", ")
+                ),
+            );
+            return Ok(());
+        }
         if old == run.sha {
             run.say(
                 &step,

@@ -28,6 +28,17 @@ nginx_port=$(agent_free_port)
 switch_port=$(agent_free_port)
 base_port=$(agent_free_port)
 dir=$(mktemp -d)
+cleanup() {
+    [ -n "${switch_pid:-}" ] && kill "$switch_pid" 2>/dev/null
+    [ -n "${base_pid:-}" ] && kill "$base_pid" 2>/dev/null
+    for conf in backend proxy; do
+        [ -f "$dir/$conf.pid" ] && kill "$(cat "$dir/$conf.pid")" 2>/dev/null
+    done
+    wait 2>/dev/null
+    rm -rf "$dir"
+    git worktree prune
+}
+trap cleanup EXIT
 sides="direct switch nginx"
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 cargo build --release --locked -q -p deployd --example switch_proxy
@@ -42,17 +53,6 @@ if [ -n "$base_rev" ]; then
     git worktree remove --force "$dir/base"
     sides="direct switch base nginx"
 fi
-cleanup() {
-    [ -n "${switch_pid:-}" ] && kill "$switch_pid" 2>/dev/null
-    [ -n "${base_pid:-}" ] && kill "$base_pid" 2>/dev/null
-    for conf in backend proxy; do
-        [ -f "$dir/$conf.pid" ] && kill "$(cat "$dir/$conf.pid")" 2>/dev/null
-    done
-    wait 2>/dev/null
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-
 mkdir -p "$dir/www"
 head -c 612 /dev/zero | tr '\0' 'x' >"$dir/www/index.html"
 # nginx's workers run as an unprivileged user: mktemp's 0700 would get 403s.

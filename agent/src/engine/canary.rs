@@ -286,18 +286,24 @@ pub(crate) async fn run(
         // (and may decide by hand); the step's end decides.
         let ends = began + cfg.step_time;
         let mut order = loop {
-            let next = (tokio::time::Instant::now() + PROGRESS_EVERY).min(ends);
+            let now = tokio::time::Instant::now();
+            // No tick in a step's last second: its end tells the figures.
+            let next = match ends.saturating_duration_since(now) {
+                left if left <= PROGRESS_EVERY + Duration::from_secs(1) => ends,
+                _ => now + PROGRESS_EVERY,
+            };
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {
-                    if next >= ends {
+                    if next >= ends || tokio::time::Instant::now() >= ends {
                         break None;
                     }
                     let so_far = window();
                     let verdict = judge(cfg, &so_far);
                     let why = format!(
-                        "step {n} ({percent}%), {} of {} so far: {}",
+                        "step {n} ({percent}%), {} of {} so far, would {}: {}",
                         humantime::format_duration(Duration::from_secs(so_far.seconds.round() as u64)),
                         humantime::format_duration(cfg.step_time),
+                        if verdict.pass { "pass" } else { "abort" },
                         verdict.why
                     );
                     event(n, percent, CanaryDecision::Progress, DEPLOYD, why, Some(so_far));

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use deployd_proto::{Deployment, DeploymentState, EventKind, StepState};
+use deployd_proto::{CanaryDecision, Deployment, DeploymentState, EventKind, StepState};
 use tracing::Instrument;
 
 use super::common::Failure;
@@ -208,13 +208,27 @@ impl Ctx {
         }
         // A canary cut short ends as an abort would: every client back on
         // the running release, the canary's containers drained.
+        // One whose step was under way (not yet promoted): its last turn
+        // is a step, its progress or a passed step.
         let canary_ran = d.canary
             && !target.new
-            && self
-                .store
-                .events(&d.id, 0)?
-                .iter()
-                .any(|e| matches!(e.kind, EventKind::Canary { .. }));
+            && self.store.events(&d.id, 0).is_ok_and(|events| {
+                events
+                    .iter()
+                    .rev()
+                    .find_map(|e| match &e.kind {
+                        EventKind::Canary { decision, .. } => Some(*decision),
+                        _ => None,
+                    })
+                    .is_some_and(|d| {
+                        matches!(
+                            d,
+                            CanaryDecision::Step
+                                | CanaryDecision::Progress
+                                | CanaryDecision::Passed
+                        )
+                    })
+            });
         let canary = if canary_ran {
             "its canary ended, every client back on the running release; "
         } else {

@@ -258,12 +258,12 @@ impl<'a> Rollout<'a> {
             );
             return Ok(());
         };
-        let mut releases: Vec<&str> = stable
-            .iter()
-            .map(|u| &u.release[..u.release.len().min(12)])
-            .collect();
+        let mut releases: Vec<&str> = stable.iter().map(|u| &*u.release).collect();
         releases.sort_unstable();
         releases.dedup();
+        for r in &mut releases {
+            *r = &r[..r.len().min(12)];
+        }
         if releases.len() > 1 {
             run.say(
                 &step,

@@ -155,7 +155,8 @@ pub const PIN_COOKIE: &str = "deployd_release";
 #[derive(Debug)]
 pub(crate) struct Client {
     pins: Vec<String>,
-    addr: HeaderValue,
+    /// `None`: not read ([`Client::unknown`]).
+    addr: Option<HeaderValue>,
 }
 
 impl Client {
@@ -166,7 +167,7 @@ impl Client {
     pub fn unknown() -> Self {
         Self {
             pins: Vec::new(),
-            addr: HeaderValue::from_static(""),
+            addr: None,
         }
     }
 
@@ -195,10 +196,12 @@ impl Client {
             .flatten()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
-            .and_then(|last| HeaderValue::from_str(last.trim()).ok());
+            .map(str::trim)
+            .filter(|last| !last.is_empty())
+            .and_then(|last| HeaderValue::from_str(last).ok());
         Self {
             pins,
-            addr: forwarded.unwrap_or_else(|| peer.clone()),
+            addr: Some(forwarded.unwrap_or_else(|| peer.clone())),
         }
     }
 }
@@ -443,9 +446,6 @@ impl Canary {
     /// it goes to the canary while its point is below the share, so a
     /// growing share moves clients onto the canary once and never back.
     fn assign(&self, client: &Client) -> (bool, Option<HeaderValue>) {
-        if client.addr.is_empty() {
-            return (false, None);
-        }
         let pinned = client
             .pins
             .iter()
@@ -455,8 +455,12 @@ impl Canary {
         if let Some(point) = pinned {
             return (point < self.share, None);
         }
+        // Not read: the request came as the split began.
+        let Some(addr) = &client.addr else {
+            return (false, None);
+        };
         let mut hasher = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(client.addr.as_bytes(), &mut hasher);
+        std::hash::Hash::hash(addr.as_bytes(), &mut hasher);
         std::hash::Hash::hash(self.id.as_bytes(), &mut hasher);
         let point = std::hash::Hasher::finish(&hasher) % 10_000;
         let cookie = format!(
@@ -584,7 +588,7 @@ mod tests {
     fn client(addr: &str, pin: Option<&str>) -> Client {
         Client {
             pins: pin.map(str::to_owned).into_iter().collect(),
-            addr: HeaderValue::from_str(addr).unwrap(),
+            addr: Some(HeaderValue::from_str(addr).unwrap()),
         }
     }
 
@@ -661,6 +665,11 @@ mod tests {
         );
         let pinned = client("203.0.113.9", Some(&pin));
         assert_eq!(goes(&route, &pinned), (release.clone(), None));
+        let unread_address = Client {
+            pins: vec![pin.clone()],
+            addr: None,
+        };
+        assert_eq!(goes(&route, &unread_address), (release.clone(), None));
         let mut on = release == "r3";
         for percent in [60.0, 80.0, 100.0] {
             let _ = route.split(&stable, &canary, percent);
@@ -706,10 +715,15 @@ mod tests {
         );
         let peer = HeaderValue::from_static("127.0.0.1");
         let trusted = Client::of(&headers, &peer, true);
-        assert_eq!(trusted.addr, "10.0.0.1");
+        assert_eq!(trusted.addr.unwrap(), "10.0.0.1");
         assert_eq!(trusted.pins, ["abc", "def.12"]);
-        assert_eq!(Client::of(&headers, &peer, false).addr, "127.0.0.1");
-        assert_eq!(Client::of(&HeaderMap::new(), &peer, true).addr, "127.0.0.1");
+        let addr = |headers: &HeaderMap, trusted| Client::of(headers, &peer, trusted).addr.unwrap();
+        assert_eq!(addr(&headers, false), "127.0.0.1");
+        assert_eq!(addr(&HeaderMap::new(), true), "127.0.0.1");
+        // An empty last entry names no one: the peer counts.
+        let mut empty = HeaderMap::new();
+        empty.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7,"));
+        assert_eq!(addr(&empty, true), "127.0.0.1");
     }
 
     #[test]

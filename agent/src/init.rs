@@ -56,6 +56,18 @@ fn keys_error(e: impl std::fmt::Display) -> InitError {
     InitError::Keys(e.to_string())
 }
 
+/// An Ed25519 private key as PKCS#8 v1 PEM: the seed alone. ring writes
+/// v2 (the public key too), which OpenSSL 3.0 (`openssl pkey`) and Python's
+/// `cryptography` refuse ("extra data"); deployd reads both.
+fn ed25519_v1_pem(key: &KeyPair) -> Result<String, InitError> {
+    use ed25519::pkcs8::spki::der::pem::LineEnding;
+    use ed25519::pkcs8::{DecodePrivateKey, EncodePrivateKey, KeypairBytes};
+    let mut pair = KeypairBytes::from_pkcs8_der(key.serialized_der()).map_err(keys_error)?;
+    pair.public_key = None;
+    let pem = pair.to_pkcs8_pem(LineEnding::LF).map_err(keys_error)?;
+    Ok(pem.as_str().to_owned())
+}
+
 /// Writes `content` to a new file with `mode`; refuses to replace one.
 fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), InitError> {
     let io = |e: std::io::Error| InitError::Write {
@@ -109,7 +121,7 @@ pub fn init(options: &InitOptions) -> Result<InitReport, InitError> {
 
     write_new(&key_path, tls_key.serialize_pem().as_bytes(), 0o600)?;
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
-    write_new(&signing_path, signing.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&signing_path, ed25519_v1_pem(&signing)?.as_bytes(), 0o600)?;
     write_new(&public_path, signing.public_key_pem().as_bytes(), 0o644)?;
     // Under systemd the daemon reads its TLS key as the credential
     // `tls-key.pem` (deployd.service: LoadCredential=).
@@ -222,6 +234,22 @@ mod tests {
             std::fs::metadata(p).unwrap().permissions().mode() & 0o777
         };
         assert_eq!(mode(&report.signing_key), 0o600);
+        // PKCS#8 v1, which every tool reads: OpenSSL 3.0 refuses ring's v2.
+        let pem = std::fs::read_to_string(&report.signing_key).unwrap();
+        let (label, der) = ed25519::pkcs8::Document::from_pem(&pem).unwrap();
+        assert_eq!(label, "PRIVATE KEY");
+        let info = ed25519::pkcs8::PrivateKeyInfo::try_from(der.as_bytes()).unwrap();
+        // v1: no public key after the seed.
+        assert!(info.public_key.is_none());
+        assert_eq!(der.as_bytes().len(), 48);
+        if let Ok(out) = std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(&report.signing_key)
+            .output()
+        {
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "openssl pkey: {said}");
+        }
         assert_eq!(mode(&api.tls_key), 0o600);
         assert!(matches!(init(&options), Err(InitError::Exists(_))));
     }

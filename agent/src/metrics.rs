@@ -98,12 +98,8 @@ fn step_histogram() -> Histogram {
 
 fn outcome_label(state: DeploymentState) -> &'static str {
     match state {
-        DeploymentState::Succeeded => "succeeded",
-        DeploymentState::Failed => "failed",
-        DeploymentState::RolledBack => "rolled_back",
-        DeploymentState::RollbackFailed => "rollback_failed",
-        DeploymentState::Interrupted => "interrupted",
         DeploymentState::Queued | DeploymentState::Running => "unfinished",
+        done => done.as_str(),
     }
 }
 

@@ -192,8 +192,25 @@ impl Client {
         }
     }
 
-    /// A JSON answer, or the error it stands for.
+    /// `GET path`: its JSON answer, or the error it stands for.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.answer(Method::GET, path, None).await
+    }
+
+    /// `method path` with `body` (a `deployd_proto` request type) as JSON:
+    /// its JSON answer, or the error it stands for.
     pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, CliError> {
+        let body = serde_json::to_value(body)
+            .map_err(|e| CliError::new(Exit::Other, format!("cannot write the request: {e}")))?;
+        self.answer(method, path, Some(&body)).await
+    }
+
+    async fn answer<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,

@@ -13,7 +13,6 @@ use deployd_proto::{
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use reqwest::Method;
 
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
@@ -147,10 +146,7 @@ pub async fn follow_host(
     // The record adds the migrations and the steps; the outcome is known
     // from the final event even if the record cannot be read (an expired
     // job token, say).
-    let deployment: Option<Deployment> = client
-        .call(Method::GET, &format!("/v1/deployments/{id}"), None)
-        .await
-        .ok();
+    let deployment: Option<Deployment> = client.get(&format!("/v1/deployments/{id}")).await.ok();
     let (state, error) = match (&end, &deployment) {
         (Some(end), _) => end.clone(),
         (None, Some(d)) => (d.state, d.error.clone()),
@@ -191,14 +187,6 @@ pub fn exit_of(state: DeploymentState) -> Exit {
         DeploymentState::Interrupted => Exit::Interrupted,
         DeploymentState::Queued | DeploymentState::Running => Exit::Other,
     }
-}
-
-/// The snake_case name of a state, as the API writes it.
-pub fn state_name(state: DeploymentState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 struct View {
@@ -304,7 +292,7 @@ impl View {
             }
             Style::Live if self.host.is_some() => match &event.kind {
                 EventKind::StepStarted { step } => self.set_row(step),
-                EventKind::State { state, .. } => self.set_row(&state_name(*state)),
+                EventKind::State { state, .. } => self.set_row(state.as_str()),
                 EventKind::StepFinished { .. }
                 | EventKind::Output { .. }
                 | EventKind::Canary { .. }
@@ -400,7 +388,7 @@ fn summary_lines(
     if state != DeploymentState::Succeeded {
         lines.push(format!(
             "deployment {id} {}: {}",
-            state_name(state),
+            state.as_str(),
             error.unwrap_or("no reason recorded")
         ));
     }
@@ -457,8 +445,8 @@ pub fn describe(kind: &EventKind) -> String {
             CanaryDecision::Aborted => format!("canary | aborted by {by}: {why}"),
         },
         EventKind::State { state, error } => match error {
-            Some(error) => format!("deployment {}: {error}", state_name(*state)),
-            None => format!("deployment {}", state_name(*state)),
+            Some(error) => format!("deployment {state}: {error}"),
+            None => format!("deployment {state}"),
         },
     }
 }

@@ -41,9 +41,29 @@ pub enum DeploymentState {
 }
 
 impl DeploymentState {
+    /// The name the API writes: `queued`, `running`, `succeeded`, `failed`,
+    /// `rolled_back`, `rollback_failed`, `interrupted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+            Self::RollbackFailed => "rollback_failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+
     /// True once the deployment can no longer change.
     pub fn is_terminal(self) -> bool {
         !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+impl fmt::Display for DeploymentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -318,4 +338,30 @@ pub enum ContainerPhase {
     Draining,
     /// Stopped, kept for a quick rollback until the deployment ends.
     Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_wire_names() {
+        use DeploymentState::*;
+        for state in [
+            Queued,
+            Running,
+            Succeeded,
+            Failed,
+            RolledBack,
+            RollbackFailed,
+            Interrupted,
+        ] {
+            let wire = serde_json::to_string(&state).unwrap();
+            assert_eq!(wire, format!("\"{state}\""));
+        }
+        for kind in [DeploymentKind::Deploy, DeploymentKind::Rollback] {
+            let wire = serde_json::to_string(&kind).unwrap();
+            assert_eq!(wire, format!("\"{kind}\""));
+        }
+    }
 }

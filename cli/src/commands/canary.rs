@@ -42,13 +42,12 @@ impl Abort {
 
 async fn order(ctx: &Ctx, what: &str, reason: Option<String>) -> Result<Exit, CliError> {
     let app = ctx.client.settings().app()?.to_owned();
-    let body = serde_json::to_value(CanaryOrder { reason }).unwrap_or_default();
     let deployment: Deployment = ctx
         .client
         .call(
             Method::POST,
             &format!("/v1/apps/{app}/canary/{what}"),
-            Some(&body),
+            &CanaryOrder { reason },
         )
         .await?;
     if ctx.json {

@@ -128,8 +128,6 @@ pub async fn submit(
     body: &impl serde::Serialize,
     wait: Option<Duration>,
 ) -> Result<Deployment, CliError> {
-    let body = serde_json::to_value(body)
-        .map_err(|e| CliError::new(Exit::Other, format!("cannot write the request: {e}")))?;
     let deadline = match wait {
         Some(w) => Some(
             Instant::now()
@@ -141,7 +139,7 @@ pub async fn submit(
     loop {
         match ctx
             .client
-            .call::<Deployment>(Method::POST, path, Some(&body))
+            .call::<Deployment>(Method::POST, path, body)
             .await
         {
             Ok(deployment) => return Ok(deployment),
@@ -171,10 +169,7 @@ pub async fn submit(
 
 async fn wait_for_end(ctx: &Ctx, id: &str, deadline: Instant) -> Result<(), CliError> {
     while Instant::now() < deadline {
-        let d: Deployment = ctx
-            .client
-            .call(Method::GET, &format!("/v1/deployments/{id}"), None)
-            .await?;
+        let d: Deployment = ctx.client.get(&format!("/v1/deployments/{id}")).await?;
         if d.state.is_terminal() {
             // Its end may not have reached the engine's bookkeeping yet.
             tokio::time::sleep(Duration::from_millis(500)).await;

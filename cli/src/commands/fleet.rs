@@ -4,7 +4,6 @@
 use clap::{Args, Subcommand};
 use deployd_proto::{AppStatus, Scope};
 use futures_util::future::join_all;
-use reqwest::Method;
 use serde::Serialize;
 
 use crate::exit::{CliError, Exit};
@@ -119,7 +118,7 @@ impl Check {
 /// One host's app status.
 async fn host_status(global: &Global, host: &Host) -> Result<AppStatus, CliError> {
     host.client(global)?
-        .call(Method::GET, &format!("/v1/apps/{}/status", host.app), None)
+        .get(&format!("/v1/apps/{}/status", host.app))
         .await
 }
 
@@ -397,11 +396,10 @@ pub async fn history(
 ) -> Result<Exit, CliError> {
     let pages = join_all(fleet.hosts.iter().map(|host| async move {
         host.client(global)?
-            .call::<deployd_proto::DeploymentPage>(
-                Method::GET,
-                &format!("/v1/apps/{}/deployments?limit={limit}", host.app),
-                None,
-            )
+            .get::<deployd_proto::DeploymentPage>(&format!(
+                "/v1/apps/{}/deployments?limit={limit}",
+                host.app
+            ))
             .await
     }))
     .await;
@@ -448,7 +446,7 @@ pub async fn history(
                 "{host:<20}  {:<12}  {when:<20}  {:<9}  {:<15}  {:<12}  {fleet_id:<12}  {}",
                 super::short_id(&d.id.0),
                 d.kind.as_str(),
-                crate::follow::state_name(d.state),
+                d.state.as_str(),
                 d.sha.short(),
                 d.error.as_deref().or(d.reason.as_deref()).unwrap_or("")
             );

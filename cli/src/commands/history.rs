@@ -2,12 +2,10 @@
 
 use clap::Args;
 use deployd_proto::DeploymentPage;
-use reqwest::Method;
 
 use super::{Ctx, short_id};
 use crate::exit::{CliError, Exit};
 use crate::fleet::MaybeFleet;
-use crate::follow::state_name;
 
 /// The app's deployments, newest first.
 #[derive(Debug, Args)]
@@ -35,11 +33,7 @@ impl History {
         let app = ctx.client.settings().app()?.to_owned();
         let page: DeploymentPage = ctx
             .client
-            .call(
-                Method::GET,
-                &format!("/v1/apps/{app}/deployments?limit={}", self.limit),
-                None,
-            )
+            .get(&format!("/v1/apps/{app}/deployments?limit={}", self.limit))
             .await?;
         if ctx.json {
             return ctx.out_json(&page);
@@ -61,7 +55,7 @@ impl History {
             ctx.out(&format!(
                 "{:<12}  {when:<20}  {kind:<9}  {:<15}  {:<12}  {:>10}  {:<16}  {why}",
                 short_id(&d.id.0),
-                state_name(d.state),
+                d.state.as_str(),
                 &sha[..sha.len().min(12)],
                 d.migrations.len(),
                 d.requested_by,

@@ -1,7 +1,7 @@
 //! `deployctl lock --reason TEXT` and `deployctl unlock`.
 
 use clap::Args;
-use deployd_proto::AppLock;
+use deployd_proto::{AppLock, LockRequest};
 use reqwest::Method;
 use serde_json::json;
 
@@ -35,7 +35,10 @@ impl Lock {
             .call(
                 Method::PUT,
                 &format!("/v1/apps/{app}/lock"),
-                Some(&json!({"reason": self.reason})),
+                &LockRequest {
+                    reason: self.reason.clone(),
+                    fleet: None,
+                },
             )
             .await?;
         if ctx.json {

@@ -2,7 +2,6 @@
 
 use clap::Args;
 use deployd_proto::Deployment;
-use reqwest::Method;
 
 use super::Ctx;
 use crate::exit::{CliError, Exit};
@@ -27,7 +26,7 @@ impl Logs {
         let style = Style::pick(ctx.json);
         let current: Deployment = ctx
             .client
-            .call(Method::GET, &format!("/v1/deployments/{}", self.id), None)
+            .get(&format!("/v1/deployments/{}", self.id))
             .await?;
         if !self.follow && !current.state.is_terminal() {
             // What is recorded so far, then return.

@@ -43,10 +43,10 @@ impl PlanCommand {
             (Some(id), _) => get(ctx, id).await?,
             (None, None) => return Err(CliError::usage("name the sha to plan, or --show ID")),
             (None, Some(sha)) => {
-                let body = serde_json::to_value(PlanRequest { sha })
-                    .map_err(|e| CliError::new(Exit::Other, e.to_string()))?;
                 let path = format!("/v1/apps/{app}/plans");
-                ctx.client.call(Method::POST, &path, Some(&body)).await?
+                ctx.client
+                    .call(Method::POST, &path, &PlanRequest { sha })
+                    .await?
             }
         };
         ctx.note(&format!("plan {}: {} {}", plan.id, plan.app, plan.sha));
@@ -89,9 +89,7 @@ impl PlanCommand {
 }
 
 async fn get(ctx: &Ctx, id: &str) -> Result<Plan, CliError> {
-    ctx.client
-        .call(Method::GET, &format!("/v1/plans/{id}"), None)
-        .await
+    ctx.client.get(&format!("/v1/plans/{id}")).await
 }
 
 /// Whether a deployment of the plan would be refused for its migrations.

@@ -2,7 +2,6 @@
 
 use clap::Args;
 use deployd_proto::{AppStatus, ContainerPhase};
-use reqwest::Method;
 
 use super::Ctx;
 use crate::exit::{CliError, Exit};
@@ -38,10 +37,7 @@ impl Status {
 
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let app = ctx.client.settings().app()?.to_owned();
-        let status: AppStatus = ctx
-            .client
-            .call(Method::GET, &format!("/v1/apps/{app}/status"), None)
-            .await?;
+        let status: AppStatus = ctx.client.get(&format!("/v1/apps/{app}/status")).await?;
         if ctx.json {
             return ctx.out_json(&status);
         }

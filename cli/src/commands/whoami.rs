@@ -2,7 +2,6 @@
 
 use clap::Args;
 use deployd_proto::WhoAmI;
-use reqwest::Method;
 
 use super::Ctx;
 use crate::exit::{CliError, Exit};
@@ -15,7 +14,7 @@ pub struct Whoami {}
 
 impl Whoami {
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
-        let me: WhoAmI = ctx.client.call(Method::GET, "/v1/whoami", None).await?;
+        let me: WhoAmI = ctx.client.get("/v1/whoami").await?;
         if ctx.json {
             return ctx.out_json(&me);
         }

@@ -40,7 +40,7 @@ use super::plan::{HostEnd, fleet_exit, ordered_waves, over_budget};
 use super::{Fleet, Host, Move};
 use crate::client::Client;
 use crate::exit::{CliError, Exit};
-use crate::follow::{HostView, Style, follow_host, state_name};
+use crate::follow::{HostView, Style, follow_host};
 use crate::settings::Global;
 
 /// How long every host together may take to prepare (pull).
@@ -119,7 +119,7 @@ impl Outcome {
             Some((d, result)) => {
                 outcome.deployment = d.as_ref().map(|d| d.id.0.clone());
                 match result {
-                    Ok(state) => outcome.state = Some(state_name(*state)),
+                    Ok(state) => outcome.state = Some(state.as_str().to_owned()),
                     Err(e) => outcome.error = Some(e.message.clone()),
                 }
             }
@@ -225,7 +225,7 @@ impl Member {
     /// Status, history and whether the token may `scope` the app.
     async fn look(&self, scope: Scope) -> Result<Seen, CliError> {
         let app = self.app();
-        let who: WhoAmI = self.client.call(Method::GET, "/v1/whoami", None).await?;
+        let who: WhoAmI = self.client.get("/v1/whoami").await?;
         let may = who
             .grants
             .iter()
@@ -236,17 +236,10 @@ impl Member {
                 format!("the token ({}) may not {scope:?} {app}", who.subject).to_lowercase(),
             ));
         }
-        let status: AppStatus = self
-            .client
-            .call(Method::GET, &format!("/v1/apps/{app}/status"), None)
-            .await?;
+        let status: AppStatus = self.client.get(&format!("/v1/apps/{app}/status")).await?;
         let page: DeploymentPage = self
             .client
-            .call(
-                Method::GET,
-                &format!("/v1/apps/{app}/deployments?limit=50"),
-                None,
-            )
+            .get(&format!("/v1/apps/{app}/deployments?limit=50"))
             .await?;
         Ok(Seen {
             status,
@@ -255,17 +248,13 @@ impl Member {
     }
 
     async fn lock(&self, lock: &FleetLock, reason: &str) -> Result<(), CliError> {
-        let body = json(&LockRequest {
+        let body = LockRequest {
             reason: reason.to_owned(),
             fleet: Some(lock.clone()),
-        })?;
+        };
         let _: deployd_proto::AppLock = self
             .client
-            .call(
-                Method::PUT,
-                &format!("/v1/apps/{}/lock", self.app()),
-                Some(&body),
-            )
+            .call(Method::PUT, &format!("/v1/apps/{}/lock", self.app()), &body)
             .await?;
         Ok(())
     }
@@ -281,11 +270,11 @@ impl Member {
 
     /// Pulls and pins `sha`, asking until it ends.
     async fn prepare(&self, sha: &CommitSha) -> Result<String, CliError> {
-        let body = json(&PrepareRequest { sha: sha.clone() })?;
+        let body = PrepareRequest { sha: sha.clone() };
         let path = format!("/v1/apps/{}/prepare", self.app());
         let deadline = tokio::time::Instant::now() + PREPARE_FOR;
         loop {
-            let prepared: Prepared = self.client.call(Method::POST, &path, Some(&body)).await?;
+            let prepared: Prepared = self.client.call(Method::POST, &path, &body).await?;
             match prepared.state {
                 PrepareState::Ready => {
                     return prepared
@@ -314,7 +303,7 @@ impl Member {
     /// POSTs a deployment or rollback.
     async fn post(&self, path: &str, body: &impl Serialize) -> Result<Deployment, CliError> {
         self.client
-            .call::<Deployment>(Method::POST, path, Some(&json(body)?))
+            .call::<Deployment>(Method::POST, path, body)
             .await
     }
 
@@ -333,7 +322,7 @@ impl Member {
         };
         match self
             .client
-            .call::<Deployment>(Method::GET, &format!("/v1/deployments/{running}"), None)
+            .get::<Deployment>(&format!("/v1/deployments/{running}"))
             .await
         {
             Ok(d) if d.fleet.as_ref().is_some_and(|f| f.id == fleet.id) => Ok(d),
@@ -354,7 +343,7 @@ impl Member {
             Part::Rollback(body) => self.post(&format!("/v1/apps/{app}/rollback"), &body).await,
             Part::Follow(id) => {
                 self.client
-                    .call::<Deployment>(Method::GET, &format!("/v1/deployments/{id}"), None)
+                    .get::<Deployment>(&format!("/v1/deployments/{id}"))
                     .await
             }
         };
@@ -379,7 +368,7 @@ impl Member {
         Out::end_row(
             &view,
             &match &ended {
-                Ok(state) => state_name(*state),
+                Ok(state) => state.as_str().to_owned(),
                 Err(e) => e.message.clone(),
             },
         );
@@ -396,11 +385,6 @@ enum Part {
     Rollback(RollbackRequest),
     /// A part already running (a resumed fleet deployment).
     Follow(String),
-}
-
-fn json(value: &impl Serialize) -> Result<serde_json::Value, CliError> {
-    serde_json::to_value(value)
-        .map_err(|e| CliError::new(Exit::Other, format!("cannot write the request: {e}")))
 }
 
 /// The worse of two exit codes for a preflight refusal.
@@ -1072,7 +1056,7 @@ pub async fn deploy(global: &Global, fleet: &Fleet, o: DeployOptions) -> Result<
         };
         let revert = reverted.get(&i).map(|r| {
             outcome.reverted = Some(match r {
-                Ok(state) => state_name(*state),
+                Ok(state) => state.as_str().to_owned(),
                 Err(e) => e.message.clone(),
             });
             matches!(r, Ok(DeploymentState::Succeeded))

@@ -367,7 +367,9 @@ cmd_up() {
     # One `up` at a time: runs would share build contexts and logs.
     exec 9>"$STATE/lock"
     flock 9
-    ensure_packages debootstrap docker-registry apache2-utils curl ca-certificates
+    # openssh-client: the operator-key tests use a real ssh-keygen and
+    # ssh-agent.
+    ensure_packages debootstrap docker-registry apache2-utils curl ca-certificates openssh-client
     python3 -m pip --version >/dev/null 2>&1 || ensure_packages python3 python3-pip
     # Debian starts the packaged registry on :5000 without authentication;
     # the test bed runs its own.

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use deployd_proto::{Grant, Scope};
+use deployd_proto::{Grant, MAX_OPERATOR_TOKEN_SECS, OPERATOR_ISSUER, Scope};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 pub use gate::FailureGate;
 pub use token::{TokenRequest, issue};
 
-use crate::config::{AuthConfig, KeyAlgorithm, KeyConfig};
+use crate::config::{AuthConfig, KeyAlgorithm, KeyConfig, OperatorConfig};
 
 /// Longest token accepted, in bytes: far above any real one.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -130,13 +130,44 @@ struct VerifyingKey {
     key: DecodingKey,
 }
 
-/// Verifies tokens against the configured keys and OIDC issuers.
+/// An operator's key, ready to verify their tokens.
+struct Operator {
+    name: String,
+    key: DecodingKey,
+    grants: Vec<Grant>,
+}
+
+/// `kid` of an operator's tokens: the key's OpenSSH SHA-256 fingerprint.
+fn operator(cfg: &OperatorConfig) -> Result<(String, Operator), String> {
+    let public = cfg.public_key()?;
+    let raw = public.key_data().ed25519().ok_or("not an Ed25519 key")?;
+    // jsonwebtoken verifies EdDSA with the raw 32 bytes of the public key,
+    // which is what it keeps from a "DER" one (and from a JWK's `x`).
+    let key = DecodingKey::from_ed_der(raw.as_ref());
+    let fingerprint = public.fingerprint(ssh_key::HashAlg::Sha256).to_string();
+    let grants = vec![Grant {
+        apps: cfg.apps.clone(),
+        scopes: cfg.scopes.clone(),
+    }];
+    Ok((
+        fingerprint,
+        Operator {
+            name: cfg.name.clone(),
+            key,
+            grants,
+        },
+    ))
+}
+
+/// Verifies tokens against the configured keys, operators and OIDC issuers.
 pub struct Authenticator {
     issuer: String,
     audience: String,
     max_age: Duration,
     leeway: Duration,
     keys: HashMap<String, VerifyingKey>,
+    /// By key fingerprint.
+    operators: HashMap<String, Operator>,
     oidc: Vec<oidc::Issuer>,
     /// Tokens that verified, for a while (see `verified`).
     verified: verified::Verified,
@@ -148,6 +179,10 @@ impl std::fmt::Debug for Authenticator {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .field(
+                "operators",
+                &self.operators.values().map(|o| &o.name).collect::<Vec<_>>(),
+            )
             .field(
                 "oidc",
                 &self.oidc.iter().map(|o| &o.name).collect::<Vec<_>>(),
@@ -222,6 +257,14 @@ impl Authenticator {
             })?;
             keys.insert(key.id.clone(), verifying);
         }
+        let mut operators = HashMap::new();
+        for (index, cfg) in cfg.operators.iter().enumerate() {
+            let (fingerprint, operator) = operator(cfg).map_err(|reason| KeyError {
+                at: format!("auth.operators[{index}] ({})", cfg.name),
+                reason,
+            })?;
+            operators.insert(fingerprint, operator);
+        }
         let oidc = cfg
             .oidc
             .iter()
@@ -239,6 +282,7 @@ impl Authenticator {
             max_age: cfg.max_token_age,
             leeway: cfg.leeway,
             keys,
+            operators,
             oidc,
             verified: verified::Verified::default(),
         })
@@ -309,6 +353,9 @@ impl Authenticator {
             let (claims, until) = self.check(token, &check)?;
             return Ok((own_principal(&claims)?, until));
         }
+        if claimed_issuer == OPERATOR_ISSUER {
+            return self.verify_operator(token, &kid);
+        }
         let issuer = self
             .oidc
             .iter()
@@ -324,6 +371,46 @@ impl Authenticator {
         let (claims, until) = self.check(token, &check)?;
         let mut principal = principal_of(&claims)?;
         principal.grants = issuer.grants(&claims);
+        Ok((principal, until))
+    }
+
+    /// An operator's token: signed by the key its `kid` names, for this
+    /// host's audience, by the operator that key belongs to, living at most
+    /// a minute, with an id of its own.
+    fn verify_operator(&self, token: &str, kid: &str) -> Result<(Principal, i64), AuthError> {
+        let operator = self
+            .operators
+            .get(kid)
+            .ok_or_else(|| invalid("the token's key is not an operator's key here"))?;
+        let max = MAX_OPERATOR_TOKEN_SECS;
+        let check = Check {
+            key: operator.key.clone(),
+            algorithms: vec![Algorithm::EdDSA],
+            issuer: OPERATOR_ISSUER,
+            audiences: vec![&self.audience],
+            max_age: Duration::from_secs(max.unsigned_abs()),
+        };
+        let (claims, until) = self.check(token, &check)?;
+        let mut principal = principal_of(&claims)?;
+        if principal.subject != operator.name {
+            return Err(invalid(&format!(
+                "the token names operator {} but its key is {}'s",
+                principal.subject, operator.name
+            )));
+        }
+        let claim = |name: &str| claims.get(name).and_then(Value::as_i64).unwrap_or(0);
+        if claim("exp").saturating_sub(claim("iat")) > max {
+            return Err(invalid(&format!(
+                "an operator token lives at most {max} s (exp - iat)"
+            )));
+        }
+        if principal.jti.is_none() {
+            return Err(invalid("an operator token needs an id (jti)"));
+        }
+        principal.grants = operator.grants.clone();
+        principal
+            .audit_claims
+            .insert("key".to_owned(), kid.to_owned());
         Ok((principal, until))
     }
 

@@ -18,7 +18,8 @@ mod migrations;
 mod switch;
 
 pub use api::{
-    ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, PROJECT_CLAIMS, RuleConfig,
+    ApiConfig, AuthConfig, KeyAlgorithm, KeyConfig, OidcConfig, OperatorConfig, PROJECT_CLAIMS,
+    RuleConfig,
 };
 pub use app::{AppConfig, EnvVars, Role, ServiceConfig, TaskConfig};
 pub use canary::CanaryConfig;
@@ -370,6 +371,43 @@ mod tests {
                 "auth.oidc[0].jwks_url",
                 "auth.oidc[0].rules[0]",
                 "auth.oidc[0].rules[0].claims"
+            ],
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn an_operator_is_a_plain_name_and_an_ed25519_key_listed_once() {
+        let ed25519 =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEh56GcCkjflsDhk12bx11Tlghc3FxHx0TZqgGWZQDoe";
+        let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC2/zgb4nFdfxfrUsMAxhATMgXvJNm+RTdeDmfoOpX3BQuRLiFQn3h9S7NZxd2wjiUpl+QDaYdevoWXB2ZT2bDaUWsMGJRZ4hidGm9C5ydJTOhMJp4r1vV1Mn5EfOANLUWjhm9c7Voo5uD315dJC922Abpl86KW6qIXQWnAatZmCQ==";
+        let operator = |name: &str, key: &str| {
+            format!("[[auth.operators]]\nname = \"{name}\"\nkey = \"{key}\"\nscopes = [\"read\"]\n")
+        };
+        let good =
+            Config::from_toml(&operator("alice", &format!("{ed25519} alice@laptop"))).unwrap();
+        assert_eq!(good.auth.operators[0].apps, ["*"]);
+        let text = [
+            operator("alice", ed25519),
+            operator("bob", ed25519),
+            operator("Carol!", rsa),
+            operator("dave", "ssh-ed25519 AAAA"),
+            "[auth]\nissuer = \"deployctl\"\n".to_owned(),
+        ]
+        .concat();
+        let problems = Config::from_toml(&text).unwrap_err().0;
+        let said: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.reason))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "auth.operators[1].key: the same key is listed for another operator",
+                "auth.operators[2].name: 1-32 of a-z, 0-9 and -, starting with a letter",
+                "auth.operators[2].key: a ssh-rsa key: operators sign with Ed25519 keys (ssh-ed25519)",
+                "auth.operators[3].key: not an OpenSSH public key (Base64 encoding error: invalid Base64 length)",
+                "auth.issuer: deployctl is the issuer of operator tokens",
             ],
             "{problems:?}"
         );

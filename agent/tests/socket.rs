@@ -111,6 +111,50 @@ fn token(bin: &str, config: &Path, key: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// An operator key made by OpenSSH's ssh-keygen: its `[[auth.operators]]`
+/// entry, and a way to mint a token with it as deployctl would (an EdDSA
+/// JWT whose kid is the key's fingerprint), made here with jsonwebtoken.
+fn operator(dir: &Path, name: &str) -> (String, impl Fn() -> String) {
+    use ed25519::pkcs8::EncodePrivateKey;
+    let path = dir.join(format!("{name}_ed25519"));
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen (Debian's openssh-client) is installed");
+    assert!(made.success());
+    let key = ssh_key::PrivateKey::read_openssh_file(&path).unwrap();
+    let public = key.public_key().to_openssh().unwrap();
+    let kid = key
+        .public_key()
+        .fingerprint(ssh_key::HashAlg::Sha256)
+        .to_string();
+    let pair = key.key_data().ed25519().unwrap();
+    let der = ed25519::KeypairBytes {
+        secret_key: pair.private.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_der()
+    .unwrap();
+    let signing = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
+    let entry =
+        format!("[[auth.operators]]\nname = \"{name}\"\nkey = \"{public}\"\nscopes = [\"read\"]\n");
+    let name = name.to_owned();
+    let mint = move || {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(kid.clone());
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = deployd_proto::OperatorClaims::new(
+            &name,
+            "deployd",
+            now,
+            format!("{name}-{now}-{}", std::process::id()),
+        );
+        jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+    };
+    (entry, mint)
+}
+
 /// The status of `GET /v1/whoami` with `token`, over TLS trusting `ca`.
 fn whoami(api: u16, ca: &Path, token: &str) -> u16 {
     deployd::install_crypto_provider();
@@ -247,13 +291,16 @@ health = {{ path = "/healthz/", host = "shop.test" }}
         .unwrap();
     assert!(made.success());
     let before = std::fs::read_to_string(&config).unwrap();
-    // A top-level key at the top; another [[auth.keys]] at the end.
+    // A top-level key at the top; another [[auth.keys]] and an operator at
+    // the end.
+    let (alice, alice_token) = operator(dir.path(), "alice");
     let added = format!(
         "switch_threads = 2\n{before}\n[[auth.keys]]\nid = \"ops2\"\nalgorithm = \"EdDSA\"\n\
          public_key = \"{}\"\nprivate_key = \"{}\"\n",
         other.join("keys/ops.pub").display(),
         other.join("keys/ops.key").display()
     );
+    let added = format!("{added}{alice}");
     std::fs::write(&config, &added).unwrap();
     let new_key = token(bin, &config, "ops2");
     assert_eq!(whoami(api, &ca, &new_key), 401, "not before the reload");
@@ -268,6 +315,11 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     assert!(reloading > ready, "{seen:?}");
     wait_for_log(&log, "[auth] reloaded");
     assert_eq!(whoami(api, &ca, &new_key), 200, "the new key works at once");
+    assert_eq!(
+        whoami(api, &ca, &alice_token()),
+        200,
+        "so does the operator"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains("TLS certificate and key reloaded"),
@@ -287,7 +339,16 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     wait_for_notice(&notices, "READY=1", 3);
     wait_for_log(&log, "configuration not reloaded, nothing changed");
     assert_eq!(whoami(api, &ca, &new_key), 200);
-    std::fs::write(&config, &added).unwrap();
+    // The operator's key taken out: refused from the reload on.
+    std::fs::write(&config, added.replace(&alice, "")).unwrap();
+    hup(&deployd_pid(&holder));
+    wait_for_notice(&notices, "READY=1", 4);
+    wait_until(
+        Duration::from_secs(30),
+        || whoami(api, &ca, &alice_token()) == 401,
+        || "alice's key still works after it was removed".to_owned(),
+    );
+    assert_eq!(whoami(api, &ca, &new_key), 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
@@ -311,7 +372,7 @@ health = {{ path = "/healthz/", host = "shop.test" }}
     assert!(restart.success());
     wait_for_starts(&log, 2);
     wait_for_notice(&notices, "STOPPING=1", 1);
-    wait_for_notice(&notices, "READY=1", 4);
+    wait_for_notice(&notices, "READY=1", 5);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let answers: Vec<Result<String, String>> = clients

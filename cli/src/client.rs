@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use crate::exit::{CliError, Exit};
+use crate::operator::Operator;
 use crate::settings::Settings;
 use crate::{oidc, tls};
 
@@ -45,6 +46,8 @@ pub struct Client {
     settings: Settings,
     /// The token in use; GitHub job tokens are fetched again when refused.
     token: Mutex<Option<String>>,
+    /// With an operator key, a token is signed for every request instead.
+    operator: Option<Operator>,
 }
 
 impl std::fmt::Debug for Client {
@@ -97,6 +100,7 @@ impl Client {
                 .map_err(|e| CliError::new(Exit::Other, format!("HTTP client: {e}")))
         };
         Ok(Self {
+            operator: Operator::from_settings(&settings)?,
             http: build(Some(Duration::from_secs(60)))?,
             // No overall timeout, but the agent sends a keep-alive every
             // 15 s: a stream silent for 45 s is dead.
@@ -114,6 +118,9 @@ impl Client {
     /// a GitHub job token is fetched again when it nears its expiry (a
     /// fleet deployment can outlast one).
     async fn token(&self) -> Result<String, CliError> {
+        if let Some(operator) = &self.operator {
+            return operator.token();
+        }
         let mut cached = self.token.lock().await;
         if let Some(token) = cached.as_ref() {
             let renewable = self.settings.oidc == Some(crate::settings::Oidc::Github);
@@ -152,7 +159,7 @@ impl Client {
                 });
         }
         Err(CliError::new(Exit::Auth, "no token")
-            .hint("set DEPLOYCTL_TOKEN or DEPLOYCTL_TOKEN_FILE, or --oidc github|gitlab in CI"))
+            .hint("set DEPLOYCTL_TOKEN or DEPLOYCTL_TOKEN_FILE, --oidc github|gitlab in CI, or use an operator key (deployctl keygen, --ssh-agent)"))
     }
 
     async fn request(

@@ -5,6 +5,7 @@ pub mod completions;
 pub mod deploy;
 pub mod fleet;
 pub mod history;
+pub mod keygen;
 pub mod lock;
 pub mod logs;
 pub mod plan;

@@ -8,6 +8,7 @@ mod exit;
 mod fleet;
 mod follow;
 mod oidc;
+mod operator;
 mod settings;
 mod tls;
 
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands::{
-    Ctx, canary, completions, deploy, history, lock, logs, plan, rollback, status, whoami,
+    Ctx, canary, completions, deploy, history, keygen, lock, logs, plan, rollback, status, whoami,
 };
 use crate::exit::{CliError, EXIT_CODES_HELP, Exit};
 use crate::settings::Global;
@@ -48,6 +49,7 @@ enum Command {
     Lock(lock::Lock),
     Unlock(lock::Unlock),
     Whoami(whoami::Whoami),
+    Keygen(keygen::Keygen),
     Fleet(commands::fleet::FleetCommand),
     Completions(completions::Completions),
     /// Print the manual page (roff), as the package installs it.
@@ -93,6 +95,7 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
     // A fleet names its own hosts: no single agent URL is needed.
     let command = match cli.command {
         Command::Fleet(c) => return c.run(&cli.global, cli.json).await,
+        Command::Keygen(c) => return c.run(&cli.global, cli.json),
         Command::Deploy(c) => match c.fleet.which() {
             Some(which) => return c.run_fleet(which, &cli.global, cli.json).await,
             None => Command::Deploy(c),
@@ -128,6 +131,8 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Lock(c) => c.run(&ctx).await,
         Command::Unlock(c) => c.run(&ctx).await,
         Command::Whoami(c) => c.run(&ctx).await,
-        Command::Fleet(_) | Command::Completions(_) | Command::Manpage => Ok(Exit::Success),
+        Command::Fleet(_) | Command::Keygen(_) | Command::Completions(_) | Command::Manpage => {
+            Ok(Exit::Success)
+        }
     }
 }

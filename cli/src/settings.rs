@@ -13,6 +13,10 @@
 //! ca_cert = "/etc/deployctl/production-ca.pem"
 //! token_file = "/run/secrets/deployd-token"
 //! app = "shop"
+//! [contexts.ops]
+//! url = "https://deploy-1.example.com:8443"
+//! ssh_agent = true        # or key = "~/.config/deployctl/id_ed25519"
+//! operator = "alice"
 //! ```
 
 use std::collections::BTreeMap;
@@ -68,6 +72,22 @@ pub struct Global {
     /// GitLab: the variable `id_tokens` put the token in.
     #[arg(long, env = "DEPLOYCTL_OIDC_VARIABLE", global = true)]
     pub oidc_variable: Option<String>,
+    /// Sign a token for each request with this operator key (from
+    /// `deployctl keygen`; default: its file, if there is one). With
+    /// --ssh-agent: the public key (or its .pub) naming which agent key to
+    /// use. Environment: DEPLOYCTL_KEY.
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// Sign with an Ed25519 key held by the running ssh-agent
+    /// (SSH_AUTH_SOCK). Environment: DEPLOYCTL_SSH_AGENT=1.
+    #[arg(long, global = true)]
+    pub ssh_agent: bool,
+    /// Operator name the host lists the key under. Default: $USER.
+    #[arg(long, env = "DEPLOYCTL_OPERATOR", global = true)]
+    pub operator: Option<String>,
+    /// The host's `auth.audience`, for operator tokens. Default: deployd.
+    #[arg(long, env = "DEPLOYCTL_AUDIENCE", global = true)]
+    pub audience: Option<String>,
 }
 
 /// CI systems whose job tokens deployctl can fetch.
@@ -90,6 +110,10 @@ struct Context {
     oidc: Option<Oidc>,
     oidc_audience: Option<String>,
     oidc_variable: Option<String>,
+    key: Option<PathBuf>,
+    ssh_agent: Option<bool>,
+    operator: Option<String>,
+    audience: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +139,12 @@ pub struct Settings {
     pub oidc: Option<Oidc>,
     pub oidc_audience: Option<String>,
     pub oidc_variable: Option<String>,
+    /// The operator key: a private key file, or with `ssh_agent` the public
+    /// key choosing one of the agent's.
+    pub key: Option<PathBuf>,
+    pub ssh_agent: bool,
+    pub operator: Option<String>,
+    pub audience: Option<String>,
 }
 
 impl std::fmt::Debug for Global {
@@ -139,15 +169,24 @@ impl std::fmt::Debug for Settings {
             .field("pin_sha256", &self.pin_sha256)
             .field("app", &self.app)
             .field("oidc", &self.oidc)
+            .field("key", &self.key)
+            .field("ssh_agent", &self.ssh_agent)
+            .field("operator", &self.operator)
             .finish_non_exhaustive()
     }
 }
 
-fn default_config_path() -> Option<PathBuf> {
+/// deployctl's own directory: $XDG_CONFIG_HOME/deployctl, or
+/// ~/.config/deployctl.
+pub fn config_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    Some(base.join("deployctl/config.toml"))
+    Some(base.join("deployctl"))
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    Some(config_dir()?.join("config.toml"))
 }
 
 /// Where the token comes from, as one layer gives it.
@@ -156,11 +195,31 @@ struct TokenSource {
     token: Option<String>,
     token_file: Option<PathBuf>,
     oidc: Option<Oidc>,
+    key: Option<PathBuf>,
+    ssh_agent: bool,
 }
 
 impl TokenSource {
     fn is_set(&self) -> bool {
-        self.token.is_some() || self.token_file.is_some() || self.oidc.is_some()
+        self.token.is_some()
+            || self.token_file.is_some()
+            || self.oidc.is_some()
+            || self.key.is_some()
+            || self.ssh_agent
+    }
+}
+
+/// A yes/no environment variable: 1, true or yes (any case) is yes.
+fn yes(v: Option<String>) -> Result<bool, CliError> {
+    match given(v) {
+        None => Ok(false),
+        Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" => Ok(true),
+            "0" | "false" | "no" => Ok(false),
+            _ => Err(CliError::usage(format!(
+                "DEPLOYCTL_SSH_AGENT is {v}: it takes 1 or 0"
+            ))),
+        },
     }
 }
 
@@ -212,16 +271,22 @@ impl Global {
                 token: given(self.token.clone()),
                 token_file: given_path(self.token_file.clone()),
                 oidc: self.oidc,
+                key: given_path(self.key.clone()),
+                ssh_agent: self.ssh_agent,
             },
             TokenSource {
                 token: given(env("DEPLOYCTL_TOKEN")),
                 token_file: given_path(env("DEPLOYCTL_TOKEN_FILE").map(PathBuf::from)),
                 oidc: None,
+                key: given_path(env("DEPLOYCTL_KEY").map(PathBuf::from)),
+                ssh_agent: yes(env("DEPLOYCTL_SSH_AGENT"))?,
             },
             TokenSource {
                 token: None,
                 token_file: given_path(context.token_file),
                 oidc: context.oidc,
+                key: given_path(context.key),
+                ssh_agent: context.ssh_agent.unwrap_or(false),
             },
         ];
         // DEPLOYCTL_OIDC is read only when the environment may be the layer
@@ -235,10 +300,14 @@ impl Global {
                 })?,
             );
         }
+        // Nothing set anywhere: the key `deployctl keygen` wrote, if any.
         let token = tokens
             .into_iter()
             .find(TokenSource::is_set)
-            .unwrap_or_default();
+            .unwrap_or_else(|| TokenSource {
+                key: crate::operator::default_key_path().filter(|p| p.exists()),
+                ..TokenSource::default()
+            });
         let trusts = [
             TrustSource {
                 ca_cert: given_path(self.ca_cert.clone()),
@@ -267,6 +336,10 @@ impl Global {
             oidc: token.oidc,
             oidc_audience: given(self.oidc_audience.clone()).or(context.oidc_audience),
             oidc_variable: given(self.oidc_variable.clone()).or(context.oidc_variable),
+            key: token.key,
+            ssh_agent: token.ssh_agent,
+            operator: given(self.operator.clone()).or(context.operator),
+            audience: given(self.audience.clone()).or(context.audience),
         })
     }
 
@@ -340,6 +413,26 @@ impl Global {
 }
 
 impl Settings {
+    /// Settings with nothing but a URL, for tests to fill in.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Self {
+            url: "https://localhost:1".to_owned(),
+            token: None,
+            token_file: None,
+            ca_cert: None,
+            pin_sha256: None,
+            app: None,
+            oidc: None,
+            oidc_audience: None,
+            oidc_variable: None,
+            key: None,
+            ssh_agent: false,
+            operator: None,
+            audience: None,
+        }
+    }
+
     /// The app to act on: the flag, or the only one there can be.
     pub fn app(&self) -> Result<&str, CliError> {
         self.app.as_deref().ok_or_else(|| {
@@ -361,6 +454,40 @@ mod tests {
         let mut all = vec!["deployctl"];
         all.extend_from_slice(args);
         <Cli as clap::Parser>::try_parse_from(all).unwrap().global
+    }
+
+    #[test]
+    fn an_operator_key_is_a_token_source_like_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "[contexts.ops]\nurl = \"https://prod:8443\"\nssh_agent = true\n\
+             operator = \"alice\"\naudience = \"prod\"\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let ops = ["--config", config, "--context", "ops"];
+        let s = global(&ops).resolve_with(&|_| None).unwrap();
+        assert!(s.ssh_agent);
+        assert_eq!(
+            (s.operator.as_deref(), s.audience.as_deref()),
+            (Some("alice"), Some("prod"))
+        );
+        // A token in the environment beats the context's agent...
+        let env = |name: &str| (name == "DEPLOYCTL_TOKEN").then(|| "t".to_owned());
+        let s = global(&ops).resolve_with(&env).unwrap();
+        assert_eq!((s.token.as_deref(), s.ssh_agent), (Some("t"), false));
+        // ...and a key on the command line beats that token.
+        let s = global(&[&ops[..], &["--key", "/k"]].concat())
+            .resolve_with(&env)
+            .unwrap();
+        assert_eq!(
+            (s.token, s.key, s.ssh_agent),
+            (None, Some("/k".into()), false)
+        );
+        let env = |name: &str| (name == "DEPLOYCTL_SSH_AGENT").then(|| "perhaps".to_owned());
+        assert!(global(&ops).resolve_with(&env).is_err());
     }
 
     #[test]

@@ -584,3 +584,216 @@ async fn a_plan_is_reviewed_then_deployed_as_reviewed() {
     })
     .await;
 }
+
+/// A real `ssh-agent` (OpenSSH's) on a socket of its own; stopped when
+/// dropped.
+struct SshAgent {
+    socket: std::path::PathBuf,
+    _process: tokio::process::Child,
+}
+
+impl SshAgent {
+    async fn start(dir: &std::path::Path) -> Self {
+        let socket = dir.join("agent.sock");
+        let process = tokio::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("ssh-agent (Debian's openssh-client) is installed");
+        support::poll("ssh-agent's socket", Duration::from_secs(30), || async {
+            socket.exists().then_some(())
+        })
+        .await;
+        Self {
+            socket,
+            _process: process,
+        }
+    }
+
+    /// `ssh-add key`.
+    async fn add(&self, key: &std::path::Path) {
+        let out = tokio::process::Command::new("ssh-add")
+            .arg(key)
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "ssh-add: {}", text(&out.stderr));
+    }
+}
+
+#[tokio::test]
+async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
+    scoped(|scope| async move {
+        let homes = tempfile::tempdir().unwrap();
+        let home = |name: &str| homes.path().join(name);
+        let keygen = |name: &str, args: &[&str]| {
+            let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_deployctl"));
+            c.env_clear()
+                .env("HOME", home(name))
+                .env("USER", name)
+                .arg("keygen")
+                .args(args);
+            c
+        };
+
+        // deployctl keygen: a key only its owner reads, that OpenSSH reads
+        // too, and the entry the host needs.
+        let out = keygen("alice", &[]).output().await.unwrap();
+        let (said, _) = expect(&out, 0, "keygen");
+        let key_file = home("alice").join(".config/deployctl/id_ed25519");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let listed = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(&key_file)
+            .output()
+            .unwrap();
+        let fingerprint = text(&listed.stdout).split(' ').nth(1).unwrap().to_owned();
+        assert!(said.contains(&fingerprint), "{said}");
+        let entry = said.split_once("\n\n").unwrap().1;
+        assert!(
+            entry.starts_with("[[auth.operators]]\nname = \"alice\""),
+            "{said}"
+        );
+        let out = keygen("alice", &[]).output().await.unwrap();
+        let (_, err) = expect(&out, 2, "keygen over a key");
+        assert!(err.contains("--force"), "{err}");
+        let out = keygen("carol", &["--json"]).output().await.unwrap();
+        let carol: serde_json::Value = serde_json::from_str(&expect(&out, 0, "carol").0).unwrap();
+
+        // Bob's key comes from OpenSSH and lives in his ssh-agent.
+        std::fs::create_dir_all(home("bob")).unwrap();
+        let bob_key = home("bob").join("id_ed25519");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bob@laptop", "-f"])
+            .arg(&bob_key)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let ssh_agent = SshAgent::start(&home("bob")).await;
+        ssh_agent.add(&bob_key).await;
+        let bob_public = std::fs::read_to_string(bob_key.with_extension("pub")).unwrap();
+
+        // The host trusts the three keys: alice and bob may deploy the
+        // app, carol may only read another app.
+        let app = scope.app();
+        let operators = format!(
+            "{entry}\n\
+             [[auth.operators]]\nname = \"bob\"\nkey = \"{bob}\"\n\
+             scopes = [\"read\", \"deploy\", \"rollback\"]\napps = [\"{app}\"]\n\
+             [[auth.operators]]\nname = \"carol\"\nkey = \"{carol}\"\n\
+             scopes = [\"read\"]\napps = [\"another\"]\n",
+            bob = bob_public.trim(),
+            carol = carol["public_key"].as_str().unwrap(),
+        );
+        let repository = scope.publish_releases().await;
+        let agent = TestAgent::start_with(&scope, &repository, "", &operators).await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        let as_alice = || {
+            let mut c = command(&agent, &agent.url);
+            c.env("HOME", home("alice"));
+            c
+        };
+        let as_bob = || {
+            let mut c = command(&agent, &agent.url);
+            c.env("HOME", home("bob"))
+                .env("USER", "bob")
+                .env("SSH_AUTH_SOCK", &ssh_agent.socket)
+                .arg("--ssh-agent");
+            c
+        };
+        let sha = |variant: &str| scope.bed.sha(variant).to_string();
+        let requested_by = || {
+            let history = agent.engine.store().history(&app, 1, None).unwrap();
+            history[0].requested_by.clone()
+        };
+
+        // Alice deploys with the key keygen wrote: no token anywhere.
+        let out = as_alice()
+            .args(["deploy", &sha("release-1")])
+            .output()
+            .await
+            .unwrap();
+        let (lines, _) = expect(&out, 0, "alice deploys");
+        assert!(lines.contains("deployment succeeded"), "{lines}");
+        assert_eq!(requested_by(), "alice");
+        // Bob deploys with the key his ssh-agent holds, and each request
+        // (deploy, then following it) had a token of its own.
+        let out = as_bob()
+            .args(["deploy", &sha("release-2")])
+            .output()
+            .await
+            .unwrap();
+        expect(&out, 0, "bob deploys through his ssh-agent");
+        assert_eq!(requested_by(), "bob");
+        let out = as_bob().args(["whoami", "--json"]).output().await.unwrap();
+        let me: WhoAmI = serde_json::from_str(&expect(&out, 0, "bob whoami").0).unwrap();
+        assert_eq!(
+            (me.subject.as_str(), me.issuer.as_str()),
+            ("bob", "deployctl")
+        );
+        let left = me.expires_at - time::OffsetDateTime::now_utc();
+        assert!(left <= time::Duration::seconds(60), "{left}");
+        // Alice rolls back.
+        let out = as_alice().args(["rollback"]).output().await.unwrap();
+        expect(&out, 0, "alice rolls back");
+        assert_eq!(requested_by(), "alice");
+        let log = agent.engine.store().audit_tail(200).unwrap();
+        let rollback = log
+            .iter()
+            .rev()
+            .find(|e| e.record.action == "rollback")
+            .unwrap();
+        assert_eq!(rollback.record.subject.as_deref(), Some("alice"));
+        assert_eq!(rollback.record.claims.get("key"), Some(&fingerprint));
+
+        // What a key may do is the host's to say: no lock for alice, no
+        // reading this app for carol.
+        let out = as_alice()
+            .args(["lock", "--reason", "x"])
+            .output()
+            .await
+            .unwrap();
+        let (_, err) = expect(&out, 6, "alice may not lock");
+        assert!(err.contains("alice may not admin"), "{err}");
+        let out = command(&agent, &agent.url)
+            .env("HOME", home("carol"))
+            .args(["status"])
+            .output()
+            .await
+            .unwrap();
+        let (_, err) = expect(&out, 6, "carol may not read this app");
+        assert!(err.contains("carol may not read"), "{err}");
+        // A key signs for its own operator only.
+        let out = as_alice()
+            .args(["--operator", "bob", "whoami"])
+            .output()
+            .await
+            .unwrap();
+        let (_, err) = expect(&out, 6, "alice's key naming bob");
+        assert!(
+            err.contains("names operator bob but its key is alice's"),
+            "{err}"
+        );
+
+        // Bob's key removed from the configuration and the configuration
+        // reloaded (what SIGHUP does): his agent's signature is refused.
+        let mut config = agent.config.clone();
+        config.auth.operators.retain(|o| o.name != "bob");
+        agent
+            .api
+            .replace_authenticator(deployd::auth::Authenticator::new(&config.auth).unwrap());
+        let out = as_bob().args(["status"]).output().await.unwrap();
+        let (_, err) = expect(&out, 6, "bob's key removed");
+        assert!(err.contains("not an operator's key here"), "{err}");
+        let out = as_alice().args(["status"]).output().await.unwrap();
+        expect(&out, 0, "alice still trusted");
+    })
+    .await;
+}

@@ -9,6 +9,7 @@ mod canary;
 mod deployment;
 mod error;
 mod name;
+mod operator;
 mod plan;
 mod sha;
 
@@ -23,6 +24,7 @@ pub use deployment::{
 };
 pub use error::{ErrorBody, ErrorCode};
 pub use name::is_plain_name;
+pub use operator::{MAX_OPERATOR_TOKEN_SECS, OPERATOR_ISSUER, OperatorClaims};
 pub use plan::{
     MigrationPlan, Plan, PlanState, PlannedMigration, PlannedOperation, PlannedService,
     PlannedTask, SchemaRollback, Touches, UnsafeMigrations, Verdict,

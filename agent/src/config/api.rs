@@ -90,6 +90,63 @@ pub struct AuthConfig {
     /// CI systems whose OIDC tokens are accepted, and what they may do.
     #[serde(default)]
     pub oidc: Vec<OidcConfig>,
+    /// People trusted by their own Ed25519 key, like `authorized_keys`:
+    /// deployctl signs a short token for each request with it.
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
+}
+
+/// An operator: a person whose deployctl signs with their own key (a key
+/// file from `deployctl keygen`, or a key in their `ssh-agent`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Who they are in the audit log and in history (`sub` of their tokens).
+    pub name: String,
+    /// Their public key, as in `authorized_keys`: `ssh-ed25519 AAAA... comment`.
+    pub key: String,
+    /// Granted scopes: read, deploy, rollback, admin.
+    pub scopes: Vec<deployd_proto::Scope>,
+    /// Apps the scopes apply to. Default: all (`*`).
+    #[serde(default = "all_apps")]
+    pub apps: Vec<String>,
+}
+
+fn all_apps() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+impl OperatorConfig {
+    /// The public key, if it is an Ed25519 key in OpenSSH format.
+    pub fn public_key(&self) -> Result<ssh_key::PublicKey, String> {
+        let key = ssh_key::PublicKey::from_openssh(self.key.trim())
+            .map_err(|e| format!("not an OpenSSH public key ({e})"))?;
+        if key.algorithm() != ssh_key::Algorithm::Ed25519 {
+            return Err(format!(
+                "a {} key: operators sign with Ed25519 keys (ssh-ed25519)",
+                key.algorithm()
+            ));
+        }
+        Ok(key)
+    }
+
+    fn validate(&self, at: &str, problems: &mut Problems) {
+        if !is_plain_name(&self.name) {
+            problems.add(
+                format!("{at}.name"),
+                "1-32 of a-z, 0-9 and -, starting with a letter",
+            );
+        }
+        if let Err(e) = self.public_key() {
+            problems.add(format!("{at}.key"), e);
+        }
+        if self.scopes.is_empty() {
+            problems.add(format!("{at}.scopes"), "name at least one");
+        }
+        if self.apps.is_empty() {
+            problems.add(format!("{at}.apps"), "name at least one app, or \"*\"");
+        }
+    }
 }
 
 /// An OIDC issuer (GitHub Actions, GitLab CI): its keys come from its JWKS
@@ -151,6 +208,7 @@ impl Default for AuthConfig {
             max_failures_per_minute: default_max_failures(),
             keys: Vec::new(),
             oidc: Vec::new(),
+            operators: Vec::new(),
         }
     }
 }
@@ -317,6 +375,47 @@ impl AuthConfig {
                 problems.add(
                     format!("{at}.issuer"),
                     "each issuer may appear once (auth.issuer included)",
+                );
+            }
+        }
+        for (i, operator) in self.operators.iter().enumerate() {
+            let at = format!("auth.operators[{i}]");
+            operator.validate(&at, problems);
+            let earlier = &self.operators[..i];
+            if earlier.iter().any(|o| o.name == operator.name) {
+                problems.add(
+                    format!("{at}.name"),
+                    format!("{} is used twice", operator.name),
+                );
+            }
+            let fingerprint = |o: &OperatorConfig| {
+                o.public_key()
+                    .ok()
+                    .map(|k| k.fingerprint(ssh_key::HashAlg::Sha256))
+            };
+            if fingerprint(operator).is_some()
+                && earlier
+                    .iter()
+                    .any(|o| fingerprint(o) == fingerprint(operator))
+            {
+                problems.add(
+                    format!("{at}.key"),
+                    "the same key is listed for another operator",
+                );
+            }
+        }
+        let operator_issuer = deployd_proto::OPERATOR_ISSUER;
+        if self.issuer == operator_issuer {
+            problems.add(
+                "auth.issuer",
+                format!("{operator_issuer} is the issuer of operator tokens"),
+            );
+        }
+        for (i, oidc) in self.oidc.iter().enumerate() {
+            if oidc.issuer == operator_issuer {
+                problems.add(
+                    format!("auth.oidc[{i}].issuer"),
+                    format!("{operator_issuer} is the issuer of operator tokens"),
                 );
             }
         }

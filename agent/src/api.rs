@@ -14,6 +14,7 @@ mod health;
 pub mod metrics;
 mod openapi;
 mod plans;
+mod runs;
 mod server;
 mod tls;
 
@@ -136,6 +137,7 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/prepare", post(apps::prepare))
         .route("/apps/{app}/canary/{order}", post(apps::canary))
         .route("/apps/{app}/plans", post(plans::create))
+        .route("/apps/{app}/runs", post(runs::create))
         .route("/plans/{id}", get(plans::get))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))

@@ -47,6 +47,9 @@ pub enum DockerError {
     /// A bounded operation ran out of time; whatever it started was removed.
     #[error("{what} did not finish within {} s", timeout.as_secs())]
     Timeout { what: String, timeout: Duration },
+    /// Whoever waited for a one-off container left; it was removed.
+    #[error("{what} was stopped: its caller left")]
+    Abandoned { what: String },
     /// The engine refused or failed an API call.
     #[error("the Docker engine failed to {action}: {reason}")]
     Engine { action: String, reason: String },

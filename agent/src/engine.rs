@@ -5,6 +5,7 @@
 //! own. Progress goes to the store first, then to live subscribers.
 
 mod canary;
+pub(crate) mod command;
 mod common;
 mod health;
 mod observed;
@@ -31,6 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 pub use canary::Order as CanaryOrder;
+pub use command::CommandRun;
 
 use crate::config::{AppConfig, Config};
 use crate::docker::Docker;
@@ -125,6 +127,21 @@ pub enum EngineError {
     NoCanary(String),
     #[error("a fleet deployment of {0} runs no canary: deploy the hosts one by one for that")]
     CanaryInFleet(String),
+    #[error("{0}")]
+    InvalidRun(String),
+    #[error("{0} has no live release to run a command in: deploy one first")]
+    NothingLive(String),
+    #[error(
+        "{by} runs `{command}` in {app} ({running} command(s) running); wait for it, or pass concurrent"
+    )]
+    CommandRunning {
+        app: String,
+        by: String,
+        command: String,
+        running: usize,
+    },
+    #[error("the app's environment cannot be read: {0}")]
+    Env(String),
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot set up the health check client: {0}")]
@@ -147,6 +164,10 @@ impl EngineError {
                 | Self::CanaryNotConfigured(_)
                 | Self::CanaryInFleet(_)
                 | Self::NoCanary(_)
+                | Self::InvalidRun(_)
+                | Self::NothingLive(_)
+                | Self::CommandRunning { .. }
+                | Self::Env(_)
         )
     }
 }
@@ -176,6 +197,8 @@ pub(crate) struct Ctx {
     planning: Mutex<HashMap<String, plan::Making>>,
     /// The canaries running, where promote and abort go.
     canaries: canary::Canaries,
+    /// One-off commands running (`deployctl run`).
+    commands: command::Commands,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -286,6 +309,7 @@ impl EngineHandle {
             prepares: prepare::Prepares::default(),
             planning: Mutex::default(),
             canaries: canary::Canaries::default(),
+            commands: command::Commands::default(),
         });
         let apps: HashMap<String, Arc<AppConfig>> = config
             .apps
@@ -295,7 +319,9 @@ impl EngineHandle {
         ctx.metrics.register_apps(apps.keys());
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
-        ctx.remove_plan_leftovers(apps.keys()).await;
+        ctx.remove_oneoff_leftovers(apps.keys(), "plan").await;
+        // A command's caller left with the process that ran it.
+        ctx.remove_oneoff_leftovers(apps.keys(), "run").await;
         ctx.seed_metrics(&apps);
         ctx.relist().await;
         tokio::spawn(ctx.clone().observe());

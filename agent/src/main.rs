@@ -133,7 +133,7 @@ enum TokenCommand {
         /// Who the token is for (its `sub`).
         #[arg(long)]
         sub: String,
-        /// Comma-separated: read, deploy, rollback, admin.
+        /// Comma-separated: read, deploy, rollback, admin, run, logs.
         #[arg(long, value_delimiter = ',', required = true)]
         scope: Vec<Scope>,
         /// Apps it applies to (repeat or comma-separate); every app when absent.

@@ -233,6 +233,28 @@ impl Client {
         })
     }
 
+    /// `POST path` with `body` as JSON, answered by an event stream that
+    /// lasts as long as what it reports (no overall timeout).
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<reqwest::Response, CliError> {
+        let response = self
+            .streaming
+            .post(format!("{}{path}", self.settings.url))
+            .bearer_auth(self.token().await?)
+            .header("accept", "text/event-stream")
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.settings.url, &e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        Err(error_from(response).await)
+    }
+
     /// A request whose answer has no body (204).
     pub async fn call_empty(&self, method: Method, path: &str) -> Result<(), CliError> {
         self.request(method, path, None).await.map(|_| ())
@@ -306,7 +328,7 @@ async fn error_from(response: reqwest::Response) -> CliError {
         (_, ErrorCode::TokenReplayed) => CliError::new(Exit::Auth, message)
             .hint("a token makes one change; get a new one (deployd token issue, or the CI's OIDC token)"),
         (StatusCode::UNAUTHORIZED, _) => CliError::new(Exit::Auth, message)
-            .hint("check the token (DEPLOYCTL_TOKEN / DEPLOYCTL_TOKEN_FILE / --oidc): expired, wrong audience or issuer?"),
+            .hint("check the token (DEPLOYCTL_TOKEN / DEPLOYCTL_TOKEN_FILE / --oidc): expired, wrong audience or issuer? Or the operator key: is it in the host's [[auth.operators]]?"),
         (StatusCode::FORBIDDEN, _) => CliError::new(Exit::Auth, message)
             .hint("`deployctl whoami` shows what this token may do"),
         (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyStreams) => CliError::new(Exit::Other, message)
@@ -332,6 +354,10 @@ async fn error_from(response: reqwest::Response) -> CliError {
             .hint("a canary runs only during `deployctl deploy --canary`; deployctl status shows what runs"),
         (_, ErrorCode::CanaryNotConfigured) => CliError::new(Exit::Usage, message)
             .hint("add an [apps.NAME.canary] table to deployd's config, or deploy without --canary"),
+        (StatusCode::CONFLICT, ErrorCode::CommandRunning) => CliError::new(Exit::Conflict, message)
+            .hint("wait for it to end, or pass --concurrent to run beside it"),
+        (StatusCode::CONFLICT, ErrorCode::NothingLive) => CliError::new(Exit::Conflict, message)
+            .hint("deployctl deploy <sha> first: a command runs in the live release"),
         (StatusCode::CONFLICT, _) => CliError::new(Exit::Other, message),
         (StatusCode::SERVICE_UNAVAILABLE, _) => {
             CliError::new(Exit::Other, message).hint("the agent is busy or degraded; try again shortly")

@@ -10,6 +10,7 @@ pub mod lock;
 pub mod logs;
 pub mod plan;
 pub mod rollback;
+pub mod run;
 pub mod status;
 pub mod whoami;
 
@@ -27,6 +28,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A client of the agent the settings name.
+    pub fn new(global: &crate::settings::Global, json: bool) -> Result<Self, CliError> {
+        Ok(Self {
+            client: Client::new(global.resolve()?)?,
+            json,
+        })
+    }
+
     /// Prints a line on stdout.
     pub fn out(&self, line: &str) {
         let mut out = std::io::stdout().lock();

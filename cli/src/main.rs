@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::commands::{
-    Ctx, canary, completions, deploy, history, keygen, lock, logs, plan, rollback, status, whoami,
+    Ctx, canary, completions, deploy, history, keygen, lock, logs, plan, rollback, run, status,
+    whoami,
 };
 use crate::exit::{CliError, EXIT_CODES_HELP, Exit};
 use crate::settings::Global;
@@ -49,6 +50,7 @@ enum Command {
     Lock(lock::Lock),
     Unlock(lock::Unlock),
     Whoami(whoami::Whoami),
+    Run(run::Run),
     Keygen(keygen::Keygen),
     Fleet(commands::fleet::FleetCommand),
     Completions(completions::Completions),
@@ -79,7 +81,7 @@ fn main() -> ExitCode {
         Err(e) => Err(CliError::new(Exit::Other, format!("cannot start: {e}"))),
     };
     match result {
-        Ok(exit) => exit.into(),
+        Ok(code) => code,
         Err(e) => {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "error: {}", e.message);
@@ -91,7 +93,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<Exit, CliError> {
+async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command {
+        // It exits with its command's own code.
+        Command::Run(c) => c.run(&Ctx::new(&cli.global, cli.json)?).await,
+        command => run_command(Cli { command, ..cli })
+            .await
+            .map(ExitCode::from),
+    }
+}
+
+async fn run_command(cli: Cli) -> Result<Exit, CliError> {
     // A fleet names its own hosts: no single agent URL is needed.
     let command = match cli.command {
         Command::Fleet(c) => return c.run(&cli.global, cli.json).await,
@@ -114,11 +126,7 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
         },
         other => other,
     };
-    let settings = cli.global.resolve()?;
-    let ctx = Ctx {
-        client: client::Client::new(settings)?,
-        json: cli.json,
-    };
+    let ctx = Ctx::new(&cli.global, cli.json)?;
     match command {
         Command::Deploy(c) => c.run(&ctx).await,
         Command::Plan(c) => c.run(&ctx).await,
@@ -131,8 +139,10 @@ async fn run(cli: Cli) -> Result<Exit, CliError> {
         Command::Lock(c) => c.run(&ctx).await,
         Command::Unlock(c) => c.run(&ctx).await,
         Command::Whoami(c) => c.run(&ctx).await,
-        Command::Fleet(_) | Command::Keygen(_) | Command::Completions(_) | Command::Manpage => {
-            Ok(Exit::Success)
-        }
+        Command::Fleet(_)
+        | Command::Keygen(_)
+        | Command::Run(_)
+        | Command::Completions(_)
+        | Command::Manpage => Ok(Exit::Success),
     }
 }

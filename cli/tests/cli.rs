@@ -680,12 +680,12 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
         let bob_public = std::fs::read_to_string(bob_key.with_extension("pub")).unwrap();
 
         // The host trusts the three keys: alice and bob may deploy the
-        // app, carol may only read another app.
+        // app (bob may run commands too), carol may only read another app.
         let app = scope.app();
         let operators = format!(
             "{entry}\n\
              [[auth.operators]]\nname = \"bob\"\nkey = \"{bob}\"\n\
-             scopes = [\"read\", \"deploy\", \"rollback\"]\napps = [\"{app}\"]\n\
+             scopes = [\"read\", \"deploy\", \"rollback\", \"run\"]\napps = [\"{app}\"]\n\
              [[auth.operators]]\nname = \"carol\"\nkey = \"{carol}\"\n\
              scopes = [\"read\"]\napps = [\"another\"]\n",
             bob = bob_public.trim(),
@@ -782,6 +782,8 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
             "{err}"
         );
 
+        runs_a_command_in_the_live_release(&agent, &scope, &as_alice, &as_bob).await;
+
         // Bob's key removed from the configuration and the configuration
         // reloaded (what SIGHUP does): his agent's signature is refused.
         let mut config = agent.config.clone();
@@ -796,4 +798,129 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
         expect(&out, 0, "alice still trusted");
     })
     .await;
+}
+
+/// `deployctl run` (bob may, alice may not): output, exit code, the live
+/// release's environment and database, a timeout, one command at a time,
+/// Ctrl-C, the audit log.
+async fn runs_a_command_in_the_live_release(
+    agent: &TestAgent,
+    scope: &support::Scope,
+    as_alice: &(dyn Fn() -> tokio::process::Command + Sync),
+    as_bob: &(dyn Fn() -> tokio::process::Command + Sync),
+) {
+    let app = scope.app();
+    let run = |who: &(dyn Fn() -> tokio::process::Command + Sync), args: &[&str]| {
+        let mut c = who();
+        c.arg("run").args(args);
+        c
+    };
+    let out = run(as_alice, &["--", "true"]).output().await.unwrap();
+    let (_, err) = expect(&out, 6, "alice may not run");
+    assert!(err.contains("alice may not run"), "{err}");
+
+    // Its own exit code, stdout and stderr as they come, the release named.
+    let out = run(
+        as_bob,
+        &["--", "sh", "-c", "echo out; echo err >&2; exit 3"],
+    )
+    .output()
+    .await
+    .unwrap();
+    let (lines, err) = expect(&out, 3, "a command's own exit code");
+    assert!(
+        lines.contains("out\n") && lines.contains("err\n"),
+        "{lines}"
+    );
+    let live = scope.bed.sha("release-1").to_string();
+    assert!(
+        err.contains(&format!("(release {}, web's environment)", &live[..12])),
+        "{err}"
+    );
+    // manage.py with the app's environment, on its network: its database.
+    let out = run(
+        as_bob,
+        &["--", "python", "manage.py", "showmigrations", "shop"],
+    )
+    .output()
+    .await
+    .unwrap();
+    let (lines, _) = expect(&out, 0, "manage.py showmigrations");
+    assert!(lines.contains("[X] 0001_initial"), "{lines}");
+
+    // A timeout stops it, and nothing is left behind.
+    let out = run(as_bob, &["--timeout", "2s", "--", "sleep", "600"])
+        .output()
+        .await
+        .unwrap();
+    let (_, err) = expect(&out, 1, "timed out");
+    assert!(err.contains("sleep 600 did not finish within 2 s"), "{err}");
+    let left = || async {
+        agent
+            .engine
+            .docker()
+            .containers(&[("deployd.app", app.as_str()), ("deployd.task", "run")])
+            .await
+            .unwrap()
+    };
+    assert!(left().await.is_empty(), "{:?}", left().await);
+
+    // One at a time: a second command waits for the first's end, unless
+    // it says it may run beside it.
+    let mut first = run(as_bob, &["--", "sleep", "600"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut said = tokio::io::BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut said, &mut line)
+        .await
+        .unwrap();
+    assert!(line.starts_with("running in "), "{line}");
+    let out = run(as_bob, &["--", "true"]).output().await.unwrap();
+    let (_, err) = expect(&out, 7, "another command runs");
+    assert!(err.contains("bob runs `sleep 600`"), "{err}");
+    let out = run(as_bob, &["--concurrent", "--", "true"])
+        .output()
+        .await
+        .unwrap();
+    expect(&out, 0, "concurrent");
+    // Ctrl-C (or a lost connection) stops it: its container goes.
+    first.kill().await.unwrap();
+    support::poll(
+        "the abandoned command's container removed",
+        Duration::from_secs(60),
+        || async { left().await.is_empty().then_some(()) },
+    )
+    .await;
+
+    // Who ran what, and how it ended.
+    let log = agent.engine.store().audit_tail(200).unwrap();
+    let asked = log
+        .iter()
+        .find(|e| {
+            e.record.action == "run"
+                && e.record
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("sh -c"))
+        })
+        .unwrap();
+    assert_eq!(asked.record.subject.as_deref(), Some("bob"));
+    assert_eq!(
+        asked.record.detail.as_deref(),
+        Some("sh -c 'echo out; echo err >&2; exit 3' (as the default service)")
+    );
+    let outcomes: Vec<&str> = log
+        .iter()
+        .filter(|e| e.record.action == "run_finished")
+        .map(|e| e.record.outcome.as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["exited 3", "exited 0", "failed", "exited 0", "failed"],
+        "{log:#?}"
+    );
 }

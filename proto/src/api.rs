@@ -197,11 +197,24 @@ pub enum Scope {
     Rollback,
     /// Lock and unlock apps.
     Admin,
+    /// Run one-off commands (`manage.py ...`) in the live release. Not
+    /// implied by deploy: such a command reaches the data directly.
+    Run,
+    /// Read the app's own container logs, which may hold what its users
+    /// sent.
+    Logs,
 }
 
 impl Scope {
     /// Every scope, in order.
-    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Deploy, Scope::Rollback, Scope::Admin];
+    pub const ALL: [Scope; 6] = [
+        Scope::Read,
+        Scope::Deploy,
+        Scope::Rollback,
+        Scope::Admin,
+        Scope::Run,
+        Scope::Logs,
+    ];
 
     /// The scope's name on the wire and in tokens.
     pub fn as_str(self) -> &'static str {
@@ -210,6 +223,8 @@ impl Scope {
             Self::Deploy => "deploy",
             Self::Rollback => "rollback",
             Self::Admin => "admin",
+            Self::Run => "run",
+            Self::Logs => "logs",
         }
     }
 }
@@ -227,6 +242,8 @@ impl std::str::FromStr for Scope {
         Self::ALL
             .into_iter()
             .find(|scope| scope.as_str() == s)
-            .ok_or_else(|| format!("unknown scope {s:?} (known: read, deploy, rollback, admin)"))
+            .ok_or_else(|| {
+                format!("unknown scope {s:?} (known: read, deploy, rollback, admin, run, logs)")
+            })
     }
 }

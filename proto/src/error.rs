@@ -49,6 +49,7 @@ pub enum ErrorCode {
     InvalidFleet,
     InvalidDigest,
     InvalidLastEventId,
+    InvalidCommand,
     // Who asks.
     /// No credentials came.
     Unauthenticated,
@@ -77,6 +78,10 @@ pub enum ErrorCode {
     CanaryNotConfigured,
     /// A canary order (promote, abort) with no canary running.
     NoCanary,
+    /// `run` before any release was deployed.
+    NothingLive,
+    /// `run` while another command of the app runs (without `concurrent`).
+    CommandRunning,
     // The agent.
     TooManyStreams,
     StoreFull,
@@ -105,6 +110,7 @@ impl ErrorCode {
             Self::InvalidFleet => "invalid_fleet",
             Self::InvalidDigest => "invalid_digest",
             Self::InvalidLastEventId => "invalid_last_event_id",
+            Self::InvalidCommand => "invalid_command",
             Self::Unauthenticated => "unauthenticated",
             Self::InvalidToken => "invalid_token",
             Self::TokenReplayed => "token_replayed",
@@ -123,6 +129,8 @@ impl ErrorCode {
             Self::NoPreviousRelease => "no_previous_release",
             Self::CanaryNotConfigured => "canary_not_configured",
             Self::NoCanary => "no_canary",
+            Self::NothingLive => "nothing_live",
+            Self::CommandRunning => "command_running",
             Self::TooManyStreams => "too_many_streams",
             Self::StoreFull => "store_full",
             Self::AuditUnavailable => "audit_unavailable",
@@ -159,6 +167,7 @@ mod tests {
             ErrorCode::InvalidFleet,
             ErrorCode::InvalidDigest,
             ErrorCode::InvalidLastEventId,
+            ErrorCode::InvalidCommand,
             ErrorCode::Unauthenticated,
             ErrorCode::InvalidToken,
             ErrorCode::TokenReplayed,
@@ -177,6 +186,8 @@ mod tests {
             ErrorCode::NoPreviousRelease,
             ErrorCode::CanaryNotConfigured,
             ErrorCode::NoCanary,
+            ErrorCode::NothingLive,
+            ErrorCode::CommandRunning,
             ErrorCode::TooManyStreams,
             ErrorCode::StoreFull,
             ErrorCode::AuditUnavailable,

@@ -11,6 +11,7 @@ mod error;
 mod name;
 mod operator;
 mod plan;
+mod run;
 mod sha;
 
 pub use api::{
@@ -29,4 +30,5 @@ pub use plan::{
     MigrationPlan, Plan, PlanState, PlannedMigration, PlannedOperation, PlannedService,
     PlannedTask, SchemaRollback, Touches, UnsafeMigrations, Verdict,
 };
+pub use run::{DEFAULT_RUN_SECS, MAX_COMMAND_BYTES, MAX_RUN_SECS, RunEvent, RunRequest};
 pub use sha::{CommitSha, InvalidSha, short_sha};

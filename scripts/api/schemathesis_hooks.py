@@ -24,7 +24,7 @@ class FreshToken:
                 "--sub",
                 "schemathesis",
                 "--scope",
-                "read,deploy,rollback,admin",
+                "read,deploy,rollback,admin,run,logs",
                 "--ttl",
                 "10m",
             ],

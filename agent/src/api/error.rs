@@ -117,9 +117,13 @@ impl From<EngineError> for ApiError {
             }
             EngineError::CanaryInFleet(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             EngineError::NoCanary(_) => (StatusCode::CONFLICT, ErrorCode::NoCanary),
+            EngineError::InvalidRun(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidCommand),
+            EngineError::NothingLive(_) => (StatusCode::CONFLICT, ErrorCode::NothingLive),
+            EngineError::CommandRunning { .. } => (StatusCode::CONFLICT, ErrorCode::CommandRunning),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             EngineError::Store(crate::store::StoreError::Full) => return Self::store_full(),
             EngineError::Config(_)
+            | EngineError::Env(_)
             | EngineError::Store(_)
             | EngineError::Docker(_)
             | EngineError::HttpClient(_) => {

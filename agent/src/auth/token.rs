@@ -40,7 +40,7 @@ pub fn issue(cfg: &AuthConfig, request: &TokenRequest) -> Result<String, String>
         ));
     }
     if request.scopes.is_empty() {
-        return Err("name at least one scope (read, deploy, rollback, admin)".into());
+        return Err("name at least one scope (read, deploy, rollback, admin, run, logs)".into());
     }
     let can_sign =
         |k: &&crate::config::KeyConfig| k.private_key.is_some() || k.algorithm.is_secret();

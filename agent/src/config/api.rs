@@ -105,7 +105,7 @@ pub struct OperatorConfig {
     pub name: String,
     /// Their public key, as in `authorized_keys`: `ssh-ed25519 AAAA... comment`.
     pub key: String,
-    /// Granted scopes: read, deploy, rollback, admin.
+    /// Granted scopes: read, deploy, rollback, admin, run, logs.
     pub scopes: Vec<deployd_proto::Scope>,
     /// Apps the scopes apply to. Default: all (`*`).
     #[serde(default = "all_apps")]
@@ -194,7 +194,7 @@ pub struct RuleConfig {
     pub claims: std::collections::BTreeMap<String, String>,
     /// Apps the rule applies to (`*` for all).
     pub apps: Vec<String>,
-    /// Granted scopes: read, deploy, rollback, admin.
+    /// Granted scopes: read, deploy, rollback, admin, run, logs.
     pub scopes: Vec<deployd_proto::Scope>,
 }
 

@@ -188,16 +188,51 @@ impl Docker {
         &self,
         spec: ContainerSpec,
         timeout: Duration,
-        on_line: impl FnMut(&str) + Send,
+        mut on_line: impl FnMut(&str) + Send,
+    ) -> Result<OneOffOutput, DockerError> {
+        self.run_to_removal(spec, timeout, None, LineSink::Call(&mut on_line))
+            .await
+    }
+
+    /// Like [`Docker::run_oneoff`] for a reader far away: each output line
+    /// is sent to `out`, waiting for room (a slow reader slows the reading
+    /// of the output, it does not fill memory). When `out` closes (the
+    /// reader left), the container is stopped and removed at once.
+    pub async fn run_streamed(
+        &self,
+        spec: ContainerSpec,
+        timeout: Duration,
+        out: &tokio::sync::mpsc::Sender<String>,
+    ) -> Result<i64, DockerError> {
+        self.run_to_removal(spec, timeout, Some(out), LineSink::Channel(out))
+            .await
+            .map(|output| output.exit_code)
+    }
+
+    async fn run_to_removal(
+        &self,
+        spec: ContainerSpec,
+        timeout: Duration,
+        reader: Option<&tokio::sync::mpsc::Sender<String>>,
+        sink: LineSink<'_>,
     ) -> Result<OneOffOutput, DockerError> {
         let what = spec.cmd.as_ref().map_or_else(
             || format!("a one-off container of {}", spec.image),
             |c| c.join(" "),
         );
         let id = self.create(spec).await?;
-        let result = match tokio::time::timeout(timeout, self.run_to_end(&id, on_line)).await {
-            Ok(result) => result,
-            Err(_) => Err(DockerError::Timeout { what, timeout }),
+        let left = async {
+            match reader {
+                Some(reader) => reader.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            ended = tokio::time::timeout(timeout, self.run_to_end(&id, sink)) => match ended {
+                Ok(result) => result,
+                Err(_) => Err(DockerError::Timeout { what, timeout }),
+            },
+            () = left => Err(DockerError::Abandoned { what }),
         };
         match (result, self.remove(&id).await) {
             (Ok(output), Ok(())) => Ok(output),
@@ -212,7 +247,7 @@ impl Docker {
     async fn run_to_end(
         &self,
         id: &str,
-        mut on_line: impl FnMut(&str) + Send,
+        mut sink: LineSink<'_>,
     ) -> Result<OneOffOutput, DockerError> {
         self.api
             .start_container(id, None)
@@ -228,11 +263,11 @@ impl Docker {
         while let Some(chunk) = logs.next().await {
             let chunk = chunk.map_err(DockerError::engine("read one-off container output"))?;
             for line in lines.push(chunk.as_ref()) {
-                on_line(&line);
+                sink.put(line).await;
             }
         }
         if let Some(rest) = lines.flush() {
-            on_line(&rest);
+            sink.put(rest).await;
         }
         let exit_code = self.exit_code(id).await?;
         Ok(OneOffOutput {
@@ -476,6 +511,24 @@ impl Docker {
 
 /// Longest line kept whole; longer ones are split.
 const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Where a one-off container's output lines go as they come.
+enum LineSink<'a> {
+    Call(&'a mut (dyn FnMut(&str) + Send)),
+    Channel(&'a tokio::sync::mpsc::Sender<String>),
+}
+
+impl LineSink<'_> {
+    async fn put(&mut self, line: String) {
+        match self {
+            Self::Call(call) => call(&line),
+            // A reader that left is noticed by `run_to_removal`.
+            Self::Channel(out) => {
+                let _ = out.send(line).await;
+            }
+        }
+    }
+}
 
 /// Splits a stream of output chunks into lines. Docker frames carry whatever
 /// one write() produced: several lines, or part of one.

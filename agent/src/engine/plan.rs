@@ -220,21 +220,26 @@ impl EngineHandle {
 }
 
 impl Ctx {
-    /// Removes inspection containers a stop or crash left behind: no plan
-    /// outlives a restart (it reads as failed).
-    pub(super) async fn remove_plan_leftovers(&self, apps: impl Iterator<Item = &String>) {
+    /// Removes one-off containers of `task` (`plan`, `run`) a stop or
+    /// crash left behind: neither a plan nor a command outlives a restart
+    /// (a plan reads as failed; a command's caller was cut off).
+    pub(super) async fn remove_oneoff_leftovers(
+        &self,
+        apps: impl Iterator<Item = &String>,
+        task: &str,
+    ) {
         for app in apps {
-            let labels = [(label::APP, app.as_str()), (label::TASK, "plan")];
+            let labels = [(label::APP, app.as_str()), (label::TASK, task)];
             let found = match self.docker.containers(&labels).await {
                 Ok(found) => found,
                 Err(e) => {
-                    tracing::warn!(%app, error = %e, "cannot list leftover plan containers");
+                    tracing::warn!(%app, task, error = %e, "cannot list leftover one-off containers");
                     continue;
                 }
             };
             for c in found {
                 if let Err(e) = self.docker.remove(&c.id).await {
-                    tracing::warn!(%app, container = %c.name, error = %e, "leftover plan container not removed");
+                    tracing::warn!(%app, container = %c.name, error = %e, "leftover one-off container not removed");
                 }
             }
         }

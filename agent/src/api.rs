@@ -11,11 +11,13 @@ mod events;
 mod fleet;
 mod guard;
 mod health;
+mod logs;
 pub mod metrics;
 mod openapi;
 mod plans;
 mod runs;
 mod server;
+mod stream;
 mod tls;
 
 use std::sync::{Arc, RwLock};
@@ -124,6 +126,43 @@ pub(crate) struct StreamCaps {
     pub per_address: Arc<Tally<std::net::IpAddr>>,
 }
 
+/// A stream's places under its caps, given back when dropped.
+pub(crate) type HeldStream = (
+    crate::limit::Counted<String>,
+    Option<crate::limit::Counted<std::net::IpAddr>>,
+);
+
+impl StreamCaps {
+    /// Streams hold a task and a connection for as long as the client
+    /// likes: capped per token and per address, freed when they end (the
+    /// places are dropped). 429 when either cap is reached.
+    pub(crate) fn hold(
+        &self,
+        who: &Principal,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<HeldStream, ApiError> {
+        // An operator signs a token per request: theirs count together.
+        let id = match who.jti.as_deref() {
+            Some(jti) if who.issuer != deployd_proto::OPERATOR_ISSUER => jti,
+            _ => &who.subject,
+        };
+        let token = format!("{}\n{id}", who.issuer);
+        let held = (
+            self.per_token.take(token),
+            source.map(|ip| self.per_address.take(crate::limit::bucket(ip))),
+        );
+        match held {
+            (Some(token), None) => Ok((token, None)),
+            (Some(token), Some(Some(address))) => Ok((token, Some(address))),
+            _ => Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyStreams,
+                "too many event streams are open for this token or address; close one",
+            )),
+        }
+    }
+}
+
 /// The whole API.
 pub fn router(state: ApiState, limits: Limits) -> Router {
     let v1 = Router::new()
@@ -138,6 +177,7 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/apps/{app}/canary/{order}", post(apps::canary))
         .route("/apps/{app}/plans", post(plans::create))
         .route("/apps/{app}/runs", post(runs::create))
+        .route("/apps/{app}/logs", get(logs::stream))
         .route("/plans/{id}", get(plans::get))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))

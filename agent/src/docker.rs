@@ -11,7 +11,9 @@ mod volume;
 
 use std::time::Duration;
 
-pub use container::{ContainerInfo, ContainerSpec, ContainerState, OneOffOutput, PortAddrs};
+pub use container::{
+    ContainerInfo, ContainerSpec, ContainerState, LogWindow, OneOffOutput, PortAddrs,
+};
 pub use image::{ImageRef, PulledImage, RegistryAuth, RegistryAuthError};
 
 /// A connection to the local Docker engine, cheap to clone.

@@ -8,6 +8,7 @@ mod canary;
 pub(crate) mod command;
 mod common;
 mod health;
+mod logs;
 mod observed;
 mod plan;
 mod prepare;
@@ -128,7 +129,7 @@ pub enum EngineError {
     #[error("a fleet deployment of {0} runs no canary: deploy the hosts one by one for that")]
     CanaryInFleet(String),
     #[error("{0}")]
-    InvalidRun(String),
+    UnknownService(String),
     #[error("{0} has no live release to run a command in: deploy one first")]
     NothingLive(String),
     #[error(
@@ -164,7 +165,7 @@ impl EngineError {
                 | Self::CanaryNotConfigured(_)
                 | Self::CanaryInFleet(_)
                 | Self::NoCanary(_)
-                | Self::InvalidRun(_)
+                | Self::UnknownService(_)
                 | Self::NothingLive(_)
                 | Self::CommandRunning { .. }
                 | Self::Env(_)

@@ -240,12 +240,23 @@ impl Client {
         path: &str,
         body: &impl serde::Serialize,
     ) -> Result<reqwest::Response, CliError> {
-        let response = self
-            .streaming
-            .post(format!("{}{path}", self.settings.url))
+        let url = format!("{}{path}", self.settings.url);
+        self.open_stream(self.streaming.post(url).json(body)).await
+    }
+
+    /// `GET path`, answered by an event stream.
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        let url = format!("{}{path}", self.settings.url);
+        self.open_stream(self.streaming.get(url)).await
+    }
+
+    async fn open_stream(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CliError> {
+        let response = request
             .bearer_auth(self.token().await?)
             .header("accept", "text/event-stream")
-            .json(body)
             .send()
             .await
             .map_err(|e| unreachable(&self.settings.url, &e))?;

@@ -680,12 +680,13 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
         let bob_public = std::fs::read_to_string(bob_key.with_extension("pub")).unwrap();
 
         // The host trusts the three keys: alice and bob may deploy the
-        // app (bob may run commands too), carol may only read another app.
+        // app (bob may also run commands and read its logs), carol may only
+        // read another app.
         let app = scope.app();
         let operators = format!(
             "{entry}\n\
              [[auth.operators]]\nname = \"bob\"\nkey = \"{bob}\"\n\
-             scopes = [\"read\", \"deploy\", \"rollback\", \"run\"]\napps = [\"{app}\"]\n\
+             scopes = [\"read\", \"deploy\", \"rollback\", \"run\", \"logs\"]\napps = [\"{app}\"]\n\
              [[auth.operators]]\nname = \"carol\"\nkey = \"{carol}\"\n\
              scopes = [\"read\"]\napps = [\"another\"]\n",
             bob = bob_public.trim(),
@@ -783,6 +784,7 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
         );
 
         runs_a_command_in_the_live_release(&agent, &scope, &as_alice, &as_bob).await;
+        follows_the_app_logs_across_a_deploy(&scope, &as_alice, &as_bob, homes.path()).await;
 
         // Bob's key removed from the configuration and the configuration
         // reloaded (what SIGHUP does): his agent's signature is refused.
@@ -922,5 +924,84 @@ async fn runs_a_command_in_the_live_release(
         outcomes,
         ["exited 3", "exited 0", "failed", "exited 0", "failed"],
         "{log:#?}"
+    );
+}
+
+/// `deployctl logs --service web` (bob may, alice may not): the running
+/// containers' lines, then, followed through a deploy, the new containers
+/// join and the old ones leave.
+async fn follows_the_app_logs_across_a_deploy(
+    scope: &support::Scope,
+    as_alice: &(dyn Fn() -> tokio::process::Command + Sync),
+    as_bob: &(dyn Fn() -> tokio::process::Command + Sync),
+    dir: &std::path::Path,
+) {
+    let app = scope.app();
+    let prefix = |variant: &str| format!("{app}-web-{}-", &scope.bed.sha(variant).as_str()[..12]);
+    let (old, new) = (prefix("release-1"), prefix("release-2"));
+    let out = as_alice()
+        .args(["logs", "--service", "web"])
+        .output()
+        .await
+        .unwrap();
+    let (_, err) = expect(&out, 6, "alice may not read logs");
+    assert!(err.contains("alice may not logs"), "{err}");
+    let out = as_bob()
+        .args(["logs", "--service", "web", "--tail", "5"])
+        .output()
+        .await
+        .unwrap();
+    let (lines, _) = expect(&out, 0, "bob reads the logs");
+    assert!(
+        !lines.is_empty() && lines.lines().all(|l| l.starts_with(&old)),
+        "{lines}"
+    );
+
+    let (stdout, stderr) = (dir.join("logs.out"), dir.join("logs.err"));
+    let mut following = as_bob()
+        .args(["logs", "--service", "web", "--follow", "--tail", "1"])
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    support::poll(
+        "the follower joined the running container",
+        Duration::from_secs(60),
+        || async { read(&stderr).contains("joined").then_some(()) },
+    )
+    .await;
+    let out = as_alice()
+        .args(["deploy", &scope.bed.sha("release-2").to_string()])
+        .output()
+        .await
+        .unwrap();
+    expect(&out, 0, "release 2 deployed while logs are followed");
+    support::poll(
+        "the new container's lines, and the old one gone",
+        Duration::from_secs(120),
+        || async {
+            let said = read(&stderr);
+            let lines = read(&stdout);
+            (said.contains(&format!("-- {new}")) && said.contains(" left") && lines.contains(&new))
+                .then_some(())
+        },
+    )
+    .await;
+    following.kill().await.unwrap();
+    let (said, lines) = (read(&stderr), read(&stdout));
+    let first_new = lines.find(&new).unwrap();
+    assert!(
+        lines[..first_new].contains(&old),
+        "old lines first:\n{lines}"
+    );
+    assert!(
+        said.contains(&format!("-- {old}"))
+            && said.contains(&format!(
+                "joined (release {})",
+                &new[app.len() + 5..new.len() - 1]
+            )),
+        "{said}"
     );
 }

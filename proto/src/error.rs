@@ -65,6 +65,8 @@ pub enum ErrorCode {
     UnknownDeployment,
     UnknownRelease,
     UnknownPlan,
+    /// A service the app's configuration does not have.
+    UnknownService,
     // The app's state.
     /// A deployment is running (`deployment` names it).
     Conflict,
@@ -122,6 +124,7 @@ impl ErrorCode {
             Self::UnknownDeployment => "unknown_deployment",
             Self::UnknownRelease => "unknown_release",
             Self::UnknownPlan => "unknown_plan",
+            Self::UnknownService => "unknown_service",
             Self::Conflict => "conflict",
             Self::Locked => "locked",
             Self::Preparing => "preparing",
@@ -179,6 +182,7 @@ mod tests {
             ErrorCode::UnknownDeployment,
             ErrorCode::UnknownRelease,
             ErrorCode::UnknownPlan,
+            ErrorCode::UnknownService,
             ErrorCode::Conflict,
             ErrorCode::Locked,
             ErrorCode::Preparing,

@@ -8,6 +8,7 @@ mod api;
 mod canary;
 mod deployment;
 mod error;
+mod logs;
 mod name;
 mod operator;
 mod plan;
@@ -24,6 +25,7 @@ pub use deployment::{
     DeploymentKind, DeploymentState, EventKind, FleetPart, ServiceStatus, Step, StepState,
 };
 pub use error::{ErrorBody, ErrorCode};
+pub use logs::LogEvent;
 pub use name::is_plain_name;
 pub use operator::{MAX_OPERATOR_TOKEN_SECS, OPERATOR_ISSUER, OperatorClaims};
 pub use plan::{

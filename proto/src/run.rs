@@ -49,3 +49,15 @@ pub enum RunEvent {
     /// container was removed.
     Failed { error: String },
 }
+
+impl RunEvent {
+    /// Its `kind` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Started { .. } => "started",
+            Self::Output { .. } => "output",
+            Self::Exited { .. } => "exited",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}

@@ -117,7 +117,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::CanaryInFleet(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             EngineError::NoCanary(_) => (StatusCode::CONFLICT, ErrorCode::NoCanary),
-            EngineError::InvalidRun(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidCommand),
+            EngineError::UnknownService(_) => (StatusCode::BAD_REQUEST, ErrorCode::UnknownService),
             EngineError::NothingLive(_) => (StatusCode::CONFLICT, ErrorCode::NothingLive),
             EngineError::CommandRunning { .. } => (StatusCode::CONFLICT, ErrorCode::CommandRunning),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),

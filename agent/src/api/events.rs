@@ -94,28 +94,7 @@ pub async fn stream(
 ) -> Result<Response, ApiError> {
     let id = DeploymentId(id);
     let deployment = readable(&state, &who, &id)?;
-    // Streams hold a task and a connection for as long as the client
-    // likes: capped per token and per address, freed when they end.
-    let token = format!(
-        "{}\n{}",
-        who.issuer,
-        who.jti.as_deref().unwrap_or(&who.subject)
-    );
-    let held = (
-        caps.per_token.take(token),
-        source.map(|ip| caps.per_address.take(crate::limit::bucket(ip))),
-    );
-    let held = match held {
-        (Some(token), None) => (token, None),
-        (Some(token), Some(Some(address))) => (token, Some(address)),
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::TooManyStreams,
-                "too many event streams are open for this token or address; close one",
-            ));
-        }
-    };
+    let held = caps.hold(&who, source)?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(

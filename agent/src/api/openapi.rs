@@ -14,10 +14,10 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         super::events::stream,
         super::apps::status, super::apps::rollback, super::apps::lock, super::apps::unlock,
         super::apps::prepare, super::apps::canary,
-        super::plans::create, super::plans::get, super::runs::create,
+        super::plans::create, super::plans::get, super::runs::create, super::logs::stream,
         super::whoami, super::health::healthz, super::health::readiness,
     ),
-    components(schemas(deployd_proto::DeploymentEvent, deployd_proto::RunEvent)),
+    components(schemas(deployd_proto::DeploymentEvent, deployd_proto::RunEvent, deployd_proto::LogEvent)),
     modifiers(&BearerAuth, &CommonErrors),
 )]
 pub struct ApiDoc;

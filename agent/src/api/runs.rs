@@ -1,15 +1,9 @@
 //! `POST /v1/apps/{app}/runs`: a one-off command in the live release, its
 //! output streamed back as Server-Sent Events (see `engine::command`).
 
-use std::convert::Infallible;
-use std::time::Duration;
-
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use deployd_proto::{ErrorBody, ErrorCode, RunEvent, RunRequest, Scope};
-use futures_util::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::audit::{ClientAddr, begin_change, ended};
 use super::{ApiError, ApiState, Caller, Json, Path};
@@ -23,22 +17,7 @@ pub struct RunSseEvent;
 
 impl utoipa::PartialSchema for RunSseEvent {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        use utoipa::openapi::schema::{ObjectBuilder, Type};
-        let text = || ObjectBuilder::new().schema_type(Type::String);
-        ObjectBuilder::new()
-            .property(
-                "event",
-                text().enum_values(Some(["started", "output", "exited", "failed"])),
-            )
-            .property(
-                "data",
-                text()
-                    .content_media_type("application/json")
-                    .content_schema(Some(utoipa::openapi::Ref::from_schema_name("RunEvent"))),
-            )
-            .required("event")
-            .required("data")
-            .into()
+        super::stream::schema(&["started", "output", "exited", "failed"], "RunEvent")
     }
 }
 
@@ -104,21 +83,5 @@ pub async fn create(
         spent,
         state.engine.run_command(&app, body, &who.subject),
     )?;
-    let stream = ReceiverStream::new(run.events).map(|event| {
-        let kind = match &event {
-            RunEvent::Started { .. } => "started",
-            RunEvent::Output { .. } => "output",
-            RunEvent::Exited { .. } => "exited",
-            RunEvent::Failed { .. } => "failed",
-        };
-        Ok::<_, Infallible>(
-            Event::default()
-                .event(kind)
-                .json_data(&event)
-                .unwrap_or_default(),
-        )
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(super::stream::sse(run.events, RunEvent::kind, ()))
 }

@@ -276,6 +276,65 @@ impl Docker {
         })
     }
 
+    /// Sends a container's output lines to `out`, each made by `make` from
+    /// the time the engine took it in and the line: the last `tail` lines
+    /// (all: `None`) since `since` (Unix seconds), then with `follow` the
+    /// new ones until the container stops. Ends early, without error, once
+    /// `out` is closed.
+    pub async fn pipe_logs<T>(
+        &self,
+        id: &str,
+        logs: LogWindow,
+        out: &tokio::sync::mpsc::Sender<T>,
+        make: impl Fn(time::OffsetDateTime, String) -> T,
+    ) -> Result<(), DockerError> {
+        let mut options = LogsOptionsBuilder::default()
+            .follow(logs.follow)
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .tail(
+                &logs
+                    .tail
+                    .map_or_else(|| "all".to_owned(), |n| n.to_string()),
+            );
+        if let Some(since) = logs.since {
+            options = options.since(i32::try_from(since).unwrap_or(i32::MAX));
+        }
+        let mut stream = self.api.logs(id, Some(options.build()));
+        let mut lines = Lines::default();
+        let stamped = |line: String| {
+            // `2026-12-01T22:15:45.123456789Z the line`
+            let (at, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+            let at =
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                    .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+            make(at, rest.to_owned())
+        };
+        loop {
+            let chunk = tokio::select! {
+                chunk = stream.next() => chunk,
+                () = out.closed() => return Ok(()),
+            };
+            let Some(chunk) = chunk else { break };
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                // Gone meanwhile: its lines end here.
+                Err(e) if status_code(&e) == Some(404) => break,
+                Err(e) => return Err(DockerError::engine("read a container's logs")(e)),
+            };
+            for line in lines.push(chunk.as_ref()) {
+                if out.send(stamped(line)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(rest) = lines.flush() {
+            let _ = out.send(stamped(rest)).await;
+        }
+        Ok(())
+    }
+
     /// Waits until a container is no longer running; returns its exit
     /// status. Its output ending is not enough: the engine may record the
     /// exit a moment later.
@@ -511,6 +570,17 @@ impl Docker {
 
 /// Longest line kept whole; longer ones are split.
 const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Which of a container's log lines to read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogWindow {
+    /// Keep reading new lines until the container stops.
+    pub follow: bool,
+    /// Only the last this many (of those since `since`).
+    pub tail: Option<usize>,
+    /// Only those since this time (Unix seconds).
+    pub since: Option<i64>,
+}
 
 /// Where a one-off container's output lines go as they come.
 enum LineSink<'a> {

@@ -13,6 +13,7 @@ use deployd_proto::{CommitSha, RunEvent, RunRequest};
 use tokio::sync::mpsc;
 
 use super::{EngineError, EngineHandle, label};
+use crate::config::AppConfig;
 use crate::docker::{ContainerSpec, Docker, DockerError};
 use crate::env_file::AppEnv;
 use crate::store::AuditRecord;
@@ -86,6 +87,27 @@ impl Commands {
     }
 }
 
+/// The service named, which must be one of the app's; else `web`, else
+/// the first.
+pub(super) fn service_of(
+    app: &str,
+    cfg: &AppConfig,
+    named: Option<&str>,
+) -> Result<String, EngineError> {
+    match named {
+        Some(s) if cfg.services.contains_key(s) => Ok(s.to_owned()),
+        Some(s) => {
+            let known: Vec<&str> = cfg.services.keys().map(String::as_str).collect();
+            Err(EngineError::UnknownService(format!(
+                "{app} has no service {s} (it has {})",
+                known.join(", ")
+            )))
+        }
+        None if cfg.services.contains_key("web") => Ok("web".to_owned()),
+        None => Ok(cfg.services.keys().next().cloned().unwrap_or_default()),
+    }
+}
+
 /// A command line as a shell would take it back: arguments with spaces or
 /// quotes single-quoted. For the audit log and messages.
 pub fn shell_words(command: &[String]) -> String {
@@ -122,18 +144,7 @@ impl EngineHandle {
             .get(app)
             .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?
             .clone();
-        let service = match &request.service {
-            Some(s) if cfg.services.contains_key(s) => s.clone(),
-            Some(s) => {
-                let known: Vec<&str> = cfg.services.keys().map(String::as_str).collect();
-                return Err(EngineError::InvalidRun(format!(
-                    "{app} has no service {s} (it has {})",
-                    known.join(", ")
-                )));
-            }
-            None if cfg.services.contains_key("web") => "web".to_owned(),
-            None => cfg.services.keys().next().cloned().unwrap_or_default(),
-        };
+        let service = service_of(app, &cfg, request.service.as_deref())?;
         let live = self
             .ctx
             .store

@@ -181,6 +181,10 @@ pub fn router(state: ApiState, limits: Limits) -> Router {
         .route("/plans/{id}", get(plans::get))
         .route("/deployments/{id}", get(deployments::get))
         .route("/deployments/{id}/events", get(events::stream))
+        .route(
+            "/deployments/{id}/notifications",
+            get(deployments::notifications),
+        )
         .route("/whoami", get(whoami));
     let streams = StreamCaps {
         per_token: Tally::new(limits.streams_per_token),

@@ -15,6 +15,7 @@ mod app;
 mod canary;
 mod health;
 mod migrations;
+mod notify;
 mod switch;
 
 pub use api::{
@@ -25,6 +26,7 @@ pub use app::{AppConfig, EnvVars, Role, ServiceConfig, TaskConfig};
 pub use canary::CanaryConfig;
 pub use health::HealthConfig;
 pub use migrations::{MigrationsConfig, UnsafeMigrations};
+pub use notify::{NOTIFY_EVENTS, NotifyConfig, NotifyFormat};
 pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
@@ -371,6 +373,44 @@ mod tests {
                 "auth.oidc[0].jwks_url",
                 "auth.oidc[0].rules[0]",
                 "auth.oidc[0].rules[0].claims"
+            ],
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_webhook_is_https_or_local_signed_when_json_and_names_known_events() {
+        let app = |hooks: &str| {
+            format!(
+                r#"
+                [apps.shop]
+                image = "registry.example/shop"
+                [apps.shop.services.web]
+                port = 8000
+                health = {{ path = "/healthz/", host = "shop.example" }}
+                {hooks}
+                "#
+            )
+        };
+        let good = app(
+            "[[apps.shop.notify]]\nurl = \"https://hooks.example/d\"\nsecret_file = \"/k\"\n\
+             [[apps.shop.notify]]\nurl = \"http://127.0.0.1:9/d\"\nformat = \"slack\"\n",
+        );
+        let hooks = Config::from_toml(&good).unwrap().apps["shop"]
+            .notify
+            .clone();
+        assert_eq!(hooks[0].events.len(), NOTIFY_EVENTS.len());
+        let bad = app(
+            "[[apps.shop.notify]]\nurl = \"http://hooks.example/d\"\nevents = [\"deployed\"]\n",
+        );
+        let problems = Config::from_toml(&bad).unwrap_err().0;
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "apps.shop.notify[0].url",
+                "apps.shop.notify[0].events",
+                "apps.shop.notify[0].secret_file"
             ],
             "{problems:?}"
         );

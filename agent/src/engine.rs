@@ -200,6 +200,8 @@ pub(crate) struct Ctx {
     canaries: canary::Canaries,
     /// One-off commands running (`deployctl run`).
     commands: command::Commands,
+    /// Each app's webhooks.
+    notifier: crate::notify::Notifier,
 }
 
 /// Test-only crash hook: deployments stop dead before a step, as if the
@@ -295,6 +297,14 @@ impl EngineHandle {
         // so none are loaded (a host without ca-certificates works too).
         let health =
             health::HealthCheck::new().map_err(|e| EngineError::HttpClient(e.to_string()))?;
+        let apps: HashMap<String, Arc<AppConfig>> = config
+            .apps
+            .iter()
+            .map(|(name, app)| (name.clone(), Arc::new(app.clone())))
+            .collect();
+        let configs = apps.iter().map(|(name, cfg)| (name, cfg.as_ref()));
+        let notifier = crate::notify::Notifier::new(configs, store.clone())
+            .map_err(EngineError::HttpClient)?;
         let ctx = Arc::new(Ctx {
             docker,
             store,
@@ -311,12 +321,8 @@ impl EngineHandle {
             planning: Mutex::default(),
             canaries: canary::Canaries::default(),
             commands: command::Commands::default(),
+            notifier,
         });
-        let apps: HashMap<String, Arc<AppConfig>> = config
-            .apps
-            .iter()
-            .map(|(name, app)| (name.clone(), Arc::new(app.clone())))
-            .collect();
         ctx.metrics.register_apps(apps.keys());
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
@@ -802,11 +808,8 @@ impl Ctx {
                 return;
             }
         };
-        let outcome = serde_json::to_value(state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let mut record = crate::store::AuditRecord::new("deployment_finished", outcome);
+        self.notifier.tell(&deployment, state.as_str());
+        let mut record = crate::store::AuditRecord::new("deployment_finished", state.as_str());
         record.subject = Some("deployd".into());
         record.app = Some(deployment.app);
         record.sha = Some(deployment.sha.to_string());

@@ -15,6 +15,7 @@ pub mod env_file;
 pub mod init;
 pub mod limit;
 pub mod metrics;
+pub mod notify;
 pub mod store;
 pub mod switch;
 mod sync;

@@ -15,6 +15,7 @@ use deployd_proto::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 mod audit;
+mod deliveries;
 mod plans;
 
 pub use audit::{
@@ -118,7 +119,7 @@ pub struct Release {
 /// have been applied. Never edit one that shipped; append a new one.
 const MIGRATIONS: &[&str] = &[
     SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
-    SCHEMA_V9,
+    SCHEMA_V9, SCHEMA_V10,
 ];
 
 const SCHEMA_V1: &str = "
@@ -234,6 +235,19 @@ ALTER TABLE deployments ADD COLUMN schema TEXT NOT NULL DEFAULT 'check';
 /// A deployment says whether it is a canary.
 const SCHEMA_V9: &str = "
 ALTER TABLE deployments ADD COLUMN canary INTEGER NOT NULL DEFAULT 0;
+";
+
+const SCHEMA_V10: &str = "
+CREATE TABLE IF NOT EXISTS deliveries (
+    deployment TEXT NOT NULL,
+    hook TEXT NOT NULL,
+    event TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (deployment, hook, event)
+);
 ";
 
 /// Inserts a deployment's record.

@@ -1005,3 +1005,147 @@ async fn follows_the_app_logs_across_a_deploy(
         "{said}"
     );
 }
+
+/// What a webhook receiver got: the event header, the signature header and
+/// the body of each request, answered or not.
+#[derive(Default)]
+struct Received(std::sync::Mutex<Vec<(String, String, String)>>);
+
+/// A webhook receiver on loopback: `/hook` answers 500 to its first two
+/// requests, then 200; `/hang` never answers.
+async fn webhook_receiver() -> (SocketAddr, Arc<Received>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let received = Arc::new(Received::default());
+    let record = |received: Arc<Received>, headers: HeaderMap, body: String| {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let mut all = received.0.lock().unwrap();
+        all.push((
+            header("x-deployd-event"),
+            header("x-deployd-signature"),
+            body,
+        ));
+        all.len()
+    };
+    let hook = {
+        let received = received.clone();
+        move |headers: HeaderMap, body: String| async move {
+            let seen = record(received, headers, body);
+            if seen <= 2 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::OK
+            }
+        }
+    };
+    let hang = move |_body: String| async move {
+        std::future::pending::<()>().await;
+        StatusCode::OK
+    };
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .route("/hang", axum::routing::post(hang));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, received)
+}
+
+#[tokio::test]
+async fn webhooks_hear_of_every_outcome_signed_retried_and_never_in_the_way() {
+    use hmac::Mac;
+    scoped(|scope| async move {
+        let (receiver, received) = webhook_receiver().await;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("notify.key");
+        std::fs::write(&secret, "a webhook key of at least 32 bytes, for tests\n").unwrap();
+        let app = scope.app();
+        let hooks = format!(
+            "[[apps.{app}.notify]]\nurl = \"http://127.0.0.1:{port}/hook\"\n\
+             secret_file = \"{secret}\"\ntimeout = \"5s\"\nretry_for = \"5m\"\n\
+             [[apps.{app}.notify]]\nurl = \"http://127.0.0.1:{port}/hang\"\nformat = \"slack\"\n\
+             events = [\"started\", \"succeeded\"]\ntimeout = \"1m\"\nretry_for = \"5m\"\n",
+            port = receiver.port(),
+            secret = secret.display(),
+        );
+        let repository = scope.publish_releases().await;
+        let agent = TestAgent::start_with(&scope, &repository, "", &hooks).await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        let token = || agent.token("ci", &ALL, &[]);
+        let sha = |variant: &str| scope.bed.sha(variant).to_string();
+        let mut ids = Vec::new();
+        for (variant, code) in [("release-1", 0), ("migrate-fails", 3), ("worker-crash", 4)] {
+            let out = deployctl(&agent, &agent.url, &token(), &["deploy", &sha(variant)]).await;
+            expect(&out, code, variant);
+            ids.push(agent.engine.store().history(&app, 1, None).unwrap()[0].id.clone());
+        }
+        // rollback_failed, which no release here provokes: the same
+        // delivery path, told of a record in that state.
+        let mut failed = agent.engine.store().get(&ids[2]).unwrap().unwrap();
+        failed.state = deployd_proto::DeploymentState::RollbackFailed;
+        let notifier =
+            deployd::notify::Notifier::new(agent.config.apps.iter(), agent.engine.store().clone())
+                .unwrap();
+        notifier.tell(&failed, "rollback_failed");
+
+        // Every outcome arrives, signed, after the first two answers (500)
+        // were retried.
+        let wanted = ["started", "succeeded", "failed", "rolled_back", "rollback_failed"];
+        let got = support::poll("every outcome delivered", Duration::from_secs(180), || async {
+            let all = received.0.lock().unwrap().clone();
+            let events: Vec<&str> = all.iter().map(|(e, _, _)| e.as_str()).collect();
+            wanted
+                .iter()
+                .all(|w| events.contains(w))
+                .then_some(all)
+        })
+        .await;
+        let key = std::fs::read_to_string(&secret).unwrap();
+        for (event, signature, body) in &got {
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.trim_end().as_bytes()).unwrap();
+            mac.update(body.as_bytes());
+            let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(signature, &format!("sha256={hex}"), "{event}: {body}");
+            let json: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(json["event"], event.as_str());
+            assert_eq!(json["app"], app.as_str());
+        }
+        assert_eq!(got[0].0, "started");
+        assert_eq!(got[0].2, got[2].2, "the same delivery, retried");
+
+        // The hook that never answers held nothing up: the deployment's
+        // first step began, and its end was recorded, within a second of
+        // the events that set deliveries off.
+        let events = agent.engine.store().events(&ids[0], 0).unwrap();
+        let at = |pick: &dyn Fn(&EventKind) -> bool| {
+            events.iter().filter(|e| pick(&e.kind)).map(|e| e.at).collect::<Vec<_>>()
+        };
+        let running = at(&|k| matches!(k, EventKind::State { state, .. } if *state == deployd_proto::DeploymentState::Running))[0];
+        let first_step = at(&|k| matches!(k, EventKind::StepStarted { .. }))[0];
+        let last_step = *at(&|k| matches!(k, EventKind::StepFinished { .. })).last().unwrap();
+        let ended = *at(&|k| matches!(k, EventKind::State { state, .. } if state.is_terminal())).last().unwrap();
+        let (started_in, ended_in) = (first_step - running, ended - last_step);
+        println!("first step began {started_in} after the start; the end recorded {ended_in} after the last step");
+        assert!(started_in < time::Duration::SECOND, "{started_in}");
+        assert!(ended_in < time::Duration::SECOND, "{ended_in}");
+
+        // deployctl logs <id> says how each delivery went.
+        let out = deployctl(&agent, &agent.url, &token(), &["logs", &ids[0].0]).await;
+        let (lines, _) = expect(&out, 0, "logs of release 1");
+        assert!(
+            lines.contains("notify | notify[0] 127.0.0.1: started delivered (HTTP 200, 3 attempts)"),
+            "{lines}"
+        );
+        assert!(
+            lines.contains("notify | notify[1] 127.0.0.1: started retrying"),
+            "{lines}"
+        );
+    })
+    .await;
+}

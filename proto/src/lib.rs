@@ -10,6 +10,7 @@ mod deployment;
 mod error;
 mod logs;
 mod name;
+mod notify;
 mod operator;
 mod plan;
 mod run;
@@ -27,6 +28,7 @@ pub use deployment::{
 pub use error::{ErrorBody, ErrorCode};
 pub use logs::LogEvent;
 pub use name::is_plain_name;
+pub use notify::{Delivery, DeliveryState};
 pub use operator::{MAX_OPERATOR_TOKEN_SECS, OPERATOR_ISSUER, OperatorClaims};
 pub use plan::{
     MigrationPlan, Plan, PlanState, PlannedMigration, PlannedOperation, PlannedService,

@@ -4,7 +4,7 @@ use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use deployd_proto::{
-    DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, ErrorCode, Scope,
+    Delivery, DeployRequest, Deployment, DeploymentId, DeploymentPage, ErrorBody, ErrorCode, Scope,
 };
 use serde::Deserialize;
 
@@ -160,6 +160,27 @@ pub async fn get(
 ) -> Result<Json<Deployment>, ApiError> {
     let deployment = readable(&state, &who, &DeploymentId(id))?;
     Ok(Json(deployment))
+}
+
+/// The webhooks the deployment set off, and how each delivery went.
+#[utoipa::path(
+    get, path = "/v1/deployments/{id}/notifications", tag = "deployments",
+    params(("id" = String, Path, description = "Deployment id")),
+    responses(
+        (status = 200, body = Vec<Delivery>),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn notifications(
+    State(state): State<ApiState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<Delivery>>, ApiError> {
+    let id = DeploymentId(id);
+    readable(&state, &who, &id)?;
+    Ok(Json(state.engine.store().deliveries(&id)?))
 }
 
 /// A deployment the caller may read, or the error to answer.

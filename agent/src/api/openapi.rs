@@ -11,6 +11,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
     info(title = "deployd", description = "Deploys, rolls back and reports on the apps of one Docker host."),
     paths(
         super::deployments::create, super::deployments::list, super::deployments::get,
+        super::deployments::notifications,
         super::events::stream,
         super::apps::status, super::apps::rollback, super::apps::lock, super::apps::unlock,
         super::apps::prepare, super::apps::canary,

@@ -59,6 +59,9 @@ pub struct AppConfig {
     /// Canary deployments: the new release gets a share of real traffic
     /// first, judged by the switch's figures. Needs the switch.
     pub canary: Option<CanaryConfig>,
+    /// Webhooks told when a deployment starts and how it ends.
+    #[serde(default)]
+    pub notify: Vec<super::NotifyConfig>,
 }
 
 /// A release task such as `migrate`.
@@ -304,6 +307,9 @@ impl AppConfig {
             if web != 1 {
                 problems.add(at, "the switch sends traffic to exactly one web service");
             }
+        }
+        for (i, hook) in self.notify.iter().enumerate() {
+            hook.validate(&format!("{at}.notify[{i}]"), problems);
         }
         if let Some(canary) = &self.canary {
             let at = format!("{at}.canary");

@@ -265,6 +265,10 @@ impl Run {
             state: DeploymentState::Running,
             error: None,
         });
+        match self.ctx.store.get(&self.id) {
+            Ok(Some(deployment)) => self.ctx.notifier.tell(&deployment, "started"),
+            _ => tracing::warn!("cannot read the deployment to notify its start"),
+        }
         let (state, error) = self.outcome().await;
         self.ctx.freeze_point("finish").await;
         self.ctx.relist().await;

@@ -392,6 +392,11 @@ impl Store {
                  (SELECT id FROM deployments WHERE finished_at IS NOT NULL AND finished_at < ?1)",
                 params![cut_text],
             )?;
+            tx.execute(
+                "DELETE FROM deliveries WHERE deployment IN
+                 (SELECT id FROM deployments WHERE finished_at IS NOT NULL AND finished_at < ?1)",
+                params![cut_text],
+            )?;
             let plans = tx.execute(
                 "DELETE FROM plans WHERE deployment IS NULL AND created_at < ?1",
                 params![cut_text],

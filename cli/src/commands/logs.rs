@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use deployd_proto::{Deployment, LogEvent};
+use deployd_proto::{Delivery, Deployment, LogEvent};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 
@@ -46,6 +46,27 @@ pub struct Logs {
     pub tail: Option<usize>,
 }
 
+/// How each webhook the deployment set off went, after its log.
+async fn show_deliveries(ctx: &Ctx, id: &str) {
+    let path = format!("/v1/deployments/{id}/notifications");
+    let Ok(deliveries) = ctx.client.get::<Vec<Delivery>>(&path).await else {
+        return;
+    };
+    for d in deliveries {
+        let attempts = match d.attempts {
+            1 => String::new(),
+            n => format!(", {n} attempts"),
+        };
+        ctx.out(&format!(
+            "notify | {}: {} {} ({}{attempts})",
+            d.hook,
+            d.event,
+            d.state.as_str(),
+            d.detail
+        ));
+    }
+}
+
 impl Logs {
     pub async fn run(self, ctx: &Ctx) -> Result<Exit, CliError> {
         let Some(id) = self.id.clone() else {
@@ -53,16 +74,20 @@ impl Logs {
         };
         let style = Style::pick(ctx.json);
         let current: Deployment = ctx.client.get(&format!("/v1/deployments/{id}")).await?;
-        if !self.follow && !current.state.is_terminal() {
+        let exit = if !self.follow && !current.state.is_terminal() {
             // What is recorded so far, then return.
             crate::follow::replay(&ctx.client, &id, style).await?;
-            return Ok(Exit::Success);
+            Exit::Success
+        } else if self.follow {
+            super::deploy::follow_until_interrupted(ctx, &id, style).await?
+        } else {
+            follow(&ctx.client, &id, style).await?;
+            Exit::Success
+        };
+        if !ctx.json {
+            show_deliveries(ctx, &id).await;
         }
-        if self.follow {
-            return super::deploy::follow_until_interrupted(ctx, &id, style).await;
-        }
-        follow(&ctx.client, &id, style).await?;
-        Ok(Exit::Success)
+        Ok(exit)
     }
 
     async fn service_logs(self, ctx: &Ctx) -> Result<Exit, CliError> {

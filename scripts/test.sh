@@ -4,7 +4,8 @@
 # integration test of the workspace. Meanwhile it records Docker's events for
 # every beat container deployd starts, and checks afterwards that no two
 # beats of one app ever ran at once. Then deployd is stopped mid-deployment
-# and started again (once mid-canary, under load), the edge is attacked, a
+# and started again (once mid-canary, under load), an operator works with
+# their own key, the edge is attacked, a
 # fleet of three agents is deployed as one, the Debian package is installed
 # and run under systemd, and the unit's exposure scored; last, schemathesis
 # fuzzes the API.
@@ -28,6 +29,11 @@ bash scripts/scenario/stop.sh
 # systemd holds it: no request fails, the canary ends safely (about a
 # minute).
 bash scripts/scenario/canary-stop.sh
+
+# An operator's day with their own key, then one held by ssh-agent: keygen,
+# trust (SIGHUP), deploy, a manage.py command, logs, rollback, revocation
+# (about a minute).
+bash scripts/scenario/operator.sh >/dev/null
 
 # The public edge and the API against slow, idle and unauthenticated floods
 # (about three minutes).

@@ -168,6 +168,10 @@ pub struct Authenticator {
     keys: HashMap<String, VerifyingKey>,
     /// By key fingerprint.
     operators: HashMap<String, Operator>,
+    /// The agent's own TLS certificate: an operator token's `aud` must be
+    /// a name it is valid for, so that a token sent to one host is no good
+    /// on another. None known: operator tokens are refused.
+    host_certificate: Option<rustls::pki_types::CertificateDer<'static>>,
     oidc: Vec<oidc::Issuer>,
     /// Tokens that verified, for a while (see `verified`).
     verified: verified::Verified,
@@ -283,9 +287,36 @@ impl Authenticator {
             leeway: cfg.leeway,
             keys,
             operators,
+            host_certificate: None,
             oidc,
             verified: verified::Verified::default(),
         })
+    }
+
+    /// Binds operator tokens to this host: their `aud` must be a name (DNS
+    /// name or IP address) the certificate in `pem` (the API's own, its
+    /// first one) is valid for, as deployctl checked when it connected.
+    pub fn for_host(mut self, pem: &Path) -> Result<Self, KeyError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let certificate = CertificateDer::from_pem_file(pem).map_err(|e| KeyError {
+            at: "api.tls_cert".into(),
+            reason: format!("{}: {e}", pem.display()),
+        })?;
+        self.host_certificate = Some(certificate);
+        Ok(self)
+    }
+
+    /// Whether `name` is one the host's certificate is valid for.
+    fn is_host_name(&self, name: &str) -> bool {
+        let Some(der) = &self.host_certificate else {
+            return false;
+        };
+        let Ok(name) = rustls::pki_types::ServerName::try_from(name) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(der)
+            .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
     }
 
     /// Clock skew tolerated: a token is usable until `exp` plus this.
@@ -354,7 +385,11 @@ impl Authenticator {
             return Ok((own_principal(&claims)?, until));
         }
         if claimed_issuer == OPERATOR_ISSUER {
-            return self.verify_operator(token, &kid);
+            let audience = claimed
+                .get("aud")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            return self.verify_operator(token, &kid, audience);
         }
         let issuer = self
             .oidc
@@ -375,19 +410,30 @@ impl Authenticator {
     }
 
     /// An operator's token: signed by the key its `kid` names, for this
-    /// host's audience, by the operator that key belongs to, living at most
-    /// a minute, with an id of its own.
-    fn verify_operator(&self, token: &str, kid: &str) -> Result<(Principal, i64), AuthError> {
+    /// host (`aud`, claimed as `audience`, one of its certificate's names),
+    /// by the operator that key belongs to, living at most a minute, with
+    /// an id of its own.
+    fn verify_operator(
+        &self,
+        token: &str,
+        kid: &str,
+        audience: &str,
+    ) -> Result<(Principal, i64), AuthError> {
         let operator = self
             .operators
             .get(kid)
             .ok_or_else(|| invalid("the token's key is not an operator's key here"))?;
+        if !self.is_host_name(audience) {
+            return Err(invalid(
+                "the token's audience (aud) is not a name of this host's certificate",
+            ));
+        }
         let max = MAX_OPERATOR_TOKEN_SECS;
         let check = Check {
             key: operator.key.clone(),
             algorithms: vec![Algorithm::EdDSA],
             issuer: OPERATOR_ISSUER,
-            audiences: vec![&self.audience],
+            audiences: vec![audience],
             max_age: Duration::from_secs(max.unsigned_abs()),
         };
         let (claims, until) = self.check(token, &check)?;

@@ -132,14 +132,13 @@ pub enum EngineError {
     UnknownService(String),
     #[error("{0} has no live release to run a command in: deploy one first")]
     NothingLive(String),
-    #[error(
-        "{by} runs `{command}` in {app} ({running} command(s) running); wait for it, or pass concurrent"
-    )]
+    #[error("{by} runs `{command}` in {app} ({running} command(s) running); {advice}")]
     CommandRunning {
         app: String,
         by: String,
         command: String,
         running: usize,
+        advice: &'static str,
     },
     #[error("the app's environment cannot be read: {0}")]
     Env(String),
@@ -327,8 +326,17 @@ impl EngineHandle {
         ctx.seed_routes(&apps).await;
         ctx.recover(&apps).await?;
         ctx.remove_oneoff_leftovers(apps.keys(), "plan").await;
-        // A command's caller left with the process that ran it.
-        ctx.remove_oneoff_leftovers(apps.keys(), "run").await;
+        ctx.end_leftover_commands(apps.keys()).await;
+        match ctx.store.give_up_deliveries(OffsetDateTime::now_utc()) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                deliveries = n,
+                "webhook deliveries cut off by the last stop, given up"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot close webhook deliveries cut off by the last stop")
+            }
+        }
         ctx.seed_metrics(&apps);
         ctx.relist().await;
         tokio::spawn(ctx.clone().observe());

@@ -80,7 +80,7 @@ pub async fn run(
         tracing::warn!("configuration: {warning}");
     }
     limit::raise_open_files();
-    let auth = auth::Authenticator::new(&config.auth)?;
+    let auth = auth::Authenticator::new(&config.auth)?.for_host(&api_config.tls_cert)?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create state directory {}",
@@ -204,7 +204,7 @@ fn apply_reload(
         tracing::error!("configuration not reloaded, nothing changed: it has no [api] section");
         return;
     };
-    let auth = match auth::Authenticator::new(&new.auth) {
+    let auth = match auth::Authenticator::new(&new.auth).and_then(|a| a.for_host(&api.tls_cert)) {
         Ok(auth) => auth,
         Err(e) => {
             tracing::error!(error = %e, "configuration not reloaded, nothing changed: [auth]");

@@ -144,9 +144,10 @@ fn operator(dir: &Path, name: &str) -> (String, impl Fn() -> String) {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
         header.kid = Some(kid.clone());
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        // For the name deployctl connects by, which init's certificate holds.
         let claims = deployd_proto::OperatorClaims::new(
             &name,
-            "deployd",
+            "localhost",
             now,
             format!("{name}-{now}-{}", std::process::id()),
         );

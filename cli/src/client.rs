@@ -366,7 +366,7 @@ async fn error_from(response: reqwest::Response) -> CliError {
         (_, ErrorCode::CanaryNotConfigured) => CliError::new(Exit::Usage, message)
             .hint("add an [apps.NAME.canary] table to deployd's config, or deploy without --canary"),
         (StatusCode::CONFLICT, ErrorCode::CommandRunning) => CliError::new(Exit::Conflict, message)
-            .hint("wait for it to end, or pass --concurrent to run beside it"),
+            .hint("--concurrent runs a command beside others (at most 4 at once)"),
         (StatusCode::CONFLICT, ErrorCode::NothingLive) => CliError::new(Exit::Conflict, message)
             .hint("deployctl deploy <sha> first: a command runs in the live release"),
         (StatusCode::CONFLICT, _) => CliError::new(Exit::Other, message),

@@ -17,10 +17,6 @@ use ssh_key::{HashAlg, PrivateKey, PublicKey};
 use crate::exit::{CliError, Exit};
 use crate::settings::Settings;
 
-/// The audience of operator tokens when none is set: `auth.audience`'s
-/// default.
-const DEFAULT_AUDIENCE: &str = "deployd";
-
 /// Where `deployctl keygen` writes the key, and where it is looked for
 /// when no token or key is set.
 pub fn default_key_path() -> Option<PathBuf> {
@@ -104,10 +100,15 @@ impl Operator {
         if stored || settings.token_file.is_some() {
             return Ok(None);
         }
-        let audience = settings
-            .audience
-            .clone()
-            .unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned());
+        // The host the token is for: a name its certificate holds, so that
+        // a token sent to one host is refused by every other.
+        let audience = match &settings.audience {
+            Some(audience) => audience.clone(),
+            None => reqwest::Url::parse(&settings.url)
+                .ok()
+                .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()))
+                .ok_or_else(|| CliError::usage(format!("no host in {}", settings.url)))?,
+        };
         let (signer, public) = if settings.ssh_agent {
             let (socket, key) = agent_key(settings.key.as_deref())?;
             (
@@ -339,7 +340,7 @@ mod tests {
         assert_eq!(header.kid.as_deref(), Some(fingerprint.as_str()));
         let raw = public.key_data().ed25519().unwrap().as_ref().to_vec();
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
-        validation.set_audience(&["deployd"]);
+        validation.set_audience(&["localhost"]);
         let claims = jsonwebtoken::decode::<OperatorClaims>(
             &one,
             &jsonwebtoken::DecodingKey::from_ed_der(&raw),

@@ -85,7 +85,8 @@ pub struct Global {
     /// Operator name the host lists the key under. Default: $USER.
     #[arg(long, env = "DEPLOYCTL_OPERATOR", global = true)]
     pub operator: Option<String>,
-    /// The host's `auth.audience`, for operator tokens. Default: deployd.
+    /// The host an operator token is for: a name (or IP address) its TLS
+    /// certificate holds. Default: the URL's host.
     #[arg(long, env = "DEPLOYCTL_AUDIENCE", global = true)]
     pub audience: Option<String>,
 }

@@ -771,6 +771,17 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
             .unwrap();
         let (_, err) = expect(&out, 6, "carol may not read this app");
         assert!(err.contains("carol may not read"), "{err}");
+        // A token is for one host: sent to this one, it names this one.
+        let out = as_alice()
+            .args(["--audience", "deploy-2.example.com", "whoami"])
+            .output()
+            .await
+            .unwrap();
+        let (_, err) = expect(&out, 6, "a token for another host");
+        assert!(
+            err.contains("not a name of this host's certificate"),
+            "{err}"
+        );
         // A key signs for its own operator only.
         let out = as_alice()
             .args(["--operator", "bob", "whoami"])
@@ -790,9 +801,12 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
         // reloaded (what SIGHUP does): his agent's signature is refused.
         let mut config = agent.config.clone();
         config.auth.operators.retain(|o| o.name != "bob");
-        agent
-            .api
-            .replace_authenticator(deployd::auth::Authenticator::new(&config.auth).unwrap());
+        agent.api.replace_authenticator(
+            deployd::auth::Authenticator::new(&config.auth)
+                .unwrap()
+                .for_host(&agent.tls.cert)
+                .unwrap(),
+        );
         let out = as_bob().args(["status"]).output().await.unwrap();
         let (_, err) = expect(&out, 6, "bob's key removed");
         assert!(err.contains("not an operator's key here"), "{err}");
@@ -1012,10 +1026,11 @@ async fn follows_the_app_logs_across_a_deploy(
 struct Received(std::sync::Mutex<Vec<(String, String, String)>>);
 
 /// A webhook receiver on loopback: `/hook` answers 500 to its first two
-/// requests, then 200; `/hang` never answers.
-async fn webhook_receiver() -> (SocketAddr, Arc<Received>) {
+/// requests, then 200; `/hang` records what it got, and never answers.
+async fn webhook_receiver() -> (SocketAddr, Arc<Received>, Arc<Received>) {
     use axum::http::{HeaderMap, StatusCode};
     let received = Arc::new(Received::default());
+    let hung = Arc::new(Received::default());
     let record = |received: Arc<Received>, headers: HeaderMap, body: String| {
         let header = |name: &str| {
             headers
@@ -1043,9 +1058,13 @@ async fn webhook_receiver() -> (SocketAddr, Arc<Received>) {
             }
         }
     };
-    let hang = move |_body: String| async move {
-        std::future::pending::<()>().await;
-        StatusCode::OK
+    let hang = {
+        let hung = hung.clone();
+        move |headers: HeaderMap, body: String| async move {
+            record(hung, headers, body);
+            std::future::pending::<()>().await;
+            StatusCode::OK
+        }
     };
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
@@ -1053,14 +1072,14 @@ async fn webhook_receiver() -> (SocketAddr, Arc<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, received)
+    (addr, received, hung)
 }
 
 #[tokio::test]
 async fn webhooks_hear_of_every_outcome_signed_retried_and_never_in_the_way() {
     use hmac::Mac;
     scoped(|scope| async move {
-        let (receiver, received) = webhook_receiver().await;
+        let (receiver, received, hung) = webhook_receiver().await;
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("notify.key");
         std::fs::write(&secret, "a webhook key of at least 32 bytes, for tests\n").unwrap();
@@ -1134,6 +1153,15 @@ async fn webhooks_hear_of_every_outcome_signed_retried_and_never_in_the_way() {
         println!("first step began {started_in} after the start; the end recorded {ended_in} after the last step");
         assert!(started_in < time::Duration::SECOND, "{started_in}");
         assert!(ended_in < time::Duration::SECOND, "{ended_in}");
+
+        // The Slack-compatible hook got its text, though it never answered.
+        let slack = hung.0.lock().unwrap().clone();
+        println!("slack body: {}", slack[0].2);
+        let short = &sha("release-1")[..12];
+        assert_eq!(
+            slack[0].2,
+            format!(r#"{{"text":":rocket: {app}: deploy of {short} started (by ci)"}}"#)
+        );
 
         // deployctl logs <id> says how each delivery went.
         let out = deployctl(&agent, &agent.url, &token(), &["logs", &ids[0].0]).await;

@@ -21,7 +21,9 @@ pub struct OperatorClaims {
     pub iss: String,
     /// The operator's name, as the host lists it in `[[auth.operators]]`.
     pub sub: String,
-    /// The host's `auth.audience`.
+    /// The host the token is for: a DNS name or IP address its TLS
+    /// certificate holds (deployctl uses the one it connects to), so that
+    /// a token one host received is refused by every other.
     pub aud: String,
     pub iat: i64,
     pub nbf: i64,

@@ -27,7 +27,7 @@ pub struct LogsQuery {
     /// Only lines of the last this many seconds.
     since_secs: Option<u64>,
     /// Only the last this many lines per container (at most 10000).
-    /// Default: 100 when `since_secs` is not given.
+    /// Default: 100; with `since_secs`, 10000.
     tail: Option<usize>,
 }
 
@@ -44,7 +44,11 @@ impl utoipa::PartialSchema for LogSseEvent {
 
 impl utoipa::ToSchema for LogSseEvent {}
 
-/// A service's container logs, each line tagged with its container.
+/// A service's container logs, each line tagged with its container. A
+/// followed stream ends when the token expires: follow on with a new one
+/// and `since_secs`. A
+/// followed stream ends when the token expires: follow on with a new one
+/// and `since_secs`.
 #[utoipa::path(
     get, path = "/v1/apps/{app}/logs", tag = "apps",
     params(("app" = String, Path, description = "App name", example = "shop"), LogsQuery),
@@ -86,12 +90,27 @@ pub async fn stream(
     };
     let window = LogWindow {
         follow: query.follow.unwrap_or(false),
-        tail: query
-            .tail
-            .or_else(|| since.is_none().then_some(DEFAULT_TAIL)),
+        // Never unbounded: a year of a chatty app's lines is not read into
+        // memory for one request.
+        tail: Some(query.tail.unwrap_or(if since.is_some() {
+            MAX_TAIL
+        } else {
+            DEFAULT_TAIL
+        })),
         since,
     };
     let held = caps.hold(&who, source)?;
     let events = state.engine.logs(&app, query.service.as_deref(), window)?;
-    Ok(super::stream::sse(events, LogEvent::kind, held))
+    // A followed stream ends when its token would no longer be accepted
+    // (an operator's within about a minute): a key removed meanwhile
+    // stops it, and deployctl goes on with a fresh token.
+    let until = who.expires_at + state.authenticator().leeway();
+    let left = (until - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+    let deadline = tokio::time::Instant::now() + left.unsigned_abs();
+    Ok(super::stream::sse_until(
+        events,
+        LogEvent::kind,
+        held,
+        deadline,
+    ))
 }

@@ -21,7 +21,32 @@ pub(super) fn sse<T>(
 where
     T: serde::Serialize + Send + 'static,
 {
-    let stream = ReceiverStream::new(events).map(move |event| {
+    sse_of(ReceiverStream::new(events), kind, held)
+}
+
+/// Like [`sse`], ending at `deadline` (and so dropping `events`).
+pub(super) fn sse_until<T>(
+    events: mpsc::Receiver<T>,
+    kind: fn(&T) -> &'static str,
+    held: impl Send + Sync + 'static,
+    deadline: tokio::time::Instant,
+) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+{
+    let events = ReceiverStream::new(events).take_until(tokio::time::sleep_until(deadline));
+    sse_of(events, kind, held)
+}
+
+fn sse_of<T>(
+    events: impl futures_util::Stream<Item = T> + Send + 'static,
+    kind: fn(&T) -> &'static str,
+    held: impl Send + Sync + 'static,
+) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+{
+    let stream = events.map(move |event| {
         let _held = &held;
         Ok::<_, Infallible>(
             Event::default()

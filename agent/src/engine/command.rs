@@ -70,11 +70,17 @@ impl Commands {
             _ => None,
         };
         if let Some(other) = busy {
+            let advice = if concurrent {
+                "that is the most at once: wait for one to end"
+            } else {
+                "wait for it, or run beside it (concurrent)"
+            };
             return Err(EngineError::CommandRunning {
                 app: app.to_owned(),
                 by: other.by,
                 command: other.command,
                 running: list.len(),
+                advice,
             });
         }
         let container = running.container.clone();
@@ -127,6 +133,27 @@ pub fn shell_words(command: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+impl super::Ctx {
+    /// Commands a stop or crash cut off (their callers went with the
+    /// process): their containers removed, their end recorded.
+    pub(super) async fn end_leftover_commands(&self, apps: impl Iterator<Item = &String>) {
+        for c in self.remove_oneoff_leftovers(apps, "run").await {
+            let mut record = AuditRecord::new("run_finished", "interrupted");
+            record.subject = Some("deployd".into());
+            record.app = c.labels.get(label::APP).cloned();
+            record.sha = c.labels.get(label::SHA).cloned();
+            record.digest = c.labels.get(label::DIGEST).cloned();
+            record.detail = Some(format!(
+                "{}: deployd stopped while it ran; removed at the next start",
+                c.name
+            ));
+            if let Err(e) = self.store.append_audit(&record) {
+                tracing::error!(error = %e, "cannot audit the end of a command");
+            }
+        }
+    }
 }
 
 impl EngineHandle {
@@ -195,13 +222,28 @@ impl EngineHandle {
         let service_name = service.clone();
         tokio::spawn(async move {
             let _ = events.send(started).await;
-            let ended = run_streamed(&ctx.docker, spec, timeout, &events).await;
+            let name = spec.name.clone().unwrap_or_default();
+            // deployd stopping ends the command: its caller is told, and
+            // nothing is left running unowned.
+            let ended = tokio::select! {
+                ended = run_streamed(&ctx.docker, spec, timeout, &events) => ended.map_err(|e| e.to_string()),
+                () = ctx.stopping.cancelled() => {
+                    let _ = ctx.docker.remove(&name).await;
+                    Err("deployd is stopping: the command was stopped".to_owned())
+                }
+            };
             let (outcome, said) = match &ended {
                 Ok(code) => (format!("exited {code}"), RunEvent::Exited { code: *code }),
-                Err(e) => (
+                Err(error) if ctx.stopping.is_cancelled() => (
+                    "interrupted".to_owned(),
+                    RunEvent::Failed {
+                        error: error.clone(),
+                    },
+                ),
+                Err(error) => (
                     "failed".to_owned(),
                     RunEvent::Failed {
-                        error: e.to_string(),
+                        error: error.clone(),
                     },
                 ),
             };

@@ -100,7 +100,11 @@ async fn recent(
                 lines.push(line);
             }
         };
-        tokio::join!(read, collect);
+        // A caller who left stops the reading.
+        tokio::select! {
+            _ = async { tokio::join!(read, collect) } => {}
+            () = out.closed() => return,
+        }
     }
     let at = |e: &LogEvent| match e {
         LogEvent::Line { at, .. } => Some(*at),

@@ -222,12 +222,14 @@ impl EngineHandle {
 impl Ctx {
     /// Removes one-off containers of `task` (`plan`, `run`) a stop or
     /// crash left behind: neither a plan nor a command outlives a restart
-    /// (a plan reads as failed; a command's caller was cut off).
+    /// (a plan reads as failed; a command's caller was cut off). Returns
+    /// those removed.
     pub(super) async fn remove_oneoff_leftovers(
         &self,
         apps: impl Iterator<Item = &String>,
         task: &str,
-    ) {
+    ) -> Vec<crate::docker::ContainerInfo> {
+        let mut removed = Vec::new();
         for app in apps {
             let labels = [(label::APP, app.as_str()), (label::TASK, task)];
             let found = match self.docker.containers(&labels).await {
@@ -238,11 +240,15 @@ impl Ctx {
                 }
             };
             for c in found {
-                if let Err(e) = self.docker.remove(&c.id).await {
-                    tracing::warn!(%app, container = %c.name, error = %e, "leftover one-off container not removed");
+                match self.docker.remove(&c.id).await {
+                    Ok(()) => removed.push(c),
+                    Err(e) => {
+                        tracing::warn!(%app, container = %c.name, error = %e, "leftover one-off container not removed");
+                    }
                 }
             }
         }
+        removed
     }
 
     /// The tables the models of an app's release use, as its deployment's

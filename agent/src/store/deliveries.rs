@@ -27,6 +27,17 @@ impl Store {
         Ok(())
     }
 
+    /// At start: deliveries a stop or crash cut off are given up, and say
+    /// so (their tasks went with the process). Returns how many.
+    pub fn give_up_deliveries(&self, at: time::OffsetDateTime) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE deliveries SET state = 'failed',
+               detail = detail || '; given up: deployd stopped before it was delivered', at = ?1
+             WHERE state = 'retrying'",
+            params![rfc3339(at)],
+        )?)
+    }
+
     /// A deployment's deliveries, in the order they began.
     pub fn deliveries(&self, id: &DeploymentId) -> Result<Vec<Delivery>, StoreError> {
         let conn = self.conn();

@@ -107,7 +107,10 @@ impl TestAgent {
         let engine = EngineHandle::start(&config, scope.docker.clone(), store)
             .await
             .unwrap();
-        let auth = Authenticator::new(&config.auth).unwrap();
+        let auth = Authenticator::new(&config.auth)
+            .unwrap()
+            .for_host(&tls.cert)
+            .unwrap();
         let api_state = ApiState::new(engine.clone(), auth, config.auth.max_failures_per_minute);
         let server = Server::start(api_state.clone(), config.api.as_ref().unwrap())
             .await

@@ -34,8 +34,15 @@ impl Keygen {
                 CliError::usage("no usable operator name")
                     .hint("pass --name: 1-32 of a-z, 0-9 and -, starting with a letter")
             })?;
-        let path = match &global.key {
-            Some(path) => path.clone(),
+        // Where later commands look for it: --key, DEPLOYCTL_KEY, else the
+        // default file.
+        let named = global.key.clone().or_else(|| {
+            std::env::var_os("DEPLOYCTL_KEY")
+                .filter(|k| !k.is_empty())
+                .map(std::path::PathBuf::from)
+        });
+        let path = match named {
+            Some(path) => path,
             None => crate::operator::default_key_path().ok_or_else(|| {
                 CliError::usage("no home directory to keep the key in").hint("pass --key PATH")
             })?,

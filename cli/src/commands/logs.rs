@@ -91,28 +91,46 @@ impl Logs {
     }
 
     async fn service_logs(self, ctx: &Ctx) -> Result<Exit, CliError> {
+        tokio::select! {
+            read = self.read_service_logs(ctx) => read.map(|()| Exit::Success),
+            _ = tokio::signal::ctrl_c() => Ok(Exit::Success),
+        }
+    }
+
+    /// Reads the service's lines; followed, goes on in a new stream (with
+    /// a new token) each time the agent ends one at its token's expiry,
+    /// from the last line seen, dropping the lines seen already.
+    async fn read_service_logs(&self, ctx: &Ctx) -> Result<(), CliError> {
         let app = ctx.client.settings().app()?.to_owned();
-        let mut query = vec![format!("follow={}", self.follow)];
-        if let Some(service) = &self.service {
-            query.push(format!("service={service}"));
-        }
-        if let Some(since) = self.since {
-            query.push(format!("since_secs={}", since.as_secs().max(1)));
-        }
-        if let Some(tail) = self.tail {
-            query.push(format!("tail={tail}"));
-        }
-        let path = format!("/v1/apps/{app}/logs?{}", query.join("&"));
-        let response = ctx.client.get_stream(&path).await?;
-        let mut events = response.bytes_stream().eventsource();
-        let reading = async {
+        let mut seen = Seen::default();
+        let mut first = true;
+        loop {
+            let mut query = vec![format!("follow={}", self.follow)];
+            if let Some(service) = &self.service {
+                query.push(format!("service={service}"));
+            }
+            if first {
+                if let Some(since) = self.since {
+                    query.push(format!("since_secs={}", since.as_secs().max(1)));
+                }
+                if let Some(tail) = self.tail {
+                    query.push(format!("tail={tail}"));
+                }
+            } else {
+                query.push(format!("since_secs={}", seen.since_secs()));
+            }
+            seen.opened();
+            let path = format!("/v1/apps/{app}/logs?{}", query.join("&"));
+            let response = ctx.client.get_stream(&path).await?;
+            let mut events = response.bytes_stream().eventsource();
             while let Some(item) = events.next().await {
-                let item = item.map_err(|e| {
-                    CliError::new(Exit::Unreachable, format!("the log stream broke: {e}"))
-                })?;
+                let Ok(item) = item else { break };
                 let Ok(event) = serde_json::from_str::<LogEvent>(&item.data) else {
                     continue;
                 };
+                if !seen.is_new(&event) {
+                    continue;
+                }
                 if ctx.json {
                     ctx.out_json(&event)?;
                     continue;
@@ -133,11 +151,94 @@ impl Logs {
                     LogEvent::Left { container } => ctx.note(&format!("-- {container} left")),
                 }
             }
-            Ok::<_, CliError>(())
-        };
-        tokio::select! {
-            read = reading => read.map(|()| Exit::Success),
-            _ = tokio::signal::ctrl_c() => Ok(Exit::Success),
+            if !self.follow {
+                return Ok(());
+            }
+            first = false;
         }
+    }
+}
+
+/// What a followed log showed, so that the next stream (which starts a
+/// little before the last line, whole seconds being all `since_secs`
+/// takes) repeats nothing.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Containers joined and not left.
+    containers: std::collections::HashSet<String>,
+    /// The time of the last line, or of the last stream's opening.
+    last: Option<time::OffsetDateTime>,
+    /// The lines at `last` or within two seconds before it.
+    recent: Vec<(String, time::OffsetDateTime, String)>,
+}
+
+impl Seen {
+    fn opened(&mut self) {
+        if self.last.is_none() {
+            self.last = Some(time::OffsetDateTime::now_utc());
+        }
+    }
+
+    /// Seconds back to a little before the last line.
+    fn since_secs(&self) -> i64 {
+        let last = self.last.unwrap_or_else(time::OffsetDateTime::now_utc);
+        (time::OffsetDateTime::now_utc() - last)
+            .whole_seconds()
+            .max(0)
+            + 2
+    }
+
+    /// Whether `event` was not shown yet; remembers it.
+    fn is_new(&mut self, event: &LogEvent) -> bool {
+        match event {
+            LogEvent::Joined { container, .. } => self.containers.insert(container.clone()),
+            LogEvent::Left { container } => self.containers.remove(container),
+            LogEvent::Line {
+                container,
+                at,
+                line,
+            } => {
+                let key = (container.clone(), *at, line.clone());
+                if self.recent.contains(&key) {
+                    return false;
+                }
+                let last = self.last.map_or(*at, |l| l.max(*at));
+                self.last = Some(last);
+                let window = time::Duration::seconds(3);
+                self.recent.retain(|(_, t, _)| last - *t <= window);
+                self.recent.push(key);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_new_stream_repeats_no_line_nor_join() {
+        let at = time::OffsetDateTime::now_utc();
+        let line = |n: i64, text: &str| LogEvent::Line {
+            container: "web-0".into(),
+            at: at + time::Duration::milliseconds(n),
+            line: text.into(),
+        };
+        let joined = LogEvent::Joined {
+            container: "web-0".into(),
+            sha: None,
+        };
+        let mut seen = Seen::default();
+        seen.opened();
+        assert!(seen.is_new(&joined));
+        assert!(seen.is_new(&line(0, "a")) && seen.is_new(&line(500, "b")));
+        // The next stream, from a little before: the same again, then more.
+        assert!(seen.since_secs() >= 2);
+        assert!(!seen.is_new(&joined));
+        assert!(!seen.is_new(&line(0, "a")) && !seen.is_new(&line(500, "b")));
+        assert!(seen.is_new(&line(500, "b twice at the same instant")));
+        assert!(seen.is_new(&line(900, "c")));
     }
 }

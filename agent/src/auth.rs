@@ -454,6 +454,8 @@ impl Authenticator {
             return Err(invalid("an operator token needs an id (jti)"));
         }
         principal.grants = operator.grants.clone();
+        // Only what the agent checked: an operator writes their own claims.
+        principal.audit_claims.retain(|name, _| name == "jti");
         principal
             .audit_claims
             .insert("key".to_owned(), kid.to_owned());

@@ -324,9 +324,8 @@ impl EngineHandle {
         });
         ctx.metrics.register_apps(apps.keys());
         ctx.seed_routes(&apps).await;
-        ctx.recover(&apps).await?;
-        ctx.remove_oneoff_leftovers(apps.keys(), "plan").await;
-        ctx.end_leftover_commands(apps.keys()).await;
+        // Before recovery, whose accounts of interrupted deployments set
+        // off deliveries of their own.
         match ctx.store.give_up_deliveries(OffsetDateTime::now_utc()) {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
@@ -337,6 +336,9 @@ impl EngineHandle {
                 tracing::warn!(error = %e, "cannot close webhook deliveries cut off by the last stop")
             }
         }
+        ctx.recover(&apps).await?;
+        ctx.remove_oneoff_leftovers(apps.keys(), "plan").await;
+        ctx.end_leftover_commands(apps.keys()).await;
         ctx.seed_metrics(&apps);
         ctx.relist().await;
         tokio::spawn(ctx.clone().observe());

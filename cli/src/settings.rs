@@ -380,6 +380,8 @@ impl Global {
     pub fn for_host(&self, host: &crate::fleet::Host) -> Self {
         let mut global = self.clone();
         global.url = Some(host.url.clone());
+        // An operator token names its host: each host's own URL's.
+        global.audience = None;
         global.app = Some(host.app.clone());
         match &host.trust {
             crate::fleet::Trust::System => {}

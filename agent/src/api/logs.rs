@@ -46,8 +46,6 @@ impl utoipa::ToSchema for LogSseEvent {}
 
 /// A service's container logs, each line tagged with its container. A
 /// followed stream ends when the token expires: follow on with a new one
-/// and `since_secs`. A
-/// followed stream ends when the token expires: follow on with a new one
 /// and `since_secs`.
 #[utoipa::path(
     get, path = "/v1/apps/{app}/logs", tag = "apps",

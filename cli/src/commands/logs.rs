@@ -124,7 +124,17 @@ impl Logs {
             let response = ctx.client.get_stream(&path).await?;
             let mut events = response.bytes_stream().eventsource();
             while let Some(item) = events.next().await {
-                let Ok(item) = item else { break };
+                let item = match item {
+                    Ok(item) => item,
+                    // Followed: a new stream picks up where this one broke.
+                    Err(_) if self.follow => break,
+                    Err(e) => {
+                        return Err(CliError::new(
+                            Exit::Unreachable,
+                            format!("the log stream broke: {e}"),
+                        ));
+                    }
+                };
                 let Ok(event) = serde_json::from_str::<LogEvent>(&item.data) else {
                     continue;
                 };
@@ -155,6 +165,8 @@ impl Logs {
                 return Ok(());
             }
             first = false;
+            // Not a tight loop against an agent that ends streams at once.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }

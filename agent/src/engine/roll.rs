@@ -9,11 +9,13 @@
 //! - singletons (beat): the old container has exited before the new one is
 //!   created, in rollbacks too.
 
+use std::collections::HashMap;
+
 use deployd_proto::EventKind;
 use futures_util::future::{join_all, try_join_all};
 
 use super::common::Failure;
-use super::health::describe_request;
+use super::health::{Probe, describe_request};
 use super::label;
 use super::run::Run;
 use super::service::{Placement, ReleaseRef, Started, service_spec};
@@ -21,6 +23,10 @@ use super::status::{removed_services, was_singleton};
 use crate::config::{Role, ServiceConfig};
 use crate::docker::{ContainerInfo, PulledImage};
 use crate::env_file::AppEnv;
+
+/// Health requests in a row without an answer in time that fail a
+/// verification.
+const SLOW_ANSWERS: u32 = 3;
 
 /// What rolling one service changed.
 #[derive(Debug)]
@@ -396,10 +402,14 @@ impl<'a> Rollout<'a> {
             .collect())
     }
 
-    /// Keeps checking every new container for the verify window.
+    /// Keeps checking every new container for the verify window. A bad
+    /// answer fails it at once; no answer in time does only
+    /// [`SLOW_ANSWERS`] times in a row (one slow answer from a loaded host
+    /// is not a bad release), and the window ends only on an answer.
     pub async fn verify(&self) -> Result<(), Failure> {
         let ctx = &self.run.ctx;
         let deadline = tokio::time::Instant::now() + self.run.cfg.verify;
+        let mut slow: HashMap<String, u32> = HashMap::new();
         loop {
             for change in &self.changes {
                 let cfg = self.cfg(&change.service)?;
@@ -409,17 +419,33 @@ impl<'a> Rollout<'a> {
                     };
                     ctx.ensure_alive(&c.id).await.map_err(|f| fail(f.0))?;
                     if let (Some(port), Some(health)) = (c.port, &cfg.health) {
-                        ctx.health
-                            .probe(port, health)
-                            .await
-                            .healthy(health)
-                            .map_err(|probe| {
-                                fail(format!("{} answered {probe}", describe_request(health)))
-                            })?;
+                        match ctx.health.probe(port, health).await.healthy(health) {
+                            Ok(_) => {
+                                slow.remove(&c.id);
+                            }
+                            Err(Probe::Timeout) => {
+                                let times = slow.entry(c.id.clone()).or_default();
+                                *times += 1;
+                                if *times >= SLOW_ANSWERS {
+                                    return Err(fail(format!(
+                                        "{} answered {} ({} times in a row)",
+                                        describe_request(health),
+                                        Probe::Timeout,
+                                        SLOW_ANSWERS
+                                    )));
+                                }
+                            }
+                            Err(probe) => {
+                                return Err(fail(format!(
+                                    "{} answered {probe}",
+                                    describe_request(health)
+                                )));
+                            }
+                        }
                     }
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline && slow.is_empty() {
                 return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -144,7 +144,7 @@ pub enum EngineError {
     Env(String),
     #[error("the engine has stopped")]
     Stopped,
-    #[error("cannot set up the health check client: {0}")]
+    #[error("cannot set up an HTTP client: {0}")]
     HttpClient(String),
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, against real parts: brings the test bed up (Docker
 # engine, locally built images, private registry), then runs every unit and
-# integration test of the workspace. Meanwhile it records Docker's events for
-# every beat container deployd starts, and checks afterwards that no two
-# beats of one app ever ran at once. Then deployd is stopped mid-deployment
+# integration test of the workspace (the swarm backend's on the engine made
+# a single-node Swarm for them). Meanwhile it records Docker's events for
+# every beat container deployd starts, a swarm app's beat tasks included,
+# and checks afterwards that no two beats of one app ever ran at once. Then deployd is stopped mid-deployment
 # and started again (once mid-canary, under load), an operator works with
 # their own key, the edge is attacked, a
 # fleet of three agents is deployed as one, the Debian package is installed
@@ -13,14 +14,18 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/testbed.sh up
+# The swarm backend's tests deploy to the engine as a single-node Swarm;
+# the engine leaves it again after them (unless it was a Swarm before).
+bash scripts/testbed.sh swarm up
 
 events=$(mktemp)
 docker events --filter type=container --filter label=deployd.service=beat \
     --format '{{json .}}' >"$events" &
 watcher=$!
-trap 'kill "$watcher" 2>/dev/null || true; rm -f "$events"' EXIT
+trap 'kill "$watcher" 2>/dev/null || true; rm -f "$events"; bash scripts/testbed.sh swarm down' EXIT
 
 cargo test --workspace --locked "$@"
+bash scripts/testbed.sh swarm down
 
 # The real binary stopped (SIGTERM) mid-deployment and started again, with
 # JSON logs and the plain-HTTP metrics listener (about a minute).

@@ -7,6 +7,11 @@
 #   scripts/testbed.sh status   show what is running and where the state is
 #   scripts/testbed.sh down     stop the registry and remove test containers
 #   scripts/testbed.sh purge    down, then delete images and all state
+#   scripts/testbed.sh swarm up|down
+#                               make the engine a single-node Swarm for the
+#                               swarm backend's tests, or leave the Swarm if
+#                               `swarm up` made it (an engine that was a
+#                               Swarm already is left as it was)
 #   scripts/testbed.sh debian-image
 #                               a clean Debian image with systemd, for
 #                               installing the package into; prints its tag
@@ -458,11 +463,50 @@ cmd_debian_image() {
     echo "$image"
 }
 
+swarm_state() { docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || true; }
+
+# The engine as a single-node Swarm (manager), advertised on loopback: the
+# swarm backend's tests deploy to it. A marker records that we made it.
+cmd_swarm_up() {
+    mkdir -p "$STATE"
+    ensure_docker
+    case $(swarm_state) in
+        active)
+            [ -e "$STATE/swarm-ours" ] || log "the engine is a Swarm already; it is left as it is"
+            return ;;
+        inactive) ;;
+        *) die "the engine's Swarm is $(swarm_state): settle it first (docker swarm leave --force)" ;;
+    esac
+    docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+    touch "$STATE/swarm-ours"
+    log "the engine is a single-node Swarm now (scripts/testbed.sh swarm down leaves it)"
+}
+
+# Leaves the Swarm only if `swarm up` made it.
+cmd_swarm_down() {
+    if [ ! -e "$STATE/swarm-ours" ]; then
+        log "the Swarm was not made by the test bed; left as it is"
+        return
+    fi
+    local services
+    services=$(docker service ls -q --filter label=deployd.app 2>/dev/null || true)
+    [ -z "$services" ] || docker service rm $services >/dev/null
+    docker swarm leave --force >/dev/null
+    rm -f "$STATE/swarm-ours"
+    log "the engine has left the Swarm the test bed made"
+}
+
 case ${1:-} in
     up) cmd_up ;;
+    swarm)
+        case ${2:-} in
+            up) cmd_swarm_up ;;
+            down) cmd_swarm_down ;;
+            *) echo "usage: $0 swarm up|down" >&2; exit 2 ;;
+        esac ;;
     down) cmd_down ;;
     purge) cmd_purge ;;
     status) cmd_status ;;
     debian-image) cmd_debian_image ;;
-    *) echo "usage: $0 up|down|status|purge|debian-image" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|purge|swarm up|swarm down|debian-image" >&2; exit 2 ;;
 esac

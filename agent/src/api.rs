@@ -77,7 +77,7 @@ impl ApiState {
             self.refusals.flush()
         };
         for summary in summaries {
-            if let Err(e) = self.engine.store().append_audit(&summary) {
+            if let Err(e) = self.engine.audit(&summary) {
                 tracing::error!(error = %e, "audit summary not written");
             }
         }

@@ -16,6 +16,7 @@ mod canary;
 mod health;
 mod migrations;
 mod notify;
+mod swarm;
 mod switch;
 
 pub use api::{
@@ -27,6 +28,7 @@ pub use canary::CanaryConfig;
 pub use health::HealthConfig;
 pub use migrations::{MigrationsConfig, UnsafeMigrations};
 pub use notify::{NOTIFY_EVENTS, NotifyConfig, NotifyFormat};
+pub use swarm::{Backend, SwarmConfig};
 pub use switch::SwitchConfig;
 
 /// The documented example configuration (`deployd default-config`).
@@ -350,6 +352,58 @@ mod tests {
             &format!("{switch}[apps.shop.canary]"),
         );
         assert_eq!(paths(worker_first), ["apps.shop.canary"]);
+    }
+
+    #[test]
+    fn the_swarm_backend_needs_an_overlay_network_and_refuses_host_only_parts() {
+        let app = |keys: &str, tables: &str| {
+            format!(
+                r#"
+                [apps.shop]
+                image = "registry.example/shop"
+                {keys}
+                [apps.shop.services.web]
+                port = 8000
+                health = {{ path = "/healthz/", host = "shop.example" }}
+                {tables}
+                "#
+            )
+        };
+        let paths = |text: String| -> Vec<String> {
+            let problems = Config::from_toml(&text).unwrap_err().0;
+            problems.into_iter().map(|p| p.path).collect()
+        };
+        let good = app(
+            "backend = \"swarm\"\nnetwork = \"shop\"\nvolumes = [\"shop-static:/app/static\"]",
+            "[apps.shop.swarm]\npublish = 8000\nparallelism = 2",
+        );
+        let shop = &Config::from_toml(&good).unwrap().apps["shop"];
+        assert_eq!(shop.backend, Backend::Swarm);
+        assert_eq!(shop.swarm.as_ref().map(|s| s.parallelism), Some(2));
+        // Unset, one web task at a time.
+        let plain = app("backend = \"swarm\"\nnetwork = \"shop\"", "");
+        let plain = &Config::from_toml(&plain).unwrap().apps["shop"];
+        assert_eq!(plain.swarm.clone().unwrap_or_default().parallelism, 1);
+        assert_eq!(paths(app("backend = \"swarm\"", "")), ["apps.shop.network"]);
+        let host_only = app(
+            "backend = \"swarm\"\nnetwork = \"shop\"\ncgroup_parent = \"shop.slice\"\n\
+             volumes = [\"/srv/static:/app/static\"]",
+            "[apps.shop.switch]\nlisten = \"127.0.0.1:8000\"\n\
+             [apps.shop.swarm]\nparallelism = 0",
+        );
+        assert_eq!(
+            paths(host_only),
+            [
+                "apps.shop.swarm.parallelism",
+                "apps.shop.switch",
+                "apps.shop.cgroup_parent",
+                "apps.shop.volumes[0]",
+            ]
+        );
+        assert_eq!(
+            paths(app("", "[apps.shop.swarm]\npublish = 8000")),
+            ["apps.shop.swarm"]
+        );
     }
 
     #[test]

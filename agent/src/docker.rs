@@ -7,6 +7,7 @@
 mod container;
 mod image;
 mod network;
+mod service;
 mod volume;
 
 use std::time::Duration;
@@ -15,6 +16,10 @@ pub use container::{
     ContainerInfo, ContainerSpec, ContainerState, LogWindow, OneOffOutput, PortAddrs,
 };
 pub use image::{ImageRef, PulledImage, RegistryAuth, RegistryAuthError};
+pub use service::{
+    HealthCheck, PriorSpec, ServiceInfo, ServiceMode, SwarmServiceSpec, TaskInfo, UpdatePolicy,
+    UpdateStatus,
+};
 
 /// A connection to the local Docker engine, cheap to clone.
 #[derive(Debug, Clone)]

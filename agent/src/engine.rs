@@ -4,9 +4,11 @@
 //! app has a deployment running) and starts each deployment in a task of its
 //! own. Progress goes to the store first, then to live subscribers.
 
+mod backend;
 mod canary;
 pub(crate) mod command;
 mod common;
+mod follow;
 mod health;
 mod logs;
 mod observed;
@@ -19,6 +21,7 @@ mod run;
 mod schema;
 mod service;
 mod status;
+mod swarm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -516,26 +519,13 @@ impl EngineHandle {
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
-    /// Waits until a deployment has ended and returns its record.
-    pub async fn wait(&self, id: &DeploymentId) -> Result<Deployment, EngineError> {
-        let mut events = self.ctx.events.subscribe();
-        let unknown = || EngineError::UnknownDeployment(id.clone());
-        loop {
-            let state = self.ctx.store.state(id)?.ok_or_else(unknown)?;
-            if state.is_terminal() {
-                return self.ctx.store.get(id)?.ok_or_else(unknown);
-            }
-            // Any event may be the last; on lag, the store is read again.
-            let _ = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
-        }
-    }
-
     /// Live events of every deployment, as they are recorded.
     pub fn subscribe(&self) -> broadcast::Receiver<(DeploymentId, DeploymentEvent)> {
         self.ctx.events.subscribe()
     }
 
-    /// The store, for reads (history, events, locks).
+    /// The store, for tests and tools that read it whole; the API asks the
+    /// engine's own methods instead.
     pub fn store(&self) -> &Store {
         &self.ctx.store
     }
@@ -794,7 +784,8 @@ impl Ctx {
         self.freeze_point(step).await;
     }
 
-    /// The crash hook: never returns if deployments freeze before `step`.
+    /// The crash hook: never returns if deployments freeze before `step`
+    /// (a step's name, or a point within one such as `roll:web:written`).
     async fn freeze_point(&self, step: &str) {
         let Some(freeze) = &self.freeze else { return };
         if freeze.before_step != step {

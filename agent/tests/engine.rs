@@ -564,27 +564,8 @@ async fn a_crash_at_any_step_boundary_converges_at_restart() {
         ];
         for (round, boundary) in boundaries.into_iter().enumerate() {
             let next = other(live);
-            // The crashing agent lives in a runtime of its own; dropping that
-            // runtime stops every task of it where it stands, as a kill would.
-            let config = agent.config.clone();
-            let dir = agent.state.path().to_owned();
             let request = agent.request(&scope, next);
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Runtime::new().unwrap();
-                runtime.block_on(async {
-                    let docker = deployd::docker::Docker::connect().await.unwrap();
-                    let store = Store::open(&dir).unwrap();
-                    let (engine, reached) =
-                        EngineHandle::start_frozen_before(&config, docker, store, boundary)
-                            .await
-                            .unwrap();
-                    engine.deploy(request).await.unwrap();
-                    reached.await.unwrap();
-                });
-                runtime.shutdown_background();
-            })
-            .join()
-            .unwrap();
+            support::crash_at(&agent.config, agent.state.path(), request, boundary);
 
             let store = Store::open(agent.state.path()).unwrap();
             let restarted = EngineHandle::start(&agent.config, scope.docker.clone(), store)

@@ -488,6 +488,7 @@ mod tests {
                     state,
                     status: None,
                     health: None,
+                    node: None,
                 })
                 .into_iter()
                 .collect(),

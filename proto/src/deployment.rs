@@ -261,6 +261,35 @@ pub enum EventKind {
     },
 }
 
+impl EventKind {
+    /// Every kind's wire name, as [`EventKind::kind`] gives them.
+    pub const KINDS: [&'static str; 6] = [
+        "step_started",
+        "step_finished",
+        "output",
+        "once_tasks_done",
+        "canary",
+        "state",
+    ];
+
+    /// Its `type` on the wire (also the SSE event name).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::StepStarted { .. } => "step_started",
+            Self::StepFinished { .. } => "step_finished",
+            Self::Output { .. } => "output",
+            Self::OnceTasksDone => "once_tasks_done",
+            Self::Canary { .. } => "canary",
+            Self::State { .. } => "state",
+        }
+    }
+
+    /// Whether it is a deployment's final state.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::State { state, .. } if state.is_terminal())
+    }
+}
+
 /// What an app runs now, service by service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -324,6 +353,10 @@ pub struct ContainerStatus {
     /// not send it.
     #[serde(default)]
     pub health: Option<String>,
+    /// The cluster node it runs on (the swarm backend's tasks); absent for
+    /// this host's own containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Where a service container is in its life.
@@ -362,6 +395,42 @@ mod tests {
         for kind in [DeploymentKind::Deploy, DeploymentKind::Rollback] {
             let wire = serde_json::to_string(&kind).unwrap();
             assert_eq!(wire, format!("\"{kind}\""));
+        }
+    }
+
+    #[test]
+    fn event_kinds_are_the_wire_tags() {
+        let step = || "migrate".to_owned();
+        let kinds = [
+            EventKind::StepStarted { step: step() },
+            EventKind::StepFinished {
+                step: step(),
+                state: StepState::Succeeded,
+                duration_ms: 1,
+                detail: None,
+            },
+            EventKind::Output {
+                step: step(),
+                line: "l".into(),
+            },
+            EventKind::OnceTasksDone,
+            EventKind::Canary {
+                step: 1,
+                percent: 5.0,
+                decision: crate::CanaryDecision::Step,
+                by: "deployd".into(),
+                why: "w".into(),
+                window: None,
+            },
+            EventKind::State {
+                state: DeploymentState::Succeeded,
+                error: None,
+            },
+        ];
+        for (kind, name) in kinds.iter().zip(EventKind::KINDS) {
+            let wire = serde_json::to_value(kind).unwrap();
+            assert_eq!(wire["type"], kind.kind());
+            assert_eq!(kind.kind(), name);
         }
     }
 }

@@ -346,11 +346,7 @@ pub async fn canary(
         sha: Some(sha),
     };
     let id = ended(&state, spent, state.engine.canary_order(&app, order))?;
-    let deployment = state
-        .engine
-        .store()
-        .get(&id)?
-        .ok_or(EngineError::UnknownDeployment(id))?;
+    let deployment = state.engine.deployment(&id)?;
     let started = Started(deployment.id.0.clone());
     Ok((StatusCode::ACCEPTED, Extension(started), Json(deployment)))
 }

@@ -109,8 +109,7 @@ pub(super) fn begin_fleet_change(
     };
     attribute(&mut intent, Some(who), source.0);
     intent.outcome = "requested".into();
-    let store = state.engine.store();
-    if let Err(e) = store.append_audit(&intent) {
+    if let Err(e) = state.engine.audit(&intent) {
         if matches!(e, crate::store::StoreError::Full) {
             return Err(ApiError::store_full());
         }
@@ -130,11 +129,11 @@ pub(super) fn begin_fleet_change(
     // Remembered as long as the token still passes verification.
     let leeway = i64::try_from(state.authenticator().leeway().as_secs()).unwrap_or(i64::MAX);
     let expires = who.expires_at.unix_timestamp().saturating_add(leeway);
-    if !store.spend_token(&who.issuer, &jti, expires)? {
+    if !state.engine.spend_token(&who.issuer, &jti, expires)? {
         return Err(AuthError::Replayed.into());
     }
     if let Some((app, id, Standing::Successor)) = standing {
-        store.pass_fleet_lock(app, id, (&who.issuer, &jti))?;
+        state.engine.pass_fleet_lock(app, id, (&who.issuer, &jti))?;
     }
     Ok(Spent(Some((who.issuer.clone(), jti))))
 }
@@ -144,7 +143,7 @@ pub(super) fn give_back(state: &ApiState, spent: Spent) {
     let Spent(Some((issuer, jti))) = spent else {
         return;
     };
-    if let Err(e) = state.engine.store().unspend_token(&issuer, &jti) {
+    if let Err(e) = state.engine.unspend_token(&issuer, &jti) {
         tracing::warn!(error = %e, "token id not given back");
     }
 }

@@ -129,10 +129,7 @@ pub async fn list(
         ));
     }
     let before = page.before.map(DeploymentId);
-    let mut deployments = state
-        .engine
-        .store()
-        .history(&app, limit + 1, before.as_ref())?;
+    let mut deployments = state.engine.history(&app, limit + 1, before.as_ref())?;
     let next = if deployments.len() > limit {
         deployments.truncate(limit);
         deployments.last().map(|d| d.id.0.clone())
@@ -180,7 +177,7 @@ pub async fn notifications(
 ) -> Result<Json<Vec<Delivery>>, ApiError> {
     let id = DeploymentId(id);
     readable(&state, &who, &id)?;
-    Ok(Json(state.engine.store().deliveries(&id)?))
+    Ok(Json(state.engine.deliveries(&id)?))
 }
 
 /// A deployment the caller may read, or the error to answer.
@@ -189,11 +186,7 @@ pub(super) fn readable(
     who: &crate::auth::Principal,
     id: &DeploymentId,
 ) -> Result<Deployment, ApiError> {
-    let deployment = state
-        .engine
-        .store()
-        .get(id)?
-        .ok_or_else(|| engine::EngineError::UnknownDeployment(id.clone()))?;
+    let deployment = state.engine.deployment(id)?;
     who.require(Scope::Read, &deployment.app)?;
     Ok(deployment)
 }

@@ -16,12 +16,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use deployd_proto::{DeploymentEvent, DeploymentId, ErrorBody, ErrorCode, EventKind};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::deployments::readable;
 use super::{ApiError, ApiState, Caller, ClientAddr, Path, Query, StreamCaps};
-use crate::engine::EngineHandle;
 
 /// One event of the stream as SSE frames it: `id` is the event's seq,
 /// `event` its type, `data` the [`DeploymentEvent`] as JSON.
@@ -34,10 +33,7 @@ impl utoipa::PartialSchema for SseEvent {
         let text = || ObjectBuilder::new().schema_type(Type::String);
         ObjectBuilder::new()
             .property("id", text().pattern(Some("^[0-9]+$")))
-            .property(
-                "event",
-                text().enum_values(Some(["step_started", "step_finished", "output", "state"])),
-            )
+            .property("event", text().enum_values(Some(EventKind::KINDS)))
             .property(
                 "data",
                 text()
@@ -93,7 +89,7 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = DeploymentId(id);
-    let deployment = readable(&state, &who, &id)?;
+    readable(&state, &who, &id)?;
     let held = caps.hold(&who, source)?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
@@ -116,19 +112,26 @@ pub async fn stream(
             "no event has a seq that large",
         ));
     }
-    // Subscribed before the store is read: nothing falls between the two.
-    let live = state.engine.subscribe();
-    if deployment.state.is_terminal() && state.engine.store().events(&id, after)?.is_empty() {
+    let follow = resume.follow != Some(false);
+    let Some(mut events) = state.engine.follow(&id, after, follow)? else {
         // Over and fully seen: 204 tells an EventSource not to reconnect.
         return Ok(StatusCode::NO_CONTENT.into_response());
-    }
+    };
     let (tx, rx) = mpsc::channel(64);
-    let engine = state.engine.clone();
     tokio::spawn(async move {
-        if resume.follow == Some(false) {
-            recorded(engine, id, after, tx).await;
-        } else {
-            pump(engine, id, after, live, tx).await;
+        loop {
+            // A client that left frees its stream slot at once, even while
+            // the deployment says nothing.
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = tx.closed() => break,
+            };
+            let Some(sse) = event.as_ref().and_then(frame) else {
+                break;
+            };
+            if tx.send(Ok::<_, Infallible>(sse)).await.is_err() {
+                break;
+            }
         }
         drop(held);
     });
@@ -138,119 +141,17 @@ pub async fn stream(
         .into_response())
 }
 
-type Sink = mpsc::Sender<Result<Event, Infallible>>;
-
-/// Sends events after `last` until the terminal one, or until the client
-/// has gone (the send fails).
-async fn pump(
-    engine: EngineHandle,
-    id: DeploymentId,
-    mut last: u64,
-    mut live: broadcast::Receiver<(DeploymentId, DeploymentEvent)>,
-    tx: Sink,
-) {
-    loop {
-        // Catch up from the store.
-        let recorded = match engine.store().events(&id, last) {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::error!(deployment.id = %id, error = %e, "cannot read events");
-                return;
-            }
-        };
-        for event in recorded {
-            last = event.seq;
-            if !send(&tx, &event).await || is_terminal(&event) {
-                return;
-            }
-        }
-        match engine.store().state(&id) {
-            Ok(Some(state)) if !state.is_terminal() => {}
-            // Over: its final event is recorded a moment after its state.
-            // Wait for it briefly; one whose record failed still ends.
-            _ => {
-                finish(&engine, &id, last, &tx).await;
-                return;
-            }
-        }
-        // Then follow live, until a gap or a lag sends us back to the store.
-        loop {
-            let received = tokio::select! {
-                received = live.recv() => received,
-                () = tx.closed() => return,
-                // deployd stops: the client reconnects to the next one.
-                () = engine.stopping() => return,
-            };
-            match received {
-                Ok((of, event)) if of == id && Some(event.seq) == last.checked_add(1) => {
-                    last = event.seq;
-                    if !send(&tx, &event).await || is_terminal(&event) {
-                        return;
-                    }
-                }
-                Ok((of, event)) if of == id && event.seq > last => break,
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => break,
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    }
-}
-
-/// Sends the events recorded after `after`, then ends.
-async fn recorded(engine: EngineHandle, id: DeploymentId, after: u64, tx: Sink) {
-    match engine.store().events(&id, after) {
-        Ok(events) => {
-            for event in events {
-                if !send(&tx, &event).await {
-                    return;
-                }
-            }
-        }
-        Err(e) => tracing::error!(deployment.id = %id, error = %e, "cannot read events"),
-    }
-}
-
-/// Sends what is left after `last` of a deployment that is over, waiting
-/// up to 2 s for its final event.
-async fn finish(engine: &EngineHandle, id: &DeploymentId, mut last: u64, tx: &Sink) {
-    for _ in 0..20 {
-        let Ok(events) = engine.store().events(id, last) else {
-            return;
-        };
-        for event in events {
-            last = event.seq;
-            if !send(tx, &event).await || is_terminal(&event) {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn send(tx: &Sink, event: &DeploymentEvent) -> bool {
-    let name = match &event.kind {
-        EventKind::StepStarted { .. } => "step_started",
-        EventKind::StepFinished { .. } => "step_finished",
-        EventKind::Output { .. } => "output",
-        EventKind::OnceTasksDone => "once_tasks_done",
-        EventKind::Canary { .. } => "canary",
-        EventKind::State { .. } => "state",
-    };
-    let sse = match Event::default()
+/// An event as SSE frames it: its seq as the id, its kind as the name.
+fn frame(event: &DeploymentEvent) -> Option<Event> {
+    let framed = Event::default()
         .id(event.seq.to_string())
-        .event(name)
-        .json_data(event)
-    {
-        Ok(sse) => sse,
+        .event(event.kind.kind())
+        .json_data(event);
+    match framed {
+        Ok(sse) => Some(sse),
         Err(e) => {
             tracing::error!(error = %e, "event does not serialize");
-            return false;
+            None
         }
-    };
-    tx.send(Ok(sse)).await.is_ok()
-}
-
-fn is_terminal(event: &DeploymentEvent) -> bool {
-    matches!(&event.kind, EventKind::State { state, .. } if state.is_terminal())
+    }
 }

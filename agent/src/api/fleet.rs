@@ -60,7 +60,6 @@ fn held_by(lock: &Lock, who: &Principal) -> bool {
 fn ran_before(state: &ApiState, app: &str, id: &str) -> Result<Option<CommitSha>, ApiError> {
     Ok(state
         .engine
-        .store()
         .fleet_part(app, id, DeploymentKind::Deploy)?
         .and_then(|d| d.previous_sha))
 }

@@ -97,7 +97,7 @@ fn refuse(state: &ApiState, source: Option<IpAddr>, action: &str, refusal: ApiEr
     };
     let detail = format!("{} {}", refusal.status().as_u16(), refusal.body().code);
     for record in state.refusals.note(source, action, &detail) {
-        if let Err(e) = state.engine.store().append_audit(&record) {
+        if let Err(e) = state.engine.audit(&record) {
             tracing::error!(error = %e, "audit record not written");
         }
     }
@@ -135,7 +135,7 @@ fn record(
         Some(code) => format!("{} {code}", status.as_u16()),
         None => status.as_u16().to_string(),
     });
-    if let Err(e) = state.engine.store().append_audit(&entry) {
+    if let Err(e) = state.engine.audit(&entry) {
         tracing::error!(error = %e, "audit record not written");
     }
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 use deployd_proto::DeploymentKind;
 use serde::Deserialize;
 
-use super::{CanaryConfig, HealthConfig, MigrationsConfig, Problems, SwitchConfig, is_plain_name};
+use super::{
+    Backend, CanaryConfig, HealthConfig, MigrationsConfig, Problems, SwarmConfig, SwitchConfig,
+    is_plain_name,
+};
 
 /// One app: its image, its secrets, its release tasks and its services.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -62,6 +65,12 @@ pub struct AppConfig {
     /// Webhooks told when a deployment starts and how it ends.
     #[serde(default)]
     pub notify: Vec<super::NotifyConfig>,
+    /// Where the services run: `docker` (this host's containers, the
+    /// default) or `swarm` (services of the cluster this host manages).
+    #[serde(default)]
+    pub backend: Backend,
+    /// How the services run on the cluster (`backend = "swarm"`).
+    pub swarm: Option<SwarmConfig>,
 }
 
 /// A release task such as `migrate`.
@@ -331,11 +340,85 @@ impl AppConfig {
                 );
             }
         }
+        self.validate_backend(at, name, problems);
         if self.retain < 2 {
             problems.add(
                 format!("{at}.retain"),
                 "keep at least 2 releases: the current and the previous",
             );
+        }
+    }
+
+    /// What the backend in force allows.
+    fn validate_backend(&self, at: &str, name: &str, problems: &mut Problems) {
+        if self.backend != Backend::Swarm {
+            if self.swarm.is_some() {
+                problems.add(format!("{at}.swarm"), "only for backend = \"swarm\"");
+            }
+            return;
+        }
+        if let Some(swarm) = &self.swarm {
+            swarm.validate(&format!("{at}.swarm"), problems);
+        }
+        if self.network.is_none() {
+            problems.add(
+                format!("{at}.network"),
+                "backend = \"swarm\" needs the attachable overlay network the services and \
+                 release tasks join",
+            );
+        }
+        let unsupported = [
+            (
+                "switch",
+                self.switch.is_some(),
+                "Swarm's routing mesh publishes web (set [apps.NAME.swarm] publish)",
+            ),
+            (
+                "canary",
+                self.canary.is_some(),
+                "a canary needs the switch, which Swarm's routing mesh replaces",
+            ),
+            (
+                "cgroup_parent",
+                self.cgroup_parent.is_some(),
+                "Swarm places tasks on any node: limit them per service instead",
+            ),
+        ];
+        for (key, set, why) in unsupported {
+            if set {
+                problems.add(
+                    format!("{at}.{key}"),
+                    format!("not with backend = \"swarm\": {why}"),
+                );
+            }
+        }
+        // Swarm names services and jobs `<app>_<service>` and
+        // `<app>_task-<task>-<8 characters>`, at most 63 characters each.
+        for service in self.services.keys() {
+            if name.len() + 1 + service.len() > 63 {
+                problems.add(
+                    format!("{at}.services.{service}"),
+                    "with backend = \"swarm\", app and service names together are at most 62 \
+                     characters (Swarm's service name: <app>_<service>)",
+                );
+            }
+        }
+        for (i, task) in self.release.iter().enumerate() {
+            if name.len() + task.name.len() + 15 > 63 {
+                problems.add(
+                    format!("{at}.release[{i}].name"),
+                    "with backend = \"swarm\", app and task names together are at most 48 \
+                     characters (Swarm's job name: <app>_task-<task>-<8 characters>)",
+                );
+            }
+        }
+        for (i, volume) in self.volumes.iter().enumerate() {
+            if volume.starts_with(['/', '.', '~']) {
+                problems.add(
+                    format!("{at}.volumes[{i}]"),
+                    "backend = \"swarm\" mounts named volumes only (each node has its own)",
+                );
+            }
         }
     }
 

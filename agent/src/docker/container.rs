@@ -445,6 +445,20 @@ impl Docker {
         }
     }
 
+    /// What a container's last health check printed, if it has one and it
+    /// is on this engine (a Swarm task's may run on another node).
+    pub async fn last_health_output(&self, id: &str) -> Option<String> {
+        let inspect = self.api.inspect_container(id, None).await.ok()?;
+        let last = inspect.state?.health?.log?.pop()?;
+        let output = last.output.unwrap_or_default();
+        let line = output.split_whitespace().collect::<Vec<_>>().join(" ");
+        let code = last.exit_code.unwrap_or_default();
+        Some(match line.is_empty() {
+            true => format!("exit code {code}"),
+            false => format!("{line} (exit code {code})"),
+        })
+    }
+
     /// Removes a container and its anonymous volumes, stopping it if needed.
     /// A container that is already gone counts as removed.
     pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
@@ -583,13 +597,13 @@ pub struct LogWindow {
 }
 
 /// Where a one-off container's output lines go as they come.
-enum LineSink<'a> {
+pub(super) enum LineSink<'a> {
     Call(&'a mut (dyn FnMut(&str) + Send)),
     Channel(&'a tokio::sync::mpsc::Sender<String>),
 }
 
 impl LineSink<'_> {
-    async fn put(&mut self, line: String) {
+    pub(super) async fn put(&mut self, line: String) {
         match self {
             Self::Call(call) => call(&line),
             // A reader that left is noticed by `run_to_removal`.
@@ -603,14 +617,14 @@ impl LineSink<'_> {
 /// Splits a stream of output chunks into lines. Docker frames carry whatever
 /// one write() produced: several lines, or part of one.
 #[derive(Debug, Default)]
-struct Lines {
+pub(super) struct Lines {
     partial: Vec<u8>,
     done: VecDeque<String>,
 }
 
 impl Lines {
     /// Takes a chunk; returns the lines it completed.
-    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+    pub(super) fn push(&mut self, chunk: &[u8]) -> Vec<String> {
         let mut completed = Vec::new();
         for piece in chunk.split_inclusive(|&b| b == b'\n') {
             match piece.strip_suffix(b"\n") {
@@ -629,7 +643,7 @@ impl Lines {
     }
 
     /// The unterminated rest of the output, as a last line.
-    fn flush(&mut self) -> Option<String> {
+    pub(super) fn flush(&mut self) -> Option<String> {
         (!self.partial.is_empty()).then(|| self.keep_partial())
     }
 
@@ -645,7 +659,7 @@ impl Lines {
         line
     }
 
-    fn finish(mut self) -> Vec<String> {
+    pub(super) fn finish(mut self) -> Vec<String> {
         self.flush();
         self.done.into()
     }

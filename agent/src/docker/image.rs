@@ -125,6 +125,22 @@ impl RegistryAuth {
         })
     }
 
+    /// The credentials for a pinned reference (`repo@sha256:...`), for the
+    /// nodes of a cluster that pull it.
+    pub(super) fn credentials_for(&self, image: &str) -> DockerCredentials {
+        let repository = image.split_once('@').map_or(image, |(repo, _)| repo);
+        let host = repository
+            .split_once('/')
+            .map(|(host, _)| host)
+            .filter(|h| h.contains(['.', ':']) || *h == "localhost");
+        DockerCredentials {
+            username: Some(self.username.clone()),
+            password: Some(self.password.clone()),
+            serveraddress: host.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
     fn credentials(&self, image: &ImageRef) -> DockerCredentials {
         DockerCredentials {
             username: Some(self.username.clone()),

@@ -13,9 +13,30 @@ impl Docker {
         name: &str,
         labels: HashMap<String, String>,
     ) -> Result<String, DockerError> {
+        self.new_network(name, labels, "bridge").await
+    }
+
+    /// Creates an attachable overlay network with `labels` (a Swarm
+    /// manager only): the services of a swarm app and plain containers
+    /// (its db, its one-off commands) join it alike; returns its id.
+    pub async fn create_overlay_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<String, DockerError> {
+        self.new_network(name, labels, "overlay").await
+    }
+
+    async fn new_network(
+        &self,
+        name: &str,
+        labels: HashMap<String, String>,
+        driver: &str,
+    ) -> Result<String, DockerError> {
         let request = NetworkCreateRequest {
             name: name.to_owned(),
-            driver: Some("bridge".into()),
+            driver: Some(driver.into()),
+            attachable: (driver == "overlay").then_some(true),
             labels: Some(labels),
             ..Default::default()
         };

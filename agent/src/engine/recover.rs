@@ -23,17 +23,17 @@ use tracing::Instrument;
 use super::common::Failure;
 use super::service::Placement;
 use super::{Ctx, label};
-use crate::config::{AppConfig, ServiceConfig};
+use crate::config::{AppConfig, Backend, ServiceConfig};
 use crate::docker::ContainerInfo;
 use crate::env_file::AppEnv;
 use crate::store::StoreError;
 
 /// The release a service is converged to.
-struct Target {
-    sha: String,
-    digest: String,
+pub(super) struct Target {
+    pub sha: String,
+    pub digest: String,
     /// Whether it is the interrupted deployment's own release.
-    new: bool,
+    pub new: bool,
 }
 
 impl Ctx {
@@ -126,6 +126,12 @@ impl Ctx {
         for d in &unfinished {
             let span = tracing::info_span!("deployment", deployment.id = %d.id, app = %d.app, sha = %d.sha);
             let account = match apps.get(&d.app) {
+                Some(cfg) if cfg.backend == Backend::Swarm => {
+                    match self.converge_swarm(d, cfg).instrument(span.clone()).await {
+                        Ok(account) => account,
+                        Err(f) => format!("converging failed: {}", f.0),
+                    }
+                }
                 Some(cfg) => match self.converge(d, cfg).instrument(span.clone()).await {
                     Ok(account) => account,
                     Err(f) => format!("converging failed: {}", f.0),
@@ -149,7 +155,8 @@ impl Ctx {
             );
         }
         for (app, cfg) in apps {
-            if unfinished.iter().any(|d| &d.app == app) {
+            // Swarm keeps a swarm app's services as their specs say.
+            if unfinished.iter().any(|d| &d.app == app) || cfg.backend == Backend::Swarm {
                 continue;
             }
             match self.tidy(app, cfg).await {
@@ -165,6 +172,31 @@ impl Ctx {
         Ok(unfinished.len())
     }
 
+    /// What an interrupted deployment's app converges to: its own release
+    /// if it had passed verification (only its cleanup was cut short),
+    /// else the live one; none when no release was ever live.
+    pub(super) fn target(&self, d: &Deployment) -> Result<Option<Target>, StoreError> {
+        let verified = d
+            .steps
+            .iter()
+            .any(|s| s.name == "verify" && s.state == StepState::Succeeded);
+        Ok(
+            match (verified, &d.digest, self.store.live_release(&d.app)?) {
+                (true, Some(digest), _) => Some(Target {
+                    sha: d.sha.to_string(),
+                    digest: digest.clone(),
+                    new: true,
+                }),
+                (_, _, Some(live)) => Some(Target {
+                    sha: live.sha.to_string(),
+                    digest: live.digest,
+                    new: false,
+                }),
+                (_, _, None) => None,
+            },
+        )
+    }
+
     async fn converge(&self, d: &Deployment, cfg: &AppConfig) -> Result<String, Failure> {
         let tasks = self
             .docker
@@ -173,22 +205,8 @@ impl Ctx {
         for task in tasks.iter().filter(|c| c.labels.contains_key(label::TASK)) {
             self.docker.remove(&task.id).await?;
         }
-        let verified = d
-            .steps
-            .iter()
-            .any(|s| s.name == "verify" && s.state == StepState::Succeeded);
-        let target = match (verified, &d.digest, self.store.live_release(&d.app)?) {
-            (true, Some(digest), _) => Target {
-                sha: d.sha.to_string(),
-                digest: digest.clone(),
-                new: true,
-            },
-            (_, _, Some(live)) => Target {
-                sha: live.sha.to_string(),
-                digest: live.digest,
-                new: false,
-            },
-            (_, _, None) => return self.remove_deployment(d, cfg).await,
+        let Some(target) = self.target(d)? else {
+            return self.remove_deployment(d, cfg).await;
         };
         let env = AppEnv::read(cfg)?;
         let place = Placement {

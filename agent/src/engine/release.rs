@@ -7,9 +7,10 @@ use deployd_proto::EventKind;
 
 use super::common::{Failure, short_id};
 use super::label;
+use super::prepare::registry_auth;
 use super::run::Run;
-use crate::config::TaskConfig;
-use crate::docker::{ContainerSpec, PulledImage};
+use crate::config::{Backend, TaskConfig};
+use crate::docker::{ContainerSpec, PulledImage, ServiceMode, SwarmServiceSpec};
 use crate::env_file::AppEnv;
 
 impl Run {
@@ -89,7 +90,26 @@ impl Run {
             }
             on_line(line);
         };
-        let output = self.ctx.docker.run_oneoff(spec, o.timeout, live).await?;
+        let output = match self.cfg.backend {
+            Backend::Docker => self.ctx.docker.run_oneoff(spec, o.timeout, live).await?,
+            // A job of one task, placed by Swarm on any node.
+            Backend::Swarm => {
+                let job = SwarmServiceSpec {
+                    name: format!("{}_task-{}-{}", self.app, o.name, short_id(&self.id.0)),
+                    image: spec.image,
+                    cmd: spec.cmd,
+                    env: spec.env,
+                    network: spec.network,
+                    volumes: spec.volumes,
+                    labels: spec.labels,
+                    mode: ServiceMode::Job,
+                    ..Default::default()
+                };
+                let auth = registry_auth(&self.cfg)?;
+                let docker = &self.ctx.docker;
+                docker.run_job(job, auth.as_ref(), o.timeout, live).await?
+            }
+        };
         let (omitted, tail) = unlogged_tail(seen, &output.lines);
         if omitted > 0 {
             let note = format!("[deployd: {omitted} lines of output not kept]");

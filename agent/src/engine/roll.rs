@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use deployd_proto::EventKind;
 use futures_util::future::{join_all, try_join_all};
 
-use super::common::Failure;
+use super::common::{Failure, Restored};
 use super::health::{Probe, describe_request};
 use super::label;
 use super::run::Run;
@@ -41,9 +41,9 @@ struct Change {
     old_running: usize,
 }
 
-/// The services rolled so far, in order, and how. No `Debug`: it holds the
-/// app's env.
-pub(crate) struct Rollout<'a> {
+/// The docker backend's roll: the services' containers rolled so far, in
+/// order, and how. No `Debug`: it holds the app's env.
+pub(crate) struct Containers<'a> {
     run: &'a Run,
     image: PulledImage,
     env: AppEnv,
@@ -89,7 +89,7 @@ fn strategy(name: &str, cfg: &ServiceConfig) -> Strategy {
     }
 }
 
-impl<'a> Rollout<'a> {
+impl<'a> Containers<'a> {
     pub fn new(run: &'a Run, image: PulledImage, env: AppEnv) -> Self {
         Self {
             run,
@@ -510,53 +510,33 @@ impl<'a> Rollout<'a> {
     /// Carries on past a service that fails, so as many as possible run the
     /// previous release; returns what runs now, or an account of what failed.
     pub async fn restore(self) -> Result<String, Failure> {
-        let mut restored = Vec::new();
-        let mut emptied = Vec::new();
-        let mut failed = Vec::new();
+        let mut restored = Restored::default();
         for change in self.changes.iter().rev() {
             match self.restore_service(change).await {
-                Ok(0) => emptied.push(change.service.clone()),
-                Ok(_) => restored.push(change.service.clone()),
-                Err(f) => failed.push(format!("{}: {}", change.service, f.0)),
+                Ok(0) => restored.emptied.push(change.service.clone()),
+                Ok(_) => restored.back.push(change.service.clone()),
+                Err(f) => restored.failed.push(format!("{}: {}", change.service, f.0)),
             }
         }
-        restored.reverse();
-        emptied.reverse();
+        let restored = restored.in_roll_order();
         let release = self
             .run
             .previous
             .as_ref()
             .map_or_else(|| "the previous release".to_owned(), |p| p.sha.to_string());
-        if failed.is_empty() {
-            let mut said = Vec::new();
-            if !restored.is_empty() {
-                said.push(format!("{} run {release} again", restored.join(", ")));
-            }
-            if !emptied.is_empty() {
-                said.push(format!(
-                    "{} had no container running before and have none now",
-                    emptied.join(", ")
-                ));
-            }
-            let web = self.run.cfg.switched_service().map(|(web, _)| web);
-            if self.traffic_moved {
-                let web_emptied = web.is_some_and(|w| emptied.iter().any(|e| e == w));
-                said.push(match web_emptied {
-                    false => format!("traffic had moved to the new release and went back to {release}"),
-                    true => "traffic had moved to the new release; the switch now answers 503 (no web container is live)".to_owned(),
-                });
-            }
-            return Ok(said.join("; "));
+        let mut said = restored.account(
+            &release,
+            "had no container running before and have none now",
+        )?;
+        let web = self.run.cfg.switched_service().map(|(web, _)| web);
+        if self.traffic_moved {
+            let web_emptied = web.is_some_and(|w| restored.emptied.iter().any(|e| e == w));
+            said.push(match web_emptied {
+                false => format!("traffic had moved to the new release and went back to {release}"),
+                true => "traffic had moved to the new release; the switch now answers 503 (no web container is live)".to_owned(),
+            });
         }
-        let back = if restored.is_empty() {
-            "none".to_owned()
-        } else {
-            restored.join(", ")
-        };
-        Err(Failure(format!(
-            "{}; back on {release}: {back}",
-            failed.join("; ")
-        )))
+        Ok(said.join("; "))
     }
 
     /// One service back on the previous release; returns how many of its

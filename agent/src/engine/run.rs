@@ -11,10 +11,10 @@ use deployd_proto::{
 use tracing::Instrument;
 
 use super::Ctx;
+use super::backend::Rollout;
 use super::common::Failure;
 use super::prepare::registry_auth;
-use super::roll::Rollout;
-use crate::config::{AppConfig, TaskConfig};
+use crate::config::{AppConfig, Backend, TaskConfig};
 use crate::docker::{ImageRef, PulledImage, RegistryAuth};
 use crate::env_file::AppEnv;
 use crate::store::Release;
@@ -344,7 +344,7 @@ impl Run {
                 self.emit(EventKind::OnceTasksDone);
             }
         }
-        let mut rollout = Rollout::new(self, image.clone(), env);
+        let mut rollout = Rollout::new(self, image.clone(), env, auth);
         // Services taken out of the config: singletons go before any other
         // service rolls, stop-first (a beat moving to another host has
         // exited here before that host starts one), but with a canary only
@@ -472,6 +472,9 @@ impl Run {
     }
 
     async fn prepare(&self) -> Result<(AppEnv, Option<RegistryAuth>), Failure> {
+        if self.cfg.backend == Backend::Swarm {
+            self.ctx.docker.swarm_manager().await?;
+        }
         Ok((AppEnv::read(&self.cfg)?, registry_auth(&self.cfg)?))
     }
 

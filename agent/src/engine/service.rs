@@ -55,6 +55,31 @@ pub(crate) struct ReleaseRef<'r> {
     pub digest: &'r str,
 }
 
+/// What a service's containers (or Swarm service) are labelled with, so
+/// that a restarted agent can tell what they are.
+pub(crate) fn service_labels(
+    place: &Placement<'_>,
+    service: &str,
+    cfg: &ServiceConfig,
+    release: &ReleaseRef<'_>,
+) -> HashMap<String, String> {
+    HashMap::from([
+        (label::APP.to_owned(), place.app.to_owned()),
+        (label::SERVICE.to_owned(), service.to_owned()),
+        (label::SHA.to_owned(), release.sha.to_owned()),
+        (label::DIGEST.to_owned(), release.digest.to_owned()),
+        (label::DEPLOYMENT.to_owned(), place.deployment.to_owned()),
+        (
+            label::SINGLETON.to_owned(),
+            cfg.is_singleton(service).to_string(),
+        ),
+        (
+            label::STOP_TIMEOUT.to_owned(),
+            cfg.stop_timeout.as_secs_f64().ceil().to_string(),
+        ),
+    ])
+}
+
 /// The container of one replica of a service, labelled so that a restarted
 /// agent can tell what it is.
 pub(crate) fn service_spec(
@@ -77,21 +102,7 @@ pub(crate) fn service_spec(
         network: place.app_cfg.network.clone(),
         network_aliases: Vec::new(),
         volumes: place.app_cfg.volumes.clone(),
-        labels: HashMap::from([
-            (label::APP.to_owned(), place.app.to_owned()),
-            (label::SERVICE.to_owned(), service.to_owned()),
-            (label::SHA.to_owned(), release.sha.to_owned()),
-            (label::DIGEST.to_owned(), release.digest.to_owned()),
-            (label::DEPLOYMENT.to_owned(), place.deployment.to_owned()),
-            (
-                label::SINGLETON.to_owned(),
-                cfg.is_singleton(service).to_string(),
-            ),
-            (
-                label::STOP_TIMEOUT.to_owned(),
-                cfg.stop_timeout.as_secs_f64().ceil().to_string(),
-            ),
-        ]),
+        labels: service_labels(place, service, cfg, release),
         publish: cfg.port,
         stop_timeout: Some(cfg.stop_timeout),
         restart: true,

@@ -8,7 +8,7 @@ use deployd_proto::{
 use super::{Ctx, EngineError, EngineHandle, label};
 use std::collections::BTreeMap;
 
-use crate::config::{AppConfig, ServiceConfig};
+use crate::config::{AppConfig, Backend, ServiceConfig};
 use crate::docker::ContainerInfo;
 
 impl EngineHandle {
@@ -31,59 +31,10 @@ impl EngineHandle {
             .map(|r| r.sha.to_string())
             .chain(running.iter().map(|(_, sha)| sha.to_string()))
             .collect();
-        let found = match self.ctx.observed.containers(app) {
-            Some(found) => found,
-            // Not listed yet (only just started): list once now.
-            None => {
-                self.ctx.relist().await;
-                self.ctx.observed.containers(app).unwrap_or_default()
-            }
+        let services = match cfg.backend {
+            Backend::Docker => self.ctx.container_status(app, cfg, &current).await,
+            Backend::Swarm => self.ctx.swarm_status(app, cfg, &current).await?,
         };
-        let mut services = Vec::new();
-        let removed = removed_services(cfg, &found);
-        let names = cfg
-            .roll_order()
-            .into_iter()
-            .chain(removed.keys().map(|s| (*s).to_owned()));
-        for name in names {
-            let service = cfg.services.get(&name);
-            let mut containers = Vec::new();
-            for c in found
-                .iter()
-                .filter(|c| c.labels.get(label::SERVICE) == Some(&name))
-            {
-                let sha = c.labels.get(label::SHA).cloned();
-                let state = match (c.running, sha.as_ref().is_some_and(|s| current.contains(s))) {
-                    (false, _) => ContainerPhase::Stopped,
-                    (true, true) => ContainerPhase::Running,
-                    (true, false) => ContainerPhase::Draining,
-                };
-                let health = match (c.running, service) {
-                    (true, Some(service)) => self.ctx.health_of(c, service),
-                    _ => None,
-                };
-                containers.push(ContainerStatus {
-                    name: c.name.clone(),
-                    sha: sha.and_then(|s| s.parse::<CommitSha>().ok()),
-                    state,
-                    status: Some(c.status.clone()),
-                    health,
-                });
-            }
-            containers.sort_by(|a, b| a.name.cmp(&b.name));
-            let singleton = match service {
-                Some(service) => service.is_singleton(&name),
-                None => removed
-                    .get(name.as_str())
-                    .is_some_and(|found| found.iter().any(|c| was_singleton(&name, c))),
-            };
-            services.push(ServiceStatus {
-                removed: service.is_none(),
-                name,
-                singleton,
-                containers,
-            });
-        }
         Ok(AppStatus {
             app: app.to_owned(),
             live_sha: live.as_ref().map(|r| r.sha.clone()),
@@ -132,6 +83,70 @@ pub(crate) struct Recorded {
 }
 
 impl Ctx {
+    /// A docker app's services for its status: each one's containers, from
+    /// the engine's model of what runs.
+    async fn container_status(
+        &self,
+        app: &str,
+        cfg: &AppConfig,
+        current: &[String],
+    ) -> Vec<ServiceStatus> {
+        let found = match self.observed.containers(app) {
+            Some(found) => found,
+            // Not listed yet (only just started): list once now.
+            None => {
+                self.relist().await;
+                self.observed.containers(app).unwrap_or_default()
+            }
+        };
+        let mut services = Vec::new();
+        let removed = removed_services(cfg, &found);
+        let names = cfg
+            .roll_order()
+            .into_iter()
+            .chain(removed.keys().map(|s| (*s).to_owned()));
+        for name in names {
+            let service = cfg.services.get(&name);
+            let mut containers = Vec::new();
+            for c in found
+                .iter()
+                .filter(|c| c.labels.get(label::SERVICE) == Some(&name))
+            {
+                let sha = c.labels.get(label::SHA).cloned();
+                let state = match (c.running, sha.as_ref().is_some_and(|s| current.contains(s))) {
+                    (false, _) => ContainerPhase::Stopped,
+                    (true, true) => ContainerPhase::Running,
+                    (true, false) => ContainerPhase::Draining,
+                };
+                let health = match (c.running, service) {
+                    (true, Some(service)) => self.health_of(c, service),
+                    _ => None,
+                };
+                containers.push(ContainerStatus {
+                    name: c.name.clone(),
+                    sha: sha.and_then(|s| s.parse::<CommitSha>().ok()),
+                    state,
+                    status: Some(c.status.clone()),
+                    health,
+                    node: None,
+                });
+            }
+            containers.sort_by(|a, b| a.name.cmp(&b.name));
+            let singleton = match service {
+                Some(service) => service.is_singleton(&name),
+                None => removed
+                    .get(name.as_str())
+                    .is_some_and(|found| found.iter().any(|c| was_singleton(&name, c))),
+            };
+            services.push(ServiceStatus {
+                removed: service.is_none(),
+                name,
+                singleton,
+                containers,
+            });
+        }
+        services
+    }
     /// The app's live release, deployment in flight and lock, from the
     /// store or, when nothing was written since they were read, from then.
     fn recorded(&self, app: &str) -> Result<Recorded, EngineError> {

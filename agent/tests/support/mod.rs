@@ -251,6 +251,12 @@ pub struct Scope {
 
 impl Scope {
     async fn new() -> Self {
+        Self::on(false).await
+    }
+
+    /// A scope whose network is an attachable overlay network of the
+    /// engine's Swarm (`scripts/testbed.sh swarm up`), or a bridge.
+    async fn on(overlay: bool) -> Self {
         // Unique across processes and machines sharing an engine: the
         // random tail of a UUID v7.
         let id = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
@@ -262,11 +268,20 @@ impl Scope {
             id,
             network,
         };
-        scope
-            .docker
-            .create_network(&scope.network, scope.labels())
-            .await
-            .unwrap();
+        let labels = scope.labels();
+        let docker = &scope.docker;
+        if overlay {
+            docker
+                .swarm_manager()
+                .await
+                .expect("the engine is a Swarm manager: run `scripts/testbed.sh swarm up` first");
+            docker
+                .create_overlay_network(&scope.network, labels)
+                .await
+                .unwrap();
+        } else {
+            docker.create_network(&scope.network, labels).await.unwrap();
+        }
         scope
     }
 
@@ -388,6 +403,19 @@ impl Scope {
     /// Removes everything the scope made. Containers still stopping in the
     /// background (draining workers) may hold the network a little longer.
     async fn cleanup(&self) {
+        // Swarm services first: their tasks hold the network.
+        if self.docker.swarm_manager().await.is_ok() {
+            for app in self.apps() {
+                for service in self
+                    .docker
+                    .services(&[("deployd.app", &app)])
+                    .await
+                    .unwrap()
+                {
+                    self.docker.remove_service(&service.name).await.unwrap();
+                }
+            }
+        }
         for attempt in 0.. {
             let mut ids = self
                 .docker
@@ -407,7 +435,7 @@ impl Scope {
             }
             match self.docker.remove_network(&self.network).await {
                 Ok(()) => break,
-                Err(e) if attempt == 40 => panic!("cleanup: {e}"),
+                Err(e) if attempt == 120 => panic!("cleanup: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }
@@ -431,9 +459,26 @@ where
     F: FnOnce(Arc<Scope>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    scoped_on(false, body).await;
+}
+
+/// Like [`scoped`], on an overlay network of the engine's Swarm.
+pub async fn swarm_scoped<F, Fut>(body: F)
+where
+    F: FnOnce(Arc<Scope>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    scoped_on(true, body).await;
+}
+
+async fn scoped_on<F, Fut>(overlay: bool, body: F)
+where
+    F: FnOnce(Arc<Scope>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     // HTTP clients of tests need the TLS provider the agent uses.
     deployd::install_crypto_provider();
-    let scope = Arc::new(Scope::new().await);
+    let scope = Arc::new(Scope::on(overlay).await);
     let result = tokio::spawn(body(scope.clone())).await;
     scope.cleanup().await;
     if let Err(e) = result {
@@ -461,4 +506,35 @@ where
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Starts an agent of its own on `state_dir`, deploys `request` with it,
+/// and kills it once the deployment reaches `boundary` (see
+/// `EngineHandle::start_frozen_before`): the agent lives in a runtime of its
+/// own, and dropping that runtime stops every task of it where it stands,
+/// as a kill would.
+pub fn crash_at(
+    config: &deployd::config::Config,
+    state_dir: &std::path::Path,
+    request: DeployRequest,
+    boundary: &str,
+) {
+    let (config, dir, boundary) = (config.clone(), state_dir.to_owned(), boundary.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let docker = Docker::connect().await.unwrap();
+            let store = deployd::store::Store::open(&dir).unwrap();
+            let (engine, reached) = deployd::engine::EngineHandle::start_frozen_before(
+                &config, docker, store, &boundary,
+            )
+            .await
+            .unwrap();
+            engine.deploy(request).await.unwrap();
+            reached.await.unwrap();
+        });
+        runtime.shutdown_background();
+    })
+    .join()
+    .unwrap();
 }

@@ -67,9 +67,14 @@ impl Status {
             }
             for c in &service.containers {
                 let sha = c.sha.as_ref().map_or("?", |s| s.as_str());
+                // A cluster's task: where it runs, before its name.
+                let name = match &c.node {
+                    Some(node) => format!("{} on {node}", c.name),
+                    None => c.name.clone(),
+                };
                 ctx.out(&format!(
                     "  {:<44} {:<12} {:<9} {:<24} {}",
-                    c.name,
+                    name,
                     &sha[..sha.len().min(12)],
                     phase(c.state),
                     c.health.as_deref().unwrap_or("-"),

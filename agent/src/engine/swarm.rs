@@ -10,8 +10,8 @@
 //! - worker: start-first, old tasks get `stop_timeout` after SIGTERM.
 //! - singletons (beat): stop-first, one task: never two across the cluster.
 //!
-//! A rollback writes the previous spec (the previous release's digest) the
-//! same way; a service this deployment created is removed instead.
+//! A rollback writes back each changed service's spec as it was read before
+//! the roll; a service this deployment created is removed instead.
 
 use std::collections::HashMap;
 use std::time::Duration;

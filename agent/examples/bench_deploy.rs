@@ -37,6 +37,7 @@ fn config(scope: &Scope, state: &std::path::Path) -> Config {
         web_replicas: 1,
         check: false,
         migrations: None,
+        swarm: false,
     };
     let section = app_config(scope, &scope.app(), scope.bed.var("REPOSITORY"), tuning);
     Config::from_toml(&format!("state_dir = \"{}\"\n{section}", state.display())).unwrap()

@@ -17,78 +17,11 @@ use deployd_proto::{
     RollbackRequest, Verdict,
 };
 use reqwest::header::HOST;
+use support::engine::{Agent, agent_tuned};
 use support::{Scope, Tuning, app_config, deploy_request, poll, scoped};
-
-/// The test config: one app, tuned for tests.
-fn config_tuned(
-    scope: &Scope,
-    state_dir: &std::path::Path,
-    repository: &str,
-    tuning: Tuning,
-) -> Config {
-    let text = format!(
-        "state_dir = \"{}\"\n{}",
-        state_dir.display(),
-        app_config(scope, &scope.app(), repository, tuning)
-    );
-    Config::from_toml(&text).unwrap()
-}
-
-struct Agent {
-    engine: EngineHandle,
-    app: String,
-    config: Config,
-    state: tempfile::TempDir,
-}
 
 async fn agent(scope: &Scope) -> Agent {
     agent_tuned(scope, Tuning::TEST).await
-}
-
-async fn agent_tuned(scope: &Scope, tuning: Tuning) -> Agent {
-    let state = tempfile::tempdir().unwrap();
-    let repository = scope.publish_releases().await;
-    let config = config_tuned(scope, state.path(), &repository, tuning);
-    let store = Store::open(state.path()).unwrap();
-    let engine = EngineHandle::start(&config, scope.docker.clone(), store)
-        .await
-        .unwrap();
-    scope.start_db().await;
-    scope.start_redis().await;
-    Agent {
-        engine,
-        app: scope.app(),
-        config,
-        state,
-    }
-}
-
-impl Agent {
-    fn request(&self, scope: &Scope, variant: &str) -> DeployRequest {
-        DeployRequest {
-            reason: Some(format!("test {variant}")),
-            ..deploy_request(&self.app, scope.bed.sha(variant), "engine-test")
-        }
-    }
-
-    async fn deploy(&self, scope: &Scope, variant: &str) -> Deployment {
-        let started = self
-            .engine
-            .deploy(self.request(scope, variant))
-            .await
-            .unwrap();
-        self.engine.wait(&started.id).await.unwrap()
-    }
-
-    /// Rolls back as `ops` and waits for the end.
-    async fn rollback(&self, request: RollbackRequest) -> Deployment {
-        let started = self
-            .engine
-            .rollback(&self.app, "ops", request)
-            .await
-            .unwrap();
-        self.engine.wait(&started.id).await.unwrap()
-    }
 }
 
 /// (service, sha) of every running container of the app, sorted.

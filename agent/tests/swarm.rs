@@ -1,6 +1,8 @@
 //! The swarm backend against a real Swarm (`scripts/testbed.sh swarm up`):
 //! the same deployments, failures and rollbacks as the docker backend's,
-//! with services that Swarm places and replaces.
+//! with services that Swarm places and replaces. Every test's name ends in
+//! `_on_swarm`: `scripts/test.sh` runs them apart, once the engine is a
+//! Swarm, and skips them by that name in the workspace's run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,98 +10,43 @@ mod support;
 
 use std::time::Duration;
 
-use deployd::config::Config;
-use deployd::engine::{DeployRequest, EngineHandle, label};
+use deployd::engine::{EngineHandle, label};
 use deployd::store::Store;
-use deployd_proto::{Deployment, DeploymentState, EventKind, RollbackRequest, RunEvent};
-use support::{Scope, Tuning, app_config, deploy_request, poll, swarm_scoped};
+use deployd_proto::{DeploymentState, EventKind, RollbackRequest, RunEvent};
+use support::engine::{Agent, agent_tuned};
+use support::{Scope, Tuning, poll, swarm_scoped};
 
-/// The engine tests' app section, on the swarm backend. Web is not
-/// published through the routing mesh: the mesh needs IPVS, which not every
-/// test machine's kernel has; requests go to a task's container instead.
-fn swarm_config(
-    scope: &Scope,
-    state_dir: &std::path::Path,
-    repository: &str,
-    verify: &'static str,
-) -> Config {
-    let app = scope.app();
+/// An agent of the engine tests' app on the swarm backend, whose verify
+/// window (also Swarm's `monitor` of each new task) is `verify`: short
+/// where nothing is to fail after the update. Web is not published through
+/// the routing mesh: the mesh needs IPVS, which not every test machine's
+/// kernel has; requests go to a task's container instead.
+async fn agent(scope: &Scope, verify: &'static str) -> Agent {
     let tuning = Tuning {
         verify,
+        swarm: true,
         ..Tuning::TEST
     };
-    let section = app_config(scope, &app, repository, tuning).replacen(
-        &format!("[apps.{app}]\n"),
-        &format!("[apps.{app}]\n        backend = \"swarm\"\n"),
-        1,
-    );
-    let text = format!("state_dir = \"{}\"\n{section}", state_dir.display());
-    Config::from_toml(&text).unwrap()
+    agent_tuned(scope, tuning).await
 }
 
-struct Agent {
-    engine: EngineHandle,
-    app: String,
-    config: Config,
-    state: tempfile::TempDir,
-}
-
-/// An agent whose verify window (also Swarm's `monitor` of each new task)
-/// is `verify`: short where nothing is to fail after the update.
-async fn agent(scope: &Scope, verify: &'static str) -> Agent {
-    let state = tempfile::tempdir().unwrap();
-    let repository = scope.publish_releases().await;
-    let config = swarm_config(scope, state.path(), &repository, verify);
-    let store = Store::open(state.path()).unwrap();
-    let engine = EngineHandle::start(&config, scope.docker.clone(), store)
+/// The status `/healthz/` answers with, asked from a container on the
+/// overlay network of one of the web tasks (`tasks.<service>` in Swarm's
+/// DNS: no routing mesh needed).
+async fn healthz(agent: &Agent, scope: &Scope) -> u16 {
+    let code = "import sys,urllib.request as u\n\
+        r=u.Request(sys.argv[1],headers={'Host':sys.argv[2],'X-Forwarded-Proto':'https'})\n\
+        print(u.urlopen(r,timeout=20).status)";
+    let url = format!("http://tasks.{}_web:8000/healthz/", agent.app);
+    let image = scope.bed.var("PYTHON_BASE").to_owned();
+    let spec = scope.app_container(&image, &["python3", "-c", code, &url, scope.bed.app_host()]);
+    let output = scope
+        .docker
+        .run_oneoff(spec, Duration::from_secs(60), |_| {})
         .await
         .unwrap();
-    scope.start_db().await;
-    scope.start_redis().await;
-    Agent {
-        engine,
-        app: scope.app(),
-        config,
-        state,
-    }
-}
-
-impl Agent {
-    fn request(&self, scope: &Scope, variant: &str) -> DeployRequest {
-        DeployRequest {
-            reason: Some(format!("test {variant}")),
-            ..deploy_request(&self.app, scope.bed.sha(variant), "swarm-test")
-        }
-    }
-
-    async fn deploy(&self, scope: &Scope, variant: &str) -> Deployment {
-        let started = self
-            .engine
-            .deploy(self.request(scope, variant))
-            .await
-            .unwrap();
-        self.engine.wait(&started.id).await.unwrap()
-    }
-
-    /// The status `/healthz/` answers with, asked from a container on the
-    /// overlay network of one of the web tasks (`tasks.<service>` in
-    /// Swarm's DNS: no routing mesh needed).
-    async fn healthz(&self, scope: &Scope) -> u16 {
-        let code = "import sys,urllib.request as u\n\
-            r=u.Request(sys.argv[1],headers={'Host':sys.argv[2],'X-Forwarded-Proto':'https'})\n\
-            print(u.urlopen(r,timeout=20).status)";
-        let url = format!("http://tasks.{}_web:8000/healthz/", self.app);
-        let image = scope.bed.var("PYTHON_BASE").to_owned();
-        let spec =
-            scope.app_container(&image, &["python3", "-c", code, &url, scope.bed.app_host()]);
-        let output = scope
-            .docker
-            .run_oneoff(spec, Duration::from_secs(60), |_| {})
-            .await
-            .unwrap();
-        assert_eq!(output.exit_code, 0, "{:?}", output.lines);
-        output.lines.last().unwrap().parse().unwrap()
-    }
+    assert_eq!(output.exit_code, 0, "{:?}", output.lines);
+    output.lines.last().unwrap().parse().unwrap()
 }
 
 /// (service, sha) of every running task of the app, sorted.
@@ -178,7 +125,7 @@ async fn deploy_fail_rollback_and_crash_on_swarm() {
             .unwrap();
         assert!(jobs.is_empty(), "{jobs:?}");
         settles_on(&scope, "release-1").await;
-        assert_eq!(agent.healthz(&scope).await, 200);
+        assert_eq!(healthz(&agent, &scope).await, 200);
 
         let second = agent.deploy(&scope, "release-2").await;
         assert_eq!(second.state, DeploymentState::Succeeded, "{second:#?}");
@@ -261,16 +208,11 @@ async fn deploy_fail_rollback_and_crash_on_swarm() {
         settles_on(&scope, "release-2").await;
 
         // A manual rollback goes back to release 1 by its digest.
-        let started = agent
-            .engine
-            .rollback(&agent.app, "ops", RollbackRequest::default())
-            .await
-            .unwrap();
-        let back = agent.engine.wait(&started.id).await.unwrap();
+        let back = agent.rollback(RollbackRequest::default()).await;
         assert_eq!(back.state, DeploymentState::Succeeded, "{back:#?}");
         assert_eq!(back.sha, scope.bed.sha("release-1"));
         settles_on(&scope, "release-1").await;
-        assert_eq!(agent.healthz(&scope).await, 200);
+        assert_eq!(healthz(&agent, &scope).await, 200);
 
         // deployd killed while Swarm replaces web's tasks (the old release
         // returns), then after verification (the new release stays), and
@@ -345,7 +287,7 @@ async fn failures_after_the_update_roll_every_service_back_on_swarm() {
                 "{variant}: {error}"
             );
             settles_on(&scope, "release-1").await;
-            assert_eq!(agent.healthz(&scope).await, 200, "{variant}");
+            assert_eq!(healthz(&agent, &scope).await, 200, "{variant}");
         }
     })
     .await;

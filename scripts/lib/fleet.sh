@@ -118,7 +118,7 @@ fleet_up() {
         agent_start "$d"
         pids+=("$AGENT_PID")
         echo "$AGENT_PID" >"$d/pid"
-        servers+="    server $h 127.0.0.1:$public_port check inter 500ms fall 2 rise 2"$'\n'
+        servers+="    server $h 127.0.0.1:$public_port check inter 1s fall 3 rise 2"$'\n'
         cat >"$d/host.toml" <<TOML
 
 [[hosts]]

@@ -53,6 +53,9 @@ def client(url, host, out, lock, stop, keep_alive, users):
             if record["ok"]:
                 served = json.loads(body).get("served_by", "")
                 record["release"] = served.split("@")[0]
+            else:
+                # Who refused: the switch, a load balancer in front of it, the app.
+                record["body"] = body[:100].decode(errors="replace").strip()
             if not keep_alive or response.will_close:
                 conn.close()
                 conn = None
@@ -100,6 +103,7 @@ def report(args):
     for name, start, end in phases:
         inside = [r for r in records if start <= r["start"] < end]
         failed = [r for r in inside if not r["ok"]]
+        errors = sorted({r.get("error") or f"HTTP {r.get('status')}: {r.get('body', '')}" for r in failed})
         served = {}
         for r in inside:
             if r["ok"]:
@@ -111,7 +115,12 @@ def report(args):
                 "requests": len(inside),
                 "failed": len(failed),
                 "served": served,
-                "errors": sorted({r.get("error") or f"HTTP {r.get('status')}" for r in failed})[:5],
+                # When they failed, in seconds from the phase's start: one
+                # burst or spread over the phase.
+                "failing": [round(min(r["start"] for r in failed) - start, 1), round(max(r["start"] for r in failed) - start, 1)]
+                if failed
+                else [],
+                "errors": errors[:5],
             }
         )
     total = {

@@ -38,9 +38,15 @@ impl ImageRef {
     /// its first path component when that looks like a host. `None` for
     /// short names, which Docker resolves against its default public registry.
     pub fn registry(&self) -> Option<&str> {
-        let (first, _) = self.repository.split_once('/')?;
-        (first.contains(['.', ':']) || first == "localhost").then_some(first)
+        registry_of(&self.repository)
     }
+}
+
+/// The registry host a repository names: its first path component when
+/// that looks like a host (a `.` or `:` in it, or `localhost`).
+fn registry_of(repository: &str) -> Option<&str> {
+    let (first, _) = repository.split_once('/')?;
+    (first.contains(['.', ':']) || first == "localhost").then_some(first)
 }
 
 impl fmt::Display for ImageRef {
@@ -129,23 +135,18 @@ impl RegistryAuth {
     /// nodes of a cluster that pull it.
     pub(super) fn credentials_for(&self, image: &str) -> DockerCredentials {
         let repository = image.split_once('@').map_or(image, |(repo, _)| repo);
-        let host = repository
-            .split_once('/')
-            .map(|(host, _)| host)
-            .filter(|h| h.contains(['.', ':']) || *h == "localhost");
+        self.credentials_at(registry_of(repository))
+    }
+
+    fn credentials(&self, image: &ImageRef) -> DockerCredentials {
+        self.credentials_at(image.registry())
+    }
+
+    fn credentials_at(&self, host: Option<&str>) -> DockerCredentials {
         DockerCredentials {
             username: Some(self.username.clone()),
             password: Some(self.password.clone()),
             serveraddress: host.map(str::to_owned),
-            ..Default::default()
-        }
-    }
-
-    fn credentials(&self, image: &ImageRef) -> DockerCredentials {
-        DockerCredentials {
-            username: Some(self.username.clone()),
-            password: Some(self.password.clone()),
-            serveraddress: image.registry().map(str::to_owned),
             ..Default::default()
         }
     }

@@ -146,8 +146,6 @@ pub struct ServiceInfo {
     /// The spec's version, which an update must name.
     pub version: u64,
     pub labels: HashMap<String, String>,
-    /// The image its spec runs.
-    pub image: String,
     /// Tasks asked for; none for jobs.
     pub replicas: Option<u32>,
     /// The last update, if the service was ever updated.
@@ -317,23 +315,19 @@ impl SwarmServiceSpec {
 fn service_info(s: bollard::models::Service) -> ServiceInfo {
     let spec = s.spec.unwrap_or_default();
     let version = s.version.and_then(|v| v.index).unwrap_or_default();
-    let prior = PriorSpec {
-        spec: spec.clone(),
-        version,
-    };
-    let container = spec.task_template.and_then(|t| t.container_spec);
     ServiceInfo {
         id: s.id.unwrap_or_default(),
-        name: spec.name.unwrap_or_default(),
+        name: spec.name.clone().unwrap_or_default(),
         version,
-        labels: spec.labels.unwrap_or_default(),
-        image: container.and_then(|c| c.image).unwrap_or_default(),
+        labels: spec.labels.clone().unwrap_or_default(),
         replicas: spec
             .mode
-            .and_then(|m| m.replicated)
+            .as_ref()
+            .and_then(|m| m.replicated.as_ref())
             .and_then(|r| r.replicas)
             .and_then(|r| u32::try_from(r).ok()),
-        prior,
+        // Kept whole (not copied) to write back.
+        prior: PriorSpec { spec, version },
         update: s.update_status.map(|u| UpdateStatus {
             state: u.state.map(|s| s.to_string()).unwrap_or_default(),
             message: u.message.unwrap_or_default(),

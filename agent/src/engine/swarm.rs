@@ -100,16 +100,12 @@ pub(crate) fn swarm_spec(
     service: &str,
     cfg: &ServiceConfig,
     release: &ReleaseRef<'_>,
-    restored: bool,
 ) -> SwarmServiceSpec {
     let app_cfg = place.app_cfg;
     let singleton = cfg.is_singleton(service);
     let web = cfg.role_of(service) == Some(Role::Web);
     let swarm = app_cfg.swarm.clone().unwrap_or_default();
-    let mut labels = service_labels(place, service, cfg, release);
-    if restored {
-        labels.insert(RESTORED.to_owned(), "true".to_owned());
-    }
+    let labels = service_labels(place, service, cfg, release);
     let mut env = place.env.service(service).to_vec();
     let checked = cfg.port.zip(cfg.health.as_ref());
     if let Some((port, health)) = checked {
@@ -312,7 +308,7 @@ impl<'a> Services<'a> {
             sha: &sha,
             digest: &self.image.digest,
         };
-        let spec = swarm_spec(&self.placement(), service, cfg, &release, false);
+        let spec = swarm_spec(&self.placement(), service, cfg, &release);
         let step = format!("roll:{service}");
         // Recorded before the write: a failed write may still have changed it.
         self.changes.push(Change {
@@ -733,7 +729,8 @@ impl super::Ctx {
             if runs_it {
                 continue;
             }
-            let spec = swarm_spec(&place, &service, service_cfg, &release, true);
+            let mut spec = swarm_spec(&place, &service, service_cfg, &release);
+            spec.labels.insert(RESTORED.to_owned(), "true".to_owned());
             let before = match found {
                 Some(info) => {
                     docker

@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod engine;
 pub mod oidc;
 pub mod pki;
 
@@ -65,6 +66,8 @@ pub struct Tuning {
     pub check: bool,
     /// `[migrations] unsafe`, when deployments make a migration plan.
     pub migrations: Option<&'static str>,
+    /// `backend = "swarm"`: services on the engine's Swarm.
+    pub swarm: bool,
 }
 
 impl Tuning {
@@ -74,6 +77,7 @@ impl Tuning {
         web_replicas: 2,
         check: true,
         migrations: None,
+        swarm: false,
     };
 
     /// Like [`Tuning::TEST`], with a migration plan that refuses unsafe
@@ -119,6 +123,10 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
     } else {
         String::new()
     };
+    let backend = match tuning.swarm {
+        true => "\n        backend = \"swarm\"",
+        false => "",
+    };
     let migrations = match tuning.migrations {
         Some(unsafe_migrations) => format!(
             r#"
@@ -129,7 +137,7 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
     };
     format!(
         r#"
-        [apps.{app}]
+        [apps.{app}]{backend}
         image = "{repository}"
         registry_auth_file = "{auth}"
         env_file = "{env}"

@@ -70,7 +70,7 @@ defaults
     timeout client 60s
     timeout server 60s
     # A check's answer goes through the switch to a gunicorn that the load
-    # keeps busy: on a loaded two-core machine 200-500 ms. Left to its
+    # keeps busy: on a loaded two-core machine up to 400 ms. Left to its
     # default (the check interval), the timeout took all three hosts down
     # at once for a second, and HAProxy itself answered 503.
     timeout check 3s

@@ -62,10 +62,10 @@ bash scripts/api/fuzz.sh 60
 # The swarm backend's tests deploy to the engine as a single-node Swarm;
 # the engine leaves it again after them (unless it was a Swarm before).
 # They come last, so that the engine's iptables, which joining and leaving
-# a Swarm rewrite, are as a newcomer's for everything above (about five
+# a Swarm rewrite, are as a newcomer's for everything above (about seven
 # minutes).
 bash scripts/testbed.sh swarm up
-cargo test -p deployd --test swarm --locked
+cargo test --workspace --locked "$@" -- _on_swarm
 bash scripts/testbed.sh swarm down
 
 # Events arrive asynchronously: give the last ones a moment.

@@ -15,6 +15,8 @@
 #   scripts/testbed.sh debian-image
 #                               a clean Debian image with systemd, for
 #                               installing the package into; prints its tag
+#   scripts/testbed.sh haproxy-image
+#                               Debian's HAProxy as an image; prints its tag
 #
 # State lives in $DEPLOYD_TESTBED_DIR (default ~/.cache/deployd-testbed); `up`
 # writes testbed.env there, which the integration tests read.
@@ -447,18 +449,17 @@ cmd_status() {
     testbed_images | cut -f2,3
 }
 
-# A clean Debian host with systemd installed (not running): what a package
-# is installed into. Prints its tag.
+# A Debian minbase image with PACKAGES installed, tagged NAME:<hash>, for
+# the scripts that need one more real part; prints its tag.
 no_hook() { :; }
-cmd_debian_image() {
+packaged_image() {
+    local name=$1 packages=$2 image
     mkdir -p "$STATE"
     exec 9>"$STATE/lock"
     flock 9
     ensure_packages debootstrap
     ensure_docker
-    # procps: /bin/kill, in every standard Debian install (not in minbase).
-    local image packages=systemd,systemd-sysv,procps
-    image=deployd-testbed/debian-systemd:$(content_hash "$ROOT" "$(host_mirror) $BASE_REVISION $packages")
+    image=deployd-testbed/$name:$(content_hash "$ROOT" "$(host_mirror) $BASE_REVISION $packages")
     build_rootfs_image "$image" "$packages" no_hook --change 'ENV LANG=C.UTF-8' >&2
     echo "$image"
 }
@@ -507,6 +508,11 @@ case ${1:-} in
     down) cmd_down ;;
     purge) cmd_purge ;;
     status) cmd_status ;;
-    debian-image) cmd_debian_image ;;
-    *) echo "usage: $0 up|down|status|purge|swarm up|swarm down|debian-image" >&2; exit 2 ;;
+    # A clean Debian host with systemd installed (not running): what a
+    # package is installed into. procps: /bin/kill, in every standard
+    # Debian install (not in minbase).
+    debian-image) packaged_image debian-systemd systemd,systemd-sysv,procps ;;
+    # HAProxy, for a load balancer on a Swarm's overlay network.
+    haproxy-image) packaged_image haproxy haproxy ;;
+    *) echo "usage: $0 up|down|status|purge|swarm up|swarm down|debian-image|haproxy-image" >&2; exit 2 ;;
 esac

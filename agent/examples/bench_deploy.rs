@@ -8,12 +8,17 @@
 //! until `/healthz/` answers 200, the old one stopped; one worker started,
 //! up for `min_healthy`, the old one stopped; the old beat stopped, the new
 //! one started and up for `min_healthy`. deployd's verify window is set to 0.
+//!
+//! With `--swarm`, on the engine as a Swarm, the same app on deployd's two
+//! backends instead: containers on this engine against Swarm services, one
+//! deployment of each in turn, both apps on one overlay network.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deployd::config::Config;
@@ -24,14 +29,16 @@ use deployd_proto::DeploymentState;
 use reqwest::header::HOST;
 use support::{
     BEAT, COLLECTSTATIC, MIGRATE, Scope, Tuning, WORKER, app_config, deploy_request, scoped,
+    swarm_scoped,
 };
 
 const MIN_HEALTHY: Duration = Duration::from_secs(3);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One web replica, no `check` task and no verify window: the same work
-/// as the bare sequence.
-fn config(scope: &Scope, state: &std::path::Path) -> Config {
+/// as the bare sequence. With `swarm`, a second app, the same on the
+/// swarm backend.
+fn config(scope: &Scope, state: &std::path::Path, swarm: bool) -> Config {
     let tuning = Tuning {
         verify: "0s",
         web_replicas: 1,
@@ -39,8 +46,20 @@ fn config(scope: &Scope, state: &std::path::Path) -> Config {
         migrations: None,
         swarm: false,
     };
-    let section = app_config(scope, &scope.app(), scope.bed.var("REPOSITORY"), tuning);
-    Config::from_toml(&format!("state_dir = \"{}\"\n{section}", state.display())).unwrap()
+    let repository = scope.bed.var("REPOSITORY");
+    let mut text = format!(
+        "state_dir = \"{}\"\n{}",
+        state.display(),
+        app_config(scope, &scope.app(), repository, tuning)
+    );
+    if swarm {
+        let tuning = Tuning {
+            swarm: true,
+            ..tuning
+        };
+        text.push_str(&app_config(scope, &scope.second_app(), repository, tuning));
+    }
+    Config::from_toml(&text).unwrap()
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -48,74 +67,130 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// Deploys `variant` to `app` and returns how long it took.
+async fn deploy(engine: &EngineHandle, scope: &Scope, app: &str, variant: &str) -> Duration {
+    let request = deploy_request(app, scope.bed.sha(variant), "bench");
+    let started = Instant::now();
+    let id = engine.deploy(request).await.unwrap().id;
+    let d = engine.wait(&id).await.unwrap();
+    assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
+    started.elapsed()
+}
+
+const RELEASES: [&str; 2] = ["release-1", "release-2"];
+
+/// `bench_deploy [RUNS] [--swarm]`: without `--swarm`, deployd against the
+/// bare sequence; with it, on the engine's Swarm
+/// (`scripts/testbed.sh swarm up`), the docker backend against the swarm
+/// backend, a deployment of each in turn.
 #[tokio::main]
 async fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
-    scoped(move |scope| async move {
-        scope.start_db().await;
-        scope.start_redis().await;
-        let state = tempfile::tempdir().unwrap();
-        let config = config(&scope, state.path());
-        let store = Store::open(state.path()).unwrap();
-        let engine = EngineHandle::start(&config, scope.docker.clone(), store)
-            .await
-            .unwrap();
-        let releases = ["release-1", "release-2"];
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let swarm = args.iter().any(|a| a == "--swarm");
+    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
+    if swarm {
+        swarm_scoped(move |scope| backends(scope, runs)).await;
+    } else {
+        scoped(move |scope| against_bare(scope, runs)).await;
+    }
+}
 
-        // Warm-up: both releases deployed once (pulls, migrations, volume).
-        let mut deployd_times = Vec::new();
-        for round in 0..runs + 2 {
-            let variant = releases[round % 2];
-            let request = deploy_request(&scope.app(), scope.bed.sha(variant), "bench");
-            let started = Instant::now();
-            let id = engine.deploy(request).await.unwrap().id;
-            let d = engine.wait(&id).await.unwrap();
-            assert_eq!(d.state, DeploymentState::Succeeded, "{d:#?}");
-            if round >= 2 {
-                deployd_times.push(started.elapsed());
-            }
-        }
-        let app = scope.app();
-        for c in scope
-            .docker
-            .containers(&[("deployd.app", app.as_str())])
-            .await
-            .unwrap()
-        {
-            scope.docker.remove(&c.id).await.unwrap();
-        }
+async fn engine(scope: &Scope, state: &std::path::Path, swarm: bool) -> EngineHandle {
+    scope.start_db().await;
+    scope.start_redis().await;
+    let config = config(scope, state, swarm);
+    let store = Store::open(state).unwrap();
+    EngineHandle::start(&config, scope.docker.clone(), store)
+        .await
+        .unwrap()
+}
 
-        let images = [scope.pull("release-1").await, scope.pull("release-2").await];
-        let mut bare = Bare::start(&scope, &images[1]).await;
-        let mut bare_times = Vec::new();
-        for round in 0..runs {
-            let image = &images[round % 2];
-            let started = Instant::now();
-            bare.deploy(&scope, image).await;
-            bare_times.push(started.elapsed());
-        }
+async fn against_bare(scope: Arc<Scope>, runs: usize) {
+    let state = tempfile::tempdir().unwrap();
+    let engine = engine(&scope, state.path(), false).await;
+    let app = scope.app();
 
-        let (d, b) = (median(deployd_times.clone()), median(bare_times.clone()));
-        println!("deploy of a cached release, {runs} runs each, alternating release 1 and 2");
-        println!(
-            "  deployd engine : median {:.2} s  runs {:?}",
-            d.as_secs_f64(),
-            secs(&deployd_times)
-        );
-        println!(
-            "  bare sequence  : median {:.2} s  runs {:?}",
-            b.as_secs_f64(),
-            secs(&bare_times)
-        );
-        println!(
-            "  ratio deployd / bare: {:.2} (floor: at most 1.30)",
-            d.as_secs_f64() / b.as_secs_f64()
-        );
-    })
-    .await;
+    // Warm-up: both releases deployed once (pulls, migrations, volume).
+    let mut deployd_times = Vec::new();
+    for round in 0..runs + 2 {
+        let took = deploy(&engine, &scope, &app, RELEASES[round % 2]).await;
+        if round >= 2 {
+            deployd_times.push(took);
+        }
+    }
+    for c in scope
+        .docker
+        .containers(&[("deployd.app", app.as_str())])
+        .await
+        .unwrap()
+    {
+        scope.docker.remove(&c.id).await.unwrap();
+    }
+
+    let images = [scope.pull("release-1").await, scope.pull("release-2").await];
+    let mut bare = Bare::start(&scope, &images[1]).await;
+    let mut bare_times = Vec::new();
+    for round in 0..runs {
+        let image = &images[round % 2];
+        let started = Instant::now();
+        bare.deploy(&scope, image).await;
+        bare_times.push(started.elapsed());
+    }
+
+    let (d, b) = (median(deployd_times.clone()), median(bare_times.clone()));
+    println!("deploy of a cached release, {runs} runs each, alternating release 1 and 2");
+    println!(
+        "  deployd engine : median {:.2} s  runs {:?}",
+        d.as_secs_f64(),
+        secs(&deployd_times)
+    );
+    println!(
+        "  bare sequence  : median {:.2} s  runs {:?}",
+        b.as_secs_f64(),
+        secs(&bare_times)
+    );
+    println!(
+        "  ratio deployd / bare: {:.2} (floor: at most 1.30)",
+        d.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
+/// The same app on both backends, on one overlay network, a deployment of
+/// each in turn.
+async fn backends(scope: Arc<Scope>, runs: usize) {
+    let state = tempfile::tempdir().unwrap();
+    let engine = engine(&scope, state.path(), true).await;
+    let (docker_app, swarm_app) = (scope.app(), scope.second_app());
+    let (mut docker_times, mut swarm_times) = (Vec::new(), Vec::new());
+    // Warm-up: both releases deployed once to each (pulls, migrations).
+    for round in 0..runs + 2 {
+        let variant = RELEASES[round % 2];
+        let on_docker = deploy(&engine, &scope, &docker_app, variant).await;
+        let on_swarm = deploy(&engine, &scope, &swarm_app, variant).await;
+        if round >= 2 {
+            docker_times.push(on_docker);
+            swarm_times.push(on_swarm);
+        }
+    }
+    let (d, s) = (median(docker_times.clone()), median(swarm_times.clone()));
+    println!(
+        "deploy of a cached release, {runs} runs each, alternating release 1 and 2, \
+         one backend after the other"
+    );
+    println!(
+        "  docker backend : median {:.2} s  runs {:?}",
+        d.as_secs_f64(),
+        secs(&docker_times)
+    );
+    println!(
+        "  swarm backend  : median {:.2} s  runs {:?}",
+        s.as_secs_f64(),
+        secs(&swarm_times)
+    );
+    println!(
+        "  ratio swarm / docker: {:.2}",
+        s.as_secs_f64() / d.as_secs_f64()
+    );
 }
 
 fn secs(samples: &[Duration]) -> Vec<String> {

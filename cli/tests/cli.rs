@@ -16,7 +16,7 @@ use std::time::Duration;
 use deployd_proto::{AppStatus, DeploymentEvent, DeploymentPage, EventKind, Scope as S, WhoAmI};
 use support::agent::TestAgent;
 use support::oidc::{AUDIENCE, Issuer, RSA_A};
-use support::scoped;
+use support::{scoped, swarm_scoped};
 use tokio::net::{TcpListener, TcpStream};
 
 const ALL: [S; 4] = [S::Read, S::Deploy, S::Rollback, S::Admin];
@@ -354,6 +354,69 @@ impl Relay {
     fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
     }
+}
+
+/// The same commands against an agent on the swarm backend
+/// (`scripts/testbed.sh swarm up`; `scripts/test.sh` runs every test whose
+/// name ends in `_on_swarm` apart): the same exit codes and lines, and
+/// status naming each task's node.
+#[tokio::test]
+async fn the_same_commands_and_exit_codes_on_swarm() {
+    swarm_scoped(|scope| async move {
+        let agent = TestAgent::on_swarm(&scope).await;
+        let url = agent.url.clone();
+        let token = || agent.token("ci", &ALL, &[]);
+        let sha = |variant: &str| scope.bed.sha(variant).to_string();
+
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
+        let (lines, err) = expect(&out, 0, "release 1");
+        assert!(err.contains("shop.0001_initial"), "{err}");
+        assert!(lines.contains("✔ roll:web"), "{lines}");
+        assert!(lines.contains("task:migrate | "), "{lines}");
+        assert!(
+            lines.trim_end().ends_with("deployment succeeded"),
+            "{lines}"
+        );
+
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("migrate-fails")]).await;
+        let (_, err) = expect(&out, 3, "migrate fails");
+        assert!(err.contains("release task migrate exited with 1"), "{err}");
+        assert!(err.contains("last lines of task:migrate:"), "{err}");
+
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-2")]).await;
+        expect(&out, 0, "release 2");
+        let out = deployctl(&agent, &url, &token(), &["status"]).await;
+        let (table, _) = expect(&out, 0, "status");
+        let id = scope.docker.swarm_manager().await.unwrap();
+        let node = scope
+            .docker
+            .swarm_nodes()
+            .await
+            .unwrap()
+            .remove(&id)
+            .unwrap();
+        assert!(table.contains(&format!(" on {node}")), "{node}: {table}");
+        assert!(table.contains(&sha("release-2")[..12]), "{table}");
+
+        let out = deployctl(&agent, &url, &token(), &["lock", "--reason", "incident 42"]).await;
+        expect(&out, 0, "lock");
+        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
+        let (_, err) = expect(&out, 7, "locked");
+        assert!(err.contains("incident 42"), "{err}");
+        let out = deployctl(&agent, &url, &token(), &["unlock"]).await;
+        expect(&out, 0, "unlock");
+
+        let out = deployctl(&agent, &url, &token(), &["rollback"]).await;
+        let (lines, _) = expect(&out, 0, "rollback");
+        assert!(
+            lines.trim_end().ends_with("deployment succeeded"),
+            "{lines}"
+        );
+        let out = deployctl(&agent, &url, &token(), &["status", "--json"]).await;
+        let status: AppStatus = serde_json::from_str(&expect(&out, 0, "status").0).unwrap();
+        assert_eq!(status.live_sha.unwrap().as_str(), sha("release-1"));
+    })
+    .await;
 }
 
 #[tokio::test]

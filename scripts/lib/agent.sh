@@ -7,16 +7,21 @@
 #                                built, the test bed's settings loaded
 #   agent_free_port              a port nothing listens on now (the kernel's pick)
 #   agent_init DIR PORT          init into DIR, API on 127.0.0.1:PORT
-#   agent_services NAME          network NAME with db and redis (healthy)
+#   agent_services NAME [DRIVER] network NAME with db and redis (healthy);
+#                                DRIVER overlay: an attachable overlay
+#                                network of the engine's Swarm
 #   agent_add_app DIR APP NAME   the sample app APP, from the test bed's
 #                                repository, on network NAME; its first
 #                                release task is `check --deploy` (on
-#                                deploys), unless AGENT_CHECK=0
+#                                deploys), unless AGENT_CHECK=0; on
+#                                deployd's swarm backend if AGENT_BACKEND
+#                                is swarm
 #   agent_start DIR              run deployd (AGENT_PID), wait until ready;
 #                                AGENT_ARGS are passed before `run`, and
 #                                AGENT_WRAP runs it (prlimit ..., say)
 #   agent_token DIR SCOPES       a 1 h token for `ops`, e.g. read,deploy
-#   agent_cleanup DIR NAME       stop deployd, remove containers and network
+#   agent_cleanup DIR NAME       stop deployd, remove Swarm services,
+#                                containers and network
 
 AGENT_BIN=${AGENT_BIN:-target/debug/deployd}
 # Where `scripts/testbed.sh up` wrote the test bed's settings.
@@ -40,10 +45,12 @@ agent_init() {
 }
 
 agent_services() {
-    local name=$1
+    local name=$1 driver=${2:-bridge} attachable=
     # shellcheck disable=SC1090
     . "$DEPLOYD_TESTBED_ENV_FILE"
-    docker network create --label "deployd.script=$name" "$name" >/dev/null
+    [ "$driver" = overlay ] && attachable=--attachable
+    # shellcheck disable=SC2086
+    docker network create --label "deployd.script=$name" --driver "$driver" $attachable "$name" >/dev/null
     docker run -d --label "deployd.script=$name" --network "$name" --network-alias db \
         --env-file "$DEPLOYD_TESTBED_DB_ENV" "$DEPLOYD_TESTBED_POSTGRES_IMAGE" >/dev/null
     docker run -d --label "deployd.script=$name" --network "$name" --network-alias redis \
@@ -65,6 +72,7 @@ agent_add_app() {
     cat >>"$dir/etc/deployd.toml" <<EOF
 
 [apps.$app]
+backend = "${AGENT_BACKEND:-docker}"
 image = "$DEPLOYD_TESTBED_REPOSITORY"
 registry_auth_file = "$DEPLOYD_TESTBED_REGISTRY_AUTH"
 env_file = "$DEPLOYD_TESTBED_APP_ENV"
@@ -134,9 +142,17 @@ agent_cleanup() {
         wait "$AGENT_PID" 2>/dev/null || true
     fi
     if [ -n "$name" ]; then
+        if [ "$(docker info --format '{{.Swarm.ControlAvailable}}' 2>/dev/null)" = true ]; then
+            docker service ls -q --filter "label=deployd.app=$name" | xargs -r docker service rm >/dev/null
+        fi
         docker ps -aq --filter "label=deployd.script=$name" | xargs -r docker rm -f -v >/dev/null
         docker ps -aq --filter "label=deployd.app=$name" | xargs -r docker rm -f -v >/dev/null
-        docker network rm "$name" >/dev/null 2>&1 || true
+        # A Swarm service's tasks leave the network a moment after it goes.
+        for _ in $(seq 1 60); do
+            docker network rm "$name" >/dev/null 2>&1 && break
+            docker network inspect "$name" >/dev/null 2>&1 || break
+            sleep 0.5
+        done
         docker volume rm "$name-static" >/dev/null 2>&1 || true
     fi
     rm -rf "$dir"

@@ -139,6 +139,9 @@ def print_side(name, path):
     for p in result["phases"]:
         served = ", ".join(f"{k}: {v}" for k, v in sorted(p["served"].items()))
         print(f"  {p['phase']:40} {p['seconds']:>6} {p['requests']:>9} {p['failed']:>7}  {served}")
+        if p["failing"]:
+            first, last = p["failing"]
+            print(f"  {'':66}! failing from {first} s to {last} s into the phase")
         for error in p["errors"]:
             print(f"  {'':66}! {error}")
     total = result["total"]

@@ -48,6 +48,20 @@ impl TestAgent {
         agent
     }
 
+    /// Like [`TestAgent::deploying`], on the swarm backend: the scope must
+    /// be a [`super::swarm_scoped`] one.
+    pub async fn on_swarm(scope: &Scope) -> Self {
+        let repository = scope.publish_releases().await;
+        let tuning = Tuning {
+            swarm: true,
+            ..Tuning::TEST
+        };
+        let agent = Self::start_tuned(scope, &repository, "", "", tuning).await;
+        scope.start_db().await;
+        scope.start_redis().await;
+        agent
+    }
+
     /// Starts an agent for the scope's app, deploying from `repository`.
     /// `extra_api` is appended to the `[api]` section (`client_ca = ...`).
     pub async fn start(scope: &Scope, repository: &str, extra_api: &str) -> Self {

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Availability under continuous load on deployd's swarm backend.
+#
+# The engine is made a single-node Swarm for the run (and left again if this
+# made it). The sample app runs as Swarm services on an attachable overlay
+# network, PostgreSQL and Redis on it as containers. Swarm's routing mesh
+# needs the kernel's IPVS, which the test machines lack (see README, "Moving
+# to Docker Swarm"); in its place, Debian's HAProxy runs in a container on
+# the overlay network, reached on a loopback port, and balances
+# `tasks.<app>_web`: the web tasks Swarm's DNS lists, which are the tasks
+# Swarm holds running and healthy, re-read every second. HAProxy runs no
+# health check of its own: which tasks get traffic is Swarm's decision, as
+# with the mesh. It retries a request whose connection failed on another
+# task (`retries 3`, `option redispatch`, `retry-on conn-failure
+# empty-response`); with --no-retry it does not (`retries 0`), to measure
+# what that costs.
+#
+# Load: scripts/lib/http_load.py, 2 keep-alive clients and 2 clients opening
+# a new connection per request, looping on GET /release/ (which release
+# answered). Under load: release 1 -> release 2 (deployctl deploy), a
+# release whose health check fails after 5 answers (rolled back
+# automatically), then deployctl rollback.
+#
+# Prints requests and failed requests per phase, and which releases served
+# them; exits non-zero if a deployment ended with another exit code than the
+# docker backend's, or (without --no-retry) if any request failed.
+#
+#   scripts/scenario/swarm.sh [--no-retry]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+. scripts/lib/agent.sh
+
+retry="retries 3
+    option redispatch
+    retry-on conn-failure empty-response"
+case ${1:-} in
+    --no-retry) retry="retries 0" ;;
+    "") ;;
+    *) echo "usage: $0 [--no-retry]" >&2; exit 2 ;;
+esac
+agent_bed
+haproxy_image=$(bash scripts/testbed.sh haproxy-image)
+
+dir=$(mktemp -d)
+name=swarm$$
+load=
+lb=
+cleanup() {
+    touch "$dir/stop"
+    [ -z "$load" ] || wait "$load" 2>/dev/null || true
+    [ -z "$lb" ] || docker rm -f "$lb" >/dev/null 2>&1 || true
+    agent_cleanup "$dir" "$name"
+    bash scripts/testbed.sh swarm down
+}
+trap cleanup EXIT
+bash scripts/testbed.sh swarm up
+say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
+now() { date +%s.%N; }
+phases=$dir/phases.tsv
+# phase NAME COMMAND...: runs it, records when it ran, returns its status.
+phase() {
+    local label=$1 start rc=0
+    shift
+    say "$label"
+    start=$(now)
+    "$@" || rc=$?
+    printf '%s\t%s\t%s\n' "$label" "$start" "$(now)" >>"$phases"
+    return "$rc"
+}
+settle() { sleep 5; }
+
+api_port=$(agent_free_port)
+lb_port=$(agent_free_port)
+agent_init "$dir" "$api_port"
+AGENT_BACKEND=swarm agent_add_app "$dir" "$name" "$name"
+agent_services "$name" overlay
+agent_start "$dir"
+export DEPLOYCTL_URL=https://localhost:$api_port DEPLOYCTL_CA_CERT=$dir/etc/tls/cert.pem DEPLOYCTL_APP=$name
+deployctl() {
+    DEPLOYCTL_TOKEN=$(agent_token "$dir" read,deploy,rollback) ./target/debug/deployctl "$@" \
+        >>"$dir/deployctl.log" 2>&1
+}
+# exits CODE COMMAND...: the command exits CODE (0 deployed, 4 rolled back).
+exits() {
+    local want=$1 code=0
+    shift
+    "$@" || code=$?
+    [ "$code" = "$want" ] && return 0
+    echo "$* exited $code, not $want; deployctl said:" >&2
+    tail -n 30 "$dir/deployctl.log" >&2
+    return 1
+}
+
+say "release 1, before the load starts"
+exits 0 deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_1"
+
+cat >"$dir/haproxy.cfg" <<EOF
+global
+    maxconn 1000
+    # Refused requests only, so that a failed run says what went wrong.
+    log stderr format raw local0 info
+resolvers swarm
+    # The engine's DNS on every overlay network: tasks.<service> lists the
+    # service's running tasks.
+    nameserver engine 127.0.0.11:53
+    hold valid 1s
+    hold obsolete 0s
+    timeout resolve 1s
+defaults
+    mode http
+    log global
+    option httplog
+    option dontlog-normal
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    $retry
+    option http-server-close
+frontend site
+    bind :8080
+    default_backend web
+backend web
+    balance roundrobin
+    server-template task 4 tasks.${name}_web:8000 resolvers swarm init-addr none
+EOF
+lb=$(docker run -d --label "deployd.script=$name" --network "$name" -p "127.0.0.1:$lb_port:8080" \
+    -v "$dir/haproxy.cfg:/etc/haproxy/haproxy.cfg:ro" "$haproxy_image" \
+    haproxy -f /etc/haproxy/haproxy.cfg -db)
+# HAProxy answers once it resolved the tasks.
+for _ in $(seq 1 240); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $DEPLOYD_TESTBED_APP_HOST" \
+        -H 'X-Forwarded-Proto: https' "http://127.0.0.1:$lb_port/release/" || true)" = 200 ] && break
+    sleep 0.5
+done
+
+python3 scripts/lib/http_load.py run "http://127.0.0.1:$lb_port/release/" "$DEPLOYD_TESTBED_APP_HOST" \
+    "$dir/load.ndjson" "$dir/stop" --keep-alive 2 --fresh 2 &
+load=$!
+code=0
+phase "before" settle
+phase "deploy 1 -> 2" exits 0 deployctl deploy "$DEPLOYD_TESTBED_SHA_RELEASE_2" || code=1
+phase "after" settle
+phase "health failing after 5 answers, rolled back" \
+    exits 4 deployctl deploy "$DEPLOYD_TESTBED_SHA_UNHEALTHY_AFTER_5_CHECKS" || code=1
+phase "after" settle
+phase "deployctl rollback (-> 1)" exits 0 deployctl rollback || code=1
+phase "after" settle
+touch "$dir/stop"
+wait "$load"
+load=
+
+python3 scripts/lib/http_load.py report "$dir/load.ndjson" "$phases" >"$dir/report.json"
+python3 scripts/lib/http_load.py table "deployd, swarm backend, through HAProxy on the overlay network (${1:-retries 3})" \
+    "$dir/report.json"
+# HAProxy's log, timed: which tasks Swarm's DNS listed when, and every
+# request refused.
+lb_log() { docker logs -t "$lb" 2>&1 | grep -v '^[^ ]* \[WARNING\]' | grep -v ' 200 [0-9]* - - ' || true; }
+if [ "${1:-}" = --no-retry ]; then
+    lb_log | tail -n 30 >&2
+elif ! python3 -c '
+import json, sys
+sys.exit(1 if any(p["failed"] for p in json.load(open(sys.argv[1]))["phases"]) else 0)
+' "$dir/report.json"; then
+    echo "requests failed; HAProxy logged:" >&2
+    lb_log | tail -n 40 >&2
+    code=1
+fi
+exit "$code"

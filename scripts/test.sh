@@ -43,7 +43,7 @@ bash scripts/scenario/edge.sh
 
 # Three agents behind HAProxy deployed as one fleet: waves, a host-specific
 # failure reverted fleet-wide, a fleet rollback, deployctl killed and
-# resumed, beat moved from one host to another, under load (13 to 16
+# resumed, beat moved from one host to another, under load (about seven
 # minutes).
 bash scripts/scenario/fleet.sh
 

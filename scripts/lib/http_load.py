@@ -1,7 +1,7 @@
 """Continuous HTTP load for the availability scenario, and its report.
 
   http_load.py run URL HOST OUT.ndjson STOPFILE [--keep-alive N] [--fresh N]
-                   [--users N]
+                   [--users N] [--pause MS]
       Clients loop on GET URL until STOPFILE exists: N keep-alive clients
       (one connection, reused; reopened only when the server closes it
       cleanly) and N clients opening a new connection per request. Each
@@ -11,6 +11,8 @@
       in front of a real site would; with --users N, also the
       X-Forwarded-For of one of N users picked at random per request, so
       a switch that trusts it splits them as it would a site's visitors.
+      With --pause MS, each client waits MS milliseconds after each
+      request: a steady load that leaves the machine to the deployments.
   http_load.py report OUT.ndjson PHASES.tsv
       Requests and failures per phase (PHASES: name, start, end in epoch
       seconds), and which releases served each phase, as JSON.
@@ -32,7 +34,7 @@ import time
 import urllib.parse
 
 
-def client(url, host, out, lock, stop, keep_alive, users):
+def client(url, host, out, lock, stop, keep_alive, users, pause):
     parts = urllib.parse.urlsplit(url)
     conn = None
     while not os.path.exists(stop):
@@ -68,11 +70,13 @@ def client(url, host, out, lock, stop, keep_alive, users):
         record["end"] = time.time()
         with lock:
             out.write(json.dumps(record) + "\n")
+        if pause:
+            time.sleep(pause)
 
 
 def run(args):
     url, host, path, stop = args[:4]
-    counts = {"--keep-alive": 2, "--fresh": 2, "--users": 0}
+    counts = {"--keep-alive": 2, "--fresh": 2, "--users": 0, "--pause": 0}
     rest = args[4:]
     for i in range(0, len(rest), 2):
         counts[rest[i]] = int(rest[i + 1])
@@ -81,7 +85,7 @@ def run(args):
         threads = [
             threading.Thread(
                 target=client,
-                args=(url, host, out, lock, stop, keep_alive, counts["--users"]),
+                args=(url, host, out, lock, stop, keep_alive, counts["--users"], counts["--pause"] / 1000),
             )
             for keep_alive, n in ((True, counts["--keep-alive"]), (False, counts["--fresh"]))
             for _ in range(n)

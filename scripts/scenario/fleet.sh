@@ -4,7 +4,9 @@
 # Redis as one production would; each app behind its agent's switch, the
 # three switches behind an HAProxy (Debian's package) that balances them.
 # Only the first host runs celery beat. Continuous load through HAProxy
-# (scripts/lib/http_load.py) during:
+# (scripts/lib/http_load.py; each client pauses 20 ms between requests, so
+# that the load leaves the two cores of a CI machine to the deployments)
+# during:
 #
 # 1. fleet deploy release 1 -> release 2 (max_parallel 1): floors: 0 failed
 #    requests, migrations ran once (on the first host only), all three
@@ -101,7 +103,7 @@ docker events --filter type=container --filter label=deployd.service=beat \
     --format '{{json .}}' >"$dir/beat-events.ndjson" &
 events_pid=$!
 python3 scripts/lib/http_load.py run "http://127.0.0.1:$lb_port/release/" "$DEPLOYD_TESTBED_APP_HOST" \
-    "$dir/load.ndjson" "$dir/stop-load" --keep-alive 2 --fresh 2 &
+    "$dir/load.ndjson" "$dir/stop-load" --keep-alive 2 --fresh 2 --pause 20 &
 load_pid=$!
 phase() { # NAME START END
     printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$dir/phases.tsv"

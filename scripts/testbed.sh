@@ -449,9 +449,10 @@ cmd_status() {
     testbed_images | cut -f2,3
 }
 
-# A Debian minbase image with PACKAGES installed, tagged NAME:<hash>, for
-# the scripts that need one more real part; prints its tag.
 no_hook() { :; }
+# packaged_image NAME PACKAGES: a Debian minbase image with PACKAGES
+# installed, tagged deployd-testbed/NAME:<hash>, for the scripts that need
+# one more real part; prints its tag.
 packaged_image() {
     local name=$1 packages=$2 image
     mkdir -p "$STATE"

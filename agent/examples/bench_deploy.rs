@@ -85,9 +85,17 @@ const RELEASES: [&str; 2] = ["release-1", "release-2"];
 /// backend, a deployment of each in turn.
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let swarm = args.iter().any(|a| a == "--swarm");
-    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
+    let (mut runs, mut swarm) = (5, false);
+    for arg in std::env::args().skip(1) {
+        match (arg.as_str(), arg.parse::<usize>()) {
+            ("--swarm", _) => swarm = true,
+            (_, Ok(n)) if n > 0 => runs = n,
+            _ => {
+                eprintln!("usage: bench_deploy [RUNS, at least 1] [--swarm]");
+                std::process::exit(2);
+            }
+        }
+    }
     if swarm {
         swarm_scoped(move |scope| backends(scope, runs)).await;
     } else {

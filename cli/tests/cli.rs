@@ -358,7 +358,7 @@ impl Relay {
 
 /// The same commands against an agent on the swarm backend
 /// (`scripts/testbed.sh swarm up`; `scripts/test.sh` runs every test whose
-/// name ends in `_on_swarm` apart): the same exit codes and lines, and
+/// name contains `_on_swarm` apart): the same exit codes and lines, and
 /// status naming each task's node.
 #[tokio::test]
 async fn the_same_commands_and_exit_codes_on_swarm() {

@@ -16,7 +16,8 @@ swarm=
 for arg in "$@"; do
     case $arg in
         --swarm) swarm=--swarm ;;
-        *) runs=$arg ;;
+        [1-9]*) runs=$arg ;;
+        *) echo "usage: $0 [runs per side, at least 1] [--swarm]" >&2; exit 2 ;;
     esac
 done
 bash scripts/testbed.sh up

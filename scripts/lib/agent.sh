@@ -66,13 +66,14 @@ agent_services() {
 }
 
 agent_add_app() {
-    local dir=$1 app=$2 name=$3
+    local dir=$1 app=$2 name=$3 backend=
     # shellcheck disable=SC1090
     . "$DEPLOYD_TESTBED_ENV_FILE"
+    # Only when asked: a deployd older than the key refuses it.
+    [ -z "${AGENT_BACKEND:-}" ] || backend=$'\nbackend = "'"$AGENT_BACKEND"'"'
     cat >>"$dir/etc/deployd.toml" <<EOF
 
-[apps.$app]
-backend = "${AGENT_BACKEND:-docker}"
+[apps.$app]$backend
 image = "$DEPLOYD_TESTBED_REPOSITORY"
 registry_auth_file = "$DEPLOYD_TESTBED_REGISTRY_AUTH"
 env_file = "$DEPLOYD_TESTBED_APP_ENV"
@@ -143,10 +144,11 @@ agent_cleanup() {
     fi
     if [ -n "$name" ]; then
         if [ "$(docker info --format '{{.Swarm.ControlAvailable}}' 2>/dev/null)" = true ]; then
-            docker service ls -q --filter "label=deployd.app=$name" | xargs -r docker service rm >/dev/null
+            docker service ls -q --filter "label=deployd.app=$name" | xargs -r docker service rm >/dev/null || true
         fi
-        docker ps -aq --filter "label=deployd.script=$name" | xargs -r docker rm -f -v >/dev/null
-        docker ps -aq --filter "label=deployd.app=$name" | xargs -r docker rm -f -v >/dev/null
+        # A removed service's tasks may be going already: not an error.
+        docker ps -aq --filter "label=deployd.script=$name" | xargs -r docker rm -f -v >/dev/null 2>&1 || true
+        docker ps -aq --filter "label=deployd.app=$name" | xargs -r docker rm -f -v >/dev/null 2>&1 || true
         # A Swarm service's tasks leave the network a moment after it goes.
         for _ in $(seq 1 60); do
             docker network rm "$name" >/dev/null 2>&1 && break

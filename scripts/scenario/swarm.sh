@@ -45,7 +45,10 @@ dir=$(mktemp -d)
 name=swarm$$
 load=
 lb=
+# Every step of the cleanup runs, whatever an earlier one said: the engine
+# must leave the Swarm this made.
 cleanup() {
+    set +e
     touch "$dir/stop"
     [ -z "$load" ] || wait "$load" 2>/dev/null || true
     [ -z "$lb" ] || docker rm -f "$lb" >/dev/null 2>&1 || true
@@ -126,12 +129,24 @@ EOF
 lb=$(docker run -d --label "deployd.script=$name" --network "$name" -p "127.0.0.1:$lb_port:8080" \
     -v "$dir/haproxy.cfg:/etc/haproxy/haproxy.cfg:ro" "$haproxy_image" \
     haproxy -f /etc/haproxy/haproxy.cfg -db)
+# HAProxy's log, timed: which tasks Swarm's DNS listed when, and every
+# request refused.
+lb_log() { docker logs -t "$lb" 2>&1 | grep -v '^[^ ]* \[WARNING\]' | grep -v ' 200 [0-9]* - - ' || true; }
 # HAProxy answers once it resolved the tasks.
+answered=
 for _ in $(seq 1 240); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $DEPLOYD_TESTBED_APP_HOST" \
-        -H 'X-Forwarded-Proto: https' "http://127.0.0.1:$lb_port/release/" || true)" = 200 ] && break
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Host: $DEPLOYD_TESTBED_APP_HOST" \
+        -H 'X-Forwarded-Proto: https' "http://127.0.0.1:$lb_port/release/" || true)" = 200 ]; then
+        answered=1
+        break
+    fi
     sleep 0.5
 done
+if [ -z "$answered" ]; then
+    echo "HAProxy did not answer 200 through tasks.${name}_web within 2 minutes; it logged:" >&2
+    lb_log | tail -n 20 >&2
+    exit 1
+fi
 
 python3 scripts/lib/http_load.py run "http://127.0.0.1:$lb_port/release/" "$DEPLOYD_TESTBED_APP_HOST" \
     "$dir/load.ndjson" "$dir/stop" --keep-alive 2 --fresh 2 &
@@ -152,9 +167,6 @@ load=
 python3 scripts/lib/http_load.py report "$dir/load.ndjson" "$phases" >"$dir/report.json"
 python3 scripts/lib/http_load.py table "deployd, swarm backend, through HAProxy on the overlay network (${1:-retries 3})" \
     "$dir/report.json"
-# HAProxy's log, timed: which tasks Swarm's DNS listed when, and every
-# request refused.
-lb_log() { docker logs -t "$lb" 2>&1 | grep -v '^[^ ]* \[WARNING\]' | grep -v ' 200 [0-9]* - - ' || true; }
 if [ "${1:-}" = --no-retry ]; then
     lb_log | tail -n 30 >&2
 elif ! python3 -c '

@@ -60,6 +60,38 @@ fn expect(output: &Output, code: i32, what: &str) -> (String, String) {
     (out, err)
 }
 
+/// Release 1 to a fresh app: success, in plain lines (not a terminal),
+/// every one timestamped, with the migration it applied.
+async fn deploys_release_1(agent: &TestAgent, url: &str, token: &str, sha: &str) {
+    let out = deployctl(agent, url, token, &["deploy", sha]).await;
+    let (lines, err) = expect(&out, 0, "release 1");
+    assert!(err.contains("migrations applied: "), "{err}");
+    assert!(err.contains("shop.0001_initial"), "{err}");
+    assert!(lines.contains("✔ roll:web"), "{lines}");
+    assert!(lines.contains("task:migrate | "), "{lines}");
+    assert!(
+        lines.trim_end().ends_with("deployment succeeded"),
+        "{lines}"
+    );
+    assert!(
+        lines.lines().all(|l| l.starts_with("20")),
+        "timestamped: {lines}"
+    );
+}
+
+/// `migrate-fails` after release 1: failed before any change, with the
+/// cause, the task's last lines and the migration that stays applied.
+async fn fails_to_migrate(agent: &TestAgent, url: &str, token: &str, sha: &str) {
+    let out = deployctl(agent, url, token, &["deploy", sha]).await;
+    let (_, err) = expect(&out, 3, "migrate fails");
+    assert!(err.contains("release task migrate exited with 1"), "{err}");
+    assert!(err.contains("last lines of task:migrate:"), "{err}");
+    assert!(
+        err.contains("migrations applied, which stay applied: shop.0002_heartbeat_queue"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn every_outcome_has_its_exit_code_and_output() {
     scoped(|scope| async move {
@@ -73,31 +105,8 @@ async fn every_outcome_has_its_exit_code_and_output() {
         let (_, err) = expect(&out, 2, "bad sha");
         assert!(err.contains("lowercase hex"), "{err}");
 
-        // Success, in plain lines (not a terminal).
-        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
-        let (lines, err) = expect(&out, 0, "release 1");
-        assert!(err.contains("migrations applied: "), "{err}");
-        assert!(err.contains("shop.0001_initial"), "{err}");
-        assert!(lines.contains("✔ roll:web"), "{lines}");
-        assert!(lines.contains("task:migrate | "), "{lines}");
-        assert!(
-            lines.trim_end().ends_with("deployment succeeded"),
-            "{lines}"
-        );
-        assert!(
-            lines.lines().all(|l| l.starts_with("20")),
-            "timestamped: {lines}"
-        );
-
-        // Failed before any change: the cause and the task's last lines.
-        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("migrate-fails")]).await;
-        let (_, err) = expect(&out, 3, "migrate fails");
-        assert!(err.contains("release task migrate exited with 1"), "{err}");
-        assert!(err.contains("last lines of task:migrate:"), "{err}");
-        assert!(
-            err.contains("migrations applied, which stay applied: shop.0002_heartbeat_queue"),
-            "{err}"
-        );
+        deploys_release_1(&agent, &url, &token(), &sha("release-1")).await;
+        fails_to_migrate(&agent, &url, &token(), &sha("migrate-fails")).await;
 
         // Rolled back after a change.
         let out = deployctl(&agent, &url, &token(), &["deploy", &sha("worker-crash")]).await;
@@ -368,20 +377,8 @@ async fn the_same_commands_and_exit_codes_on_swarm() {
         let token = || agent.token("ci", &ALL, &[]);
         let sha = |variant: &str| scope.bed.sha(variant).to_string();
 
-        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-1")]).await;
-        let (lines, err) = expect(&out, 0, "release 1");
-        assert!(err.contains("shop.0001_initial"), "{err}");
-        assert!(lines.contains("✔ roll:web"), "{lines}");
-        assert!(lines.contains("task:migrate | "), "{lines}");
-        assert!(
-            lines.trim_end().ends_with("deployment succeeded"),
-            "{lines}"
-        );
-
-        let out = deployctl(&agent, &url, &token(), &["deploy", &sha("migrate-fails")]).await;
-        let (_, err) = expect(&out, 3, "migrate fails");
-        assert!(err.contains("release task migrate exited with 1"), "{err}");
-        assert!(err.contains("last lines of task:migrate:"), "{err}");
+        deploys_release_1(&agent, &url, &token(), &sha("release-1")).await;
+        fails_to_migrate(&agent, &url, &token(), &sha("migrate-fails")).await;
 
         let out = deployctl(&agent, &url, &token(), &["deploy", &sha("release-2")]).await;
         expect(&out, 0, "release 2");

@@ -129,7 +129,7 @@ apt_site_for() {
 }
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
-image_label() { docker image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
+image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
 
 # Runs a command inside a rootfs, isolated from the host's environment.
 in_rootfs() {
@@ -238,7 +238,9 @@ build_service_images() {
 }
 
 # One build context per variant: the app, the release 2 overlay for releases
-# >= 2, then the variant's own overlay, like checking out successive commits.
+# >= 2, then the variant's own overlay, like checking out successive commits,
+# and build.json naming the release and variant. Only the last layer (the
+# code) differs between variants: each build adds that one layer.
 build_app_images() {
     local line name release overlay without ctx
     for line in "${VARIANTS[@]}"; do
@@ -252,17 +254,24 @@ build_app_images() {
         if [ -n "$without" ]; then rm "$ctx/$without"; fi
         local variant=$name tag key
         case $name in release-*) variant=good ;; esac
+        printf '{"release": "%s", "variant": "%s"}\n' "$release" "$variant" >"$ctx/build.json"
         tag=$REPOSITORY:$(variant_sha "$name")
         # Docker's layer cache misses on a fresh checkout (new file times);
-        # a label with the hash of the context's contents does not.
+        # the hash of the context's contents does not. It is kept beside the
+        # image's id in a file, not as a label: a label is one more build
+        # step, as slow as the code's layer.
         key=$(content_hash "$ctx" "$PYTHON_BASE $release $variant" .)
-        [ "$(image_label "$tag" org.deployd.testbed.context)" = "$key" ] && continue
-        docker_build "$tag" "$ctx" --build-arg "BASE_IMAGE=$PYTHON_BASE" \
-            --build-arg "APP_RELEASE=$release" --build-arg "APP_VARIANT=$variant" \
-            --label "org.deployd.testbed.variant=$name" --label "org.deployd.testbed.context=$key"
+        local record=$STATE/build/$name.built old
+        old=$(image_id "$tag")
+        # Up to date: built from this context, and the tag still names it.
+        [ -n "$old" ] && [ "$(cat "$record" 2>/dev/null)" = "$key $old" ] && continue
+        docker_build "$tag" "$ctx" --build-arg "BASE_IMAGE=$PYTHON_BASE"
+        printf '%s %s\n' "$key" "$(image_id "$tag")" >"$record"
+        # The image this one replaced, now untagged.
+        if [ -n "$old" ] && [ "$old" != "$(image_id "$tag")" ]; then
+            docker rmi "$old" >/dev/null 2>&1 || true
+        fi
     done
-    # Rebuilt releases leave their previous image untagged; drop those.
-    docker image prune -f --filter "label=org.deployd.testbed.variant" >/dev/null
 }
 
 random_secret() { head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | cut -c1-"$1"; }

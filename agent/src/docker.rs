@@ -13,7 +13,8 @@ mod volume;
 use std::time::Duration;
 
 pub use container::{
-    ContainerInfo, ContainerSpec, ContainerState, LogWindow, OneOffOutput, PortAddrs,
+    ContainerInfo, ContainerSpec, ContainerState, HealthCheckRun, LogWindow, OneOffOutput,
+    PortAddrs,
 };
 pub use image::{ImageRef, PulledImage, RegistryAuth, RegistryAuthError};
 pub use service::{

@@ -167,6 +167,8 @@ load=
 python3 scripts/lib/http_load.py report "$dir/load.ndjson" "$phases" >"$dir/report.json"
 python3 scripts/lib/http_load.py table "deployd, swarm backend, through HAProxy on the overlay network (${1:-retries 3})" \
     "$dir/report.json"
+# What the automatic rollback was for, in deployd's words.
+grep -m1 '^deployment .* rolled_back: ' "$dir/deployctl.log" || true
 if [ "${1:-}" = --no-retry ]; then
     lb_log | tail -n 30 >&2
 elif ! python3 -c '

@@ -153,6 +153,29 @@ pub enum ContainerState {
     Exited { exit_code: i64 },
 }
 
+/// One run of a container's health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckRun {
+    /// What it printed, on one line.
+    pub output: String,
+    pub exit_code: i64,
+}
+
+impl HealthCheckRun {
+    pub fn failed(&self) -> bool {
+        self.exit_code != 0
+    }
+}
+
+impl fmt::Display for HealthCheckRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.output.is_empty() {
+            true => write!(f, "exit code {}", self.exit_code),
+            false => f.write_str(&self.output),
+        }
+    }
+}
+
 /// A container found by its labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInfo {
@@ -445,18 +468,25 @@ impl Docker {
         }
     }
 
-    /// What a container's last health check printed, if it has one and it
-    /// is on this engine (a Swarm task's may run on another node).
-    pub async fn last_health_output(&self, id: &str) -> Option<String> {
+    /// A container's last health checks (the engine keeps five), oldest
+    /// first, if it has a check and is on this engine (a Swarm task's may
+    /// run on another node).
+    pub async fn health_checks(&self, id: &str) -> Option<Vec<HealthCheckRun>> {
         let inspect = self.api.inspect_container(id, None).await.ok()?;
-        let last = inspect.state?.health?.log?.pop()?;
-        let output = last.output.unwrap_or_default();
-        let line = output.split_whitespace().collect::<Vec<_>>().join(" ");
-        let code = last.exit_code.unwrap_or_default();
-        Some(match line.is_empty() {
-            true => format!("exit code {code}"),
-            false => format!("{line} (exit code {code})"),
-        })
+        let log = inspect.state?.health?.log?;
+        Some(
+            log.into_iter()
+                .map(|run| HealthCheckRun {
+                    output: run
+                        .output
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    exit_code: run.exit_code.unwrap_or_default(),
+                })
+                .collect(),
+        )
     }
 
     /// Removes a container and its anonymous volumes, stopping it if needed.

@@ -58,11 +58,16 @@ const HEALTH_REQUEST: &str = "DEPLOYD_HEALTH_REQUEST";
 /// The request (header values may be credentials) travels in the
 /// container's env, not on its command line; see [`health_request`].
 pub(crate) fn health_check(health: &HealthConfig) -> HealthCheck {
+    // One line of output either way: "HTTP 500", or "no answer: timed out".
     const PROBE: &str = "import http.client,json,os,sys\n\
         r=json.loads(os.environ['DEPLOYD_HEALTH_REQUEST'])\n\
-        c=http.client.HTTPConnection('127.0.0.1',r['port'],timeout=r['timeout'])\n\
-        c.request('GET',r['path'],headers=r['headers'])\n\
+        try:\n \
+        c=http.client.HTTPConnection('127.0.0.1',r['port'],timeout=r['timeout'])\n \
+        c.request('GET',r['path'],headers=r['headers'])\n \
         s=c.getresponse().status\n\
+        except Exception as e:\n \
+        print('no answer:',e)\n \
+        sys.exit(1)\n\
         print('HTTP',s)\n\
         sys.exit(0 if s in r['expect'] else 1)";
     HealthCheck {
@@ -351,8 +356,10 @@ impl<'a> Services<'a> {
             restored: false,
         };
         let stale = found.map(|f| f.update.map(|u| u.started_at).unwrap_or_default());
-        self.converged(&step, &name, cfg, wanted, stale.as_deref())
-            .await
+        tokio::select! {
+            done = self.converged(&step, &name, cfg, wanted, stale.as_deref()) => done,
+            failed = self.watch_rolled(service) => Err(failed),
+        }
     }
 
     /// See [`converge`]; each task that starts running goes to the log.
@@ -376,12 +383,10 @@ impl<'a> Services<'a> {
 
     /// Watches every changed service for the verify window (and, for a
     /// health-checked service, as long again as the check takes to call a
-    /// task unhealthy): a task of this release that fails (a crash, a
-    /// failed health check), or a paused update, fails it; so does a bad
-    /// answer through the routing mesh.
+    /// task unhealthy): see [`Self::check_rolled`]; a bad answer through
+    /// the routing mesh fails it too.
     pub async fn verify(&self) -> Result<(), Failure> {
         let run = self.run;
-        let docker = &run.ctx.docker;
         // A health check that starts failing within the window makes its
         // task fail only after `HEALTH_RETRIES` checks: watched that long too.
         let checked = self.changes.iter().any(|c| {
@@ -397,30 +402,8 @@ impl<'a> Services<'a> {
         let deadline = Instant::now() + run.cfg.verify + grace;
         let mut slow = 0u32;
         loop {
-            for change in &self.changes {
-                let name = service_name(&run.app, &change.service);
-                let fail =
-                    |why: String| Failure(format!("{} failed verification: {why}", change.service));
-                let wanted = Wanted {
-                    deployment: &run.id.0,
-                    digest: &self.image.digest,
-                    restored: false,
-                };
-                for t in docker.tasks(&name).await? {
-                    if wanted.matches(&t) && t.has_ended() {
-                        return Err(fail(format!("a task {}", self.task_failure(&t).await)));
-                    }
-                }
-                if let Some(Some(u)) = docker.service(&name).await?.map(|s| s.update)
-                    && u.state != "completed"
-                    && u.state != "updating"
-                {
-                    return Err(fail(format!(
-                        "Swarm's update is {}: {}",
-                        u.state, u.message
-                    )));
-                }
-            }
+            self.check_rolled(&self.changes, "failed verification")
+                .await?;
             if let Some((port, health)) = self.published_web() {
                 match run.ctx.health.probe(port, health).await.healthy(health) {
                     Ok(_) => slow = 0,
@@ -446,6 +429,60 @@ impl<'a> Services<'a> {
             }
             if Instant::now() >= deadline && slow == 0 {
                 return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Fails when a task of this release in one of `changes` has ended
+    /// (crashed, refused, or stopped by Swarm for failing its health
+    /// check) or got a bad answer from its health check, or when Swarm's
+    /// update of one of them paused or rolled back.
+    async fn check_rolled(&self, changes: &[Change], failed: &str) -> Result<(), Failure> {
+        let run = self.run;
+        let docker = &run.ctx.docker;
+        let wanted = Wanted {
+            deployment: &run.id.0,
+            digest: &self.image.digest,
+            restored: false,
+        };
+        for change in changes {
+            let name = service_name(&run.app, &change.service);
+            let fail = |why: String| Failure(format!("{} {failed}: {why}", change.service));
+            for t in docker.tasks(&name).await? {
+                if !wanted.matches(&t) {
+                    continue;
+                }
+                if t.has_ended() {
+                    return Err(fail(format!("a task {}", self.task_failure(&t).await)));
+                }
+                if let Some(bad) = bad_answer(docker, &self.nodes, &t).await {
+                    return Err(fail(format!("a task {bad}")));
+                }
+            }
+            if let Some(Some(u)) = docker.service(&name).await?.map(|s| s.update)
+                && u.state != "completed"
+                && u.state != "updating"
+            {
+                return Err(fail(format!(
+                    "Swarm's update is {}: {}",
+                    u.state, u.message
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches the services rolled before the last one until one fails
+    /// (see [`Self::check_rolled`]): a web release that turns unhealthy
+    /// while worker and beat roll is rolled back then, not once they are
+    /// done.
+    async fn watch_rolled(&self, while_rolling: &str) -> Failure {
+        let earlier = &self.changes[..self.changes.len().saturating_sub(1)];
+        let failed = format!("failed while {while_rolling} rolled");
+        loop {
+            if let Err(f) = self.check_rolled(earlier, &failed).await {
+                return f;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -481,13 +518,17 @@ impl<'a> Services<'a> {
     }
 
     /// Puts every changed service back on the spec of the release it ran,
-    /// last first, and removes those this deployment created. Carries on
+    /// all at once (each is Swarm's own update: web is not kept waiting for
+    /// the others), and removes those this deployment created. Carries on
     /// past a service that fails; returns what runs now, or an account of
     /// what failed.
     pub async fn restore(self) -> Result<String, Failure> {
+        let outcomes =
+            futures_util::future::join_all(self.changes.iter().map(|c| self.restore_service(c)))
+                .await;
         let mut restored = Restored::default();
-        for change in self.changes.iter().rev() {
-            match self.restore_service(change).await {
+        for (change, outcome) in self.changes.iter().zip(outcomes) {
+            match outcome {
                 Ok(true) => restored.back.push(change.service.clone()),
                 Ok(false) => restored.emptied.push(change.service.clone()),
                 Err(f) => restored.failed.push(format!("{}: {}", change.service, f.0)),
@@ -498,9 +539,7 @@ impl<'a> Services<'a> {
             .iter()
             .find_map(|c| c.before.as_ref())
             .map_or_else(|| "the previous release".to_owned(), |(b, _)| b.sha.clone());
-        let said = restored
-            .in_roll_order()
-            .account(&release, "did not exist before and were removed")?;
+        let said = restored.account(&release, "did not exist before and were removed")?;
         Ok(said.join("; "))
     }
 
@@ -602,6 +641,11 @@ pub(crate) async fn converge(
             .iter()
             .filter(|t| wanted.matches(t) && t.is_running())
             .collect();
+        for t in &new {
+            if let Some(bad) = bad_answer(docker, nodes, t).await {
+                return Err(Failure(format!("a new task of {name} {bad}")));
+            }
+        }
         let others = tasks
             .iter()
             .filter(|t| !wanted.matches(t) && !t.has_ended() && t.desired == "running")
@@ -642,7 +686,7 @@ fn node_name(nodes: &HashMap<String, String>, id: &str) -> String {
 }
 
 /// How a task ended, where, in Swarm's words, with its exit code and, when
-/// its container is on this node, what its last health check said.
+/// its container is on this node, what its last health checks said.
 async fn task_failure(docker: &Docker, nodes: &HashMap<String, String>, t: &TaskInfo) -> String {
     let mut said = format!(
         "(slot {}, on {}) ended {}: {}",
@@ -655,11 +699,38 @@ async fn task_failure(docker: &Docker, nodes: &HashMap<String, String>, t: &Task
         said.push_str(&format!(", exit code {code}"));
     }
     if let Some(container) = &t.container
-        && let Some(health) = docker.last_health_output(container).await
+        && let Some(checks) = docker.health_checks(container).await
+        && !checks.is_empty()
     {
-        said.push_str(&format!("; its last health check: {health}"));
+        let checks: Vec<String> = checks.iter().map(ToString::to_string).collect();
+        said.push_str(&format!(
+            "; its last health checks, oldest first: {}",
+            checks.join(", ")
+        ));
     }
     said
+}
+
+/// A running task whose last health check got a bad answer (the check
+/// printed the status), as a failure: a bad answer fails a release at once,
+/// as on the docker backend; a check that got no answer in time is left to
+/// Swarm, which replaces the task after [`HEALTH_RETRIES`] in a row. Known
+/// only for tasks on this node (their containers are on this engine).
+async fn bad_answer(
+    docker: &Docker,
+    nodes: &HashMap<String, String>,
+    t: &TaskInfo,
+) -> Option<String> {
+    let container = t.container.as_deref().filter(|_| t.is_running())?;
+    let check = docker.health_checks(container).await?.pop()?;
+    (check.failed() && check.output.starts_with("HTTP ")).then(|| {
+        format!(
+            "(slot {}, on {}) answered its health check with {}",
+            t.slot.unwrap_or_default(),
+            node_name(nodes, &t.node),
+            check.output
+        )
+    })
 }
 
 impl super::Ctx {
@@ -863,5 +934,64 @@ impl super::Ctx {
             });
         }
         Ok(services)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the health check's program with this host's Python against
+    /// `port`, as Docker runs it in a task; returns its output and code.
+    fn probe(port: u16) -> (String, i32) {
+        let health = HealthConfig {
+            path: "/healthz/".into(),
+            host: "shop.example".into(),
+            headers: Default::default(),
+            expect: vec![200],
+            timeout: Duration::from_secs(5),
+        };
+        let check = health_check(&health);
+        let (var, request) = health_request(port, &health);
+        let out = std::process::Command::new(&check.test[1])
+            .args(&check.test[2..])
+            .env(var, request)
+            .output()
+            .expect("python3 runs");
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (said, out.status.code().unwrap_or(-1))
+    }
+
+    /// A server on a free loopback port answering every request with
+    /// `status`, for as long as the test runs.
+    fn answering(status: u16) -> u16 {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.read(&mut [0; 4096]);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn the_health_check_says_in_one_line_what_it_got() {
+        assert_eq!(probe(answering(200)), ("HTTP 200".to_owned(), 0));
+        assert_eq!(probe(answering(500)), ("HTTP 500".to_owned(), 1));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (said, code) = probe(closed);
+        assert!(said.starts_with("no answer: "), "{said}");
+        assert!(!said.contains('\n'), "{said}");
+        assert_eq!(code, 1);
     }
 }

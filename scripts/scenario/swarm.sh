@@ -21,8 +21,8 @@
 # release whose health check fails after 5 answers (rolled back
 # automatically), then deployctl rollback.
 #
-# Prints requests and failed requests per phase, and which releases served
-# them; exits non-zero if a deployment ended with another exit code than the
+# Prints requests and failed requests per phase, which releases served
+# them, and what the automatic rollback was for; exits non-zero if a deployment ended with another exit code than the
 # docker backend's, or (without --no-retry) if any request failed.
 #
 #   scripts/scenario/swarm.sh [--no-retry]

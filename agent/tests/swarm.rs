@@ -268,8 +268,8 @@ async fn deploy_fail_rollback_and_crash_on_swarm() {
 #[tokio::test]
 async fn failures_after_the_update_roll_every_service_back_on_swarm() {
     swarm_scoped(|scope| async move {
-        // Long enough for web's health check to have called a task of
-        // unhealthy-after-5-checks unhealthy before the deployment ends.
+        // Long enough for web's health check to get a bad answer from a
+        // task of unhealthy-after-5-checks before the deployment ends.
         let agent = agent(&scope, "8s").await;
         let first = agent.deploy(&scope, "release-1").await;
         assert_eq!(first.state, DeploymentState::Succeeded, "{first:#?}");

@@ -641,9 +641,14 @@ pub(crate) async fn converge(
             .iter()
             .filter(|t| wanted.matches(t) && t.is_running())
             .collect();
-        for t in &new {
-            if let Some(bad) = bad_answer(docker, nodes, t).await {
-                return Err(Failure(format!("a new task of {name} {bad}")));
+        // A new release is judged at its first bad answer; a release
+        // restored (a rollback, a recovery) is left to Swarm's own count:
+        // a 503 while the database blinks must not fail a rollback.
+        if !wanted.restored {
+            for t in &new {
+                if let Some(bad) = bad_answer(docker, nodes, t).await {
+                    return Err(Failure(format!("a new task of {name} {bad}")));
+                }
             }
         }
         let others = tasks

@@ -438,12 +438,20 @@ impl Scope {
                         .unwrap(),
                 );
             }
+            // Swarm removes a removed service's task containers itself, and
+            // refuses a second removal meanwhile ("already in progress"):
+            // what is left is listed again in the next round.
+            let mut refused = None;
             for id in ids {
-                self.docker.remove(&id).await.unwrap();
+                if let Err(e) = self.docker.remove(&id).await {
+                    refused = Some(e);
+                }
             }
             match self.docker.remove_network(&self.network).await {
                 Ok(()) => break,
-                Err(e) if attempt == 120 => panic!("cleanup: {e}"),
+                Err(e) if attempt == 120 => {
+                    panic!("cleanup: {e}; a container's removal last said: {refused:?}")
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         }

@@ -266,9 +266,11 @@ build_app_images() {
         # Up to date: built from this context, and the tag still names it.
         [ -n "$old" ] && [ "$(cat "$record" 2>/dev/null)" = "$key $old" ] && continue
         docker_build "$tag" "$ctx" --build-arg "BASE_IMAGE=$PYTHON_BASE"
-        printf '%s %s\n' "$key" "$(image_id "$tag")" >"$record"
+        local new
+        new=$(image_id "$tag")
+        printf '%s %s\n' "$key" "$new" >"$record"
         # The image this one replaced, now untagged.
-        if [ -n "$old" ] && [ "$old" != "$(image_id "$tag")" ]; then
+        if [ -n "$old" ] && [ "$old" != "$new" ]; then
             docker rmi "$old" >/dev/null 2>&1 || true
         fi
     done

@@ -22,8 +22,9 @@
 # automatically), then deployctl rollback.
 #
 # Prints requests and failed requests per phase, which releases served
-# them, and what the automatic rollback was for; exits non-zero if a deployment ended with another exit code than the
-# docker backend's, or (without --no-retry) if any request failed.
+# them, and what the automatic rollback was for; exits non-zero if a
+# deployment ended with another exit code than the docker backend's, or
+# (without --no-retry) if any request failed.
 #
 #   scripts/scenario/swarm.sh [--no-retry]
 set -euo pipefail

@@ -377,10 +377,6 @@ impl<'a> Services<'a> {
         converge(docker, &self.nodes, name, cfg, verify, wanted, before, say).await
     }
 
-    async fn task_failure(&self, t: &TaskInfo) -> String {
-        task_failure(&self.run.ctx.docker, &self.nodes, t).await
-    }
-
     /// Watches every changed service for the verify window (and, for a
     /// health-checked service, as long again as the check takes to call a
     /// task unhealthy): see [`Self::check_rolled`]; a bad answer through
@@ -449,16 +445,9 @@ impl<'a> Services<'a> {
         for change in changes {
             let name = service_name(&run.app, &change.service);
             let fail = |why: String| Failure(format!("{} {failed}: {why}", change.service));
-            for t in docker.tasks(&name).await? {
-                if !wanted.matches(&t) {
-                    continue;
-                }
-                if t.has_ended() {
-                    return Err(fail(format!("a task {}", self.task_failure(&t).await)));
-                }
-                if let Some(bad) = bad_answer(docker, &self.nodes, &t).await {
-                    return Err(fail(format!("a task {bad}")));
-                }
+            let tasks = docker.tasks(&name).await?;
+            if let Some(failed) = failed_task(docker, &self.nodes, wanted, &tasks).await {
+                return Err(fail(format!("a task {failed}")));
             }
             if let Some(Some(u)) = docker.service(&name).await?.map(|s| s.update)
                 && u.state != "completed"
@@ -618,13 +607,8 @@ pub(crate) async fn converge(
             .await?
             .ok_or_else(|| Failure(format!("service {name} is gone")))?;
         let tasks = docker.tasks(name).await?;
-        // A new task never ends on its own: one that did crashed, was
-        // refused, or was stopped by Swarm for failing its health check.
-        if let Some(ended) = tasks.iter().find(|t| wanted.matches(t) && t.has_ended()) {
-            return Err(Failure(format!(
-                "a new task of {name} {}",
-                task_failure(docker, nodes, ended).await
-            )));
+        if let Some(failed) = failed_task(docker, nodes, wanted, &tasks).await {
+            return Err(Failure(format!("a new task of {name} {failed}")));
         }
         let update = info
             .update
@@ -641,16 +625,6 @@ pub(crate) async fn converge(
             .iter()
             .filter(|t| wanted.matches(t) && t.is_running())
             .collect();
-        // A new release is judged at its first bad answer; a release
-        // restored (a rollback, a recovery) is left to Swarm's own count:
-        // a 503 while the database blinks must not fail a rollback.
-        if !wanted.restored {
-            for t in &new {
-                if let Some(bad) = bad_answer(docker, nodes, t).await {
-                    return Err(Failure(format!("a new task of {name} {bad}")));
-                }
-            }
-        }
         let others = tasks
             .iter()
             .filter(|t| !wanted.matches(t) && !t.has_ended() && t.desired == "running")
@@ -714,6 +688,32 @@ async fn task_failure(docker: &Docker, nodes: &HashMap<String, String>, t: &Task
         ));
     }
     said
+}
+
+/// The first task of `wanted` that failed, said as by [`task_failure`] or
+/// [`bad_answer`]. A new task never ends on its own: one that did crashed,
+/// was refused, or was stopped by Swarm for failing its health check. A new
+/// release is also judged at its first bad answer; a restored one (a
+/// rollback, a recovery) is left to Swarm's own count: a 503 while the
+/// database blinks must not fail a rollback.
+async fn failed_task(
+    docker: &Docker,
+    nodes: &HashMap<String, String>,
+    wanted: Wanted<'_>,
+    tasks: &[TaskInfo],
+) -> Option<String> {
+    let ours = || tasks.iter().filter(|t| wanted.matches(t));
+    if let Some(ended) = ours().find(|t| t.has_ended()) {
+        return Some(task_failure(docker, nodes, ended).await);
+    }
+    if !wanted.restored {
+        for t in ours() {
+            if let Some(bad) = bad_answer(docker, nodes, t).await {
+                return Some(bad);
+            }
+        }
+    }
+    None
 }
 
 /// A running task whose last health check got a bad answer (the check

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../agent/tests/support/mod.rs"]
+#[path = "../../agent/tests/it/support/mod.rs"]
 mod support;
 
 use std::net::SocketAddr;

@@ -4,17 +4,12 @@
 //! `_on_swarm`: `scripts/test.sh` runs them apart, once the engine is a
 //! Swarm, and skips them by that name in the workspace's run.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::engine::{Agent, agent_tuned};
+use crate::support::{Scope, Tuning, poll, swarm_scoped};
 use deployd::engine::{EngineHandle, label};
-use deployd::store::Store;
 use deployd_proto::{DeploymentState, EventKind, RollbackRequest, RunEvent};
-use support::engine::{Agent, agent_tuned};
-use support::{Scope, Tuning, poll, swarm_scoped};
 
 /// An agent of the engine tests' app on the swarm backend, whose verify
 /// window (also Swarm's `monitor` of each new task) is `verify`: short
@@ -222,25 +217,9 @@ async fn deploy_fail_rollback_and_crash_on_swarm() {
             ("cleanup", "release-2", "every service runs"),
         ];
         for (round, (boundary, live, account)) in rounds.into_iter().enumerate() {
-            let request = agent.request(&scope, "release-2");
-            support::crash_at(&agent.config, agent.state.path(), request, boundary);
-
-            let store = Store::open(agent.state.path()).unwrap();
-            let restarted = EngineHandle::start(&agent.config, scope.docker.clone(), store)
-                .await
-                .unwrap();
-            let history = restarted.store().history(&agent.app, 100, None).unwrap();
-            assert_eq!(
-                history.len(),
-                round + 5,
-                "{boundary}: no deployment is lost"
-            );
-            let crashed = &history[0];
-            assert_eq!(
-                crashed.state,
-                DeploymentState::Interrupted,
-                "{boundary}: {crashed:#?}"
-            );
+            let (restarted, crashed) = agent
+                .crash_and_restart(&scope, "release-2", boundary, round + 4)
+                .await;
             let error = crashed.error.as_deref().unwrap();
             let sha = scope.bed.sha(live);
             assert!(

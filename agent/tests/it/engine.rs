@@ -1,12 +1,10 @@
 //! The deploy engine against the real engine and the test bed's releases.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::support::engine::{Agent, agent_tuned};
+use crate::support::{Scope, Tuning, app_config, deploy_request, poll, scoped, settle};
 use deployd::config::Config;
 use deployd::docker::{ContainerSpec, ImageRef};
 use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
@@ -17,8 +15,6 @@ use deployd_proto::{
     RollbackRequest, Verdict,
 };
 use reqwest::header::HOST;
-use support::engine::{Agent, agent_tuned};
-use support::{Scope, Tuning, app_config, deploy_request, poll, scoped};
 
 async fn agent(scope: &Scope) -> Agent {
     agent_tuned(scope, Tuning::TEST).await
@@ -476,46 +472,35 @@ fn other(variant: &str) -> &'static str {
     }
 }
 
+// The step boundaries are walked by two tests, so that the two halves run
+// side by side.
 #[tokio::test]
-async fn a_crash_at_any_step_boundary_converges_at_restart() {
-    scoped(|scope| async move {
+async fn a_crash_before_beat_rolls_converges_at_restart() {
+    crashes_converge_at_restart(["pull", "task:migrate", "roll:web", "roll:worker"]).await;
+}
+
+#[tokio::test]
+async fn a_crash_from_beat_s_roll_to_the_end_converges_at_restart() {
+    crashes_converge_at_restart(["roll:beat", "verify", "cleanup", "finish"]).await;
+}
+
+/// Kills the agent at each of `boundaries` in turn, each time in a
+/// deployment from the live release to the other, and checks what a restart
+/// makes of it: the record says what it found, and the app runs one whole
+/// release (the old one before verification, the new one after).
+async fn crashes_converge_at_restart(boundaries: [&'static str; 4]) {
+    scoped(move |scope| async move {
         let agent = agent(&scope).await;
         assert_eq!(
             agent.deploy(&scope, "release-1").await.state,
             DeploymentState::Succeeded
         );
         let mut live = "release-1";
-        let boundaries = [
-            "pull",
-            "task:migrate",
-            "roll:web",
-            "roll:worker",
-            "roll:beat",
-            "verify",
-            "cleanup",
-            "finish",
-        ];
         for (round, boundary) in boundaries.into_iter().enumerate() {
             let next = other(live);
-            let request = agent.request(&scope, next);
-            support::crash_at(&agent.config, agent.state.path(), request, boundary);
-
-            let store = Store::open(agent.state.path()).unwrap();
-            let restarted = EngineHandle::start(&agent.config, scope.docker.clone(), store)
-                .await
-                .unwrap();
-            let history = restarted.store().history(&agent.app, 100, None).unwrap();
-            assert_eq!(
-                history.len(),
-                round + 2,
-                "{boundary}: no deployment is lost"
-            );
-            let crashed = &history[0];
-            assert_eq!(
-                crashed.state,
-                DeploymentState::Interrupted,
-                "{boundary}: {crashed:#?}"
-            );
+            let (restarted, crashed) = agent
+                .crash_and_restart(&scope, next, boundary, round + 1)
+                .await;
             // Past verification the new release stays; before, the old one returns.
             if matches!(boundary, "cleanup" | "finish") {
                 live = next;
@@ -525,23 +510,26 @@ async fn a_crash_at_any_step_boundary_converges_at_restart() {
                 error.contains(&format!("every service runs {}", scope.bed.sha(live))),
                 "{boundary}: {error}"
             );
-            // Old workers drain in the background: wait for them to go.
+            // Old workers drain in the background: wait until they are gone,
+            // not only stopped (a drained container is removed after it
+            // stops, and Docker lists it until the removal ends).
             let wanted = all_on(&scope, live);
-            poll(boundary, Duration::from_secs(60), || async {
-                (running(&scope).await == wanted).then_some(())
+            settle(boundary, Duration::from_secs(60), || async {
+                let app = scope
+                    .docker
+                    .containers(&[(label::APP, agent.app.as_str())])
+                    .await
+                    .unwrap();
+                let only_live = app
+                    .iter()
+                    .all(|c| c.running && !c.labels.contains_key(label::TASK));
+                if only_live && running(&scope).await == wanted {
+                    Ok(())
+                } else {
+                    Err(app)
+                }
             })
             .await;
-            let leftovers = scope
-                .docker
-                .containers(&[(label::APP, agent.app.as_str())])
-                .await
-                .unwrap();
-            assert!(
-                leftovers
-                    .iter()
-                    .all(|c| c.running && !c.labels.contains_key(label::TASK)),
-                "{boundary}: {leftovers:#?}"
-            );
             assert_eq!(
                 get(&scope, "/healthz/").await.status(),
                 reqwest::StatusCode::OK,

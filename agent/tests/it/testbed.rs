@@ -2,16 +2,13 @@
 //! authenticated pulls from the local registry, release tasks in one-off
 //! containers, and the sample app's web, worker and beat on a real network.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support;
+use crate::support::{BEAT, MIGRATE, Testbed, WORKER, poll, scoped};
 use deployd::docker::{ContainerSpec, Docker, DockerError, ImageRef, RegistryAuth};
 use reqwest::StatusCode;
 use reqwest::header::HOST;
-use support::{BEAT, MIGRATE, Testbed, WORKER, poll, scoped};
 
 const TASK_TIMEOUT: Duration = Duration::from_secs(120);
 

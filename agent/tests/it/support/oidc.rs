@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 
 use super::pki::Pki;
 
-pub const RSA_A: &str = include_str!("../data/test-only-rsa-a.key");
-pub const RSA_A_PUBLIC: &str = include_str!("../data/test-only-rsa-a.pub");
-pub const RSA_B: &str = include_str!("../data/test-only-rsa-b.key");
+pub const RSA_A: &str = include_str!("../../data/test-only-rsa-a.key");
+pub const RSA_A_PUBLIC: &str = include_str!("../../data/test-only-rsa-a.pub");
+pub const RSA_B: &str = include_str!("../../data/test-only-rsa-b.key");
 pub const AUDIENCE: &str = "deployd-production";
 
 pub fn now() -> i64 {

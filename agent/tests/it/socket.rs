@@ -6,8 +6,6 @@
 //! a new token key work at once (a broken configuration changes nothing),
 //! and a restart of deployd refuses no connection made meanwhile.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;

@@ -3,8 +3,6 @@
 //! releases' web containers. The engine-driven switch against the sample
 //! Django app is tested in `engine.rs`.
 
-#![allow(clippy::unwrap_used)]
-
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -509,15 +509,31 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    settle(what, timeout, || {
+        let checked = check();
+        async move { checked.await.ok_or("nothing yet") }
+    })
+    .await
+}
+
+/// Polls `check` until it returns `Ok`, as `poll` does; once `timeout` has
+/// passed, panics with `what` and the last `Err`: what was seen instead.
+pub async fn settle<T, D, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    D: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, D>>,
+{
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(50);
     loop {
-        if let Some(value) = check().await {
-            return value;
-        }
+        let seen = match check().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
         assert!(
             Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
+            "timed out after {timeout:?} waiting for {what}; last seen: {seen:#?}"
         );
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));

@@ -4,8 +4,6 @@
 //! `deploy` on the app, and the same job on another branch or environment
 //! earns nothing.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use deployd::auth::grants_under;
 use deployd::config::{Config, OidcConfig};
 use deployd_proto::Scope;

@@ -2,21 +2,18 @@
 //! static keys and a local OIDC issuer that serves its JWKS over HTTPS and
 //! rotates its key.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support;
+use crate::support::agent::TestAgent;
+use crate::support::oidc::{Issuer, RSA_A, RSA_A_PUBLIC, RSA_B, now, sign};
+use crate::support::scoped;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use deployd_proto::{DeploymentPage, ErrorBody, ErrorCode, WhoAmI};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::agent::TestAgent;
-use support::oidc::{Issuer, RSA_A, RSA_A_PUBLIC, RSA_B, now, sign};
-use support::scoped;
 
 /// The agent's own token claims (issuer `deployd`), with `overrides`.
 fn own_claims(app: &str, overrides: Value) -> Value {

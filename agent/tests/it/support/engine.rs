@@ -4,7 +4,7 @@
 use deployd::config::Config;
 use deployd::engine::{DeployRequest, EngineHandle};
 use deployd::store::Store;
-use deployd_proto::{Deployment, RollbackRequest};
+use deployd_proto::{Deployment, DeploymentState, RollbackRequest};
 
 use super::{Scope, Tuning, app_config, deploy_request};
 
@@ -76,5 +76,38 @@ impl Agent {
             .await
             .unwrap();
         self.engine.wait(&started.id).await.unwrap()
+    }
+
+    /// Deploys `variant` with an agent of its own on this state directory,
+    /// kills that agent at `boundary` (see `crash_at`), and starts the
+    /// engine again on what it left. Returns the restarted engine and the
+    /// crashed deployment's record, after checking that the record is kept
+    /// (the newest of `earlier` + 1) and ended `interrupted`.
+    pub async fn crash_and_restart(
+        &self,
+        scope: &Scope,
+        variant: &str,
+        boundary: &str,
+        earlier: usize,
+    ) -> (EngineHandle, Deployment) {
+        let request = self.request(scope, variant);
+        super::crash_at(&self.config, self.state.path(), request, boundary);
+        let store = Store::open(self.state.path()).unwrap();
+        let restarted = EngineHandle::start(&self.config, scope.docker.clone(), store)
+            .await
+            .unwrap();
+        let mut history = restarted.store().history(&self.app, 100, None).unwrap();
+        assert_eq!(
+            history.len(),
+            earlier + 1,
+            "{boundary}: no deployment is lost"
+        );
+        let crashed = history.swap_remove(0);
+        assert_eq!(
+            crashed.state,
+            DeploymentState::Interrupted,
+            "{boundary}: {crashed:#?}"
+        );
+        (restarted, crashed)
     }
 }

@@ -3,22 +3,19 @@
 //! deploy, a broken release rolled back automatically and a manual
 //! rollback, with long requests in flight at every switch.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support;
+use crate::support::{Tuning, app_config, deploy_request, scoped};
 use deployd::config::Config;
 use deployd::engine::EngineHandle;
 use deployd::store::Store;
 use deployd::switch::{Routes, Switch};
 use deployd_proto::{DeploymentState, RollbackRequest};
 use reqwest::header::HOST;
-use support::{Tuning, app_config, deploy_request, scoped};
 
 /// One answered (or failed) request: when it started and ended, and which
 /// release served it (`1/good`, say), or why it failed.

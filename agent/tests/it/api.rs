@@ -1,20 +1,17 @@
 //! The HTTPS API through real TLS with real signed tokens, against the
 //! real engine and the test bed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support;
+use crate::support::agent::TestAgent;
+use crate::support::scoped;
 use deployd::auth::TokenRequest;
 use deployd_proto::{
     AppStatus, Deployment, DeploymentEvent, DeploymentPage, DeploymentState, ErrorBody, EventKind,
     Plan, PlanState, Scope as S, UnsafeMigrations, Verdict, WhoAmI,
 };
 use reqwest::StatusCode;
-use support::agent::TestAgent;
-use support::scoped;
 
 /// Asserts the status and the error shape; returns the body.
 async fn refused(response: reqwest::Response, status: StatusCode, code: &str) -> ErrorBody {

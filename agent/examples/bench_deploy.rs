@@ -15,9 +15,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-#[path = "../tests/it/support/mod.rs"]
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,11 +23,11 @@ use deployd::docker::{ContainerSpec, PulledImage};
 use deployd::engine::EngineHandle;
 use deployd::store::Store;
 use deployd_proto::DeploymentState;
-use reqwest::header::HOST;
-use support::{
+use deployd_testkit::{
     BEAT, COLLECTSTATIC, MIGRATE, Scope, Tuning, WORKER, app_config, deploy_request, scoped,
     swarm_scoped,
 };
+use reqwest::header::HOST;
 
 const MIN_HEALTHY: Duration = Duration::from_secs(3);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -13,9 +13,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-#[path = "../tests/it/support/mod.rs"]
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,7 +21,7 @@ use deployd::config::Config;
 use deployd::engine::EngineHandle;
 use deployd::store::Store;
 use deployd_proto::DeploymentState;
-use support::{Scope, Tuning, app_config, deploy_request, scoped};
+use deployd_testkit::{Scope, Tuning, app_config, deploy_request, scoped};
 
 /// Between a deployment's end and the next one's start.
 const SETTLE: Duration = Duration::from_secs(10);

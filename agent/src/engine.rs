@@ -10,6 +10,7 @@ pub(crate) mod command;
 mod common;
 mod follow;
 mod health;
+mod journal;
 mod logs;
 mod observed;
 mod plan;
@@ -29,7 +30,6 @@ use std::time::Duration;
 
 use deployd_proto::{
     AppLock, CommitSha, Deployment, DeploymentEvent, DeploymentId, DeploymentKind, DeploymentState,
-    EventKind,
 };
 use time::OffsetDateTime;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -181,37 +181,49 @@ pub(crate) struct Ctx {
     docker: Docker,
     store: Store,
     health: health::HealthCheck,
-    events: broadcast::Sender<(DeploymentId, DeploymentEvent)>,
-    freeze: Option<Freeze>,
-    /// What runs, kept current for status.
+    /// Deployments' events, webhooks and audit records.
+    journal: journal::Journal,
+    /// What status and readiness answer from.
+    view: View,
+    /// Where public traffic goes.
+    traffic: Traffic,
+    /// Work beside deployments.
+    jobs: Jobs,
+    metrics: Arc<Metrics>,
+    /// Fires at shutdown: no deployment starts another step.
+    stopping: CancellationToken,
+}
+
+/// What status and readiness answer from, kept current so that a request
+/// costs no Docker call and no store read when nothing changed.
+#[derive(Debug, Default)]
+struct View {
+    /// What runs.
     observed: observed::Observed,
     /// What the store said of each app's status, and at which generation.
     recorded: Mutex<HashMap<String, (u64, status::Recorded)>>,
     /// The last readiness check and when it was made.
     readiness: Mutex<Option<(std::time::Instant, Vec<&'static str>)>>,
-    /// Where each switched app's public traffic goes.
+}
+
+/// Where public traffic goes.
+#[derive(Debug)]
+struct Traffic {
+    /// Each switched app's route.
     routes: Routes,
-    metrics: Arc<Metrics>,
-    /// Fires at shutdown: no deployment starts another step.
-    stopping: CancellationToken,
+    /// The canaries running, where promote and abort go.
+    canaries: canary::Canaries,
+}
+
+/// Work beside deployments, each kind with its own limits.
+#[derive(Debug, Default)]
+struct Jobs {
     /// Each app's latest prepare (pull and pin ahead of a deployment).
     prepares: prepare::Prepares,
     /// Plans made by this process that no deployment made, by id.
     planning: Mutex<HashMap<String, plan::Making>>,
-    /// The canaries running, where promote and abort go.
-    canaries: canary::Canaries,
     /// One-off commands running (`deployctl run`).
     commands: command::Commands,
-    /// Each app's webhooks.
-    notifier: crate::notify::Notifier,
-}
-
-/// Test-only crash hook: deployments stop dead before a step, as if the
-/// process had been killed there (the test then drops the whole runtime).
-#[derive(Debug)]
-struct Freeze {
-    before_step: String,
-    reached: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// A cheap, cloneable way to talk to the engine.
@@ -255,21 +267,17 @@ impl EngineHandle {
         Self::start_with(config, docker, store, routes, None).await
     }
 
-    /// Test-only: like [`EngineHandle::start`], but every deployment freezes
-    /// before the step `before_step` (`finish` for the final record); the
-    /// receiver fires when one got there.
-    #[doc(hidden)]
+    /// For the test kit's crash tests: like [`EngineHandle::start`], but
+    /// every deployment freezes before the step `before_step` (`finish` for
+    /// the final record); the receiver fires when one got there.
+    #[cfg(feature = "testkit")]
     pub async fn start_frozen_before(
         config: &Config,
         docker: Docker,
         store: Store,
         before_step: &str,
     ) -> Result<(Self, oneshot::Receiver<()>), EngineError> {
-        let (reached, fired) = oneshot::channel();
-        let freeze = Freeze {
-            before_step: before_step.to_owned(),
-            reached: Mutex::new(Some(reached)),
-        };
+        let (freeze, fired) = journal::Freeze::at(before_step);
         Ok((
             Self::start_with(
                 config,
@@ -288,12 +296,11 @@ impl EngineHandle {
         docker: Docker,
         store: Store,
         routes: Routes,
-        freeze: Option<Freeze>,
+        freeze: Option<journal::Freeze>,
     ) -> Result<Self, EngineError> {
         // Rolling and recovery rely on a valid config (services named in
         // `order` exist, web has a health check, ...).
         config.validate()?;
-        let (events, _) = broadcast::channel(4096);
         crate::install_crypto_provider();
         // Health checks are plain HTTP to containers: no TLS roots needed,
         // so none are loaded (a host without ca-certificates works too).
@@ -307,23 +314,20 @@ impl EngineHandle {
         let configs = apps.iter().map(|(name, cfg)| (name, cfg.as_ref()));
         let notifier = crate::notify::Notifier::new(configs, store.clone())
             .map_err(EngineError::HttpClient)?;
+        let journal = journal::Journal::new(store.clone(), notifier, freeze);
         let ctx = Arc::new(Ctx {
             docker,
             store,
             health,
-            events,
-            freeze,
-            observed: observed::Observed::default(),
-            readiness: Mutex::default(),
-            recorded: Mutex::default(),
+            journal,
+            view: View::default(),
             metrics: Arc::new(Metrics::new(&routes)),
-            routes,
+            traffic: Traffic {
+                routes,
+                canaries: canary::Canaries::default(),
+            },
+            jobs: Jobs::default(),
             stopping: CancellationToken::new(),
-            prepares: prepare::Prepares::default(),
-            planning: Mutex::default(),
-            canaries: canary::Canaries::default(),
-            commands: command::Commands::default(),
-            notifier,
         });
         ctx.metrics.register_apps(apps.keys());
         ctx.seed_routes(&apps).await;
@@ -396,7 +400,7 @@ impl EngineHandle {
             failing.push("store");
         }
         self.ctx.metrics.readiness(&failing);
-        *crate::sync::lock(&self.ctx.readiness) =
+        *crate::sync::lock(&self.ctx.view.readiness) =
             Some((std::time::Instant::now(), failing.clone()));
         failing
     }
@@ -406,7 +410,7 @@ impl EngineHandle {
     /// asked as often as a load balancer likes without asking Docker as
     /// often.
     pub async fn readiness_recent(&self) -> Vec<&'static str> {
-        let recent = crate::sync::lock(&self.ctx.readiness)
+        let recent = crate::sync::lock(&self.ctx.view.readiness)
             .as_ref()
             .filter(|(at, _)| at.elapsed() < READINESS_FRESH)
             .map(|(_, failing)| failing.clone());
@@ -467,8 +471,8 @@ impl EngineHandle {
             .get(app)
             .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
         let releases = self.ctx.store.live_releases(app, cfg.retain)?;
-        let target = match to {
-            Some(sha) => releases.iter().find(|r| r.sha == sha).ok_or_else(|| {
+        let (target, made_live) = match to {
+            Some(sha) => releases.iter().find(|(r, _)| r.sha == sha).ok_or_else(|| {
                 EngineError::UnknownRelease {
                     app: app.to_owned(),
                     sha: sha.clone(),
@@ -492,7 +496,7 @@ impl EngineHandle {
             schema,
             canary: Some(false),
         };
-        let target = Some(target.deployment.clone());
+        let target = Some(made_live.clone());
         self.submit(request, DeploymentKind::Rollback, target).await
     }
 
@@ -521,11 +525,12 @@ impl EngineHandle {
 
     /// Live events of every deployment, as they are recorded.
     pub fn subscribe(&self) -> broadcast::Receiver<(DeploymentId, DeploymentEvent)> {
-        self.ctx.events.subscribe()
+        self.ctx.journal.subscribe()
     }
 
-    /// The store, for tests and tools that read it whole; the API asks the
-    /// engine's own methods instead.
+    /// The store, for tests that read it whole; the API asks the engine's
+    /// own methods instead.
+    #[cfg(feature = "testkit")]
     pub fn store(&self) -> &Store {
         &self.ctx.store
     }
@@ -627,6 +632,7 @@ impl EngineHandle {
     pub fn canary_sha(&self, app: &str) -> Result<CommitSha, EngineError> {
         self.check_app(app)?;
         self.ctx
+            .traffic
             .canaries
             .sha(app)
             .ok_or_else(|| EngineError::NoCanary(app.to_owned()))
@@ -636,6 +642,7 @@ impl EngineHandle {
     pub fn canary_order(&self, app: &str, order: CanaryOrder) -> Result<DeploymentId, EngineError> {
         self.check_app(app)?;
         self.ctx
+            .traffic
             .canaries
             .order(app, order)
             .ok_or_else(|| EngineError::NoCanary(app.to_owned()))
@@ -781,62 +788,6 @@ impl Ctx {
             tracing::warn!(step, "deployd is stopping: this step does not start");
             std::future::pending::<()>().await;
         }
-        self.freeze_point(step).await;
-    }
-
-    /// The crash hook: never returns if deployments freeze before `step`
-    /// (a step's name, or a point within one such as `roll:web:written`).
-    async fn freeze_point(&self, step: &str) {
-        let Some(freeze) = &self.freeze else { return };
-        if freeze.before_step != step {
-            return;
-        }
-        let reached = crate::sync::lock(&freeze.reached).take();
-        if let Some(reached) = reached {
-            let _ = reached.send(());
-        }
-        std::future::pending::<()>().await;
-    }
-
-    /// Puts a deployment's end in the audit log: what was deployed, by
-    /// digest, and how it went.
-    fn audit_end(&self, id: &DeploymentId, state: DeploymentState, error: Option<&str>) {
-        let deployment = match self.store.get(id) {
-            Ok(Some(d)) => d,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(deployment.id = %id, error = %e, "cannot audit the deployment's end");
-                return;
-            }
-        };
-        self.notifier.tell(&deployment, state.as_str());
-        let mut record = crate::store::AuditRecord::new("deployment_finished", state.as_str());
-        record.subject = Some("deployd".into());
-        record.app = Some(deployment.app);
-        record.sha = Some(deployment.sha.to_string());
-        record.digest = deployment.digest;
-        record.deployment = Some(id.0.clone());
-        record.detail = Some(match error {
-            Some(error) => format!("requested by {}; {error}", deployment.requested_by),
-            None => format!("requested by {}", deployment.requested_by),
-        });
-        if let Err(e) = self.store.append_audit(&record) {
-            tracing::error!(deployment.id = %id, error = %e, "cannot audit the deployment's end");
-        }
-    }
-
-    /// Records an event, then tells live subscribers.
-    fn record(&self, id: &DeploymentId, kind: EventKind) -> Result<(), StoreError> {
-        let event = self.store.append_event(id, kind)?;
-        let _ = self.events.send((id.clone(), event));
-        Ok(())
-    }
-
-    /// Like [`Ctx::record`], for events progress must not stop for (an
-    /// output line, the record of an undo): a store failure is logged.
-    fn emit(&self, id: &DeploymentId, kind: EventKind) {
-        if let Err(e) = self.record(id, kind) {
-            tracing::error!(deployment.id = %id, error = %e, "cannot record event");
-        }
+        self.journal.freeze_point(step).await;
     }
 }

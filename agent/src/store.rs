@@ -107,12 +107,22 @@ impl Lock {
     }
 }
 
-/// The release an app runs, as the store knows it: its last success.
+/// One release of an app: the commit it was built from and the manifest
+/// digest its image was pinned to when pulled. Every container or Swarm
+/// service of it runs `pinned`, and is labelled with both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Release {
     pub sha: CommitSha,
+    /// `sha256:<64 hex>`.
     pub digest: String,
-    pub deployment: DeploymentId,
+}
+
+impl Release {
+    /// The reference this release's containers are created from:
+    /// `<repository>@<digest>`, which no tag moved since can change.
+    pub fn pinned(&self, repository: &str) -> String {
+        format!("{repository}@{}", self.digest)
+    }
 }
 
 /// Schema migrations, in order: the store's `user_version` says how many
@@ -342,6 +352,14 @@ fn enum_text<T: serde::Serialize>(value: T) -> String {
 fn enum_parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_value(serde_json::Value::String(text.to_owned()))
         .map_err(|_| StoreError::Corrupt(format!("unknown value {text:?}")))
+}
+
+/// A release as a row holds it; a sha that does not parse is corruption.
+fn release(sha: String, digest: String) -> Result<Release, StoreError> {
+    let sha = sha
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad sha {sha:?}")))?;
+    Ok(Release { sha, digest })
 }
 
 fn rfc3339(at: OffsetDateTime) -> String {
@@ -690,11 +708,21 @@ impl Store {
     /// The release an app last deployed (or rolled back to) successfully:
     /// what runs when no deployment is in flight.
     pub fn live_release(&self, app: &str) -> Result<Option<Release>, StoreError> {
+        Ok(self.live_since(app)?.map(|(release, _)| release))
+    }
+
+    /// The live release, and the last deployment that made it live.
+    pub fn live_since(&self, app: &str) -> Result<Option<(Release, DeploymentId)>, StoreError> {
         self.live_releases(app, 1).map(|mut r| r.pop())
     }
 
-    /// Distinct releases that were live, newest first, at most `limit`.
-    pub fn live_releases(&self, app: &str, limit: usize) -> Result<Vec<Release>, StoreError> {
+    /// Distinct releases that were live, each with the last deployment that
+    /// made it live, newest first, at most `limit`.
+    pub fn live_releases(
+        &self,
+        app: &str,
+        limit: usize,
+    ) -> Result<Vec<(Release, DeploymentId)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT sha, digest, MAX(id) FROM deployments
@@ -711,15 +739,7 @@ impl Store {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
-            .map(|(sha, digest, id)| {
-                Ok(Release {
-                    sha: sha
-                        .parse()
-                        .map_err(|_| StoreError::Corrupt(format!("bad sha {sha:?}")))?,
-                    digest,
-                    deployment: DeploymentId(id),
-                })
-            })
+            .map(|(sha, digest, id)| Ok((release(sha, digest)?, DeploymentId(id))))
             .collect()
     }
 
@@ -749,8 +769,8 @@ impl Store {
         Ok(all)
     }
 
-    /// Every release image deployd pulled for an app: (sha, digest) pairs.
-    pub fn pulled(&self, app: &str) -> Result<Vec<(String, String)>, StoreError> {
+    /// Every release image deployd pulled for an app.
+    pub fn pulled(&self, app: &str) -> Result<Vec<Release>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT sha, digest FROM deployments WHERE app = ?1 AND digest IS NOT NULL
@@ -759,7 +779,9 @@ impl Store {
         let rows = stmt
             .query_map(params![app], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|(sha, digest)| release(sha, digest))
+            .collect()
     }
 
     /// Records an image a prepare pulled, so that pruning knows it.
@@ -1151,7 +1173,10 @@ mod tests {
         // Twice (a prepare asked again) is once.
         store.prepared("shop", "bbbbbbb", "sha256:bb").unwrap();
         store.prepared("blog", "ccccccc", "sha256:cc").unwrap();
-        let mut pulled = store.pulled("shop").unwrap();
+        let mut pulled: Vec<_> = (store.pulled("shop").unwrap())
+            .into_iter()
+            .map(|r| (r.sha.to_string(), r.digest))
+            .collect();
         pulled.sort();
         assert_eq!(
             pulled,

@@ -4,9 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../agent/tests/it/support/mod.rs"]
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Output;
 use std::sync::Arc;
@@ -14,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deployd_proto::{AppStatus, DeploymentEvent, DeploymentPage, EventKind, Scope as S, WhoAmI};
-use support::agent::TestAgent;
-use support::oidc::{AUDIENCE, Issuer, RSA_A};
-use support::{scoped, swarm_scoped};
+use deployd_testkit::agent::TestAgent;
+use deployd_testkit::oidc::{AUDIENCE, Issuer, RSA_A};
+use deployd_testkit::{scoped, swarm_scoped};
 use tokio::net::{TcpListener, TcpStream};
 
 const ALL: [S; 4] = [S::Read, S::Deploy, S::Rollback, S::Admin];
@@ -663,7 +660,7 @@ impl SshAgent {
             .kill_on_drop(true)
             .spawn()
             .expect("ssh-agent (Debian's openssh-client) is installed");
-        support::poll("ssh-agent's socket", Duration::from_secs(30), || async {
+        deployd_testkit::poll("ssh-agent's socket", Duration::from_secs(30), || async {
             socket.exists().then_some(())
         })
         .await;
@@ -883,7 +880,7 @@ async fn operators_sign_with_their_own_key_or_their_ssh_agent() {
 /// Ctrl-C, the audit log.
 async fn runs_a_command_in_the_live_release(
     agent: &TestAgent,
-    scope: &support::Scope,
+    scope: &deployd_testkit::Scope,
     as_alice: &(dyn Fn() -> tokio::process::Command + Sync),
     as_bob: &(dyn Fn() -> tokio::process::Command + Sync),
 ) {
@@ -967,7 +964,7 @@ async fn runs_a_command_in_the_live_release(
     expect(&out, 0, "concurrent");
     // Ctrl-C (or a lost connection) stops it: its container goes.
     first.kill().await.unwrap();
-    support::poll(
+    deployd_testkit::poll(
         "the abandoned command's container removed",
         Duration::from_secs(60),
         || async { left().await.is_empty().then_some(()) },
@@ -984,7 +981,7 @@ async fn runs_a_command_in_the_live_release(
             .count();
         (ends >= 5).then_some(log)
     };
-    let log = support::poll(
+    let log = deployd_testkit::poll(
         "five commands' ends recorded",
         Duration::from_secs(60),
         || async { finished() },
@@ -1021,7 +1018,7 @@ async fn runs_a_command_in_the_live_release(
 /// containers' lines, then, followed through a deploy, the new containers
 /// join and the old ones leave.
 async fn follows_the_app_logs_across_a_deploy(
-    scope: &support::Scope,
+    scope: &deployd_testkit::Scope,
     as_alice: &(dyn Fn() -> tokio::process::Command + Sync),
     as_bob: &(dyn Fn() -> tokio::process::Command + Sync),
     dir: &std::path::Path,
@@ -1056,7 +1053,7 @@ async fn follows_the_app_logs_across_a_deploy(
         .spawn()
         .unwrap();
     let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
-    support::poll(
+    deployd_testkit::poll(
         "the follower joined the running container",
         Duration::from_secs(60),
         || async { read(&stderr).contains("joined").then_some(()) },
@@ -1068,7 +1065,7 @@ async fn follows_the_app_logs_across_a_deploy(
         .await
         .unwrap();
     expect(&out, 0, "release 2 deployed while logs are followed");
-    support::poll(
+    deployd_testkit::poll(
         "the new container's lines, and the old one gone",
         Duration::from_secs(120),
         || async {
@@ -1192,7 +1189,7 @@ async fn webhooks_hear_of_every_outcome_signed_retried_and_never_in_the_way() {
         // Every outcome arrives, signed, after the first two answers (500)
         // were retried.
         let wanted = ["started", "succeeded", "failed", "rolled_back", "rollback_failed"];
-        let got = support::poll("every outcome delivered", Duration::from_secs(180), || async {
+        let got = deployd_testkit::poll("every outcome delivered", Duration::from_secs(180), || async {
             let all = received.0.lock().unwrap().clone();
             let events: Vec<&str> = all.iter().map(|(e, _, _)| e.as_str()).collect();
             wanted

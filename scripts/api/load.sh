@@ -21,7 +21,10 @@ clients=${1:-200}
 seconds=${2:-10}
 period=${3:-100}
 bash scripts/testbed.sh up >&2
-cargo build --release --locked -q -p deployd --bin deployd --example load_status
+# Apart: an example takes the dev-dependencies, and with them the test
+# kit's feature, which the measured binary must not have.
+cargo build --release --locked -q -p deployd --bin deployd
+cargo build --release --locked -q -p deployd --example load_status
 . "$DEPLOYD_TESTBED_ENV_FILE"
 
 dir=$(mktemp -d)

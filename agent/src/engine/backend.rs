@@ -11,8 +11,9 @@ use super::roll::Containers;
 use super::run::Run;
 use super::swarm::Services;
 use crate::config::Backend;
-use crate::docker::{PulledImage, RegistryAuth};
+use crate::docker::RegistryAuth;
 use crate::env_file::AppEnv;
+use crate::store::Release;
 
 /// One deployment's roll of the app's services, on its backend.
 pub(crate) enum Rollout<'a> {
@@ -31,10 +32,11 @@ macro_rules! each {
 }
 
 impl<'a> Rollout<'a> {
-    pub fn new(run: &'a Run, image: PulledImage, env: AppEnv, auth: Option<RegistryAuth>) -> Self {
+    /// The roll of `release`, the one this deployment pulled.
+    pub fn new(run: &'a Run, release: Release, env: AppEnv, auth: Option<RegistryAuth>) -> Self {
         match run.cfg.backend {
-            Backend::Docker => Self::Containers(Containers::new(run, image, env)),
-            Backend::Swarm => Self::Services(Services::new(run, image, env, auth)),
+            Backend::Docker => Self::Containers(Containers::new(run, release, env)),
+            Backend::Swarm => Self::Services(Services::new(run, release, env, auth)),
         }
     }
 

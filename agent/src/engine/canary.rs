@@ -227,7 +227,7 @@ pub(crate) async fn run(
     (stable, canary, old): (&[Upstream], &[Upstream], &CommitSha),
     drain: Duration,
 ) -> Result<Ended, Failure> {
-    let mut orders = run.ctx.canaries.open(&run.app, &run.id, &run.sha);
+    let mut orders = run.ctx.traffic.canaries.open(&run.app, &run.id, &run.sha);
     let (new_sha, old_sha) = (&run.sha, old);
     let event =
         |n: usize, percent: f64, decision: CanaryDecision, by: &str, why: String, window| {

@@ -187,10 +187,14 @@ impl EngineHandle {
             by: by.to_owned(),
             command: command.clone(),
         };
-        let slot = self.ctx.commands.take(app, running, request.concurrent)?;
+        let slot = self
+            .ctx
+            .jobs
+            .commands
+            .take(app, running, request.concurrent)?;
         let spec = ContainerSpec {
             name: Some(container.clone()),
-            image: format!("{}@{}", cfg.image, live.digest),
+            image: live.pinned(&cfg.image),
             cmd: Some(request.command),
             env: env.service(&service).to_vec(),
             network: cfg.network.clone(),

@@ -87,7 +87,7 @@ impl EngineHandle {
         live: bool,
     ) -> Result<Option<mpsc::Receiver<DeploymentEvent>>, EngineError> {
         // Subscribed before the store is read: nothing falls between the two.
-        let subscribed = self.ctx.events.subscribe();
+        let subscribed = self.ctx.journal.subscribe();
         let deployment = self.deployment(id)?;
         if deployment.state.is_terminal() && self.ctx.store.events(id, after)?.is_empty() {
             return Ok(None);

@@ -294,7 +294,7 @@ impl Ctx {
             checks += 1;
             let last = match self.health.probe(port, health).await.healthy(health) {
                 Ok(answer) => {
-                    self.observed.set_health(id, "healthy".to_owned());
+                    self.view.observed.set_health(id, "healthy".to_owned());
                     return Ok(Healthy {
                         answer,
                         checks,

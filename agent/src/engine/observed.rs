@@ -77,7 +77,7 @@ impl Ctx {
     /// Lists every container deployd made, into the model.
     pub(crate) async fn relist(&self) {
         match self.docker.containers(&[(label::APP, "")]).await {
-            Ok(found) => self.observed.replace(found),
+            Ok(found) => self.view.observed.replace(found),
             Err(e) => tracing::warn!(error = %e, "cannot list containers for status"),
         }
     }
@@ -106,7 +106,7 @@ impl Ctx {
                         }
                         None => break,
                     },
-                    () = self.observed.stale.notified() => self.relist().await,
+                    () = self.view.observed.stale.notified() => self.relist().await,
                     () = tokio::time::sleep(RELIST_EVERY) => self.relist().await,
                 }
             }
@@ -129,7 +129,7 @@ impl Ctx {
             }
             let mut probes = Vec::new();
             for (app, cfg) in &apps {
-                let Some(containers) = self.observed.containers(app) else {
+                let Some(containers) = self.view.observed.containers(app) else {
                     continue;
                 };
                 for c in containers.into_iter().filter(|c| c.running) {
@@ -152,7 +152,7 @@ impl Ctx {
                             }
                             None => "unhealthy: no published port".to_owned(),
                         };
-                        ctx.observed.set_health(&c.id, answer);
+                        ctx.view.observed.set_health(&c.id, answer);
                     });
                 }
             }

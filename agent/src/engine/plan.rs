@@ -259,7 +259,7 @@ impl Ctx {
     }
 
     fn planning(&self) -> std::sync::MutexGuard<'_, HashMap<String, Making>> {
-        crate::sync::lock(&self.planning)
+        crate::sync::lock(&self.jobs.planning)
     }
 
     /// Pulls and inspects a plan's release; records how it ended.

@@ -53,7 +53,7 @@ impl EngineHandle {
         while prepared.state == PrepareState::Pulling && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             // The guard is dropped here: `prepare` takes the lock again.
-            let latest = self.ctx.prepares.get().get(app).cloned();
+            let latest = self.ctx.jobs.prepares.get().get(app).cloned();
             prepared = match latest {
                 Some(p) if p.sha == *sha => p,
                 // Replaced by a prepare of another sha (once ours ended),
@@ -72,7 +72,7 @@ impl EngineHandle {
             .get(app)
             .cloned()
             .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
-        let mut prepares = self.ctx.prepares.get();
+        let mut prepares = self.ctx.jobs.prepares.get();
         if let Some(known) = prepares.get(app) {
             if known.sha == *sha && known.state != PrepareState::Failed {
                 return Ok(known.clone());
@@ -111,7 +111,7 @@ impl EngineHandle {
                 },
             };
             tracing::info!(%app, %sha, state = ?ended.state, "prepare ended");
-            let mut prepares = ctx.prepares.get();
+            let mut prepares = ctx.jobs.prepares.get();
             // A newer prepare of another sha replaced this one: keep it.
             if prepares.get(&app).is_some_and(|p| p.sha == sha) {
                 prepares.insert(app, ended);

@@ -26,12 +26,11 @@ use super::{Ctx, label};
 use crate::config::{AppConfig, Backend, ServiceConfig};
 use crate::docker::ContainerInfo;
 use crate::env_file::AppEnv;
-use crate::store::StoreError;
+use crate::store::{Release, StoreError};
 
 /// The release a service is converged to.
 pub(super) struct Target {
-    pub sha: String,
-    pub digest: String,
+    pub release: Release,
     /// Whether it is the interrupted deployment's own release.
     pub new: bool,
 }
@@ -43,7 +42,7 @@ impl Ctx {
     pub(crate) async fn seed_routes(&self, apps: &HashMap<String, Arc<AppConfig>>) {
         for (app, cfg) in apps {
             let (Some(route), Some((web, web_cfg))) =
-                (self.routes.get(app), cfg.switched_service())
+                (self.traffic.routes.get(app), cfg.switched_service())
             else {
                 continue;
             };
@@ -63,7 +62,7 @@ impl Ctx {
     /// went live, as metrics.
     pub(crate) fn seed_metrics(&self, apps: &HashMap<String, Arc<AppConfig>>) {
         for (app, cfg) in apps {
-            let live = match self.store.live_release(app) {
+            let (live, since) = match self.store.live_since(app) {
                 Ok(Some(live)) => live,
                 Ok(None) => continue,
                 Err(e) => {
@@ -71,7 +70,7 @@ impl Ctx {
                     continue;
                 }
             };
-            let at = match self.store.get(&live.deployment) {
+            let at = match self.store.get(&since) {
                 Ok(d) => d
                     .and_then(|d| d.finished_at)
                     .map(std::time::SystemTime::from),
@@ -96,12 +95,7 @@ impl Ctx {
             .into_iter()
             .filter(|c| c.running)
             .collect();
-        let is_live = |c: &ContainerInfo| {
-            live.as_ref().is_some_and(|l| {
-                c.labels.get(label::SHA) == Some(&l.sha.to_string())
-                    && c.labels.get(label::DIGEST) == Some(&l.digest)
-            })
-        };
+        let is_live = |c: &ContainerInfo| live.as_ref().is_some_and(|l| l.runs_in(&c.labels));
         let chosen: Vec<&ContainerInfo> = if running.iter().any(is_live) {
             running.iter().filter(|c| is_live(c)).collect()
         } else {
@@ -145,8 +139,9 @@ impl Ctx {
             self.store
                 .set_state(&d.id, DeploymentState::Interrupted, Some(&error))?;
             self.metrics.interrupted(&d.app, d.kind);
-            self.audit_end(&d.id, DeploymentState::Interrupted, Some(&error));
-            self.emit(
+            self.journal
+                .ended(&d.id, DeploymentState::Interrupted, Some(&error));
+            self.journal.emit(
                 &d.id,
                 EventKind::State {
                     state: DeploymentState::Interrupted,
@@ -183,13 +178,14 @@ impl Ctx {
         Ok(
             match (verified, &d.digest, self.store.live_release(&d.app)?) {
                 (true, Some(digest), _) => Some(Target {
-                    sha: d.sha.to_string(),
-                    digest: digest.clone(),
+                    release: Release {
+                        sha: d.sha.clone(),
+                        digest: digest.clone(),
+                    },
                     new: true,
                 }),
                 (_, _, Some(live)) => Some(Target {
-                    sha: live.sha.to_string(),
-                    digest: live.digest,
+                    release: live,
                     new: false,
                 }),
                 (_, _, None) => None,
@@ -252,7 +248,10 @@ impl Ctx {
         } else {
             ""
         };
-        Ok(format!("{canary}every service runs {} again", target.sha))
+        Ok(format!(
+            "{canary}every service runs {} again",
+            target.release.sha
+        ))
     }
 
     /// First deployment of an app: there is nothing to go back to. Its
@@ -294,11 +293,9 @@ impl Ctx {
             .docker
             .containers(&[(label::APP, place.app), (label::SERVICE, service)])
             .await?;
-        let (mut keep, other): (Vec<ContainerInfo>, Vec<ContainerInfo>) =
-            all.into_iter().partition(|c| {
-                c.labels.get(label::SHA) == Some(&target.sha)
-                    && c.labels.get(label::DIGEST) == Some(&target.digest)
-            });
+        let (mut keep, other): (Vec<ContainerInfo>, Vec<ContainerInfo>) = all
+            .into_iter()
+            .partition(|c| target.release.runs_in(&c.labels));
         keep.sort_by_key(|c| !c.running);
         let wanted = cfg.replicas as usize;
         let extra: Vec<ContainerInfo> = keep.drain(wanted.min(keep.len())..).collect();
@@ -324,9 +321,8 @@ impl Ctx {
         }
         // Indexes from 200 keep names apart from the deployment's own.
         let indexes = 200 + ready.len() as u32..200 + wanted as u32;
-        let release = (target.sha.as_str(), target.digest.as_str());
         for started in self
-            .start_release(place, service, cfg, release, indexes)
+            .start_release(place, service, cfg, &target.release, indexes)
             .await?
         {
             self.wait_ready(&started, cfg).await?;
@@ -354,7 +350,6 @@ impl Ctx {
         let Some(live) = self.store.live_release(app)? else {
             return Ok(0);
         };
-        let (sha, digest) = (live.sha.to_string(), live.digest);
         let mut ended = 0;
         for service in cfg.roll_order() {
             let Some(service_cfg) = cfg.services.get(&service) else {
@@ -364,18 +359,15 @@ impl Ctx {
                 .docker
                 .containers(&[(label::APP, app), (label::SERVICE, &service)])
                 .await?;
-            let (live, other): (Vec<&ContainerInfo>, Vec<&ContainerInfo>) =
-                found.iter().partition(|c| {
-                    c.labels.get(label::SHA) == Some(&sha)
-                        && c.labels.get(label::DIGEST) == Some(&digest)
-                });
+            let (of_live, other): (Vec<&ContainerInfo>, Vec<&ContainerInfo>) =
+                found.iter().partition(|c| live.runs_in(&c.labels));
             if other.is_empty() {
                 continue;
             }
             // Traffic the start gave to another release's web containers
             // (no live one ran) goes to the live ones before those end.
             let mut ready = Vec::new();
-            for c in live.iter().filter(|c| c.running) {
+            for c in of_live.iter().filter(|c| c.running) {
                 ready.push(self.started(&c.id, service_cfg).await?);
             }
             self.switch_traffic(app, cfg, &service, &ready).await?;

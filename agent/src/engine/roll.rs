@@ -18,11 +18,12 @@ use super::common::{Failure, Restored};
 use super::health::{Probe, describe_request};
 use super::label;
 use super::run::Run;
-use super::service::{Placement, ReleaseRef, Started, service_spec};
+use super::service::{Placement, Started, service_spec};
 use super::status::{removed_services, was_singleton};
 use crate::config::{Role, ServiceConfig};
-use crate::docker::{ContainerInfo, PulledImage};
+use crate::docker::ContainerInfo;
 use crate::env_file::AppEnv;
+use crate::store::Release;
 
 /// Health requests in a row without an answer in time that fail a
 /// verification.
@@ -45,7 +46,7 @@ struct Change {
 /// order, and how. No `Debug`: it holds the app's env.
 pub(crate) struct Containers<'a> {
     run: &'a Run,
-    image: PulledImage,
+    release: Release,
     env: AppEnv,
     changes: Vec<Change>,
     /// Whether the switch sent traffic to this release's web containers.
@@ -90,10 +91,10 @@ fn strategy(name: &str, cfg: &ServiceConfig) -> Strategy {
 }
 
 impl<'a> Containers<'a> {
-    pub fn new(run: &'a Run, image: PulledImage, env: AppEnv) -> Self {
+    pub fn new(run: &'a Run, release: Release, env: AppEnv) -> Self {
         Self {
             run,
-            image,
+            release,
             env,
             changes: Vec::new(),
             traffic_moved: false,
@@ -239,7 +240,7 @@ impl<'a> Containers<'a> {
         let (true, Some(cfg), Some(route), Some(switch), Some((web, _))) = (
             run.canary,
             &run.cfg.canary,
-            run.ctx.routes.get(&run.app),
+            run.ctx.traffic.routes.get(&run.app),
             &run.cfg.switch,
             run.cfg.switched_service(),
         ) else {
@@ -318,14 +319,8 @@ impl<'a> Containers<'a> {
     }
 
     async fn start_new(&mut self, service: &str, cfg: &ServiceConfig) -> Result<(), Failure> {
-        let sha = self.run.sha.to_string();
         for index in 0..cfg.replicas {
-            let release = ReleaseRef {
-                image: &self.image.pinned,
-                sha: &sha,
-                digest: &self.image.digest,
-            };
-            let spec = service_spec(&self.placement(), service, cfg, &release, index);
+            let spec = service_spec(&self.placement(), service, cfg, &self.release, index);
             let started = self.run.ctx.start_service(spec, cfg).await?;
             self.current().new.push(started);
         }
@@ -619,7 +614,6 @@ impl<'a> Containers<'a> {
                 "{service} had no recorded previous release to recreate"
             ))
         })?;
-        let sha = previous.sha.to_string();
         // Indexes from 100 keep names apart from this deployment's own.
         self.run
             .ctx
@@ -627,7 +621,7 @@ impl<'a> Containers<'a> {
                 &self.placement(),
                 service,
                 cfg,
-                (&sha, &previous.digest),
+                previous,
                 100..100 + count as u32,
             )
             .await

@@ -141,7 +141,7 @@ impl Run {
     }
 
     pub fn emit(&self, kind: EventKind) {
-        self.ctx.emit(&self.id, kind);
+        self.ctx.journal.emit(&self.id, kind);
     }
 
     /// A line of the step's output in the deployment's log.
@@ -157,7 +157,7 @@ impl Run {
         if let Err(e) = self.ctx.store.set_state(&self.id, state, error.as_deref()) {
             tracing::error!(deployment.id = %self.id, error = %e, "cannot record final state");
         }
-        self.ctx.audit_end(&self.id, state, error.as_deref());
+        self.ctx.journal.ended(&self.id, state, error.as_deref());
         let metrics = &self.ctx.metrics;
         metrics.deployment(&self.app, self.kind, state, self.started.elapsed());
         if state == DeploymentState::Succeeded {
@@ -185,12 +185,13 @@ impl Run {
             step: name.to_owned(),
         };
         self.ctx
+            .journal
             .record(&self.id, started)
             .map_err(|e| Failure(format!("cannot record the start of {name}: {e}")))?;
         let (result, finished) = self.timed(name, work).await;
         // Status sees what the step changed before its end is told.
         self.ctx.relist().await;
-        match (result, self.ctx.record(&self.id, finished)) {
+        match (result, self.ctx.journal.record(&self.id, finished)) {
             (Ok(value), Ok(())) => Ok(value),
             (Ok(_), Err(e)) => Err(Failure(format!("cannot record the end of {name}: {e}"))),
             (Err(f), _) => Err(f),
@@ -265,12 +266,9 @@ impl Run {
             state: DeploymentState::Running,
             error: None,
         });
-        match self.ctx.store.get(&self.id) {
-            Ok(Some(deployment)) => self.ctx.notifier.tell(&deployment, "started"),
-            _ => tracing::warn!("cannot read the deployment to notify its start"),
-        }
+        self.ctx.journal.started(&self.id);
         let (state, error) = self.outcome().await;
-        self.ctx.freeze_point("finish").await;
+        self.ctx.journal.freeze_point("finish").await;
         self.ctx.relist().await;
         tracing::info!(
             ?state,
@@ -344,7 +342,11 @@ impl Run {
                 self.emit(EventKind::OnceTasksDone);
             }
         }
-        let mut rollout = Rollout::new(self, image.clone(), env, auth);
+        let release = Release {
+            sha: self.sha.clone(),
+            digest: image.digest.clone(),
+        };
+        let mut rollout = Rollout::new(self, release, env, auth);
         // Services taken out of the config: singletons go before any other
         // service rolls, stop-first (a beat moving to another host has
         // exited here before that host starts one), but with a canary only
@@ -511,22 +513,22 @@ impl Run {
         keep.extend(
             earlier
                 .into_iter()
-                .map(|r| r.digest)
+                .map(|(r, _)| r.digest)
                 .filter(|d| *d != current.digest)
                 .take(self.cfg.retain.saturating_sub(1)),
         );
-        for (sha, digest) in self.ctx.store.pulled(&self.app)? {
-            if keep.contains(&digest) {
+        for release in self.ctx.store.pulled(&self.app)? {
+            if keep.contains(&release.digest) {
                 continue;
             }
-            let repo = &self.cfg.image;
+            let (repo, sha, digest) = (&self.cfg.image, release.sha.as_str(), &release.digest);
             let docker = &self.ctx.docker;
             if docker.remove_image_ref(&format!("{repo}:{sha}")).await?
-                && docker.remove_image_ref(&format!("{repo}@{digest}")).await?
+                && docker.remove_image_ref(&release.pinned(repo)).await?
             {
                 tracing::info!(%sha, %digest, "pruned release image");
-                self.ctx.store.forget_prepared(&self.app, &sha, &digest)?;
-                self.ctx.prepares.forget(&self.app, &sha);
+                self.ctx.store.forget_prepared(&self.app, sha, digest)?;
+                self.ctx.jobs.prepares.forget(&self.app, sha);
             }
         }
         Ok(())

@@ -13,6 +13,7 @@ use super::label;
 use crate::config::{AppConfig, Role, ServiceConfig};
 use crate::docker::{ContainerInfo, ContainerSpec};
 use crate::env_file::AppEnv;
+use crate::store::Release;
 use crate::switch::Upstream;
 
 /// A container this deployment started.
@@ -46,13 +47,13 @@ pub(crate) struct Placement<'p> {
     pub env: &'p AppEnv,
 }
 
-/// Which release a service container runs.
-#[derive(Debug)]
-pub(crate) struct ReleaseRef<'r> {
-    /// Pinned reference, `repo@sha256:...`.
-    pub image: &'r str,
-    pub sha: &'r str,
-    pub digest: &'r str,
+impl Release {
+    /// Whether a container or Swarm service with these labels runs this
+    /// release: the same commit pinned to the same digest.
+    pub(crate) fn runs_in(&self, labels: &HashMap<String, String>) -> bool {
+        labels.get(label::SHA).map(String::as_str) == Some(self.sha.as_str())
+            && labels.get(label::DIGEST) == Some(&self.digest)
+    }
 }
 
 /// What a service's containers (or Swarm service) are labelled with, so
@@ -61,13 +62,13 @@ pub(crate) fn service_labels(
     place: &Placement<'_>,
     service: &str,
     cfg: &ServiceConfig,
-    release: &ReleaseRef<'_>,
+    release: &Release,
 ) -> HashMap<String, String> {
     HashMap::from([
         (label::APP.to_owned(), place.app.to_owned()),
         (label::SERVICE.to_owned(), service.to_owned()),
-        (label::SHA.to_owned(), release.sha.to_owned()),
-        (label::DIGEST.to_owned(), release.digest.to_owned()),
+        (label::SHA.to_owned(), release.sha.to_string()),
+        (label::DIGEST.to_owned(), release.digest.clone()),
         (label::DEPLOYMENT.to_owned(), place.deployment.to_owned()),
         (
             label::SINGLETON.to_owned(),
@@ -86,17 +87,17 @@ pub(crate) fn service_spec(
     place: &Placement<'_>,
     service: &str,
     cfg: &ServiceConfig,
-    release: &ReleaseRef<'_>,
+    release: &Release,
     index: u32,
 ) -> ContainerSpec {
-    let short_sha = deployd_proto::short_sha(release.sha);
+    let short_sha = release.sha.short();
     ContainerSpec {
         name: Some(format!(
             "{}-{service}-{short_sha}-{}-{index}",
             place.app,
             short_id(place.deployment)
         )),
-        image: release.image.to_owned(),
+        image: release.pinned(&place.app_cfg.image),
         cmd: cfg.command.clone(),
         env: place.env.service(service).to_vec(),
         network: place.app_cfg.network.clone(),
@@ -151,18 +152,12 @@ impl super::Ctx {
         place: &Placement<'_>,
         service: &str,
         cfg: &ServiceConfig,
-        (sha, digest): (&str, &str),
+        release: &Release,
         indexes: std::ops::Range<u32>,
     ) -> Result<Vec<Started>, Failure> {
-        let image = format!("{}@{digest}", place.app_cfg.image);
-        let release = ReleaseRef {
-            image: &image,
-            sha,
-            digest,
-        };
         let mut started = Vec::new();
         for index in indexes {
-            let spec = service_spec(place, service, cfg, &release, index);
+            let spec = service_spec(place, service, cfg, release, index);
             started.push(self.start_service(spec, cfg).await?);
         }
         Ok(started)
@@ -197,7 +192,7 @@ impl super::Ctx {
         to: &[Started],
     ) -> Result<Option<String>, Failure> {
         let (Some(route), Some(switch), Some((web, _))) = (
-            self.routes.get(app),
+            self.traffic.routes.get(app),
             &app_cfg.switch,
             app_cfg.switched_service(),
         ) else {

@@ -91,12 +91,12 @@ impl Ctx {
         cfg: &AppConfig,
         current: &[String],
     ) -> Vec<ServiceStatus> {
-        let found = match self.observed.containers(app) {
+        let found = match self.view.observed.containers(app) {
             Some(found) => found,
             // Not listed yet (only just started): list once now.
             None => {
                 self.relist().await;
-                self.observed.containers(app).unwrap_or_default()
+                self.view.observed.containers(app).unwrap_or_default()
             }
         };
         let mut services = Vec::new();
@@ -151,7 +151,7 @@ impl Ctx {
     /// store or, when nothing was written since they were read, from then.
     fn recorded(&self, app: &str) -> Result<Recorded, EngineError> {
         let generation = self.store.generation();
-        if let Some((at, recorded)) = crate::sync::lock(&self.recorded).get(app)
+        if let Some((at, recorded)) = crate::sync::lock(&self.view.recorded).get(app)
             && *at == generation
         {
             return Ok(recorded.clone());
@@ -162,7 +162,8 @@ impl Ctx {
             running: store.in_flight(app)?,
             lock: store.lock_of(app)?.map(AppLock::from),
         };
-        crate::sync::lock(&self.recorded).insert(app.to_owned(), (generation, recorded.clone()));
+        crate::sync::lock(&self.view.recorded)
+            .insert(app.to_owned(), (generation, recorded.clone()));
         Ok(recorded)
     }
 
@@ -172,7 +173,8 @@ impl Ctx {
     fn health_of(&self, c: &ContainerInfo, service: &ServiceConfig) -> Option<String> {
         if service.port.is_some() && service.health.is_some() {
             return Some(
-                self.observed
+                self.view
+                    .observed
                     .health(&c.id)
                     .unwrap_or_else(|| "starting: not probed yet".to_owned()),
             );

@@ -23,13 +23,14 @@ use super::common::{Failure, Restored};
 use super::health::{Probe, describe_request};
 use super::label;
 use super::run::Run;
-use super::service::{Placement, ReleaseRef, service_labels};
+use super::service::{Placement, service_labels};
 use crate::config::{HealthConfig, Role, ServiceConfig};
 use crate::docker::{
-    Docker, HealthCheck, PriorSpec, PulledImage, RegistryAuth, ServiceInfo, ServiceMode,
-    SwarmServiceSpec, TaskInfo, UpdatePolicy,
+    Docker, HealthCheck, PriorSpec, RegistryAuth, ServiceInfo, ServiceMode, SwarmServiceSpec,
+    TaskInfo, UpdatePolicy,
 };
 use crate::env_file::AppEnv;
+use crate::store::Release;
 
 /// On the tasks a rollback starts: apart from the rolled ones of the same
 /// deployment, even when both run the same digest.
@@ -104,7 +105,7 @@ pub(crate) fn swarm_spec(
     place: &Placement<'_>,
     service: &str,
     cfg: &ServiceConfig,
-    release: &ReleaseRef<'_>,
+    release: &Release,
 ) -> SwarmServiceSpec {
     let app_cfg = place.app_cfg;
     let singleton = cfg.is_singleton(service);
@@ -118,7 +119,7 @@ pub(crate) fn swarm_spec(
     }
     SwarmServiceSpec {
         name: service_name(place.app, service),
-        image: release.image.to_owned(),
+        image: release.pinned(&app_cfg.image),
         cmd: cfg.command.clone(),
         env,
         network: app_cfg.network.clone(),
@@ -184,7 +185,7 @@ impl Wanted<'_> {
 /// The services rolled so far, in order. No `Debug`: it holds the app's env.
 pub(crate) struct Services<'a> {
     run: &'a Run,
-    image: PulledImage,
+    release: Release,
     env: AppEnv,
     auth: Option<RegistryAuth>,
     changes: Vec<Change>,
@@ -195,10 +196,10 @@ pub(crate) struct Services<'a> {
 }
 
 impl<'a> Services<'a> {
-    pub fn new(run: &'a Run, image: PulledImage, env: AppEnv, auth: Option<RegistryAuth>) -> Self {
+    pub fn new(run: &'a Run, release: Release, env: AppEnv, auth: Option<RegistryAuth>) -> Self {
         Self {
             run,
-            image,
+            release,
             env,
             auth,
             changes: Vec::new(),
@@ -307,13 +308,7 @@ impl<'a> Services<'a> {
         }
         let name = service_name(&self.run.app, service);
         let found = docker.service(&name).await?;
-        let sha = self.run.sha.to_string();
-        let release = ReleaseRef {
-            image: &self.image.pinned,
-            sha: &sha,
-            digest: &self.image.digest,
-        };
-        let spec = swarm_spec(&self.placement(), service, cfg, &release);
+        let spec = swarm_spec(&self.placement(), service, cfg, &self.release);
         let step = format!("roll:{service}");
         // Recorded before the write: a failed write may still have changed it.
         self.changes.push(Change {
@@ -349,10 +344,14 @@ impl<'a> Services<'a> {
             }
         }
         // Test-only crash hook: deployd killed while Swarm updates.
-        self.run.ctx.freeze_point(&format!("{step}:written")).await;
+        self.run
+            .ctx
+            .journal
+            .freeze_point(&format!("{step}:written"))
+            .await;
         let wanted = Wanted {
             deployment: &self.run.id.0,
-            digest: &self.image.digest,
+            digest: &self.release.digest,
             restored: false,
         };
         let stale = found.map(|f| f.update.map(|u| u.started_at).unwrap_or_default());
@@ -439,7 +438,7 @@ impl<'a> Services<'a> {
         let docker = &run.ctx.docker;
         let wanted = Wanted {
             deployment: &run.id.0,
-            digest: &self.image.digest,
+            digest: &self.release.digest,
             restored: false,
         };
         for change in changes {
@@ -759,7 +758,7 @@ impl super::Ctx {
         {
             docker.remove_service(&job.name).await?;
         }
-        let Some(super::recover::Target { sha, digest, new }) = self.target(d)? else {
+        let Some(super::recover::Target { release, new }) = self.target(d)? else {
             let mut removed = Vec::new();
             for s in docker
                 .services(&[(label::APP, &d.app), (label::DEPLOYMENT, &d.id.0)])
@@ -784,12 +783,6 @@ impl super::Ctx {
             deployment: &d.id.0,
             env: &env,
         };
-        let image = format!("{}@{digest}", cfg.image);
-        let release = ReleaseRef {
-            image: &image,
-            sha: &sha,
-            digest: &digest,
-        };
         let auth = super::prepare::registry_auth(cfg)?;
         let nodes = docker.swarm_nodes().await.unwrap_or_default();
         let mut changed = Vec::new();
@@ -798,9 +791,7 @@ impl super::Ctx {
             let name = service_name(&d.app, &service);
             let found = docker.service(&name).await?;
             let runs_it = found.as_ref().is_some_and(|f| {
-                f.labels.get(label::DIGEST) == Some(&digest)
-                    && f.labels.get(label::SHA) == Some(&sha)
-                    && f.update.as_ref().is_none_or(|u| u.state != "paused")
+                release.runs_in(&f.labels) && f.update.as_ref().is_none_or(|u| u.state != "paused")
             });
             if runs_it {
                 continue;
@@ -821,7 +812,7 @@ impl super::Ctx {
             };
             let wanted = Wanted {
                 deployment: &d.id.0,
-                digest: &digest,
+                digest: &release.digest,
                 restored: true,
             };
             converge(
@@ -842,8 +833,8 @@ impl super::Ctx {
             self.store.mark_live(&d.id)?;
         }
         Ok(match changed.is_empty() {
-            true => format!("every service runs {sha}"),
-            false => format!("{} run {sha} again", changed.join(", ")),
+            true => format!("every service runs {}", release.sha),
+            false => format!("{} run {} again", changed.join(", "), release.sha),
         })
     }
 }

@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use crate::support;
-use crate::support::agent::TestAgent;
-use crate::support::scoped;
 use deployd::auth::TokenRequest;
 use deployd_proto::{
     AppStatus, Deployment, DeploymentEvent, DeploymentPage, DeploymentState, ErrorBody, EventKind,
     Plan, PlanState, Scope as S, UnsafeMigrations, Verdict, WhoAmI,
 };
+use deployd_testkit::agent::TestAgent;
+use deployd_testkit::scoped;
 use reqwest::StatusCode;
 
 /// Asserts the status and the error shape; returns the body.
@@ -497,7 +496,7 @@ async fn connections_past_the_caps_are_closed_and_long_heads_refused() {
         assert!(r.is_err(), "past the cap: {r:?}");
         // ...until one of them closes.
         drop(idle.pop());
-        let r = support::poll(
+        let r = deployd_testkit::poll(
             "a place for a new connection",
             Duration::from_secs(30),
             || async { agent.client().get(agent.at("/healthz")).send().await.ok() },
@@ -778,7 +777,7 @@ async fn refused_json(response: reqwest::Response, status: StatusCode) -> ErrorB
 /// A stand-in audit sink over HTTPS: keeps what it is sent, checks each
 /// record's hash against its text and its link to the previous one.
 async fn audit_sink(
-    pki: &support::pki::Pki,
+    pki: &deployd_testkit::pki::Pki,
     listener: std::net::TcpListener,
     received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 ) -> axum_server::Handle<std::net::SocketAddr> {
@@ -832,7 +831,7 @@ async fn a_fleet_lock_lets_in_its_own_deployment_and_spends_the_token_once() {
         // stays unspent (it then takes the lock).
         let token = ci();
         let prepared: deployd_proto::Prepared =
-            support::poll("the prepare to end", Duration::from_secs(180), || async {
+            deployd_testkit::poll("the prepare to end", Duration::from_secs(180), || async {
                 let r = http
                     .post(agent.at(&format!("/v1/apps/{app}/prepare")))
                     .bearer_auth(&token)
@@ -915,7 +914,7 @@ async fn a_fleet_lock_lets_in_its_own_deployment_and_spends_the_token_once() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::ACCEPTED);
         let started: Deployment = r.json().await.unwrap();
-        let ended: Deployment = support::poll(
+        let ended: Deployment = deployd_testkit::poll(
             "the fleet deployment to end",
             Duration::from_secs(300),
             || async {
@@ -1026,7 +1025,7 @@ async fn audit_records_reach_the_sink_in_order_and_survive_its_outage() {
     use sha2::Digest;
     use std::sync::{Arc, Mutex};
     deployd::install_crypto_provider();
-    let pki = support::pki::Pki::new();
+    let pki = deployd_testkit::pki::Pki::new();
     let state = tempfile::tempdir().unwrap();
     let token_file = state.path().join("sink-token");
     std::fs::write(&token_file, "sink-token\n").unwrap();
@@ -1061,7 +1060,7 @@ async fn audit_records_reach_the_sink_in_order_and_survive_its_outage() {
     };
     append("deploy");
     append("lock");
-    support::poll("2 records at the sink", Duration::from_secs(30), || {
+    deployd_testkit::poll("2 records at the sink", Duration::from_secs(30), || {
         count(2)
     })
     .await;
@@ -1075,7 +1074,7 @@ async fn audit_records_reach_the_sink_in_order_and_survive_its_outage() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let _sink = audit_sink(&pki, listener, received.clone()).await;
-    support::poll("4 records at the sink", Duration::from_secs(60), || {
+    deployd_testkit::poll("4 records at the sink", Duration::from_secs(60), || {
         count(4)
     })
     .await;

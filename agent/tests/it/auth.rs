@@ -4,13 +4,12 @@
 
 use std::time::Duration;
 
-use crate::support;
-use crate::support::agent::TestAgent;
-use crate::support::oidc::{Issuer, RSA_A, RSA_A_PUBLIC, RSA_B, now, sign};
-use crate::support::scoped;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use deployd_proto::{DeploymentPage, ErrorBody, ErrorCode, WhoAmI};
+use deployd_testkit::agent::TestAgent;
+use deployd_testkit::oidc::{Issuer, RSA_A, RSA_A_PUBLIC, RSA_B, now, sign};
+use deployd_testkit::scoped;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -34,7 +33,7 @@ fn own_claims(app: &str, overrides: Value) -> Value {
     claims
 }
 
-async fn start(scope: &support::Scope, issuer: &Issuer) -> TestAgent {
+async fn start(scope: &deployd_testkit::Scope, issuer: &Issuer) -> TestAgent {
     let rsa_public = std::env::temp_dir().join(format!("deployd-{}-rsa-a.pub", scope.id));
     std::fs::write(&rsa_public, RSA_A_PUBLIC).unwrap();
     let auth = format!(

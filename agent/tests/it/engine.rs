@@ -3,8 +3,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::engine::{Agent, agent_tuned};
-use crate::support::{Scope, Tuning, app_config, deploy_request, poll, scoped, settle};
 use deployd::config::Config;
 use deployd::docker::{ContainerSpec, ImageRef};
 use deployd::engine::{DeployRequest, EngineError, EngineHandle, label};
@@ -14,6 +12,8 @@ use deployd_proto::{
     CommitSha, ContainerPhase, Deployment, DeploymentId, DeploymentState, EventKind, FleetPart,
     RollbackRequest, Verdict,
 };
+use deployd_testkit::engine::{Agent, agent_tuned};
+use deployd_testkit::{Scope, Tuning, app_config, deploy_request, poll, scoped, settle};
 use reqwest::header::HOST;
 
 async fn agent(scope: &Scope) -> Agent {

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use crate::support::engine::{Agent, agent_tuned};
-use crate::support::{Scope, Tuning, poll, swarm_scoped};
 use deployd::engine::{EngineHandle, label};
 use deployd_proto::{DeploymentState, EventKind, RollbackRequest, RunEvent};
+use deployd_testkit::engine::{Agent, agent_tuned};
+use deployd_testkit::{Scope, Tuning, poll, swarm_scoped};
 
 /// An agent of the engine tests' app on the swarm backend, whose verify
 /// window (also Swarm's `monitor` of each new task) is `verify`: short

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use crate::support;
-use crate::support::{BEAT, MIGRATE, Testbed, WORKER, poll, scoped};
 use deployd::docker::{ContainerSpec, Docker, DockerError, ImageRef, RegistryAuth};
+use deployd_testkit::{BEAT, MIGRATE, Testbed, WORKER, poll, scoped};
 use reqwest::StatusCode;
 use reqwest::header::HOST;
 
@@ -308,7 +307,7 @@ fn one_off(spec: &ContainerSpec, scope_id: &str) -> ContainerSpec {
 }
 
 /// Starts gunicorn published on an ephemeral loopback port; returns its base URL.
-async fn start_web(scope: &support::Scope, image: &str) -> String {
+async fn start_web(scope: &deployd_testkit::Scope, image: &str) -> String {
     let mut spec = scope.app_container(image, &[]);
     spec.publish = Some(8000);
     let id = scope.docker.start(spec).await.unwrap();

@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support;
-use crate::support::{Tuning, app_config, deploy_request, scoped};
 use deployd::config::Config;
 use deployd::engine::EngineHandle;
 use deployd::store::Store;
 use deployd::switch::{Routes, Switch};
 use deployd_proto::{DeploymentState, RollbackRequest};
+use deployd_testkit::{Tuning, app_config, deploy_request, scoped};
 use reqwest::header::HOST;
 
 /// One answered (or failed) request: when it started and ended, and which
@@ -87,7 +86,7 @@ type Switched = (
     tempfile::TempDir,
 );
 
-async fn switched(scope: &support::Scope, canary: &str) -> Switched {
+async fn switched(scope: &deployd_testkit::Scope, canary: &str) -> Switched {
     let state = tempfile::tempdir().unwrap();
     let repository = scope.publish_releases().await;
     let app = scope.app();

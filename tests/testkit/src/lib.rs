@@ -1,9 +1,14 @@
-//! Shared helpers for tests against the real test bed (`scripts/testbed.sh up`).
+//! deployd's test kit: what the agent's and deployctl's integration tests
+//! (and the benchmarks among the agent's examples) share to work against
+//! the real test bed (`scripts/testbed.sh up`): scopes with their own
+//! registry repository and network, the sample app's configuration, agents
+//! in-process behind real TLS, a local OIDC issuer, and waiting on events.
+//! A dev-dependency only; it turns on deployd's `testkit` feature.
 //!
 //! Every Docker object a test creates carries the label `deployd.test=<scope
 //! id>` and is removed when the test ends, failed or not.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
 pub mod engine;
@@ -258,10 +263,6 @@ pub struct Scope {
 }
 
 impl Scope {
-    async fn new() -> Self {
-        Self::on(false).await
-    }
-
     /// A scope whose network is an attachable overlay network of the
     /// engine's Swarm (`scripts/testbed.sh swarm up`), or a bridge.
     async fn on(overlay: bool) -> Self {

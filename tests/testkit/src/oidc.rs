@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 
 use super::pki::Pki;
 
-pub const RSA_A: &str = include_str!("../../data/test-only-rsa-a.key");
-pub const RSA_A_PUBLIC: &str = include_str!("../../data/test-only-rsa-a.pub");
-pub const RSA_B: &str = include_str!("../../data/test-only-rsa-b.key");
+pub const RSA_A: &str = include_str!("../data/test-only-rsa-a.key");
+pub const RSA_A_PUBLIC: &str = include_str!("../data/test-only-rsa-a.pub");
+pub const RSA_B: &str = include_str!("../data/test-only-rsa-b.key");
 pub const AUDIENCE: &str = "deployd-production";
 
 pub fn now() -> i64 {
@@ -25,6 +25,7 @@ pub fn sign(alg: Algorithm, kid: &str, key: &EncodingKey, claims: &Value) -> Str
 }
 
 /// A local OIDC issuer: its JWKS over HTTPS, replaceable to rotate keys.
+#[derive(Debug)]
 pub struct Issuer {
     pub url: String,
     jwks: Arc<Mutex<JwkSet>>,

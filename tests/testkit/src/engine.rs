@@ -8,6 +8,7 @@ use deployd_proto::{Deployment, DeploymentState, RollbackRequest};
 
 use super::{Scope, Tuning, app_config, deploy_request};
 
+#[derive(Debug)]
 pub struct Agent {
     pub engine: EngineHandle,
     pub app: String,

@@ -7,11 +7,13 @@
 #   scripts/testbed.sh status   show what is running and where the state is
 #   scripts/testbed.sh down     stop the registry and remove test containers
 #   scripts/testbed.sh purge    down, then delete images and all state
-#   scripts/testbed.sh swarm up|down
+#   scripts/testbed.sh swarm up [--nodes 2]|down
 #                               make the engine a single-node Swarm for the
-#                               swarm backend's tests, or leave the Swarm if
-#                               `swarm up` made it (an engine that was a
-#                               Swarm already is left as it was)
+#                               swarm backend's tests (with --nodes 2, add a
+#                               second node: an engine in a container), or
+#                               leave the Swarm if `swarm up` made it (an
+#                               engine that was a Swarm already is left as
+#                               it was)
 #   scripts/testbed.sh debian-image
 #                               a clean Debian image with systemd, for
 #                               installing the package into; prints its tag
@@ -478,24 +480,76 @@ packaged_image() {
 
 swarm_state() { docker info --format '{{.Swarm.LocalNodeState}}' 2>/dev/null || true; }
 
-# The engine as a single-node Swarm (manager), advertised on loopback: the
-# swarm backend's tests deploy to it. A marker records that we made it.
+# A second node: a Docker engine in a container (scripts/testbed/swarm-node.sh),
+# and, on the host's network, a forwarder from the bridge gateway to the
+# registry on loopback, which the node's own forwarder reaches.
+SWARM_NODE=deployd-testbed-node2
+REGISTRY_FORWARDER=deployd-testbed-registry-forwarder
+NODE_LABEL=deployd.testbed=swarm-node
+
+# The engine as a Swarm manager: the swarm backend's tests deploy to it. One
+# node: advertised on loopback. Two: advertised on the default bridge's
+# gateway, which the second node joins from its container. A marker records
+# that we made it.
 cmd_swarm_up() {
+    local nodes=$1
     mkdir -p "$STATE"
     ensure_docker
     case $(swarm_state) in
         active)
             [ -e "$STATE/swarm-ours" ] || log "the engine is a Swarm already; it is left as it is"
+            if [ "$nodes" = 2 ] && ! docker container inspect "$SWARM_NODE" >/dev/null 2>&1; then
+                die "a second node joins only a Swarm that swarm up --nodes 2 makes: scripts/testbed.sh swarm down first"
+            fi
             return ;;
         inactive) ;;
         *) die "the engine's Swarm is $(swarm_state): settle it first (docker swarm leave --force)" ;;
     esac
-    docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+    if [ "$nodes" = 1 ]; then
+        docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+        touch "$STATE/swarm-ours"
+        log "the engine is a single-node Swarm now (scripts/testbed.sh swarm down leaves it)"
+        return
+    fi
+    local gateway image token
+    ensure_packages iproute2
+    image=$(packaged_image docker-node docker.io,socat)
+    gateway=$(bridge_gateway)
+    docker swarm init --advertise-addr "$gateway" >/dev/null
     touch "$STATE/swarm-ours"
-    log "the engine is a single-node Swarm now (scripts/testbed.sh swarm down leaves it)"
+    docker run -d --name "$REGISTRY_FORWARDER" --label "$NODE_LABEL" --network host "$image" \
+        socat "TCP-LISTEN:$REGISTRY_PORT,bind=$gateway,fork,reuseaddr" "TCP:127.0.0.1:$REGISTRY_PORT" >/dev/null
+    # Not --privileged: see swarm-node.sh.
+    docker run -d --name "$SWARM_NODE" --hostname "${SWARM_NODE#deployd-testbed-}" --label "$NODE_LABEL" \
+        --cap-add ALL --cap-drop SYS_RESOURCE --cgroupns private --device-cgroup-rule 'a *:* rwm' \
+        --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+        --security-opt systempaths=unconfined --tmpfs /run -v /var/lib/docker \
+        -v "$ROOT/scripts/testbed/swarm-node.sh:/swarm-node.sh:ro" \
+        "$image" sh /swarm-node.sh "$gateway" "$REGISTRY_PORT" >/dev/null
+    local i
+    for i in $(seq 1 120); do
+        docker exec "$SWARM_NODE" docker info >/dev/null 2>&1 && break
+        [ "$i" = 120 ] && { docker logs --tail 20 "$SWARM_NODE" >&2; die "the second node's engine did not answer within a minute"; }
+        sleep 0.5
+    done
+    token=$(docker swarm join-token -q worker)
+    docker exec "$SWARM_NODE" docker swarm join --token "$token" "$gateway:2377" >/dev/null
+    for i in $(seq 1 120); do
+        [ "$(docker node ls --filter role=worker --format '{{.Status}}')" = Ready ] && break
+        [ "$i" = 120 ] && die "the second node did not become ready within a minute"
+        sleep 0.5
+    done
+    log "the engine is the manager of a two-node Swarm now, advertised on $gateway; the second node is the container $SWARM_NODE (scripts/testbed.sh swarm down removes it)"
 }
 
-# Leaves the Swarm only if `swarm up` made it.
+# The default bridge's gateway: the host's address that containers reach.
+bridge_gateway() {
+    local bridge
+    bridge=$(docker network inspect bridge -f '{{index .Options "com.docker.network.bridge.name"}}')
+    ip -4 -o addr show "${bridge:-docker0}" | awk '{ split($4, a, "/"); print a[1]; exit }'
+}
+
+# Leaves the Swarm only if `swarm up` made it; a second node goes first.
 cmd_swarm_down() {
     if [ ! -e "$STATE/swarm-ours" ]; then
         log "the Swarm was not made by the test bed; left as it is"
@@ -504,6 +558,13 @@ cmd_swarm_down() {
     local services
     services=$(docker service ls -q --filter label=deployd.app 2>/dev/null || true)
     [ -z "$services" ] || docker service rm $services >/dev/null
+    if docker container inspect "$SWARM_NODE" >/dev/null 2>&1; then
+        docker exec "$SWARM_NODE" docker swarm leave --force >/dev/null 2>&1 || true
+        # Stopped before it is removed: its engine stops its containers and
+        # removes their cgroups, which live under the node's own.
+        docker stop -t 60 "$SWARM_NODE" >/dev/null
+    fi
+    docker ps -aq --filter "label=$NODE_LABEL" | xargs -r docker rm -f -v >/dev/null
     docker swarm leave --force >/dev/null
     rm -f "$STATE/swarm-ours"
     log "the engine has left the Swarm the test bed made"
@@ -513,9 +574,15 @@ case ${1:-} in
     up) cmd_up ;;
     swarm)
         case ${2:-} in
-            up) cmd_swarm_up ;;
+            up)
+                case ${3:-} in
+                    "") cmd_swarm_up 1 ;;
+                    --nodes) [[ ${4:-} =~ ^[12]$ ]] || { echo "usage: $0 swarm up [--nodes 1|2]" >&2; exit 2; }
+                        cmd_swarm_up "$4" ;;
+                    *) echo "usage: $0 swarm up [--nodes 1|2]" >&2; exit 2 ;;
+                esac ;;
             down) cmd_swarm_down ;;
-            *) echo "usage: $0 swarm up|down" >&2; exit 2 ;;
+            *) echo "usage: $0 swarm up [--nodes 1|2]|down" >&2; exit 2 ;;
         esac ;;
     down) cmd_down ;;
     purge) cmd_purge ;;

@@ -71,6 +71,9 @@ agent_add_app() {
     . "$DEPLOYD_TESTBED_ENV_FILE"
     # Only when asked: a deployd older than the key refuses it.
     [ -z "${AGENT_BACKEND:-}" ] || backend=$'\nbackend = "'"$AGENT_BACKEND"'"'
+    # Each Swarm node has its own static volume: collectstatic fills each.
+    local every_node=
+    [ "${AGENT_BACKEND:-}" != swarm ] || every_node=$'\nevery_node = true'
     cat >>"$dir/etc/deployd.toml" <<EOF
 
 [apps.$app]$backend
@@ -96,7 +99,7 @@ name = "migrate"
 command = ["python", "manage.py", "migrate", "--noinput"]
 [[apps.$app.release]]
 name = "collectstatic"
-command = ["python", "manage.py", "collectstatic", "--noinput"]
+command = ["python", "manage.py", "collectstatic", "--noinput"]$every_node
 [apps.$app.services.web]
 port = 8000
 replicas = 2

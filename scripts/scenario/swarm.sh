@@ -15,6 +15,15 @@
 # empty-response`); with --no-retry it does not (`retries 0`), to measure
 # what that costs.
 #
+# With --nodes 2, the Swarm has a second node (scripts/testbed.sh swarm up
+# --nodes 2: an engine in a container). Swarm spreads the web tasks it
+# creates over both nodes; the scenario shows it (deployctl status, then
+# which node's task answered each of 40 requests for the home page through
+# HAProxy: both must, so each node's static volume must hold the release's
+# files, which collectstatic, a job on every node, wrote; then deployctl
+# logs --service web, which must show each task's lines) and shows again where the tasks ended after the rollbacks, which
+# Swarm does not spread again (see README, "Moving to Docker Swarm").
+#
 # Load: scripts/lib/http_load.py, 2 keep-alive clients and 2 clients opening
 # a new connection per request, looping on GET /release/ (which release
 # answered). Under load: release 1 -> release 2 (deployctl deploy), a
@@ -26,7 +35,7 @@
 # deployment ended with another exit code than the docker backend's, or
 # (without --no-retry) if any request failed.
 #
-#   scripts/scenario/swarm.sh [--no-retry]
+#   scripts/scenario/swarm.sh [--no-retry] [--nodes 2]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . scripts/lib/agent.sh
@@ -34,11 +43,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 retry="retries 3
     option redispatch
     retry-on conn-failure empty-response"
-case ${1:-} in
-    --no-retry) retry="retries 0" ;;
-    "") ;;
-    *) echo "usage: $0 [--no-retry]" >&2; exit 2 ;;
-esac
+retries="retries 3"
+nodes=1
+nodes_said="one node"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --no-retry) retry="retries 0"; retries="no retries" ;;
+        --nodes) [[ ${2:-} =~ ^[12]$ ]] || { echo "usage: $0 [--no-retry] [--nodes 1|2]" >&2; exit 2; }
+            nodes=$2; [ "$nodes" = 1 ] || nodes_said="two nodes"; shift ;;
+        *) echo "usage: $0 [--no-retry] [--nodes 1|2]" >&2; exit 2 ;;
+    esac
+    shift
+done
 agent_bed
 haproxy_image=$(bash scripts/testbed.sh haproxy-image)
 
@@ -57,7 +73,7 @@ cleanup() {
     bash scripts/testbed.sh swarm down
 }
 trap cleanup EXIT
-bash scripts/testbed.sh swarm up
+bash scripts/testbed.sh swarm up --nodes "$nodes"
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 now() { date +%s.%N; }
 phases=$dir/phases.tsv
@@ -149,6 +165,49 @@ if [ -z "$answered" ]; then
     exit 1
 fi
 
+# The node each web task runs on, by its container's hostname (the short
+# container id, which the sample app names in served_by); then which node
+# answered each of 40 requests for the home page (a page using static
+# files). With --both, fails unless both did.
+spread() {
+    say "where the web tasks run"
+    DEPLOYCTL_TOKEN=$(agent_token "$dir" read) ./target/debug/deployctl status >&2
+    declare -A node_of=() answered=()
+    local task cid node served
+    for task in $(docker service ps -q --filter desired-state=running "${name}_web"); do
+        read -r cid node < <(docker inspect -f '{{.Status.ContainerStatus.ContainerID}} {{.NodeID}}' "$task")
+        node_of[${cid:0:12}]=$(docker node inspect -f '{{.Description.Hostname}}' "$node")
+    done
+    for _ in $(seq 1 40); do
+        # The home page: its stylesheet's name comes from the static files'
+        # manifest, which collectstatic wrote into the node's own volume.
+        served=$(curl -s -H "Host: $DEPLOYD_TESTBED_APP_HOST" -H 'X-Forwarded-Proto: https' \
+            "http://127.0.0.1:$lb_port/" | sed -n 's|.*Served by <code>[^@]*@\([0-9a-f]*\)</code>.*|\1|p')
+        node="no task (the page failed)"
+        [ -z "$served" ] || node=${node_of[$served]:-"an unknown task"}
+        answered[$node]=$(( ${answered[$node]:-0} + 1 ))
+    done
+    for node in "${!answered[@]}"; do echo "home page requests answered on $node: ${answered[$node]} of 40" >&2; done
+    if [ "${1:-}" = --both ] && { [ "${#answered[@]}" != 2 ] || [ -n "${answered[no task (the page failed)]:-}" ] \
+        || [ -n "${answered[an unknown task]:-}" ]; }; then
+        echo "the home page was not answered from both nodes" >&2
+        return 1
+    fi
+    # deployctl logs reads each task through the manager, wherever it runs.
+    local logs
+    logs=$(DEPLOYCTL_TOKEN=$(agent_token "$dir" logs) ./target/debug/deployctl logs --service web --tail 2)
+    for node in "${node_of[@]}"; do
+        if grep -q "${name}_web\.[0-9]* on $node" <<<"$logs"; then
+            echo "deployctl logs --service web: lines of the task on $node" >&2
+        else
+            echo "deployctl logs --service web showed no line of the task on $node:" >&2
+            echo "$logs" >&2
+            return 1
+        fi
+    done
+}
+[ "$nodes" = 1 ] || spread --both
+
 python3 scripts/lib/http_load.py run "http://127.0.0.1:$lb_port/release/" "$DEPLOYD_TESTBED_APP_HOST" \
     "$dir/load.ndjson" "$dir/stop" --keep-alive 2 --fresh 2 &
 load=$!
@@ -164,13 +223,14 @@ phase "after" settle
 touch "$dir/stop"
 wait "$load"
 load=
+[ "$nodes" = 1 ] || spread
 
 python3 scripts/lib/http_load.py report "$dir/load.ndjson" "$phases" >"$dir/report.json"
-python3 scripts/lib/http_load.py table "deployd, swarm backend, through HAProxy on the overlay network (${1:-retries 3})" \
+python3 scripts/lib/http_load.py table "deployd, swarm backend ($nodes_said), through HAProxy on the overlay network ($retries)" \
     "$dir/report.json"
 # What the automatic rollback was for, in deployd's words.
 grep -m1 '^deployment .* rolled_back: ' "$dir/deployctl.log" || true
-if [ "${1:-}" = --no-retry ]; then
+if [ "$retries" = "no retries" ]; then
     lb_log | tail -n 30 >&2
 elif ! python3 -c '
 import json, sys

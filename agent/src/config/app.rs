@@ -96,6 +96,13 @@ pub struct TaskConfig {
     /// into a host's own volume must).
     #[serde(default)]
     pub once: bool,
+    /// With `backend = "swarm"`, run it on every node of the cluster (a
+    /// global job, one task per node; all must succeed): for tasks that
+    /// write a node's own volume, such as collectstatic. Default: false
+    /// (one task, on a node Swarm picks). On the docker backend this host
+    /// is every node.
+    #[serde(default)]
+    pub every_node: bool,
     /// Env file for this task only, over the app's.
     pub env_file: Option<PathBuf>,
     /// Variables for this task only, over the app's and `env_file`'s.

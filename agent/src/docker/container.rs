@@ -311,51 +311,25 @@ impl Docker {
         out: &tokio::sync::mpsc::Sender<T>,
         make: impl Fn(time::OffsetDateTime, String) -> T,
     ) -> Result<(), DockerError> {
-        let mut options = LogsOptionsBuilder::default()
-            .follow(logs.follow)
-            .stdout(true)
-            .stderr(true)
-            .timestamps(true)
-            .tail(
-                &logs
-                    .tail
-                    .map_or_else(|| "all".to_owned(), |n| n.to_string()),
-            );
-        if let Some(since) = logs.since {
-            options = options.since(i32::try_from(since).unwrap_or(i32::MAX));
-        }
-        let mut stream = self.api.logs(id, Some(options.build()));
-        let mut lines = Lines::default();
-        let stamped = |line: String| {
-            // `2026-12-01T22:15:45.123456789Z the line`
-            let (at, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
-            let at =
-                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-                    .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-            make(at, rest.to_owned())
-        };
-        loop {
-            let chunk = tokio::select! {
-                chunk = stream.next() => chunk,
-                () = out.closed() => return Ok(()),
-            };
-            let Some(chunk) = chunk else { break };
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                // Gone meanwhile: its lines end here.
-                Err(e) if status_code(&e) == Some(404) => break,
-                Err(e) => return Err(DockerError::engine("read a container's logs")(e)),
-            };
-            for line in lines.push(chunk.as_ref()) {
-                if out.send(stamped(line)).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        if let Some(rest) = lines.flush() {
-            let _ = out.send(stamped(rest)).await;
-        }
-        Ok(())
+        let stream = self.api.logs(id, Some(logs.options()));
+        pipe_stream(stream, out, make)
+            .await
+            .map_err(DockerError::engine("read a container's logs"))
+    }
+
+    /// [`Docker::pipe_logs`] for a Swarm task, on whichever node it runs:
+    /// the manager fetches its output from there.
+    pub async fn pipe_task_logs<T>(
+        &self,
+        task: &str,
+        logs: LogWindow,
+        out: &tokio::sync::mpsc::Sender<T>,
+        make: impl Fn(time::OffsetDateTime, String) -> T,
+    ) -> Result<(), DockerError> {
+        let stream = self.api.task_logs(task, Some(logs.options()));
+        pipe_stream(stream, out, make)
+            .await
+            .map_err(DockerError::engine("read a task's logs"))
     }
 
     /// Waits until a container is no longer running; returns its exit
@@ -693,6 +667,67 @@ impl Lines {
         self.flush();
         self.done.into()
     }
+}
+
+impl LogWindow {
+    /// The engine's options for this window, with timestamps.
+    fn options(self) -> bollard::query_parameters::LogsOptions {
+        let mut options = LogsOptionsBuilder::default()
+            .follow(self.follow)
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .tail(
+                &self
+                    .tail
+                    .map_or_else(|| "all".to_owned(), |n| n.to_string()),
+            );
+        if let Some(since) = self.since {
+            options = options.since(i32::try_from(since).unwrap_or(i32::MAX));
+        }
+        options.build()
+    }
+}
+
+/// Sends the lines of a timestamped log stream to `out` (see
+/// [`Docker::pipe_logs`]); a stream whose source is gone (404) ends there.
+async fn pipe_stream<T>(
+    mut stream: impl futures_util::Stream<
+        Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+    > + Unpin,
+    out: &tokio::sync::mpsc::Sender<T>,
+    make: impl Fn(time::OffsetDateTime, String) -> T,
+) -> Result<(), bollard::errors::Error> {
+    let mut lines = Lines::default();
+    let stamped = |line: String| {
+        // `2026-12-01T22:15:45.123456789Z the line`
+        let (at, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        let at = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+        make(at, rest.to_owned())
+    };
+    loop {
+        let chunk = tokio::select! {
+            chunk = stream.next() => chunk,
+            () = out.closed() => return Ok(()),
+        };
+        let Some(chunk) = chunk else { break };
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            // Gone meanwhile: its lines end here.
+            Err(e) if status_code(&e) == Some(404) => break,
+            Err(e) => return Err(e),
+        };
+        for line in lines.push(chunk.as_ref()) {
+            if out.send(stamped(line)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if let Some(rest) = lines.flush() {
+        let _ = out.send(stamped(rest)).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigPublishModeEnum, EndpointSpec, HealthConfig, Mount,
-    MountType, NetworkAttachmentConfig, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceSpecModeReplicatedJob, ServiceSpecUpdateConfig,
-    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    MountType, NetworkAttachmentConfig, NodeSpecAvailabilityEnum, NodeState, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecModeReplicatedJob,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{
     ListServicesOptionsBuilder, ListTasksOptionsBuilder, LogsOptionsBuilder,
@@ -74,6 +75,9 @@ pub enum ServiceMode {
     Replicated(u32),
     /// One task run to its end, never restarted (a release task).
     Job,
+    /// One task on every node, each run to its end, never restarted (a
+    /// release task that writes a node's own volume).
+    GlobalJob,
 }
 
 impl Default for ServiceMode {
@@ -242,6 +246,13 @@ impl SwarmServiceSpec {
                         max_concurrent: Some(1),
                         total_completions: Some(1),
                     }),
+                    ..Default::default()
+                },
+                TaskSpecRestartPolicyConditionEnum::NONE,
+            ),
+            ServiceMode::GlobalJob => (
+                ServiceSpecMode {
+                    global_job: Some(HashMap::new()),
                     ..Default::default()
                 },
                 TaskSpecRestartPolicyConditionEnum::NONE,
@@ -424,14 +435,33 @@ impl Docker {
         }
     }
 
-    /// Node names by node id.
-    pub async fn swarm_nodes(&self) -> Result<HashMap<String, String>, DockerError> {
-        let nodes = self
-            .api
+    async fn nodes(&self) -> Result<Vec<bollard::models::Node>, DockerError> {
+        self.api
             .list_nodes(None::<bollard::query_parameters::ListNodesOptions>)
             .await
-            .map_err(DockerError::engine("list Swarm nodes"))?;
-        Ok(nodes
+            .map_err(DockerError::engine("list Swarm nodes"))
+    }
+
+    /// How many nodes are ready and take tasks: where a global job runs.
+    pub async fn ready_nodes(&self) -> Result<usize, DockerError> {
+        Ok(self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| {
+                let ready = n.status.as_ref().and_then(|s| s.state) == Some(NodeState::READY);
+                let active = n.spec.as_ref().and_then(|s| s.availability)
+                    == Some(NodeSpecAvailabilityEnum::ACTIVE);
+                ready && active
+            })
+            .count())
+    }
+
+    /// Node names by node id.
+    pub async fn swarm_nodes(&self) -> Result<HashMap<String, String>, DockerError> {
+        Ok(self
+            .nodes()
+            .await?
             .into_iter()
             .filter_map(|n| {
                 let host = n.description.and_then(|d| d.hostname);
@@ -541,17 +571,26 @@ impl Docker {
         Ok(found.into_iter().map(task_info).collect())
     }
 
-    /// Runs `spec` as a job of one task to its end and returns its exit
-    /// code and output; the service is removed whatever happens, a timeout
-    /// included. `on_line` sees each output line as it arrives.
+    /// Runs `spec` as a job (of one task, or with `every_node` of one task
+    /// on every node that is ready) to its end and returns its exit code
+    /// (a failed task's, if any failed) and output; the service is removed
+    /// whatever happens, a timeout included. `on_line` sees each output
+    /// line as it arrives.
     pub async fn run_job(
         &self,
         mut spec: SwarmServiceSpec,
+        every_node: bool,
         auth: Option<&RegistryAuth>,
         timeout: Duration,
         mut on_line: impl FnMut(&str) + Send,
     ) -> Result<OneOffOutput, DockerError> {
-        spec.mode = ServiceMode::Job;
+        let tasks = if every_node {
+            spec.mode = ServiceMode::GlobalJob;
+            self.ready_nodes().await?
+        } else {
+            spec.mode = ServiceMode::Job;
+            1
+        };
         spec.update = None;
         let name = spec.name.clone();
         let what = spec
@@ -560,7 +599,8 @@ impl Docker {
             .map_or_else(|| format!("a job of {}", spec.image), |c| c.join(" "));
         self.create_service(spec, auth).await?;
         let sink = LineSink::Call(&mut on_line);
-        let result = match tokio::time::timeout(timeout, self.job_to_end(&name, sink)).await {
+        let result = match tokio::time::timeout(timeout, self.job_to_end(&name, tasks, sink)).await
+        {
             Ok(result) => result,
             Err(_) => Err(DockerError::Timeout { what, timeout }),
         };
@@ -574,11 +614,13 @@ impl Docker {
         }
     }
 
-    /// Follows a job's output until its task has ended, then reads the
-    /// whole output once more for lines the follow had not delivered yet.
+    /// Follows a job's output until one of its tasks failed or `tasks` of
+    /// them completed, then reads the whole output once more for lines the
+    /// follow had not delivered yet.
     async fn job_to_end(
         &self,
         name: &str,
+        tasks: usize,
         mut sink: LineSink<'_>,
     ) -> Result<OneOffOutput, DockerError> {
         let follow = LogsOptionsBuilder::default()
@@ -605,9 +647,9 @@ impl Docker {
                     Some(Err(_)) | None => following = false,
                 },
                 _ = poll.tick() => match self.tasks(name).await {
-                    Ok(tasks) => {
+                    Ok(found) => {
                         failures = 0;
-                        if let Some(ended) = tasks.into_iter().find(TaskInfo::has_ended) {
+                        if let Some(ended) = job_ended(found, tasks) {
                             break ended;
                         }
                     }
@@ -678,6 +720,19 @@ impl Docker {
     }
 }
 
+/// The task that decides how a job of `tasks` tasks ended, once it has:
+/// the first that did not complete, or, when `tasks` completed, one of
+/// them.
+fn job_ended(found: Vec<TaskInfo>, tasks: usize) -> Option<TaskInfo> {
+    let ended: Vec<TaskInfo> = found.into_iter().filter(TaskInfo::has_ended).collect();
+    if let Some(failed) = ended.iter().position(|t| t.state != "complete") {
+        return ended.into_iter().nth(failed);
+    }
+    (ended.len() >= tasks)
+        .then(|| ended.into_iter().next())
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,5 +775,58 @@ mod tests {
                 (Some("media"), Some("/app/media"), Some(false))
             ]
         );
+    }
+
+    #[test]
+    fn a_job_on_every_node_is_a_global_job_never_restarted() {
+        let spec = SwarmServiceSpec {
+            name: "shop_task-collectstatic-01ab".into(),
+            mode: ServiceMode::GlobalJob,
+            ..Default::default()
+        }
+        .into_spec();
+        let mode = spec.mode.unwrap_or_default();
+        assert!(mode.global_job.is_some() && mode.replicated_job.is_none());
+        let restart = spec.task_template.and_then(|t| t.restart_policy);
+        assert_eq!(
+            restart.and_then(|r| r.condition),
+            Some(TaskSpecRestartPolicyConditionEnum::NONE)
+        );
+    }
+
+    fn task(node: &str, state: &str) -> TaskInfo {
+        TaskInfo {
+            id: format!("task-on-{node}"),
+            node: node.into(),
+            slot: None,
+            state: state.into(),
+            desired: "complete".into(),
+            message: String::new(),
+            error: None,
+            exit_code: None,
+            container: None,
+            image: String::new(),
+            labels: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_job_ends_when_every_task_completed_or_one_failed() {
+        // Two nodes: one completed task is not the end...
+        let one_done = vec![task("a", "complete"), task("b", "running")];
+        assert_eq!(job_ended(one_done, 2), None);
+        // ...two are.
+        let both = vec![task("a", "complete"), task("b", "complete")];
+        assert_eq!(job_ended(both, 2).map(|t| t.node), Some("a".into()));
+        // A failed task ends it at once, and decides how.
+        let failed = vec![task("a", "running"), task("b", "failed")];
+        assert_eq!(job_ended(failed, 2).map(|t| t.node), Some("b".into()));
+        let completed_first = vec![task("a", "complete"), task("b", "rejected")];
+        assert_eq!(
+            job_ended(completed_first, 2).map(|t| t.state),
+            Some("rejected".into())
+        );
+        // Not placed yet.
+        assert_eq!(job_ended(Vec::new(), 1), None);
     }
 }

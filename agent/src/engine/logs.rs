@@ -1,8 +1,9 @@
 //! `deployctl logs --service`: the app's own output through the API, from
-//! every running container of a service, each line tagged with its
-//! container. Followed, the set of containers is read again every second,
-//! so a deploy's new containers join the stream (from their first line) and
-//! the old ones leave it when they stop.
+//! every running container of a service (on the swarm backend, every
+//! running task, on whichever node), each line tagged with its container
+//! (or task and node). Followed, the set of containers is read again every
+//! second, so a deploy's new containers join the stream (from their first
+//! line) and the old ones leave it when they stop.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{EngineError, EngineHandle, label};
-use crate::docker::{ContainerInfo, Docker, LogWindow};
+use crate::config::Backend;
+use crate::docker::{Docker, LogWindow};
 
 /// How often a followed service's containers are listed again.
 const RELIST: Duration = Duration::from_secs(1);
@@ -33,40 +35,130 @@ impl EngineHandle {
             .ok_or_else(|| EngineError::UnknownApp(app.to_owned()))?;
         let service = super::command::service_of(app, cfg, service)?;
         let (out, events) = mpsc::channel(256);
-        let docker = self.ctx.docker.clone();
-        let app = app.to_owned();
+        let source = Sources {
+            docker: self.ctx.docker.clone(),
+            app: app.to_owned(),
+            service,
+            swarm: cfg.backend == Backend::Swarm,
+        };
         tokio::spawn(async move {
             if window.follow {
-                follow(&docker, &app, &service, window, out).await;
+                follow(&source, window, out).await;
             } else {
-                recent(&docker, &app, &service, window, out).await;
+                recent(&source, window, out).await;
             }
         });
         Ok(events)
     }
 }
 
-/// The running containers of `service`.
-async fn running(docker: &Docker, app: &str, service: &str) -> Vec<ContainerInfo> {
-    let labels = [(label::APP, app), (label::SERVICE, service)];
-    match docker.containers(&labels).await {
-        Ok(found) => found.into_iter().filter(|c| c.running).collect(),
-        Err(e) => {
+/// Where a service's output comes from.
+#[derive(Clone)]
+struct Sources {
+    docker: Docker,
+    app: String,
+    service: String,
+    /// Swarm tasks, not this host's containers.
+    swarm: bool,
+}
+
+/// A running container, or a running Swarm task, whose lines are read.
+#[derive(Debug, Clone)]
+struct Source {
+    id: String,
+    /// What its lines are tagged with.
+    name: String,
+    sha: Option<deployd_proto::CommitSha>,
+    task: bool,
+}
+
+impl Sources {
+    /// The running containers (or tasks) of the service.
+    async fn running(&self) -> Vec<Source> {
+        let (docker, app, service) = (&self.docker, &self.app, &self.service);
+        let found = if self.swarm {
+            self.tasks().await
+        } else {
+            let labels = [
+                (label::APP, app.as_str()),
+                (label::SERVICE, service.as_str()),
+            ];
+            docker.containers(&labels).await.map(|found| {
+                found
+                    .into_iter()
+                    .filter(|c| c.running)
+                    .map(|c| Source {
+                        sha: c.labels.get(label::SHA).and_then(|s| s.parse().ok()),
+                        id: c.id,
+                        name: c.name,
+                        task: false,
+                    })
+                    .collect()
+            })
+        };
+        found.unwrap_or_else(|e| {
             tracing::warn!(%app, %service, error = %e, "cannot list containers for logs");
             Vec::new()
+        })
+    }
+
+    /// The running tasks of the service, named as `deployctl status` names
+    /// them: `<app>_<service>.<slot> on <node>`.
+    async fn tasks(&self) -> Result<Vec<Source>, crate::docker::DockerError> {
+        let name = super::swarm::service_name(&self.app, &self.service);
+        let tasks: Vec<_> = self
+            .docker
+            .tasks(&name)
+            .await?
+            .into_iter()
+            .filter(|t| t.is_running())
+            .collect();
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nodes = self.docker.swarm_nodes().await?;
+        Ok(tasks
+            .into_iter()
+            .map(|t| Source {
+                name: format!(
+                    "{name}.{} on {}",
+                    t.slot.unwrap_or_default(),
+                    super::swarm::node_name(&nodes, &t.node)
+                ),
+                sha: t.labels.get(label::SHA).and_then(|s| s.parse().ok()),
+                id: t.id,
+                task: true,
+            })
+            .collect())
+    }
+
+    /// Sends `from`'s lines in `window` to `out`.
+    async fn pipe(
+        &self,
+        from: &Source,
+        window: LogWindow,
+        out: &mpsc::Sender<LogEvent>,
+    ) -> Result<(), crate::docker::DockerError> {
+        let make = line_of(from);
+        if from.task {
+            self.docker
+                .pipe_task_logs(&from.id, window, out, make)
+                .await
+        } else {
+            self.docker.pipe_logs(&from.id, window, out, make).await
         }
     }
 }
 
-fn joined(c: &ContainerInfo) -> LogEvent {
+fn joined(c: &Source) -> LogEvent {
     LogEvent::Joined {
         container: c.name.clone(),
-        sha: c.labels.get(label::SHA).and_then(|s| s.parse().ok()),
+        sha: c.sha.clone(),
     }
 }
 
 /// Makes `c`'s lines.
-fn line_of(c: &ContainerInfo) -> impl Fn(time::OffsetDateTime, String) -> LogEvent + use<> {
+fn line_of(c: &Source) -> impl Fn(time::OffsetDateTime, String) -> LogEvent + use<> {
     let container = c.name.clone();
     move |at, line| LogEvent::Line {
         container: container.clone(),
@@ -76,14 +168,8 @@ fn line_of(c: &ContainerInfo) -> impl Fn(time::OffsetDateTime, String) -> LogEve
 }
 
 /// Every running container's lines in `window`, merged by time.
-async fn recent(
-    docker: &Docker,
-    app: &str,
-    service: &str,
-    window: LogWindow,
-    out: mpsc::Sender<LogEvent>,
-) {
-    let containers = running(docker, app, service).await;
+async fn recent(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>) {
+    let containers = source.running().await;
     let mut lines = Vec::new();
     for c in &containers {
         if out.send(joined(c)).await.is_err() {
@@ -91,7 +177,7 @@ async fn recent(
         }
         let (tx, mut rx) = mpsc::channel(1024);
         let read = async move {
-            if let Err(e) = docker.pipe_logs(&c.id, window, &tx, line_of(c)).await {
+            if let Err(e) = source.pipe(c, window, &tx).await {
                 tracing::warn!(container = %c.name, error = %e, "cannot read logs");
             }
         };
@@ -121,22 +207,16 @@ async fn recent(
 /// The running containers' lines in `window`, then new lines as they
 /// come; containers started later (a deploy's, or one restarted) from the
 /// listing before the one that found them, which is their first line.
-async fn follow(
-    docker: &Docker,
-    app: &str,
-    service: &str,
-    window: LogWindow,
-    out: mpsc::Sender<LogEvent>,
-) {
+async fn follow(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>) {
     let mut followed = HashSet::new();
     let mut readers = JoinSet::new();
     let mut window = window;
     loop {
         // A second of overlap: lines are never lost between listings.
         let listed_at = time::OffsetDateTime::now_utc().unix_timestamp() - 1;
-        for c in running(docker, app, service).await {
+        for c in source.running().await {
             if followed.insert(c.id.clone()) {
-                readers.spawn(follow_one(docker.clone(), c, window, out.clone()));
+                readers.spawn(follow_one(source.clone(), c, window, out.clone()));
             }
         }
         window = LogWindow {
@@ -160,15 +240,15 @@ async fn follow(
 
 /// One container: joined, its lines, left when it stops. Returns its id.
 async fn follow_one(
-    docker: Docker,
-    c: ContainerInfo,
+    source: Sources,
+    c: Source,
     window: LogWindow,
     out: mpsc::Sender<LogEvent>,
 ) -> String {
     if out.send(joined(&c)).await.is_err() {
         return c.id;
     }
-    if let Err(e) = docker.pipe_logs(&c.id, window, &out, line_of(&c)).await {
+    if let Err(e) = source.pipe(&c, window, &out).await {
         tracing::warn!(container = %c.name, error = %e, "cannot follow logs");
     }
     let _ = out.send(LogEvent::Left { container: c.name }).await;

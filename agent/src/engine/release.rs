@@ -29,6 +29,7 @@ impl Run {
             image: &image.pinned,
             env: env.task(&task.name).to_vec(),
             timeout: task.timeout,
+            every_node: task.every_node,
         };
         let ended = self
             .run_logged(oneoff, |line| {
@@ -92,7 +93,8 @@ impl Run {
         };
         let output = match self.cfg.backend {
             Backend::Docker => self.ctx.docker.run_oneoff(spec, o.timeout, live).await?,
-            // A job of one task, placed by Swarm on any node.
+            // A job of one task, placed by Swarm on any node, or of one
+            // task on every node.
             Backend::Swarm => {
                 let job = SwarmServiceSpec {
                     name: format!("{}_task-{}-{}", self.app, o.name, short_id(&self.id.0)),
@@ -107,7 +109,9 @@ impl Run {
                 };
                 let auth = registry_auth(&self.cfg)?;
                 let docker = &self.ctx.docker;
-                docker.run_job(job, auth.as_ref(), o.timeout, live).await?
+                docker
+                    .run_job(job, o.every_node, auth.as_ref(), o.timeout, live)
+                    .await?
             }
         };
         let (omitted, tail) = unlogged_tail(seen, &output.lines);
@@ -138,6 +142,9 @@ pub(crate) struct OneOff<'a> {
     pub image: &'a str,
     pub env: Vec<(String, String)>,
     pub timeout: std::time::Duration,
+    /// On the swarm backend, one task on every node (see
+    /// [`TaskConfig::every_node`]).
+    pub every_node: bool,
 }
 
 /// Output lines of a task kept in the deployment log from its start...

@@ -207,6 +207,7 @@ impl Run {
                 image: &reversal.image.pinned,
                 env: env.task(task).to_vec(),
                 timeout: migrations.timeout.max(std::time::Duration::from_secs(600)),
+                every_node: false,
             };
             let mut unapplied = Vec::new();
             let ended = self

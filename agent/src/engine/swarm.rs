@@ -656,7 +656,7 @@ pub(crate) async fn converge(
 }
 
 /// A node's name, or its short id when it has none.
-fn node_name(nodes: &HashMap<String, String>, id: &str) -> String {
+pub(crate) fn node_name(nodes: &HashMap<String, String>, id: &str) -> String {
     match nodes.get(id) {
         Some(name) if !name.is_empty() => name.clone(),
         _ => id.chars().take(12).collect(),

@@ -113,12 +113,25 @@ async fn deploy_fail_rollback_and_crash_on_swarm() {
                 .any(|l| l.contains("Applying shop.0001_initial")),
             "{migrate:?}"
         );
-        let jobs = scope
-            .docker
-            .services(&[(label::APP, &agent.app), (label::TASK, "migrate")])
-            .await
-            .unwrap();
-        assert!(jobs.is_empty(), "{jobs:?}");
+        // collectstatic (every_node) ran as a global job, once on this
+        // one-node Swarm, and is gone too.
+        let collectstatic = outputs(&agent.engine, &first.id, "task:collectstatic");
+        assert_eq!(
+            collectstatic
+                .iter()
+                .filter(|l| l.contains("copied to '/app/static'"))
+                .count(),
+            1,
+            "{collectstatic:?}"
+        );
+        for task in ["migrate", "collectstatic"] {
+            let jobs = scope
+                .docker
+                .services(&[(label::APP, &agent.app), (label::TASK, task)])
+                .await
+                .unwrap();
+            assert!(jobs.is_empty(), "{task}: {jobs:?}");
+        }
         settles_on(&scope, "release-1").await;
         assert_eq!(healthz(&agent, &scope).await, 200);
 
@@ -177,19 +190,27 @@ async fn deploy_fail_rollback_and_crash_on_swarm() {
             said.iter().any(|l| l.contains("[X] 0002_heartbeat_queue")),
             "{said:?}"
         );
-        // The web tasks' logs (their containers are on this node).
+        // The web tasks' logs, read through the manager (as for a task on
+        // any node), each line tagged with its task and node.
         let window = deployd::docker::LogWindow {
             tail: Some(5),
             ..Default::default()
         };
         let mut logs = agent.engine.logs(&agent.app, None, window).unwrap();
-        let mut lines = 0;
+        let mut tagged = std::collections::BTreeSet::new();
         while let Some(event) = logs.recv().await {
-            if matches!(event, deployd_proto::LogEvent::Line { .. }) {
-                lines += 1;
+            if let deployd_proto::LogEvent::Line { container, .. } = event {
+                tagged.insert(container);
             }
         }
-        assert!(lines > 0, "no log line of web");
+        let web = format!("{}_web.", agent.app);
+        assert!(
+            !tagged.is_empty()
+                && tagged
+                    .iter()
+                    .all(|t| t.starts_with(&web) && t.contains(" on ")),
+            "{tagged:?}"
+        );
 
         // A failing migration: nothing that runs changes.
         let failed = agent.deploy(&scope, "migrate-fails").await;

@@ -17,8 +17,9 @@ use crate::follow::{Style, follow};
 /// outcome. With --follow, until it ends, exiting with its outcome's code.
 ///
 /// With --service instead of a deployment: the app's own output, from
-/// every running container of that service, each line after its
-/// container's name. With --follow it goes on across deploys: a deploy's
+/// every running container of that service (on a Swarm: every running
+/// task, on any node), each line after its container's (or task's and
+/// node's) name. With --follow it goes on across deploys: a deploy's
 /// new containers join, the old ones leave. Needs the `logs` scope.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  deployctl logs 019abc...def\n  \

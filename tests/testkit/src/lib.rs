@@ -156,6 +156,7 @@ pub fn app_config(scope: &Scope, app: &str, repository: &str, tuning: Tuning) ->
         [[apps.{app}.release]]
         name = "collectstatic"
         command = ["python", "manage.py", "collectstatic", "--noinput"]
+        every_node = true
         [apps.{app}.services.web]
         command = ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000"]
         port = 8000

@@ -175,7 +175,8 @@ spread() {
     declare -A node_of=() answered=()
     local task cid node served
     for task in $(docker service ps -q --filter desired-state=running "${name}_web"); do
-        read -r cid node < <(docker inspect -f '{{.Status.ContainerStatus.ContainerID}} {{.NodeID}}' "$task")
+        read -r cid node < <(docker inspect -f '{{.Status.ContainerStatus.ContainerID}} {{.NodeID}}' "$task") || continue
+        [ -n "$cid" ] || continue
         node_of[${cid:0:12}]=$(docker node inspect -f '{{.Description.Hostname}}' "$node")
     done
     for _ in $(seq 1 40); do

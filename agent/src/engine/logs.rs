@@ -3,7 +3,9 @@
 //! running task, on whichever node), each line tagged with its container
 //! (or task and node). Followed, the set of containers is read again every
 //! second, so a deploy's new containers join the stream (from their first
-//! line) and the old ones leave it when they stop.
+//! line) and the old ones leave it when they stop. Not yet for a Swarm
+//! task: the manager keeps an ended task's followed log stream open (until
+//! its service is removed), so a replaced task is never said to leave.
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -20,7 +20,8 @@ use crate::follow::{Style, follow};
 /// every running container of that service (on a Swarm: every running
 /// task, on any node), each line after its container's (or task's and
 /// node's) name. With --follow it goes on across deploys: a deploy's
-/// new containers join, the old ones leave. Needs the `logs` scope.
+/// new containers join, the old ones leave (on a Swarm, a replaced task's
+/// lines stop without a word that it left). Needs the `logs` scope.
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  deployctl logs 019abc...def\n  \
     deployctl logs 019abc...def --follow --json\n  \

@@ -498,7 +498,7 @@ cmd_swarm_up() {
     case $(swarm_state) in
         active)
             [ -e "$STATE/swarm-ours" ] || log "the engine is a Swarm already; it is left as it is"
-            if [ "$nodes" = 2 ] && [ "$(docker node ls --filter role=worker --format '{{.Status}}')" != Ready ]; then
+            if [ "$nodes" = 2 ] && ! second_node_ready; then
                 die "a second node joins only a Swarm that swarm up --nodes 2 makes: scripts/testbed.sh swarm down first"
             fi
             return ;;
@@ -535,12 +535,15 @@ cmd_swarm_up() {
     token=$(docker swarm join-token -q worker)
     docker exec "$SWARM_NODE" docker swarm join --token "$token" "$gateway:2377" >/dev/null
     for i in $(seq 1 120); do
-        [ "$(docker node ls --filter role=worker --format '{{.Status}}')" = Ready ] && break
+        second_node_ready && break
         [ "$i" = 120 ] && die "the second node did not become ready within a minute"
         sleep 0.5
     done
     log "the engine is the manager of a two-node Swarm now, advertised on $gateway; the second node is the container $SWARM_NODE (scripts/testbed.sh swarm down removes it)"
 }
+
+# The Swarm has its one worker, the second node, and it is ready.
+second_node_ready() { [ "$(docker node ls --filter role=worker --format '{{.Status}}')" = Ready ]; }
 
 # The default bridge's gateway: the host's address that containers reach.
 bridge_gateway() {

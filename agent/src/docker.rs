@@ -13,8 +13,8 @@ mod volume;
 use std::time::Duration;
 
 pub use container::{
-    ContainerInfo, ContainerSpec, ContainerState, HealthCheckRun, LogWindow, OneOffOutput,
-    PortAddrs,
+    ContainerInfo, ContainerSpec, ContainerState, HealthCheckRun, LogSource, LogWindow,
+    OneOffOutput, PortAddrs,
 };
 pub use image::{ImageRef, PulledImage, RegistryAuth, RegistryAuthError};
 pub use service::{

@@ -299,37 +299,27 @@ impl Docker {
         })
     }
 
-    /// Sends a container's output lines to `out`, each made by `make` from
-    /// the time the engine took it in and the line: the last `tail` lines
-    /// (all: `None`) since `since` (Unix seconds), then with `follow` the
-    /// new ones until the container stops. Ends early, without error, once
-    /// `out` is closed.
+    /// Sends a container's (or a Swarm task's) output lines to `out`, each
+    /// made by `make` from the time the engine took it in and the line: the
+    /// last `tail` lines (all: `None`) since `since` (Unix seconds), then
+    /// with `follow` the new ones until the container stops. Ends early,
+    /// without error, once `out` is closed.
     pub async fn pipe_logs<T>(
         &self,
-        id: &str,
+        from: &LogSource,
         logs: LogWindow,
         out: &tokio::sync::mpsc::Sender<T>,
         make: impl Fn(time::OffsetDateTime, String) -> T,
     ) -> Result<(), DockerError> {
-        let stream = self.api.logs(id, Some(logs.options()));
-        pipe_stream(stream, out, make)
-            .await
-            .map_err(DockerError::engine("read a container's logs"))
-    }
-
-    /// [`Docker::pipe_logs`] for a Swarm task, on whichever node it runs:
-    /// the manager fetches its output from there.
-    pub async fn pipe_task_logs<T>(
-        &self,
-        task: &str,
-        logs: LogWindow,
-        out: &tokio::sync::mpsc::Sender<T>,
-        make: impl Fn(time::OffsetDateTime, String) -> T,
-    ) -> Result<(), DockerError> {
-        let stream = self.api.task_logs(task, Some(logs.options()));
-        pipe_stream(stream, out, make)
-            .await
-            .map_err(DockerError::engine("read a task's logs"))
+        let options = Some(logs.options());
+        match from {
+            LogSource::Container(id) => pipe_stream(self.api.logs(id, options), out, make)
+                .await
+                .map_err(DockerError::engine("read a container's logs")),
+            LogSource::Task(id) => pipe_stream(self.api.task_logs(id, options), out, make)
+                .await
+                .map_err(DockerError::engine("read a task's logs")),
+        }
     }
 
     /// Waits until a container is no longer running; returns its exit
@@ -588,6 +578,16 @@ impl Docker {
 
 /// Longest line kept whole; longer ones are split.
 const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Whose output to read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LogSource {
+    /// A container on this engine, by id.
+    Container(String),
+    /// A Swarm task on any node, by id: the manager fetches its output
+    /// from there.
+    Task(String),
+}
 
 /// Which of a container's log lines to read.
 #[derive(Debug, Clone, Copy, Default)]

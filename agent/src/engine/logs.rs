@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::{EngineError, EngineHandle, label};
 use crate::config::Backend;
-use crate::docker::{Docker, LogWindow};
+use crate::docker::{Docker, LogSource, LogWindow};
 
 /// How often a followed service's containers are listed again.
 const RELIST: Duration = Duration::from_secs(1);
@@ -55,7 +55,6 @@ impl EngineHandle {
 }
 
 /// Where a service's output comes from.
-#[derive(Clone)]
 struct Sources {
     docker: Docker,
     app: String,
@@ -67,11 +66,10 @@ struct Sources {
 /// A running container, or a running Swarm task, whose lines are read.
 #[derive(Debug, Clone)]
 struct Source {
-    id: String,
+    from: LogSource,
     /// What its lines are tagged with.
     name: String,
     sha: Option<deployd_proto::CommitSha>,
-    task: bool,
 }
 
 impl Sources {
@@ -91,9 +89,8 @@ impl Sources {
                     .filter(|c| c.running)
                     .map(|c| Source {
                         sha: c.labels.get(label::SHA).and_then(|s| s.parse().ok()),
-                        id: c.id,
+                        from: LogSource::Container(c.id),
                         name: c.name,
-                        task: false,
                     })
                     .collect()
             })
@@ -128,27 +125,9 @@ impl Sources {
                     super::swarm::node_name(&nodes, &t.node)
                 ),
                 sha: t.labels.get(label::SHA).and_then(|s| s.parse().ok()),
-                id: t.id,
-                task: true,
+                from: LogSource::Task(t.id),
             })
             .collect())
-    }
-
-    /// Sends `from`'s lines in `window` to `out`.
-    async fn pipe(
-        &self,
-        from: &Source,
-        window: LogWindow,
-        out: &mpsc::Sender<LogEvent>,
-    ) -> Result<(), crate::docker::DockerError> {
-        let make = line_of(from);
-        if from.task {
-            self.docker
-                .pipe_task_logs(&from.id, window, out, make)
-                .await
-        } else {
-            self.docker.pipe_logs(&from.id, window, out, make).await
-        }
     }
 }
 
@@ -172,6 +151,7 @@ fn line_of(c: &Source) -> impl Fn(time::OffsetDateTime, String) -> LogEvent + us
 /// Every running container's lines in `window`, merged by time.
 async fn recent(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>) {
     let containers = source.running().await;
+    let docker = &source.docker;
     let mut lines = Vec::new();
     for c in &containers {
         if out.send(joined(c)).await.is_err() {
@@ -179,7 +159,7 @@ async fn recent(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>
         }
         let (tx, mut rx) = mpsc::channel(1024);
         let read = async move {
-            if let Err(e) = source.pipe(c, window, &tx).await {
+            if let Err(e) = docker.pipe_logs(&c.from, window, &tx, line_of(c)).await {
                 tracing::warn!(container = %c.name, error = %e, "cannot read logs");
             }
         };
@@ -217,8 +197,8 @@ async fn follow(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>
         // A second of overlap: lines are never lost between listings.
         let listed_at = time::OffsetDateTime::now_utc().unix_timestamp() - 1;
         for c in source.running().await {
-            if followed.insert(c.id.clone()) {
-                readers.spawn(follow_one(source.clone(), c, window, out.clone()));
+            if followed.insert(c.from.clone()) {
+                readers.spawn(follow_one(source.docker.clone(), c, window, out.clone()));
             }
         }
         window = LogWindow {
@@ -228,8 +208,8 @@ async fn follow(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>
         };
         // A container whose lines ended (it stopped) may run again.
         while let Some(ended) = readers.try_join_next() {
-            if let Ok(id) = ended {
-                followed.remove(&id);
+            if let Ok(from) = ended {
+                followed.remove(&from);
             }
         }
         tokio::select! {
@@ -240,19 +220,20 @@ async fn follow(source: &Sources, window: LogWindow, out: mpsc::Sender<LogEvent>
     readers.abort_all();
 }
 
-/// One container: joined, its lines, left when it stops. Returns its id.
+/// One container: joined, its lines, left when it stops. Returns whose
+/// lines they were.
 async fn follow_one(
-    source: Sources,
+    docker: Docker,
     c: Source,
     window: LogWindow,
     out: mpsc::Sender<LogEvent>,
-) -> String {
+) -> LogSource {
     if out.send(joined(&c)).await.is_err() {
-        return c.id;
+        return c.from;
     }
-    if let Err(e) = source.pipe(&c, window, &out).await {
+    if let Err(e) = docker.pipe_logs(&c.from, window, &out, line_of(&c)).await {
         tracing::warn!(container = %c.name, error = %e, "cannot follow logs");
     }
     let _ = out.send(LogEvent::Left { container: c.name }).await;
-    c.id
+    c.from
 }
